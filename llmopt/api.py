@@ -1,0 +1,322 @@
+"""The library's entry points: what the CLI (and any Python caller) uses.
+
+quantize -> evaluate (-> gate) -> publish. Each is a plain function; heavy libraries are imported
+inside them, never at ``import llmopt``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from llmopt import __version__
+from llmopt.artifact import (
+    Artifact,
+    CalibrationInfo,
+    EnvironmentInfo,
+    Manifest,
+    SourceInfo,
+    files_digest,
+    hash_tree,
+    sha256_json,
+)
+from llmopt.errors import DataError, InputError, OutputExistsError, TokenizerMismatchError
+from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.progress import Reporter, SilentReporter
+
+EVAL_SCHEMA = "llmopt.eval/1"
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file.", "Choose another -o folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{out} exists and is not empty.", "Choose another -o folder, or pass --overwrite to replace it."
+        )
+
+
+def _staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.llmopt-partial-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    return staging
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    """Put the finished folder at ``out``; an old one is removed only once the new one is complete."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.llmopt-old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def quantize(
+    model: str,
+    method: str,
+    output: str | Path,
+    *,
+    options: dict[str, Any] | None = None,
+    calibration: str | None = None,
+    samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    recipe: dict[str, Any] | None = None,
+    reporter: Reporter | None = None,
+) -> Artifact:
+    """Quantize ``model`` with backend ``method`` into the artifact folder ``output``.
+
+    Everything cheap is checked first (backend usable, options, output folder, model files, group
+    sizes, calibration text); the folder appears only when complete, manifest included.
+    """
+    from llmopt.backends.base import QuantizeInputs, get_backend
+    from llmopt.environment import environment, resolve_device
+    from llmopt.source import resolve
+
+    reporter = reporter or SilentReporter()
+    out = Path(output)
+    backend = get_backend(method)
+    opts = backend.parse_options(options or {})
+    _prepare_output(out, overwrite)
+    source = resolve(model)
+    dev = resolve_device(device)
+    backend.validate(opts, source, dev)
+
+    calib = None
+    if backend.needs_calibration:
+        if not calibration:
+            raise DataError(
+                f"{method} needs calibration text.",
+                "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
+            )
+        from transformers import AutoTokenizer
+
+        from llmopt.data import calibration_set
+
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        calib = calibration_set(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
+
+    staging = _staging_dir(out)
+    try:
+        start = time.perf_counter()
+        extra = backend.quantize(
+            QuantizeInputs(
+                source=source, options=opts, calibration=calib, out_dir=staging, reporter=reporter, device=dev
+            )
+        )
+        elapsed = time.perf_counter() - start
+        with reporter.step("hashing files and writing llmopt.json"):
+            env = environment(dev)
+            env["packages"].update(backend.library_versions())
+            manifest = Manifest(
+                llmopt_version=__version__,
+                backend=backend.name,
+                format=backend.format,
+                runner=backend.runner,
+                options={**opts.model_dump(mode="json"), **({"_resolved": extra} if extra else {})},
+                source=SourceInfo(
+                    model=model,
+                    resolved_path=str(source.path.resolve()),
+                    revision=source.revision,
+                    weights_sha256=source.weights_sha256(),
+                    architecture=source.architecture,
+                    model_type=source.model_type,
+                ),
+                calibration=CalibrationInfo(**calib.manifest_record()) if calib else None,
+                environment=EnvironmentInfo(**env),
+                quantize_seconds=round(elapsed, 2),
+                files=hash_tree(staging),
+                recipe=recipe,
+            )
+            artifact = Artifact(staging, manifest)
+            artifact.save()  # written last: its presence marks the folder complete
+        _swap_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    artifact.path = out
+    return artifact
+
+
+def _tokenize(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def evaluate(
+    artifact_path: str | Path,
+    baseline: str,
+    dataset: str,
+    *,
+    context_length: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    add_bos: bool = False,
+    device: str = "auto",
+    batch_size: int = 1,
+    gate: GateSpec | None = None,
+    kernel: str | None = None,
+    use_cache: bool = True,
+    write_manifest: bool = True,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
+
+    Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
+    written into the artifact's manifest, together with the hash of the files it saw.
+    """
+    from transformers import AutoTokenizer
+
+    from llmopt.data import load_text
+    from llmopt.environment import device_name, environment, resolve_device
+    from llmopt.evaluate import baseline as baseline_cache
+    from llmopt.evaluate.perplexity import make_windows
+    from llmopt.source import resolve
+
+    reporter = reporter or SilentReporter()
+    art = Artifact.open(artifact_path)
+    with reporter.step("checking artifact hashes"):
+        art.require_intact()
+    base = resolve(baseline)
+    text = load_text(dataset)
+    if stride is None:
+        stride = context_length
+    if max_tokens is not None and max_tokens < 2:
+        raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
+
+    base_tok = AutoTokenizer.from_pretrained(base.path)
+    ids_all = _tokenize(base_tok, text)
+    ids = ids_all[:max_tokens] if max_tokens else ids_all
+    try:
+        art_tok = AutoTokenizer.from_pretrained(art.path)
+    except Exception as exc:
+        raise TokenizerMismatchError(
+            f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
+            "Re-create the artifact with `llmopt quantize`, which saves the tokenizer.",
+        ) from None
+    sample = text[:20000]
+    if _tokenize(art_tok, sample) != _tokenize(base_tok, sample) or len(art_tok) != len(base_tok):
+        raise TokenizerMismatchError(
+            f"the artifact's tokenizer ({len(art_tok)} tokens) and the baseline's ({len(base_tok)} tokens) "
+            "split the evaluation text differently, so their perplexities are not comparable.",
+            "Use as --baseline the model the artifact was quantized from "
+            f"(its manifest says: {art.manifest.source.model}).",
+        )
+    bos_id = base_tok.bos_token_id if add_bos else None
+    if add_bos and bos_id is None:
+        raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
+    windows = make_windows(ids, context_length, stride, bos_id=bos_id)
+    dev = resolve_device(device)
+
+    settings = {
+        "dataset": dataset,
+        "text_sha256": sha256_json(text),
+        "tokens_sha256": sha256_json(ids),
+        "context_length": context_length,
+        "stride": stride,
+        "add_bos": add_bos,
+        "max_tokens": max_tokens,
+        "tokens_total": len(ids),
+        "tokens_scored": sum(len(w.ids) - w.score_from for w in windows),
+        "windows": len(windows),
+        "device": device_name(dev),
+    }
+
+    env = environment(dev)
+    key = baseline_cache.cache_key(
+        {
+            "weights": base.weights_sha256(),
+            "settings": {k: settings[k] for k in ("tokens_sha256", "context_length", "stride", "add_bos")},
+            "device": settings["device"],
+            "versions": {k: env["packages"].get(k) for k in ("torch", "transformers")},
+        }
+    )
+    cached = baseline_cache.load_cached(key) if use_cache else None
+    if cached is not None:
+        base_result = cached["result"]
+        base_result["cached"] = True
+        reporter.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
+    else:
+        base_result = _score_model("hf", base.path, windows, dev, batch_size, kernel, reporter, "FP16 baseline")
+        base_result["size_bytes"] = base.size_bytes()
+        base_result["model"] = baseline
+        if use_cache:
+            baseline_cache.store(key, {"result": base_result})
+        base_result["cached"] = False
+
+    art_result = _score_model(
+        art.manifest.runner, art.path, windows, dev, batch_size, kernel, reporter, f"artifact ({art.manifest.backend})"
+    )
+    art_result["size_bytes"] = art.size_bytes()
+    art_result["path"] = str(art.path)
+    art_result["backend"] = art.manifest.backend
+    art_result["format"] = art.manifest.format
+    settings["dtype"] = art_result.pop("dtype")
+    base_result.pop("dtype", None)
+
+    report: dict[str, Any] = {
+        "schema": EVAL_SCHEMA,
+        "settings": settings,
+        "baseline": base_result,
+        "artifact": art_result,
+        "delta_pct": 100.0 * (art_result["perplexity"] / base_result["perplexity"] - 1.0),
+        "size_ratio": art_result["size_bytes"] / base_result["size_bytes"] if base_result["size_bytes"] else None,
+        "environment": env,
+        "artifact_files_sha256": files_digest(art.manifest.files),
+    }
+    result = apply_gate(gate or GateSpec(), report)
+    report["gate"] = result.model_dump(mode="json")
+    report["gate"]["spec"] = (gate or GateSpec()).model_dump(mode="json")
+
+    if write_manifest:
+        art.manifest.evaluation = {k: v for k, v in report.items() if k != "gate"}
+        art.manifest.gate = report["gate"]
+        art.save()
+    return report
+
+
+def _score_model(
+    runner_kind: str,
+    path: Path,
+    windows: list[Any],
+    device: str,
+    batch_size: int,
+    kernel: str | None,
+    reporter: Reporter,
+    label: str,
+) -> dict[str, Any]:
+    from llmopt.evaluate.perplexity import score
+    from llmopt.runners import load_runner
+
+    with reporter.step(f"loading {label}"):
+        runner = load_runner(runner_kind, path, device, kernel=kernel)
+    try:
+        start = time.perf_counter()
+        with reporter.step(f"perplexity of {label} ({len(windows)} windows)", total=len(windows)) as step:
+            result = score(windows, runner.nll, batch_size=batch_size, on_batch=step.advance)
+        elapsed = time.perf_counter() - start
+        out = result.to_dict()
+        out.update(
+            {
+                "footprint_bytes": runner.footprint_bytes(),
+                "load_seconds": round(runner.load_seconds, 3),
+                "eval_seconds": round(elapsed, 3),
+                "runner": runner.name,
+                "dtype": runner.dtype,
+            }
+        )
+        kern = getattr(runner, "kernel", None)
+        if kern:
+            out["kernel"] = kern
+        return out
+    finally:
+        runner.close()

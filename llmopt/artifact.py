@@ -1,0 +1,196 @@
+"""Artifacts: a folder of model files plus ``llmopt.json``, the manifest.
+
+The manifest is written last and atomically (temp file + rename), so a folder without it is an
+unfinished artifact. Its ``files`` map is what evaluation and publishing trust: ``verify()``
+recomputes every hash and names the files that changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmopt.errors import ArtifactError
+
+MANIFEST_NAME = "llmopt.json"
+SCHEMA_VERSION = 1
+_CHUNK = 1 << 22
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Stable hash of a JSON-able value (sorted keys, no whitespace)."""
+    blob = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha256: str
+    size: int
+
+
+class SourceInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(description="What the user gave: a local path, a .gguf file or a Hub id.")
+    resolved_path: str
+    revision: str | None = None
+    weights_sha256: dict[str, str] = Field(default_factory=dict)
+    architecture: str | None = None
+    model_type: str | None = None
+
+
+class CalibrationInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: str
+    samples: int
+    seq_len: int
+    tokens_sha256: str
+    text_sha256: str | None = None
+
+
+class EnvironmentInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    python: str
+    platform: str
+    packages: dict[str, str] = Field(default_factory=dict)
+    device: str
+
+
+class Manifest(BaseModel):
+    """Schema of ``llmopt.json`` (version 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int = SCHEMA_VERSION
+    llmopt_version: str
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    backend: str
+    format: str
+    runner: str
+    options: dict[str, Any]
+    source: SourceInfo
+    calibration: CalibrationInfo | None = None
+    environment: EnvironmentInfo
+    quantize_seconds: float | None = None
+    files: dict[str, FileEntry]
+    recipe: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None
+
+
+def hash_tree(root: Path) -> dict[str, FileEntry]:
+    """sha256 and size of every file below ``root`` except the manifest, keyed by posix relative path."""
+    files: dict[str, FileEntry] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        files[rel] = FileEntry(sha256=sha256_file(path), size=path.stat().st_size)
+    return files
+
+
+def files_digest(files: dict[str, FileEntry]) -> str:
+    """One hash over the file table: what an evaluation saw, in a single comparable string."""
+    return sha256_json({k: v.sha256 for k, v in sorted(files.items())})
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temp file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Artifact:
+    """A finished artifact folder and its manifest."""
+
+    def __init__(self, path: Path, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | Path) -> Artifact:
+        root = Path(path)
+        if not root.is_dir():
+            raise ArtifactError(
+                f"{root} is not an artifact folder (it does not exist or is a file).",
+                "Give the folder that `llmopt quantize ... -o FOLDER` wrote.",
+            )
+        mpath = root / MANIFEST_NAME
+        if not mpath.is_file():
+            raise ArtifactError(
+                f"{root} has no {MANIFEST_NAME}: it is not an llmopt artifact, or its quantization did not finish.",
+                "Run `llmopt quantize` again with -o pointing at this folder and --overwrite.",
+            )
+        try:
+            manifest = Manifest.model_validate_json(mpath.read_text())
+        except ValueError as exc:
+            raise ArtifactError(
+                f"{mpath} is not a valid manifest: {_first_line(exc)}",
+                "Re-create the artifact with `llmopt quantize`.",
+            ) from None
+        return cls(root, manifest)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    def save(self) -> None:
+        write_json_atomic(self.manifest_path, self.manifest.model_dump(mode="json"))
+
+    def size_bytes(self) -> int:
+        return sum(entry.size for entry in self.manifest.files.values())
+
+    def verify(self) -> list[str]:
+        """Relative paths whose content no longer matches the manifest (missing, changed or added)."""
+        problems: list[str] = []
+        actual = {
+            p.relative_to(self.path).as_posix()
+            for p in self.path.rglob("*")
+            if p.is_file() and p.name != MANIFEST_NAME
+        }
+        for rel, entry in self.manifest.files.items():
+            f = self.path / rel
+            if not f.is_file():
+                problems.append(f"{rel} (missing)")
+            elif f.stat().st_size != entry.size or sha256_file(f) != entry.sha256:
+                problems.append(f"{rel} (changed)")
+        problems.extend(f"{rel} (not in manifest)" for rel in sorted(actual - set(self.manifest.files)))
+        return problems
+
+    def require_intact(self) -> None:
+        problems = self.verify()
+        if problems:
+            raise ArtifactError(
+                f"{self.path}: files do not match the manifest: {', '.join(problems[:5])}"
+                + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""),
+                "Re-create the artifact with `llmopt quantize --overwrite`, then evaluate it again.",
+            )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

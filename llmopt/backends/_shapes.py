@@ -1,0 +1,46 @@
+"""Input widths of a decoder's linear layers, read from config.json alone (no weights needed).
+
+Used to reject group sizes that do not divide a layer before minutes of calibration are spent.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def linear_input_dims(config: dict[str, Any]) -> dict[str, int]:
+    """Map of linear layer kind -> input features, for Llama-like decoders; empty if unknown."""
+    cfg = config.get("text_config") or config
+    hidden = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
+    if not hidden:
+        return {}
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    head_dim = cfg.get("head_dim") or (hidden // heads if heads else None)
+    inter = cfg.get("intermediate_size") or cfg.get("n_inner") or (4 * hidden if "n_embd" in cfg else None)
+    dims = {"q_proj/k_proj/v_proj": int(hidden), "gate_proj/up_proj": int(hidden)}
+    if heads and head_dim:
+        dims["o_proj"] = int(heads * head_dim)
+    if inter:
+        dims["down_proj"] = int(inter)
+    return dims
+
+
+def group_size_problem(config: dict[str, Any], group_size: int) -> str | None:
+    """A message naming the first layer whose input the group size does not divide, or None."""
+    if group_size == -1:
+        return None
+    dims = linear_input_dims(config)
+    for layer, width in dims.items():
+        if width % group_size:
+            common = 0
+            for w in dims.values():
+                common = math.gcd(common, w)
+            good = [g for g in (32, 64, 128, 256) if common % g == 0]
+            options = ", ".join(str(g) for g in good) if good else "none of 32/64/128/256"
+            return (
+                f"group size {group_size} does not divide the input width {width} of {layer} "
+                f"(widths here: {', '.join(f'{k}={v}' for k, v in dims.items())}); "
+                f"group sizes that divide every layer: {options}, or -1 (one group per row)"
+            )
+    return None

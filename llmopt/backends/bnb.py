@@ -1,0 +1,144 @@
+"""bitsandbytes int8 (LLM.int8()) and 4-bit (NF4 / FP4), saved as serialized checkpoints.
+
+The weights are quantized when transformers loads the model with a ``BitsAndBytesConfig``; saving
+that model writes packed weights plus the quantization state, which transformers reloads without
+quantizing again.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement
+from llmopt.errors import BackendUnavailableError
+from llmopt.source import SourceModel
+
+ComputeDtype = Literal["auto", "float16", "bfloat16", "float32"]
+
+
+class BnbInt8Options(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    llm_int8_threshold: float = Field(6.0, ge=0, description="Outlier threshold: larger activations stay fp16.")
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept unquantized.")
+
+
+class Bnb4bitOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA's default).")
+    compute_dtype: ComputeDtype = Field("auto", description="Matmul dtype; auto = float16 on GPU, float32 on CPU.")
+    skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept unquantized.")
+
+
+_REQS = (
+    Requirement("bitsandbytes", "bitsandbytes", "bnb"),
+    Requirement("torch", "torch", "core"),
+    Requirement("accelerate", "accelerate", "core"),
+)
+
+
+def resolve_compute_dtype(name: str, device: str) -> str:
+    if name != "auto":
+        return name
+    return "float32" if device == "cpu" else "float16"
+
+
+def _probe(device: str, four_bit: bool) -> None:
+    """Quantize a tiny tensor on the device: fails in a second where bitsandbytes cannot run."""
+    try:
+        import bitsandbytes.functional as F
+        import torch
+
+        w = torch.randn(64, 64, dtype=torch.float16 if device != "cpu" else torch.float32, device=device)
+        if four_bit:
+            F.quantize_4bit(w, quant_type="nf4")
+        else:
+            F.int8_vectorwise_quant(w.half() if device != "cpu" else w)
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"bitsandbytes cannot run on '{device}' here: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            "Use a CUDA GPU (or a bitsandbytes build with a backend for this device), or pick another method.",
+        ) from None
+
+
+class _BnbBackend(Backend):
+    runner = "hf"
+    requirements = _REQS
+    four_bit: ClassVar[bool]
+
+    def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
+        _probe(device, self.four_bit)
+
+    def _quant_config(self, options: BaseModel, device: str) -> Any:
+        raise NotImplementedError
+
+    def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        qcfg, dtype = self._quant_config(inputs.options, inputs.device)
+        with inputs.reporter.step(f"loading and quantizing with bitsandbytes ({self.name})"):
+            model = AutoModelForCausalLM.from_pretrained(
+                inputs.source.path,
+                quantization_config=qcfg,
+                dtype=getattr(torch, dtype),
+                device_map=inputs.device if inputs.device == "cpu" else {"": inputs.device},
+            )
+        with inputs.reporter.step("saving bitsandbytes checkpoint"):
+            model.save_pretrained(inputs.out_dir)
+            AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)
+        return {"torch_dtype": dtype}
+
+
+class BnbInt8Backend(_BnbBackend):
+    name = "bnb-int8"
+    format = "bnb-8bit"
+    four_bit = False
+    description = "bitsandbytes LLM.int8(): 8-bit weights with fp16 outlier columns; no calibration."
+    Options = BnbInt8Options
+
+    def _quant_config(self, options: BaseModel, device: str) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        assert isinstance(options, BnbInt8Options)
+        cfg = BitsAndBytesConfig(
+            load_in_8bit=True,
+            llm_int8_threshold=options.llm_int8_threshold,
+            llm_int8_skip_modules=options.skip_modules or None,
+        )
+        return cfg, "float32" if device == "cpu" else "float16"
+
+
+class _Bnb4bitBackend(_BnbBackend):
+    four_bit = True
+    format = "bnb-4bit"
+    Options = Bnb4bitOptions
+    quant_type: ClassVar[str]
+
+    def _quant_config(self, options: BaseModel, device: str) -> Any:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        assert isinstance(options, Bnb4bitOptions)
+        compute = resolve_compute_dtype(options.compute_dtype, device)
+        cfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=options.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, compute),
+            llm_int8_skip_modules=options.skip_modules or None,
+        )
+        return cfg, compute
+
+
+class BnbNf4Backend(_Bnb4bitBackend):
+    name = "bnb-nf4"
+    quant_type = "nf4"
+    description = "bitsandbytes 4-bit NormalFloat (QLoRA's format); no calibration."
+
+
+class BnbFp4Backend(_Bnb4bitBackend):
+    name = "bnb-fp4"
+    quant_type = "fp4"
+    description = "bitsandbytes 4-bit float; no calibration."

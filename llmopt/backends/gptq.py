@@ -1,0 +1,107 @@
+"""GPTQ through GPTQModel (AutoGPTQ's maintained successor).
+
+Writes the standard GPTQ checkpoint layout (``quantization_config`` in config.json,
+``quantize_config.json``), which transformers (through optimum + GPTQModel) and vLLM load.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmopt.backends._shapes import group_size_problem
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement
+from llmopt.errors import ModelError, OptionsError
+from llmopt.source import SourceModel
+
+
+class GPTQOptions(BaseModel):
+    """GPTQ options; defaults are GPTQModel's, which follow the paper except damping (0.05, not 0.01)."""
+
+    model_config = ConfigDict(extra="forbid")
+    bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
+    group_size: int = Field(128, description="Weights sharing one scale; -1 = one group per output row.")
+    desc_act: bool = Field(False, description="Quantize columns in order of decreasing activation (act-order).")
+    act_group_aware: bool | None = Field(
+        None, description="GPTQModel's group-aware reordering (its default: on unless desc_act)."
+    )
+    sym: bool = Field(True, description="Symmetric quantization (no zero point).")
+    damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, fraction of the mean diagonal.")
+    true_sequential: bool = Field(True, description="Quantize sub-layers in order inside each block.")
+    batch_size: int = Field(1, ge=1, description="Calibration batch size.")
+
+
+class GPTQBackend(Backend):
+    name = "gptq"
+    format = "gptq"
+    runner = "gptqmodel"
+    needs_calibration = True
+    description = "GPTQ (GPTQModel): 2/3/4/8-bit weight-only, calibrated; served by vLLM, transformers, TGI."
+    Options = GPTQOptions
+    requirements = (
+        Requirement("gptqmodel", "gptqmodel", "gptq"),
+        Requirement("optimum", "optimum", "gptq"),
+        Requirement("torch", "torch", "core"),
+    )
+
+    def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
+        assert isinstance(options, GPTQOptions)
+        if options.group_size != -1 and options.group_size < 1:
+            raise OptionsError(f"group size {options.group_size} is not valid.", "Use -1, 32, 64 or 128.")
+        problem = group_size_problem(source.config, options.group_size)
+        if problem:
+            raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        validate_gptqmodel_architecture(source)
+
+    def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
+        opts = inputs.options
+        assert isinstance(opts, GPTQOptions) and inputs.calibration is not None
+        _configure_gptqmodel_env()
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        qcfg = QuantizeConfig(
+            bits=opts.bits,
+            group_size=opts.group_size,
+            desc_act=opts.desc_act,
+            act_group_aware=opts.act_group_aware if opts.act_group_aware is not None else not opts.desc_act,
+            sym=opts.sym,
+            damp_percent=opts.damp_percent,
+            true_sequential=opts.true_sequential,
+        )
+        with inputs.reporter.step("loading model for GPTQ"):
+            model = GPTQModel.load(str(inputs.source.path), qcfg, device=inputs.device)
+        calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
+        with inputs.reporter.step(f"GPTQ {opts.bits}-bit g{opts.group_size} on {len(calib)} samples"):
+            model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None)
+        with inputs.reporter.step("saving GPTQ checkpoint"):
+            model.save(str(inputs.out_dir))
+            _save_tokenizer(inputs)
+        return {}
+
+
+def _configure_gptqmodel_env() -> None:
+    # GPTQModel sizes its CPU worker pools from the core count and refuses pools larger than the
+    # parent on small machines (2 cores): give it the real count.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+
+
+def validate_gptqmodel_architecture(source: SourceModel) -> None:
+    """transformers must know the architecture, or neither it nor GPTQModel can build the model."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = source.model_type
+    if not model_type or model_type not in CONFIG_MAPPING:
+        raise ModelError(
+            f"architecture '{source.architecture or model_type}' (model_type '{model_type}') is not one this "
+            "version of transformers knows, so GPTQModel cannot quantize it.",
+            "Upgrade transformers, or pick a model with a supported architecture.",
+        )
+
+
+def _save_tokenizer(inputs: QuantizeInputs) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(inputs.source.path)
+    tok.save_pretrained(inputs.out_dir)

@@ -1,0 +1,55 @@
+"""Options and helpers shared by commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from llmopt.errors import InputError
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto (CUDA GPU if visible, else CPU), cpu, cuda, cuda:1 ...")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def parse_key_values(pairs: list[str] | None) -> dict[str, Any]:
+    """``key=value`` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"option '{pair}' is not of the form key=value.", "Write it as --option name=value.")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out
+
+
+def write_json(data: Any, target: str) -> None:
+    """Write JSON to a file, or to stdout when ``target`` is '-'."""
+    text = json.dumps(data, indent=2, default=str)
+    if target == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        path = Path(target)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

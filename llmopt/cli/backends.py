@@ -1,0 +1,45 @@
+"""``llmopt backends``: what is installed and usable here."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from llmopt.cli._common import stdout, write_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("backends")
+    def backends_cmd(
+        json_out: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+    ) -> None:
+        """List every quantization backend, whether it is usable here, and how to install what is missing."""
+        from llmopt.backends import available_backends
+
+        infos = available_backends()
+        if json_out:
+            write_json(
+                [
+                    {
+                        "name": i.name,
+                        "usable": i.usable,
+                        "format": getattr(i.backend, "format", None),
+                        "needs_calibration": getattr(i.backend, "needs_calibration", None),
+                        "origin": i.origin,
+                        "problems": i.problems,
+                    }
+                    for i in infos
+                ],
+                "-",
+            )
+            return
+        table = Table(title="llmopt backends")
+        for col in ("method", "usable", "format", "what it is / what is missing"):
+            table.add_column(col)
+        for i in infos:
+            fmt = getattr(i.backend, "format", "?")
+            text = "\n".join(i.problems) if i.problems else getattr(i.backend, "description", "")
+            table.add_row(i.name, "[green]yes[/]" if i.usable else "[red]no[/]", fmt, text)
+        stdout.print(table)

@@ -1,0 +1,105 @@
+"""``llmopt eval``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stderr, stdout, write_json
+from llmopt.errors import EXIT_GATE
+
+
+def render_eval(report: dict[str, Any]) -> None:
+    s = report["settings"]
+    table = Table(
+        title=f"perplexity on {s['dataset']} ({s['tokens_scored']:,} tokens, context {s['context_length']}, "
+        f"stride {s['stride']}, {s['dtype']} on {s['device']})"
+    )
+    for col, justify in (("model", "left"), ("perplexity", "right"), ("± stderr", "right"), ("Δ vs FP16", "right"),
+                         ("size on disk", "right"), ("in memory", "right"), ("eval time", "right")):  # fmt: skip
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    b, a = report["baseline"], report["artifact"]
+    table.add_row(
+        "FP16 baseline" + (" (cached)" if b.get("cached") else ""),
+        f"{b['perplexity']:.4f}",
+        f"{b['stderr']:.4f}",
+        "-",
+        human_bytes(b.get("size_bytes")),
+        human_bytes(b.get("footprint_bytes")),
+        f"{b['eval_seconds']:.1f} s",
+    )
+    table.add_row(
+        f"{a['backend']} ({a['format']})",
+        f"{a['perplexity']:.4f}",
+        f"{a['stderr']:.4f}",
+        f"{report['delta_pct']:+.2f}%",
+        human_bytes(a.get("size_bytes")),
+        human_bytes(a.get("footprint_bytes")),
+        f"{a['eval_seconds']:.1f} s",
+    )
+    stdout.print(table)
+    gate = report["gate"]
+    if not gate["checks"]:
+        stdout.print("gate: no thresholds set")
+        return
+    for c in gate["checks"]:
+        mark = "[green]pass[/]" if c["passed"] else "[red]FAIL[/]"
+        stdout.print(f"gate {mark}: {c['message']}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        artifact: Annotated[Path, typer.Argument(help="Artifact folder written by `llmopt quantize`.")],
+        baseline: Annotated[str, typer.Option(help="The FP16 model it was made from (folder, .gguf or Hub id).")],
+        dataset: Annotated[str, typer.Option(help="Evaluation text: .txt/.jsonl/.parquet file, or wikitext2/c4.")],
+        context: Annotated[int, typer.Option(help="Tokens per window.")] = 512,
+        stride: Annotated[int | None, typer.Option(help="Tokens between window starts (default: context).")] = None,
+        max_tokens: Annotated[int | None, typer.Option(help="Score only the first N tokens of the text.")] = None,
+        add_bos: Annotated[bool, typer.Option("--add-bos/--no-add-bos", help="Put BOS before each window.")] = False,
+        batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+        max_ppl_increase: Annotated[
+            float | None, typer.Option(help="Gate: largest allowed perplexity increase over FP16, in %.")
+        ] = None,
+        max_ppl: Annotated[float | None, typer.Option(help="Gate: largest allowed perplexity.")] = None,
+        kernel: Annotated[str | None, typer.Option(help="GPTQ/AWQ kernel (GPTQModel backend name).")] = None,
+        no_cache: Annotated[bool, typer.Option("--no-cache", help="Score the baseline even if cached.")] = False,
+        json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON (- = stdout).")] = None,
+        device: DeviceOpt = "auto",
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Perplexity of ARTIFACT and of its FP16 baseline on the same tokens; gate; record in llmopt.json.
+
+        Exits 3 when a gate check fails.
+        """
+        from llmopt.api import evaluate
+        from llmopt.evaluate.gate import GateSpec
+        from llmopt.progress import default_reporter
+
+        gate = GateSpec(max_ppl_increase_pct=max_ppl_increase, max_ppl=max_ppl)
+        report = evaluate(
+            artifact,
+            baseline,
+            dataset,
+            context_length=context,
+            stride=stride,
+            max_tokens=max_tokens,
+            add_bos=add_bos,
+            device=device,
+            batch_size=batch_size,
+            gate=gate,
+            kernel=kernel,
+            use_cache=not no_cache,
+            reporter=default_reporter(quiet or json_path == "-"),
+        )
+        if json_path:
+            write_json(report, json_path)
+        if json_path != "-":
+            render_eval(report)
+        if not report["gate"]["passed"]:
+            failed = [c["message"] for c in report["gate"]["checks"] if not c["passed"]]
+            stderr.print(f"[red]gate failed[/]: {'; '.join(failed)}")
+            raise typer.Exit(EXIT_GATE)

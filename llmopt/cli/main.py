@@ -1,0 +1,75 @@
+"""Typer app and the one place where errors become messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated, Any
+
+import click
+import typer
+
+from llmopt import __version__
+from llmopt.errors import EXIT_INPUT, EXIT_INTERRUPTED, LlmoptError
+
+app = typer.Typer(
+    name="llmopt",
+    help="Quantize Hugging Face causal LMs, measure them against FP16, gate, publish.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmopt {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Exit codes: 0 ok, 1 bug, 2 bad input, 3 gate failed, 4 backend unavailable, 5 artifact
+    mismatch, 130 interrupted."""
+
+
+from llmopt.cli import backends as _backends  # noqa: E402
+from llmopt.cli import evaluate as _evaluate  # noqa: E402
+from llmopt.cli import quantize as _quantize  # noqa: E402
+
+_backends.register(app)
+_quantize.register(app)
+_evaluate.register(app)
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    debug = os.environ.get("LLMOPT_DEBUG") == "1"
+    try:
+        rv = app(args=argv, standalone_mode=False)
+    except LlmoptError as exc:
+        if debug:
+            raise
+        typer.secho(f"error: {exc.message}", fg="red", err=True)
+        if exc.hint:
+            typer.echo(f"  -> {exc.hint}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.secho("interrupted: nothing was written (partial output removed).", fg="yellow", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: nothing was written (partial output removed).", fg="yellow", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except click.exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code if exc.exit_code else EXIT_INPUT)
+    sys.exit(rv if isinstance(rv, int) else 0)

@@ -1,0 +1,86 @@
+"""``llmopt quantize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, parse_key_values, stdout, write_json
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("quantize")
+    def quantize_cmd(
+        model: Annotated[str, typer.Argument(help="A Hugging Face model folder, a .gguf file, or a Hub id.")],
+        method: Annotated[str, typer.Option("--method", "-m", help="Backend: see `llmopt backends`.")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to create.")],
+        bits: Annotated[int | None, typer.Option(help="Bits per weight (gptq: 2, 3, 4, 8).")] = None,
+        group_size: Annotated[int | None, typer.Option(help="Group size (gptq); -1 = per row.")] = None,
+        desc_act: Annotated[bool | None, typer.Option("--desc-act/--no-desc-act", help="GPTQ act-order.")] = None,
+        sym: Annotated[bool | None, typer.Option("--sym/--no-sym", help="Symmetric quantization (gptq).")] = None,
+        damp_percent: Annotated[float | None, typer.Option(help="GPTQ Hessian dampening (0-1).")] = None,
+        true_sequential: Annotated[
+            bool | None, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ sub-layer order.")
+        ] = None,
+        llm_int8_threshold: Annotated[float | None, typer.Option(help="bnb-int8 outlier threshold.")] = None,
+        double_quant: Annotated[
+            bool | None, typer.Option("--double-quant/--no-double-quant", help="bnb 4-bit double quantization.")
+        ] = None,
+        compute_dtype: Annotated[str | None, typer.Option(help="bnb 4-bit compute dtype.")] = None,
+        option: Annotated[
+            list[str] | None, typer.Option("--option", "-O", help="Any backend option as key=value (repeatable).")
+        ] = None,
+        calibration: Annotated[
+            str | None, typer.Option(help="Calibration text: .txt/.jsonl/.parquet file, or wikitext2 / c4.")
+        ] = None,
+        samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
+        seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 512,
+        seed: Annotated[int, typer.Option(help="Seed for picking calibration samples.")] = 0,
+        device: DeviceOpt = "auto",
+        overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists and is not empty.")] = False,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON to stdout.")] = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Quantize MODEL with METHOD into an artifact folder (model files + llmopt.json)."""
+        from llmopt.api import quantize
+        from llmopt.progress import default_reporter
+
+        flags: dict[str, Any] = {
+            "bits": bits,
+            "group_size": group_size,
+            "desc_act": desc_act,
+            "sym": sym,
+            "damp_percent": damp_percent,
+            "true_sequential": true_sequential,
+            "llm_int8_threshold": llm_int8_threshold,
+            "double_quant": double_quant,
+            "compute_dtype": compute_dtype,
+        }
+        options = {k: v for k, v in flags.items() if v is not None}
+        options.update(parse_key_values(option))
+        artifact = quantize(
+            model,
+            method,
+            output,
+            options=options,
+            calibration=calibration,
+            samples=samples,
+            seq_len=seq_len,
+            seed=seed,
+            device=device,
+            overwrite=overwrite,
+            reporter=default_reporter(quiet or json_out),
+        )
+        m = artifact.manifest
+        if json_out:
+            write_json(m.model_dump(mode="json"), "-")
+            return
+        stdout.print(
+            f"[green]✓[/] {m.backend} artifact written to [bold]{artifact.path}[/]: "
+            f"{human_bytes(artifact.size_bytes())} in {len(m.files)} files, quantized in {m.quantize_seconds:.1f} s"
+        )
+        stdout.print(
+            f"  next: llmopt eval {artifact.path} --baseline {model} --dataset TEXT_FILE --max-ppl-increase 5"
+        )

@@ -1,0 +1,137 @@
+"""Perplexity on fixed token ids, with a standard error.
+
+Protocol (the same for every artifact, or comparisons are meaningless):
+the text is tokenized once, with the baseline's tokenizer, without special tokens. Windows of
+``context_length`` tokens start every ``stride`` tokens. In each window, the tokens not already
+scored by an earlier window are scored, each given everything before it in the window; the very
+first token of the text has no context and is never scored. With ``add_bos`` the BOS id is put in
+front of every window (taking one position of the context) so that a window's first token is scored
+too. Perplexity = exp(mean NLL over all scored tokens). Its standard error comes from the spread of
+per-window mean NLLs (tokens inside a window are correlated; windows much less so), propagated
+through exp (delta method).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmopt.errors import DataError
+
+
+@dataclass(frozen=True)
+class Window:
+    ids: list[int]
+    score_from: int  # index inside ids of the first scored token
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    stderr: float
+    mean_nll: float
+    tokens_scored: int
+    windows: int
+    window_nll: list[float] = field(default_factory=list)  # per-window mean NLL
+    window_tokens: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "perplexity": self.perplexity,
+            "stderr": self.stderr,
+            "mean_nll": self.mean_nll,
+            "tokens_scored": self.tokens_scored,
+            "windows": self.windows,
+        }
+
+
+def make_windows(
+    ids: Sequence[int], context_length: int, stride: int, *, bos_id: int | None = None
+) -> list[Window]:
+    """Cut ``ids`` into scoring windows (see the module docstring)."""
+    if stride < 1 or stride > context_length:
+        raise DataError(
+            f"stride {stride} must be between 1 and the context length {context_length}.",
+            "Pass --stride no larger than --context.",
+        )
+    body = context_length - (1 if bos_id is not None else 0)
+    if body < 2:
+        raise DataError(f"context length {context_length} is too short.", "Use --context 16 or more.")
+    if len(ids) < body:
+        raise DataError(
+            f"the evaluation text has {len(ids)} tokens, fewer than one window of {context_length}.",
+            "Give more text, or lower --context.",
+        )
+    step = min(stride, body)
+    windows: list[Window] = []
+    scored_until = 0 if bos_id is not None else 1  # first position not yet scored
+    begin = 0
+    while True:
+        end = min(begin + body, len(ids))
+        if end - begin < body:  # last short window: shift back so every window has equal length
+            begin = max(0, end - body)
+        chunk = list(ids[begin:end])
+        first = max(scored_until - begin, 0 if bos_id is not None else 1)
+        if bos_id is not None:
+            chunk = [bos_id, *chunk]
+            first += 1
+        if first < len(chunk):
+            windows.append(Window(chunk, first))
+        scored_until = end
+        if end >= len(ids):
+            break
+        begin += step
+    return windows
+
+
+def score(
+    windows: list[Window],
+    nll_fn: Callable[[list[list[int]], list[int]], list[list[float]]],
+    *,
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> PerplexityResult:
+    """Run ``nll_fn`` over the windows in batches and aggregate."""
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
+    total = 0.0
+    count = 0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        rows = nll_fn([w.ids for w in batch], [w.score_from for w in batch])
+        for w, row in zip(batch, rows, strict=True):
+            expected = len(w.ids) - w.score_from
+            if len(row) != expected:
+                raise RuntimeError(f"runner returned {len(row)} NLLs for a window that scores {expected}")
+            s = math.fsum(row)
+            total += s
+            count += len(row)
+            window_nll.append(s / len(row))
+            window_tokens.append(len(row))
+        if on_batch:
+            on_batch(len(batch))
+    return aggregate(window_nll, window_tokens, total, count)
+
+
+def aggregate(window_nll: list[float], window_tokens: list[int], total: float, count: int) -> PerplexityResult:
+    mean = total / count
+    k = len(window_nll)
+    if k > 1:
+        # Token-weighted variance of window means: the standard error of the overall mean NLL.
+        weights = [n / count for n in window_tokens]
+        var = sum(wt * wt * (m - mean) ** 2 for wt, m in zip(weights, window_nll, strict=True)) * k / (k - 1)
+        se_nll = math.sqrt(var)
+    else:
+        se_nll = float("nan")
+    ppl = math.exp(mean)
+    return PerplexityResult(
+        perplexity=ppl,
+        stderr=ppl * se_nll,
+        mean_nll=mean,
+        tokens_scored=count,
+        windows=k,
+        window_nll=window_nll,
+        window_tokens=window_tokens,
+    )

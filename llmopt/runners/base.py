@@ -1,0 +1,36 @@
+"""Runner protocol: load a model once, then score token windows with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from llmopt.errors import InputError
+
+
+class Runner(Protocol):
+    name: str
+    device: str
+    dtype: str
+    load_seconds: float
+
+    def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
+        """Per-token negative log-likelihood (nats) of ``w[t]`` given ``w[:t]``, for t >= score_from.
+
+        All windows in one call have the same length.
+        """
+        ...
+
+    def footprint_bytes(self) -> int:
+        """Bytes the loaded weights and buffers take in memory."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def load_runner(kind: str, path: Path, device: str, *, kernel: str | None = None) -> Runner:
+    if kind in ("hf", "gptqmodel"):
+        from llmopt.runners.hf import HFRunner
+
+        return HFRunner(path, device, loader=kind, kernel=kernel)
+    raise InputError(f"unknown runner '{kind}'.", "This artifact needs a newer llmopt; upgrade it.")

@@ -1,0 +1,91 @@
+"""Runner over a transformers model: FP16/FP32 folders, bitsandbytes, and GPTQ/AWQ via GPTQModel."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from llmopt.errors import BackendUnavailableError
+
+# Kernels GPTQModel may pick on its own that need a download at first use (CUTLASS for Machete):
+# on a CUDA device we ask for Marlin unless the user names a kernel.
+_DEFAULT_CUDA_KERNEL = "marlin"
+
+
+def default_dtype(device: str) -> str:
+    # fp16 matmuls on CPU are slow and not always supported: score in fp32 there.
+    return "float32" if device == "cpu" else "float16"
+
+
+def _gptqmodel_backend(kernel: str | None, device: str) -> Any:
+    from gptqmodel import BACKEND
+
+    name = kernel or (_DEFAULT_CUDA_KERNEL if device.startswith("cuda") else "auto")
+    candidates = [name, f"gptq_{name}"]
+    for cand in candidates:
+        try:
+            return BACKEND(cand)
+        except ValueError:
+            continue
+    valid = ", ".join(b.value for b in BACKEND)
+    raise BackendUnavailableError(f"GPTQModel has no kernel '{name}'.", f"Pick one of: {valid}")
+
+
+class HFRunner:
+    name = "hf"
+
+    def __init__(self, path: Path, device: str, *, loader: str = "hf", kernel: str | None = None) -> None:
+        import torch
+
+        self.device = device
+        self.dtype = default_dtype(device)
+        self.kernel = kernel
+        start = time.perf_counter()
+        if loader == "gptqmodel":
+            os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+            from gptqmodel import GPTQModel
+
+            backend = _gptqmodel_backend(kernel, device)
+            self._wrapper: Any = GPTQModel.load(str(path), device=device, backend=backend)
+            self.model: Any = self._wrapper.model
+            self.name = "gptqmodel"
+            self.kernel = getattr(backend, "value", str(backend))
+        else:
+            from transformers import AutoModelForCausalLM
+
+            self._wrapper = None
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=getattr(torch, self.dtype), device_map=device if device == "cpu" else {"": device}
+            )
+        self.model.eval()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        self.load_seconds = time.perf_counter() - start
+
+    def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
+        import torch
+
+        ids = torch.tensor(windows, dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, use_cache=False).logits
+            # NLL of token t is read from the logits at t-1; float32 log-softmax for stability.
+            logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
+            token_nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        out = token_nll.cpu().tolist()
+        return [row[max(s, 1) - 1 :] for row, s in zip(out, score_from, strict=True)]
+
+    def footprint_bytes(self) -> int:
+        return int(self.model.get_memory_footprint())
+
+    def close(self) -> None:
+        import gc
+
+        import torch
+
+        del self.model
+        self._wrapper = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

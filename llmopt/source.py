@@ -1,0 +1,237 @@
+"""Model sources: a local Hugging Face folder, a ``.gguf`` file, or a Hub id.
+
+Everything here is checked cheaply (config present, weight headers readable and complete) so a bad
+path fails in a second, before any library loads the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmopt.artifact import sha256_file
+from llmopt.errors import BackendUnavailableError, ModelError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+@dataclass
+class SourceModel:
+    """A model folder ready for transformers, and what we know about it."""
+
+    spec: str  # what the user gave
+    path: Path  # a local Hugging Face folder
+    config: dict[str, Any]
+    revision: str | None = None
+    weight_files: list[Path] = field(default_factory=list)
+    _weights_sha256: dict[str, str] | None = None
+
+    @property
+    def architecture(self) -> str | None:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else None
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    def weights_sha256(self) -> dict[str, str]:
+        if self._weights_sha256 is None:
+            self._weights_sha256 = {p.name: sha256_file(p) for p in self.weight_files}
+        return self._weights_sha256
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.weight_files)
+
+
+def cache_dir() -> Path:
+    """Where llmopt keeps converted sources and FP16 baselines (``LLMOPT_CACHE`` overrides)."""
+    env = os.environ.get("LLMOPT_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmopt"
+
+
+def check_safetensors(path: Path) -> None:
+    """Raise ModelError if a safetensors file is unreadable or shorter than its header says."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("file is shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100_000_000):
+                raise ValueError(f"header length {n} is larger than the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{path} is not a readable safetensors file ({exc}).",
+            "The download or copy is corrupt: fetch the model again.",
+        ) from None
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        begin, stop = meta.get("data_offsets", (0, 0))
+        count = 1
+        for d in meta.get("shape", []):
+            count *= int(d)
+        width = _DTYPE_BYTES.get(meta.get("dtype", ""), 0)
+        if width and stop - begin != count * width:
+            raise ModelError(
+                f"{path}: tensor '{name}' has {stop - begin} bytes for shape {meta.get('shape')}.",
+                "The file is corrupt: fetch the model again.",
+            )
+        end = max(end, stop)
+    expected = 8 + n + end
+    if size < expected:
+        raise ModelError(
+            f"{path} is truncated: its header describes {expected:,} bytes but the file has {size:,}.",
+            "The download or copy did not finish: fetch the model again.",
+        )
+
+
+def _load_config(folder: Path) -> dict[str, Any]:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ModelError(
+            f"{folder} has no config.json, so it is not a Hugging Face model folder.",
+            "Give a folder saved with `save_pretrained`, a .gguf file, or a Hub id like org/name.",
+        )
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{cfg} is not valid JSON ({exc}).", "Fix or re-download config.json.") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{cfg} does not hold a JSON object.", "Fix or re-download config.json.")
+    return data
+
+
+def open_folder(folder: Path, spec: str | None = None, revision: str | None = None) -> SourceModel:
+    config = _load_config(folder)
+    weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not weights:
+        raise ModelError(
+            f"{folder} has a config.json but no weights (*.safetensors or *.bin).",
+            "Copy the weight files next to config.json, or re-download the model.",
+        )
+    for p in weights:
+        if p.suffix == ".safetensors":
+            check_safetensors(p)
+    archs = config.get("architectures") or []
+    if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
+        raise ModelError(
+            f"{folder} holds a {archs[0]}, not a causal language model.",
+            "llmopt quantizes causal LMs (…ForCausalLM); give such a model.",
+        )
+    return SourceModel(spec=spec or str(folder), path=folder, config=config, revision=revision, weight_files=weights)
+
+
+def gguf_to_folder(gguf_file: Path) -> Path:
+    """Dequantize a .gguf file into a plain fp16 Hugging Face folder (cached by the file's hash)."""
+    digest = sha256_file(gguf_file)
+    out = cache_dir() / "gguf-sources" / digest[:16]
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    dequantize_gguf(gguf_file, out)
+    return out
+
+
+def dequantize_gguf(gguf_file: Path, out: Path) -> None:
+    """Write ``gguf_file`` as an fp16 safetensors folder at ``out``, atomically (temp folder + rename)."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise BackendUnavailableError(
+            "reading a .gguf source needs torch, transformers, gguf and accelerate.",
+            "pip install 'llmopt[core]'",
+        ) from None
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+            )
+        except Exception as exc:
+            raise ModelError(
+                f"transformers could not read {gguf_file}: {type(exc).__name__}: {exc}",
+                "Check that the GGUF's architecture is one transformers can dequantize.",
+            ) from None
+        # A GGUF-loaded model refuses save_pretrained; rebuild a plain one from its config.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float16)
+        plain.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(spec: str, revision: str | None = None) -> SourceModel:
+    """Turn what the user typed into a local, checked model folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return open_folder(path, spec=spec, revision=revision)
+    if path.is_file():
+        if path.suffix == ".gguf":
+            folder = gguf_to_folder(path)
+            return open_folder(folder, spec=spec)
+        if path.name == "config.json":
+            return open_folder(path.parent, spec=spec)
+        raise ModelError(
+            f"{spec} is a file, not a model.",
+            "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",
+        )
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return open_folder(_download(spec, revision), spec=spec, revision=revision)
+    raise ModelError(
+        f"{spec} does not exist.",
+        "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",
+    )
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise BackendUnavailableError(
+            f"'{repo_id}' looks like a Hub id, and downloading needs huggingface_hub.",
+            "pip install 'llmopt[hub]', or give a local folder.",
+        ) from None
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"],
+            )
+        )
+    except Exception as exc:
+        raise ModelError(
+            f"could not download '{repo_id}' from the Hub: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            "Check the id, your network and HF_TOKEN, or give a local folder instead.",
+        ) from None
