@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmopt import __version__
 from llmopt.artifact import (
@@ -26,6 +26,9 @@ from llmopt.artifact import (
 from llmopt.errors import DataError, InputError, OutputExistsError, TokenizerMismatchError
 from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.progress import Reporter, SilentReporter
+
+if TYPE_CHECKING:
+    from llmopt.evaluate.throughput import ThroughputSettings
 
 EVAL_SCHEMA = "llmopt.eval/1"
 
@@ -93,7 +96,7 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
-    if backend.needs_calibration:
+    if backend.wants_calibration(opts):
         if not calibration:
             raise DataError(
                 f"{method} needs calibration text.",
@@ -165,11 +168,15 @@ def evaluate(
     batch_size: int = 1,
     gate: GateSpec | None = None,
     kernel: str | None = None,
+    throughput: ThroughputSettings | None = None,
     use_cache: bool = True,
     write_manifest: bool = True,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
+
+    With ``throughput`` settings, also the serving speed of both, measured side by side in this process
+    (never cached), under ``report["throughput"]`` (see llmopt/evaluate/throughput.py).
 
     Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
@@ -179,7 +186,7 @@ def evaluate(
     from llmopt.data import load_text
     from llmopt.environment import device_name, environment, resolve_device
     from llmopt.evaluate import baseline as baseline_cache
-    from llmopt.evaluate.perplexity import make_windows
+    from llmopt.evaluate.perplexity import make_windows, paired_delta
     from llmopt.source import resolve
 
     reporter = reporter or SilentReporter()
@@ -215,6 +222,7 @@ def evaluate(
     if add_bos and bos_id is None:
         raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
     windows = make_windows(ids, context_length, stride, bos_id=bos_id)
+    windows_tokens = [len(w.ids) - w.score_from for w in windows]
     dev = resolve_device(device)
 
     settings = {
@@ -263,16 +271,26 @@ def evaluate(
     settings["dtype"] = art_result.pop("dtype")
     base_result.pop("dtype", None)
 
+    delta_pct, delta_stderr = paired_delta(art_result["window_nll"], base_result["window_nll"], windows_tokens)
     report: dict[str, Any] = {
         "schema": EVAL_SCHEMA,
         "settings": settings,
         "baseline": base_result,
         "artifact": art_result,
-        "delta_pct": 100.0 * (art_result["perplexity"] / base_result["perplexity"] - 1.0),
+        "delta_pct": delta_pct,
+        "delta_pct_stderr": delta_stderr,
         "size_ratio": art_result["size_bytes"] / base_result["size_bytes"] if base_result["size_bytes"] else None,
         "environment": env,
         "artifact_files_sha256": files_digest(art.manifest.files),
     }
+    if throughput is not None:
+        from llmopt.evaluate.throughput import bench_model, throughput_section
+
+        speed = throughput.resolved(dev)
+        base_speed = bench_model(base.path, dev, speed, runner_kind="hf", label="FP16 baseline", reporter=reporter)
+        runner_kind = art.manifest.runner
+        art_speed = bench_model(art.path, dev, speed, runner_kind=runner_kind, kernel=kernel, reporter=reporter)
+        report["throughput"] = throughput_section(base_speed, art_speed, speed, dev)
     result = apply_gate(gate or GateSpec(), report)
     report["gate"] = result.model_dump(mode="json")
     report["gate"]["spec"] = (gate or GateSpec()).model_dump(mode="json")

@@ -12,8 +12,9 @@ from rich.console import Console
 
 from llmopt.errors import InputError
 
-stdout = Console()
-stderr = Console(stderr=True)
+# Tables stay readable when piped or in CI logs, where rich would otherwise assume 80 columns.
+stdout = Console(width=None if sys.stdout.isatty() else 140)
+stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 DeviceOpt = Annotated[
     str, typer.Option("--device", help="auto (CUDA GPU if visible, else CPU), cpu, cuda, cuda:1 ...")

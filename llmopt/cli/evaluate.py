@@ -9,6 +9,18 @@ import typer
 from rich.table import Table
 
 from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stderr, stdout, write_json
+from llmopt.cli.bench import (
+    BatchSizesOpt,
+    DecodeModeOpt,
+    GenLenOpt,
+    HourlyCostOpt,
+    PromptLensOpt,
+    RepetitionsOpt,
+    WarmupOpt,
+    check_speed_gate,
+    render_throughput,
+    throughput_settings,
+)
 from llmopt.errors import EXIT_GATE
 
 
@@ -35,7 +47,7 @@ def render_eval(report: dict[str, Any]) -> None:
         f"{a['backend']} ({a['format']})",
         f"{a['perplexity']:.4f}",
         f"{a['stderr']:.4f}",
-        f"{report['delta_pct']:+.2f}%",
+        f"{report['delta_pct']:+.2f}% ± {report['delta_pct_stderr']:.2f}",
         human_bytes(a.get("size_bytes")),
         human_bytes(a.get("footprint_bytes")),
         f"{a['eval_seconds']:.1f} s",
@@ -66,6 +78,20 @@ def register(app: typer.Typer) -> None:
         ] = None,
         max_ppl: Annotated[float | None, typer.Option(help="Gate: largest allowed perplexity.")] = None,
         kernel: Annotated[str | None, typer.Option(help="GPTQ/AWQ kernel (GPTQModel backend name).")] = None,
+        throughput: Annotated[
+            bool, typer.Option("--throughput", help="Also measure serving speed of artifact and baseline.")
+        ] = False,
+        batch_sizes: BatchSizesOpt = None,
+        prompt_lens: PromptLensOpt = None,
+        gen_len: GenLenOpt = None,
+        warmup: WarmupOpt = 2,
+        repetitions: RepetitionsOpt = 5,
+        decode_mode: DecodeModeOpt = "auto",
+        gpu_hourly_cost: HourlyCostOpt = None,
+        min_decode_speedup: Annotated[
+            float | None, typer.Option(help="Gate: smallest decode speedup over FP16 (needs --throughput).")
+        ] = None,
+        at_batch: Annotated[int, typer.Option(help="Batch size at which --min-decode-speedup is read.")] = 1,
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Score the baseline even if cached.")] = False,
         json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON (- = stdout).")] = None,
         device: DeviceOpt = "auto",
@@ -79,7 +105,16 @@ def register(app: typer.Typer) -> None:
         from llmopt.evaluate.gate import GateSpec
         from llmopt.progress import default_reporter
 
-        gate = GateSpec(max_ppl_increase_pct=max_ppl_increase, max_ppl=max_ppl)
+        gate = GateSpec(
+            max_ppl_increase_pct=max_ppl_increase,
+            max_ppl=max_ppl,
+            min_decode_speedup=min_decode_speedup,
+            at_batch=at_batch,
+        )
+        speed = throughput_settings(
+            throughput, batch_sizes, prompt_lens, gen_len, warmup, repetitions, decode_mode, gpu_hourly_cost
+        )
+        check_speed_gate(speed, min_decode_speedup, at_batch)
         report = evaluate(
             artifact,
             baseline,
@@ -92,6 +127,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             gate=gate,
             kernel=kernel,
+            throughput=speed,
             use_cache=not no_cache,
             reporter=default_reporter(quiet or json_path == "-"),
         )
@@ -99,6 +135,8 @@ def register(app: typer.Typer) -> None:
             write_json(report, json_path)
         if json_path != "-":
             render_eval(report)
+            if report.get("throughput"):
+                render_throughput(report["throughput"])
         if not report["gate"]["passed"]:
             failed = [c["message"] for c in report["gate"]["checks"] if not c["passed"]]
             stderr.print(f"[red]gate failed[/]: {'; '.join(failed)}")

@@ -10,7 +10,7 @@ from llmopt.artifact import sha256_json, write_json_atomic
 from llmopt.source import cache_dir
 
 # Bump when the scoring protocol changes, so old cached numbers are not reused.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 def cache_key(parts: dict[str, Any]) -> str:
@@ -29,7 +29,9 @@ def load_cached(key: str) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except ValueError:
         return None
-    return data if isinstance(data, dict) and data.get("key") == key else None
+    if not isinstance(data, dict) or data.get("key") != key or "window_nll" not in data.get("result", {}):
+        return None
+    return data
 
 
 def store(key: str, result: dict[str, Any]) -> None:

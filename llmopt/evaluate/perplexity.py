@@ -44,6 +44,7 @@ class PerplexityResult:
             "mean_nll": self.mean_nll,
             "tokens_scored": self.tokens_scored,
             "windows": self.windows,
+            "window_nll": self.window_nll,
         }
 
 
@@ -115,23 +116,43 @@ def score(
     return aggregate(window_nll, window_tokens, total, count)
 
 
+def _stderr_of_mean(values: list[float], tokens: list[int]) -> float:
+    """Standard error of the token-weighted mean of per-window values (nan with one window)."""
+    k = len(values)
+    if k < 2:
+        return float("nan")
+    count = sum(tokens)
+    mean = sum(v * n for v, n in zip(values, tokens, strict=True)) / count
+    var = sum((n / count) ** 2 * (v - mean) ** 2 for v, n in zip(values, tokens, strict=True)) * k / (k - 1)
+    return math.sqrt(var)
+
+
+def paired_delta(
+    artifact_window_nll: list[float], baseline_window_nll: list[float], window_tokens: list[int]
+) -> tuple[float, float]:
+    """Perplexity change in % and its standard error, from per-window NLL differences.
+
+    Both models score the same windows, so the window-to-window spread of the text cancels out:
+    this error bar is much tighter than combining the two perplexities' own errors.
+    """
+    diffs = [a - b for a, b in zip(artifact_window_nll, baseline_window_nll, strict=True)]
+    count = sum(window_tokens)
+    mean_diff = sum(d * n for d, n in zip(diffs, window_tokens, strict=True)) / count
+    factor = math.exp(mean_diff)
+    return 100.0 * (factor - 1.0), 100.0 * factor * _stderr_of_mean(diffs, window_tokens)
+
+
 def aggregate(window_nll: list[float], window_tokens: list[int], total: float, count: int) -> PerplexityResult:
     mean = total / count
-    k = len(window_nll)
-    if k > 1:
-        # Token-weighted variance of window means: the standard error of the overall mean NLL.
-        weights = [n / count for n in window_tokens]
-        var = sum(wt * wt * (m - mean) ** 2 for wt, m in zip(weights, window_nll, strict=True)) * k / (k - 1)
-        se_nll = math.sqrt(var)
-    else:
-        se_nll = float("nan")
+    # Tokens inside a window are correlated; window means much less so: the error comes from them.
+    se_nll = _stderr_of_mean(window_nll, window_tokens)
     ppl = math.exp(mean)
     return PerplexityResult(
         perplexity=ppl,
         stderr=ppl * se_nll,
         mean_nll=mean,
         tokens_scored=count,
-        windows=k,
+        windows=len(window_nll),
         window_nll=window_nll,
         window_tokens=window_tokens,
     )

@@ -33,4 +33,8 @@ def load_runner(kind: str, path: Path, device: str, *, kernel: str | None = None
         from llmopt.runners.hf import HFRunner
 
         return HFRunner(path, device, loader=kind, kernel=kernel)
+    if kind == "llamacpp":
+        from llmopt.runners.llamacpp import LlamaCppRunner
+
+        return LlamaCppRunner(path, device)
     raise InputError(f"unknown runner '{kind}'.", "This artifact needs a newer llmopt; upgrade it.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -42,6 +43,8 @@ class HFRunner:
         self.device = device
         self.dtype = default_dtype(device)
         self.kernel = kernel
+        # bitsandbytes logs a warning on every int8 matmul with fp32 inputs (they are cast to fp16).
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         start = time.perf_counter()
         if loader == "gptqmodel":
             os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
@@ -78,6 +81,12 @@ class HFRunner:
 
     def footprint_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
+
+    def bench(self, settings: Any, reporter: Any = None) -> dict[str, Any]:
+        """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (throughput.py)."""
+        from llmopt.evaluate.throughput import measure_model
+
+        return measure_model(self.model, self.device, settings, reporter)
 
     def close(self) -> None:
         import gc

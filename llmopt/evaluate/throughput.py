@@ -1,0 +1,833 @@
+"""Throughput measured the way a model is served: static KV cache, CUDA-graph decoding, against FP16.
+
+Plain eager ``generate()`` on a GPU spends ~60 ms of Python per token whatever the model, so it cannot
+tell a 4-bit kernel from FP16. Here decoding runs one token at a time over a transformers
+``StaticCache``, through a step we capture as a CUDA graph (after ``torch.compile`` where that works),
+so the numbers are set by the kernels and the memory system:
+
+- ``compile``: ``torch.compile`` (Inductor fuses the small element-wise kernels) inside a CUDA graph;
+- ``graph``: the eager kernels inside a CUDA graph (no launch overhead, no fusion);
+- ``eager``: the same static-cache loop without graphs (CPU, and kernels that sync with the host).
+
+``auto`` tries them in that order on CUDA (``eager`` on CPU) and records which one ran and why others
+failed (``decode_mode``, ``decode_mode_note``), so a number is never silently from a slower path.
+
+Each measured model gives: load time; prefill tokens/s and time to first token at several prompt
+lengths; decode tokens/s at several batch sizes (median, min/max, quartiles over repetitions) with the
+per-token latency p50/p95/p99; peak device memory; weight footprint; bytes of weights read per decode
+step, and the fraction of the memory-bandwidth roofline reached at batch 1 (those bytes over the
+device's copy bandwidth, measured once by a large device-to-device copy and cached). ``compare`` turns
+an artifact's and its FP16 baseline's results, measured in the same process, into speedups and cost
+per million generated tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import inspect
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from llmopt.errors import BackendUnavailableError, InputError
+from llmopt.progress import Reporter, SilentReporter
+
+THROUGHPUT_SCHEMA = "llmopt.throughput/1"
+DecodeMode = Literal["auto", "compile", "graph", "eager"]
+MODE_NAMES = {"compile": "compile+cudagraph", "graph": "cudagraph", "eager": "eager-static"}
+
+# Grids used when the caller leaves them unset: serving-sized on GPU, tiny on CPU (CI runs there).
+GPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 8, 32], "prompt_lens": [128, 512, 2048], "gen_len": 128}
+CPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 4], "prompt_lens": [32, 128], "gen_len": 16}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class ThroughputSettings(BaseModel):
+    """What to measure. Unset grids take the device's defaults (see ``resolved``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_sizes: list[int] | None = Field(
+        default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4)."
+    )
+    prompt_lens: list[int] | None = Field(
+        default=None,
+        description="Prefill prompt lengths; decoding starts after the first (default GPU 128,512,2048).",
+    )
+    gen_len: int | None = Field(
+        default=None, ge=2, description="Tokens generated per timed decode run (GPU default 128)."
+    )
+    warmup: int = Field(default=2, ge=0, description="Untimed runs before timing each point.")
+    repetitions: int = Field(
+        default=5, ge=1, description="Timed runs per point; medians and spread are over these."
+    )
+    decode_mode: DecodeMode = Field(
+        default="auto", description="compile, graph, eager, or auto (best that works)."
+    )
+    gpu_hourly_cost: float | None = Field(
+        default=None, gt=0, description="Price of the device per hour, for $/1M tokens."
+    )
+    seed: int = Field(default=0, description="Seed of the random prompt token ids.")
+
+    @field_validator("batch_sizes", "prompt_lens")
+    @classmethod
+    def _positive_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v or any(x < 1 for x in v):
+            raise ValueError("needs one or more positive integers")
+        return sorted(set(v))
+
+    def resolved(self, device: str) -> ThroughputSettings:
+        """A copy with every unset grid filled from the device's defaults."""
+        defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
+        update = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return self.model_copy(update=update)
+
+    @property
+    def context_len(self) -> int:
+        """Prompt length decoding starts from: the first prompt length."""
+        assert self.prompt_lens
+        return self.prompt_lens[0]
+
+
+def parse_int_list(text: str | None, option: str) -> list[int] | None:
+    """'1,8,32' -> [1, 8, 32]; None stays None."""
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise InputError(
+            f"{option} '{text}' is not a comma-separated list of integers.", f"Write e.g. {option} 1,8,32."
+        ) from None
+    if not values or any(v < 1 for v in values):
+        raise InputError(f"{option} '{text}' needs positive integers.", f"Write e.g. {option} 1,8,32.")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------------
+# Small helpers
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    """Median with spread: min, max and the quartiles (inclusive method), and the count."""
+    vals = sorted(values)
+    if not vals:
+        return {"n": 0}
+    q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else (vals[0],) * 3
+    return {
+        "median": statistics.median(vals),
+        "min": vals[0],
+        "max": vals[-1],
+        "q1": q1,
+        "q3": q3,
+        "n": len(vals),
+    }
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
+    vals = sorted(values)
+    pos = (len(vals) - 1) * pct / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+def cost_per_million_tokens(tokens_per_s: float | None, hourly_cost: float | None) -> float | None:
+    """Device cost of generating one million tokens at ``tokens_per_s``."""
+    if not tokens_per_s or not hourly_cost:
+        return None
+    return hourly_cost / 3600.0 / tokens_per_s * 1e6
+
+
+def _is_cuda(device: str) -> bool:
+    return device.startswith("cuda")
+
+
+def _sync(device: str) -> None:
+    if _is_cuda(device):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _short(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The hardware limit
+
+
+def copy_bandwidth(device: str, *, use_cache: bool = True) -> dict[str, Any]:
+    """Device memory bandwidth, bytes/s, from a large device-to-device copy (bytes read + written).
+
+    Measured once per (device name, torch, CUDA) and cached under llmopt's cache folder.
+    """
+    import torch
+
+    from llmopt.artifact import write_json_atomic
+    from llmopt.environment import device_name
+    from llmopt.source import cache_dir
+
+    name = device_name(device)
+    ident = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda}
+    slug = "".join(c if c.isalnum() else "-" for c in f"{name}-{torch.__version__}").strip("-").lower()
+    path = cache_dir() / "devices" / f"{slug}.json"
+    if use_cache and path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and data.get("ident") == ident and data.get("bytes_per_s"):
+                return {**data, "cached": True}
+    if _is_cuda(device):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        nbytes = int(min(2 << 30, max(64 << 20, free // 8)))
+        iters = 20
+    else:
+        nbytes, iters = 128 << 20, 5
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    src.random_(0, 256)  # not zeros: never time on zeros
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    times: list[float] = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    best = statistics.median(times)
+    del src, dst
+    result = {
+        "ident": ident,
+        "bytes_per_s": 2 * nbytes / best,
+        "method": f"median of {iters} copies of {nbytes >> 20} MiB, bytes read + written",
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    if use_cache:
+        with contextlib.suppress(OSError):
+            write_json_atomic(path, result)
+    return {**result, "cached": False}
+
+
+def weight_bytes_per_step(model: Any) -> int:
+    """Bytes of weights a decode step reads: every parameter and buffer once, quantization state included.
+
+    The input embedding is left out (a step reads one row of it) unless it is tied to the output head.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb_w = getattr(emb, "weight", None)
+    out_w = getattr(out, "weight", None)
+    tied = emb_w is not None and out_w is not None and emb_w.data_ptr() == out_w.data_ptr()
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if t is None or not hasattr(t, "data_ptr") or t.device.type == "meta":
+            return
+        key = (t.data_ptr(), t.numel() * t.element_size())
+        if key in seen:
+            return
+        seen.add(key)
+        total += key[1]
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if emb_w is not None and not tied and tensor.data_ptr() == emb_w.data_ptr():
+            continue
+        add(tensor)
+        # bitsandbytes keeps its scales beside the packed weight, not as parameters.
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            add(getattr(state, "absmax", None))
+            add(getattr(state, "code", None))
+            state = getattr(state, "state2", None)
+        add(getattr(tensor, "SCB", None))
+    return total
+
+
+def kv_cache_bytes(model: Any, batch: int, cache_len: int, bytes_per_value: int = 2) -> int:
+    """Bytes of a full static KV cache (what attention reads per decode step with a static cache)."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = int(cfg.num_hidden_layers)
+    heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    return 2 * layers * batch * heads * cache_len * head_dim * bytes_per_value
+
+
+# ---------------------------------------------------------------------------------------------------
+# The decode engine
+
+
+def _forward_kwargs(model: Any) -> tuple[str, bool]:
+    """Name of the cache argument (transformers renamed it) and whether ``logits_to_keep`` exists."""
+    params = inspect.signature(model.forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    return cache_arg, "logits_to_keep" in params
+
+
+def _set_position(cache: Any, position: int) -> None:
+    """Rewind/advance a static cache to ``position`` in place (its tensors keep their addresses)."""
+    for layer in cache.layers:
+        length = getattr(layer, "cumulative_length", None)
+        if length is None or not hasattr(length, "fill_"):
+            raise BackendUnavailableError(
+                "this transformers version's StaticCache keeps no position tensor, so decoding cannot be "
+                "replayed in place.",
+                "Use transformers >= 5.17 (pip install 'llmopt[core]').",
+            )
+        length.fill_(position)
+
+
+class StaticDecoder:
+    """Greedy decoding of a fixed batch over a transformers ``StaticCache``, one token per step."""
+
+    def __init__(self, model: Any, device: str, batch: int, max_cache_len: int) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.device = device
+        self.batch = batch
+        self.max_cache_len = max_cache_len
+        self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        self._cache_arg, self._has_keep = _forward_kwargs(model)
+        self.mode = "eager"
+        self._graph: Any = None
+        self._ids: Any = None  # the graph's static input/output token buffer
+        self._step_fn: Callable[[Any], Any] = self._step
+
+    def _logits(self, ids: Any) -> Any:
+        kwargs: dict[str, Any] = {self._cache_arg: self.cache, "use_cache": True}
+        if self._has_keep:
+            kwargs["logits_to_keep"] = 1
+        return self.model(input_ids=ids, **kwargs).logits
+
+    def _step(self, ids: Any) -> Any:
+        return self._logits(ids)[:, -1, :].argmax(dim=-1, keepdim=True)
+
+    def prefill(self, ids: Any) -> Any:
+        """Run the prompt through the model from position 0; returns the first generated token ids."""
+        if self._initialized():
+            _set_position(self.cache, 0)
+        return self._step(ids)
+
+    def _initialized(self) -> bool:
+        return all(getattr(layer, "is_initialized", False) for layer in self.cache.layers)
+
+    def prepare(self, mode: str, first: Any, position: int) -> None:
+        """Set up decoding in ``mode`` (compile / graph / eager); raises if the mode cannot run here."""
+        import torch
+
+        self.mode = mode
+        self._graph = None
+        if mode == "eager":
+            self._step_fn = self._step
+            return
+        fn: Callable[[Any], Any] = self._step
+        if mode == "compile":
+            fn = torch.compile(self._step, fullgraph=False)
+        # The graph feeds itself: each replay reads the token buffer and writes the next token into it.
+        ids = first.clone()
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compiles (compile mode) and warms up allocations off the capture
+                _set_position(self.cache, position)
+                ids.copy_(fn(ids))
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        _set_position(self.cache, position)
+        with torch.cuda.graph(graph):
+            ids.copy_(fn(ids))
+        self._graph, self._ids = graph, ids
+
+    def run(self, first: Any, position: int, steps: int) -> list[float]:
+        """Decode ``steps`` tokens after ``first`` from ``position``; per-step seconds."""
+        import torch
+
+        _set_position(self.cache, position)
+        if self._graph is not None:
+            self._ids.copy_(first)
+            torch.cuda.synchronize(self.device)
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            events[0].record()
+            for i in range(steps):
+                self._graph.replay()
+                events[i + 1].record()
+            torch.cuda.synchronize(self.device)
+            return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
+        ids = first
+        if _is_cuda(self.device):
+            events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+            torch.cuda.synchronize(self.device)
+            events[0].record()
+            for i in range(steps):
+                ids = self._step_fn(ids)
+                events[i + 1].record()
+            torch.cuda.synchronize(self.device)
+            return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
+        times: list[float] = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            ids = self._step_fn(ids)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def close(self) -> None:
+        self._graph = None
+        self._ids = None
+        self.cache = None  # type: ignore[assignment]
+
+
+def _mode_chain(requested: str, device: str) -> list[str]:
+    if not _is_cuda(device):
+        if requested in ("compile", "graph"):
+            raise InputError(
+                f"--decode-mode {requested} needs a CUDA GPU (CUDA graphs).",
+                "Use --decode-mode eager or auto on CPU.",
+            )
+        return ["eager"]
+    if requested == "auto":
+        return ["compile", "graph", "eager"]
+    return [requested]
+
+
+def _graph_breaks() -> int:
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(sum(counters["graph_break"].values()))
+    except Exception:
+        return 0
+
+
+def _reset_compiler() -> None:
+    import torch
+
+    with contextlib.suppress(Exception):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+
+
+def _random_ids(vocab: int, batch: int, length: int, seed: int, device: str) -> Any:
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    # Stay clear of special ids at the ends of the vocabulary.
+    return torch.randint(10, max(11, vocab - 10), (batch, length), generator=gen).to(device)
+
+
+def _vocab_size(model: Any) -> int:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(cfg.vocab_size)
+
+
+class _Peak:
+    """Peak device memory over a block (CUDA only)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.bytes: int | None = None
+
+    def __enter__(self) -> _Peak:
+        if _is_cuda(self.device):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if _is_cuda(self.device):
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+
+
+@contextlib.contextmanager
+def _released(device: str) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        gc.collect()
+        if _is_cuda(device):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def measure_prefill(
+    model: Any, device: str, settings: ThroughputSettings, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Prefill tokens/s and time to first token (batch 1) at each prompt length."""
+    import torch
+
+    rep: Any = reporter or SilentReporter()
+    assert settings.prompt_lens and settings.gen_len
+    vocab = _vocab_size(model)
+    out: dict[str, Any] = {}
+    for plen in settings.prompt_lens:
+        with _released(device), rep.step(f"prefill {plen} tokens"):
+            try:
+                with _Peak(device) as peak:
+                    dec = StaticDecoder(model, device, 1, plen + settings.gen_len + 1)
+                    ids = _random_ids(vocab, 1, plen, settings.seed + plen, device)
+                    times = []
+                    for i in range(settings.warmup + settings.repetitions):
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        tok = dec.prefill(ids)
+                        int(tok[0, 0].item())  # the first token reaches the host
+                        elapsed = time.perf_counter() - t0
+                        if i >= settings.warmup:
+                            times.append(elapsed)
+                    dec.close()
+                    del dec
+            except torch.cuda.OutOfMemoryError as exc:
+                out[str(plen)] = {"error": _short(exc)}
+                continue
+            out[str(plen)] = {
+                "tokens_per_s": summary([plen / t for t in times]),
+                "ttft_ms": summary([1e3 * t for t in times]),
+                "peak_memory_bytes": peak.bytes,
+            }
+    return out
+
+
+def measure_decode(
+    model: Any, device: str, settings: ThroughputSettings, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Decode tokens/s and per-token latency at each batch size, after a prompt of ``context_len``."""
+    import torch
+
+    rep: Any = reporter or SilentReporter()
+    assert settings.batch_sizes and settings.gen_len
+    ctx, steps = settings.context_len, settings.gen_len
+    vocab = _vocab_size(model)
+    chain = _mode_chain(settings.decode_mode, device)
+    results: dict[str, Any] = {}
+    notes: list[str] = []
+    if "compile" in chain:
+        _reset_compiler()
+    for batch in settings.batch_sizes:
+        with _released(device), rep.step(f"decode at batch {batch}"):
+            dec: StaticDecoder | None = None
+            try:
+                with _Peak(device) as peak:
+                    dec = StaticDecoder(model, device, batch, ctx + steps + 1)
+                    prompt = _random_ids(vocab, batch, ctx, settings.seed + batch, device)
+                    first = dec.prefill(prompt)
+                    mode_used = None
+                    for mode in chain:
+                        try:
+                            dec.prepare(mode, first, ctx)
+                            mode_used = mode
+                            break
+                        except torch.cuda.OutOfMemoryError:
+                            raise
+                        except Exception as exc:
+                            note = f"{MODE_NAMES[mode]} failed at batch {batch}: {_short(exc)}"
+                            if mode == chain[-1]:
+                                raise
+                            notes.append(note)
+                            rep.info(note)
+                            _sync(device)
+                    assert mode_used is not None
+                    per_step: list[float] = []
+                    rates: list[float] = []
+                    for i in range(settings.warmup + settings.repetitions):
+                        t = dec.run(first, ctx, steps)
+                        if i >= settings.warmup:
+                            per_step.extend(t)
+                            rates.append(batch * steps / sum(t))
+            except torch.cuda.OutOfMemoryError as exc:
+                results[str(batch)] = {"error": _short(exc)}
+                continue
+            finally:
+                if dec is not None:
+                    dec.close()
+                del dec
+            ms = [1e3 * t for t in per_step]
+            results[str(batch)] = {
+                "tokens_per_s": summary(rates),
+                "itl_ms": {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99)},
+                "peak_memory_bytes": peak.bytes,
+                "decode_mode": MODE_NAMES[mode_used],
+                "kv_cache_bytes": kv_cache_bytes(model, batch, ctx + steps + 1),
+            }
+    modes = sorted({r["decode_mode"] for r in results.values() if "decode_mode" in r})
+    breaks = _graph_breaks() if "compile" in chain else 0
+    if breaks:
+        notes.append(f"torch.compile split the step at {breaks} graph break(s) (still one CUDA graph)")
+    return {
+        "decode": results,
+        "decode_mode": "/".join(modes) if modes else None,
+        "decode_mode_note": "; ".join(notes) or None,
+    }
+
+
+def measure_model(
+    model: Any, device: str, settings: ThroughputSettings, reporter: Reporter | None = None
+) -> dict[str, Any]:
+    """Serving-speed measurement of a loaded transformers causal LM (the engine; no loading)."""
+    import torch
+
+    settings = settings.resolved(device)
+    bw = copy_bandwidth(device)
+    weight_bytes = weight_bytes_per_step(model)
+    # no_grad rather than inference_mode: the static cache is updated in place across calls and graphs.
+    with torch.no_grad():
+        prefill = measure_prefill(model, device, settings, reporter)
+        decode = measure_decode(model, device, settings, reporter)
+    peaks = [r.get("peak_memory_bytes") for r in [*prefill.values(), *decode["decode"].values()]]
+    peaks_known = [p for p in peaks if p is not None]
+    result: dict[str, Any] = {
+        "prefill": prefill,
+        **decode,
+        "ttft_ms": (prefill.get(str(settings.context_len)) or {}).get("ttft_ms", {}).get("median"),
+        "peak_memory_bytes": max(peaks_known) if peaks_known else None,
+        "weight_bytes_per_step": weight_bytes,
+    }
+    b1 = (decode["decode"].get("1") or {}).get("tokens_per_s", {}).get("median")
+    roof = bw["bytes_per_s"] / weight_bytes if weight_bytes else None
+    result["roofline"] = {
+        "copy_bandwidth_bytes_per_s": bw["bytes_per_s"],
+        "tokens_per_s_at_batch_1": roof,
+        "fraction_at_batch_1": (b1 / roof) if (b1 and roof) else None,
+    }
+    if settings.gpu_hourly_cost:
+        result["cost_per_million_tokens"] = {
+            b: cost_per_million_tokens(r.get("tokens_per_s", {}).get("median"), settings.gpu_hourly_cost)
+            for b, r in decode["decode"].items()
+        }
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, comparing, the `llmopt bench` flow
+
+
+def runner_kind_for(path: Path) -> str:
+    """Which runner loads a model folder: an llmopt artifact says so; a GPTQ/AWQ folder needs GPTQModel."""
+    from llmopt.artifact import Artifact
+
+    if (path / "llmopt.json").is_file():
+        return Artifact.open(path).manifest.runner
+    cfg_path = path / "config.json"
+    if cfg_path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            qcfg = (json.loads(cfg_path.read_text()) or {}).get("quantization_config") or {}
+            if str(qcfg.get("quant_method", "")).lower() in ("gptq", "awq"):
+                return "gptqmodel"
+    return "hf"
+
+
+def weights_size(path: Path) -> int:
+    """Bytes of the weight files in a model folder (what evaluate reports as size on disk)."""
+    from llmopt.source import WEIGHT_SUFFIXES
+
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def bench_model(
+    path: Path,
+    device: str,
+    settings: ThroughputSettings,
+    *,
+    runner_kind: str | None = None,
+    kernel: str | None = None,
+    attn_implementation: str | None = None,
+    label: str = "model",
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Load a model folder through its runner, then measure it."""
+    from llmopt.runners import load_runner
+
+    rep: Any = reporter or SilentReporter()
+    kind = runner_kind or runner_kind_for(path)
+    with rep.step(f"loading {label}"):
+        runner = load_runner(kind, path, device, kernel=kernel)
+    try:
+        if attn_implementation:
+            _set_attention(runner.model, attn_implementation)  # type: ignore[attr-defined]
+        bench = getattr(runner, "bench", None)
+        if bench is None:
+            raise BackendUnavailableError(
+                f"the '{runner.name}' runner cannot measure throughput.",
+                "Measure this format with its own engine.",
+            )
+        with rep.step(f"throughput of {label}"):
+            result: dict[str, Any] = bench(settings, rep)
+        result.update(
+            {
+                "load_seconds": round(runner.load_seconds, 3),
+                "footprint_bytes": runner.footprint_bytes(),
+                "size_bytes": weights_size(path),
+                "runner": runner.name,
+                "dtype": runner.dtype,
+            }
+        )
+        if getattr(runner, "kernel", None):
+            result["kernel"] = runner.kernel  # type: ignore[attr-defined]
+        if attn_implementation:
+            result["attn_implementation"] = attn_implementation
+        return result
+    finally:
+        runner.close()
+
+
+def _set_attention(model: Any, impl: str) -> None:
+    try:
+        model.set_attn_implementation(impl)
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"attention '{impl}' cannot run with this model here: {_short(exc)}",
+            f"Pick from the installed ones: {', '.join(available_attention())}.",
+        ) from None
+
+
+def available_attention() -> list[str]:
+    """Attention implementations whose libraries are installed (flash_attn etc. are optional)."""
+    import importlib.util
+
+    found = ["eager", "sdpa"]
+    if importlib.util.find_spec("flash_attn") is not None:
+        found.append("flash_attention_2")
+    if importlib.util.find_spec("flash_attn_interface") is not None:
+        found.append("flash_attention_3")
+    with contextlib.suppress(Exception):
+        from torch.nn.attention import flex_attention  # noqa: F401
+
+        found.append("flex_attention")
+    return found
+
+
+def compare(
+    baseline: dict[str, Any], artifact: dict[str, Any], settings: ThroughputSettings
+) -> dict[str, Any]:
+    """Speedups of ``artifact`` over ``baseline`` (ratios of medians measured in one process)."""
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    def med(block: dict[str, Any], key: str) -> float | None:
+        return (block.get(key) or {}).get("median")
+
+    out: dict[str, Any] = {
+        "decode_speedup": {
+            b: ratio(med(r, "tokens_per_s"), med(baseline["decode"].get(b) or {}, "tokens_per_s"))
+            for b, r in artifact["decode"].items()
+        },
+        "prefill_speedup": {
+            p: ratio(med(r, "tokens_per_s"), med(baseline["prefill"].get(p) or {}, "tokens_per_s"))
+            for p, r in artifact["prefill"].items()
+        },
+        "ttft_ratio": ratio(artifact.get("ttft_ms"), baseline.get("ttft_ms")),
+        "memory_ratio": ratio(artifact.get("peak_memory_bytes"), baseline.get("peak_memory_bytes")),
+        "size_ratio": ratio(artifact.get("size_bytes"), baseline.get("size_bytes")),
+    }
+    if settings.gpu_hourly_cost:
+        out["gpu_hourly_cost"] = settings.gpu_hourly_cost
+    return out
+
+
+def throughput_section(
+    baseline: dict[str, Any], artifact: dict[str, Any], settings: ThroughputSettings, device: str
+) -> dict[str, Any]:
+    """The ``throughput`` block of an evaluation report (read by the gate: ``decode_speedup``)."""
+    from llmopt.environment import device_name
+
+    return {
+        "schema": THROUGHPUT_SCHEMA,
+        "device": device_name(device),
+        "settings": settings.resolved(device).model_dump(mode="json"),
+        "baseline": baseline,
+        "artifact": artifact,
+        **compare(baseline, artifact, settings),
+    }
+
+
+def bench(
+    model: str,
+    *,
+    baseline: str | None = None,
+    settings: ThroughputSettings | None = None,
+    attn: list[str] | None = None,
+    device: str = "auto",
+    kernel: str | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """``llmopt bench``: measure a model or artifact, optionally against a baseline, per attention kind.
+
+    Every measurement runs in this process, one model at a time, so the ratios are side by side.
+    """
+    from llmopt.environment import environment, resolve_device
+
+    rep: Any = reporter or SilentReporter()
+    settings = settings or ThroughputSettings()
+    dev = resolve_device(device)
+    resolved = settings.resolved(dev)
+    target = _local_folder(model)
+    base_path = _local_folder(baseline) if baseline else None
+    attn_list: list[str | None] = list(attn) if attn else [None]
+    installed = available_attention()
+    skipped = {a: "not installed here" for a in attn_list if a is not None and a not in installed}
+    for a in attn_list:
+        if a is not None and a not in ATTN_IMPLEMENTATIONS:
+            raise InputError(
+                f"unknown attention implementation '{a}'.", f"Pick from: {', '.join(ATTN_IMPLEMENTATIONS)}."
+            )
+    runs: list[dict[str, Any]] = []
+    for a in attn_list:
+        if a in skipped:
+            continue
+        entry: dict[str, Any] = {"attn_implementation": a or "default"}
+        if base_path is not None:
+            entry["baseline"] = bench_model(
+                base_path,
+                dev,
+                resolved,
+                runner_kind="hf",
+                attn_implementation=a,
+                label="baseline",
+                reporter=rep,
+            )
+        entry["model"] = bench_model(
+            target, dev, resolved, kernel=kernel, attn_implementation=a, label=str(model), reporter=reporter
+        )
+        if base_path is not None:
+            entry.update(compare(entry["baseline"], entry["model"], resolved))
+        runs.append(entry)
+    return {
+        "schema": THROUGHPUT_SCHEMA,
+        "model": model,
+        "baseline": baseline,
+        "device": environment(dev)["device"],
+        "settings": resolved.model_dump(mode="json"),
+        "runs": runs,
+        "skipped_attention": skipped,
+        "environment": environment(dev),
+    }
+
+
+def _local_folder(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / "llmopt.json").is_file():
+        return path
+    from llmopt.source import resolve
+
+    return resolve(spec).path

@@ -1,0 +1,44 @@
+"""Small real files for tests that must fail before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+SMOLLM2_CONFIG: dict[str, Any] = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "num_hidden_layers": 30,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, tuple[str, list[int]]], *, truncate: int = 0) -> None:
+    """A valid safetensors file (zeros), optionally missing its last ``truncate`` bytes."""
+    widths = {"F16": 2, "F32": 4}
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (dtype, shape) in tensors.items():
+        n = widths[dtype]
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    data = struct.pack("<Q", len(blob)) + blob + b"\0" * offset
+    path.write_bytes(data[: len(data) - truncate] if truncate else data)
+
+
+def fake_model(folder: Path, config: dict[str, Any] | None = None, *, truncate: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or SMOLLM2_CONFIG))
+    write_safetensors(folder / "model.safetensors", {"w": ("F16", [64, 64])}, truncate=truncate)
+    return folder
