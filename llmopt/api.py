@@ -86,7 +86,7 @@ def quantize(
     from llmopt.environment import environment, resolve_device
     from llmopt.source import resolve
 
-    reporter = reporter or SilentReporter()
+    rep: Reporter = reporter or SilentReporter()
     out = Path(output)
     backend = get_backend(method)
     opts = backend.parse_options(options or {})
@@ -114,11 +114,11 @@ def quantize(
         start = time.perf_counter()
         extra = backend.quantize(
             QuantizeInputs(
-                source=source, options=opts, calibration=calib, out_dir=staging, reporter=reporter, device=dev
+                source=source, options=opts, calibration=calib, out_dir=staging, reporter=rep, device=dev
             )
         )
         elapsed = time.perf_counter() - start
-        with reporter.step("hashing files and writing llmopt.json"):
+        with rep.step("hashing files and writing llmopt.json"):
             env = environment(dev)
             env["packages"].update(backend.library_versions())
             manifest = Manifest(
@@ -189,9 +189,9 @@ def evaluate(
     from llmopt.evaluate.perplexity import make_windows, paired_delta
     from llmopt.source import resolve
 
-    reporter = reporter or SilentReporter()
+    rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
-    with reporter.step("checking artifact hashes"):
+    with rep.step("checking artifact hashes"):
         art.require_intact()
     base = resolve(baseline)
     text = load_text(dataset)
@@ -252,9 +252,9 @@ def evaluate(
     if cached is not None:
         base_result = cached["result"]
         base_result["cached"] = True
-        reporter.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
+        rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
     else:
-        base_result = _score_model("hf", base.path, windows, dev, batch_size, kernel, reporter, "FP16 baseline")
+        base_result = _score_model("hf", base.path, windows, dev, batch_size, kernel, rep, "FP16 baseline")
         base_result["size_bytes"] = base.size_bytes()
         base_result["model"] = baseline
         if use_cache:
@@ -262,7 +262,7 @@ def evaluate(
         base_result["cached"] = False
 
     art_result = _score_model(
-        art.manifest.runner, art.path, windows, dev, batch_size, kernel, reporter, f"artifact ({art.manifest.backend})"
+        art.manifest.runner, art.path, windows, dev, batch_size, kernel, rep, f"artifact ({art.manifest.backend})"
     )
     art_result["size_bytes"] = art.size_bytes()
     art_result["path"] = str(art.path)
@@ -287,9 +287,9 @@ def evaluate(
         from llmopt.evaluate.throughput import bench_model, throughput_section
 
         speed = throughput.resolved(dev)
-        base_speed = bench_model(base.path, dev, speed, runner_kind="hf", label="FP16 baseline", reporter=reporter)
+        base_speed = bench_model(base.path, dev, speed, runner_kind="hf", label="FP16 baseline", reporter=rep)
         runner_kind = art.manifest.runner
-        art_speed = bench_model(art.path, dev, speed, runner_kind=runner_kind, kernel=kernel, reporter=reporter)
+        art_speed = bench_model(art.path, dev, speed, runner_kind=runner_kind, kernel=kernel, reporter=rep)
         report["throughput"] = throughput_section(base_speed, art_speed, speed, dev)
     result = apply_gate(gate or GateSpec(), report)
     report["gate"] = result.model_dump(mode="json")

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 
@@ -15,7 +15,7 @@ class Step(Protocol):
 
 
 class Reporter(Protocol):
-    def step(self, description: str, total: float | None = None) -> Step: ...
+    def step(self, description: str, total: float | None = None) -> AbstractContextManager[Step]: ...
 
     def info(self, message: str) -> None: ...
 
@@ -29,7 +29,7 @@ class SilentReporter:
     """For library use and tests: reports nothing."""
 
     @contextmanager
-    def step(self, description: str, total: float | None = None) -> Iterator[Step]:  # type: ignore[override]
+    def step(self, description: str, total: float | None = None) -> Iterator[Step]:
         yield _NullStep()
 
     def info(self, message: str) -> None:
@@ -40,7 +40,7 @@ class LineReporter:
     """One line when a step starts and one when it ends, on stderr: readable in CI logs."""
 
     @contextmanager
-    def step(self, description: str, total: float | None = None) -> Iterator[Step]:  # type: ignore[override]
+    def step(self, description: str, total: float | None = None) -> Iterator[Step]:
         start = time.perf_counter()
         print(f"[llmopt] {description} ...", file=sys.stderr, flush=True)
         yield _NullStep()
@@ -59,7 +59,7 @@ class RichReporter:
         self.console = Console(stderr=True)
 
     @contextmanager
-    def step(self, description: str, total: float | None = None) -> Iterator[Step]:  # type: ignore[override]
+    def step(self, description: str, total: float | None = None) -> Iterator[Step]:
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]

@@ -61,7 +61,8 @@ def test_backends_json_lists_every_builtin(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_unknown_method_suggests_close_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(["quantize", str(fake_model(tmp_path / "m")), "-m", "gtpq", "-o", str(tmp_path / "o")], capsys)
+    model = fake_model(tmp_path / "m")
+    code, _, err = run_cli(["quantize", str(model), "-m", "gtpq", "-o", str(tmp_path / "o")], capsys)
     assert code == EXIT_INPUT
     assert_one_clear_error(err)
     assert "did you mean 'gptq'" in err
@@ -141,7 +142,8 @@ def test_unsupported_bits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
 
 def test_option_of_another_backend_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(
-        ["quantize", str(fake_model(tmp_path / "m")), "-m", "bnb-int8", "--group-size", "64", "-o", str(tmp_path / "o")],
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "bnb-int8", "--group-size", "64", "-o",
+         str(tmp_path / "o")],
         capsys,
     )
     assert code == EXIT_INPUT
@@ -192,7 +194,8 @@ def test_eval_of_folder_without_manifest(tmp_path: Path, capsys: pytest.CaptureF
 
 def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "llmopt", "quantize", str(tmp_path / "nope"), "-m", "bnb-int8", "-o", str(tmp_path / "o")],
+        [sys.executable, "-m", "llmopt", "quantize", str(tmp_path / "nope"), "-m", "bnb-int8", "-o",
+         str(tmp_path / "o")],
         capture_output=True,
         text=True,
         env={**__import__("os").environ, "LLMOPT_DEBUG": "1"},

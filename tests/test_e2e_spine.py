@@ -190,8 +190,8 @@ def test_different_tokenizers_are_refused(
 def test_interrupted_quantize_leaves_nothing(assets: dict[str, Path], tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "nf4"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmopt", "quantize", str(assets["model"]), "-m", "bnb-nf4", "-o", str(out),
-         "--device", "cpu"],  # fmt: skip
+        [sys.executable, "-m", "llmopt", "quantize", str(assets["model"]), "-m", "bnb-nf4", "-o", str(out), "--device",
+         "cpu"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
