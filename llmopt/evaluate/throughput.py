@@ -414,6 +414,35 @@ def _graph_breaks() -> int:
         return 0
 
 
+def _teach_compiler_kernels() -> None:
+    """Shape functions for GPTQModel's Marlin ops, which ship without them.
+
+    torch.compile traces with fake tensors and stops at an op it cannot size. The Marlin GEMM returns
+    ``[size_m, size_n]`` in the activation dtype (as vLLM declares for the same kernel). Registered only
+    when that library is loaded and only once; anything unexpected leaves compile to fail and fall back.
+    """
+    import sys
+
+    if "gptqmodel" not in sys.modules:
+        return
+    import torch
+
+    for tag in ("fp16", "bf16"):
+        name = f"gptqmodel_marlin_{tag}::gptq_marlin_gemm_{tag}"
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
+                continue
+
+            def fake(a: Any, *args: Any, **kwargs: Any) -> Any:
+                # (a, c, b_q_weight, b_bias, b_scales, global_scale, b_zeros, g_idx, perm, workspace,
+                #  b_q_type_id, size_m, size_n, ...): size_m and size_n are the 11th and 12th after a.
+                return a.new_empty((args[10], args[11]))
+
+            torch.library.register_fake(name)(fake)
+        except Exception:
+            continue
+
+
 def _reset_compiler() -> None:
     import torch
 
@@ -508,10 +537,21 @@ def measure_prefill(
     return out
 
 
+DecoderHook = Callable[[int, "StaticDecoder", Any, int], None]
+
+
 def measure_decode(
-    model: Any, device: str, settings: ThroughputSettings, reporter: Reporter | None = None
+    model: Any,
+    device: str,
+    settings: ThroughputSettings,
+    reporter: Reporter | None = None,
+    on_decoder: DecoderHook | None = None,
 ) -> dict[str, Any]:
-    """Decode tokens/s and per-token latency at each batch size, after a prompt of ``context_len``."""
+    """Decode tokens/s and per-token latency at each batch size, after a prompt of ``context_len``.
+
+    ``on_decoder(batch, decoder, first_tokens, position)`` is called after the timed runs of each
+    batch size, with the decoder still set up (benchmarks profile it there).
+    """
     import torch
 
     rep: Any = reporter or SilentReporter()
@@ -521,8 +561,10 @@ def measure_decode(
     chain = _mode_chain(settings.decode_mode, device)
     results: dict[str, Any] = {}
     notes: list[str] = []
+    failed: set[str] = set()
     if "compile" in chain:
         _reset_compiler()
+        _teach_compiler_kernels()
     for batch in settings.batch_sizes:
         with _released(device), rep.step(f"decode at batch {batch}"):
             dec: StaticDecoder | None = None
@@ -532,7 +574,8 @@ def measure_decode(
                     prompt = _random_ids(vocab, batch, ctx, settings.seed + batch, device)
                     first = dec.prefill(prompt)
                     mode_used = None
-                    for mode in chain:
+                    # A mode that failed at one batch size is not tried again at the next.
+                    for mode in [m for m in chain if m not in failed or m == chain[-1]]:
                         try:
                             dec.prepare(mode, first, ctx)
                             mode_used = mode
@@ -545,6 +588,7 @@ def measure_decode(
                                 raise
                             notes.append(note)
                             rep.info(note)
+                            failed.add(mode)
                             _sync(device)
                     assert mode_used is not None
                     per_step: list[float] = []
@@ -554,6 +598,8 @@ def measure_decode(
                         if i >= settings.warmup:
                             per_step.extend(t)
                             rates.append(batch * steps / sum(t))
+                    if on_decoder is not None:
+                        on_decoder(batch, dec, first, ctx)
             except torch.cuda.OutOfMemoryError as exc:
                 results[str(batch)] = {"error": _short(exc)}
                 continue
@@ -581,7 +627,11 @@ def measure_decode(
 
 
 def measure_model(
-    model: Any, device: str, settings: ThroughputSettings, reporter: Reporter | None = None
+    model: Any,
+    device: str,
+    settings: ThroughputSettings,
+    reporter: Reporter | None = None,
+    on_decoder: DecoderHook | None = None,
 ) -> dict[str, Any]:
     """Serving-speed measurement of a loaded transformers causal LM (the engine; no loading)."""
     import torch
@@ -592,7 +642,7 @@ def measure_model(
     # no_grad rather than inference_mode: the static cache is updated in place across calls and graphs.
     with torch.no_grad():
         prefill = measure_prefill(model, device, settings, reporter)
-        decode = measure_decode(model, device, settings, reporter)
+        decode = measure_decode(model, device, settings, reporter, on_decoder)
     peaks = [r.get("peak_memory_bytes") for r in [*prefill.values(), *decode["decode"].values()]]
     peaks_known = [p for p in peaks if p is not None]
     result: dict[str, Any] = {

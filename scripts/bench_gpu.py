@@ -1,0 +1,396 @@
+#!/usr/bin/env python3
+"""GPU throughput benchmark: random-weight Llama in the 1B and 8B shapes, FP16 vs GPTQ 4-bit vs bitsandbytes.
+
+Speed does not depend on weight values, so the models are built with random weights on the GPU machine
+(nothing to download): FP16 is saved as a Hugging Face folder and loaded back through llmopt's runner;
+GPTQ 4-bit g128 is written as a checkpoint with random packed weights (``random_models.write_random_gptq``)
+and loaded through GPTQModel with the Marlin kernel; bitsandbytes nf4 / int8 are quantized from the FP16
+folder at load, as transformers does. Every variant of a shape is measured in this one process with
+llmopt's engine (static KV cache, torch.compile + CUDA graph where it works), so speedups are side by side.
+
+Usage (on the GPU machine, from the repo root; scripts/bench_gpu.sh installs the carried wheels first):
+    python3 scripts/bench_gpu.py --shapes 8b --variants fp16,gptq --out bench-out
+Writes bench-out/bench.json (all numbers), bench-out/table.md (the summary table) and, with --profile,
+bench-out/profile-<shape>-<variant>.txt (top kernels of one batch-1 decode run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+T0 = time.time()
+# Rough seconds each variant needs (load + compile at two batch shapes + timing), to respect --deadline-s.
+COST_S = {
+    "8b": {"fp16": 180, "gptq": 200, "nf4": 120, "int8": 120},
+    "1b": {"fp16": 90, "gptq": 100, "nf4": 60, "int8": 60},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+def prebuild_marlin(out: Path) -> subprocess.Popen[bytes] | None:
+    """Start GPTQModel's Marlin JIT build (minutes) in the background while FP16 is measured."""
+    code = (
+        "import torch\n"
+        "from gptqmodel.utils.marlin import _MARLIN_FP16_TORCH_OPS_EXTENSION as e\n"
+        "ok = e.load()\n"
+        "print('marlin fp16 build:', ok, getattr(e, '_last_error', ''), flush=True)\n"
+    )
+    try:
+        logf = open(out / "marlin-build.log", "wb")  # noqa: SIM115 - lives as long as the process
+        return subprocess.Popen([sys.executable, "-c", code], stdout=logf, stderr=subprocess.STDOUT)
+    except OSError as exc:
+        log(f"could not start the Marlin build: {exc}")
+        return None
+
+
+def gemv_probe(device: str, bandwidth: float) -> list[dict[str, Any]]:
+    """How close cuBLAS gets to the copy bandwidth on the 8B shape's batch-1 matrix-vector products."""
+    import torch
+    import torch.nn.functional as F
+
+    rows = []
+    for k, n in ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096), (4096, 128256)):
+        w = torch.randn(n, k, device=device, dtype=torch.float16)
+        x = torch.randn(1, k, device=device, dtype=torch.float16)
+        for _ in range(5):
+            F.linear(x, w)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        iters = 50
+        start.record()
+        for _ in range(iters):
+            F.linear(x, w)
+        end.record()
+        torch.cuda.synchronize()
+        sec = start.elapsed_time(end) / 1e3 / iters
+        rows.append(
+            {"k": k, "n": n, "us": sec * 1e6, "fraction_of_copy_bw": (w.numel() * 2 / sec) / bandwidth}
+        )
+        del w, x
+    torch.cuda.empty_cache()
+    return rows
+
+
+def profile_decoder(path: Path, label: str) -> Any:
+    """A hook for measure_decode: profile 16 batch-1 steps with the decoder as measured."""
+
+    def hook(batch: int, decoder: Any, first: Any, position: int) -> None:
+        if batch != 1:
+            return
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        steps = 16
+        decoder.run(first, position, 4)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            decoder.run(first, position, steps)
+        torch.cuda.synchronize()
+        events = prof.key_averages()
+        key = (
+            "self_device_time_total"
+            if hasattr(events[0], "self_device_time_total")
+            else "self_cuda_time_total"
+        )
+        kernels = [
+            e for e in events if getattr(e, key, 0) > 0 and getattr(e, "device_type", None) is not None
+        ]
+        total_us = sum(getattr(e, key) for e in kernels)
+        launches = sum(e.count for e in kernels)
+        lines = [
+            f"{label}: batch-1 decode, {steps} steps, mode {decoder.mode}",
+            f"device time {total_us / steps:.1f} us/step over {launches / steps:.0f} kernel launches/step",
+            "",
+        ]
+        try:
+            lines.append(events.table(sort_by=key, row_limit=30, max_name_column_width=90))
+        except Exception as exc:  # the table format differs between torch versions
+            lines.append(f"(no table: {exc})")
+        path.write_text("\n".join(lines))
+        log(lines[1])
+
+    return hook
+
+
+def measure_loaded(
+    model: Any, device: str, settings: Any, profile_to: Path | None, label: str
+) -> dict[str, Any]:
+    from llmopt.evaluate.throughput import measure_model
+
+    hook = profile_decoder(profile_to, label) if profile_to else None
+    return measure_model(model, device, settings, None, hook)
+
+
+def run_variant(
+    shape: str, variant: str, dirs: dict[str, Path], device: str, settings: Any, args: argparse.Namespace
+) -> dict[str, Any]:
+    import torch
+
+    from llmopt.evaluate.throughput import weights_size
+
+    profile_to = args.out / f"profile-{shape}-{variant}.txt" if variant in args.profile else None
+    label = f"{shape} {variant}"
+    if variant in ("fp16", "gptq"):
+        from llmopt.runners import load_runner
+
+        kind, path = ("hf", dirs["fp16"]) if variant == "fp16" else ("gptqmodel", dirs["gptq"])
+        runner = load_runner(kind, path, device, kernel=args.kernel if variant == "gptq" else None)
+        try:
+            result = measure_loaded(runner.model, device, settings, profile_to, label)
+            result.update(
+                load_seconds=round(runner.load_seconds, 2),
+                footprint_bytes=runner.footprint_bytes(),
+                size_bytes=weights_size(path),
+                kernel=getattr(runner, "kernel", None),
+            )
+        finally:
+            runner.close()
+        return result
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if variant == "nf4":
+        qcfg = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float16,
+            llm_int8_skip_modules=["lm_head"],
+        )
+    else:
+        qcfg = BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=["lm_head"]
+        )
+    start = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(
+        dirs["fp16"], quantization_config=qcfg, dtype=torch.float16, device_map={"": device}
+    ).eval()
+    torch.cuda.synchronize()
+    load = time.perf_counter() - start
+    try:
+        result = measure_loaded(model, device, settings, profile_to, label)
+        result.update(
+            load_seconds=round(load, 2),
+            footprint_bytes=int(model.get_memory_footprint()),
+            size_bytes=None,
+            kernel="bitsandbytes (quantized at load)",
+        )
+    finally:
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    return result
+
+
+def prepare_shape(shape: str, variants: list[str], work: Path, device: str) -> dict[str, Path]:
+    from random_models import build_fp16, llama_config, save_fp16, write_random_gptq
+
+    dirs = {"fp16": work / f"{shape}-fp16", "gptq": work / f"{shape}-gptq"}
+    need_fp16 = any(v in variants for v in ("fp16", "nf4", "int8"))
+    if (need_fp16 and not (dirs["fp16"] / "config.json").is_file()) or (
+        "gptq" in variants and not (dirs["gptq"] / "config.json").is_file()
+    ):
+        model = build_fp16(llama_config(shape), device)
+        n = sum(p.numel() for p in model.parameters())
+        log(f"{shape}: built random fp16 model, {n / 1e9:.2f}B parameters")
+        if need_fp16:
+            save_fp16(model, dirs["fp16"])
+            log(f"{shape}: saved fp16 folder")
+        if "gptq" in variants:
+            write_random_gptq(model, dirs["gptq"], group_size=128)
+            log(f"{shape}: wrote random GPTQ 4-bit g128 checkpoint")
+        del model
+        gc.collect()
+    return dirs
+
+
+def speedups(results: dict[str, Any]) -> None:
+    from llmopt.evaluate.throughput import compare
+
+    base = results.get("fp16")
+    for r in results.values():
+        if base is not None and "error" not in r and "error" not in base:
+            r["vs_fp16"] = compare(base, r, SETTINGS)
+
+
+def table(report: dict[str, Any]) -> str:
+    batches = [str(b) for b in SETTINGS.batch_sizes or []]
+    prompts = [str(p) for p in SETTINGS.prompt_lens or []]
+    head = (
+        ["shape", "variant", "decode mode"]
+        + [f"decode tok/s b{b}" for b in batches]
+        + ["% roofline b1", "ITL p50/p99 ms b1"]
+        + [f"speedup b{b}" for b in batches]
+        + [f"prefill tok/s {p}" for p in prompts]
+        + ["TTFT ms", "peak mem GB", "weights/step GB", "load s"]
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for shape, variants in report["shapes"].items():
+        for name, r in variants.items():
+            if "error" in r:
+                lines.append(f"| {shape} | {name} | failed: {r['error'][:120]} |")
+                continue
+            dec, pre = r["decode"], r["prefill"]
+
+            def med(block: dict[str, Any] | None) -> str:
+                if not block or "tokens_per_s" not in block:
+                    return "-"
+                t = block["tokens_per_s"]
+                return f"{t['median']:,.0f} ({t['min']:,.0f}-{t['max']:,.0f})"
+
+            itl = (dec.get("1") or {}).get("itl_ms") or {}
+            frac = (r.get("roofline") or {}).get("fraction_at_batch_1")
+            sp = (r.get("vs_fp16") or {}).get("decode_speedup") or {}
+            row = (
+                [shape, name, str(r.get("decode_mode"))]
+                + [med(dec.get(b)) for b in batches]
+                + [f"{100 * frac:.1f}%" if frac else "-", f"{itl.get('p50', 0):.2f}/{itl.get('p99', 0):.2f}"]
+                + [f"{sp[b]:.2f}x" if sp.get(b) else "-" for b in batches]
+                + [
+                    f"{pre[p]['tokens_per_s']['median']:,.0f}" if "tokens_per_s" in pre.get(p, {}) else "-"
+                    for p in prompts
+                ]
+                + [
+                    f"{r.get('ttft_ms') or 0:.1f}",
+                    f"{(r.get('peak_memory_bytes') or 0) / 1e9:.2f}",
+                    f"{r['weight_bytes_per_step'] / 1e9:.2f}",
+                    f"{r.get('load_seconds', 0):.1f}",
+                ]
+            )
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    global SETTINGS, ARGS
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", default="8b,1b")
+    parser.add_argument("--variants", default="fp16,gptq,nf4,int8")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--prompt-lens", default="128,512,2048")
+    parser.add_argument("--gen-len", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repetitions", type=int, default=5)
+    parser.add_argument("--decode-mode", default="auto")
+    parser.add_argument("--kernel", default="marlin", help="GPTQModel kernel for GPTQ")
+    parser.add_argument("--gpu-hourly-cost", type=float, default=None)
+    parser.add_argument("--profile", default="", help="variants to profile at batch 1, e.g. fp16,gptq")
+    parser.add_argument("--gemv-probe", action="store_true", help="time cuBLAS GEMV on the 8B shapes")
+    parser.add_argument(
+        "--deadline-s", type=float, default=1e9, help="skip variants that would end past this"
+    )
+    parser.add_argument("--device", default="cuda:0", help="cuda:0; cpu only to smoke-test this script")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/llmopt-bench"))
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args()
+    args.profile = [p for p in args.profile.split(",") if p]
+    args.out.mkdir(parents=True, exist_ok=True)
+    ARGS = args
+
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "4")
+    variants = [v for v in args.variants.split(",") if v]
+    builder = prebuild_marlin(args.out) if "gptq" in variants and args.kernel == "marlin" else None
+
+    import torch
+
+    from llmopt.environment import environment
+    from llmopt.evaluate.throughput import ThroughputSettings, _reset_compiler, copy_bandwidth, parse_int_list
+
+    device = args.device
+    SETTINGS = ThroughputSettings(
+        batch_sizes=parse_int_list(args.batch_sizes, "--batch-sizes"),
+        prompt_lens=parse_int_list(args.prompt_lens, "--prompt-lens"),
+        gen_len=args.gen_len,
+        warmup=args.warmup,
+        repetitions=args.repetitions,
+        decode_mode=args.decode_mode,
+        gpu_hourly_cost=args.gpu_hourly_cost,
+    ).resolved(device)
+    bw = copy_bandwidth(device, use_cache=False)
+    env = environment(device)
+    log(f"{env['device']}: copy bandwidth {bw['bytes_per_s'] / 1e12:.2f} TB/s; torch {torch.__version__}")
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "environment": env,
+        "copy_bandwidth": bw,
+        "settings": SETTINGS.model_dump(mode="json"),
+        "argv": sys.argv[1:],
+        "shapes": {},
+    }
+    if args.gemv_probe and device.startswith("cuda"):
+        report["gemv_probe"] = gemv_probe(device, bw["bytes_per_s"])
+        for row in report["gemv_probe"]:
+            log(
+                f"GEMV {row['k']}x{row['n']}: {row['us']:.1f} us, "
+                f"{100 * row['fraction_of_copy_bw']:.0f}% of copy bw"
+            )
+
+    def save() -> None:
+        (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
+        (args.out / "table.md").write_text(table(report) + "\n")
+
+    for shape in [s for s in args.shapes.split(",") if s]:
+        results: dict[str, Any] = {}
+        report["shapes"][shape] = results
+        dirs = prepare_shape(shape, variants, args.work, device)
+        for variant in variants:
+            elapsed = time.time() - T0
+            if elapsed + COST_S.get(shape, {}).get(variant, 60) > args.deadline_s:
+                results[variant] = {
+                    "error": f"skipped: {elapsed:.0f} s used of the {args.deadline_s:.0f} s deadline"
+                }
+                log(f"{shape} {variant}: skipped (deadline)")
+                continue
+            if variant == "gptq" and builder is not None:
+                log("waiting for the Marlin build")
+                builder.wait()
+                log((args.out / "marlin-build.log").read_text()[-400:])
+                builder = None
+            log(f"{shape} {variant}: start")
+            try:
+                results[variant] = run_variant(shape, variant, dirs, device, SETTINGS, args)
+            except Exception as exc:
+                import traceback
+
+                traceback.print_exc()
+                results[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+            finally:
+                _reset_compiler()
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+            r = results[variant]
+            if "error" not in r:
+                d1 = (r["decode"].get("1") or {}).get("tokens_per_s", {}).get("median")
+                frac = r["roofline"]["fraction_at_batch_1"]
+                log(
+                    f"{shape} {variant}: decode b1 {d1} tok/s, roofline {frac}, mode {r['decode_mode']}"
+                    f" ({r.get('decode_mode_note')})"
+                )
+            speedups(results)
+            save()
+    save()
+    print(table(report), flush=True)
+    log("done")
+
+
+SETTINGS: Any = None
+ARGS: Any = None
+
+if __name__ == "__main__":
+    main()
