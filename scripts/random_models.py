@@ -29,8 +29,16 @@ QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 def llama_config(shape: str, **overrides: Any) -> Any:
     from transformers import LlamaConfig
 
-    params = {**SHAPES[shape], "max_position_embeddings": 8192, "rope_theta": 500000.0, **overrides}
-    cfg = LlamaConfig(**params, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    params = {
+        **SHAPES[shape],
+        "max_position_embeddings": 8192,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        **overrides,
+    }
+    cfg = LlamaConfig(**params)
     cfg.architectures = ["LlamaForCausalLM"]
     return cfg
 

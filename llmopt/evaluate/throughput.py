@@ -386,6 +386,24 @@ class StaticDecoder:
             times.append(time.perf_counter() - t0)
         return times
 
+    def tokens(self, first: Any, position: int, steps: int) -> Any:
+        """The ``steps`` tokens decoded after ``first`` (untimed; to check a mode against eager)."""
+        import torch
+
+        _set_position(self.cache, position)
+        out = []
+        if self._graph is not None:
+            self._ids.copy_(first)
+            for _ in range(steps):
+                self._graph.replay()
+                out.append(self._ids.clone())
+        else:
+            ids = first
+            for _ in range(steps):
+                ids = self._step_fn(ids)
+                out.append(ids)
+        return torch.cat(out, dim=1)
+
     def close(self) -> None:
         self._graph = None
         self._ids = None

@@ -1,0 +1,306 @@
+"""Throughput: the engine's arithmetic and plumbing on CPU with tiny random models; GPU paths behind a marker.
+
+No test here asserts a speed: speed is proven by scripts/bench_gpu.py and docs/BENCHMARKS.md. What is
+checked is that the static-cache decoder computes what ``generate()`` computes, that the report has the
+fields the gate and the tables read, and that bad options fail before any model loads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmopt.cli import main
+from llmopt.errors import EXIT_INPUT, InputError
+from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.evaluate.throughput import (
+    ThroughputSettings,
+    compare,
+    cost_per_million_tokens,
+    parse_int_list,
+    percentile,
+    summary,
+    throughput_section,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_torch = pytest.mark.skipif(
+    importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None,
+    reason="needs torch + transformers (pip install -e '.[all,test]')",
+)
+TINY = ThroughputSettings(batch_sizes=[1, 2], prompt_lens=[8, 12], gen_len=4, warmup=0, repetitions=2)
+
+
+def random_models() -> Any:
+    spec = importlib.util.spec_from_file_location("random_models", ROOT / "scripts" / "random_models.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("random_models", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model(device: str = "cpu", **overrides: Any) -> Any:
+    import torch
+
+    rm = random_models()
+    model = rm.build_fp16(rm.llama_config("tiny", **overrides), device)
+    return model.to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if importlib.util.find_spec("torch") is None:
+        pytest.skip("needs torch")
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    random_models().save_fp16(tiny_model(), folder)
+    return folder
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return (exc.value.code if isinstance(exc.value.code, int) else 1), out, err
+
+
+# --- arithmetic ---------------------------------------------------------------------------------
+
+
+def test_summary_is_median_with_spread() -> None:
+    s = summary([4.0, 1.0, 3.0, 2.0, 100.0])
+    assert s == {"median": 3.0, "min": 1.0, "max": 100.0, "q1": 2.0, "q3": 4.0, "n": 5}
+    assert summary([7.0])["median"] == 7.0 and summary([7.0])["q3"] == 7.0
+
+
+def test_percentiles_interpolate_like_numpy() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile([2.0], 95) == 2.0
+
+
+def test_cost_per_million_tokens() -> None:
+    # $3.60/h at 1000 tok/s: 3.6M tokens an hour, so $1 per million.
+    assert cost_per_million_tokens(1000.0, 3.6) == pytest.approx(1.0)
+    assert cost_per_million_tokens(None, 3.6) is None and cost_per_million_tokens(10.0, None) is None
+
+
+def test_int_lists_and_settings_validate() -> None:
+    assert parse_int_list("1, 8,32", "--batch-sizes") == [1, 8, 32]
+    assert parse_int_list(None, "--batch-sizes") is None
+    for bad in ("1,x", "0,8", ""):
+        with pytest.raises(InputError):
+            parse_int_list(bad, "--batch-sizes")
+    assert ThroughputSettings(batch_sizes=[32, 1, 8, 8]).batch_sizes == [1, 8, 32]
+    with pytest.raises(ValueError):
+        ThroughputSettings(prompt_lens=[0])
+    with pytest.raises(ValueError):
+        ThroughputSettings(decode_mode="fast")  # type: ignore[arg-type]
+
+
+def test_defaults_depend_on_the_device() -> None:
+    gpu, cpu = ThroughputSettings().resolved("cuda:0"), ThroughputSettings().resolved("cpu")
+    assert gpu.batch_sizes == [1, 8, 32] and gpu.prompt_lens == [128, 512, 2048] and gpu.gen_len == 128
+    assert cpu.batch_sizes and max(cpu.batch_sizes) <= 4 and cpu.context_len == 32
+    assert ThroughputSettings(gen_len=7).resolved("cuda:0").gen_len == 7
+
+
+def _fake_result(rate: dict[str, float], prefill: dict[str, float]) -> dict[str, Any]:
+    return {
+        "decode": {b: {"tokens_per_s": {"median": v}} for b, v in rate.items()},
+        "prefill": {p: {"tokens_per_s": {"median": v}} for p, v in prefill.items()},
+        "ttft_ms": 10.0,
+        "peak_memory_bytes": 100,
+        "size_bytes": 50,
+    }
+
+
+def test_compare_and_gate_read_decode_speedup() -> None:
+    base = _fake_result({"1": 100.0, "8": 600.0}, {"128": 1000.0})
+    art = _fake_result({"1": 280.0, "8": 900.0}, {"128": 800.0})
+    section = throughput_section(base, art, ThroughputSettings(), "cpu")
+    assert section["decode_speedup"] == {"1": pytest.approx(2.8), "8": pytest.approx(1.5)}
+    assert section["prefill_speedup"]["128"] == pytest.approx(0.8)
+    assert section["settings"]["batch_sizes"] == [1, 4]  # resolved for the device
+    report = {"throughput": section}
+    assert apply_gate(GateSpec(min_decode_speedup=2.5, at_batch=1), report).passed
+    failed = apply_gate(GateSpec(min_decode_speedup=2.0, at_batch=8), report)
+    assert not failed.passed and "1.50x at batch 8" in failed.checks[0].message
+    missing = apply_gate(GateSpec(min_decode_speedup=1.0, at_batch=32), report)
+    assert not missing.passed and "not measured" in missing.checks[0].message
+    # A failed point has no median: no speedup, never a crash.
+    art["decode"]["8"] = {"error": "OutOfMemoryError: ..."}
+    assert compare(base, art, ThroughputSettings())["decode_speedup"]["8"] is None
+
+
+# --- CLI input errors (no model is loaded) ----------------------------------------------------
+
+
+def test_speed_gate_needs_throughput(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["eval", str(tmp_path), "--baseline", str(tmp_path), "--dataset", "x.txt"]
+    code, _, err = run_cli([*args, "--min-decode-speedup", "2"], capsys)
+    assert code == EXIT_INPUT and "--throughput" in err
+    code, _, err = run_cli([*args, "--batch-sizes", "1,8"], capsys)
+    assert code == EXIT_INPUT and "only apply to throughput" in err
+    code, _, err = run_cli([*args, "--throughput", "--batch-sizes", "8", "--min-decode-speedup", "2"], capsys)
+    assert code == EXIT_INPUT and "--at-batch 1 is not among" in err
+    code, _, err = run_cli([*args, "--throughput", "--batch-sizes", "1,zero"], capsys)
+    assert code == EXIT_INPUT and "comma-separated" in err
+
+
+def test_bench_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(["bench", str(tmp_path), "--decode-mode", "fastest"], capsys)
+    assert code == EXIT_INPUT and "--decode-mode" in err
+    code, _, err = run_cli(["bench", str(tmp_path / "missing"), "--gen-len", "1"], capsys)
+    assert code == EXIT_INPUT and "--gen-len" in err
+
+
+# --- the engine on CPU ------------------------------------------------------------------------
+
+
+@needs_torch
+def test_static_decoder_decodes_what_generate_does() -> None:
+    import torch
+
+    from llmopt.evaluate.throughput import StaticDecoder
+
+    model = tiny_model()
+    prompt = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9, min_new_tokens=9, do_sample=False
+        )[:, 10:]
+        decoder = StaticDecoder(model, "cpu", 2, 10 + 9 + 1)
+        first = decoder.prefill(prompt)
+        decoder.prepare("eager", first, 10)
+        tokens = torch.cat([first, decoder.tokens(first, 10, 8)], dim=1)
+        # Rewinding replays the same tokens: timed repetitions decode the same thing.
+        again = decoder.tokens(first, 10, 8)
+    assert torch.equal(tokens, reference)
+    assert torch.equal(again, tokens[:, 1:])
+
+
+@needs_torch
+def test_weight_bytes_per_step() -> None:
+    from llmopt.evaluate.throughput import weight_bytes_per_step
+
+    untied = tiny_model()
+    every = sum(t.numel() * t.element_size() for t in [*untied.parameters(), *untied.buffers()])
+    embedding = untied.get_input_embeddings().weight
+    assert weight_bytes_per_step(untied) == every - embedding.numel() * embedding.element_size()
+    tied = tiny_model(tie_word_embeddings=True)
+    tied.tie_weights()
+    assert tied.get_output_embeddings().weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    # Tied: the head reads the matrix, once.
+    assert weight_bytes_per_step(tied) == sum(
+        t.numel() * t.element_size() for t in {t.data_ptr(): t for t in [*tied.parameters(), *tied.buffers()]}.values()
+    )
+
+
+@needs_torch
+def test_copy_bandwidth_is_measured_once_and_cached() -> None:
+    from llmopt.evaluate.throughput import copy_bandwidth
+
+    first = copy_bandwidth("cpu")
+    second = copy_bandwidth("cpu")
+    assert first["bytes_per_s"] > 0 and second["cached"] and second["bytes_per_s"] == first["bytes_per_s"]
+
+
+@needs_torch
+def test_measure_model_on_cpu_reports_every_field() -> None:
+    from llmopt.evaluate.throughput import measure_model
+
+    result = measure_model(tiny_model(), "cpu", TINY.model_copy(update={"gpu_hourly_cost": 2.0}))
+    assert set(result["decode"]) == {"1", "2"} and set(result["prefill"]) == {"8", "12"}
+    for point in result["decode"].values():
+        assert point["tokens_per_s"]["n"] == 2 and point["tokens_per_s"]["median"] > 0
+        assert point["itl_ms"]["p50"] <= point["itl_ms"]["p99"]
+        assert point["decode_mode"] == "eager-static"
+    assert result["decode_mode"] == "eager-static" and result["decode_mode_note"] is None
+    assert result["ttft_ms"] == result["prefill"]["8"]["ttft_ms"]["median"]
+    assert result["roofline"]["fraction_at_batch_1"] > 0
+    assert result["cost_per_million_tokens"]["1"] > 0
+    with pytest.raises(InputError, match="needs a CUDA GPU"):
+        measure_model(tiny_model(), "cpu", TINY.model_copy(update={"decode_mode": "graph"}))
+
+
+@needs_torch
+def test_bench_cli_with_baseline_and_attention(tiny_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["bench", str(tiny_folder), "--baseline", str(tiny_folder), "--attn", "eager,sdpa,flash_attention_2"]
+    args += ["--batch-sizes", "1", "--prompt-lens", "8", "--gen-len", "3", "--repetitions", "1", "--warmup", "0"]
+    code, out, _ = run_cli([*args, "--device", "cpu", "--json", "-"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    runs = {r["attn_implementation"]: r for r in result["runs"]}
+    assert {"eager", "sdpa"} <= set(runs)
+    if importlib.util.find_spec("flash_attn") is None:
+        assert result["skipped_attention"] == {"flash_attention_2": "not installed here"}
+    for run in runs.values():
+        assert run["model"]["attn_implementation"] == run["attn_implementation"]
+        assert run["decode_speedup"]["1"] > 0 and run["model"]["size_bytes"] == run["baseline"]["size_bytes"]
+
+
+@needs_torch
+def test_eval_with_throughput_feeds_the_gate(
+    tiny_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from llmopt.api import quantize
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("needs bitsandbytes")
+    artifact = quantize(str(tiny_folder), "bnb-int8", tmp_path / "int8", device="cpu")
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 400 + 3}" for i in range(200)))
+    args = ["eval", str(artifact.path), "--baseline", str(tiny_folder), "--dataset", str(text), "--context", "32"]
+    args += ["--throughput", "--batch-sizes", "1", "--prompt-lens", "8", "--gen-len", "3", "--repetitions", "1"]
+    args += ["--warmup", "0", "--device", "cpu", "--no-cache"]
+    code, out, _ = run_cli([*args, "--min-decode-speedup", "1000", "--json", "-"], capsys)
+    report = json.loads(out)
+    section = report["throughput"]
+    assert section["schema"] == "llmopt.throughput/1"
+    assert section["artifact"]["decode_mode"] == "eager-static"
+    assert section["decode_speedup"]["1"] > 0
+    assert code == 3  # a 1000x speedup is not there: the gate fails with exit code 3
+    assert report["gate"]["checks"][0]["name"] == "min_decode_speedup"
+    # The human-readable table renders too.
+    code, out, _ = run_cli([*args, "--min-decode-speedup", "0.0001"], capsys)
+    assert code == 0 and "decode tok/s b1" in out and "gate pass" in out
+
+
+# --- GPU (run on the GPU machine: pytest -m gpu tests/test_throughput.py) ------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["graph", "compile"])
+def test_graphed_decoding_matches_eager_on_gpu(mode: str) -> None:
+    import torch
+
+    from llmopt.evaluate.throughput import StaticDecoder
+
+    model = tiny_model("cuda:0")
+    prompt = torch.randint(3, 500, (2, 10), device="cuda:0", generator=torch.Generator("cuda:0").manual_seed(2))
+    with torch.no_grad():
+        eager = StaticDecoder(model, "cuda:0", 2, 32)
+        first = eager.prefill(prompt)
+        eager.prepare("eager", first, 10)
+        expected = eager.tokens(first, 10, 12)
+        graphed = StaticDecoder(model, "cuda:0", 2, 32)
+        assert torch.equal(graphed.prefill(prompt), first)
+        graphed.prepare(mode, first, 10)
+        assert torch.equal(graphed.tokens(first, 10, 12), expected)
+        assert all(t > 0 for t in graphed.run(first, 10, 12))
+
+
+@pytest.mark.gpu
+def test_measure_model_on_gpu_uses_a_compiled_graph() -> None:
+    from llmopt.evaluate.throughput import measure_model
+
+    result = measure_model(tiny_model("cuda:0").half(), "cuda:0", TINY)
+    assert result["decode_mode"] == "compile+cudagraph", result.get("decode_mode_note")
+    assert result["peak_memory_bytes"] > 0 and result["roofline"]["copy_bandwidth_bytes_per_s"] > 1e11
