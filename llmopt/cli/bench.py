@@ -79,7 +79,7 @@ def throughput_settings(
             gen_len=gen_len,
             warmup=warmup,
             repetitions=repetitions,
-            decode_mode=decode_mode,  # type: ignore[arg-type]
+            decode_mode=decode_mode,
             gpu_hourly_cost=gpu_hourly_cost,
         )
     except ValidationError as exc:
