@@ -78,9 +78,7 @@ def gemv_probe(device: str, bandwidth: float) -> list[dict[str, Any]]:
         end.record()
         torch.cuda.synchronize()
         sec = start.elapsed_time(end) / 1e3 / iters
-        rows.append(
-            {"k": k, "n": n, "us": sec * 1e6, "fraction_of_copy_bw": (w.numel() * 2 / sec) / bandwidth}
-        )
+        rows.append({"k": k, "n": n, "us": sec * 1e6, "fraction_of_copy_bw": (w.numel() * 2 / sec) / bandwidth})
         del w, x
     torch.cuda.empty_cache()
     return rows
@@ -101,14 +99,8 @@ def profile_decoder(path: Path, label: str) -> Any:
             decoder.run(first, position, steps)
         torch.cuda.synchronize()
         events = prof.key_averages()
-        key = (
-            "self_device_time_total"
-            if hasattr(events[0], "self_device_time_total")
-            else "self_cuda_time_total"
-        )
-        kernels = [
-            e for e in events if getattr(e, key, 0) > 0 and getattr(e, "device_type", None) is not None
-        ]
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        kernels = [e for e in events if getattr(e, key, 0) > 0 and getattr(e, "device_type", None) is not None]
         total_us = sum(getattr(e, key) for e in kernels)
         launches = sum(e.count for e in kernels)
         lines = [
@@ -126,9 +118,7 @@ def profile_decoder(path: Path, label: str) -> Any:
     return hook
 
 
-def measure_loaded(
-    model: Any, device: str, settings: Any, profile_to: Path | None, label: str
-) -> dict[str, Any]:
+def measure_loaded(model: Any, device: str, settings: Any, profile_to: Path | None, label: str) -> dict[str, Any]:
     from llmopt.evaluate.throughput import measure_model
 
     hook = profile_decoder(profile_to, label) if profile_to else None
@@ -150,7 +140,7 @@ def run_variant(
         kind, path = ("hf", dirs["fp16"]) if variant == "fp16" else ("gptqmodel", dirs["gptq"])
         runner = load_runner(kind, path, device, kernel=args.kernel if variant == "gptq" else None)
         try:
-            result = measure_loaded(runner.model, device, settings, profile_to, label)
+            result = measure_loaded(runner.model, device, settings, profile_to, label)  # type: ignore[attr-defined]
             result.update(
                 load_seconds=round(runner.load_seconds, 2),
                 footprint_bytes=runner.footprint_bytes(),
@@ -171,9 +161,7 @@ def run_variant(
             llm_int8_skip_modules=["lm_head"],
         )
     else:
-        qcfg = BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=["lm_head"]
-        )
+        qcfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0, llm_int8_skip_modules=["lm_head"])
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(
         dirs["fp16"], quantization_config=qcfg, dtype=torch.float16, device_map={"": device}
@@ -276,9 +264,7 @@ def table(report: dict[str, Any]) -> str:
 
 def main() -> None:
     global SETTINGS, ARGS
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="8b,1b")
     parser.add_argument("--variants", default="fp16,gptq,nf4,int8")
     parser.add_argument("--batch-sizes", default="1,8,32")
@@ -292,8 +278,11 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="variants to profile at batch 1, e.g. fp16,gptq")
     parser.add_argument("--gemv-probe", action="store_true", help="time cuBLAS GEMV on the 8B shapes")
     parser.add_argument(
-        "--deadline-s", type=float, default=1e9, help="skip variants that would end past this"
+        "--short-variants",
+        default="int8",
+        help="variants timed with 32 new tokens x 3 runs (eager decoding is slow; the table says so)",
     )
+    parser.add_argument("--deadline-s", type=float, default=1e9, help="skip variants that would end past this")
     parser.add_argument("--device", default="cuda:0", help="cuda:0; cpu only to smoke-test this script")
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmopt-bench"))
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -335,10 +324,7 @@ def main() -> None:
     if args.gemv_probe and device.startswith("cuda"):
         report["gemv_probe"] = gemv_probe(device, bw["bytes_per_s"])
         for row in report["gemv_probe"]:
-            log(
-                f"GEMV {row['k']}x{row['n']}: {row['us']:.1f} us, "
-                f"{100 * row['fraction_of_copy_bw']:.0f}% of copy bw"
-            )
+            log(f"GEMV {row['k']}x{row['n']}: {row['us']:.1f} us, {100 * row['fraction_of_copy_bw']:.0f}% of copy bw")
 
     def save() -> None:
         (args.out / "bench.json").write_text(json.dumps(report, indent=1, default=str))
@@ -351,9 +337,7 @@ def main() -> None:
         for variant in variants:
             elapsed = time.time() - T0
             if elapsed + COST_S.get(shape, {}).get(variant, 60) > args.deadline_s:
-                results[variant] = {
-                    "error": f"skipped: {elapsed:.0f} s used of the {args.deadline_s:.0f} s deadline"
-                }
+                results[variant] = {"error": f"skipped: {elapsed:.0f} s used of the {args.deadline_s:.0f} s deadline"}
                 log(f"{shape} {variant}: skipped (deadline)")
                 continue
             if variant == "gptq" and builder is not None:
@@ -362,8 +346,12 @@ def main() -> None:
                 log((args.out / "marlin-build.log").read_text()[-400:])
                 builder = None
             log(f"{shape} {variant}: start")
+            settings = SETTINGS
+            if variant in args.short_variants.split(","):
+                settings = SETTINGS.model_copy(update={"gen_len": 32, "repetitions": 3, "warmup": 1})
             try:
-                results[variant] = run_variant(shape, variant, dirs, device, SETTINGS, args)
+                results[variant] = run_variant(shape, variant, dirs, device, settings, args)
+                results[variant]["settings"] = settings.model_dump(mode="json")
             except Exception as exc:
                 import traceback
 

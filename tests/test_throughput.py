@@ -101,7 +101,7 @@ def test_int_lists_and_settings_validate() -> None:
     with pytest.raises(ValueError):
         ThroughputSettings(prompt_lens=[0])
     with pytest.raises(ValueError):
-        ThroughputSettings(decode_mode="fast")  # type: ignore[arg-type]
+        ThroughputSettings(decode_mode="fast")
 
 
 def test_defaults_depend_on_the_device() -> None:
