@@ -132,7 +132,9 @@ def run_variant(
 
     from llmopt.evaluate.throughput import weights_size
 
-    profile_to = args.out / f"profile-{shape}-{variant}.txt" if variant in args.profile else None
+    first_shape = args.shapes.split(",")[0]
+    profiled = variant in args.profile and shape == first_shape
+    profile_to = args.out / f"profile-{shape}-{variant}.txt" if profiled else None
     label = f"{shape} {variant}"
     if variant in ("fp16", "gptq"):
         from llmopt.runners import load_runner
@@ -275,7 +277,7 @@ def main() -> None:
     parser.add_argument("--decode-mode", default="auto")
     parser.add_argument("--kernel", default="marlin", help="GPTQModel kernel for GPTQ")
     parser.add_argument("--gpu-hourly-cost", type=float, default=None)
-    parser.add_argument("--profile", default="", help="variants to profile at batch 1, e.g. fp16,gptq")
+    parser.add_argument("--profile", default="", help="variants to profile at batch 1 (first shape), e.g. fp16,gptq")
     parser.add_argument("--gemv-probe", action="store_true", help="time cuBLAS GEMV on the 8B shapes")
     parser.add_argument(
         "--short-variants",

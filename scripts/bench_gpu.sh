@@ -12,6 +12,6 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
 else
   export PYTHONPATH=$PWD
 fi
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv | tee "$out/gpu.txt"
 python3 scripts/bench_gpu.py --out "$out" "$@" 2>&1 | tee "$out/bench.log"
