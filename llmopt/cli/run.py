@@ -1,0 +1,109 @@
+"""``llmopt run``: every variant of a recipe through quantize -> evaluate -> gate (-> publish)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from llmopt.cli._common import QuietOpt, stderr, stdout, write_json
+
+
+def render_run(report: dict[str, Any]) -> None:
+    from llmopt.report import TABLE_HEADER, display_dataset, table_rows
+
+    s = report.get("settings") or {}
+    title = "llmopt run"
+    if s:
+        title += (
+            f": perplexity on {display_dataset(s.get('dataset'))} ({s.get('tokens_scored', 0):,} tokens, "
+            f"context {s.get('context_length')}, {s.get('dtype', '?')} on {s.get('device', '?')})"
+        )
+    table = Table(title=title)
+    for col in TABLE_HEADER:
+        table.add_column(col, justify="left" if col in ("variant", "method", "gate") else "right")
+    for row in table_rows(report):
+        gate = row[-1]
+        marks = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}
+        style = marks.get(gate, f"[red]{gate}[/]" if "error" in gate else gate)
+        table.add_row(*row[:-1], style)
+    stdout.print(table)
+    for v in report["variants"]:
+        err = v.get("error")
+        if err:
+            stderr.print(f"[red]{v['name']}[/] ({err.get('stage')}): {err.get('message')}")
+            if err.get("hint"):
+                stderr.print(f"  -> {err['hint']}")
+        for c in (v.get("gate") or {}).get("checks", []):
+            if not c["passed"]:
+                stderr.print(f"[red]{v['name']} gate FAIL[/]: {c['message']}")
+        pub = v.get("publish")
+        if pub:
+            rev = f" (branch {pub['revision']})" if pub.get("revision") else ""
+            stdout.print(f"[green]published[/] {v['name']} -> {pub.get('url') or pub.get('repo_id')}{rev}")
+    for note in report.get("notes") or []:
+        stdout.print(f"[dim]note: {note}[/]")
+    out = Path(report.get("output") or ".")
+    files = report.get("files") or {}
+    if files:
+        stdout.print(f"report: {out / files.get('markdown', 'report.md')}, {out / files.get('json', 'report.json')}")
+        for p in files.get("plots") or []:
+            stdout.print(f"plot: {out / p}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run_cmd(
+        recipe: Annotated[Path, typer.Argument(help="Recipe file (.yaml); see recipes/ and `llmopt recipe schema`.")],
+        only: Annotated[list[str] | None, typer.Option("--only", help="Run only this variant (repeatable).")] = None,
+        publish: Annotated[
+            bool, typer.Option("--publish", help="Publish each variant that passes its gate to the Hub.")
+        ] = False,
+        output: Annotated[
+            Path | None,
+            typer.Option("--output", "-o", help="Output folder (default: recipe's, else llmopt-runs/NAME)."),
+        ] = None,
+        set_: Annotated[
+            list[str] | None,
+            typer.Option("--set", help="Override a recipe key: key.path=value (repeatable)."),
+        ] = None,
+        device: Annotated[str | None, typer.Option(help="Override evaluation.device.")] = None,
+        max_tokens: Annotated[int | None, typer.Option(help="Override evaluation.max_tokens.")] = None,
+        context: Annotated[int | None, typer.Option(help="Override evaluation.context_length.")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="Override evaluation.batch_size.")] = None,
+        samples: Annotated[int | None, typer.Option(help="Override calibration.samples.")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON to stdout.")] = False,
+        quiet: QuietOpt = False,
+    ) -> None:
+        """Quantize, evaluate and gate every variant of RECIPE (resumable); write report.json/.md and plots.
+
+        Exit code: 0 every variant passed; 3 a gate failed; if a variant errored, the code of the first
+        error in recipe order (2 bad input, 4 backend/Hub unavailable, 5 artifact mismatch, 1 unexpected).
+        """
+        from llmopt.pipeline import run_recipe
+        from llmopt.progress import default_reporter
+
+        overrides: dict[str, Any] = {
+            "evaluation.device": device,
+            "evaluation.max_tokens": max_tokens,
+            "evaluation.context_length": context,
+            "evaluation.batch_size": batch_size,
+            "calibration.samples": samples,
+        }
+        report = run_recipe(
+            recipe,
+            only=only,
+            output=output,
+            publish=publish,
+            overrides=overrides,
+            sets=set_,
+            reporter=default_reporter(quiet or json_out),
+        )
+        if json_out:
+            write_json(report, "-")
+        else:
+            render_run(report)
+        if report["exit_code"]:
+            raise typer.Exit(report["exit_code"])

@@ -1,0 +1,480 @@
+"""Recipes: one YAML file that says which model, which text, which variants, which gates, where to publish.
+
+Every level is a pydantic model with ``extra="forbid"``: an unknown key is an error that names the valid
+ones, with the file and line it is on. Backend options are validated by that backend's own ``Options``
+model when the recipe is loaded, so a typo in ``options`` fails before any model is touched.
+
+String values may use ``${VAR}`` or ``${VAR:-default}``; they are expanded before validation, and an
+unset variable without a default is an error. Precedence: CLI flag > recipe file > defaults; a flag left
+unset (None) never overrides the file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import re
+import string
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from llmopt.errors import LlmoptError, RecipeError
+from llmopt.evaluate.gate import GateSpec
+
+RECIPE_SCHEMA_ID = "llmopt.recipe/1"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+PUBLISH_FIELDS = ("org", "model_name", "variant", "method")
+
+
+def _error(text: str) -> PydanticCustomError:
+    """A validation error whose message is exactly ``text`` (pydantic would prefix 'Value error, ')."""
+    return PydanticCustomError("recipe", "{text}", {"text": text})
+
+
+def _one_line(exc: LlmoptError) -> str:
+    return exc.message.rstrip(".") + (f"; {exc.hint}" if exc.hint else "")
+
+
+def _backend_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    from llmopt.backends import get_backend
+
+    try:
+        return get_backend(method, require_usable=False).parse_options(options).model_dump(mode="json")
+    except LlmoptError as exc:
+        raise _error(_one_line(exc)) from None
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    source: str = Field(description="A Hugging Face model folder, a .gguf file, or a Hub id (org/name).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a Hub id.")
+
+
+class CalibrationSpec(_Strict):
+    dataset: str | None = Field(
+        None, description="Calibration text: .txt/.jsonl/.parquet file or a named dataset (wikitext2, c4)."
+    )
+    samples: int = Field(128, ge=1, description="Number of calibration samples.")
+    seq_len: int = Field(512, ge=8, description="Tokens per calibration sample.")
+    seed: int = Field(0, description="Seed for picking the samples.")
+
+
+class EvaluationSpec(_Strict):
+    dataset: str = Field(description="Evaluation text: .txt/.jsonl/.parquet file or a named dataset.")
+    context_length: int = Field(512, ge=2, description="Tokens per window.")
+    stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: context_length).")
+    max_tokens: int | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
+    add_bos: bool = Field(False, description="Put BOS before each window.")
+    batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+
+    def resolved_stride(self) -> int:
+        return self.stride if self.stride is not None else self.context_length
+
+
+class VariantSpec(_Strict):
+    name: str = Field(pattern=_NAME, description="Unique name; used for the artifact folder and the Hub repo.")
+    method: str = Field(description="Backend name (see `llmopt backends`).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of that backend.")
+    gate: GateSpec | None = Field(None, description="Thresholds that replace the recipe's `gates` for this variant.")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        from llmopt.backends import get_backend
+
+        try:
+            get_backend(value, require_usable=False)
+        except LlmoptError as exc:
+            raise _error(_one_line(exc)) from None
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _options_fit_backend(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        method = info.data.get("method")
+        if method is not None:  # else the method itself failed, and that error is the one to read
+            _backend_options(method, value)
+        return value
+
+    def backend_options(self) -> dict[str, Any]:
+        """Options validated by the backend's own model, defaults filled in (as the manifest records them)."""
+        return _backend_options(self.method, self.options)
+
+    def needs_calibration(self) -> bool:
+        from llmopt.backends import get_backend
+
+        return bool(get_backend(self.method, require_usable=False).needs_calibration)
+
+
+class PublishSpec(_Strict):
+    repo_id: str = Field(
+        "{org}/{model_name}-{variant}",
+        description="Hub repo id template; fields: {org}, {model_name}, {variant}, {method}.",
+    )
+    organization: str | None = Field(None, description="Value of {org}; default: the user the token belongs to.")
+    private: bool = Field(False, description="Create new repos as private (an existing repo keeps its visibility).")
+    mode: Literal["repo-per-variant", "branch-per-variant"] = Field(
+        "repo-per-variant", description="One repo per variant, or one repo with a branch per variant."
+    )
+    base_model: str | None = Field(
+        None,
+        description="Hub id of the model quantized, for the model card (default: the source when a Hub id).",
+    )
+    license: str | None = Field(None, description="License for the model card (default: read from the source).")
+    tags: list[str] = Field(default_factory=list, description="Extra model card tags.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _known_fields(cls, value: str) -> str:
+        try:
+            names = [field for _, field, _, _ in string.Formatter().parse(value) if field is not None]
+        except ValueError as exc:
+            raise _error(f"invalid template {value!r}: {exc}") from None
+        unknown = [n for n in names if n not in PUBLISH_FIELDS]
+        if unknown:
+            valid = ", ".join("{" + f + "}" for f in PUBLISH_FIELDS)
+            raise _error(f"unknown field {{{unknown[0]}}} in {value!r}; valid fields: {valid}")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_matches_template(self) -> PublishSpec:
+        has_variant = "{variant}" in self.repo_id
+        if self.mode == "repo-per-variant" and not has_variant:
+            raise _error(
+                "mode repo-per-variant needs {variant} in repo_id (else every variant lands in one repo); "
+                "add it, or use mode: branch-per-variant"
+            )
+        if self.mode == "branch-per-variant" and has_variant:
+            raise _error(
+                "mode branch-per-variant puts each variant on its own branch of one repo: drop {variant} from repo_id"
+            )
+        return self
+
+
+class Recipe(_Strict):
+    """Schema of a recipe file (``llmopt.recipe/1``)."""
+
+    name: str | None = Field(None, pattern=_NAME, description="Recipe name (default: the file name).")
+    description: str | None = None
+    model: ModelSpec
+    calibration: CalibrationSpec = Field(default_factory=lambda: CalibrationSpec.model_validate({}))
+    evaluation: EvaluationSpec
+    gates: GateSpec = Field(
+        default_factory=lambda: GateSpec.model_validate({}),
+        description="Default thresholds for every variant.",
+    )
+    variants: list[VariantSpec] = Field(min_length=1)
+    publish: PublishSpec | None = None
+    output: str | None = Field(None, description="Output folder of `llmopt run` (the --output flag overrides).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Recipe:
+        seen: set[str] = set()
+        for v in self.variants:
+            if v.name in seen:
+                raise _error(f"variant name '{v.name}' is used twice")
+            seen.add(v.name)
+        if self.calibration.dataset is None:
+            for v in self.variants:
+                if v.needs_calibration():
+                    raise _error(f"variant '{v.name}' ({v.method}) needs calibration text: set calibration.dataset")
+        return self
+
+    def gate_for(self, variant: VariantSpec) -> GateSpec:
+        """The recipe's gates with the variant's own thresholds laid over them (only those it sets)."""
+        merged = self.gates.model_dump()
+        if variant.gate is not None:
+            merged.update({k: getattr(variant.gate, k) for k in variant.gate.model_fields_set})
+        return GateSpec.model_validate(merged)
+
+    def variant(self, name: str) -> VariantSpec:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        names = [v.name for v in self.variants]
+        close = difflib.get_close_matches(name, names, n=1)
+        raise RecipeError(
+            f"the recipe has no variant '{name}'" + (f" (did you mean '{close[0]}'?)" if close else "") + ".",
+            f"variants: {', '.join(names)}",
+        )
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe as it will run: env expanded, overrides applied, defaults filled in, and each
+        variant's ``gate`` replaced by the thresholds that apply to it."""
+        data = self.model_dump(mode="json")
+        for item, variant in zip(data["variants"], self.variants, strict=True):
+            item["gate"] = self.gate_for(variant).model_dump(mode="json")
+        return data
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    schema = Recipe.model_json_schema()
+    schema["$id"] = RECIPE_SCHEMA_ID
+    schema["title"] = "llmopt recipe"
+    return schema
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def expand_env(value: str, *, where: str = "") -> str:
+    """``${VAR}`` / ``${VAR:-default}``; a leading ``~`` of the result is the home folder."""
+
+    def sub(m: re.Match[str]) -> str:
+        var, default = m.group(1), m.group(2)
+        got = os.environ.get(var)
+        if got:
+            return got
+        if default is not None:
+            return default
+        raise RecipeError(
+            f"{where}${{{var}}} is not set.",
+            f"Set {var} in the environment, or write ${{{var}:-default}} in the recipe.",
+        )
+
+    out = _ENV.sub(sub, value)
+    return os.path.expanduser(out) if out.startswith("~") else out
+
+
+def _expand_tree(data: Any, lines: dict[tuple[Any, ...], int], source: str, path: tuple[Any, ...] = ()) -> Any:
+    if isinstance(data, dict):
+        return {k: _expand_tree(v, lines, source, (*path, k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_expand_tree(v, lines, source, (*path, i)) for i, v in enumerate(data)]
+    if isinstance(data, str) and ("${" in data or data.startswith("~")):
+        return expand_env(data, where=f"{_where(source, lines, path)}{_dotted(path)}: ")
+    return data
+
+
+def _where(source: str, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> str:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return f"{source}:{lines[loc[:n]]}: "
+    return f"{source}: "
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "recipe"
+
+
+def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse YAML keeping the line of every key and item, and refusing duplicate keys."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f"{source}:{mark.line + 1}:{mark.column + 1}: " if mark else f"{source}: "
+        raise RecipeError(
+            f"{at}not valid YAML: {exc.problem or exc.context}",
+            "Fix the YAML syntax at that line (indentation, quotes, a ':' after each key).",
+        ) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{source}: not valid YAML: {exc}", "Fix the YAML syntax.") from None
+    if node is None:
+        raise RecipeError(f"{source} is empty.", "Start from `llmopt recipe schema` or a file in recipes/.")
+
+    lines: dict[tuple[Any, ...], int] = {}
+    constructor = yaml.SafeLoader("")
+
+    def build(n: yaml.Node, path: tuple[Any, ...]) -> Any:
+        lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, yaml.MappingNode):
+            out: dict[Any, Any] = {}
+            for key_node, value_node in n.value:
+                key = constructor.construct_object(key_node, deep=True)
+                if key in out:
+                    raise RecipeError(
+                        f"{source}:{key_node.start_mark.line + 1}: key '{key}' appears twice in {_dotted(path)}.",
+                        "Keep one of them.",
+                    )
+                lines[(*path, key)] = key_node.start_mark.line + 1
+                out[key] = build(value_node, (*path, key))
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [build(item, (*path, i)) for i, item in enumerate(n.value)]
+        return constructor.construct_object(n, deep=True)
+
+    return build(node, ()), lines
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at the end of ``loc`` (for listing valid keys)."""
+    current: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        current = _unwrap(current.model_fields[part].annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    if origin is list:
+        return _unwrap(typing.get_args(annotation)[0])
+    return annotation
+
+
+def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: Any) -> str:
+    loc = tuple(err["loc"])
+    where = _where(source, lines, loc)
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(loc)
+        parent = _dotted(loc[:-1]) if loc[:-1] else "the recipe's top level"
+        valid = sorted(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        return (
+            f"{where}unknown key '{loc[-1]}' in {parent}"
+            + (f" (did you mean '{close[0]}'?)" if close else "")
+            + (f"; valid keys: {', '.join(valid)}" if valid else "")
+        )
+    if err["type"] == "missing":
+        return f"{where}{_dotted(loc)} is required"
+    # Point variant-level problems at the variant by name, which reads better than an index.
+    label = _dotted(loc)
+    if len(loc) >= 2 and loc[0] == "variants" and isinstance(loc[1], int):
+        with contextlib.suppress(KeyError, IndexError, TypeError):
+            label = f"variant '{data['variants'][loc[1]]['name']}'" + (f" {_dotted(loc[2:])}" if loc[2:] else "")
+    msg = err["msg"]
+    return f"{where}{label}: {msg}"
+
+
+def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:
+    """Validate an already-loaded recipe mapping (env expansion included)."""
+    lines = lines or {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{source}: a recipe is a YAML mapping (model:, evaluation:, variants: ...), not a {type(data).__name__}.",
+            "See `llmopt recipe schema` or the files in recipes/.",
+        )
+    data = _expand_tree(data, lines, source)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = [_describe(e, source, lines, data) for e in exc.errors()]
+        head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
+        raise RecipeError(head, "Fix the recipe; `llmopt recipe schema` prints every key with its meaning.") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; errors name the file and line."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise RecipeError(
+            f"recipe file {p} does not exist" + (" (it is a folder)" if p.is_dir() else "") + ".",
+            "Give the path of a .yaml recipe, e.g. one of the files in recipes/.",
+        )
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read {p}: {exc}", "Check the file's permissions and encoding (UTF-8).") from None
+    data, lines = _yaml_with_lines(text, str(path))
+    recipe = parse_recipe(data, source=str(path), lines=lines)
+    if recipe.name is None:
+        recipe.name = re.sub(r"[^A-Za-z0-9._-]", "-", p.stem) or "recipe"
+    return recipe
+
+
+# --- overrides -------------------------------------------------------------------------------------
+
+
+def apply_overrides(
+    recipe: Recipe, overrides: dict[str, Any], *, keep_none: bool = False, source: str = "command line"
+) -> Recipe:
+    """Set dotted keys (``evaluation.max_tokens``, ``variants.NAME.options.bits``).
+
+    A None value is an unset CLI flag and is skipped, unless ``keep_none`` (``--set key=null`` clears a
+    key on purpose). The result is validated again, so an override obeys the same rules as the file.
+    """
+    given = {k: v for k, v in overrides.items() if keep_none or v is not None}
+    if not given:
+        return recipe
+    # exclude_unset keeps "not given" distinct from "given as null" (it matters for gate overrides)
+    data = recipe.model_dump(mode="json", exclude_unset=True)
+    for dotted, value in given.items():
+        _set_path(data, dotted, value)
+    new = parse_recipe(data, source=source)
+    return new
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = next(
+                (j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part),
+                None,
+            )
+            if idx is None and part.isdigit() and int(part) < len(node):
+                idx = int(part)
+            if idx is None:
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise RecipeError(
+                    f"--set {dotted}: no item '{part}' in {'.'.join(parts[:i])}.",
+                    f"Name one of: {', '.join(str(n) for n in names)}",
+                )
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+            continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {dotted}: {'.'.join(parts[:i])} is not a mapping.", "Check the key path.")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+
+
+def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:
+    """``--set key.path=value`` flags; values are read as YAML scalars (numbers, booleans, lists)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(
+                f"--set '{pair}' is not of the form key.path=value.",
+                "Write e.g. --set evaluation.max_tokens=512",
+            )
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def dump_yaml(data: Any) -> str:
+    import yaml
+
+    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False))

@@ -1,0 +1,432 @@
+"""Run reports: ``report.json`` (schema ``llmopt.run/1``), ``report.md`` and PNG plots.
+
+One report covers the variants of one ``llmopt run``, or of several runs merged with ``llmopt report
+merge`` (one CI job per variant). Plots need matplotlib (``pip install 'llmopt[report]'``); without it
+they are skipped and the report says so.
+
+``report.json``::
+
+    schema, llmopt_version, created_at, seconds, output,
+    recipe: {name, file, resolved} (merged: {names: [...]}),
+    settings: the evaluation settings (dataset, tokens, context, stride, dtype, device),
+    baseline: the FP16 baseline's result (perplexity, stderr, size_bytes, ...),
+    variants: [{name, method, format, status: passed | gate_failed | error, artifact,
+                quantize: {reused, seconds, reason}, evaluation_reused,
+                perplexity, stderr, delta_pct, delta_pct_stderr, size_bytes, size_ratio,
+                decode_speedup, gate, publish, error: {stage, type, message, hint, exit_code},
+                evaluation: the full llmopt.eval/1 report}],
+    counts: {passed, gate_failed, error}, exit_code, files: {json, markdown, plots}, notes, sources
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from llmopt import __version__
+from llmopt.artifact import write_json_atomic
+from llmopt.errors import InputError
+
+RUN_SCHEMA = "llmopt.run/1"
+PLOTS_DIR = "plots"
+_COMPARABLE = ("tokens_sha256", "context_length", "stride", "add_bos")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def variant_summary(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a table needs, lifted out of the variant's evaluation report."""
+    ev = outcome.get("evaluation") or {}
+    art = ev.get("artifact") or {}
+    throughput = ev.get("throughput") or {}
+    return {
+        "perplexity": art.get("perplexity"),
+        "stderr": art.get("stderr"),
+        "delta_pct": ev.get("delta_pct"),
+        "delta_pct_stderr": ev.get("delta_pct_stderr"),
+        "size_bytes": art.get("size_bytes"),
+        "size_ratio": ev.get("size_ratio"),
+        "footprint_bytes": art.get("footprint_bytes"),
+        "decode_speedup": throughput.get("decode_speedup") or None,
+    }
+
+
+def build_run_report(
+    *,
+    recipe: dict[str, Any],
+    variants: list[dict[str, Any]],
+    output: Path,
+    seconds: float | None = None,
+    sources: list[str] | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
+    from llmopt.pipeline import run_exit_code
+
+    rows = []
+    for outcome in variants:
+        row = dict(outcome)
+        for k, v in variant_summary(outcome).items():
+            row.setdefault(k, v)
+        rows.append(row)
+    first = next((r["evaluation"] for r in rows if r.get("evaluation")), None) or {}
+    counts = {s: sum(1 for r in rows if r.get("status") == s) for s in ("passed", "gate_failed", "error")}
+    report: dict[str, Any] = {
+        "schema": RUN_SCHEMA,
+        "llmopt_version": __version__,
+        "created_at": _now(),
+        "seconds": round(seconds, 1) if seconds is not None else None,
+        "output": str(output),
+        "recipe": recipe,
+        "settings": first.get("settings"),
+        "baseline": first.get("baseline"),
+        "environment": first.get("environment"),
+        "variants": rows,
+        "counts": counts,
+        "exit_code": run_exit_code(rows),
+        "files": {},
+        "notes": list(notes or []),
+    }
+    if sources:
+        report["sources"] = sources
+    return report
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Write plots, report.md and report.json (last) into ``out``; each file appears whole or not at all."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots, plot_notes = write_plots(report, out)
+    report["notes"].extend(n for n in plot_notes if n not in report["notes"])
+    report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plots}
+    _write_text_atomic(out / "report.md", render_markdown(report))
+    write_json_atomic(out / "report.json", report)
+    return report
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _mb(n: float | None) -> str:
+    if n is None:
+        return "–"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+
+
+def _num(x: float | None, fmt: str) -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def display_dataset(spec: str | None) -> str:
+    """A dataset as shown to people: a file's name, not the full local path."""
+    if not spec:
+        return "?"
+    return Path(spec).name if ("/" in spec or os.sep in spec) else spec
+
+
+def gate_text(row: dict[str, Any]) -> str:
+    if row.get("status") == "error":
+        err = row.get("error") or {}
+        return f"error ({err.get('stage', '?')})"
+    gate = row.get("gate") or {}
+    if not gate.get("checks"):
+        return "no thresholds"
+    return "pass" if gate.get("passed") else "FAIL"
+
+
+def delta_text(row: dict[str, Any]) -> str:
+    d = row.get("delta_pct")
+    if d is None:
+        return "–"
+    se = row.get("delta_pct_stderr")
+    return f"{d:+.2f}%" + (f" ± {se:.2f}" if se is not None else "")
+
+
+def quantize_text(row: dict[str, Any]) -> str:
+    q = row.get("quantize") or {}
+    if q.get("seconds") is None:
+        return "–"
+    return f"{q['seconds']:.1f} s" + (" (reused)" if q.get("reused") else "")
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Rows of the summary table: FP16 baseline first, then each variant in order."""
+    rows: list[list[str]] = []
+    base = report.get("baseline")
+    if base:
+        rows.append(
+            [
+                "FP16 baseline",
+                "–",
+                f"{base['perplexity']:.4f} ± {base.get('stderr', 0):.4f}",
+                "–",
+                _mb(base.get("size_bytes")),
+                "–",
+                "–",
+            ]
+        )
+    for r in report["variants"]:
+        ppl = r.get("perplexity")
+        rows.append(
+            [
+                r["name"],
+                r["method"],
+                "–" if ppl is None else f"{ppl:.4f} ± {_num(r.get('stderr'), '.4f')}",
+                delta_text(r),
+                _mb(r.get("size_bytes")),
+                quantize_text(r),
+                gate_text(r),
+            ]
+        )
+    return rows
+
+
+TABLE_HEADER = [
+    "variant",
+    "method",
+    "perplexity ± stderr",
+    "Δ vs FP16",
+    "size on disk",
+    "quantize time",
+    "gate",
+]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    counts = report.get("counts") or {}
+    recipe = report.get("recipe") or {}
+    title = recipe.get("name") or ", ".join(recipe.get("names") or []) or "recipe"
+    lines = [f"# llmopt run: {title}", ""]
+    lines.append(
+        f"{report.get('created_at', '')} · llmopt {report.get('llmopt_version', '?')} · "
+        f"{len(report['variants'])} variant(s): {counts.get('passed', 0)} passed, "
+        f"{counts.get('gate_failed', 0)} failed the gate, {counts.get('error', 0)} errored · "
+        f"exit code {report.get('exit_code')}"
+    )
+    s = report.get("settings")
+    if s:
+        lines += [
+            "",
+            f"Perplexity on `{display_dataset(s.get('dataset'))}`: "
+            f"{s.get('tokens_scored', 0):,} tokens scored, "
+            f"context {s.get('context_length')}, stride {s.get('stride')}, {s.get('dtype', '?')} on "
+            f"{s.get('device', '?')}. Δ is the paired change of perplexity against the FP16 baseline on the "
+            "same tokens.",
+        ]
+    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_rows(report)]
+
+    checks = [(r["name"], c) for r in report["variants"] for c in (r.get("gate") or {}).get("checks", [])]
+    if checks:
+        lines += ["", "## Gate checks", ""]
+        lines += [f"- {name}: {'pass' if c['passed'] else '**FAIL**'} — {c['message']}" for name, c in checks]
+    speed = [(r["name"], r["decode_speedup"]) for r in report["variants"] if r.get("decode_speedup")]
+    if speed:
+        lines += ["", "## Decode speed vs FP16", ""]
+        for name, sp in speed:
+            parts = ", ".join(f"batch {b}: {float(v):.2f}x" for b, v in sorted(sp.items(), key=lambda kv: int(kv[0])))
+            lines.append(f"- {name}: {parts}")
+    errors = [r for r in report["variants"] if r.get("error")]
+    if errors:
+        lines += ["", "## Errors", ""]
+        for r in errors:
+            e = r["error"]
+            hint = f" → {e['hint']}" if e.get("hint") else ""
+            lines.append(f"- {r['name']} ({e.get('stage')}, exit {e.get('exit_code')}): {e.get('message')}{hint}")
+    published = [r for r in report["variants"] if r.get("publish")]
+    if published:
+        lines += ["", "## Published", ""]
+        for r in published:
+            p = r["publish"]
+            where = p.get("url") or p.get("repo_id")
+            rev = f" (branch `{p['revision']}`)" if p.get("revision") else ""
+            lines.append(f"- {r['name']} → {where}{rev}, commit {str(p.get('commit_oid') or '')[:12]}")
+    plots = (report.get("files") or {}).get("plots") or []
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""]
+        lines += [f"- {n}" for n in report["notes"]]
+    if report.get("sources"):
+        lines += ["", "Merged from: " + ", ".join(f"`{src}`" for src in report["sources"])]
+    return "\n".join(lines) + "\n"
+
+
+# --- plots -----------------------------------------------------------------------------------------
+
+
+def write_plots(report: dict[str, Any], out: Path) -> tuple[list[str], list[str]]:
+    """PNG plots (paths relative to ``out``) and notes about what was skipped."""
+    measured = [r for r in report["variants"] if r.get("perplexity") is not None]
+    if not measured:
+        return [], ["plots skipped: no variant was evaluated"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], ["plots skipped: matplotlib is not installed (pip install 'llmopt[report]')"]
+
+    plots: list[str] = []
+    notes: list[str] = []
+    (out / PLOTS_DIR).mkdir(exist_ok=True)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    base = report.get("baseline")
+    if base and base.get("size_bytes"):
+        ax.errorbar(
+            [base["size_bytes"] / 1e6], [base["perplexity"]], yerr=[base.get("stderr") or 0],
+            fmt="*", markersize=14, color="black", capsize=3, label="FP16 baseline",
+        )  # fmt: skip
+        ax.annotate("FP16", (base["size_bytes"] / 1e6, base["perplexity"]), textcoords="offset points", xytext=(6, 6))
+    colors = {"passed": "tab:green", "gate_failed": "tab:red"}
+    for r in measured:
+        x = (r.get("size_bytes") or 0) / 1e6
+        ax.errorbar(
+            [x], [r["perplexity"]], yerr=[r.get("stderr") or 0], fmt="o", capsize=3,
+            color=colors.get(r.get("status", ""), "tab:gray"),
+        )  # fmt: skip
+        ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("perplexity (lower is better)")
+    s = report.get("settings") or {}
+    ax.set_title(f"Perplexity vs size · {display_dataset(s.get('dataset'))} · green: gate passed, red: failed")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    plots.append(_save_fig(fig, out, "perplexity_vs_size.png"))
+    plt.close(fig)
+
+    speed = [(r["name"], r["decode_speedup"]) for r in measured if r.get("decode_speedup")]
+    if speed:
+        batches = sorted({int(b) for _, sp in speed for b in sp})
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        width = 0.8 / max(len(batches), 1)
+        for j, b in enumerate(batches):
+            xs = [i + j * width for i in range(len(speed))]
+            ys = [float(sp.get(str(b), sp.get(b, 0)) or 0) for _, sp in speed]
+            ax.bar(xs, ys, width=width, label=f"batch {b}")
+        ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(speed))])
+        ax.set_xticklabels([name for name, _ in speed], rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("decode speedup vs FP16 (x)")
+        ax.set_title("Decode speedup vs FP16 (dashed: FP16)")
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        plots.append(_save_fig(fig, out, "decode_speedup.png"))
+        plt.close(fig)
+    else:
+        notes.append("no decode-speed plot: no variant has throughput measurements")
+    return plots, notes
+
+
+def _save_fig(fig: Any, out: Path, name: str) -> str:
+    rel = f"{PLOTS_DIR}/{name}"
+    target = out / rel
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=target.parent)
+    os.close(fd)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return rel
+
+
+# --- merging ---------------------------------------------------------------------------------------
+
+
+def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.is_file():
+        raise InputError(f"{path} has no report.json.", "Give report.json files or the folders `llmopt run` wrote.")
+    try:
+        data = json.loads(p.read_text())
+    except ValueError as exc:
+        raise InputError(f"{p} is not valid JSON: {exc}", "Give a report.json written by `llmopt run`.") from None
+    if not isinstance(data, dict) or data.get("schema") != RUN_SCHEMA:
+        raise InputError(
+            f"{p} is not a run report (schema {data.get('schema') if isinstance(data, dict) else None!r}, "
+            f"expected {RUN_SCHEMA}).",
+            "Give report.json files written by `llmopt run`.",
+        )
+    return p, data
+
+
+def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
+    """Combine several run reports (e.g. one per CI job) into one, written into ``out``.
+
+    Refuses reports measured on different tokens or windows (their perplexities are not comparable).
+    A variant present in several reports is taken from the newest one.
+    """
+    if not paths:
+        raise InputError("no reports to merge.", "Give one or more report.json files or run folders.")
+    out_dir = Path(out)
+    loaded = [load_report(p) for p in paths]
+    notes: list[str] = []
+    ref_path, ref_settings = None, None
+    devices: set[str] = set()
+    by_name: dict[str, tuple[str, dict[str, Any]]] = {}
+    order: list[str] = []
+    names: list[str] = []
+    for path, data in sorted(loaded, key=lambda pd: str(pd[1].get("created_at") or "")):
+        settings = data.get("settings")
+        if settings:
+            devices.add(str(settings.get("device")))
+            if ref_settings is None:
+                ref_path, ref_settings = path, settings
+            else:
+                diff = [k for k in _COMPARABLE if settings.get(k) != ref_settings.get(k)]
+                if diff:
+                    raise InputError(
+                        f"{path} was measured with different {', '.join(diff)} than {ref_path}: "
+                        "their perplexities are not comparable.",
+                        "Merge only reports made with the same evaluation settings (text, context, stride).",
+                    )
+        rname = (data.get("recipe") or {}).get("name")
+        if rname and rname not in names:
+            names.append(rname)
+        base_dir = path.parent
+        for v in data.get("variants") or []:
+            row = dict(v)
+            if row.get("artifact") and not Path(row["artifact"]).is_absolute():
+                # keep pointing at the same folder from the merged report's place
+                row["artifact"] = os.path.relpath((base_dir / row["artifact"]).resolve(), out_dir.resolve())
+            if row["name"] in by_name:
+                notes.append(f"variant {row['name']} is in {by_name[row['name']][0]} and {path}: kept the newer")
+            else:
+                order.append(row["name"])
+            by_name[row["name"]] = (str(path), row)
+    if len(devices) > 1:
+        notes.append(f"variants were measured on different devices: {', '.join(sorted(devices))}")
+    report = build_run_report(
+        recipe={"name": names[0] if len(names) == 1 else None, "names": names},
+        variants=[by_name[n][1] for n in order],
+        output=out_dir,
+        sources=[str(p) for p, _ in loaded],
+        notes=notes,
+    )
+    write_report(report, out_dir)
+    return report

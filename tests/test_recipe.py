@@ -1,0 +1,240 @@
+"""Recipes: strict schema, precise errors (file:line, valid keys), env expansion, overrides, every file in recipes/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmopt.cli import main
+from llmopt.errors import RecipeError
+from llmopt.recipe import apply_overrides, load_recipe, parse_set_flags
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+GOOD = """\
+name: tiny
+model:
+  source: ${TEST_ASSETS:-/models}/smol
+calibration:
+  dataset: calib.txt
+  samples: 8
+  seq_len: 64
+evaluation:
+  dataset: eval.txt
+  context_length: 128
+  max_tokens: 512
+  device: cpu
+gates:
+  max_ppl_increase_pct: 5
+  max_ppl: 100
+variants:
+  - name: int8
+    method: bnb-int8
+  - name: gptq4
+    method: gptq
+    options: {bits: 4, group_size: 64}
+    gate:
+      max_ppl_increase_pct: 40
+publish:
+  repo_id: "{org}/{model_name}-{variant}"
+  organization: test-org
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def errors_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text))
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LLMOPT_ASSETS", raising=False)
+    recipe = load_recipe(path)
+    assert recipe.variants and recipe.name
+    for v in recipe.variants:
+        v.backend_options()  # the backend's own Options accept them
+    monkeypatch.setenv("LLMOPT_ASSETS", "/opt/assets")
+    again = load_recipe(path)
+    if "${LLMOPT_ASSETS" in path.read_text():
+        assert again.model.source.startswith("/opt/assets/")
+
+
+def test_shipped_recipes_exist() -> None:
+    names = {p.name for p in RECIPES}
+    assert "smollm2-135m-cpu.yaml" in names
+    assert {"llama-3.1-8b-gpu.yaml", "qwen2.5-7b-gpu.yaml", "mistral-7b-gpu.yaml"} <= names
+
+
+def test_good_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TEST_ASSETS", raising=False)
+    r = load_recipe(write(tmp_path, GOOD))
+    assert r.model.source == "/models/smol"
+    assert r.evaluation.resolved_stride() == 128
+    int8, gptq4 = r.variants
+    # a variant's gate replaces only the thresholds it names
+    assert r.gate_for(int8).max_ppl_increase_pct == 5 and r.gate_for(int8).max_ppl == 100
+    assert r.gate_for(gptq4).max_ppl_increase_pct == 40 and r.gate_for(gptq4).max_ppl == 100
+    assert gptq4.backend_options()["damp_percent"] == 0.05  # backend defaults filled in
+    resolved = r.resolved()
+    assert resolved["variants"][1]["gate"]["max_ppl_increase_pct"] == 40
+    monkeypatch.setenv("TEST_ASSETS", "/elsewhere")
+    assert load_recipe(write(tmp_path, GOOD)).model.source == "/elsewhere/smol"
+
+
+def test_name_defaults_to_file_stem(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, GOOD.replace("name: tiny\n", ""), "my recipe.yaml"))
+    assert r.name == "my-recipe"
+
+
+def test_unknown_top_level_key_lists_valid_keys(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD + "evalution: {}\n")
+    assert "r.yaml:27: unknown key 'evalution' in the recipe's top level" in msg
+    for key in ("calibration", "evaluation", "gates", "model", "publish", "variants"):
+        assert key in msg
+
+
+def test_unknown_nested_key_points_at_its_line(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("  context_length: 128", "  context_lenght: 128"))
+    assert "r.yaml:10: unknown key 'context_lenght' in evaluation (did you mean 'context_length'?)" in msg
+    assert "valid keys: add_bos, batch_size, context_length, dataset, device, max_tokens, stride" in msg
+
+
+def test_unknown_key_in_variant_and_variant_gate(tmp_path: Path) -> None:
+    text = GOOD.replace("    method: bnb-int8\n", "    method: bnb-int8\n    bits: 4\n")
+    text = text.replace("      max_ppl_increase_pct: 40", "      max_ppl_increse_pct: 40")
+    msg = errors_of(tmp_path, text)
+    assert "unknown key 'bits' in variants[0]; valid keys: gate, method, name, options" in msg
+    assert "unknown key 'max_ppl_increse_pct' in variants[1].gate (did you mean 'max_ppl_increase_pct'?)" in msg
+
+
+def test_bad_backend_option(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("{bits: 4, group_size: 64}", "{bitz: 4, group_size: 64}"))
+    assert "r.yaml:21: variant 'gptq4' options:" in msg
+    assert "'bitz' is not an option of gptq (did you mean 'bits'?)" in msg
+    assert "valid options of gptq:" in msg and "group_size" in msg
+
+
+def test_bad_backend_option_value(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("{bits: 4, group_size: 64}", "{bits: 5}"))
+    assert "variant 'gptq4' options" in msg and "bits" in msg
+
+
+def test_unknown_method(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("method: bnb-int8", "method: bnb-int9"))
+    assert "r.yaml:18: variant 'int8' method: unknown method 'bnb-int9'" in msg
+    assert "did you mean 'bnb-int8'" in msg
+
+
+def test_calibration_needed(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("  dataset: calib.txt\n", ""))
+    assert "variant 'gptq4' (gptq) needs calibration text: set calibration.dataset" in msg
+
+
+def test_duplicate_variant_and_duplicate_key(tmp_path: Path) -> None:
+    assert "variant name 'int8' is used twice" in errors_of(tmp_path, GOOD.replace("name: gptq4", "name: int8"))
+    msg = errors_of(tmp_path, GOOD.replace("  max_tokens: 512\n", "  max_tokens: 512\n  max_tokens: 64\n"))
+    assert "r.yaml:12: key 'max_tokens' appears twice in evaluation" in msg
+
+
+def test_missing_required(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("  dataset: eval.txt\n", ""))
+    assert "evaluation.dataset is required" in msg
+
+
+def test_yaml_syntax_error_has_line_and_column(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("  samples: 8", "  samples: [8"))
+    assert "not valid YAML" in msg and "r.yaml:" in msg
+
+
+def test_not_a_mapping_and_empty(tmp_path: Path) -> None:
+    assert "a recipe is a YAML mapping" in errors_of(tmp_path, "- a\n- b\n")
+    assert "is empty" in errors_of(tmp_path, "")
+
+
+def test_unset_env_without_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_SUCH_VAR_X", raising=False)
+    msg = errors_of(tmp_path, GOOD.replace("${TEST_ASSETS:-/models}", "${NO_SUCH_VAR_X}"))
+    assert "r.yaml:3: model.source: ${NO_SUCH_VAR_X} is not set" in msg
+
+
+def test_publish_template_checks(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("{org}/{model_name}-{variant}", "{org}/{modelname}-{variant}"))
+    assert "unknown field {modelname}" in msg and "{model_name}" in msg
+    msg = errors_of(tmp_path, GOOD.replace("{org}/{model_name}-{variant}", "{org}/{model_name}"))
+    assert "needs {variant} in repo_id" in msg
+
+
+def test_overrides(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, GOOD))
+    same = apply_overrides(r, {"evaluation.max_tokens": None, "evaluation.device": None})
+    assert same.evaluation.max_tokens == 512  # None never overrides the file
+    r2 = apply_overrides(r, {"evaluation.max_tokens": 256})
+    sets = ["variants.gptq4.options.bits=8", "gates.max_ppl=null", "publish.private=true"]
+    r2 = apply_overrides(r2, parse_set_flags(sets), keep_none=True)
+    assert r2.evaluation.max_tokens == 256
+    assert r2.variants[1].options["bits"] == 8
+    assert r2.gate_for(r2.variants[1]).max_ppl is None
+    assert r2.gate_for(r2.variants[1]).max_ppl_increase_pct == 40  # untouched variant override survives
+    assert r2.publish is not None and r2.publish.private
+    with pytest.raises(RecipeError, match="variant 'gptq4' options"):
+        apply_overrides(r, parse_set_flags(["variants.gptq4.options.bitz=8"]))
+    with pytest.raises(RecipeError, match="no item 'nope'"):
+        apply_overrides(r, parse_set_flags(["variants.nope.options.bits=8"]))
+    with pytest.raises(RecipeError, match="not of the form"):
+        parse_set_flags(["evaluation.max_tokens"])
+
+
+def test_cli_validate_ok(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["recipe", "validate", str(write(tmp_path, GOOD))]) == 0
+    out = capsys.readouterr().out
+    assert "recipe tiny, 2 variant(s)" in out and "gptq4" in out
+
+
+def test_cli_validate_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["recipe", "validate", str(write(tmp_path, GOOD)), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["variants"][0]["gate"]["max_ppl_increase_pct"] == 5
+
+
+def test_cli_validate_unknown_key_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["recipe", "validate", str(write(tmp_path, GOOD + "extra: 1\n"))]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'extra'" in err and "valid keys:" in err and "-> " in err
+
+
+def test_cli_validate_bad_option_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, GOOD.replace("{bits: 4, group_size: 64}", "{bits: 4, groupsize: 64}"))
+    assert cli(["recipe", "validate", str(path)]) == 2
+    assert "'groupsize' is not an option of gptq (did you mean 'group_size'?)" in capsys.readouterr().err
+
+
+def test_cli_missing_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["recipe", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml does not exist" in capsys.readouterr().err
+    assert cli(["run", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_cli_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["recipe", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["$id"] == "llmopt.recipe/1"
+    assert {"model", "evaluation", "variants"} <= set(schema["required"])
+    assert schema["additionalProperties"] is False
