@@ -77,18 +77,20 @@ class _BnbBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        qcfg, dtype = self._quant_config(inputs.options, inputs.device)
+        qcfg, compute = self._quant_config(inputs.options, inputs.device)
         with inputs.reporter.step(f"loading and quantizing with bitsandbytes ({self.name})"):
+            # Tensors left unquantized (embeddings, norms) are stored in fp16 on every device, so the
+            # artifact is the same size wherever it was made; a CPU runner upcasts them on load.
             model = AutoModelForCausalLM.from_pretrained(
                 inputs.source.path,
                 quantization_config=qcfg,
-                dtype=getattr(torch, dtype),
+                dtype=torch.float16,
                 device_map=inputs.device if inputs.device == "cpu" else {"": inputs.device},
             )
         with inputs.reporter.step("saving bitsandbytes checkpoint"):
             model.save_pretrained(inputs.out_dir)
             AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)
-        return {"torch_dtype": dtype}
+        return {"compute_dtype": compute}
 
 
 class BnbInt8Backend(_BnbBackend):

@@ -42,7 +42,7 @@ class HFRunner:
 
         self.device = device
         self.dtype = default_dtype(device)
-        self.kernel = kernel
+        self.kernel: str | None = None  # only GPTQModel-loaded artifacts choose a kernel
         # bitsandbytes logs a warning on every int8 matmul with fp32 inputs (they are cast to fp16).
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         start = time.perf_counter()
