@@ -327,7 +327,13 @@ def render_card(
             _fmt_bytes(a.get("footprint_bytes")),
         ]
         if speed_col:
-            row.append(", ".join(f"{float(v):.2f}x @ batch {k}" for k, v in sorted(speed.items())))
+            row.append(
+                ", ".join(
+                    f"{float(v):.2f}x @ batch {k}"
+                    for k, v in sorted(speed.items(), key=lambda kv: int(kv[0]))
+                    if v is not None
+                )
+            )
         lines.append("| " + " | ".join(row) + " |")
     if gate.get("checks"):
         lines += ["", "**Gate** (all must pass to publish):", ""]

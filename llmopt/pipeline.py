@@ -42,6 +42,7 @@ class _Context:
         self.source_weights: dict[str, str] = {}
         self.eval_text_sha256 = ""
         self.calib_text_sha256: str | None = None
+        self.device = ""
         self.device_label = ""
         self.versions: dict[str, str | None] = {}
         self.org: str | None = None
@@ -145,7 +146,8 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
             text = load_text(recipe.calibration.dataset, purpose="calibration")
             ctx.calib_text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-        ctx.device_label = device_name(resolve_device(recipe.evaluation.device))
+        ctx.device = resolve_device(recipe.evaluation.device)
+        ctx.device_label = device_name(ctx.device)
         ctx.versions = {k: package_versions((k,)).get(k) for k in ("torch", "transformers")}
 
 
@@ -296,6 +298,8 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
         device=ev.device,
         batch_size=ev.batch_size,
         gate=gate,
+        kernel=ev.kernel,
+        throughput=ev.throughput,
         reporter=ctx.reporter,
     )
     return report, False
@@ -322,8 +326,17 @@ def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
         and (ev.get("baseline") or {}).get("model") == ctx.model_arg
         and ev.get("artifact_files_sha256") == files_digest(art.manifest.files)
         and all(packages.get(k) == v for k, v in ctx.versions.items())
+        and _same_throughput(ev, ev_spec.throughput, ctx.device)
     )
     return dict(ev) if same else None
+
+
+def _same_throughput(ev: dict[str, Any], wanted: Any, device: str) -> bool:
+    """True when no speed is asked for, or the stored one was measured with the same settings."""
+    if wanted is None:
+        return True
+    stored = (ev.get("throughput") or {}).get("settings")
+    return bool(stored == wanted.resolved(device).model_dump(mode="json"))
 
 
 def regate(art: Artifact, evaluation: dict[str, Any], gate: GateSpec) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from pydantic_core import PydanticCustomError
 
 from llmopt.errors import LlmoptError, RecipeError
 from llmopt.evaluate.gate import GateSpec
+from llmopt.evaluate.throughput import ThroughputSettings
 
 RECIPE_SCHEMA_ID = "llmopt.recipe/1"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -85,6 +86,12 @@ class EvaluationSpec(_Strict):
     add_bos: bool = Field(False, description="Put BOS before each window.")
     batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    kernel: str | None = Field(None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice.")
+    throughput: ThroughputSettings | None = Field(
+        None,
+        description="Also measure serving speed against FP16 (needed by the min_decode_speedup gate); "
+        "{} takes the device's default grids.",
+    )
 
     def resolved_stride(self) -> int:
         return self.stride if self.stride is not None else self.context_length
@@ -193,6 +200,13 @@ class Recipe(_Strict):
             if v.name in seen:
                 raise _error(f"variant name '{v.name}' is used twice")
             seen.add(v.name)
+        if self.evaluation.throughput is None:
+            for v in self.variants:
+                if self.gate_for(v).min_decode_speedup is not None:
+                    raise _error(
+                        f"variant '{v.name}' gates on min_decode_speedup, which needs speed measurements: "
+                        "add evaluation.throughput (e.g. `throughput: {}`)"
+                    )
         if self.calibration.dataset is None:
             for v in self.variants:
                 if v.needs_calibration():

@@ -241,7 +241,9 @@ def render_markdown(report: dict[str, Any]) -> str:
     if speed:
         lines += ["", "## Decode speed vs FP16", ""]
         for name, sp in speed:
-            parts = ", ".join(f"batch {b}: {float(v):.2f}x" for b, v in sorted(sp.items(), key=lambda kv: int(kv[0])))
+            parts = ", ".join(
+                f"batch {b}: {float(v):.2f}x" for b, v in sorted(sp.items(), key=lambda kv: int(kv[0])) if v is not None
+            )
             lines.append(f"- {name}: {parts}")
     errors = [r for r in report["variants"] if r.get("error")]
     if errors:
@@ -322,7 +324,7 @@ def write_plots(report: dict[str, Any], out: Path) -> tuple[list[str], list[str]
         width = 0.8 / max(len(batches), 1)
         for j, b in enumerate(batches):
             xs = [i + j * width for i in range(len(speed))]
-            ys = [float(sp.get(str(b), sp.get(b, 0)) or 0) for _, sp in speed]
+            ys = [float(sp.get(str(b)) or sp.get(b) or 0) for _, sp in speed]
             ax.bar(xs, ys, width=width, label=f"batch {b}")
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
         ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(speed))])

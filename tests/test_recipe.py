@@ -238,3 +238,14 @@ def test_cli_schema(capsys: pytest.CaptureFixture[str]) -> None:
     assert schema["$id"] == "llmopt.recipe/1"
     assert {"model", "evaluation", "variants"} <= set(schema["required"])
     assert schema["additionalProperties"] is False
+
+
+def test_speed_gate_needs_throughput(tmp_path: Path) -> None:
+    text = GOOD.replace("  max_ppl: 100\n", "  max_ppl: 100\n  min_decode_speedup: 1.2\n")
+    assert "needs speed measurements: add evaluation.throughput" in errors_of(tmp_path, text)
+    ok = load_recipe(
+        write(tmp_path, text.replace("  device: cpu\n", "  device: cpu\n  throughput: {batch_sizes: [1]}\n"))
+    )
+    assert ok.evaluation.throughput is not None and ok.evaluation.throughput.batch_sizes == [1]
+    bad = text.replace("  device: cpu\n", "  device: cpu\n  throughput: {batch_size: [1]}\n")
+    assert "unknown key 'batch_size' in evaluation.throughput (did you mean 'batch_sizes'?)" in errors_of(tmp_path, bad)

@@ -412,3 +412,36 @@ variants:
     assert weights.stat().st_mtime_ns == mtime
     assert second < first / 3, (first, second)
     assert sorted(os.listdir(out / "artifacts")) == ["int8", "nf4"]
+
+
+def test_report_with_speed_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from llmopt.report import build_run_report, write_report
+
+    rows = [
+        {"name": n, "method": "gptq", "status": "passed", "evaluation": {
+            "artifact": {"perplexity": p, "stderr": 0.1, "size_bytes": s}, "delta_pct": d,
+            "throughput": {"decode_speedup": {"1": x, "8": None}}}}
+        for n, p, s, d, x in (("a", 10.0, 100, 1.0, 1.8), ("b", 11.0, 60, 10.0, 2.4))
+    ]  # fmt: skip
+    report = write_report(build_run_report(recipe={"name": "r"}, variants=rows, output=tmp_path), tmp_path)
+    assert report["files"]["plots"] == ["plots/perplexity_vs_size.png", "plots/decode_speedup.png"]
+    assert "- b: batch 1: 2.40x" in (tmp_path / "report.md").read_text()
+
+
+def test_ci_doc_workflow_matches_plan(fake: tuple[FakeApi, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/ci-github-actions.md: the workflow parses and reads only fields that `llmopt plan` emits."""
+    import re
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "ci-github-actions.md").read_text()
+    block = text.split("```yaml\n", 1)[1].split("```", 1)[0]
+    workflow = yaml.safe_load(block)
+    assert set(workflow["jobs"]) == {"plan", "quantize", "report"}
+    assert "--format github-matrix" in workflow["jobs"]["plan"]["steps"][-1]["run"]
+    assert workflow["jobs"]["quantize"]["strategy"]["fail-fast"] is False
+    _, recipe = fake
+    assert cli(["plan", str(recipe), "--format", "github-matrix"]) == 0
+    job = json.loads(capsys.readouterr().out)["include"][0]
+    assert set(re.findall(r"matrix\.(\w+)", block)) <= set(job)
