@@ -127,9 +127,14 @@ class VariantSpec(_Strict):
         return _backend_options(self.method, self.options)
 
     def needs_calibration(self) -> bool:
+        """Whether quantizing this variant needs calibration text (gguf: only for an importance matrix)."""
         from llmopt.backends import get_backend
 
-        return bool(get_backend(self.method, require_usable=False).needs_calibration)
+        backend = get_backend(self.method, require_usable=False)
+        wants = getattr(backend, "wants_calibration", None)
+        if callable(wants):
+            return bool(wants(backend.parse_options(self.options)))
+        return bool(backend.needs_calibration)
 
 
 class PublishSpec(_Strict):
