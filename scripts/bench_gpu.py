@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 T0 = time.time()
 # Rough seconds each variant needs (load + compile at two batch shapes + timing), to respect --deadline-s.
 COST_S = {
-    "8b": {"fp16": 180, "gptq": 200, "nf4": 120, "int8": 120},
+    "8b": {"fp16": 180, "gptq": 150, "nf4": 110, "int8": 70},
     "1b": {"fp16": 90, "gptq": 100, "nf4": 60, "int8": 60},
 }
 
@@ -42,19 +42,34 @@ def log(msg: str) -> None:
     print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
 
 
-def prebuild_marlin(out: Path) -> subprocess.Popen[bytes] | None:
-    """Start GPTQModel's Marlin JIT build (minutes) in the background while FP16 is measured."""
-    code = (
-        "import torch\n"
-        "from gptqmodel.utils.marlin import _MARLIN_FP16_TORCH_OPS_EXTENSION as e\n"
-        "ok = e.load()\n"
-        "print('marlin fp16 build:', ok, getattr(e, '_last_error', ''), flush=True)\n"
-    )
+# GPTQModel kernels that JIT-compile CUDA code at first use, and the extension object that builds them.
+JIT_KERNELS = {
+    "marlin": ("gptqmodel.utils.marlin", "_MARLIN_FP16_TORCH_OPS_EXTENSION"),
+    "exllama_v2": ("gptqmodel.utils.exllamav2", "_EXLLAMAV2_GPTQ_TORCH_OPS_EXTENSION"),
+}
+
+
+def gptq_kernel(variant: str, default: str) -> str:
+    """'gptq' uses --kernel; 'gptq-exllama_v2' names its kernel."""
+    return variant.split("-", 1)[1] if variant.startswith("gptq-") else default
+
+
+def prebuild_kernels(out: Path, kernels: list[str]) -> subprocess.Popen[bytes] | None:
+    """Start GPTQModel's JIT builds (minutes for Marlin) in the background while FP16 is measured."""
+    lines = ["import torch, importlib"]
+    for k in kernels:
+        if k in JIT_KERNELS:
+            mod, attr = JIT_KERNELS[k]
+            lines.append(f"e = getattr(importlib.import_module('{mod}'), '{attr}')")
+            lines.append(f"print('{k} build:', e.load(), getattr(e, '_last_error', ''), flush=True)")
+    if len(lines) == 1:
+        return None
+    code = "\n".join(lines) + "\n"
     try:
-        logf = open(out / "marlin-build.log", "wb")  # noqa: SIM115 - lives as long as the process
+        logf = open(out / "kernel-build.log", "wb")  # noqa: SIM115 - lives as long as the process
         return subprocess.Popen([sys.executable, "-c", code], stdout=logf, stderr=subprocess.STDOUT)
     except OSError as exc:
-        log(f"could not start the Marlin build: {exc}")
+        log(f"could not start the kernel builds: {exc}")
         return None
 
 
@@ -136,11 +151,12 @@ def run_variant(
     profiled = variant in args.profile and shape == first_shape
     profile_to = args.out / f"profile-{shape}-{variant}.txt" if profiled else None
     label = f"{shape} {variant}"
-    if variant in ("fp16", "gptq"):
+    if variant == "fp16" or variant.startswith("gptq"):
         from llmopt.runners import load_runner
 
         kind, path = ("hf", dirs["fp16"]) if variant == "fp16" else ("gptqmodel", dirs["gptq"])
-        runner = load_runner(kind, path, device, kernel=args.kernel if variant == "gptq" else None)
+        kernel = gptq_kernel(variant, args.kernel) if kind == "gptqmodel" else None
+        runner = load_runner(kind, path, device, kernel=kernel)
         try:
             result = measure_loaded(runner.model, device, settings, profile_to, label)  # type: ignore[attr-defined]
             result.update(
@@ -190,8 +206,9 @@ def prepare_shape(shape: str, variants: list[str], work: Path, device: str) -> d
 
     dirs = {"fp16": work / f"{shape}-fp16", "gptq": work / f"{shape}-gptq"}
     need_fp16 = any(v in variants for v in ("fp16", "nf4", "int8"))
+    need_gptq = any(v.startswith("gptq") for v in variants)
     if (need_fp16 and not (dirs["fp16"] / "config.json").is_file()) or (
-        "gptq" in variants and not (dirs["gptq"] / "config.json").is_file()
+        need_gptq and not (dirs["gptq"] / "config.json").is_file()
     ):
         model = build_fp16(llama_config(shape), device)
         n = sum(p.numel() for p in model.parameters())
@@ -199,7 +216,7 @@ def prepare_shape(shape: str, variants: list[str], work: Path, device: str) -> d
         if need_fp16:
             save_fp16(model, dirs["fp16"])
             log(f"{shape}: saved fp16 folder")
-        if "gptq" in variants:
+        if need_gptq:
             write_random_gptq(model, dirs["gptq"], group_size=128)
             log(f"{shape}: wrote random GPTQ 4-bit g128 checkpoint")
         del model
@@ -284,6 +301,7 @@ def main() -> None:
         default="int8",
         help="variants timed with 32 new tokens x 3 runs (eager decoding is slow; the table says so)",
     )
+    parser.add_argument("--modes", default="", help="per-variant decode mode, e.g. int8=eager (default auto)")
     parser.add_argument("--deadline-s", type=float, default=1e9, help="skip variants that would end past this")
     parser.add_argument("--device", default="cuda:0", help="cuda:0; cpu only to smoke-test this script")
     parser.add_argument("--work", type=Path, default=Path("/tmp/llmopt-bench"))
@@ -295,7 +313,9 @@ def main() -> None:
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "4")
     variants = [v for v in args.variants.split(",") if v]
-    builder = prebuild_marlin(args.out) if "gptq" in variants and args.kernel == "marlin" else None
+    kernels = sorted({gptq_kernel(v, args.kernel) for v in variants if v.startswith("gptq")})
+    builder = prebuild_kernels(args.out, kernels)
+    modes = dict(pair.split("=", 1) for pair in args.modes.split(",") if pair)
 
     import torch
 
@@ -338,22 +358,29 @@ def main() -> None:
         dirs = prepare_shape(shape, variants, args.work, device)
         for variant in variants:
             elapsed = time.time() - T0
-            if elapsed + COST_S.get(shape, {}).get(variant, 60) > args.deadline_s:
+            if elapsed + COST_S.get(shape, {}).get(variant.split("-")[0], 60) > args.deadline_s:
                 results[variant] = {"error": f"skipped: {elapsed:.0f} s used of the {args.deadline_s:.0f} s deadline"}
                 log(f"{shape} {variant}: skipped (deadline)")
                 continue
-            if variant == "gptq" and builder is not None:
-                log("waiting for the Marlin build")
+            if variant.startswith("gptq") and builder is not None:
+                log("waiting for the GPTQ kernel builds")
                 builder.wait()
-                log((args.out / "marlin-build.log").read_text()[-400:])
+                log((args.out / "kernel-build.log").read_text()[-400:])
                 builder = None
             log(f"{shape} {variant}: start")
             settings = SETTINGS
             if variant in args.short_variants.split(","):
                 settings = SETTINGS.model_copy(update={"gen_len": 32, "repetitions": 3, "warmup": 1})
+            if variant in modes:
+                settings = settings.model_copy(update={"decode_mode": modes[variant]})
             try:
                 results[variant] = run_variant(shape, variant, dirs, device, settings, args)
                 results[variant]["settings"] = settings.model_dump(mode="json")
+                if variant in modes:
+                    results[variant]["decode_mode_note"] = (
+                        f"decode mode set to {modes[variant]} for this run (not auto); "
+                        + (results[variant].get("decode_mode_note") or "")
+                    ).strip("; ")
             except Exception as exc:
                 import traceback
 
