@@ -187,6 +187,24 @@ def test_static_decoder_decodes_what_generate_does() -> None:
 
 
 @needs_torch
+def test_graph_replay_is_checked_against_eager() -> None:
+    import torch
+
+    from llmopt.evaluate.throughput import GraphMismatchError, check_replay
+
+    ref = torch.randn(2, 1000, generator=torch.Generator().manual_seed(3))
+    assert check_replay(ref + 1e-3 * torch.randn(2, 1000), ref) is True
+    # A graph that lost its matmuls (the quantized GEMMs were dropped) computes something else.
+    with pytest.raises(GraphMismatchError, match="differ from eager"):
+        check_replay(torch.randn(2, 1000), ref)
+    with pytest.raises(GraphMismatchError, match="finite at different places"):
+        check_replay(torch.where(ref > 2, torch.inf, ref), ref)
+    with pytest.raises(GraphMismatchError, match="shape"):
+        check_replay(ref[:1], ref)
+    assert check_replay(torch.zeros(2, 1000), torch.full((2, 1000), torch.nan)) is False
+
+
+@needs_torch
 def test_weight_bytes_per_step() -> None:
     from llmopt.evaluate.throughput import weight_bytes_per_step
 
@@ -293,6 +311,7 @@ def test_graphed_decoding_matches_eager_on_gpu(mode: str) -> None:
         graphed = StaticDecoder(model, "cuda:0", 2, 32)
         assert torch.equal(graphed.prefill(prompt), first)
         graphed.prepare(mode, first, 10)
+        assert graphed.verified is True
         assert torch.equal(graphed.tokens(first, 10, 12), expected)
         assert all(t > 0 for t in graphed.run(first, 10, 12))
 

@@ -54,9 +54,7 @@ class ThroughputSettings(BaseModel):
     """What to measure. Unset grids take the device's defaults (see ``resolved``)."""
 
     model_config = ConfigDict(extra="forbid")
-    batch_sizes: list[int] | None = Field(
-        default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4)."
-    )
+    batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4).")
     prompt_lens: list[int] | None = Field(
         default=None,
         description="Prefill prompt lengths; decoding starts after the first (default GPU 128,512,2048).",
@@ -65,12 +63,8 @@ class ThroughputSettings(BaseModel):
         default=None, ge=2, description="Tokens generated per timed decode run (GPU default 128)."
     )
     warmup: int = Field(default=2, ge=0, description="Untimed runs before timing each point.")
-    repetitions: int = Field(
-        default=5, ge=1, description="Timed runs per point; medians and spread are over these."
-    )
-    decode_mode: DecodeMode = Field(
-        default="auto", description="compile, graph, eager, or auto (best that works)."
-    )
+    repetitions: int = Field(default=5, ge=1, description="Timed runs per point; medians and spread are over these.")
+    decode_mode: DecodeMode = Field(default="auto", description="compile, graph, eager, or auto (best that works).")
     gpu_hourly_cost: float | None = Field(
         default=None, gt=0, description="Price of the device per hour, for $/1M tokens."
     )
@@ -304,6 +298,7 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self._cache_arg, self._has_keep = _forward_kwargs(model)
         self.mode = "eager"
+        self.verified: bool | None = None  # graph output checked against eager (None: not a graph)
         self._graph: Any = None
         self._ids: Any = None  # the graph's static input/output token buffer
         self._step_fn: Callable[[Any], Any] = self._step
@@ -314,8 +309,12 @@ class StaticDecoder:
             kwargs["logits_to_keep"] = 1
         return self.model(input_ids=ids, **kwargs).logits
 
+    def _step_logits(self, ids: Any) -> tuple[Any, Any]:
+        logits = self._logits(ids)[:, -1, :]
+        return logits, logits.argmax(dim=-1, keepdim=True)
+
     def _step(self, ids: Any) -> Any:
-        return self._logits(ids)[:, -1, :].argmax(dim=-1, keepdim=True)
+        return self._step_logits(ids)[1]
 
     def prefill(self, ids: Any) -> Any:
         """Run the prompt through the model from position 0; returns the first generated token ids."""
@@ -335,9 +334,12 @@ class StaticDecoder:
         if mode == "eager":
             self._step_fn = self._step
             return
-        fn: Callable[[Any], Any] = self._step
+        fn: Callable[[Any], tuple[Any, Any]] = self._step_logits
         if mode == "compile":
-            fn = torch.compile(self._step, fullgraph=False)
+            fn = torch.compile(self._step_logits, fullgraph=False)
+        # What the step must compute, from plain eager kernels, to check the graph against.
+        _set_position(self.cache, position)
+        reference = self._step_logits(first)[0].float().clone()
         # The graph feeds itself: each replay reads the token buffer and writes the next token into it.
         ids = first.clone()
         stream = torch.cuda.Stream(device=self.device)
@@ -345,13 +347,21 @@ class StaticDecoder:
         with torch.cuda.stream(stream):
             for _ in range(3):  # compiles (compile mode) and warms up allocations off the capture
                 _set_position(self.cache, position)
-                ids.copy_(fn(ids))
+                ids.copy_(fn(ids)[1])
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         _set_position(self.cache, position)
         with torch.cuda.graph(graph):
-            ids.copy_(fn(ids))
+            logits, next_ids = fn(ids)
+            ids.copy_(next_ids)
+        # A kernel launched outside the capture stream, or an op the compiler dropped (an out-argument
+        # its schema does not declare), leaves the graph fast and wrong: replay once and compare.
+        _set_position(self.cache, position)
+        ids.copy_(first)
+        graph.replay()
+        torch.cuda.synchronize(self.device)
+        self.verified = check_replay(logits.float(), reference)
         self._graph, self._ids = graph, ids
 
     def run(self, first: Any, position: int, steps: int) -> list[float]:
@@ -408,6 +418,34 @@ class StaticDecoder:
         self._graph = None
         self._ids = None
         self.cache = None  # type: ignore[assignment]
+
+
+class GraphMismatchError(RuntimeError):
+    """A captured decode step computes something other than the eager step."""
+
+
+def check_replay(got: Any, reference: Any, rtol: float = 0.05) -> bool:
+    """True when graph logits match eager ones; False when it cannot tell (no finite logits).
+
+    Raises GraphMismatchError when they differ beyond fp16 / kernel-order noise: relative L2 error over
+    the finite logits above ``rtol``, or finite in one and not the other.
+    """
+    import torch
+
+    if got.shape != reference.shape:
+        raise GraphMismatchError(f"graph logits have shape {tuple(got.shape)}, eager {tuple(reference.shape)}")
+    finite = torch.isfinite(reference)
+    if not bool(finite.any()):
+        return False
+    if not torch.equal(finite, torch.isfinite(got)):
+        raise GraphMismatchError("graph and eager logits are finite at different places")
+    err = float((got[finite] - reference[finite]).norm() / reference[finite].norm().clamp_min(1e-12))
+    if err > rtol:
+        raise GraphMismatchError(
+            f"graph logits differ from eager by {err:.2g} (relative): a kernel ran outside the captured "
+            "stream or was dropped by the compiler"
+        )
+    return True
 
 
 def _mode_chain(requested: str, device: str) -> list[str]:
@@ -609,6 +647,8 @@ def measure_decode(
                             failed.add(mode)
                             _sync(device)
                     assert mode_used is not None
+                    if dec.verified is False:
+                        notes.append(f"batch {batch}: graph not checked against eager (logits not finite)")
                     per_step: list[float] = []
                     rates: list[float] = []
                     for i in range(settings.warmup + settings.repetitions):
@@ -784,9 +824,7 @@ def available_attention() -> list[str]:
     return found
 
 
-def compare(
-    baseline: dict[str, Any], artifact: dict[str, Any], settings: ThroughputSettings
-) -> dict[str, Any]:
+def compare(baseline: dict[str, Any], artifact: dict[str, Any], settings: ThroughputSettings) -> dict[str, Any]:
     """Speedups of ``artifact`` over ``baseline`` (ratios of medians measured in one process)."""
 
     def ratio(a: float | None, b: float | None) -> float | None:
