@@ -22,6 +22,7 @@ import pytest
 from llmopt import api
 from llmopt.artifact import (
     Artifact,
+    CalibrationInfo,
     EnvironmentInfo,
     Manifest,
     SourceInfo,
@@ -90,6 +91,17 @@ class FakeApi:
         (out / "model.safetensors").write_bytes(secrets.token_bytes(256))
         (out / "config.json").write_text("{}")
         src = resolve(model)
+        calibration = None
+        if kw.get("calibration"):
+            import hashlib
+
+            from llmopt.data import load_text
+
+            text = load_text(kw["calibration"], purpose="calibration")
+            calibration = CalibrationInfo(
+                dataset=kw["calibration"], samples=kw["samples"], seq_len=kw["seq_len"], tokens_sha256="0" * 64,
+                text_sha256=hashlib.sha256(text.encode()).hexdigest(),
+            )  # fmt: skip
         manifest = Manifest(
             llmopt_version="0.1.0",
             backend=method,
@@ -97,6 +109,7 @@ class FakeApi:
             runner="hf",
             options=get_backend(method, require_usable=False).parse_options(kw["options"]).model_dump(mode="json"),
             source=SourceInfo(model=model, resolved_path=str(src.path), weights_sha256=src.weights_sha256()),
+            calibration=calibration,
             environment=EnvironmentInfo(python="3", platform="test", packages={}, device="cpu"),
             quantize_seconds=1.5,
             files=hash_tree(out),
@@ -445,3 +458,38 @@ def test_ci_doc_workflow_matches_plan(fake: tuple[FakeApi, Path], capsys: pytest
     assert cli(["plan", str(recipe), "--format", "github-matrix"]) == 0
     job = json.loads(capsys.readouterr().out)["include"][0]
     assert set(re.findall(r"matrix\.(\w+)", block)) <= set(job)
+
+
+def test_run_calibration_changes_requantize(fake: tuple[FakeApi, Path], tmp_path: Path) -> None:
+    stand_in, _ = fake
+    calib = tmp_path / "calib.txt"
+    calib.write_text("Calibration prose. " * 100)
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(
+        f"""\
+model: {{source: {tmp_path / "model"}}}
+calibration: {{dataset: {calib}, samples: 4, seq_len: 16, seed: 0}}
+evaluation: {{dataset: {tmp_path / "eval.txt"}, context_length: 64, device: cpu}}
+gates: {{max_ppl_increase_pct: 5}}
+variants:
+  - {{name: gptq4, method: gptq, options: {{bits: 4, group_size: 64}}}}
+  - {{name: int8, method: bnb-int8}}
+"""
+    )
+    out = tmp_path / "out"
+    assert cli(["run", str(recipe), "-o", str(out), "-q"]) == 0
+    manifest = Artifact.open(out / "artifacts" / "gptq4").manifest
+    assert manifest.calibration is not None and manifest.calibration.samples == 4
+    assert Artifact.open(out / "artifacts" / "int8").manifest.calibration is None  # bnb needs none
+    stand_in.calls.clear()
+    assert cli(["run", str(recipe), "-o", str(out), "-q"]) == 0
+    assert stand_in.calls == []
+    # another seed, or other calibration text, picks other samples: quantize again (bnb is unaffected)
+    assert cli(["run", str(recipe), "-o", str(out), "-q", "--set", "calibration.seed=1"]) == 0
+    assert stand_in.calls == [("quantize", "gptq4"), ("evaluate", "gptq4")]
+    stand_in.calls.clear()
+    calib.write_text("Other calibration prose. " * 100)
+    assert cli(["run", str(recipe), "-o", str(out), "-q", "--set", "calibration.seed=1"]) == 0
+    assert stand_in.calls == [("quantize", "gptq4"), ("evaluate", "gptq4")]
+    report = json.loads((out / "report.json").read_text())
+    assert report["variants"][0]["quantize"]["reason"] == "calibration changed"
