@@ -40,11 +40,21 @@ def _root(
 
 from llmopt.cli import backends as _backends  # noqa: E402
 from llmopt.cli import evaluate as _evaluate  # noqa: E402
+from llmopt.cli import plan as _plan  # noqa: E402
+from llmopt.cli import publish as _publish  # noqa: E402
 from llmopt.cli import quantize as _quantize  # noqa: E402
+from llmopt.cli import recipe as _recipe  # noqa: E402
+from llmopt.cli import report as _report  # noqa: E402
+from llmopt.cli import run as _run  # noqa: E402
 
 _backends.register(app)
 _quantize.register(app)
 _evaluate.register(app)
+_run.register(app)
+_publish.register(app)
+_plan.register(app)
+_recipe.register(app)
+_report.register(app)
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
