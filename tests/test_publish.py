@@ -310,3 +310,22 @@ def test_gptq_card(tmp_path: Path) -> None:
     meta = yaml.safe_load(card.split("---")[1])
     assert {"gptq", "4-bit"} <= set(meta["tags"])
     assert "vllm serve org/smol-gptq" in card and "gptqmodel" in card
+
+
+def test_ensure_ready_resolves_org_from_token(hub: HubServer) -> None:
+    from llmopt.hub import ensure_ready
+
+    assert ensure_ready("my-org") == "my-org"
+    assert ensure_ready(None) == "test-user"  # whoami of the token
+    assert [r.path for r in hub.requests] == ["/api/whoami-v2"]
+
+
+def test_repo_targets_from_recipes() -> None:
+    from llmopt.pipeline import repo_target
+    from llmopt.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    mistral = load_recipe(root / "mistral-7b-gpu.yaml")
+    assert repo_target(mistral, mistral.variants[0], "org") == ("org/Mistral-7B-v0.3-llmopt", "gptq-4bit-g128")
+    smol = load_recipe(root / "smollm2-135m-cpu.yaml")
+    assert repo_target(smol, smol.variants[1], "org") == ("org/SmolLM2-135M-Instruct-bnb-nf4", None)
