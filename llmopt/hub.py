@@ -424,10 +424,15 @@ def _api() -> Any:
 
 def _hub_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call huggingface_hub, turning HTTP and network failures into one clear line."""
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     try:
         return fn(*args, **kwargs)
+    except OfflineModeIsEnabled:
+        raise InputError(
+            f"cannot {what}: huggingface_hub is in offline mode (HF_HUB_OFFLINE is set).",
+            "Unset HF_HUB_OFFLINE (and TRANSFORMERS_OFFLINE) to publish.",
+        ) from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if getattr(exc, "response", None) is not None else None
         server = (getattr(exc, "server_message", None) or "").strip().splitlines()

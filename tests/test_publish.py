@@ -329,3 +329,15 @@ def test_repo_targets_from_recipes() -> None:
     assert repo_target(mistral, mistral.variants[0], "org") == ("org/Mistral-7B-v0.3-llmopt", "gptq-4bit-g128")
     smol = load_recipe(root / "smollm2-135m-cpu.yaml")
     assert repo_target(smol, smol.variants[1], "org") == ("org/SmolLM2-135M-Instruct-bnb-nf4", None)
+
+
+def test_offline_mode_is_explained(
+    tmp_path: Path, hub: HubServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    art = make_artifact(tmp_path)
+    assert run_cli(["publish", str(art), "test-org/smol-int8"]) == 2
+    assert "offline mode (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+    assert hub.requests == []
