@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kernel", default=None, help="GPTQModel backend for loading the GPTQ result (e.g. torch)")
     p.add_argument("--llmopt-report", type=Path, help="an `llmopt eval --json` report to compare against")
     args = p.parse_args()
 
@@ -85,7 +86,10 @@ def main() -> None:
         out = tempfile.mkdtemp(prefix="direct-gptq-")
         qmodel.save(out)
         quant_s = time.perf_counter() - start
-        model = GPTQModel.load(out, device=args.device).model
+        from gptqmodel import BACKEND
+
+        backend = BACKEND(args.kernel) if args.kernel else BACKEND.AUTO
+        model = GPTQModel.load(out, device=args.device, backend=backend).model
     elif args.method.startswith("bnb"):
         from transformers import BitsAndBytesConfig
 

@@ -254,3 +254,13 @@ def test_broken_and_incomplete_plugins_are_listed_not_fatal(tmp_path: Path) -> N
     assert run.returncode == EXIT_UNAVAILABLE
     assert "pip install definitely-missing-pkg-xyz" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["run"], ["quantize", "x", "-m", "gptq", "-o", "y", "--bits", "four"], ["no-such-command"]],
+)
+def test_usage_errors_exit_2_without_traceback(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(args, capsys)
+    assert code == EXIT_INPUT
+    assert "Traceback" not in err and "Error" in err

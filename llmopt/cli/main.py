@@ -7,7 +7,6 @@ import signal
 import sys
 from typing import Annotated, Any
 
-import click
 import typer
 
 from llmopt import __version__
@@ -39,6 +38,8 @@ def _root(
 
 
 from llmopt.cli import backends as _backends  # noqa: E402
+from llmopt.cli import bench as _bench  # noqa: E402
+from llmopt.cli import estimate as _estimate  # noqa: E402
 from llmopt.cli import evaluate as _evaluate  # noqa: E402
 from llmopt.cli import plan as _plan  # noqa: E402
 from llmopt.cli import publish as _publish  # noqa: E402
@@ -46,10 +47,14 @@ from llmopt.cli import quantize as _quantize  # noqa: E402
 from llmopt.cli import recipe as _recipe  # noqa: E402
 from llmopt.cli import report as _report  # noqa: E402
 from llmopt.cli import run as _run  # noqa: E402
+from llmopt.cli import speculate as _speculate  # noqa: E402
 
 _backends.register(app)
 _quantize.register(app)
 _evaluate.register(app)
+_bench.register(app)
+_estimate.register(app)
+_speculate.register(app)
 _run.register(app)
 _publish.register(app)
 _plan.register(app)
@@ -59,6 +64,31 @@ _report.register(app)
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Typer's usage errors: ``typer.TyperException`` from Typer 0.28 on (it vendors click), click's before."""
+    types: list[type[BaseException]] = []
+    if hasattr(typer, "TyperException"):
+        types.append(typer.TyperException)
+    try:
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _abort_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [KeyboardInterrupt, typer.Abort]
+    try:
+        import click
+
+        types.append(click.exceptions.Abort)
+    except ImportError:
+        pass
+    return tuple(types)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,13 +103,15 @@ def main(argv: list[str] | None = None) -> None:
         if exc.hint:
             typer.echo(f"  -> {exc.hint}", err=True)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except _abort_types():
         typer.secho("interrupted: nothing was written (partial output removed).", fg="yellow", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: nothing was written (partial output removed).", fg="yellow", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code if exc.exit_code else EXIT_INPUT)
+    except _usage_error_types() as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        code = getattr(exc, "exit_code", EXIT_INPUT)
+        sys.exit(code if isinstance(code, int) and code else EXIT_INPUT)
     sys.exit(rv if isinstance(rv, int) else 0)
