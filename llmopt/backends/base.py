@@ -34,6 +34,8 @@ BUILTIN: dict[str, str] = {
     "bnb-int8": "llmopt.backends.bnb:BnbInt8Backend",
     "bnb-nf4": "llmopt.backends.bnb:BnbNf4Backend",
     "bnb-fp4": "llmopt.backends.bnb:BnbFp4Backend",
+    "awq": "llmopt.backends.awq:AWQBackend",
+    "gguf": "llmopt.backends.gguf:GGUFBackend",
 }
 
 
@@ -102,6 +104,10 @@ class Backend(ABC):
                 f"invalid options for {self.name}: " + "; ".join(problems),
                 f"valid options of {self.name}: {valid}",
             ) from None
+
+    def wants_calibration(self, options: BaseModel) -> bool:
+        """Whether quantizing with these options needs calibration samples (gguf: only for an imatrix)."""
+        return self.needs_calibration
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:  # noqa: B027
         """Cheap checks against the model's config and the device, run before any heavy work."""

@@ -29,6 +29,18 @@ def register(app: typer.Typer) -> None:
             bool | None, typer.Option("--double-quant/--no-double-quant", help="bnb 4-bit double quantization.")
         ] = None,
         compute_dtype: Annotated[str | None, typer.Option(help="bnb 4-bit compute dtype.")] = None,
+        zero_point: Annotated[
+            bool | None, typer.Option("--zero-point/--no-zero-point", help="AWQ zero point (asymmetric); default on.")
+        ] = None,
+        awq_version: Annotated[
+            str | None, typer.Option("--version", help="AWQ packing: gemm (default; runs everywhere) or gemv (CUDA).")
+        ] = None,
+        quant_type: Annotated[
+            str | None, typer.Option(help="gguf: llama.cpp type (q8_0, q6_k, q5_k_m, q4_k_m, iq4_xs, f16, ...).")
+        ] = None,
+        imatrix: Annotated[
+            str | None, typer.Option(help="gguf: importance matrix: none, auto (from --calibration) or a file.")
+        ] = None,
         option: Annotated[
             list[str] | None, typer.Option("--option", "-O", help="Any backend option as key=value (repeatable).")
         ] = None,
@@ -57,6 +69,10 @@ def register(app: typer.Typer) -> None:
             "llm_int8_threshold": llm_int8_threshold,
             "double_quant": double_quant,
             "compute_dtype": compute_dtype,
+            "zero_point": zero_point,
+            "version": awq_version,
+            "quant_type": quant_type,
+            "imatrix": imatrix,
         }
         options = {k: v for k, v in flags.items() if v is not None}
         options.update(parse_key_values(option))

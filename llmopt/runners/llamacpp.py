@@ -87,7 +87,7 @@ class LlamaCppRunner:
             if not llama_cpp.llama_supports_gpu_offload():
                 raise BackendUnavailableError(
                     f"device '{device}' was asked for, but this llama-cpp-python build is CPU-only.",
-                    "Rebuild it with `python scripts/build_llamacpp.py --cuda`, or evaluate with --device cpu.",
+                    "Rebuild it with `python scripts/build_llamacpp.py --cuda`, or use --device cpu.",
                 )
             self.n_gpu_layers = -1
         self.dtype = f"f32 compute, {KV_CACHE_TYPE} KV cache (llama.cpp)"
@@ -153,60 +153,61 @@ class LlamaCppRunner:
         return out
 
     def footprint_bytes(self) -> int:
-        """Bytes of the model's tensors as llama.cpp holds them (the KV cache and logits excluded, as for HF)."""
+        """Bytes of the model's tensors as llama.cpp holds them (KV cache and logits excluded, as for HF)."""
         return int(self._llama_cpp.llama_model_size(self._llm.model))
 
-    def bench(
-        self, prompt_len: int = 128, gen_len: int = 64, batch: int = 1, repeats: int = 3
-    ) -> dict[str, Any]:
-        """Prompt-processing and generation speed, one sequence, greedy-free (fixed next tokens).
+    def _timed_runs(self, prompt_len: int, gen_len: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
+        """Prompt of ``prompt_len`` fixed token ids, then ``gen_len`` single-token decodes, timed.
 
-        Timed with wall-clock around llama.cpp's decode calls (what a caller sees, Python overhead of
-        llama-cpp-python included); llama.cpp's own perf counters (``llama_perf_context``: time inside
-        its decode) are reported alongside. A fresh context without ``logits_all`` is used, as served.
-        Warm-up: one untimed run. Reported: the median of ``repeats`` runs.
+        A fresh context without ``logits_all`` (as served); fixed next tokens instead of sampling, so
+        only llama.cpp's decode is timed. Wall-clock around each llama_decode call (what a caller sees,
+        llama-cpp-python's Python overhead included) and llama.cpp's own counters (time inside decode).
         """
-        if batch != 1:
-            raise InputError("the llama.cpp runner benchmarks one sequence (batch 1).", "Use batch=1.")
         if prompt_len < 1 or gen_len < 1:
-            raise InputError("prompt_len and gen_len must be at least 1.", "Pass positive lengths.")
+            raise InputError("prompt and generation lengths must be at least 1.", "Pass positive lengths.")
         lc = self._llama_cpp
         llm = self._open(n_ctx=prompt_len + gen_len, logits_all=False)
+        runs: list[dict[str, Any]] = []
         try:
             n_vocab = llm.n_vocab()
             prompt = [(17 + 7919 * i) % n_vocab for i in range(prompt_len)]
             gen = [(29 + 104729 * i) % n_vocab for i in range(gen_len)]
-            runs = []
-            for r in range(repeats + 1):
+            for r in range(warmup + repeats):
                 llm.reset()
                 lc.llama_perf_context_reset(llm.ctx)
+                # llama_synchronize: the work is done (GPU backends return early) and llama.cpp's
+                # counters book each decode as prompt or generation (they do so only on a sync).
                 t0 = time.perf_counter()
                 llm.eval(prompt)
-                t1 = time.perf_counter()
+                lc.llama_synchronize(llm.ctx)
+                prompt_s = time.perf_counter() - t0
                 steps = []
                 for tok in gen:
                     s = time.perf_counter()
                     llm.eval([tok])
+                    lc.llama_synchronize(llm.ctx)
                     steps.append(time.perf_counter() - s)
-                t2 = time.perf_counter()
                 perf = lc.llama_perf_context(llm.ctx)
-                if r == 0:
-                    continue  # warm-up
-                runs.append(
-                    {
-                        "prompt_s": t1 - t0,
-                        "gen_s": t2 - t1,
-                        "steps": steps,
-                        "perf_prompt_ms": perf.t_p_eval_ms,
-                        "perf_gen_ms": perf.t_eval_ms,
-                        "perf_n_gen": perf.n_eval,
-                    }
-                )
+                if r >= warmup:
+                    runs.append(
+                        {
+                            "prompt_s": prompt_s,
+                            "steps": steps,
+                            "perf_prompt_ms": perf.t_p_eval_ms,
+                            "perf_gen_ms": perf.t_eval_ms,
+                            "perf_n_gen": perf.n_eval,
+                        }
+                    )
         finally:
             llm.close()
+        return runs
+
+    def speed(self, prompt_len: int = 128, gen_len: int = 64, repeats: int = 3) -> dict[str, Any]:
+        """llama.cpp's prompt and generation tokens/s for one sequence (median of runs, 1 warm-up)."""
+        runs = self._timed_runs(prompt_len, gen_len, 1, repeats)
         prompt_s = statistics.median(r["prompt_s"] for r in runs)
-        gen_s = statistics.median(r["gen_s"] for r in runs)
-        steps_all = sorted(s for r in runs for s in r["steps"])
+        gen_s = statistics.median(sum(r["steps"]) for r in runs)
+        steps = sorted(s for r in runs for s in r["steps"])
         perf_prompt = statistics.median(r["perf_prompt_ms"] for r in runs)
         perf_gen = statistics.median(r["perf_gen_ms"] for r in runs)
         n_gen = runs[0]["perf_n_gen"] or gen_len
@@ -215,17 +216,58 @@ class LlamaCppRunner:
             "threads": self.threads,
             "prompt_len": prompt_len,
             "gen_len": gen_len,
-            "batch": 1,
             "repeats": repeats,
             "prompt_tokens_per_s": prompt_len / prompt_s,
             "gen_tokens_per_s": gen_len / gen_s,
             "time_to_first_token_s": prompt_s,
-            "token_latency_ms_p50": 1000 * steps_all[len(steps_all) // 2],
-            "token_latency_ms_p95": 1000 * steps_all[min(len(steps_all) - 1, int(0.95 * len(steps_all)))],
+            "token_latency_ms_p50": 1000 * statistics.median(steps),
+            "token_latency_ms_p95": 1000 * steps[min(len(steps) - 1, int(0.95 * len(steps)))],
             "llama_perf_prompt_tokens_per_s": prompt_len / (perf_prompt / 1000) if perf_prompt > 0 else None,
             "llama_perf_gen_tokens_per_s": n_gen / (perf_gen / 1000) if perf_gen > 0 else None,
-            "timing": "wall-clock around each llama_decode call (median of repeats, after 1 warm-up); "
-            "llama_perf_* from llama.cpp's own counters",
+            "timing": "wall-clock around each llama_decode call, median of runs after 1 warm-up; "
+            "llama_perf_*: llama.cpp's own counters",
+        }
+
+    def bench(self, settings: Any, reporter: Any = None) -> dict[str, Any]:
+        """``llmopt bench`` protocol (evaluate/throughput.py's result shape), measured through llama.cpp.
+
+        Prefill at each prompt length; decode at batch 1 after the first prompt length. llama.cpp runs
+        one sequence per context here, so larger batch sizes are reported as not measured.
+        """
+        from llmopt.evaluate.throughput import percentile, summary
+
+        settings = settings.resolved("cpu" if not self.device.startswith("cuda") else self.device)
+        warm, reps, gen_len = settings.warmup, settings.repetitions, settings.gen_len
+        prefill: dict[str, Any] = {}
+        for plen in settings.prompt_lens:
+            runs = self._timed_runs(plen, 1, warm, reps)
+            prefill[str(plen)] = {
+                "tokens_per_s": summary([plen / r["prompt_s"] for r in runs]),
+                "ttft_ms": summary([1e3 * r["prompt_s"] for r in runs]),
+                "peak_memory_bytes": None,
+            }
+        decode: dict[str, Any] = {}
+        for batch in settings.batch_sizes:
+            if batch != 1:
+                decode[str(batch)] = {"error": "llama.cpp runner: one sequence per context (batch 1 only)"}
+                continue
+            runs = self._timed_runs(settings.context_len, gen_len, warm, reps)
+            ms = [1e3 * s for r in runs for s in r["steps"]]
+            decode["1"] = {
+                "tokens_per_s": summary([gen_len / sum(r["steps"]) for r in runs]),
+                "itl_ms": {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99)},
+                "peak_memory_bytes": None,
+                "decode_mode": f"llama.cpp ({self.threads} threads)",
+            }
+        return {
+            "prefill": prefill,
+            "decode": decode,
+            "decode_mode": f"llama.cpp ({self.threads} threads)",
+            "decode_mode_note": "wall-clock around llama_decode calls (llama-cpp-python)",
+            "ttft_ms": (prefill.get(str(settings.context_len)) or {}).get("ttft_ms", {}).get("median"),
+            "peak_memory_bytes": None,
+            "weight_bytes_per_step": self.footprint_bytes(),
+            "roofline": None,
         }
 
     def close(self) -> None:

@@ -1,0 +1,261 @@
+#!/usr/bin/env python3
+"""Build llama-cpp-python from its PyPI sdist and set up what the `gguf` backend needs (idempotent).
+
+llama-cpp-python publishes no wheels on PyPI, so `pip install llama-cpp-python` compiles llama.cpp
+(5-12 minutes on 2 CPU cores). This script does that once per (version, CMAKE_ARGS) and keeps:
+
+    DIR/<version>/
+      llama_cpp_python-<version>.tar.gz    the sdist (the only download)
+      wheels/<flags-hash>/*.whl            the built wheel, reinstalled in ~1 s on later runs
+      converter/convert_hf_to_gguf.py      llama.cpp's HF -> GGUF converter, with its conversion/
+      converter/gguf-py/                   package and its own gguf-py (PyPI gguf lacks what it needs)
+      bin/<flags-hash>/llama-imatrix       llama.cpp's importance-matrix and quantize tools, built from
+      bin/<flags-hash>/llama-quantize      the same source and build tree as the wheel (i-quants and
+                                           `--imatrix`: the Python binding cannot pass an imatrix)
+      llmopt-llamacpp.json                 what was built, read by llmopt's gguf backend
+
+DIR is --dir, else $LLMOPT_LLAMACPP_DIR, else ~/.cache/llmopt/llamacpp ($XDG_CACHE_HOME honoured).
+Nothing is downloaded when llmopt runs; only this script uses the network (PyPI, through pip).
+
+Build flags come from $CMAKE_ARGS; without it, a CPU-only build:
+    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
+For NVIDIA GPUs pass --cuda (adds -DGGML_CUDA=ON; needs the CUDA toolkit's nvcc), or set CMAKE_ARGS,
+e.g. CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90". llama.cpp builds for the CPU it is
+built on (GGML_NATIVE); add -DGGML_NATIVE=OFF for a wheel that runs on other x86-64 machines.
+Different flags get a different wheel and tool folder, so a flag change never reuses a stale build.
+
+Usage:
+    python scripts/build_llamacpp.py                  # build (or reuse) and install
+    python scripts/build_llamacpp.py --no-tools       # skip llama-imatrix/llama-quantize (no i-quants)
+    python scripts/build_llamacpp.py --print-dir      # where the backend will look
+The build runs under `nice`; -j defaults to the CPU count ($CMAKE_BUILD_PARALLEL_LEVEL overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+DEFAULT_VERSION = "0.3.36"
+CPU_FLAGS = "-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
+CUDA_FLAGS = "-DGGML_CUDA=ON -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
+STAMP = "llmopt-llamacpp.json"
+# Always added: llmopt needs no multimodal (mtmd) library, and skipping it saves ~30% of the build.
+FIXED_ARGS = "-DLLAVA_BUILD=OFF"
+TOOLS = ("llama-imatrix", "llama-quantize")
+
+
+def default_dir() -> Path:
+    env = os.environ.get("LLMOPT_LLAMACPP_DIR")
+    if env:
+        return Path(env)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "llmopt" / "llamacpp"
+
+
+def log(msg: str) -> None:
+    print(f"[build_llamacpp] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, env=env, cwd=cwd)
+
+
+def nice_prefix() -> list[str]:
+    return ["nice", "-n", "10"] if shutil.which("nice") else []
+
+
+def fetch_sdist(version: str, vdir: Path) -> Path:
+    sdist = vdir / f"llama_cpp_python-{version}.tar.gz"
+    if sdist.is_file():
+        return sdist
+    tmp = vdir / "download.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
+         f"llama-cpp-python=={version}"])  # fmt: skip
+    found = list(tmp.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        raise SystemExit(f"pip download produced no sdist in {tmp}")
+    os.replace(found[0], sdist)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return sdist
+
+
+def unpack(sdist: Path, dest: Path) -> Path:
+    """Extract the sdist into dest (kept from an interrupted run); returns the source root."""
+    done = dest / ".unpacked"
+    if not done.is_file():
+        if dest.exists():
+            shutil.rmtree(dest)
+        dest.mkdir(parents=True)
+        with tarfile.open(sdist) as tf:
+            tf.extractall(dest, filter="data")
+        done.write_text(sdist.name + "\n")
+    roots = [p for p in dest.iterdir() if (p / "pyproject.toml").is_file()]
+    if len(roots) != 1:
+        raise SystemExit(f"unexpected sdist layout in {sdist}")
+    return roots[0]
+
+
+def extract_converter(src: Path, out: Path) -> None:
+    """Copy convert_hf_to_gguf.py, its conversion/ package and its gguf-py into ``out`` (atomically)."""
+    llama = src / "vendor" / "llama.cpp"
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(llama / "convert_hf_to_gguf.py", tmp / "convert_hf_to_gguf.py")
+    for sub in ("conversion", "gguf-py"):
+        if (llama / sub).is_dir():
+            shutil.copytree(llama / sub, tmp / sub, ignore=shutil.ignore_patterns("__pycache__", "tests"))
+    for lic in ("LICENSE",):
+        if (llama / lic).is_file():
+            shutil.copy2(llama / lic, tmp / lic)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+def build_wheel(src: Path, build_dir: Path, wheel_dir: Path, flags: str, jobs: int) -> Path:
+    env = dict(os.environ, CMAKE_ARGS=flags, CMAKE_BUILD_PARALLEL_LEVEL=str(jobs))
+    tmp = wheel_dir.with_name(wheel_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # A persistent build dir, so the tools below reuse the compiled ggml/llama/common objects.
+    run([*nice_prefix(), sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp),
+         f"--config-settings=build-dir={build_dir}", str(src)], env=env)  # fmt: skip
+    wheels = list(tmp.glob("llama_cpp_python-*.whl"))
+    if len(wheels) != 1:
+        raise SystemExit(f"pip wheel produced {len(wheels)} wheels in {tmp}")
+    if wheel_dir.exists():
+        shutil.rmtree(wheel_dir)
+    os.replace(tmp, wheel_dir)
+    return wheel_dir / wheels[0].name
+
+
+def build_tools(src: Path, build_dir: Path, bin_dir: Path, jobs: int) -> None:
+    """Reconfigure the wheel's build tree with llama.cpp's tools on; build only imatrix + quantize."""
+    # tools/ adds mtmd itself, which llama-cpp-python's top level also adds (LLAVA_BUILD): turn that off.
+    run([*nice_prefix(), "cmake", "-S", str(src), "-B", str(build_dir), "-DLLAMA_BUILD_TOOLS=ON",
+         "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+         "-DLLAMA_BUILD_EXAMPLES=OFF"])  # fmt: skip
+    run([*nice_prefix(), "cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(jobs)])
+    tmp = bin_dir.with_name(bin_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for tool in TOOLS:
+        hits = [p for p in build_dir.rglob(tool) if p.is_file() and os.access(p, os.X_OK)]
+        if not hits:
+            raise SystemExit(f"{tool} was not built in {build_dir}")
+        shutil.copy2(hits[0], tmp / tool)
+    # The tools link to the shared libraries of the same build; keep them next to the tools.
+    for lib in build_dir.rglob("*.so*"):
+        if (lib.is_file() or lib.is_symlink()) and "CMakeFiles" not in lib.parts:
+            shutil.copy2(lib, tmp / lib.name, follow_symlinks=False)  # keep libfoo.so.0 -> libfoo.so.0.x
+    if bin_dir.exists():
+        shutil.rmtree(bin_dir)
+    os.replace(tmp, bin_dir)
+    envrun = dict(os.environ, LD_LIBRARY_PATH=str(bin_dir))
+    subprocess.run([str(bin_dir / "llama-quantize"), "--help"], env=envrun, capture_output=True, check=False)
+
+
+def install_wheel(wheel: Path) -> None:
+    # --force-reinstall: the same version built with other flags must replace the installed one.
+    run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)])
+    run([sys.executable, "-m", "pip", "install", str(wheel)])  # its dependencies (numpy, diskcache, jinja2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python version")
+    parser.add_argument("--dir", type=Path, default=None, help="where to keep sdist, wheel, converter, tools")
+    parser.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=ON (ignored if CMAKE_ARGS set)")
+    parser.add_argument("--no-tools", action="store_true", help="skip llama-imatrix / llama-quantize")
+    parser.add_argument("--no-install", action="store_true", help="build the wheel but do not pip-install it")
+    parser.add_argument("--rebuild", action="store_true", help="rebuild even if a wheel for these flags exists")
+    parser.add_argument("--keep-build", action="store_true", help="keep the source and CMake build tree")
+    parser.add_argument("--print-dir", action="store_true", help="print the version folder and exit")
+    parser.add_argument("-j", "--jobs", type=int, default=None)
+    args = parser.parse_args()
+
+    root = args.dir or default_dir()
+    vdir = root / args.version
+    if args.print_dir:
+        print(vdir)
+        return
+    flags = os.environ.get("CMAKE_ARGS") or (CUDA_FLAGS if args.cuda else CPU_FLAGS)
+    flags = " ".join([*flags.split(), FIXED_ARGS])
+    key = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    jobs = args.jobs or int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or os.cpu_count() or 1)
+    vdir.mkdir(parents=True, exist_ok=True)
+    wheel_dir, bin_dir, conv_dir = vdir / "wheels" / key, vdir / "bin" / key, vdir / "converter"
+    stamp_path = vdir / STAMP
+    stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+    builds = stamp.get("builds", {})
+
+    start = time.perf_counter()
+    wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl")) if wheel_dir.is_dir() else []
+    need_wheel = args.rebuild or not wheels
+    need_tools = not args.no_tools and (args.rebuild or not all((bin_dir / t).is_file() for t in TOOLS))
+    need_converter = args.rebuild or not (conv_dir / "convert_hf_to_gguf.py").is_file()
+    log(f"llama-cpp-python {args.version}, CMAKE_ARGS='{flags}' (key {key}), folder {vdir}")
+
+    build_seconds = None
+    if need_wheel or need_tools or need_converter:
+        sdist = fetch_sdist(args.version, vdir)
+        # Source and CMake build tree persist until success, so an interrupted build resumes.
+        work = vdir / "work"
+        src = unpack(sdist, work / "src")
+        build_dir = work / f"build-{key}"
+        ok = False
+        try:
+            if need_converter:
+                extract_converter(src, conv_dir)
+                log(f"converter extracted to {conv_dir}")
+            if need_wheel or need_tools:
+                t0 = time.perf_counter()
+                wheel = build_wheel(src, build_dir, wheel_dir, flags, jobs)
+                log(f"wheel built in {time.perf_counter() - t0:.0f} s: {wheel}")
+                if not args.no_tools:
+                    t1 = time.perf_counter()
+                    build_tools(src, build_dir, bin_dir, jobs)
+                    log(f"tools built in {time.perf_counter() - t1:.0f} s: {bin_dir}")
+                build_seconds = round(time.perf_counter() - t0, 1)
+            ok = True
+        finally:
+            if ok and not args.keep_build:
+                shutil.rmtree(work, ignore_errors=True)
+            elif not ok:
+                log(f"build failed or was interrupted; {work} is kept, so running this again resumes it")
+        wheels = sorted(wheel_dir.glob("llama_cpp_python-*.whl"))
+    else:
+        log("wheel, tools and converter already present for these flags: reusing them")
+
+    if not args.no_install:
+        install_wheel(wheels[-1])
+
+    entry = builds.get(key, {})
+    entry.update({"cmake_args": flags, "wheel": str(wheels[-1])})
+    if bin_dir.is_dir() and all((bin_dir / t).is_file() for t in TOOLS):
+        entry["bin"] = str(bin_dir)
+    if build_seconds is not None:
+        entry["build_seconds"] = build_seconds
+    builds[key] = entry
+    stamp = {"llama_cpp_python": args.version, "converter": str(conv_dir), "builds": builds, "active": key}
+    tmp = stamp_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(stamp, indent=2) + "\n")
+    os.replace(tmp, stamp_path)
+    log(f"done in {time.perf_counter() - start:.0f} s; llmopt's gguf backend reads {stamp_path}")
+
+
+if __name__ == "__main__":
+    main()
