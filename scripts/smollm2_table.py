@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prepare_assets import default_cache, prepare  # noqa: E402
+from prepare_assets import default_cache, prepare
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bnb-int8": ("bnb-int8", {}),
