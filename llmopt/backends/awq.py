@@ -1,0 +1,111 @@
+"""AWQ (activation-aware weight quantization) through GPTQModel.
+
+Writes the AutoAWQ checkpoint layout (``quantization_config`` in config.json with ``quant_method: awq``,
+``version: gemm|gemv``, ``zero_point``, ``bits``, ``group_size``), which transformers (through GPTQModel)
+and vLLM load. AutoAWQ itself is deprecated and points to GPTQModel and llm-compressor; llm-compressor
+writes compressed-tensors, not this layout, and pins an older transformers.
+
+What the comparison with llm-compressor and AutoAWQ found (docs/awq.md has the numbers):
+
+- GPTQModel's AWQ is AutoAWQ's algorithm: the same groups (input_layernorm -> q/k/v, post_attention_layernorm
+  -> gate/up, up -> down; v -> o skipped under grouped-query attention, as everywhere), the same 20-point
+  grid over ``x_mean^r / w_mean^(1-r)``, the same clipping search. Its kernels and the GEMM packing agree with
+  a plain dequantization of the checkpoint.
+- On a CPU it cannot compute in float32: its packing kernels take only float16/bfloat16, and it picks
+  bfloat16 there by itself. We pass ``dtype`` explicitly (float16 by default: the dtype AWQ checkpoints are
+  served in; vLLM's plain ``awq`` kernel takes nothing else).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmopt.backends._shapes import group_size_problem
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement
+from llmopt.backends.gptq import _configure_gptqmodel_env, _save_tokenizer, validate_gptqmodel_architecture
+from llmopt.errors import BackendUnavailableError, OptionsError
+from llmopt.source import SourceModel
+
+# Group sizes GPTQModel's AWQ kernels take (and vLLM's AWQ-Marlin serves); -1 = one group per row.
+GROUP_SIZES = (32, 64, 128, -1)
+GEMV_GROUP_SIZES = (64, 128, -1)
+
+
+class AWQOptions(BaseModel):
+    """AWQ options; defaults are the paper's and AutoAWQ's (4-bit, group 128, with zero point, GEMM)."""
+
+    model_config = ConfigDict(extra="forbid")
+    bits: Literal[4] = Field(4, description="Bits per weight (AWQ checkpoints are 4-bit).")
+    group_size: int = Field(128, description="Weights sharing one scale and zero point; -1 = one group per row.")
+    zero_point: bool = Field(True, description="Asymmetric quantization with a zero point per group.")
+    version: Literal["gemm", "gemv"] = Field(
+        "gemm", description="Packing: gemm (served everywhere) or gemv (CUDA only, faster at batch 1)."
+    )
+    dtype: Literal["float16", "bfloat16"] = Field(
+        "float16", description="Dtype the search runs in and the checkpoint's scales and other tensors are stored in."
+    )
+    batch_size: int = Field(1, ge=1, description="Calibration batch size.")
+
+
+class AWQBackend(Backend):
+    name = "awq"
+    format = "awq"
+    runner = "gptqmodel"
+    needs_calibration = True
+    description = (
+        "AWQ (GPTQModel): 4-bit weight-only, activation-aware scales, calibrated; served by vLLM, transformers."
+    )
+    Options = AWQOptions
+    requirements = (
+        Requirement("gptqmodel", "gptqmodel", "awq"),
+        Requirement("torch", "torch", "core"),
+    )
+
+    def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
+        assert isinstance(options, AWQOptions)
+        sizes = GEMV_GROUP_SIZES if options.version == "gemv" else GROUP_SIZES
+        if options.group_size not in sizes:
+            raise OptionsError(
+                f"group size {options.group_size} is not one AWQ {options.version} kernels take.",
+                f"Use one of: {', '.join(str(s) for s in sizes)}.",
+            )
+        problem = group_size_problem(source.config, options.group_size)
+        if problem:
+            raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        if options.version == "gemv" and not device.startswith("cuda"):
+            raise BackendUnavailableError(
+                f"AWQ gemv checkpoints are packed and run by CUDA kernels only (device here: {device}).",
+                "Use --version gemm (served by vLLM and transformers, and runs on CPU), or quantize on a CUDA GPU.",
+            )
+        validate_gptqmodel_architecture(source)
+
+    def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
+        opts = inputs.options
+        assert isinstance(opts, AWQOptions) and inputs.calibration is not None
+        _configure_gptqmodel_env()
+        import torch
+        from gptqmodel import BACKEND, GPTQModel
+        from gptqmodel.quantization.config import FORMAT, METHOD, QuantizeConfig
+
+        qcfg = QuantizeConfig(
+            quant_method=METHOD.AWQ,
+            format=FORMAT(opts.version),
+            bits=opts.bits,
+            group_size=opts.group_size,
+            sym=not opts.zero_point,
+        )
+        # GPTQModel's own choice on CPU is a CUDA packing kernel ("AWQ: CUDA is not available").
+        kernel = BACKEND.AWQ_TORCH if inputs.device == "cpu" else BACKEND.AUTO
+        with inputs.reporter.step("loading model for AWQ"):
+            model = GPTQModel.load(
+                str(inputs.source.path), qcfg, device=inputs.device, dtype=getattr(torch, opts.dtype), backend=kernel
+            )
+        calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
+        with inputs.reporter.step(f"AWQ 4-bit g{opts.group_size} on {len(calib)} samples"):
+            model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None, backend=kernel)
+        with inputs.reporter.step("saving AWQ checkpoint"):
+            model.save(str(inputs.out_dir))
+            _save_tokenizer(inputs)
+        return {"packing_kernel": getattr(kernel, "value", str(kernel))}

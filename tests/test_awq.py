@@ -1,0 +1,155 @@
+"""AWQ backend: options, fast checks before any model is loaded, and one e2e run on SmolLM2-135M."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from llmopt.backends.awq import AWQBackend, AWQOptions
+from llmopt.cli import main
+from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, OptionsError
+from llmopt.source import SourceModel
+from tests.helpers import SMOLLM2_CONFIG, fake_model
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    _, err = capsys.readouterr()
+    return (exc.value.code if isinstance(exc.value.code, int) else 1), err
+
+
+def source(tmp_path: Path) -> SourceModel:
+    return SourceModel(spec="m", path=tmp_path, config=dict(SMOLLM2_CONFIG))
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+def test_defaults_follow_the_paper_and_autoawq() -> None:
+    opts = AWQBackend().parse_options({})
+    assert isinstance(opts, AWQOptions)
+    assert (opts.bits, opts.group_size, opts.zero_point, opts.version) == (4, 128, True, "gemm")
+    assert opts.dtype == "float16"
+
+
+def test_unknown_option_names_the_valid_ones() -> None:
+    with pytest.raises(OptionsError) as exc:
+        AWQBackend().parse_options({"zero_points": False})
+    assert "did you mean 'zero_point'" in str(exc.value)
+    assert "valid options of awq" in str(exc.value)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_bits_other_than_4_are_refused(bits: int) -> None:
+    with pytest.raises(OptionsError) as exc:
+        AWQBackend().parse_options({"bits": bits})
+    assert "bits" in str(exc.value) and exc.value.exit_code == EXIT_INPUT
+
+
+def test_unknown_version_is_refused() -> None:
+    with pytest.raises(OptionsError, match="version"):
+        AWQBackend().parse_options({"version": "marlin"})
+
+
+# --- validate(): config-only checks ----------------------------------------------------------------
+
+
+def test_group_size_that_does_not_divide_names_the_layer(tmp_path: Path) -> None:
+    backend = AWQBackend()
+    with pytest.raises(OptionsError) as exc:
+        backend.validate(backend.parse_options({"group_size": 128}), source(tmp_path), "cpu")
+    msg = str(exc.value)
+    assert "does not divide the input width 576 of q_proj" in msg
+    assert "32, 64" in msg
+
+
+def test_group_size_no_kernel_takes_is_refused(tmp_path: Path) -> None:
+    backend = AWQBackend()
+    with pytest.raises(OptionsError, match="group size 48 is not one AWQ gemm kernels take"):
+        backend.validate(backend.parse_options({"group_size": 48}), source(tmp_path), "cpu")
+
+
+def test_gemv_needs_cuda(tmp_path: Path) -> None:
+    backend = AWQBackend()
+    with pytest.raises(BackendUnavailableError) as exc:
+        backend.validate(backend.parse_options({"group_size": 64, "version": "gemv"}), source(tmp_path), "cpu")
+    assert "--version gemm" in str(exc.value) and exc.value.exit_code == EXIT_UNAVAILABLE
+
+
+def test_gemv_group_sizes(tmp_path: Path) -> None:
+    backend = AWQBackend()
+    with pytest.raises(OptionsError, match="64, 128, -1"):
+        backend.validate(backend.parse_options({"group_size": 32, "version": "gemv"}), source(tmp_path), "cuda")
+
+
+# --- through the CLI ---------------------------------------------------------------------------------
+
+
+def test_cli_bits_3_exits_2_with_one_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "--bits", "3", "-o", str(tmp_path / "o")], capsys
+    )
+    assert code == EXIT_INPUT
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "bits" in err and "valid options of awq" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_group_size_128_names_the_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    code, err = run_cli(
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "--group-size", "128", "--calibration", "x",
+         "-o", str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == EXIT_INPUT
+    assert "of q_proj" in err and "  -> " in err
+
+
+def test_cli_flags_reach_the_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # --no-zero-point and --version pass through; gemv on CPU is then refused (exit 4), before calibration.
+    code, err = run_cli(
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "--group-size", "64", "--no-zero-point",
+         "--version", "gemv", "--device", "cpu", "-o", str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == EXIT_UNAVAILABLE, err
+    assert "gemv" in err
+
+
+# --- e2e on SmolLM2-135M ------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_awq_quantize_reload_and_perplexity(assets: dict[str, Path], tmp_path: Path) -> None:
+    from llmopt.api import evaluate, quantize
+
+    art = quantize(
+        str(assets["model"]),
+        "awq",
+        tmp_path / "awq",
+        options={"group_size": 64},
+        calibration=str(assets["calibration_text"]),
+        samples=8,
+        seq_len=128,
+        device="cpu",
+    )
+    m = art.manifest
+    assert m.backend == "awq" and m.format == "awq" and m.runner == "gptqmodel"
+    assert m.calibration is not None and m.calibration.samples == 8
+    # The layout transformers and vLLM load.
+    qcfg = json.loads((art.path / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "awq" and qcfg["version"] == "gemm"
+    assert qcfg["bits"] == 4 and qcfg["group_size"] == 64 and qcfg["zero_point"] is True
+
+    report = evaluate(
+        art.path, str(assets["model"]), str(assets["eval_text"]), device="cpu", context_length=256, max_tokens=1024
+    )
+    ppl, base = report["artifact"]["perplexity"], report["baseline"]["perplexity"]
+    assert math.isfinite(ppl)
+    assert base < ppl < 2 * base, (ppl, base)
+    assert report["artifact"]["size_bytes"] < 0.7 * report["baseline"]["size_bytes"]
