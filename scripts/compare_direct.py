@@ -80,7 +80,7 @@ def main() -> None:
 
         calib = calibration_set(tok, paths["calibration_text"], samples=args.samples, seq_len=args.seq_len)
         qcfg = QuantizeConfig(bits=args.bits, group_size=args.group_size)
-        qmodel = GPTQModel.load(model_dir, qcfg, device=args.device)
+        qmodel = GPTQModel.load(model_dir, qcfg, device=args.device, dtype=dtype if args.device == "cpu" else "auto")
         calib_rows = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in calib.samples]
         qmodel.quantize(calib_rows, calibration_sort=None)
         out = tempfile.mkdtemp(prefix="direct-gptq-")
@@ -89,7 +89,7 @@ def main() -> None:
         from gptqmodel import BACKEND
 
         backend = BACKEND(args.kernel) if args.kernel else BACKEND.AUTO
-        model = GPTQModel.load(out, device=args.device, backend=backend).model
+        model = GPTQModel.load(out, device=args.device, backend=backend, dtype=dtype).model
     elif args.method.startswith("bnb"):
         from transformers import BitsAndBytesConfig
 

@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--kernel", default=None, help="GPTQ kernel for evaluation (GPTQModel backend name)")
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--reuse-reports", action="store_true", help="use OUT/<variant>.eval.json where present")
     args = p.parse_args()
 
     from llmopt.api import evaluate, quantize
@@ -61,9 +62,13 @@ def main() -> None:
                            samples=args.samples, seq_len=args.seq_len, device=args.device, overwrite=True,
                            reporter=reporter)  # fmt: skip
             reporter.info(f"{name}: quantized in {time.perf_counter() - start:.1f} s")
-        report = evaluate(out, assets["model"], assets["eval_text"], context_length=args.context,
-                          device=args.device, kernel=args.kernel, reporter=reporter)  # fmt: skip
-        (args.out / f"{name}.eval.json").write_text(json.dumps(report, indent=2))
+        report_path = args.out / f"{name}.eval.json"
+        if args.reuse_reports and report_path.is_file():
+            report = json.loads(report_path.read_text())
+        else:
+            report = evaluate(out, assets["model"], assets["eval_text"], context_length=args.context,
+                              device=args.device, kernel=args.kernel, reporter=reporter)  # fmt: skip
+            report_path.write_text(json.dumps(report, indent=2))
         rows.append((name, art.manifest.quantize_seconds, report))
 
     if not rows:

@@ -51,7 +51,11 @@ class HFRunner:
             from gptqmodel import GPTQModel
 
             backend = _gptqmodel_backend(kernel, device)
-            self._wrapper: Any = GPTQModel.load(str(path), device=device, backend=backend)
+            # GPTQModel picks bf16 on CPU, which is emulated (slow) on CPUs without bf16 units; scoring
+            # runs in fp32 there, like every other CPU runner.
+            self._wrapper: Any = GPTQModel.load(
+                str(path), device=device, backend=backend, dtype=getattr(torch, self.dtype)
+            )
             self.model: Any = self._wrapper.model
             self.name = "gptqmodel"
             self.kernel = getattr(backend, "value", str(backend))
