@@ -73,7 +73,12 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--gen-len", type=int, default=64)
     parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--render", type=Path, help="only print the table of an earlier gguf_table.json")
     args = parser.parse_args()
+    if args.render:
+        data = json.loads(args.render.read_text())
+        print(render(data["rows"], data["meta"]))
+        return
 
     if args.assets:
         out = subprocess.run(
@@ -148,8 +153,10 @@ def main() -> None:
         "cpu": cpu_name(),
         "cores": len(os.sched_getaffinity(0)),
         "load_average_at_end": os.getloadavg(),
-        "model": str(args.model),
-        "eval_text": str(args.eval_text),
+        "model": args.model.name,  # names, not paths: the JSON is meant to be shared
+        "eval_text": args.eval_text.name,
+        "calibration": f"{args.calibration.name} ({args.samples} x {args.seq_len} tokens, for the imatrix)",
+        "speed": f"LlamaCppRunner.speed(prompt_len={args.prompt_len}, gen_len={args.gen_len}, repeats=3)",
         "context": args.context,
         "time": time.strftime("%H:%M"),
     }
@@ -166,14 +173,20 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"± {b['baseline_stderr']:.4f} on {b['tokens_scored']:,} tokens (context {meta['context']}, "
         f"stride {meta['context']}).",
         "",
-        "| variant | perplexity ± stderr | Δ vs FP16 | GGUF size | quantize time | prompt tok/s | gen tok/s |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| variant | perplexity ± stderr | Δ vs FP16 (paired stderr) | GGUF size | llama.cpp quantize step "
+        "| total quantize | prompt tok/s | gen tok/s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        d_se = f" ± {r['delta_pct_stderr']:.2f}" if r.get("delta_pct_stderr") is not None else ""
+        d_se = f" (± {r['delta_pct_stderr']:.2f})" if r.get("delta_pct_stderr") is not None else ""
+        res = r["resolved"]
+        step = res.get("quantize_seconds")
+        step_text = f"{step:.1f} s" if step is not None else "- (written by the converter)"
+        if (res.get("imatrix") or {}).get("seconds") is not None:
+            step_text += f" + imatrix {res['imatrix']['seconds']:.0f} s"
         lines.append(
-            f"| {r['label']} | {r['perplexity']:.4f} ± {r['stderr']:.4f} | {r['delta_pct']:+.2f}%{d_se} | "
-            f"{r['gguf_bytes'] / 1e6:.1f} MB | {r['quantize_seconds']:.1f} s | "
+            f"| {r['label']} | {r['perplexity']:.3f} ± {r['stderr']:.3f} | {r['delta_pct']:+.2f}%{d_se} | "
+            f"{r['gguf_bytes'] / 1e6:.1f} MB | {step_text} | {r['quantize_seconds']:.0f} s | "
             f"{r['bench']['prompt_tokens_per_s']:.0f} | {r['bench']['gen_tokens_per_s']:.1f} |"
         )
     return "\n".join(lines)

@@ -251,41 +251,34 @@ def test_f16_gguf_scores_like_transformers(gguf_f16: Path, assets: dict[str, Pat
 
 
 @pytest.mark.e2e
-def test_q8_0_quantize_and_evaluate(assets: dict[str, Path], tmp_path: Path) -> None:
-    _require_llamacpp()
+def test_q4_k_m_quantize_and_evaluate(assets: dict[str, Path], tmp_path: Path) -> None:
+    """A k-quant through llama.cpp's quantizer, with an importance matrix computed from the calibration
+    text where llama-imatrix is built, then evaluated through llama.cpp on the baseline's windows."""
+    chain = _require_llamacpp()
     from llmopt.api import evaluate, quantize
     from llmopt.artifact import Artifact
 
-    art = quantize(str(assets["model"]), "gguf", tmp_path / "q8", options={"quant_type": "q8_0"})
-    resolved: dict[str, Any] = art.manifest.options["_resolved"]
-    assert art.manifest.format == "gguf" and art.manifest.runner == "llamacpp"
-    assert resolved["gguf_file"].endswith("-Q8_0.gguf") and "Q8_0" in (resolved["tensor_types"] or {})
-    assert not list(tmp_path.glob(".*")), "no temporary folders left behind"
-    report = evaluate(art.path, str(assets["model"]), str(assets["eval_text"]), **EVAL)  # type: ignore[arg-type]
-    assert 0 < report["size_ratio"] < 0.7
-    assert -0.5 < report["delta_pct"] < 3.0, report["delta_pct"]
-    assert Artifact.open(art.path).manifest.evaluation is not None
-
-
-@pytest.mark.e2e
-def test_imatrix_auto_from_calibration_text(assets: dict[str, Path], tmp_path: Path) -> None:
-    chain = _require_llamacpp()
-    if chain.imatrix_tool is None:
-        pytest.skip("llama-imatrix is not built (python scripts/build_llamacpp.py without --no-tools)")
-    from llmopt.api import quantize
-
+    with_imatrix = chain.imatrix_tool is not None
     art = quantize(
         str(assets["model"]),
         "gguf",
         tmp_path / "q4",
-        options={"quant_type": "q4_k_m", "imatrix": "auto"},
-        calibration=str(assets["calibration_text"]),
+        options={"quant_type": "q4_k_m", "imatrix": "auto" if with_imatrix else "none"},
+        calibration=str(assets["calibration_text"]) if with_imatrix else None,
         samples=4,
         seq_len=128,
     )
-    assert "imatrix.gguf" in art.manifest.files
-    assert art.manifest.calibration is not None and art.manifest.calibration.samples == 4
-    assert art.manifest.options["_resolved"]["imatrix"]["source"] == "auto"
+    resolved: dict[str, Any] = art.manifest.options["_resolved"]
+    assert art.manifest.format == "gguf" and art.manifest.runner == "llamacpp"
+    assert resolved["gguf_file"].endswith("-Q4_K_M.gguf") and "Q4_K" in (resolved["tensor_types"] or {})
+    assert not list(tmp_path.glob(".*")), "no temporary folders left behind"
+    if with_imatrix:
+        assert "imatrix.gguf" in art.manifest.files and resolved["imatrix"]["source"] == "auto"
+        assert art.manifest.calibration is not None and art.manifest.calibration.samples == 4
+    report = evaluate(art.path, str(assets["model"]), str(assets["eval_text"]), **EVAL)  # type: ignore[arg-type]
+    assert 0 < report["size_ratio"] < 0.5
+    assert 0 < report["delta_pct"] < 30, report["delta_pct"]
+    assert Artifact.open(art.path).manifest.evaluation is not None
 
 
 @pytest.mark.e2e
@@ -295,8 +288,8 @@ def test_runner_speed_and_bench_protocol(gguf_f16: Path) -> None:
 
     runner = LlamaCppRunner(gguf_f16, "cpu")
     try:
-        speed = runner.speed(prompt_len=32, gen_len=8, repeats=1)
-        settings = ThroughputSettings(prompt_lens=[16], gen_len=4, batch_sizes=[1, 2], warmup=0, repetitions=1)
+        speed = runner.speed(prompt_len=16, gen_len=4, repeats=1)
+        settings = ThroughputSettings(prompt_lens=[8], gen_len=2, batch_sizes=[1, 2], warmup=0, repetitions=1)
         bench = runner.bench(settings)
         assert runner.footprint_bytes() > 200_000_000  # 135M params in f16
     finally:
@@ -304,7 +297,7 @@ def test_runner_speed_and_bench_protocol(gguf_f16: Path) -> None:
     assert speed["prompt_tokens_per_s"] > 0 and speed["gen_tokens_per_s"] > 0
     assert speed["llama_perf_gen_tokens_per_s"] is not None
     assert bench["decode"]["1"]["tokens_per_s"]["median"] > 0 and "error" in bench["decode"]["2"]
-    assert bench["prefill"]["16"]["tokens_per_s"]["median"] > 0
+    assert bench["prefill"]["8"]["tokens_per_s"]["median"] > 0
 
 
 @pytest.mark.e2e
