@@ -125,6 +125,7 @@ def test_cli_flags_reach_the_options(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # GPTQModel's AWQ runs in fp16 on CPU (emulated without fp16 units): over 20 min on 2 busy cores
 def test_awq_quantize_reload_and_perplexity(assets: dict[str, Path], tmp_path: Path) -> None:
     from llmopt.api import evaluate, quantize
 

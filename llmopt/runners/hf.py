@@ -34,6 +34,17 @@ def _gptqmodel_backend(kernel: str | None, device: str) -> Any:
     raise BackendUnavailableError(f"GPTQModel has no kernel '{name}'.", f"Pick one of: {valid}")
 
 
+def _quant_method(path: Path) -> str | None:
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    qcfg = config.get("quantization_config") or {}
+    return qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+
+
 class HFRunner:
     name = "hf"
 
@@ -51,8 +62,10 @@ class HFRunner:
             from gptqmodel import GPTQModel
 
             backend = _gptqmodel_backend(kernel, device)
-            # GPTQModel picks bf16 on CPU, which is emulated (slow) on CPUs without bf16 units; scoring
-            # runs in fp32 there, like every other CPU runner.
+            # GPTQModel picks bf16 on CPU, which is emulated (slow) on CPUs without bf16 units; GPTQ is
+            # scored in fp32 there, like every other CPU runner. Its AWQ kernels take only fp16/bf16.
+            if device == "cpu" and _quant_method(path) == "awq":
+                self.dtype = "float16"
             self._wrapper: Any = GPTQModel.load(
                 str(path), device=device, backend=backend, dtype=getattr(torch, self.dtype)
             )
