@@ -62,6 +62,9 @@ _recipe.register(app)
 _report.register(app)
 
 
+_INTERRUPTED = "interrupted: nothing was written (partial output removed)."
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"  -> {exc.hint}", err=True)
         sys.exit(exc.exit_code)
     except _abort_types():
-        typer.secho("interrupted: nothing was written (partial output removed).", fg="yellow", err=True)
+        typer.secho(_INTERRUPTED, fg="yellow", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except _usage_error_types() as exc:
         show = getattr(exc, "show", None)
@@ -114,4 +117,8 @@ def main(argv: list[str] | None = None) -> None:
             typer.echo(f"error: {exc}", err=True)
         code = getattr(exc, "exit_code", EXIT_INPUT)
         sys.exit(code if isinstance(code, int) and code else EXIT_INPUT)
+    if rv == EXIT_INTERRUPTED:
+        # Typer 0.28+ turns KeyboardInterrupt (Ctrl-C, and SIGTERM through _on_sigterm) into exit code 130
+        # itself, without a word; older versions raise Abort, handled above.
+        typer.secho(_INTERRUPTED, fg="yellow", err=True)
     sys.exit(rv if isinstance(rv, int) else 0)
