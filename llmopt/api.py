@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmopt import __version__
+from llmopt import __version__, interrupt
 from llmopt.artifact import (
     Artifact,
     CalibrationInfo,
@@ -118,6 +118,7 @@ def quantize(
             )
         )
         elapsed = time.perf_counter() - start
+        interrupt.check()  # an interrupt swallowed inside the backend must not yield an artifact
         with rep.step("hashing files and writing llmopt.json"):
             env = environment(dev)
             env["packages"].update(backend.library_versions())
@@ -143,6 +144,7 @@ def quantize(
             )
             artifact = Artifact(staging, manifest)
             artifact.save()  # written last: its presence marks the folder complete
+        interrupt.check()
         _swap_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

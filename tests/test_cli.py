@@ -264,3 +264,19 @@ def test_usage_errors_exit_2_without_traceback(args: list[str], capsys: pytest.C
     code, _, err = run_cli(args, capsys)
     assert code == EXIT_INPUT
     assert "Traceback" not in err and "Error" in err
+
+
+def test_recorded_interrupt_stops_before_anything_is_visible() -> None:
+    """A Ctrl-C swallowed by a finalizer is still acted on: interrupt.check raises exit 130."""
+    from llmopt import interrupt
+    from llmopt.errors import EXIT_INTERRUPTED, InterruptedRunError
+
+    interrupt.reset()
+    interrupt.check()  # nothing requested: no error
+    interrupt.request()
+    try:
+        with pytest.raises(InterruptedRunError) as exc:
+            interrupt.check()
+        assert exc.value.exit_code == EXIT_INTERRUPTED and "nothing was written" in exc.value.message
+    finally:
+        interrupt.reset()

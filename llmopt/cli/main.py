@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from llmopt import __version__
+from llmopt import __version__, interrupt
 from llmopt.errors import EXIT_INPUT, EXIT_INTERRUPTED, LlmoptError
 
 app = typer.Typer(
@@ -65,8 +65,17 @@ _report.register(app)
 _INTERRUPTED = "interrupted: nothing was written (partial output removed)."
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
+def _on_signal(signum: int, frame: Any) -> None:
+    interrupt.request()
     raise KeyboardInterrupt
+
+
+def _unraisable(info: Any) -> None:
+    # A Ctrl-C that lands in a finalizer is recorded by _on_signal and acted on later (interrupt.check);
+    # Python's "Exception ignored ... KeyboardInterrupt" traceback would only confuse.
+    if isinstance(info.exc_value, KeyboardInterrupt):
+        return
+    sys.__unraisablehook__(info)
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:
@@ -95,7 +104,9 @@ def _abort_types() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    sys.unraisablehook = _unraisable
     debug = os.environ.get("LLMOPT_DEBUG") == "1"
     try:
         rv = app(args=argv, standalone_mode=False)
