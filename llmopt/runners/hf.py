@@ -20,11 +20,12 @@ def default_dtype(device: str) -> str:
     return "float32" if device == "cpu" else "float16"
 
 
-def _gptqmodel_backend(kernel: str | None, device: str) -> Any:
+def _gptqmodel_backend(kernel: str | None, device: str, method: str | None = None) -> Any:
+    """GPTQModel's kernel enum for a short name: 'marlin' is gptq_marlin for GPTQ, awq_marlin for AWQ."""
     from gptqmodel import BACKEND
 
     name = kernel or (_DEFAULT_CUDA_KERNEL if device.startswith("cuda") else "auto")
-    candidates = [name, f"gptq_{name}"]
+    candidates = [name, f"{method or 'gptq'}_{name}", f"gptq_{name}"]
     for cand in candidates:
         try:
             return BACKEND(cand)
@@ -61,7 +62,7 @@ class HFRunner:
             os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
             from gptqmodel import GPTQModel
 
-            backend = _gptqmodel_backend(kernel, device)
+            backend = _gptqmodel_backend(kernel, device, _quant_method(path))
             # GPTQModel picks bf16 on CPU, which is emulated (slow) on CPUs without bf16 units; GPTQ is
             # scored in fp32 there, like every other CPU runner. Its AWQ kernels take only fp16/bf16.
             if device == "cpu" and _quant_method(path) == "awq":
