@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 
 from llmopt.backends.awq import AWQBackend, AWQOptions
+from llmopt.backends.base import QuantizeInputs
 from llmopt.cli import main
-from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, OptionsError
+from llmopt.data import CalibrationSet
+from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, DataError, OptionsError
+from llmopt.progress import SilentReporter
 from llmopt.source import SourceModel
 from tests.helpers import SMOLLM2_CONFIG, fake_model
 
@@ -86,6 +89,51 @@ def test_gemv_group_sizes(tmp_path: Path) -> None:
         backend.validate(backend.parse_options({"group_size": 32, "version": "gemv"}), source(tmp_path), "cuda")
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_gemv_with_bfloat16_is_refused(tmp_path: Path, device: str) -> None:
+    # gemv checkpoints are float16 only; an options error (exit 2), reported before the CUDA check.
+    backend = AWQBackend()
+    opts = backend.parse_options({"group_size": 64, "version": "gemv", "dtype": "bfloat16"})
+    with pytest.raises(OptionsError) as exc:
+        backend.validate(opts, source(tmp_path), device)
+    assert "float16 only" in str(exc.value) and "--version gemm" in str(exc.value)
+    assert exc.value.exit_code == EXIT_INPUT
+
+
+def test_gemm_with_bfloat16_is_accepted(tmp_path: Path) -> None:
+    backend = AWQBackend()
+    backend.validate(backend.parse_options({"group_size": 64, "dtype": "bfloat16"}), source(tmp_path), "cpu")
+
+
+# --- quantize(): calibration checked before GPTQModel is imported -----------------------------------
+
+
+def calibration(samples: list[list[int]]) -> CalibrationSet:
+    return CalibrationSet(
+        samples=samples, dataset="docs", seq_len=max(map(len, samples)), tokens_sha256="", text_sha256=""
+    )
+
+
+def test_samples_of_different_lengths_are_refused(tmp_path: Path) -> None:
+    # GPTQModel's AWQ would keep only the last batch for every layer's search (docs/awq.md).
+    backend = AWQBackend()
+    inputs = QuantizeInputs(
+        source=source(tmp_path),
+        options=backend.parse_options({"group_size": 64}),
+        calibration=calibration([[1] * 46, [2] * 237, [3] * 176]),
+        out_dir=tmp_path / "out",
+        reporter=SilentReporter(),
+        device="cpu",
+    )
+    with pytest.raises(DataError) as exc:
+        backend.quantize(inputs)
+    msg = str(exc.value)
+    assert "3 different lengths (46 to 237 tokens)" in msg and "last batch alone" in msg
+    assert "--samples/--seq-len" in msg  # the next step
+    assert exc.value.exit_code == EXIT_INPUT
+    assert not (tmp_path / "out").exists()
+
+
 # --- through the CLI ---------------------------------------------------------------------------------
 
 
@@ -119,6 +167,24 @@ def test_cli_flags_reach_the_options(tmp_path: Path, capsys: pytest.CaptureFixtu
     )  # fmt: skip
     assert code == EXIT_UNAVAILABLE, err
     assert "gemv" in err
+
+
+def test_cli_samples_of_different_lengths_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llmopt's own calibration always cuts equal lengths, so stand in for a source of uneven samples.
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
+    monkeypatch.setattr("llmopt.data.calibration_set", lambda *a, **k: calibration([[1] * 50, [2] * 60]))
+    code, err = run_cli(
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "--group-size", "64", "--calibration", "x",
+         "--device", "cpu", "-o", str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == EXIT_INPUT, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "different lengths" in err and "  -> " in err and "--seq-len" in err
+    assert not (tmp_path / "o").exists()
 
 
 # --- e2e on SmolLM2-135M ------------------------------------------------------------------------------

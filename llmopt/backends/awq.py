@@ -5,15 +5,25 @@ Writes the AutoAWQ checkpoint layout (``quantization_config`` in config.json wit
 and vLLM load. AutoAWQ itself is deprecated and points to GPTQModel and llm-compressor; llm-compressor
 writes compressed-tensors, not this layout, and pins an older transformers.
 
-What the comparison with llm-compressor and AutoAWQ found (docs/awq.md has the numbers):
+What comparing GPTQModel's AWQ with AutoAWQ's algorithm found (docs/awq.md has the evidence and numbers):
 
-- GPTQModel's AWQ is AutoAWQ's algorithm: the same groups (input_layernorm -> q/k/v, post_attention_layernorm
-  -> gate/up, up -> down; v -> o skipped under grouped-query attention, as everywhere), the same 20-point
-  grid over ``x_mean^r / w_mean^(1-r)``, the same clipping search. Its kernels and the GEMM packing agree with
-  a plain dequantization of the checkpoint.
-- On a CPU it cannot compute in float32: its packing kernels take only float16/bfloat16, and it picks
-  bfloat16 there by itself. We pass ``dtype`` explicitly (float16 by default: the dtype AWQ checkpoints are
-  served in; vLLM's plain ``awq`` kernel takes nothing else).
+- Calibration samples must all have the same length. GPTQModel's AWQ (7.3.6 and 7.6.0,
+  ``AWQProcessor._layer_input_features``) concatenates the captured inputs of the calibration batches only
+  when their shapes match beyond the batch dimension; otherwise it keeps the *last batch alone* for the scale
+  and clipping search of every layer of a dense model (its "latest_batch" mode: 176 of 1,106 tokens in one
+  run). Documents of different lengths therefore calibrate AWQ on one document, while GPTQModel's quant log
+  still reports every token as a sample. llmopt's calibration samples are equal-length slices, and
+  ``quantize`` refuses samples of different lengths rather than let this happen silently.
+- Otherwise it is AutoAWQ's algorithm: the same groups (input_layernorm -> q/k/v, post_attention_layernorm
+  -> gate/up, up -> down; v -> o skipped under grouped-query attention, as AutoAWQ does),
+  the same 20-point grid over ``x_mean^r / w_mean^(1-r)``, the same clipping search (q/k not clipped).
+- Symmetric quantization (``zero_point=False``) costs a small model much more than AWQ's default with a zero
+  point; the default stays asymmetric.
+- It cannot compute in float32 (its AWQ packing kernels take float16/bfloat16 only) and on a CPU picks
+  bfloat16 by itself. We pass ``dtype`` explicitly, float16 by default: the dtype AWQ checkpoints are served
+  in (vLLM's plain ``awq`` kernel takes nothing else; gemv checkpoints are float16 only). On CPUs without
+  bf16/fp16 units both are emulated and slow (about a minute per decoder layer of SmolLM2-135M on 2 cores);
+  quantize on a GPU where one is available.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmopt.backends._shapes import group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
 from llmopt.backends.gptq import _configure_gptqmodel_env, _save_tokenizer, validate_gptqmodel_architecture
-from llmopt.errors import BackendUnavailableError, OptionsError
+from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel
 
 # Group sizes GPTQModel's AWQ kernels take (and vLLM's AWQ-Marlin serves); -1 = one group per row.
@@ -74,6 +84,12 @@ class AWQBackend(Backend):
         problem = group_size_problem(source.config, options.group_size)
         if problem:
             raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        if options.version == "gemv" and options.dtype != "float16":
+            # GPTQModel's gemv kernel (AwqGEMVQuantLinear) declares float16 as its only dtype and stores fp16 scales.
+            raise OptionsError(
+                f"AWQ gemv checkpoints are float16 only (dtype={options.dtype} asked).",
+                "Drop -O dtype=bfloat16, or use --version gemm (float16 or bfloat16).",
+            )
         if options.version == "gemv" and not device.startswith("cuda"):
             raise BackendUnavailableError(
                 f"AWQ gemv checkpoints are packed and run by CUDA kernels only (device here: {device}).",
@@ -84,6 +100,14 @@ class AWQBackend(Backend):
     def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
         opts = inputs.options
         assert isinstance(opts, AWQOptions) and inputs.calibration is not None
+        lengths = sorted({len(sample) for sample in inputs.calibration.samples})
+        if len(lengths) > 1:
+            # GPTQModel would silently search scales and clipping on the last batch alone (docs/awq.md).
+            raise DataError(
+                f"AWQ calibration samples have {len(lengths)} different lengths ({lengths[0]} to {lengths[-1]} "
+                "tokens); GPTQModel's AWQ would calibrate every layer on the last batch alone.",
+                "Cut the text into samples of one length: llmopt's --calibration with --samples/--seq-len does.",
+            )
         _configure_gptqmodel_env()
         import torch
         from gptqmodel import BACKEND, GPTQModel
