@@ -83,7 +83,8 @@ def quantize(
     sizes, calibration text); the folder appears only when complete, manifest included.
     """
     from llmopt.backends.base import QuantizeInputs, get_backend
-    from llmopt.environment import environment, resolve_device
+    from llmopt.environment import environment
+    from llmopt.placement import resolve_target
     from llmopt.source import resolve
 
     rep: Reporter = reporter or SilentReporter()
@@ -92,7 +93,8 @@ def quantize(
     opts = backend.parse_options(options or {})
     _prepare_output(out, overwrite)
     source = resolve(model)
-    dev = resolve_device(device)
+    target = resolve_target(device)
+    dev = target.primary
     backend.validate(opts, source, dev)
 
     calib = None
@@ -114,14 +116,23 @@ def quantize(
         start = time.perf_counter()
         extra = backend.quantize(
             QuantizeInputs(
-                source=source, options=opts, calibration=calib, out_dir=staging, reporter=rep, device=dev
+                source=source,
+                options=opts,
+                calibration=calib,
+                out_dir=staging,
+                reporter=rep,
+                device=dev,
+                target=target,
             )
         )
+        placement = extra.pop("placement", None) if isinstance(extra, dict) else None
         elapsed = time.perf_counter() - start
         interrupt.check()  # an interrupt swallowed inside the backend must not yield an artifact
         with rep.step("hashing files and writing llmopt.json"):
             env = environment(dev)
             env["packages"].update(backend.library_versions())
+            if placement is not None:
+                env["placement"] = placement
             manifest = Manifest(
                 llmopt_version=__version__,
                 backend=backend.name,
@@ -186,9 +197,10 @@ def evaluate(
     from transformers import AutoTokenizer
 
     from llmopt.data import load_text
-    from llmopt.environment import device_name, environment, resolve_device
+    from llmopt.environment import device_name, environment
     from llmopt.evaluate import baseline as baseline_cache
     from llmopt.evaluate.perplexity import make_windows, paired_delta
+    from llmopt.placement import resolve_target
     from llmopt.source import resolve
 
     rep: Reporter = reporter or SilentReporter()
@@ -225,7 +237,8 @@ def evaluate(
         raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
     windows = make_windows(ids, context_length, stride, bos_id=bos_id)
     windows_tokens = [len(w.ids) - w.score_from for w in windows]
-    dev = resolve_device(device)
+    target = resolve_target(device)
+    dev = target.primary
 
     settings = {
         "dataset": dataset,
@@ -239,24 +252,27 @@ def evaluate(
         "tokens_scored": sum(len(w.ids) - w.score_from for w in windows),
         "windows": len(windows),
         "device": device_name(dev),
+        "placement": target.describe(),
     }
 
     env = environment(dev)
-    key = baseline_cache.cache_key(
-        {
-            "weights": base.weights_sha256(),
-            "settings": {k: settings[k] for k in ("tokens_sha256", "context_length", "stride", "add_bos")},
-            "device": settings["device"],
-            "versions": {k: env["packages"].get(k) for k in ("torch", "transformers")},
-        }
-    )
+    key_parts: dict[str, Any] = {
+        "weights": base.weights_sha256(),
+        "settings": {k: settings[k] for k in ("tokens_sha256", "context_length", "stride", "add_bos")},
+        "device": settings["device"],
+        "versions": {k: env["packages"].get(k) for k in ("torch", "transformers")},
+    }
+    if target.multi_gpu:
+        # Keys of one-device results stay as they were; a possible split is cached apart from them.
+        key_parts["placement"] = {"spec": target.spec, "devices": device_name(target.spec)}
+    key = baseline_cache.cache_key(key_parts)
     cached = baseline_cache.load_cached(key) if use_cache else None
     if cached is not None:
         base_result = cached["result"]
         base_result["cached"] = True
         rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
     else:
-        base_result = _score_model("hf", base.path, windows, dev, batch_size, kernel, rep, "FP16 baseline")
+        base_result = _score_model("hf", base.path, windows, target.spec, batch_size, kernel, rep, "FP16 baseline")
         base_result["size_bytes"] = base.size_bytes()
         base_result["model"] = baseline
         if use_cache:
@@ -264,7 +280,14 @@ def evaluate(
         base_result["cached"] = False
 
     art_result = _score_model(
-        art.manifest.runner, art.path, windows, dev, batch_size, kernel, rep, f"artifact ({art.manifest.backend})"
+        art.manifest.runner,
+        art.path,
+        windows,
+        target.spec,
+        batch_size,
+        kernel,
+        rep,
+        f"artifact ({art.manifest.backend})",
     )
     art_result["size_bytes"] = art.size_bytes()
     art_result["path"] = str(art.path)
@@ -289,9 +312,9 @@ def evaluate(
         from llmopt.evaluate.throughput import bench_model, throughput_section
 
         speed = throughput.resolved(dev)
-        base_speed = bench_model(base.path, dev, speed, runner_kind="hf", label="FP16 baseline", reporter=rep)
+        base_speed = bench_model(base.path, target.spec, speed, runner_kind="hf", label="FP16 baseline", reporter=rep)
         runner_kind = art.manifest.runner
-        art_speed = bench_model(art.path, dev, speed, runner_kind=runner_kind, kernel=kernel, reporter=rep)
+        art_speed = bench_model(art.path, target.spec, speed, runner_kind=runner_kind, kernel=kernel, reporter=rep)
         report["throughput"] = throughput_section(base_speed, art_speed, speed, dev)
     result = apply_gate(gate or GateSpec(), report)
     report["gate"] = result.model_dump(mode="json")
@@ -337,6 +360,9 @@ def _score_model(
         kern = getattr(runner, "kernel", None)
         if kern:
             out["kernel"] = kern
+        placement = getattr(runner, "placement", None)
+        if placement is not None:
+            out["placement"] = placement.record()
         return out
     finally:
         runner.close()

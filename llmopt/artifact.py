@@ -69,6 +69,8 @@ class EnvironmentInfo(BaseModel):
     platform: str
     packages: dict[str, str] = Field(default_factory=dict)
     device: str
+    # Where the backend put the model while quantizing (llmopt/placement.py): GPUs, layers on each.
+    placement: dict[str, Any] | None = None
 
 
 class Manifest(BaseModel):

@@ -24,30 +24,29 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
 
 
 def resolve_device(device: str) -> str:
-    """'auto' becomes 'cuda:0' where a CUDA GPU is visible, else 'cpu'."""
-    if device != "auto":
-        if device.startswith("cuda"):
-            import torch
+    """The first device ``device`` resolves to: 'cpu' or 'cuda:N' (see llmopt/placement.py for the rest).
 
-            if not torch.cuda.is_available():
-                from llmopt.errors import BackendUnavailableError
+    'auto' becomes 'cuda:0' where a CUDA GPU is visible, else 'cpu'; 'cuda' and 'cuda:N,M' give their first
+    GPU. A malformed value or a GPU that does not exist raises InputError; a GPU asked for where none is
+    visible raises BackendUnavailableError.
+    """
+    from llmopt.placement import resolve_target
 
-                raise BackendUnavailableError(
-                    f"device '{device}' was asked for, but no CUDA GPU is visible.",
-                    "Use --device cpu, or run on a machine with a GPU.",
-                )
-            return device if ":" in device else "cuda:0"
-        return device
-    import torch
-
-    return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return resolve_target(device).primary
 
 
 def device_name(device: str) -> str:
+    """Name of a device; for a split over GPUs (``cuda:0,1``) the names of every GPU, counted."""
     if device.startswith("cuda"):
         import torch
 
-        return str(torch.cuda.get_device_name(torch.device(device)))
+        ids = device.split(":", 1)[1].split(",") if ":" in device else ["0"]
+        names = [str(torch.cuda.get_device_name(torch.device(f"cuda:{i.strip()}"))) for i in ids]
+        if len(names) == 1:
+            return names[0]
+        if len(set(names)) == 1:
+            return f"{len(names)} x {names[0]}"
+        return " + ".join(names)
     return f"cpu ({platform.processor() or platform.machine()})"
 
 

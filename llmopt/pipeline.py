@@ -44,6 +44,8 @@ class _Context:
         self.calib_text_sha256: str | None = None
         self.device = ""
         self.device_label = ""
+        self.placement_label = ""  # DeviceTarget.describe(): which GPUs a model may be split over
+        self.multi_gpu = False
         self.versions: dict[str, str | None] = {}
         self.org: str | None = None
 
@@ -127,7 +129,8 @@ def _select(recipe: Recipe, only: list[str] | None) -> list[VariantSpec]:
 def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
     """Checks that would fail every variant the same way, done once and before any heavy work."""
     from llmopt.data import load_text
-    from llmopt.environment import device_name, package_versions, resolve_device
+    from llmopt.environment import device_name, package_versions
+    from llmopt.placement import resolve_target
     from llmopt.source import resolve
 
     recipe, reporter = ctx.recipe, ctx.reporter
@@ -146,8 +149,11 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
             text = load_text(recipe.calibration.dataset, purpose="calibration")
             ctx.calib_text_sha256 = hashlib.sha256(text.encode()).hexdigest()
-        ctx.device = resolve_device(recipe.evaluation.device)
+        target = resolve_target(recipe.evaluation.device)
+        ctx.device = target.primary
         ctx.device_label = device_name(ctx.device)
+        ctx.placement_label = target.describe()
+        ctx.multi_gpu = target.multi_gpu
         ctx.versions = {k: package_versions((k,)).get(k) for k in ("torch", "transformers")}
 
 
@@ -323,6 +329,8 @@ def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
         and s.get("add_bos") == ev_spec.add_bos
         and s.get("max_tokens") == ev_spec.max_tokens
         and s.get("device") == ctx.device_label
+        # evaluations from before placements were recorded ran on one device
+        and s.get("placement", None if ctx.multi_gpu else ctx.placement_label) == ctx.placement_label
         and (ev.get("baseline") or {}).get("model") == ctx.model_arg
         and ev.get("artifact_files_sha256") == files_digest(art.manifest.files)
         and all(packages.get(k) == v for k, v in ctx.versions.items())

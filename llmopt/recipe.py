@@ -85,7 +85,11 @@ class EvaluationSpec(_Strict):
     max_tokens: int | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
     add_bos: bool = Field(False, description="Put BOS before each window.")
     batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
-    device: str = Field("auto", description="auto, cpu, cuda, cuda:1 ...")
+    device: str = Field(
+        "auto",
+        description="auto, cpu, cuda (layers split over every visible GPU), cuda:1 (one GPU), cuda:0,1 (split over "
+        "those): see README 'Devices and several GPUs'.",
+    )
     kernel: str | None = Field(None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice.")
     throughput: ThroughputSettings | None = Field(
         None,

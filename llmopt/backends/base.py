@@ -24,6 +24,7 @@ from llmopt.errors import BackendUnavailableError, InputError, OptionsError
 
 if TYPE_CHECKING:
     from llmopt.data import CalibrationSet
+    from llmopt.placement import DeviceTarget
     from llmopt.progress import Reporter
     from llmopt.source import SourceModel
 
@@ -65,7 +66,10 @@ class QuantizeInputs:
     calibration: CalibrationSet | None
     out_dir: Path
     reporter: Reporter
-    device: str
+    device: str  # the first device ("cpu" or "cuda:N")
+    # Every device the job may use (llmopt/placement.py); None: only ``device``. Backends that can spread a
+    # model over several GPUs read it; the others work on ``device`` as before.
+    target: DeviceTarget | None = None
 
 
 class Backend(ABC):
@@ -116,8 +120,9 @@ class Backend(ABC):
     def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
         """Write the model files (weights, config, tokenizer) into ``inputs.out_dir``.
 
-        Returns extra facts for the manifest's options record (e.g. the kernel used); may be empty.
-        The caller hashes the files and writes ``llmopt.json`` afterwards.
+        Returns extra facts for the manifest's options record (e.g. the kernel used); may be empty. A
+        ``placement`` entry (where the model was put, ``Placement.record()``) goes to the manifest's
+        ``environment.placement`` instead. The caller hashes the files and writes ``llmopt.json`` afterwards.
         """
 
     def library_versions(self) -> dict[str, str]:

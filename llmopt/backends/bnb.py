@@ -77,7 +77,16 @@ class _BnbBackend(Backend):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from llmopt.placement import Placement, observed_layers, plan_placement
+
         qcfg, compute = self._quant_config(inputs.options, inputs.device)
+        # bitsandbytes quantizes each weight as it is loaded onto its GPU, so a model split over several
+        # GPUs (transformers device_map) is quantized there in place: planned on the fp16 source's sizes.
+        placement = (
+            plan_placement(inputs.target, inputs.source.path, dtype_bytes=2)
+            if inputs.target is not None
+            else Placement.on(inputs.device)
+        )
         with inputs.reporter.step(f"loading and quantizing with bitsandbytes ({self.name})"):
             # Tensors left unquantized (embeddings, norms) are stored in fp16 on every device, so the
             # artifact is the same size wherever it was made; a CPU runner upcasts them on load.
@@ -85,12 +94,14 @@ class _BnbBackend(Backend):
                 inputs.source.path,
                 quantization_config=qcfg,
                 dtype=torch.float16,
-                device_map=inputs.device if inputs.device == "cpu" else {"": inputs.device},
+                device_map=placement.transformers_device_map(),
             )
+        if placement.mode == "split":
+            placement.layers_per_device = observed_layers(model)
         with inputs.reporter.step("saving bitsandbytes checkpoint"):
             model.save_pretrained(inputs.out_dir)
             AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)
-        return {"compute_dtype": compute}
+        return {"compute_dtype": compute, "placement": placement.record()}
 
 
 class BnbInt8Backend(_BnbBackend):

@@ -71,6 +71,7 @@ class GPTQBackend(Backend):
             damp_percent=opts.damp_percent,
             true_sequential=opts.true_sequential,
         )
+        placement = gptqmodel_gpus(qcfg, inputs)
         import torch
 
         # GPTQModel picks bf16 on CPU; where the CPU has no bf16 units that is emulated and ~10x slower
@@ -86,7 +87,54 @@ class GPTQBackend(Backend):
             if inputs.device == "cpu":
                 store_fp16(inputs.out_dir)
             _save_tokenizer(inputs)
-        return {}
+        return {"placement": placement} if placement else {}
+
+
+def _keep_gpus(keep: frozenset[int], devices: list[Any]) -> list[Any]:
+    return [d for d in devices if getattr(d, "type", None) != "cuda" or getattr(d, "index", None) in keep]
+
+
+def gptqmodel_gpus(qcfg: Any, inputs: QuantizeInputs) -> dict[str, Any] | None:
+    """Which GPUs GPTQModel may use for this job; sets ``qcfg.compute_device_filter``; the manifest record.
+
+    GPTQModel (7.x) never places the whole model on GPUs: the unquantized model stays in host memory (or
+    is read lazily from disk), and it quantizes one decoder layer at a time. The layer is staged on the
+    first visible GPU; the calibration forward of that layer is replicated over every visible GPU and its
+    GPTQ solves are spread over them too, unless ``compute_device_filter`` keeps fewer. So a model larger
+    than one GPU quantizes as long as one layer (plus its calibration activations) fits on one; more GPUs
+    make it faster, they are not needed to hold it. llmopt keeps it to the GPUs ``--device`` allows: one
+    GPU for ``cuda:N`` (and for ``auto`` when the model fits on GPU 0), the listed or all GPUs otherwise.
+    """
+    from llmopt.placement import plan_placement
+
+    target = inputs.target
+    if target is None or target.mode == "cpu":
+        return None
+    import torch
+
+    visible = int(torch.cuda.device_count())
+    if target.mode == "fit":
+        planned = plan_placement(target, inputs.source.path, dtype_bytes=2)
+        gpus = [int(d.split(":")[1]) for d in planned.devices]
+        reason = planned.reason
+    else:
+        gpus = list(target.gpus)
+        reason = "the GPUs asked for"
+    if len(gpus) < visible:
+        import functools
+
+        qcfg.compute_device_filter = functools.partial(_keep_gpus, frozenset(gpus))
+    return {
+        "mode": "layerwise",
+        "requested": target.spec,
+        "devices": [f"cuda:{g}" for g in gpus],
+        "layers_per_device": {},
+        "bytes_per_device": {},
+        "reason": (
+            f"{reason}; GPTQModel quantizes one layer at a time (model in host memory, layer staged on the first "
+            "visible GPU, calibration forward and GPTQ solves on the GPUs listed)"
+        ),
+    }
 
 
 def _configure_gptqmodel_env() -> None:

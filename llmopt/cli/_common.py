@@ -17,7 +17,13 @@ stdout = Console(width=None if sys.stdout.isatty() else 140)
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto (CUDA GPU if visible, else CPU), cpu, cuda, cuda:1 ...")
+    str,
+    typer.Option(
+        "--device",
+        help="cpu; cuda:N (that GPU only); cuda (every visible GPU: layers split over them, balanced by weight "
+        "bytes); cuda:0,1 (split over those); auto (default: CPU without GPU, else GPU 0 when the model fits in "
+        "80% of its free memory, else like cuda).",
+    ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 

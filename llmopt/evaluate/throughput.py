@@ -146,11 +146,19 @@ def _is_cuda(device: str) -> bool:
     return device.startswith("cuda")
 
 
+def _devices(device: str) -> list[str]:
+    """``cuda:0,1`` (a model split over GPUs, llmopt/placement.py) -> ["cuda:0", "cuda:1"]; else [device]."""
+    if _is_cuda(device) and "," in device:
+        return [f"cuda:{i.strip()}" for i in device.split(":", 1)[1].split(",")]
+    return [device]
+
+
 def _sync(device: str) -> None:
     if _is_cuda(device):
         import torch
 
-        torch.cuda.synchronize(device)
+        for dev in _devices(device):
+            torch.cuda.synchronize(dev)
 
 
 def _short(exc: BaseException) -> str:
@@ -380,7 +388,8 @@ class StaticDecoder:
             torch.cuda.synchronize(self.device)
             return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
         ids = first
-        if _is_cuda(self.device):
+        # CUDA events time one device's stream; a model split over GPUs is timed on the host instead.
+        if _is_cuda(self.device) and len(_devices(self.device)) == 1:
             events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
             torch.cuda.synchronize(self.device)
             events[0].record()
@@ -390,9 +399,11 @@ class StaticDecoder:
             torch.cuda.synchronize(self.device)
             return [events[i].elapsed_time(events[i + 1]) / 1e3 for i in range(steps)]
         times: list[float] = []
+        _sync(self.device)
         for _ in range(steps):
             t0 = time.perf_counter()
             ids = self._step_fn(ids)
+            _sync(self.device)  # every GPU of a split (no-op on CPU)
             times.append(time.perf_counter() - t0)
         return times
 
@@ -449,6 +460,15 @@ def check_replay(got: Any, reference: Any, rtol: float = 0.05) -> bool:
 
 
 def _mode_chain(requested: str, device: str) -> list[str]:
+    if len(_devices(device)) > 1:
+        # A CUDA graph is captured on one device's stream; a model split over GPUs decodes eagerly.
+        if requested in ("compile", "graph"):
+            raise InputError(
+                f"--decode-mode {requested} needs the model on one GPU (a CUDA graph is captured on one device), "
+                f"but it is split over {device}.",
+                "Use --decode-mode auto or eager, or a --device that keeps it on one GPU (cuda:N).",
+            )
+        return ["eager"]
     if not _is_cuda(device):
         if requested in ("compile", "graph"):
             raise InputError(
@@ -512,7 +532,7 @@ def _random_ids(vocab: int, batch: int, length: int, seed: int, device: str) -> 
 
     gen = torch.Generator().manual_seed(seed)
     # Stay clear of special ids at the ends of the vocabulary.
-    return torch.randint(10, max(11, vocab - 10), (batch, length), generator=gen).to(device)
+    return torch.randint(10, max(11, vocab - 10), (batch, length), generator=gen).to(_devices(device)[0])
 
 
 def _vocab_size(model: Any) -> int:
@@ -531,16 +551,18 @@ class _Peak:
         if _is_cuda(self.device):
             import torch
 
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            for dev in _devices(self.device):
+                torch.cuda.synchronize(dev)
+                torch.cuda.reset_peak_memory_stats(dev)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if _is_cuda(self.device):
             import torch
 
-            torch.cuda.synchronize(self.device)
-            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            _sync(self.device)
+            # a split model: the sum of every GPU's peak
+            self.bytes = sum(int(torch.cuda.max_memory_allocated(dev)) for dev in _devices(self.device))
 
 
 @contextlib.contextmanager
@@ -677,6 +699,8 @@ def measure_decode(
     breaks = _graph_breaks() if "compile" in chain else 0
     if breaks:
         notes.append(f"torch.compile split the step at {breaks} graph break(s) (still one CUDA graph)")
+    if len(_devices(device)) > 1:
+        notes.append(f"layers split over {device}: no CUDA graph across devices, decoding ran eagerly (eager-static)")
     return {
         "decode": results,
         "decode_mode": "/".join(modes) if modes else None,
@@ -695,7 +719,8 @@ def measure_model(
     import torch
 
     settings = settings.resolved(device)
-    bw = copy_bandwidth(device)
+    gpus = _devices(device)
+    bw = copy_bandwidth(gpus[0])
     weight_bytes = weight_bytes_per_step(model)
     # no_grad rather than inference_mode: the static cache is updated in place across calls and graphs.
     with torch.no_grad():
@@ -717,12 +742,37 @@ def measure_model(
         "tokens_per_s_at_batch_1": roof,
         "fraction_at_batch_1": (b1 / roof) if (b1 and roof) else None,
     }
+    if len(gpus) > 1:
+        result["roofline"].update(_split_roofline(gpus, roof))
     if settings.gpu_hourly_cost:
         result["cost_per_million_tokens"] = {
             b: cost_per_million_tokens(r.get("tokens_per_s", {}).get("median"), settings.gpu_hourly_cost)
             for b, r in decode["decode"].items()
         }
     return result
+
+
+def _split_roofline(gpus: list[str], roof: float | None) -> dict[str, Any]:
+    """Roofline of a model split over GPUs (a pipeline: the GPUs read their layers one after another).
+
+    A step still reads every weight byte once, at one GPU's bandwidth at a time, so with identical GPUs
+    the bound is the same as on one GPU: all weight bytes over one GPU's copy bandwidth. With different
+    GPUs that number would be wrong, so none is given.
+    """
+    from llmopt.environment import device_name
+
+    names = {device_name(g) for g in gpus}
+    if len(names) > 1:
+        return {
+            "tokens_per_s_at_batch_1": None,
+            "fraction_at_batch_1": None,
+            "note": f"not applicable: layers split over different GPUs ({', '.join(sorted(names))})",
+        }
+    note = (
+        f"layers split over {len(gpus)} identical GPUs run one after another: bound = all weight bytes / "
+        f"one GPU's copy bandwidth (measured on {gpus[0]}); hops between GPUs are not in it"
+    )
+    return {"note": note} if roof else {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -791,6 +841,9 @@ def bench_model(
         )
         if getattr(runner, "kernel", None):
             result["kernel"] = runner.kernel  # type: ignore[attr-defined]
+        placement = getattr(runner, "placement", None)
+        if placement is not None:
+            result["placement"] = placement.record()
         if attn_implementation:
             result["attn_implementation"] = attn_implementation
         return result
@@ -881,11 +934,13 @@ def bench(
 
     Every measurement runs in this process, one model at a time, so the ratios are side by side.
     """
-    from llmopt.environment import environment, resolve_device
+    from llmopt.environment import environment
+    from llmopt.placement import resolve_target
 
     rep: Any = reporter or SilentReporter()
     settings = settings or ThroughputSettings()
-    dev = resolve_device(device)
+    where = resolve_target(device)
+    dev = where.primary
     resolved = settings.resolved(dev)
     target = _local_folder(model)
     base_path = _local_folder(baseline) if baseline else None
@@ -905,7 +960,7 @@ def bench(
         if base_path is not None:
             entry["baseline"] = bench_model(
                 base_path,
-                dev,
+                where.spec,
                 resolved,
                 runner_kind="hf",
                 attn_implementation=a,
@@ -913,7 +968,7 @@ def bench(
                 reporter=rep,
             )
         entry["model"] = bench_model(
-            target, dev, resolved, kernel=kernel, attn_implementation=a, label=str(model), reporter=reporter
+            target, where.spec, resolved, kernel=kernel, attn_implementation=a, label=str(model), reporter=reporter
         )
         if base_path is not None:
             entry.update(compare(entry["baseline"], entry["model"], resolved))
@@ -923,6 +978,7 @@ def bench(
         "model": model,
         "baseline": baseline,
         "device": environment(dev)["device"],
+        "placement": where.describe(),
         "settings": resolved.model_dump(mode="json"),
         "runs": runs,
         "skipped_attention": skipped,

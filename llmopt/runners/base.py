@@ -29,12 +29,18 @@ class Runner(Protocol):
 
 
 def load_runner(kind: str, path: Path, device: str, *, kernel: str | None = None) -> Runner:
+    """Load ``path`` with runner ``kind`` on ``device``, any ``--device`` value (llmopt/placement.py).
+
+    The transformers runners split a model over several GPUs when the device allows it; llama.cpp
+    runs on the first device.
+    """
     if kind in ("hf", "gptqmodel"):
         from llmopt.runners.hf import HFRunner
 
         return HFRunner(path, device, loader=kind, kernel=kernel)
     if kind == "llamacpp":
+        from llmopt.placement import resolve_target
         from llmopt.runners.llamacpp import LlamaCppRunner
 
-        return LlamaCppRunner(path, device)
+        return LlamaCppRunner(path, resolve_target(device).primary)
     raise InputError(f"unknown runner '{kind}'.", "This artifact needs a newer llmopt; upgrade it.")

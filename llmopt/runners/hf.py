@@ -50,10 +50,21 @@ class HFRunner:
     name = "hf"
 
     def __init__(self, path: Path, device: str, *, loader: str = "hf", kernel: str | None = None) -> None:
+        """Load the model folder ``path`` on ``device``: any ``--device`` value (llmopt/placement.py).
+
+        Several GPUs: the layers are split over them with an accelerate device_map (``self.placement``);
+        input ids go to the input embedding's GPU and the logits are read where the output head put them.
+        """
         import torch
 
-        self.device = device
-        self.dtype = default_dtype(device)
+        from llmopt.placement import observed_layers, plan_placement, resolve_target
+
+        target = resolve_target(device)
+        primary = target.primary
+        self.dtype = default_dtype(primary)
+        # Sizes are planned at the dtype the weights are loaded in (fp16 on GPU).
+        self.placement = plan_placement(target, path, dtype_bytes=2 if self.dtype == "float16" else 4)
+        self.device = self.placement.primary
         self.kernel: str | None = None  # only GPTQModel-loaded artifacts choose a kernel
         # bitsandbytes logs a warning on every int8 matmul with fp32 inputs (they are cast to fp16).
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
@@ -62,14 +73,18 @@ class HFRunner:
             os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
             from gptqmodel import GPTQModel
 
-            backend = _gptqmodel_backend(kernel, device, _quant_method(path))
+            backend = _gptqmodel_backend(kernel, self.device, _quant_method(path))
             # GPTQModel picks bf16 on CPU, which is emulated (slow) on CPUs without bf16 units; GPTQ is
             # scored in fp32 there, like every other CPU runner. Its AWQ kernels take only fp16/bf16.
-            if device == "cpu" and _quant_method(path) == "awq":
+            if self.device == "cpu" and _quant_method(path) == "awq":
                 self.dtype = "float16"
-            self._wrapper: Any = GPTQModel.load(
-                str(path), device=device, backend=backend, dtype=getattr(torch, self.dtype)
-            )
+            where: dict[str, Any] = {"device": self.device}
+            if self.placement.device_map is not None:
+                # An explicit map: GPTQModel loads each block on its GPU and hooks them (accelerate's
+                # AlignDevicesHook). Given only device="cuda" it would deal layers round-robin over every
+                # visible GPU instead, and given "cuda:N" it keeps the model on that one.
+                where = {"device_map": self.placement.transformers_device_map()}
+            self._wrapper: Any = GPTQModel.load(str(path), backend=backend, dtype=getattr(torch, self.dtype), **where)
             self.model: Any = self._wrapper.model
             self.name = "gptqmodel"
             self.kernel = getattr(backend, "value", str(backend))
@@ -78,22 +93,31 @@ class HFRunner:
 
             self._wrapper = None
             self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, self.dtype), device_map=device if device == "cpu" else {"": device}
+                path, dtype=getattr(torch, self.dtype), device_map=self.placement.transformers_device_map()
             )
         self.model.eval()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        if self.device.startswith("cuda"):
+            for dev in self.placement.devices:
+                torch.cuda.synchronize(dev)
         self.load_seconds = time.perf_counter() - start
+        if self.placement.mode == "split":
+            # What the loaders really did, not what was planned.
+            self.placement.layers_per_device = observed_layers(self.model)
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        weight = getattr(emb, "weight", None)
+        self.input_device = str(weight.device) if weight is not None and weight.device.type != "meta" else self.device
 
     def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
         import torch
 
-        ids = torch.tensor(windows, dtype=torch.long, device=self.device)
+        ids = torch.tensor(windows, dtype=torch.long, device=self.input_device)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, use_cache=False).logits
-            # NLL of token t is read from the logits at t-1; float32 log-softmax for stability.
+            # NLL of token t is read from the logits at t-1; float32 log-softmax for stability. With layers
+            # split over GPUs the logits are on the output head's GPU: the targets go there, not the logits.
             logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-            token_nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+            targets = ids[:, 1:].to(logp.device)
+            token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         out = token_nll.cpu().tolist()
         return [row[max(s, 1) - 1 :] for row, s in zip(out, score_from, strict=True)]
 
@@ -104,7 +128,8 @@ class HFRunner:
         """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (throughput.py)."""
         from llmopt.evaluate.throughput import measure_model
 
-        return measure_model(self.model, self.device, settings, reporter)
+        # A split model is measured as "cuda:0,1": the engine then syncs every GPU and decodes eagerly.
+        return measure_model(self.model, self.placement.spec, settings, reporter)
 
     def close(self) -> None:
         import gc
