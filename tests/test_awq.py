@@ -226,3 +226,24 @@ def test_awq_quantize_reload_and_perplexity(assets: dict[str, Path], tmp_path: P
     assert math.isfinite(ppl)
     assert base < ppl < 2 * base, (ppl, base)
     assert report["artifact"]["size_bytes"] < 0.7 * report["baseline"]["size_bytes"]
+
+
+# --- loading: which GPTQModel kernel a short name means -------------------------------------------
+
+
+def test_kernel_short_names_resolve_per_method() -> None:
+    pytest.importorskip("gptqmodel")
+    from llmopt.runners.hf import _gptqmodel_backend
+
+    def value(kernel: str | None, device: str, method: str | None) -> str:
+        return str(_gptqmodel_backend(kernel, device, method).value)
+
+    # GPTQModel also has generic legacy names ('marlin', 'torch'): the method's own kernel must win.
+    assert value(None, "cuda:0", "awq") == "awq_marlin"
+    assert value(None, "cuda:0", "gptq") == "gptq_marlin"
+    assert value("torch", "cpu", "awq") == "awq_torch"
+    assert value("exllama_v2", "cuda:0", "gptq") == "gptq_exllama_v2"
+    assert value("awq_gemm", "cuda:0", "awq") == "awq_gemm"
+    assert value(None, "cpu", "gptq") == "auto"
+    with pytest.raises(BackendUnavailableError, match="no kernel 'warp9'"):
+        _gptqmodel_backend("warp9", "cuda:0", "gptq")

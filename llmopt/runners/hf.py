@@ -25,7 +25,8 @@ def _gptqmodel_backend(kernel: str | None, device: str, method: str | None = Non
     from gptqmodel import BACKEND
 
     name = kernel or (_DEFAULT_CUDA_KERNEL if device.startswith("cuda") else "auto")
-    candidates = [name, f"{method or 'gptq'}_{name}", f"gptq_{name}"]
+    # The method's own name first: GPTQModel also keeps generic legacy names ('marlin', 'torch').
+    candidates = [f"{method or 'gptq'}_{name}", name]
     for cand in candidates:
         try:
             return BACKEND(cand)
