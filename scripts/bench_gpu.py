@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 T0 = time.time()
 # Rough seconds each variant needs (load + compile at two batch shapes + timing), to respect --deadline-s.
 COST_S = {
-    "8b": {"fp16": 180, "gptq": 150, "nf4": 110, "int8": 70},
-    "1b": {"fp16": 90, "gptq": 100, "nf4": 60, "int8": 60},
+    "8b": {"fp16": 180, "gptq": 150, "awq": 150, "nf4": 110, "int8": 70},
+    "1b": {"fp16": 90, "gptq": 100, "awq": 100, "nf4": 60, "int8": 60},
 }
 
 
@@ -50,8 +50,15 @@ JIT_KERNELS = {
 
 
 def gptq_kernel(variant: str, default: str) -> str:
-    """'gptq' uses --kernel; 'gptq-exllama_v2' names its kernel."""
-    return variant.split("-", 1)[1] if variant.startswith("gptq-") else default
+    """'gptq' uses --kernel; 'gptq-exllama_v2' names its kernel; 'awq' is AWQ through awq_marlin, 'awq-gemm'
+    names its kernel. A '_fp16reduce' suffix runs Marlin with its fp16 (not fp32) split-K reduction."""
+    method, _, named = variant.partition("-")
+    kernel = named or (default if method == "gptq" else "marlin")
+    return kernel.removesuffix("_fp16reduce")
+
+
+def fp16_reduce(variant: str) -> bool:
+    return variant.endswith("_fp16reduce")
 
 
 def prebuild_kernels(out: Path, kernels: list[str]) -> subprocess.Popen[bytes] | None:
@@ -96,6 +103,78 @@ def gemv_probe(device: str, bandwidth: float) -> list[dict[str, Any]]:
         rows.append({"k": k, "n": n, "us": sec * 1e6, "fraction_of_copy_bw": (w.numel() * 2 / sec) / bandwidth})
         del w, x
     torch.cuda.empty_cache()
+    return rows
+
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+def _module_bytes(module: Any) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.data_ptr() not in seen and t.is_cuda:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def layer_probe(model: Any, device: str, batches: tuple[int, ...] = (1, 8)) -> list[dict[str, Any]]:
+    """Each linear of decoder layer 0 (and lm_head) alone: 20 calls captured in one CUDA graph, replayed,
+    so launch overhead is out; bytes = the module's tensors on the GPU (weights, scales, zeros, indices).
+    The graph's output is compared with an eager call: a kernel missing from the capture shows up."""
+    import torch
+
+    bandwidth = COPY_BW or 1.0
+    layer = model.model.layers[0]
+    modules = [(name, layer.get_submodule(name)) for name in LINEARS]
+    modules.append(("lm_head", model.lm_head))
+    rows = []
+    for name, module in modules:
+        k = getattr(module, "in_features", None)
+        if k is None:
+            continue
+        nbytes = _module_bytes(module)
+        for m in batches:
+            x = torch.randn(m, k, device=device, dtype=torch.float16)
+            row: dict[str, Any] = {"module": name, "kind": type(module).__name__, "m": m, "bytes": nbytes}
+            try:
+                with torch.no_grad():
+                    ref = module(x).float()
+                    stream = torch.cuda.Stream(device=device)
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(stream):
+                        for _ in range(3):
+                            module(x)
+                    torch.cuda.current_stream(device).wait_stream(stream)
+                    graph, calls = torch.cuda.CUDAGraph(), 20
+                    with torch.cuda.graph(graph):
+                        for _ in range(calls):
+                            y = module(x)
+                    graph.replay()
+                    torch.cuda.synchronize(device)
+                    err = float((y.float() - ref).norm() / ref.norm().clamp_min(1e-12))
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    reps = 10
+                    start.record()
+                    for _ in range(reps):
+                        graph.replay()
+                    end.record()
+                    torch.cuda.synchronize(device)
+                sec = start.elapsed_time(end) / 1e3 / (reps * calls)
+                row.update(us=round(sec * 1e6, 2), fraction_of_copy_bw=round(nbytes / sec / bandwidth, 3),
+                           graph_vs_eager_rel_err=err)  # fmt: skip
+                del graph
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            rows.append(row)
+    total = {m: sum(r.get("us", 0.0) for r in rows if r["m"] == m and r["module"] != "lm_head") for m in batches}
+    for m in batches:
+        layer_rows = [r for r in rows if r["m"] == m and r["module"] != "lm_head"]
+        nbytes = sum(r["bytes"] for r in layer_rows)
+        log(f"  layer probe m={m}: {total[m]:.1f} us per decoder layer for {nbytes / 1e6:.1f} MB "
+            f"({100 * nbytes / (total[m] / 1e6) / bandwidth if total[m] else 0:.0f}% of copy bw)")  # fmt: skip
     return rows
 
 
@@ -151,14 +230,23 @@ def run_variant(
     profiled = variant in args.profile and shape == first_shape
     profile_to = args.out / f"profile-{shape}-{variant}.txt" if profiled else None
     label = f"{shape} {variant}"
-    if variant == "fp16" or variant.startswith("gptq"):
+    if variant == "fp16" or variant.startswith(("gptq", "awq")):
         from llmopt.runners import load_runner
 
-        kind, path = ("hf", dirs["fp16"]) if variant == "fp16" else ("gptqmodel", dirs["gptq"])
+        method = variant.split("-")[0]
+        kind, path = ("hf", dirs["fp16"]) if variant == "fp16" else ("gptqmodel", dirs[method])
         kernel = gptq_kernel(variant, args.kernel) if kind == "gptqmodel" else None
-        runner = load_runner(kind, path, device, kernel=kernel)
+        # GPTQModel reads this when it builds each Marlin layer (default: fp32 reduction).
+        if fp16_reduce(variant):
+            os.environ["GPTQMODEL_MARLIN_USE_FP32"] = "0"
+        try:
+            runner = load_runner(kind, path, device, kernel=kernel)
+        finally:
+            os.environ.pop("GPTQMODEL_MARLIN_USE_FP32", None)
         try:
             result = measure_loaded(runner.model, device, settings, profile_to, label)  # type: ignore[attr-defined]
+            if args.layer_probe and device.startswith("cuda"):
+                result["layer_probe"] = layer_probe(runner.model, device)  # type: ignore[attr-defined]
             result.update(
                 load_seconds=round(runner.load_seconds, 2),
                 footprint_bytes=runner.footprint_bytes(),
@@ -202,23 +290,26 @@ def run_variant(
 
 
 def prepare_shape(shape: str, variants: list[str], work: Path, device: str) -> dict[str, Path]:
-    from random_models import build_fp16, llama_config, save_fp16, write_random_gptq
+    from random_models import build_fp16, llama_config, save_fp16, write_random_awq, write_random_gptq
 
-    dirs = {"fp16": work / f"{shape}-fp16", "gptq": work / f"{shape}-gptq"}
+    dirs = {"fp16": work / f"{shape}-fp16", "gptq": work / f"{shape}-gptq", "awq": work / f"{shape}-awq"}
     need_fp16 = any(v in variants for v in ("fp16", "nf4", "int8"))
     need_gptq = any(v.startswith("gptq") for v in variants)
-    if (need_fp16 and not (dirs["fp16"] / "config.json").is_file()) or (
-        need_gptq and not (dirs["gptq"] / "config.json").is_file()
-    ):
+    need_awq = any(v.startswith("awq") for v in variants)
+    missing = lambda key: not (dirs[key] / "config.json").is_file()  # noqa: E731
+    if (need_fp16 and missing("fp16")) or (need_gptq and missing("gptq")) or (need_awq and missing("awq")):
         model = build_fp16(llama_config(shape), device)
         n = sum(p.numel() for p in model.parameters())
         log(f"{shape}: built random fp16 model, {n / 1e9:.2f}B parameters")
-        if need_fp16:
+        if need_fp16 and missing("fp16"):
             save_fp16(model, dirs["fp16"])
             log(f"{shape}: saved fp16 folder")
-        if need_gptq:
+        if need_gptq and missing("gptq"):
             write_random_gptq(model, dirs["gptq"], group_size=128)
             log(f"{shape}: wrote random GPTQ 4-bit g128 checkpoint")
+        if need_awq and missing("awq"):
+            write_random_awq(model, dirs["awq"], group_size=128)
+            log(f"{shape}: wrote random AWQ 4-bit g128 checkpoint")
         del model
         gc.collect()
     return dirs
@@ -297,6 +388,13 @@ def main() -> None:
     parser.add_argument("--profile", default="", help="variants to profile at batch 1 (first shape), e.g. fp16,gptq")
     parser.add_argument("--gemv-probe", action="store_true", help="time cuBLAS GEMV on the 8B shapes")
     parser.add_argument(
+        "--layer-probe", action="store_true", help="time each linear of layer 0 alone (graph-captured), per variant"
+    )
+    parser.add_argument("--attn", default="", help="compare attention implementations on FP16, e.g. eager,sdpa")
+    parser.add_argument("--attn-shape", default="1b", help="shape for --attn")
+    parser.add_argument("--attn-prompt-lens", default="512,2048,8192", help="prompt lengths for --attn")
+    parser.add_argument("--attn-batch-sizes", default="1,8", help="decode batch sizes for --attn")
+    parser.add_argument(
         "--short-variants",
         default="int8",
         help="variants timed with 32 new tokens x 3 runs (eager decoding is slow; the table says so)",
@@ -313,7 +411,7 @@ def main() -> None:
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "4")
     variants = [v for v in args.variants.split(",") if v]
-    kernels = sorted({gptq_kernel(v, args.kernel) for v in variants if v.startswith("gptq")})
+    kernels = sorted({gptq_kernel(v, args.kernel) for v in variants if v.startswith(("gptq", "awq"))})
     builder = prebuild_kernels(args.out, kernels)
     modes = dict(pair.split("=", 1) for pair in args.modes.split(",") if pair)
 
@@ -333,6 +431,8 @@ def main() -> None:
         gpu_hourly_cost=args.gpu_hourly_cost,
     ).resolved(device)
     bw = copy_bandwidth(device, use_cache=False)
+    global COPY_BW
+    COPY_BW = bw["bytes_per_s"]
     env = environment(device)
     log(f"{env['device']}: copy bandwidth {bw['bytes_per_s'] / 1e12:.2f} TB/s; torch {torch.__version__}")
     report: dict[str, Any] = {
@@ -362,7 +462,7 @@ def main() -> None:
                 results[variant] = {"error": f"skipped: {elapsed:.0f} s used of the {args.deadline_s:.0f} s deadline"}
                 log(f"{shape} {variant}: skipped (deadline)")
                 continue
-            if variant.startswith("gptq") and builder is not None:
+            if variant.startswith(("gptq", "awq")) and builder is not None:
                 log("waiting for the GPTQ kernel builds")
                 builder.wait()
                 log((args.out / "kernel-build.log").read_text()[-400:])
@@ -401,13 +501,87 @@ def main() -> None:
                 )
             speedups(results)
             save()
+    if args.attn:
+        report["attention"] = attention_comparison(args, device)
+        (args.out / "attention.md").write_text(attention_table(report["attention"]) + "\n")
+        save()
     save()
     print(table(report), flush=True)
+    if args.attn:
+        print(attention_table(report["attention"]), flush=True)
     log("done")
+
+
+def attention_comparison(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """`llmopt bench --attn ...` on the FP16 model of --attn-shape: prefill speed and peak memory per
+    prompt length, decode speed per batch, for each attention implementation installed."""
+    from llmopt.evaluate.throughput import ThroughputSettings, bench, parse_int_list
+
+    attn = [a for a in args.attn.split(",") if a]
+    elapsed = time.time() - T0
+    if elapsed + 60 * len(attn) > args.deadline_s:
+        log("attention comparison: skipped (deadline)")
+        return {"error": f"skipped: {elapsed:.0f} s used of the {args.deadline_s:.0f} s deadline"}
+    dirs = prepare_shape(args.attn_shape, ["fp16"], args.work, device)
+    settings = ThroughputSettings(
+        batch_sizes=parse_int_list(args.attn_batch_sizes, "--attn-batch-sizes"),
+        prompt_lens=parse_int_list(args.attn_prompt_lens, "--attn-prompt-lens"),
+        gen_len=64,
+        warmup=1,
+        repetitions=3,
+        decode_mode=args.decode_mode,
+    )
+    log(f"attention comparison on {args.attn_shape}: {attn}")
+    try:
+        result = bench(str(dirs["fp16"]), settings=settings, attn=attn, device=device)
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+    result["shape"] = args.attn_shape
+    return result
+
+
+def attention_table(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"attention comparison: {result['error']}"
+    s = result["settings"]
+    prompts, batches = [str(p) for p in s["prompt_lens"]], [str(b) for b in s["batch_sizes"]]
+    head = (
+        ["attention", "decode mode"]
+        + [f"prefill tok/s {p}" for p in prompts]
+        + [f"prefill peak GB {p}" for p in prompts]
+        + [f"decode tok/s b{b}" for b in batches]
+    )
+    lines = [f"{result['shape']} FP16, {result['device']}", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in result["runs"]:
+        m = run["model"]
+        if "error" in m:
+            lines.append(f"| {run['attn_implementation']} | failed: {m['error'][:120]} |")
+            continue
+        pre, dec = m.get("prefill", {}), m.get("decode", {})
+
+        def rate(block: dict[str, Any] | None) -> str:
+            t = (block or {}).get("tokens_per_s") or {}
+            return f"{t['median']:,.0f}" if "median" in t else (block or {}).get("error", "-")[:40]
+
+        row = (
+            [run["attn_implementation"], str(m.get("decode_mode"))]
+            + [rate(pre.get(p)) for p in prompts]
+            + [f"{((pre.get(p) or {}).get('peak_memory_bytes') or 0) / 1e9:.2f}" for p in prompts]
+            + [rate(dec.get(b)) for b in batches]
+        )
+        lines.append("| " + " | ".join(row) + " |")
+    for a, why in result.get("skipped_attention", {}).items():
+        lines.append(f"\n{a}: skipped ({why})")
+    return "\n".join(lines)
 
 
 SETTINGS: Any = None
 ARGS: Any = None
+COPY_BW: float | None = None
 
 if __name__ == "__main__":
     main()

@@ -7,6 +7,8 @@
 - ``write_random_gptq``: a GPTQ checkpoint (GPTQModel's v1 ``gptq`` format, 4-bit symmetric, no act-order)
   whose packed weights and scales are random: written directly, no calibration. Quantizing 8B random
   weights with GPTQModel would take many minutes and measure nothing more.
+- ``write_random_awq``: the same for AWQ (AutoAWQ's GEMM layout, 4-bit with zero points), as llmopt's
+  ``awq`` backend writes it.
 """
 
 from __future__ import annotations
@@ -73,6 +75,76 @@ def save_fp16(model: Any, folder: Path) -> Path:
     return folder
 
 
+def _copy_unquantized(model: Any, tensors: dict[str, Any]) -> None:
+    for name, tensor in model.state_dict().items():
+        owner = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
+        if owner in QUANTIZED and name.startswith("model.layers."):
+            continue
+        tensors[name] = tensor.detach().contiguous()
+
+
+def _write_checkpoint(model: Any, folder: Path, tensors: dict[str, Any], qcfg: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    config = model.config.to_dict()
+    config["quantization_config"] = qcfg
+    config["dtype"] = "float16"
+    config.pop("torch_dtype", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    write_tokenizer(folder, model.config.vocab_size)
+    return folder
+
+
+def _random_scales(rows: int, cols: int, gen: Any, device: Any, scale: float) -> Any:
+    import torch
+
+    r = torch.rand((rows, cols), device=device, generator=gen, dtype=torch.float32)
+    return (r * scale + scale / 10).to(torch.float16)
+
+
+def write_random_awq(model: Any, folder: Path, *, group_size: int = 128, seed: int = 0, scale: float = 2e-3) -> Path:
+    """AWQ checkpoint (AutoAWQ GEMM layout: qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales
+    fp16 [in/g, out]; 4-bit, zero points) with random packed weights and zero points."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    tensors: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in QUANTIZED and name.startswith("model.layers."):
+            k, n = module.in_features, module.out_features
+            if k % group_size or n % 8:
+                raise ValueError(f"{name}: {k}x{n} does not fit group size {group_size}")
+            dev = module.weight.device
+            for suffix, shape in (("qweight", (k, n // 8)), ("qzeros", (k // group_size, n // 8))):
+                tensors[f"{name}.{suffix}"] = torch.randint(
+                    -(2**31), 2**31 - 1, shape, dtype=torch.int32, device=dev, generator=gen
+                )
+            tensors[f"{name}.scales"] = _random_scales(k // group_size, n, gen, dev, scale)
+    _copy_unquantized(model, tensors)
+    qcfg = {
+        "bits": 4,
+        "group_size": group_size,
+        "zero_point": True,
+        "version": "gemm",
+        "format": "gemm",
+        "checkpoint_format": "gemm",
+        "quant_method": "awq",
+        "method": "awq",
+        "desc_act": False,
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": ["llmopt-random-weights"]},
+    }
+    return _write_checkpoint(model, folder, tensors, qcfg)
+
+
 def write_random_gptq(
     model: Any, folder: Path, *, bits: int = 4, group_size: int = 128, seed: int = 0, scale: float = 2e-3
 ) -> Path:
@@ -80,7 +152,6 @@ def write_random_gptq(
     lm_head) from ``model``. Layout as GPTQModel writes it: qweight int32 [in/8, out], qzeros int32
     [in/g, out/8] (v1 zero point 8 stored as 7), scales fp16 [in/g, out], g_idx int32 [in]."""
     import torch
-    from safetensors.torch import save_file
 
     if bits != 4:
         raise ValueError("only 4-bit is built here")
@@ -100,23 +171,9 @@ def write_random_gptq(
             tensors[f"{name}.qzeros"] = torch.full(
                 (k // group_size, n // pack), 0x77777777, dtype=torch.int32, device=dev
             )
-            tensors[f"{name}.scales"] = (
-                torch.rand((k // group_size, n), device=dev, generator=gen, dtype=torch.float32) * scale
-                + scale / 10
-            ).to(torch.float16)
-            tensors[f"{name}.g_idx"] = (
-                torch.arange(k, device=dev, dtype=torch.int32) // group_size
-            ).contiguous()
-    for name, tensor in model.state_dict().items():
-        owner = name.rsplit(".", 2)[-2] if name.count(".") >= 2 else ""
-        if owner in QUANTIZED and name.startswith("model.layers."):
-            continue
-        tensors[name] = tensor.detach().contiguous()
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(folder / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
+            tensors[f"{name}.scales"] = _random_scales(k // group_size, n, gen, dev, scale)
+            tensors[f"{name}.g_idx"] = (torch.arange(k, device=dev, dtype=torch.int32) // group_size).contiguous()
+    _copy_unquantized(model, tensors)
     qcfg = {
         "bits": bits,
         "group_size": group_size,
@@ -130,11 +187,4 @@ def write_random_gptq(
         "pack_dtype": "int32",
         "meta": {"quantizer": ["llmopt-random-weights"]},
     }
-    config = model.config.to_dict()
-    config["quantization_config"] = qcfg
-    config["dtype"] = "float16"
-    config.pop("torch_dtype", None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
-    write_tokenizer(folder, model.config.vocab_size)
-    return folder
+    return _write_checkpoint(model, folder, tensors, qcfg)

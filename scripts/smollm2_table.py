@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The SmolLM2-135M table of the spine: FP16 vs bnb-int8, bnb-nf4, GPTQ 4-bit g64, GPTQ 8-bit g64.
+"""The SmolLM2-135M table: FP16 vs bnb-int8, bnb-nf4, GPTQ 4-bit g64, GPTQ 8-bit g64, AWQ 4-bit g64.
 
 Quantizes with llmopt's library API and evaluates each artifact against FP16 on the held-out
 Britannica text (context 512, every token). Works on CPU and on a CUDA GPU (``--device``).
@@ -27,6 +27,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "bnb-nf4": ("bnb-nf4", {"double_quant": True}),
     "gptq-4bit-g64": ("gptq", {"bits": 4, "group_size": 64}),
     "gptq-8bit-g64": ("gptq", {"bits": 8, "group_size": 64}),
+    "awq-4bit-g64": ("awq", {"bits": 4, "group_size": 64}),
 }
 
 
@@ -78,7 +79,7 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M-Instruct on {s['device']} ({s['dtype']}), {s['tokens_scored']:,} tokens of held-out "
         f"Britannica text, context {s['context_length']}, stride {s['stride']}; calibration {args.samples} x "
-        f"{args.seq_len} tokens (GPTQ).",
+        f"{args.seq_len} tokens (GPTQ, AWQ).",
         "",
         "| variant | perplexity ± stderr | Δ vs FP16 (paired stderr) | size on disk | quantize time | eval kernel |",
         "| --- | --- | --- | --- | --- | --- |",
