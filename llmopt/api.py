@@ -42,6 +42,36 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
         )
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale_partials(out: Path) -> list[Path]:
+    """Remove hidden ``.NAME.llmopt-partial-PID`` / ``-old-PID`` folders next to ``out`` left by a process that
+    no longer runs (a library caller killed by a signal, a crash). Folders of live processes are kept."""
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for kind in ("partial", "old"):
+        for path in out.parent.glob(f".{out.name}.llmopt-{kind}-*"):
+            pid_text = path.name.rsplit("-", 1)[-1]
+            if not pid_text.isdigit() or not path.is_dir():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid() or _pid_alive(pid):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                removed.append(path)
+    return removed
+
+
 def _staging_dir(out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.llmopt-partial-{os.getpid()}"
@@ -111,6 +141,8 @@ def quantize(
         tokenizer = AutoTokenizer.from_pretrained(source.path)
         calib = calibration_set(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
 
+    for stale in sweep_stale_partials(out):
+        rep.info(f"removed {stale.name}, left by an interrupted run that no longer exists")
     staging = _staging_dir(out)
     try:
         start = time.perf_counter()
