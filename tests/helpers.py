@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,14 @@ def fake_model(folder: Path, config: dict[str, Any] | None = None, *, truncate: 
     (folder / "config.json").write_text(json.dumps(config or SMOLLM2_CONFIG))
     write_safetensors(folder / "model.safetensors", {"w": ("F16", [64, 64])}, truncate=truncate)
     return folder
+
+
+def random_models() -> Any:
+    """scripts/random_models.py as a module (random-weight Llama models and GPTQ/AWQ checkpoints)."""
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("random_models", root / "scripts" / "random_models.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("random_models", module)
+    spec.loader.exec_module(module)
+    return module

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytest
 from llmopt import placement as pl
 from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, InputError
 from llmopt.placement import DeviceTarget, Placement, balanced_assignment, parse_device, plan_placement
-from tests.helpers import fake_model
+from tests.helpers import fake_model, random_models
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_torch = pytest.mark.skipif(
@@ -258,15 +257,6 @@ def test_planned_map_loads_with_transformers(tmp_path: Path) -> None:
 
 
 # --- reports record the placement -------------------------------------------------------------------
-
-
-def random_models() -> Any:
-    spec = importlib.util.spec_from_file_location("random_models", ROOT / "scripts" / "random_models.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("random_models", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 @needs_torch

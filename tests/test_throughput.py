@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from llmopt.evaluate.throughput import (
     summary,
     throughput_section,
 )
+from tests.helpers import random_models
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_torch = pytest.mark.skipif(
@@ -34,15 +34,6 @@ needs_torch = pytest.mark.skipif(
     reason="needs torch + transformers (pip install -e '.[all,test]')",
 )
 TINY = ThroughputSettings(batch_sizes=[1, 2], prompt_lens=[8, 12], gen_len=4, warmup=0, repetitions=2)
-
-
-def random_models() -> Any:
-    spec = importlib.util.spec_from_file_location("random_models", ROOT / "scripts" / "random_models.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("random_models", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def tiny_model(device: str = "cpu", **overrides: Any) -> Any:
@@ -292,6 +283,33 @@ def test_eval_with_throughput_feeds_the_gate(
 
 
 # --- GPU (run on the GPU machine: pytest -m gpu tests/test_throughput.py) ------------------------
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_random_quantized_checkpoints_load_and_run(method: str, tmp_path: Path) -> None:
+    """The benchmark's random-weight checkpoints are in the layouts GPTQModel loads (and the runner measures)."""
+    import torch
+
+    from llmopt.runners.hf import HFRunner
+
+    rm = random_models()
+    model = rm.build_fp16(rm.llama_config("tiny"), "cpu")
+    writer = rm.write_random_gptq if method == "gptq" else rm.write_random_awq
+    folder = writer(model, tmp_path / method, group_size=128)
+    qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == method and qcfg["bits"] == 4 and qcfg["group_size"] == 128
+    # On CPU GPTQ is scored in fp32 (GPTQModel's auto pick), AWQ in fp16 through awq_torch.
+    runner = HFRunner(folder, "cpu", loader="gptqmodel", kernel=None if method == "gptq" else "torch")
+    try:
+        assert runner.kernel == ("auto" if method == "gptq" else "awq_torch")
+        with torch.no_grad():
+            logits = runner.model(input_ids=torch.tensor([[1, 5, 9, 3]])).logits
+        assert logits.shape == (1, 4, 512) and bool(torch.isfinite(logits).all())
+        assert runner.model.model.layers[0].self_attn.q_proj.__class__.__name__ != "Linear"
+    finally:
+        runner.close()
 
 
 @pytest.mark.gpu
