@@ -307,3 +307,20 @@ def test_kernel_short_names_resolve_per_method() -> None:
     assert value(None, "cpu", "gptq") == "auto"
     with pytest.raises(BackendUnavailableError, match="no kernel 'warp9'"):
         _gptqmodel_backend("warp9", "cuda:0", "gptq")
+
+
+@pytest.mark.parametrize(
+    ("qcfg", "kernel", "dtype"),
+    [
+        ({"quant_method": "gptq", "bits": 4}, "auto", "float32"),  # torch_fused: exact in float32
+        ({"quant_method": "gptq", "bits": 8}, "auto", "float16"),  # only the plain torch kernel is exact
+        ({"quant_method": "gptq", "bits": 3}, "auto", "float16"),
+        ({"quant_method": "gptq", "bits": 4}, "gptq_torch", "float16"),  # takes no float32
+        ({"quant_method": "awq", "bits": 4}, "auto", "float16"),
+    ],
+)
+def test_cpu_scoring_dtype_per_artifact(qcfg: dict[str, object], kernel: str, dtype: str, tmp_path: Path) -> None:
+    from llmopt.runners.hf import cpu_dtype_for_gptqmodel
+
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qcfg}))
+    assert cpu_dtype_for_gptqmodel(tmp_path, kernel) == dtype

@@ -114,6 +114,26 @@ def test_gptq_4bit_g64(gptq_artifact: Artifact, assets: dict[str, Path]) -> None
     assert report["artifact"]["size_bytes"] < 0.7 * report["baseline"]["size_bytes"]
 
 
+def test_gptq_8bit_scores_on_cpu(assets: dict[str, Path], tmp_path: Path) -> None:
+    """GPTQ 2/3/8-bit have no exact float32 CPU kernel in GPTQModel: scored in float16 (was an error)."""
+    from llmopt.api import evaluate, quantize
+
+    art = quantize(
+        str(assets["model"]),
+        "gptq",
+        tmp_path / "gptq8",
+        options={"bits": 8, "group_size": 64},
+        calibration=str(assets["calibration_text"]),
+        samples=8,
+        seq_len=128,
+        device="cpu",
+    )
+    report = evaluate(art.path, str(assets["model"]), str(assets["eval_text"]), device="cpu", **EVAL)
+    assert report["artifact"]["runner"] == "gptqmodel" and report["settings"]["dtype"] == "float16"
+    # 8-bit is close to lossless (H200, 128 x 512 calibration: +0.08%).
+    assert abs(report["delta_pct"]) < 2, report["delta_pct"]
+
+
 def test_cli_eval_json_schema_and_gate_exit_code(
     int8_artifact: Artifact, assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

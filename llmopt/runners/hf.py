@@ -36,15 +36,36 @@ def _gptqmodel_backend(kernel: str | None, device: str, method: str | None = Non
     raise BackendUnavailableError(f"GPTQModel has no kernel '{name}'.", f"Pick one of: {valid}")
 
 
-def _quant_method(path: Path) -> str | None:
+def _quant_config(path: Path) -> dict[str, Any]:
     import json
 
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return None
+        return {}
     qcfg = config.get("quantization_config") or {}
-    return qcfg.get("quant_method") if isinstance(qcfg, dict) else None
+    return qcfg if isinstance(qcfg, dict) else {}
+
+
+def _quant_method(path: Path) -> str | None:
+    method = _quant_config(path).get("quant_method")
+    return str(method) if method else None
+
+
+def cpu_dtype_for_gptqmodel(path: Path, kernel: str) -> str:
+    """The dtype a GPTQModel-loaded artifact is scored in on CPU.
+
+    float32 where GPTQModel has an exact float32 CPU kernel: GPTQ 4-bit through its auto pick (torch_fused).
+    Everything else runs in float16: GPTQ 2/3/8-bit (only the plain torch kernel dequantizes them exactly, and
+    it takes float16/bfloat16; the torch_int8 kernel that takes float32 re-quantizes the weights to per-channel
+    int8, i.e. scores another model), an explicitly chosen kernel other than torch_fused, and AWQ (its kernels
+    take nothing wider). bfloat16 is avoided: GPTQModel's own CPU choice, emulated and slow on CPUs without it.
+    """
+    qcfg = _quant_config(path)
+    exact_fp32 = kernel in ("auto", "gptq_torch_fused", "torch_fused")
+    if qcfg.get("quant_method") == "gptq" and qcfg.get("bits") == 4 and exact_fp32:
+        return "float32"
+    return "float16"
 
 
 class HFRunner:
@@ -75,10 +96,8 @@ class HFRunner:
             from gptqmodel import GPTQModel
 
             backend = _gptqmodel_backend(kernel, self.device, _quant_method(path))
-            # GPTQModel picks bf16 on CPU, which is emulated (slow) on CPUs without bf16 units; GPTQ is
-            # scored in fp32 there, like every other CPU runner. Its AWQ kernels take only fp16/bf16.
-            if self.device == "cpu" and _quant_method(path) == "awq":
-                self.dtype = "float16"
+            if self.device == "cpu":
+                self.dtype = cpu_dtype_for_gptqmodel(path, str(getattr(backend, "value", backend)))
             where: dict[str, Any] = {"device": self.device}
             if self.placement.device_map is not None:
                 # An explicit map: GPTQModel loads each block on its GPU and hooks them (accelerate's
