@@ -782,16 +782,11 @@ def _split_roofline(gpus: list[str], roof: float | None) -> dict[str, Any]:
 def runner_kind_for(path: Path) -> str:
     """Which runner loads a model folder: an llmopt artifact says so; a GPTQ/AWQ folder needs GPTQModel."""
     from llmopt.artifact import Artifact
+    from llmopt.runners.hf import quant_method
 
     if (path / "llmopt.json").is_file():
         return Artifact.open(path).manifest.runner
-    cfg_path = path / "config.json"
-    if cfg_path.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            qcfg = (json.loads(cfg_path.read_text()) or {}).get("quantization_config") or {}
-            if str(qcfg.get("quant_method", "")).lower() in ("gptq", "awq"):
-                return "gptqmodel"
-    return "hf"
+    return "gptqmodel" if (quant_method(path) or "").lower() in ("gptq", "awq") else "hf"
 
 
 def weights_size(path: Path) -> int:

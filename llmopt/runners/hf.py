@@ -37,6 +37,7 @@ def _gptqmodel_backend(kernel: str | None, device: str, method: str | None = Non
 
 
 def _quant_config(path: Path) -> dict[str, Any]:
+    """``quantization_config`` of a model folder's config.json ({} when there is none or it is unreadable)."""
     import json
 
     try:
@@ -47,7 +48,7 @@ def _quant_config(path: Path) -> dict[str, Any]:
     return qcfg if isinstance(qcfg, dict) else {}
 
 
-def _quant_method(path: Path) -> str | None:
+def quant_method(path: Path) -> str | None:
     method = _quant_config(path).get("quant_method")
     return str(method) if method else None
 
@@ -95,7 +96,7 @@ class HFRunner:
             os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
             from gptqmodel import GPTQModel
 
-            backend = _gptqmodel_backend(kernel, self.device, _quant_method(path))
+            backend = _gptqmodel_backend(kernel, self.device, quant_method(path))
             if self.device == "cpu":
                 self.dtype = cpu_dtype_for_gptqmodel(path, str(getattr(backend, "value", backend)))
             where: dict[str, Any] = {"device": self.device}
