@@ -433,3 +433,16 @@ def observed_layers(model: Any) -> dict[str, int]:
         dev = str(first.device)
         counts[dev] = counts.get(dev, 0) + 1
     return counts
+
+
+def observed_bytes(model: Any) -> dict[str, int]:
+    """Bytes of a loaded model's parameters and buffers per device (a tied tensor counts once)."""
+    counts: dict[str, int] = {}
+    seen: set[int] = set()
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        dev = str(t.device)
+        counts[dev] = counts.get(dev, 0) + t.numel() * t.element_size()
+    return counts

@@ -160,10 +160,44 @@ def _quantize_case(
     }
 
 
+def split_layers_evenly() -> None:
+    """Make llmopt's planner deal decoder layers out evenly by count (``--split layers``).
+
+    llmopt balances weight bytes, so with SmolLM2's 4-bit layers (~2 MB each) smaller than its tied
+    embedding/head (56 MB) a balanced GPTQ plan puts the embedding and head on the first GPU and all 30
+    layers on the second: a real split, but not one through the layers. This check harness forces one.
+    Units before the first layer stay on the first GPU, units after the last on the last GPU.
+    """
+    import llmopt.placement as placement
+
+    def even(units: list[Any], devices: list[str]) -> dict[str, str]:
+        layers = [u for u in units if u.is_layer]
+        out: dict[str, str] = {}
+        seen = 0
+        for u in units:
+            if u.is_layer:
+                out[u.name] = devices[min(len(devices) - 1, seen * len(devices) // len(layers))]
+                seen += 1
+            elif u.tied_to is None:
+                out[u.name] = devices[0] if seen == 0 else devices[-1]
+        for u in units:
+            if u.tied_to is not None:
+                out[u.name] = out.get(u.tied_to, devices[0])
+        return {u.name: out[u.name] for u in units}
+
+    placement.split_units = even
+
+
 def split_ok(placement: dict[str, Any] | None) -> bool:
-    """True when a placement really put decoder layers on more than one GPU."""
-    layers = (placement or {}).get("layers_per_device") or {}
-    return (placement or {}).get("mode") == "split" and sum(1 for n in layers.values() if n > 0) >= 2
+    """True when a loaded model's weights really are on more than one GPU.
+
+    Not necessarily decoder layers on each: llmopt balances bytes, so a model whose embedding outweighs
+    its quantized layers (SmolLM2 in 4 bits) gets the embedding and tied head on one GPU and every layer
+    on the other. ``--split layers`` forces layers onto each GPU.
+    """
+    where = placement or {}
+    nbytes = where.get("bytes_per_device") or {}
+    return where.get("mode") == "split" and sum(1 for n in nbytes.values() if n > 0) >= 2
 
 
 def comparisons(cases: list[dict[str, Any]], tolerance: float) -> list[dict[str, Any]]:
@@ -287,6 +321,18 @@ def main() -> int:
     p.add_argument("--gpus", default=None, help="GPU ids to split over, e.g. 0,1 (default: every visible GPU)")
     p.add_argument("--deadline-s", type=float, default=540.0, help="start no case after this (default 540)")
     p.add_argument("--tolerance", type=float, default=1e-3, help="max relative perplexity difference")
+    p.add_argument(
+        "--quantize-on",
+        choices=["both", "1gpu", "split"],
+        default="both",
+        help="where each variant is quantized: once on one GPU, once split, or both (default)",
+    )
+    p.add_argument(
+        "--split",
+        choices=["bytes", "layers"],
+        default="bytes",
+        help="bytes: llmopt's plan (balanced weight bytes); layers: decoder layers dealt out evenly (a check harness)",
+    )
     p.add_argument("--only", nargs="*", default=None, choices=list(QUANTIZED), help="quantized variants to run")
     args = p.parse_args()
 
@@ -301,6 +347,8 @@ def main() -> int:
         print(f"error: {msg}", file=sys.stderr)
         return 2
 
+    if args.split == "layers":
+        split_layers_evenly()
     check = Check(args, gpus)
     assets = prepare(default_cache())
     arts = args.out / "artifacts"
@@ -312,6 +360,8 @@ def main() -> int:
         kind = "quantize-gptq" if method == "gptq" else "quantize"
         made: dict[str, Path] = {}
         for where, device in (("1gpu", check.one), ("split", check.split)):
+            if args.quantize_on not in ("both", where):
+                continue
             folder = arts / f"{variant}-{where}"
             case = check.run(
                 f"quantize {variant} on {where}",

@@ -330,3 +330,18 @@ def test_split_model_throughput_decodes_eagerly(assets: dict[str, Path]) -> None
     assert "split over cuda:0,1" in result["decode_mode_note"]
     assert result["decode"]["1"]["tokens_per_s"]["median"] > 0
     assert result["roofline"]["note"]
+
+
+@needs_torch
+def test_observed_bytes_counts_a_tied_weight_once() -> None:
+    import torch
+
+    rm = random_models()
+    model = rm.build_fp16(rm.llama_config("tiny", tie_word_embeddings=True), "cpu")
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    unique = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    expected = sum(t.numel() * t.element_size() for t in unique.values())
+    assert pl.observed_bytes(model) == {"cpu": expected}
+    model.model.layers[0].to(torch.float32)  # element sizes are read per tensor
+    assert pl.observed_bytes(model)["cpu"] > expected

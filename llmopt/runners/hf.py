@@ -80,7 +80,7 @@ class HFRunner:
         """
         import torch
 
-        from llmopt.placement import observed_layers, plan_placement, resolve_target
+        from llmopt.placement import observed_bytes, observed_layers, plan_placement, resolve_target
 
         target = resolve_target(device)
         primary = target.primary
@@ -124,6 +124,7 @@ class HFRunner:
         if self.placement.mode == "split":
             # What the loaders really did, not what was planned.
             self.placement.layers_per_device = observed_layers(self.model)
+            self.placement.bytes_per_device = observed_bytes(self.model)
         emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
         weight = getattr(emb, "weight", None)
         self.input_device = str(weight.device) if weight is not None and weight.device.type != "meta" else self.device
