@@ -17,7 +17,6 @@ bench-out/profile-<shape>-<variant>.txt (top kernels of one batch-1 decode run).
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -53,7 +52,7 @@ JIT_KERNELS = {
 def gptq_kernel(variant: str, default: str) -> str:
     """'gptq' uses --kernel; 'gptq-exllama_v2' names its kernel; 'awq' is AWQ through awq_marlin, 'awq-gemm'
     names its kernel. A '_fp16reduce' suffix runs Marlin with its fp16 (not fp32) split-K reduction, '_atomic'
-    GPTQ-Marlin with atomicAdd reduction on the shapes where AWQ-Marlin uses it (enable_marlin_atomics)."""
+    GPTQ-Marlin with atomicAdd reduction on the shapes where AWQ-Marlin uses it (llmopt.runners.marlin)."""
     method, _, named = variant.partition("-")
     kernel = named or (default if method == "gptq" else "marlin")
     return kernel.removesuffix("_fp16reduce").removesuffix("_atomic")
@@ -61,31 +60,6 @@ def gptq_kernel(variant: str, default: str) -> str:
 
 def fp16_reduce(variant: str) -> bool:
     return variant.endswith("_fp16reduce")
-
-
-def enable_marlin_atomics(model: Any) -> int:
-    """GPTQ-Marlin with atomicAdd reduction where GPTQModel's AWQ-Marlin path uses it (n < 2048, k >= 2048: the
-    k/v projections of Llama shapes); GPTQModel's GPTQ path always passes use_atomics=False. Returns how many
-    layers were switched. Written after run 4 showed the 4x gap on that shape; not run on a GPU yet."""
-    from gptqmodel.utils.marlin import apply_gptq_marlin_linear
-
-    def forward(module: Any, x: Any) -> Any:
-        if x.dtype != module.scales.dtype or module._marlin_tile_padding is not None or module.adapter:
-            return type(module).forward(module, x)
-        return apply_gptq_marlin_linear(
-            input=x, weight=module.qweight, weight_scale=module.scales, weight_zp=module.qzeros,
-            g_idx=module.g_idx, g_idx_sort_indices=module.g_idx_sort_indices, workspace=module.workspace,
-            wtype=module.weight_type, output_size_per_partition=module.out_features,
-            input_size_per_partition=module.in_features, is_k_full=module.is_k_full, bias=module.bias,
-            use_fp32_reduce=module.fp32, use_atomics=True,  # still gated by should_use_atomic_add_reduce
-        )  # fmt: skip
-
-    switched = 0
-    for module in model.modules():
-        if type(module).__name__ == "MarlinLinear" and module.out_features < 2048 and module.in_features >= 2048:
-            module.forward = functools.partial(forward, module)
-            switched += 1
-    return switched
 
 
 def prebuild_kernels(out: Path, kernels: list[str]) -> subprocess.Popen[bytes] | None:
@@ -259,6 +233,7 @@ def run_variant(
     label = f"{shape} {variant}"
     if variant == "fp16" or variant.startswith(("gptq", "awq")):
         from llmopt.runners import load_runner
+        from llmopt.runners.marlin import marlin_atomic_reduce
 
         method = variant.split("-")[0]
         kind, path = ("hf", dirs["fp16"]) if variant == "fp16" else ("gptqmodel", dirs[method])
@@ -270,12 +245,15 @@ def run_variant(
             runner = load_runner(kind, path, device, kernel=kernel)
         finally:
             os.environ.pop("GPTQMODEL_MARLIN_USE_FP32", None)
-        if variant.endswith("_atomic"):
-            log(f"{label}: atomicAdd reduction on {enable_marlin_atomics(runner.model)} Marlin layers")  # type: ignore[attr-defined]
         try:
-            result = measure_loaded(runner.model, device, settings, profile_to, label)  # type: ignore[attr-defined]
-            if args.layer_probe and device.startswith("cuda"):
-                result["layer_probe"] = layer_probe(runner.model, device)  # type: ignore[attr-defined]
+            # 'gptq' is GPTQModel's Marlin as it ships (ordered reduction); '_atomic' is what `llmopt bench`
+            # uses by default (atomicAdd on narrow layers, llmopt/runners/marlin.py).
+            with marlin_atomic_reduce(runner.model, variant.endswith("_atomic")) as switched:  # type: ignore[attr-defined]
+                if switched:
+                    log(f"{label}: atomicAdd reduction on {switched} Marlin layers")
+                result = measure_loaded(runner.model, device, settings, profile_to, label)  # type: ignore[attr-defined]
+                if args.layer_probe and device.startswith("cuda"):
+                    result["layer_probe"] = layer_probe(runner.model, device)  # type: ignore[attr-defined]
             result.update(
                 load_seconds=round(runner.load_seconds, 2),
                 footprint_bytes=runner.footprint_bytes(),

@@ -341,3 +341,68 @@ def test_measure_model_on_gpu_uses_a_compiled_graph() -> None:
     result = measure_model(tiny_model("cuda:0").half(), "cuda:0", TINY)
     assert result["decode_mode"] == "compile+cudagraph", result.get("decode_mode_note")
     assert result["peak_memory_bytes"] > 0 and result["roofline"]["copy_bandwidth_bytes_per_s"] > 1e11
+
+
+# --- GPTQ-Marlin atomicAdd reduction (speed only) -----------------------------------------------
+
+
+def test_marlin_atomic_shapes_are_the_kv_projections_of_an_8b_llama() -> None:
+    from llmopt.runners.marlin import atomic_reduce_shape
+
+    # (in, out) of q, k, v, o, gate, up, down of the 8B shape: only k/v (4096 -> 1024) qualify.
+    shapes = {"q": (4096, 4096), "k": (4096, 1024), "v": (4096, 1024), "o": (4096, 4096)}
+    shapes |= {"gate": (4096, 14336), "up": (4096, 14336), "down": (14336, 4096)}
+    assert [n for n, (i, o) in shapes.items() if atomic_reduce_shape(i, o)] == ["k", "v"]
+    # A 1B shape (hidden 2048, GQA 32/4): k/v are 2048 -> 256.
+    assert atomic_reduce_shape(2048, 256) and not atomic_reduce_shape(2048, 2048)
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+def test_marlin_atomics_switch_narrow_layers_and_restore_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPTQModel's own MarlinLinear class (built without CUDA: its constructor needs the kernel) is switched
+    to use_atomics=True inside the block, only where the shape qualifies, and gets its forward back."""
+    import gptqmodel.utils.marlin as gm
+    import torch
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear
+
+    from llmopt.runners.marlin import marlin_atomic_reduce
+
+    def layer(k: int, n: int) -> Any:
+        m = MarlinLinear.__new__(MarlinLinear)
+        torch.nn.Module.__init__(m)
+        m.in_features, m.out_features = k, n
+        m.scales = torch.zeros(1, dtype=torch.float16)
+        m._marlin_tile_padding, m.adapter, m.fp32, m.bias = None, None, True, None
+        for name in ("qweight", "qzeros", "g_idx", "g_idx_sort_indices", "workspace", "weight_type", "is_k_full"):
+            setattr(m, name, name)
+        return m
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_apply(**kwargs: Any) -> str:
+        calls.append(kwargs)
+        return "atomic"
+
+    monkeypatch.setattr(gm, "apply_gptq_marlin_linear", fake_apply)
+    model = torch.nn.ModuleDict({"k": layer(4096, 1024), "q": layer(4096, 4096), "plain": torch.nn.Linear(4, 4)})
+    x = torch.zeros(1, 4096, dtype=torch.float16)
+    with marlin_atomic_reduce(model, enabled=False) as switched:
+        assert switched == 0 and "forward" not in vars(model["k"])
+    with marlin_atomic_reduce(model) as switched:
+        assert switched == 1
+        assert "forward" in vars(model["k"]) and "forward" not in vars(model["q"])
+        assert model["k"](x) == "atomic"
+    assert calls[0]["use_atomics"] is True and calls[0]["output_size_per_partition"] == 1024
+    assert calls[0]["use_fp32_reduce"] is True and calls[0]["input"] is x
+    assert "forward" not in vars(model["k"])  # GPTQModel's own forward again
+
+
+def test_marlin_atomics_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from llmopt.cli.bench import throughput_settings
+
+    on = throughput_settings(True, "1", "8", 4, 0, 1, "auto", None)
+    off = throughput_settings(True, "1", "8", 4, 0, 1, "auto", None, marlin_atomics=False)
+    assert on is not None and on.marlin_atomics and off is not None and not off.marlin_atomics
+    code, out, _ = run_cli(["bench", "--help"], capsys)
+    assert code == 0 and "--no-marlin-atomics" in out

@@ -14,6 +14,7 @@ from llmopt.cli.bench import (
     DecodeModeOpt,
     GenLenOpt,
     HourlyCostOpt,
+    MarlinAtomicsOpt,
     PromptLensOpt,
     RepetitionsOpt,
     WarmupOpt,
@@ -88,6 +89,7 @@ def register(app: typer.Typer) -> None:
         repetitions: RepetitionsOpt = 5,
         decode_mode: DecodeModeOpt = "auto",
         gpu_hourly_cost: HourlyCostOpt = None,
+        marlin_atomics: MarlinAtomicsOpt = True,
         min_decode_speedup: Annotated[
             float | None, typer.Option(help="Gate: smallest decode speedup over FP16 (needs --throughput).")
         ] = None,
@@ -112,7 +114,15 @@ def register(app: typer.Typer) -> None:
             at_batch=at_batch,
         )
         speed = throughput_settings(
-            throughput, batch_sizes, prompt_lens, gen_len, warmup, repetitions, decode_mode, gpu_hourly_cost
+            throughput,
+            batch_sizes,
+            prompt_lens,
+            gen_len,
+            warmup,
+            repetitions,
+            decode_mode,
+            gpu_hourly_cost,
+            marlin_atomics,
         )
         check_speed_gate(speed, min_decode_speedup, at_batch)
         report = evaluate(

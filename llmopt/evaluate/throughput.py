@@ -69,6 +69,11 @@ class ThroughputSettings(BaseModel):
         default=None, gt=0, description="Price of the device per hour, for $/1M tokens."
     )
     seed: int = Field(default=0, description="Seed of the random prompt token ids.")
+    marlin_atomics: bool = Field(
+        default=True,
+        description="GPTQ-Marlin: atomicAdd split-K reduction on narrow-output layers while measuring speed "
+        "(as GPTQModel does for AWQ-Marlin); perplexity is always scored without it.",
+    )
 
     @field_validator("batch_sizes", "prompt_lens")
     @classmethod

@@ -149,9 +149,19 @@ class HFRunner:
     def bench(self, settings: Any, reporter: Any = None) -> dict[str, Any]:
         """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (throughput.py)."""
         from llmopt.evaluate.throughput import measure_model
+        from llmopt.runners.marlin import marlin_atomic_reduce
 
-        # A split model is measured as "cuda:0,1": the engine then syncs every GPU and decodes eagerly.
-        return measure_model(self.model, self.placement.spec, settings, reporter)
+        # GPTQ-Marlin: atomicAdd split-K reduction on the shapes where it is fast (runners/marlin.py),
+        # for the speed measurement only; perplexity is scored with GPTQModel's ordered reduction.
+        atomics = bool(getattr(settings, "marlin_atomics", True)) and self.kernel == "gptq_marlin"
+        with marlin_atomic_reduce(self.model, atomics) as switched:
+            # A split model is measured as "cuda:0,1": the engine then syncs every GPU and decodes eagerly.
+            result = measure_model(self.model, self.placement.spec, settings, reporter)
+        if switched:
+            result["marlin_atomic_layers"] = switched
+            note = f"GPTQ-Marlin reduced with atomicAdd on {switched} narrow layers (--no-marlin-atomics: off)"
+            result["decode_mode_note"] = "; ".join(filter(None, [result.get("decode_mode_note"), note]))
+        return result
 
     def close(self) -> None:
         import gc
