@@ -15,7 +15,7 @@ from llmopt.data import CalibrationSet
 from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, DataError, OptionsError
 from llmopt.progress import SilentReporter
 from llmopt.source import SourceModel
-from tests.helpers import SMOLLM2_CONFIG, fake_model
+from tests.helpers import SMOLLM2_CONFIG, dense_matches_the_kernel, fake_model
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -248,6 +248,11 @@ def test_awq_on_the_first_two_layers_through_the_cli(
     # nothing, the artifact must stay near its own FP16. The full-model check is the slow test below.
     assert math.isfinite(ppl) and 0.9 * base < ppl < 1.3 * base, (ppl, base)
     assert report["artifact"]["size_bytes"] < report["baseline"]["size_bytes"]
+    # On CPU the AWQ weights are scored dense in float32; GPTQModel's own float16 kernel computes the same.
+    assert report["settings"]["dtype"] == "float32"
+    assert report["artifact"]["kernel"] == "dense float32 (dequantized 14 awq_torch layers)"
+    dense_matches_the_kernel(out)
+
 
 
 @pytest.mark.e2e

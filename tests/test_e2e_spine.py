@@ -20,6 +20,7 @@ import pytest
 from llmopt.artifact import Artifact, hash_tree
 from llmopt.cli import main
 from llmopt.errors import EXIT_ARTIFACT, EXIT_GATE, EXIT_INPUT, EXIT_INTERRUPTED
+from tests.helpers import dense_matches_the_kernel
 
 pytestmark = pytest.mark.e2e
 
@@ -115,7 +116,8 @@ def test_gptq_4bit_g64(gptq_artifact: Artifact, assets: dict[str, Path]) -> None
 
 
 def test_gptq_8bit_scores_on_cpu(assets: dict[str, Path], tmp_path: Path) -> None:
-    """GPTQ 2/3/8-bit have no exact float32 CPU kernel in GPTQModel: scored in float16 (was an error)."""
+    """GPTQ 2/3/8-bit have no float32 CPU kernel in GPTQModel (eval was an error, then slow in float16): they
+    are scored as their exact dequantized weights in float32, which agrees with GPTQModel's float16 kernel."""
     from llmopt.api import evaluate, quantize
 
     art = quantize(
@@ -129,9 +131,11 @@ def test_gptq_8bit_scores_on_cpu(assets: dict[str, Path], tmp_path: Path) -> Non
         device="cpu",
     )
     report = evaluate(art.path, str(assets["model"]), str(assets["eval_text"]), device="cpu", **EVAL)
-    assert report["artifact"]["runner"] == "gptqmodel" and report["settings"]["dtype"] == "float16"
+    assert report["artifact"]["runner"] == "gptqmodel" and report["settings"]["dtype"] == "float32"
+    assert report["artifact"]["kernel"] == "dense float32 (dequantized 210 gptq_torch layers)"
     # 8-bit is close to lossless (H200, 128 x 512 calibration: +0.08%).
     assert abs(report["delta_pct"]) < 2, report["delta_pct"]
+    dense_matches_the_kernel(art.path)
 
 
 def test_cli_eval_json_schema_and_gate_exit_code(

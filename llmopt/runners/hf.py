@@ -69,6 +69,54 @@ def cpu_dtype_for_gptqmodel(path: Path, kernel: str) -> str:
     return "float16"
 
 
+# GPTQModel's plain torch kernels, whose stored weights llmopt can dequantize itself on CPU.
+_DENSE_ON_CPU = ("TorchLinear", "AwqTorchLinear")
+
+
+def _dense_weight(module: Any) -> Any:
+    """[out, in] float32 weight of a GPTQModel torch-kernel layer: ``scale * (q - zero)`` per group."""
+    if type(module).__name__ == "AwqTorchLinear":
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+
+        weight = dequantize_gemm(module.qweight, module.qzeros, module.scales.float(), module.bits, module.group_size)
+    else:
+        from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+
+        module.scales = module.scales.float()
+        # The class's generic unpacking (not the instance's compiled fast path), in float32.
+        weight = PackableQuantLinear.dequantize_weight(module)
+    return weight.float().T.contiguous()
+
+
+def dequantize_to_float32(model: Any) -> int:
+    """Replace GPTQModel's torch-kernel GPTQ/AWQ layers by dense float32 ``nn.Linear``s holding their weights.
+
+    For scoring on CPU: GPTQ 2/3/8-bit and AWQ have no float32 kernel there, and the float16 ones are slow on
+    a CPU without fp16 units (~1 min per 512-token window for SmolLM2). The weights are GPTQModel's own
+    dequantization (``scale * (q - zero)`` per group) computed in float32, i.e. the values the artifact
+    stores, without the float16 rounding of the kernel's matmul; everything else is cast to float32 like an
+    FP16 baseline on CPU. Returns how many layers were replaced.
+    """
+    import torch
+
+    replaced = 0
+    modules = dict(model.named_modules())
+    for name, module in list(modules.items()):
+        if type(module).__name__ not in _DENSE_ON_CPU or getattr(module, "planar", False) or module.adapter:
+            continue
+        with torch.no_grad():
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight = torch.nn.Parameter(_dense_weight(module), requires_grad=False)
+            if module.bias is not None:
+                dense.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, dense)
+        replaced += 1
+    if replaced:
+        model.float()
+    return replaced
+
+
 class HFRunner:
     name = "hf"
 
@@ -96,7 +144,10 @@ class HFRunner:
             os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
             from gptqmodel import GPTQModel
 
-            backend = _gptqmodel_backend(kernel, self.device, quant_method(path))
+            # On CPU, with no kernel asked for, an artifact without an exact float32 kernel (GPTQ 2/3/8-bit,
+            # AWQ) is loaded through GPTQModel's plain torch kernel and scored as dense float32 weights.
+            dense_cpu = self.device == "cpu" and kernel is None and cpu_dtype_for_gptqmodel(path, "auto") == "float16"
+            backend = _gptqmodel_backend("torch" if dense_cpu else kernel, self.device, quant_method(path))
             if self.device == "cpu":
                 self.dtype = cpu_dtype_for_gptqmodel(path, str(getattr(backend, "value", backend)))
             where: dict[str, Any] = {"device": self.device}
@@ -109,6 +160,11 @@ class HFRunner:
             self.model: Any = self._wrapper.model
             self.name = "gptqmodel"
             self.kernel = getattr(backend, "value", str(backend))
+            if dense_cpu:
+                replaced = dequantize_to_float32(self.model)
+                if replaced:
+                    self.dtype = "float32"
+                    self.kernel = f"dense float32 (dequantized {replaced} {self.kernel} layers)"
         else:
             from transformers import AutoModelForCausalLM
 
