@@ -156,7 +156,7 @@ def _locate(spec: str, role: str) -> tuple[Path, str]:
 def _load(path: Path, kind: str, device: str) -> Any:
     from llmopt.runners.hf import HFRunner
 
-    return HFRunner(path, device, loader=kind)
+    return HFRunner(path, device, loader=kind, dense_on_cpu=False)  # timed: through the real kernels
 
 
 def _check_tokenizers(target_path: Path, draft_path: Path, target_tok: Any) -> None:

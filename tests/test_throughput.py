@@ -406,3 +406,27 @@ def test_marlin_atomics_option(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert on is not None and on.marlin_atomics and off is not None and not off.marlin_atomics
     code, out, _ = run_cli(["bench", "--help"], capsys)
     assert code == 0 and "--no-marlin-atomics" in out
+
+
+@needs_torch
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+def test_cpu_scoring_goes_dense_but_timing_keeps_the_kernel(tmp_path: Path) -> None:
+    """On CPU an AWQ artifact is scored as dense float32 weights; a speed measurement loads its real kernel."""
+    import torch
+
+    from llmopt.runners import load_runner
+
+    rm = random_models()
+    model = rm.build_fp16(rm.llama_config("tiny"), "cpu")
+    folder = rm.write_random_awq(model, tmp_path / "awq", group_size=128)
+    scored = load_runner("gptqmodel", folder, "cpu")
+    timed = load_runner("gptqmodel", folder, "cpu", for_speed=True)
+    try:
+        assert scored.dtype == "float32" and str(scored.kernel).startswith("dense float32 (dequantized ")  # type: ignore[attr-defined]
+        assert timed.dtype == "float16" and not str(timed.kernel).startswith("dense")  # type: ignore[attr-defined]
+        layer = timed.model.model.layers[0].self_attn.q_proj  # type: ignore[attr-defined]
+        assert type(layer).__name__ != "Linear"
+        assert type(scored.model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # type: ignore[attr-defined]
+    finally:
+        scored.close()
+        timed.close()

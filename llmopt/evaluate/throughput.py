@@ -818,7 +818,7 @@ def bench_model(
     rep: Any = reporter or SilentReporter()
     kind = runner_kind or runner_kind_for(path)
     with rep.step(f"loading {label}"):
-        runner = load_runner(kind, path, device, kernel=kernel)
+        runner = load_runner(kind, path, device, kernel=kernel, for_speed=True)
     try:
         if attn_implementation:
             _set_attention(runner.model, attn_implementation)  # type: ignore[attr-defined]

@@ -28,16 +28,17 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def load_runner(kind: str, path: Path, device: str, *, kernel: str | None = None) -> Runner:
+def load_runner(kind: str, path: Path, device: str, *, kernel: str | None = None, for_speed: bool = False) -> Runner:
     """Load ``path`` with runner ``kind`` on ``device``, any ``--device`` value (llmopt/placement.py).
 
     The transformers runners split a model over several GPUs when the device allows it; llama.cpp
-    runs on the first device.
+    runs on the first device. ``for_speed``: the model will be timed, so it runs through its real kernels
+    (scoring on CPU may swap GPTQModel's float16 kernels for dense float32 weights, runners/hf.py).
     """
     if kind in ("hf", "gptqmodel"):
         from llmopt.runners.hf import HFRunner
 
-        return HFRunner(path, device, loader=kind, kernel=kernel)
+        return HFRunner(path, device, loader=kind, kernel=kernel, dense_on_cpu=not for_speed)
     if kind == "llamacpp":
         from llmopt.placement import resolve_target
         from llmopt.runners.llamacpp import LlamaCppRunner

@@ -120,11 +120,15 @@ def dequantize_to_float32(model: Any) -> int:
 class HFRunner:
     name = "hf"
 
-    def __init__(self, path: Path, device: str, *, loader: str = "hf", kernel: str | None = None) -> None:
+    def __init__(
+        self, path: Path, device: str, *, loader: str = "hf", kernel: str | None = None, dense_on_cpu: bool = True
+    ) -> None:
         """Load the model folder ``path`` on ``device``: any ``--device`` value (llmopt/placement.py).
 
         Several GPUs: the layers are split over them with an accelerate device_map (``self.placement``);
         input ids go to the input embedding's GPU and the logits are read where the output head put them.
+        ``dense_on_cpu``: on CPU, with no kernel named, GPTQ/AWQ artifacts without a float32 kernel are
+        scored as dense float32 weights (``dequantize_to_float32``); False keeps GPTQModel's kernel (timing).
         """
         import torch
 
@@ -146,7 +150,12 @@ class HFRunner:
 
             # On CPU, with no kernel asked for, an artifact without an exact float32 kernel (GPTQ 2/3/8-bit,
             # AWQ) is loaded through GPTQModel's plain torch kernel and scored as dense float32 weights.
-            dense_cpu = self.device == "cpu" and kernel is None and cpu_dtype_for_gptqmodel(path, "auto") == "float16"
+            dense_cpu = (
+                dense_on_cpu
+                and self.device == "cpu"
+                and kernel is None
+                and cpu_dtype_for_gptqmodel(path, "auto") == "float16"
+            )
             backend = _gptqmodel_backend("torch" if dense_cpu else kernel, self.device, quant_method(path))
             if self.device == "cpu":
                 self.dtype = cpu_dtype_for_gptqmodel(path, str(getattr(backend, "value", backend)))
