@@ -77,3 +77,29 @@ def dense_matches_the_kernel(artifact: Path) -> None:
     # float16 rounding in the kernel's matmul (measured on full SmolLM2: GPTQ 8-bit 1.0e-3, AWQ 1.4e-3)
     assert ((dense - fp16).norm() / fp16.norm()).item() < 5e-3
     assert (dense.argmax(-1) == fp16.argmax(-1)).float().mean().item() > 0.95
+
+
+def first_layers(model_dir: Path, out: Path, layers: int) -> Path:
+    """SmolLM2's own weights cut to its first ``layers`` decoder layers (embeddings, norm and tied head kept):
+    the real GPTQ/AWQ paths end to end in CI time; its perplexity means nothing on its own, only next to its FP16."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    keep = {}
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
+            parts = name.split(".")
+            if parts[:2] == ["model", "layers"] and int(parts[2]) >= layers:
+                continue
+            keep[name] = f.get_tensor(name)
+    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_hidden_layers"] = layers
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in model_dir.iterdir():
+        if extra.name not in ("model.safetensors", "config.json") and extra.is_file():
+            shutil.copy(extra, out / extra.name)
+    return out

@@ -15,7 +15,7 @@ from llmopt.data import CalibrationSet
 from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, DataError, OptionsError
 from llmopt.progress import SilentReporter
 from llmopt.source import SourceModel
-from tests.helpers import SMOLLM2_CONFIG, dense_matches_the_kernel, fake_model
+from tests.helpers import SMOLLM2_CONFIG, dense_matches_the_kernel, fake_model, first_layers
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -190,39 +190,13 @@ def test_cli_samples_of_different_lengths_exit_2(
 # --- e2e on SmolLM2-135M ------------------------------------------------------------------------------
 
 
-def _first_layers(model_dir: Path, out: Path, layers: int) -> Path:
-    """SmolLM2's own weights cut to its first ``layers`` decoder layers (embeddings, norm and tied head kept):
-    the real AWQ path end to end in CI time; its perplexity means nothing on its own, only next to its FP16."""
-    import shutil
-
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True)
-    keep = {}
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        for name in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration
-            parts = name.split(".")
-            if parts[:2] == ["model", "layers"] and int(parts[2]) >= layers:
-                continue
-            keep[name] = f.get_tensor(name)
-    save_file(keep, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((model_dir / "config.json").read_text())
-    config["num_hidden_layers"] = layers
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    for extra in model_dir.iterdir():
-        if extra.name not in ("model.safetensors", "config.json") and extra.is_file():
-            shutil.copy(extra, out / extra.name)
-    return out
-
-
 @pytest.mark.e2e
 def test_awq_on_the_first_two_layers_through_the_cli(
     assets: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """CI's AWQ run: the real model cut to 2 decoder layers (float16 AWQ on a CPU without fp16 units costs
     ~25 s per layer), 4 x 64 calibration tokens, quantized and evaluated through the CLI."""
-    model = _first_layers(assets["model"], tmp_path / "smollm2-2l", 2)
+    model = first_layers(assets["model"], tmp_path / "smollm2-2l", 2)
     out = tmp_path / "awq"
     report_path = tmp_path / "eval.json"
     code, err = run_cli(

@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmopt._thirdparty import quiet_gptqmodel
 from llmopt.backends._shapes import group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
 from llmopt.backends.gptq import _configure_gptqmodel_env, _save_tokenizer, validate_gptqmodel_architecture
@@ -110,6 +111,7 @@ class AWQBackend(Backend):
             )
         _configure_gptqmodel_env()
         import torch
+        quiet_gptqmodel()
         from gptqmodel import BACKEND, GPTQModel
         from gptqmodel.quantization.config import FORMAT, METHOD, QuantizeConfig
 

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmopt._thirdparty import quiet_gptqmodel
 from llmopt.backends._shapes import group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
 from llmopt.errors import ModelError, OptionsError
@@ -60,6 +61,7 @@ class GPTQBackend(Backend):
         opts = inputs.options
         assert isinstance(opts, GPTQOptions) and inputs.calibration is not None
         _configure_gptqmodel_env()
+        quiet_gptqmodel()
         from gptqmodel import GPTQModel, QuantizeConfig
 
         qcfg = QuantizeConfig(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +41,16 @@ def parse_key_values(pairs: list[str] | None) -> dict[str, Any]:
             raise InputError(f"option '{pair}' is not of the form key=value.", "Write it as --option name=value.")
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
     return out
+
+
+@contextlib.contextmanager
+def stdout_is_ours() -> Iterator[None]:
+    """Around a library call: whatever writes to ``sys.stdout`` meanwhile (GPTQModel's logger and its save
+    messages, transformers' prints) goes to stderr, so stdout carries only llmopt's tables and JSON
+    (``--json`` output stays parseable)."""
+    sys.stdout.flush()
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def write_json(data: Any, target: str) -> None:

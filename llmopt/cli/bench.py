@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stdout, write_json
+from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stdout, stdout_is_ours, write_json
 from llmopt.errors import InputError
 
 if TYPE_CHECKING:
@@ -244,15 +244,16 @@ def register(app: typer.Typer) -> None:
             True, batch_sizes, prompt_lens, gen_len, warmup, repetitions, decode_mode, gpu_hourly_cost, marlin_atomics
         )
         attn_list = [a.strip() for a in attn.split(",") if a.strip()] if attn else None
-        result = bench(
-            model,
-            baseline=baseline,
-            settings=settings,
-            attn=attn_list,
-            device=device,
-            kernel=kernel,
-            reporter=default_reporter(quiet or json_path == "-"),
-        )
+        with stdout_is_ours():
+            result = bench(
+                model,
+                baseline=baseline,
+                settings=settings,
+                attn=attn_list,
+                device=device,
+                kernel=kernel,
+                reporter=default_reporter(quiet or json_path == "-"),
+            )
         if json_path:
             write_json(result, json_path)
         if json_path != "-":

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stderr, stdout, write_json
+from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stderr, stdout, stdout_is_ours, write_json
 from llmopt.cli.bench import (
     BatchSizesOpt,
     DecodeModeOpt,
@@ -125,22 +125,23 @@ def register(app: typer.Typer) -> None:
             marlin_atomics,
         )
         check_speed_gate(speed, min_decode_speedup, at_batch)
-        report = evaluate(
-            artifact,
-            baseline,
-            dataset,
-            context_length=context,
-            stride=stride,
-            max_tokens=max_tokens,
-            add_bos=add_bos,
-            device=device,
-            batch_size=batch_size,
-            gate=gate,
-            kernel=kernel,
-            throughput=speed,
-            use_cache=not no_cache,
-            reporter=default_reporter(quiet or json_path == "-"),
-        )
+        with stdout_is_ours():
+            report = evaluate(
+                artifact,
+                baseline,
+                dataset,
+                context_length=context,
+                stride=stride,
+                max_tokens=max_tokens,
+                add_bos=add_bos,
+                device=device,
+                batch_size=batch_size,
+                gate=gate,
+                kernel=kernel,
+                throughput=speed,
+                use_cache=not no_cache,
+                reporter=default_reporter(quiet or json_path == "-"),
+            )
         if json_path:
             write_json(report, json_path)
         if json_path != "-":

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, parse_key_values, stdout, write_json
+from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, parse_key_values, stdout, stdout_is_ours, write_json
 
 
 def register(app: typer.Typer) -> None:
@@ -76,19 +76,20 @@ def register(app: typer.Typer) -> None:
         }
         options = {k: v for k, v in flags.items() if v is not None}
         options.update(parse_key_values(option))
-        artifact = quantize(
-            model,
-            method,
-            output,
-            options=options,
-            calibration=calibration,
-            samples=samples,
-            seq_len=seq_len,
-            seed=seed,
-            device=device,
-            overwrite=overwrite,
-            reporter=default_reporter(quiet or json_out),
-        )
+        with stdout_is_ours():
+            artifact = quantize(
+                model,
+                method,
+                output,
+                options=options,
+                calibration=calibration,
+                samples=samples,
+                seq_len=seq_len,
+                seed=seed,
+                device=device,
+                overwrite=overwrite,
+                reporter=default_reporter(quiet or json_out),
+            )
         m = artifact.manifest
         if json_out:
             write_json(m.model_dump(mode="json"), "-")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import QuietOpt, stderr, stdout, write_json
+from llmopt.cli._common import QuietOpt, stderr, stdout, stdout_is_ours, write_json
 
 
 def render_run(report: dict[str, Any]) -> None:
@@ -92,15 +92,16 @@ def register(app: typer.Typer) -> None:
             "evaluation.batch_size": batch_size,
             "calibration.samples": samples,
         }
-        report = run_recipe(
-            recipe,
-            only=only,
-            output=output,
-            publish=publish,
-            overrides=overrides,
-            sets=set_,
-            reporter=default_reporter(quiet or json_out),
-        )
+        with stdout_is_ours():
+            report = run_recipe(
+                recipe,
+                only=only,
+                output=output,
+                publish=publish,
+                overrides=overrides,
+                sets=set_,
+                reporter=default_reporter(quiet or json_out),
+            )
         if json_out:
             write_json(report, "-")
         else:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, stdout, write_json
+from llmopt.cli._common import DeviceOpt, QuietOpt, stdout, stdout_is_ours, write_json
 from llmopt.errors import EXIT_GATE, DataError
 
 
@@ -55,15 +55,16 @@ def register(app: typer.Typer) -> None:
         from llmopt.speculative import DEFAULT_PROMPTS, speculative_bench
 
         prompts = read_prompts(prompt_file) if prompt_file else list(DEFAULT_PROMPTS)
-        result = speculative_bench(
-            target,
-            draft,
-            prompts=prompts,
-            max_new_tokens=max_new_tokens,
-            device=device,
-            num_assistant_tokens=num_assistant_tokens,
-            reporter=default_reporter(quiet or json_out),
-        )
+        with stdout_is_ours():
+            result = speculative_bench(
+                target,
+                draft,
+                prompts=prompts,
+                max_new_tokens=max_new_tokens,
+                device=device,
+                num_assistant_tokens=num_assistant_tokens,
+                reporter=default_reporter(quiet or json_out),
+            )
         if json_out:
             write_json(result.model_dump(mode="json"), "-")
         else:

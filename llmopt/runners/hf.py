@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmopt._thirdparty import quiet_gptqmodel
 from llmopt.errors import BackendUnavailableError
 
 # Kernels GPTQModel may pick on its own that need a download at first use (CUTLASS for Machete):
@@ -146,6 +147,7 @@ class HFRunner:
         start = time.perf_counter()
         if loader == "gptqmodel":
             os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+            quiet_gptqmodel()
             from gptqmodel import GPTQModel
 
             # On CPU, with no kernel asked for, an artifact without an exact float32 kernel (GPTQ 2/3/8-bit,
