@@ -252,3 +252,8 @@ def test_speed_gate_needs_throughput(tmp_path: Path) -> None:
     assert ok.evaluation.throughput is not None and ok.evaluation.throughput.batch_sizes == [1]
     bad = text.replace("  device: cpu\n", "  device: cpu\n  throughput: {batch_size: [1]}\n")
     assert "unknown key 'batch_size' in evaluation.throughput (did you mean 'batch_sizes'?)" in errors_of(tmp_path, bad)
+    off = text.replace("  device: cpu\n", "  device: cpu\n  throughput: {marlin_atomics: false}\n")
+    assert load_recipe(write(tmp_path, off)).evaluation.throughput.marlin_atomics is False  # type: ignore[union-attr]
+    bad = text.replace("  device: cpu\n", "  device: cpu\n  throughput: {marlin_atomics: sometimes}\n")
+    assert "evaluation.throughput.marlin_atomics" in errors_of(tmp_path, bad)
+    assert cli(["recipe", "validate", str(write(tmp_path, bad))]) == 2

@@ -139,6 +139,8 @@ def test_speed_gate_needs_throughput(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == EXIT_INPUT and "--throughput" in err
     code, _, err = run_cli([*args, "--batch-sizes", "1,8"], capsys)
     assert code == EXIT_INPUT and "only apply to throughput" in err
+    code, _, err = run_cli([*args, "--no-marlin-atomics"], capsys)
+    assert code == EXIT_INPUT and "--no-marlin-atomics only apply to throughput" in err and "--throughput" in err
     code, _, err = run_cli([*args, "--throughput", "--batch-sizes", "8", "--min-decode-speedup", "2"], capsys)
     assert code == EXIT_INPUT and "--at-batch 1 is not among" in err
     code, _, err = run_cli([*args, "--throughput", "--batch-sizes", "1,zero"], capsys)

@@ -73,6 +73,7 @@ def throughput_settings(
                 ("--prompt-lens", prompt_lens),
                 ("--gen-len", gen_len),
                 ("--gpu-hourly-cost", gpu_hourly_cost),
+                ("--no-marlin-atomics", None if marlin_atomics else False),
             )
             if value is not None
         ]
