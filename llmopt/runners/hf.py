@@ -150,17 +150,15 @@ class HFRunner:
             quiet_gptqmodel()
             from gptqmodel import GPTQModel
 
-            # On CPU, with no kernel asked for, an artifact without an exact float32 kernel (GPTQ 2/3/8-bit,
-            # AWQ) is loaded through GPTQModel's plain torch kernel and scored as dense float32 weights.
-            dense_cpu = (
-                dense_on_cpu
-                and self.device == "cpu"
-                and kernel is None
-                and cpu_dtype_for_gptqmodel(path, "auto") == "float16"
-            )
-            backend = _gptqmodel_backend("torch" if dense_cpu else kernel, self.device, quant_method(path))
+            method = quant_method(path)
+            backend = _gptqmodel_backend(kernel, self.device, method)
             if self.device == "cpu":
                 self.dtype = cpu_dtype_for_gptqmodel(path, str(getattr(backend, "value", backend)))
+            # On CPU, with no kernel asked for, an artifact without an exact float32 kernel (GPTQ 2/3/8-bit,
+            # AWQ) is loaded through GPTQModel's plain torch kernel (float16) and scored as dense float32 weights.
+            dense_cpu = dense_on_cpu and self.device == "cpu" and kernel is None and self.dtype == "float16"
+            if dense_cpu:
+                backend = _gptqmodel_backend("torch", self.device, method)
             where: dict[str, Any] = {"device": self.device}
             if self.placement.device_map is not None:
                 # An explicit map: GPTQModel loads each block on its GPU and hooks them (accelerate's
