@@ -103,3 +103,33 @@ def first_layers(model_dir: Path, out: Path, layers: int) -> Path:
         if extra.name not in ("model.safetensors", "config.json") and extra.is_file():
             shutil.copy(extra, out / extra.name)
     return out
+
+
+def run_cli(
+    args: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stdin: str | None = None,
+    timeout: float = 1800,
+) -> Any:
+    """``llmopt ARGS`` as a user runs it: a real process (its own signal handling, exit code, stdout and
+    stderr apart), from ``cwd`` (relative paths resolve there), with the test session's isolated caches.
+    Returns the ``subprocess.CompletedProcess`` (``returncode``, ``stdout``, ``stderr`` as text)."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    full_env = dict(os.environ)
+    # the checkout under test, even when the installed llmopt is an editable install of another one
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), full_env.get("PYTHONPATH", "")) if p)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "llmopt", *args],
+        cwd=cwd,
+        env=full_env,
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
