@@ -45,8 +45,8 @@ import time
 from pathlib import Path
 
 DEFAULT_VERSION = "0.3.36"
-CPU_FLAGS = "-DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
-CUDA_FLAGS = "-DGGML_CUDA=ON -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
+CPU_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
+CUDA_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
 STAMP = "llmopt-llamacpp.json"
 # Always added: llmopt needs no multimodal (mtmd) library, and skipping it saves ~30% of the build.
 FIXED_ARGS = "-DLLAVA_BUILD=OFF"
@@ -91,6 +91,35 @@ def fetch_sdist(version: str, vdir: Path) -> Path:
     return sdist
 
 
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive, refusing members that would land outside ``dest`` or are devices/links out.
+
+    Python 3.11.4+ (and 3.12) have ``filter="data"`` for this; 3.11.0-3.11.3 do not, so the same rules are
+    applied by hand there: no absolute names, no ``..``, no links pointing outside, no device files.
+    """
+    root = dest.resolve()
+    with tarfile.open(archive) as tf:
+        if hasattr(tarfile, "data_filter"):
+            tf.extractall(dest, filter="data")
+            return
+        members = []
+        for m in tf.getmembers():
+            target = (root / m.name).resolve()
+            if m.name.startswith(("/", "\\")) or not target.is_relative_to(root):
+                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} would land outside {dest}")
+            if m.isdev():
+                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} is a device file")
+            if m.issym() or m.islnk():
+                link = (target.parent / m.linkname) if m.issym() else (root / m.linkname)
+                if os.path.isabs(m.linkname) or not link.resolve().is_relative_to(root):
+                    raise SystemExit(f"refusing to unpack {archive}: link {m.name!r} points outside {dest}")
+            m.mode = (m.mode | 0o600) & 0o755 if m.isfile() or m.isdir() else m.mode
+            m.uid = m.gid = 0
+            m.uname = m.gname = ""
+            members.append(m)
+        tf.extractall(dest, members=members)
+
+
 def unpack(sdist: Path, dest: Path) -> Path:
     """Extract the sdist into dest (kept from an interrupted run); returns the source root."""
     done = dest / ".unpacked"
@@ -98,8 +127,7 @@ def unpack(sdist: Path, dest: Path) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        with tarfile.open(sdist) as tf:
-            tf.extractall(dest, filter="data")
+        safe_extract(sdist, dest)
         done.write_text(sdist.name + "\n")
     roots = [p for p in dest.iterdir() if (p / "pyproject.toml").is_file()]
     if len(roots) != 1:
