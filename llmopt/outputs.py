@@ -43,8 +43,9 @@ def _within(inner: Path, outer: Path) -> bool:
 
 def _enclosing_artifact(real: Path) -> Path | None:
     for folder in real.parents:
-        if (folder / MANIFEST_NAME).is_file():
-            return folder
+        with contextlib.suppress(OSError):  # a folder we may not look into holds no artifact of ours
+            if (folder / MANIFEST_NAME).is_file():
+                return folder
     return None
 
 

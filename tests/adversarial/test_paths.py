@@ -232,7 +232,8 @@ def test_eval_json_onto_the_eval_text_or_a_non_json_file(
     cwd, art, _ = artifact
     text = tmp_path / "eval.txt"
     shutil.copy(assets["eval_text"], text)
-    r = run_cli(["eval", str(art), "--baseline", str(cwd / "model"), "--dataset", "eval.txt", "--device", "cpu",
+    r = run_cli(["eval", str(art), "--baseline", str(cwd / "model"), "--dataset", "eval.txt", "--context", "32",
+                 "--max-tokens", "64", "--device", "cpu",
                  "--json", "eval.txt"], cwd=tmp_path)  # fmt: skip
     assert r.returncode == EXIT_INPUT, r.stderr
     assert "would overwrite the input eval.txt" in r.stderr
