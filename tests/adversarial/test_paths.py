@@ -135,6 +135,32 @@ def test_output_above_an_imatrix_file_is_refused(tmp_path: Path) -> None:
         check_output(tmp_path / "mats", _input_paths("org/model", None, opts), overwrite=True)
 
 
+def test_overwrite_of_the_artifact_holding_the_imatrix_is_refused(
+    small_model: Path, assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """`--imatrix auto` keeps the matrix in the artifact; quantizing again with `--imatrix A/imatrix.gguf -o A
+    --overwrite` (another type, same folder) replaced A, deleting the matrix it had just read. (A relative `-o`
+    also broke gguf outright: llama.cpp's converter runs in another folder; the output is now made absolute.)"""
+    from llmopt.backends.base import get_backend
+    from llmopt.errors import BackendUnavailableError
+
+    try:
+        get_backend("gguf")
+    except BackendUnavailableError as exc:
+        pytest.skip(f"gguf backend not usable here: {exc.message}")
+    model = str(user_model(small_model, tmp_path / "model"))  # absolute: llama.cpp's converter needs it so
+    calib = str(assets["calibration_text"])
+    r = run_cli(["quantize", model, "-m", "gguf", "--quant-type", "q4_k_m", "--imatrix", "auto", "--calibration",
+                 calib, "--samples", "4", "--seq-len", "64", "-o", "A"], cwd=tmp_path)  # fmt: skip
+    assert r.returncode == EXIT_OK, r.stderr
+    before = listing(tmp_path / "A")
+    r = run_cli(["quantize", model, "-m", "gguf", "--quant-type", "q5_k_m", "--imatrix", "A/imatrix.gguf", "-o", "A",
+                 "--overwrite"], cwd=tmp_path)  # fmt: skip
+    assert r.returncode == EXIT_INPUT, r.stderr
+    assert "holds the input A/imatrix.gguf" in r.stderr
+    assert listing(tmp_path / "A") == before
+
+
 def test_overwrite_replaces_only_llmopt_artifacts(small_model: Path, tmp_path: Path) -> None:
     """--overwrite on a folder of the user's (no llmopt.json) deleted it after quantizing, exit 0."""
     model = user_model(small_model, tmp_path / "model")
