@@ -356,6 +356,34 @@ def test_read_only_output_place(small_model: Path, read_only_dir: Path, tmp_path
     assert "is not writable" in r.stderr and str(read_only_dir) in r.stderr
 
 
+def test_eval_of_a_read_only_artifact_fails_before_scoring(
+    artifact: tuple[Path, Path, str], assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """eval records its result in the artifact's llmopt.json: on a read-only artifact it used to score both
+    models and then fail with a traceback; now it says so at once (exit 2)."""
+    cwd, art, _ = artifact
+    ro = tmp_path / "ro"
+    if os.geteuid() != 0:
+        shutil.copytree(art, ro / "int8")
+        (ro / "int8").chmod(0o555)
+        guard: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    else:
+        if sys.platform != "linux":
+            pytest.skip("needs Linux to make a read-only folder as root")
+        guard = _mounted_tmpfs(ro, "size=200m")
+    with guard:
+        if os.geteuid() == 0:
+            shutil.copytree(art, ro / "int8")
+            subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        r = run_cli(["eval", "ro/int8", "--baseline", str(cwd / "model"), "--dataset", str(assets["eval_text"]),
+                     "--context", "32", "--max-tokens", "64", "--device", "cpu"], cwd=tmp_path)  # fmt: skip
+        assert r.returncode == EXIT_INPUT, r.stderr
+        assert "is not writable" in r.stderr and "Traceback" not in r.stderr
+        assert "perplexity of" not in r.stderr  # nothing was scored
+    if os.geteuid() != 0:
+        (ro / "int8").chmod(0o755)
+
+
 def test_disk_full(small_model: Path, tmp_path: Path) -> None:
     """A disk that fills up: exit 4, 'no space left on device', the folder and its free space named; the staging
     folder and the lock are gone and the output was never created."""
