@@ -140,6 +140,12 @@ def check_output(
             f"the output {output} is inside the artifact {art}, whose files are hashed in its {MANIFEST_NAME}.",
             f"Choose an {flag} folder outside {art}.",
         )
+    if os.path.ismount(real):
+        raise OutputPathError(
+            f"the output {output} is a mount point: llmopt builds the artifact beside it and renames it into place, "
+            "which cannot replace a mount point.",
+            f"Pass a subfolder of it, e.g. {flag} {shlex.quote(str(Path(output) / 'quantized'))}.",
+        )
     if out.exists() or out.is_symlink():
         if not real.is_dir():
             raise OutputExistsError(f"{output} exists and is not a folder.", f"Choose another {flag} folder.")

@@ -356,6 +356,19 @@ def test_read_only_output_place(small_model: Path, read_only_dir: Path, tmp_path
     assert "is not writable" in r.stderr and str(read_only_dir) in r.stderr
 
 
+def test_output_is_a_mount_point(small_model: Path, tmp_path: Path) -> None:
+    """`-o /mnt/usb` (an empty, mounted disk) quantized everything and then failed to rename the result onto the
+    mount point, with a traceback: refuse it up front and suggest a subfolder."""
+    if sys.platform != "linux" or os.geteuid() != 0:
+        pytest.skip("needs root on Linux to mount a tmpfs")
+    model = user_model(small_model, tmp_path / "model")
+    with _mounted_tmpfs(tmp_path / "usb", "size=200m"):
+        r = quantize([str(model), "-o", "usb"], cwd=tmp_path)
+        assert r.returncode == EXIT_INPUT, r.stderr
+        assert "is a mount point" in r.stderr and "usb/quantized" in r.stderr
+        assert list((tmp_path / "usb").iterdir()) == []
+
+
 def test_eval_of_a_read_only_artifact_fails_before_scoring(
     artifact: tuple[Path, Path, str], assets: dict[str, Path], tmp_path: Path
 ) -> None:
