@@ -101,7 +101,8 @@ def check_output(
     .gguf file, the calibration text, an imatrix file; names such as ``wikitext2`` or Hub ids are skipped), the
     current folder or one that holds it, a folder inside another artifact, a file, an unwritable place, and a
     non-empty folder unless ``overwrite`` is set and it is an llmopt artifact with only its own files in it.
-    Nothing is created. ``llmopt run`` calls this for each variant's folder before any work.
+    Nothing is created. ``quantize`` runs it first (so each variant of ``llmopt run`` gets it too); a caller
+    can run it earlier, e.g. for every variant's folder before the first one starts.
     """
     out = absolute(output)
     if out.parent == out:
