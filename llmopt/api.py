@@ -6,11 +6,14 @@ inside them, never at ``import llmopt``.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from llmopt import __version__, interrupt
 from llmopt.artifact import (
@@ -23,23 +26,27 @@ from llmopt.artifact import (
     hash_tree,
     sha256_json,
 )
-from llmopt.errors import DataError, InputError, OutputExistsError, TokenizerMismatchError
+from llmopt.errors import DataError, InputError, OutputPathError, TokenizerMismatchError
 from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.outputs import (
+    check_output,
+    check_report_file,
+    is_no_space,
+    make_parents,
+    no_space_error,
+    output_lock,
+    remove_empty,
+)
 from llmopt.progress import Reporter, SilentReporter
 
 if TYPE_CHECKING:
     from llmopt.evaluate.throughput import ThroughputSettings
 
 EVAL_SCHEMA = "llmopt.eval/1"
+P = ParamSpec("P")
+R = TypeVar("R")
 
-
-def _prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file.", "Choose another -o folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"{out} exists and is not empty.", "Choose another -o folder, or pass --overwrite to replace it."
-        )
+__all__ = ["check_output", "check_report_file", "evaluate", "quantize", "sweep_stale_partials"]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -77,8 +84,19 @@ def _staging_dir(out: Path) -> Path:
     staging = out.parent / f".{out.name}.llmopt-partial-{os.getpid()}"
     if staging.exists():
         shutil.rmtree(staging)
-    staging.mkdir()
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputPathError(
+            f"cannot write in {out.parent}: {exc.strerror}.", "Choose an -o folder in a place you can write to."
+        ) from None
     return staging
+
+
+def _input_paths(model: str, calibration: str | None, opts: Any) -> list[str | Path | None]:
+    """What the user's own files among a quantize's inputs may be (names and Hub ids are skipped later)."""
+    imatrix = getattr(opts, "imatrix", None)
+    return [model, calibration, imatrix if imatrix not in (None, "none", "auto") else None]
 
 
 def _swap_into_place(staging: Path, out: Path) -> None:
@@ -92,6 +110,37 @@ def _swap_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _guarded_output(fn: Callable[P, R]) -> Callable[P, R]:
+    """Around quantize: the output checks (``check_output``) before anything else, and the output's lock held
+    for the whole call, so a second run into the same folder fails at once instead of replacing this one's.
+    Parent folders made for the output are removed again (while empty) when the call fails."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from llmopt.backends.base import get_backend
+
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        opts = get_backend(a["method"]).parse_options(a["options"] or {})
+        inputs = _input_paths(a["model"], a["calibration"], opts)
+        out = check_output(a["output"], inputs, overwrite=a["overwrite"])
+        created = make_parents(out.parent)
+        try:
+            with output_lock(out):
+                check_output(a["output"], inputs, overwrite=a["overwrite"])  # again: no other run can change it now
+                a["output"] = out
+                call: Callable[..., R] = fn
+                return call(*bound.args, **bound.kwargs)
+        except BaseException:
+            remove_empty(created)
+            raise
+
+    return wrapper
+
+
+@_guarded_output
 def quantize(
     model: str,
     method: str,
@@ -118,11 +167,12 @@ def quantize(
     from llmopt.source import resolve
 
     rep: Reporter = reporter or SilentReporter()
-    out = Path(output)
+    out = Path(output)  # absolute and checked by @_guarded_output
     backend = get_backend(method)
     opts = backend.parse_options(options or {})
-    _prepare_output(out, overwrite)
     source = resolve(model)
+    # a Hub id or a .gguf file resolves to a folder of its own (the Hub or llmopt cache): keep out of it too
+    check_output(out, [*_input_paths(model, calibration, opts), source.path], overwrite=overwrite)
     target = resolve_target(device)
     dev = target.primary
     backend.validate(opts, source, dev)
@@ -189,8 +239,10 @@ def quantize(
             artifact.save()  # written last: its presence marks the folder complete
         interrupt.check()
         _swap_into_place(staging, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, Exception) and is_no_space(exc):
+            raise no_space_error(exc, out) from None
         raise
     artifact.path = out
     return artifact
@@ -237,6 +289,13 @@ def evaluate(
 
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
+    if write_manifest and not os.access(art.path, os.W_OK | os.X_OK):
+        # found now, not after the whole evaluation, when recording the result in the manifest would fail
+        raise OutputPathError(
+            f"the artifact folder {art.path} is not writable, so the evaluation cannot be recorded in its "
+            "llmopt.json.",
+            "Make the folder writable (or copy the artifact somewhere you can write) and run eval again.",
+        )
     with rep.step("checking artifact hashes"):
         art.require_intact()
     base = resolve(baseline)
@@ -308,7 +367,9 @@ def evaluate(
         base_result["size_bytes"] = base.size_bytes()
         base_result["model"] = baseline
         if use_cache:
-            baseline_cache.store(key, {"result": base_result})
+            problem = baseline_cache.store(key, {"result": base_result})
+            if problem:
+                rep.info(f"warning: {problem}")
         base_result["cached"] = False
 
     art_result = _score_model(

@@ -145,7 +145,8 @@ class Artifact:
         if not mpath.is_file():
             raise ArtifactError(
                 f"{root} has no {MANIFEST_NAME}: it is not an llmopt artifact, or its quantization did not finish.",
-                "Run `llmopt quantize` again with -o pointing at this folder and --overwrite.",
+                "Check the path: llmopt writes llmopt.json into every artifact folder it finishes (an interrupted "
+                "quantize leaves none in place). To make an artifact, quantize into a new folder.",
             )
         try:
             manifest = Manifest.model_validate_json(mpath.read_text())

@@ -66,12 +66,23 @@ class OutputExistsError(InputError):
     """The output folder exists and is not empty."""
 
 
+class OutputPathError(InputError):
+    """An output path that would overwrite or sit among the user's files: an input, an artifact, the current
+    folder, a folder that is not writable, or one that another llmopt process is writing."""
+
+
 class TokenizerMismatchError(InputError):
     """Baseline and artifact tokenize text differently, so their perplexities cannot be compared."""
 
 
 class BackendUnavailableError(LlmoptError):
     """A backend's library or hardware is missing here."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NoSpaceError(LlmoptError):
+    """The disk filled up while writing; the partial output was removed."""
 
     exit_code = EXIT_UNAVAILABLE
 

@@ -53,15 +53,24 @@ def stdout_is_ours() -> Iterator[None]:
         yield
 
 
+def check_json_target(target: str | None, *inputs: str | Path | None) -> None:
+    """Before any work: refuse a ``--json`` path that is a folder, inside an artifact, one of ``inputs``, a file
+    that is not JSON, or not writable (``llmopt.outputs.check_report_file``)."""
+    if target is None:
+        return
+    from llmopt.outputs import check_report_file
+
+    check_report_file(target, inputs)
+
+
 def write_json(data: Any, target: str) -> None:
-    """Write JSON to a file, or to stdout when ``target`` is '-'."""
-    text = json.dumps(data, indent=2, default=str)
+    """Write JSON to a file (whole or not at all), or to stdout when ``target`` is '-'."""
     if target == "-":
-        sys.stdout.write(text + "\n")
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
-        path = Path(target)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
+        from llmopt.artifact import write_json_atomic
+
+        write_json_atomic(Path(target).expanduser(), data)
 
 
 def human_bytes(n: float | None) -> str:

@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import (
+    DeviceOpt,
+    QuietOpt,
+    check_json_target,
+    human_bytes,
+    stdout,
+    stdout_is_ours,
+    write_json,
+)
 from llmopt.errors import InputError
 
 if TYPE_CHECKING:
@@ -245,6 +253,7 @@ def register(app: typer.Typer) -> None:
             True, batch_sizes, prompt_lens, gen_len, warmup, repetitions, decode_mode, gpu_hourly_cost, marlin_atomics
         )
         attn_list = [a.strip() for a in attn.split(",") if a.strip()] if attn else None
+        check_json_target(json_path, model, baseline)
         with stdout_is_ours():
             result = bench(
                 model,

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stderr, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import (
+    DeviceOpt,
+    QuietOpt,
+    check_json_target,
+    human_bytes,
+    stderr,
+    stdout,
+    stdout_is_ours,
+    write_json,
+)
 from llmopt.cli.bench import (
     BatchSizesOpt,
     DecodeModeOpt,
@@ -125,6 +134,7 @@ def register(app: typer.Typer) -> None:
             marlin_atomics,
         )
         check_speed_gate(speed, min_decode_speedup, at_batch)
+        check_json_target(json_path, dataset, baseline)
         with stdout_is_ours():
             report = evaluate(
                 artifact,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -51,7 +52,9 @@ def register(app: typer.Typer) -> None:
         seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 512,
         seed: Annotated[int, typer.Option(help="Seed for picking calibration samples.")] = 0,
         device: DeviceOpt = "auto",
-        overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists and is not empty.")] = False,
+        overwrite: Annotated[
+            bool, typer.Option(help="Replace OUTPUT if it is an llmopt artifact (with only its own files in it).")
+        ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON to stdout.")] = False,
         quiet: QuietOpt = False,
     ) -> None:
@@ -98,6 +101,11 @@ def register(app: typer.Typer) -> None:
             f"[green]✓[/] {m.backend} artifact written to [bold]{artifact.path}[/]: "
             f"{human_bytes(artifact.size_bytes())} in {len(m.files)} files, quantized in {m.quantize_seconds:.1f} s"
         )
+        # markup off and quoted: a path with spaces or brackets must come out as a command that pastes back
         stdout.print(
-            f"  next: llmopt eval {artifact.path} --baseline {model} --dataset TEXT_FILE --max-ppl-increase 5"
+            "  next: " + shlex.join(["llmopt", "eval", str(artifact.path), "--baseline", model])
+            + " --dataset TEXT_FILE --max-ppl-increase 5",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )

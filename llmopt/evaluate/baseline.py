@@ -23,16 +23,32 @@ def _path(key: str) -> Path:
 
 def load_cached(key: str) -> dict[str, Any] | None:
     path = _path(key)
-    if not path.is_file():
-        return None
     try:
         data = json.loads(path.read_text())
-    except ValueError:
+    except (OSError, ValueError):  # not cached, or a cache folder we may not read: score the baseline
         return None
     if not isinstance(data, dict) or data.get("key") != key or "window_nll" not in data.get("result", {}):
         return None
     return data
 
 
-def store(key: str, result: dict[str, Any]) -> None:
-    write_json_atomic(_path(key), {"key": key, **result})
+_warned = False
+
+
+def store(key: str, result: dict[str, Any]) -> str | None:
+    """Cache a baseline result. A cache that cannot be written costs speed, not correctness: the evaluation
+    goes on, and the returned problem (given once per process, None afterwards and on success) is for the
+    user to see."""
+    global _warned
+    path = _path(key)
+    try:
+        write_json_atomic(path, {"key": key, **result})
+    except OSError as exc:
+        if _warned:
+            return None
+        _warned = True
+        return (
+            f"cannot write the FP16 baseline cache in {path.parent} ({exc.strerror or exc}); going on without "
+            "caching, so the baseline is scored again next time (set LLMOPT_CACHE to a writable folder)."
+        )
+    return None
