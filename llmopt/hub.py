@@ -20,6 +20,7 @@ from typing import Any
 from llmopt import __version__
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest, hash_tree
 from llmopt.errors import ArtifactError, BackendUnavailableError, GateFailedError, InputError
+from llmopt.evaluate.gate import require_consistent
 from llmopt.progress import Reporter, SilentReporter
 
 CARD_NAME = "README.md"
@@ -69,6 +70,8 @@ def check_publishable(art: Artifact) -> dict[str, FileEntry]:
             f"{art.path} was evaluated with no gate thresholds: nothing says it is good enough to publish.",
             "Evaluate it again with a threshold, e.g. `llmopt eval ... --max-ppl-increase 5`.",
         )
+    # The flag and the summary numbers are only believed when they follow from the raw window scores.
+    require_consistent(m.evaluation, m.gate, str(art.path))
     if not m.gate.get("passed"):
         failed = "; ".join(c.get("message", c.get("name", "?")) for c in checks if not c.get("passed"))
         raise GateFailedError(

@@ -22,6 +22,8 @@ from llmopt.artifact import (
     hash_tree,
 )
 from llmopt.cli import main
+from llmopt.evaluate.gate import GateSpec, apply_gate
+from tests.evaldata import scored
 from tests.hubserver import HubServer
 
 pytest.importorskip("huggingface_hub")
@@ -79,39 +81,30 @@ def make_artifact(
         },
     )
     if evaluated:
-        checks = (
-            [
-                {
-                    "name": "max_ppl_increase_pct",
-                    "value": 1.8 if passed else 30.0,
-                    "threshold": 5.0,
-                    "passed": passed,
-                    "message": f"perplexity +{1.8 if passed else 30.0:.2f}% vs FP16 (limit +5%)",
-                }
-            ]
-            if thresholds
-            else []
-        )
+        # the numbers are derived from per-window scores, as api.evaluate derives them, and the gate is really
+        # applied to them: a "failed" artifact is one whose delta is over its threshold, not a flipped flag
+        numbers = scored(1.8 if passed else 30.0)
+        spec = GateSpec(max_ppl_increase_pct=5.0 if thresholds else None)
         manifest.evaluation = {
             "schema": "llmopt.eval/1",
             "settings": {
                 "dataset": str(root / "eval.txt"),
                 "text_sha256": "cd" * 32,
-                "tokens_scored": 508,
-                "context_length": 128,
-                "stride": 128,
-                "add_bos": False,
+                **numbers["settings"],
                 "device": "cpu (x86)",
                 "dtype": "float32",
             },
-            "baseline": {"perplexity": 30.0, "stderr": 1.0, "size_bytes": 269_000_000, "model": str(source)},
-            "artifact": {"perplexity": 30.54, "stderr": 1.02, "size_bytes": 4200, "backend": backend, "format": fmt},
-            "delta_pct": 1.8,
-            "delta_pct_stderr": 0.3,
+            "baseline": {**numbers["baseline"], "size_bytes": 269_000_000, "model": str(source)},
+            "artifact": {**numbers["artifact"], "size_bytes": 4200, "backend": backend, "format": fmt},
+            "delta_pct": numbers["delta_pct"],
+            "delta_pct_stderr": numbers["delta_pct_stderr"],
             "environment": {"python": "3.11", "platform": "linux", "packages": {"torch": "2.13"}, "device": "cpu"},
             "artifact_files_sha256": files_digest(files),
         }
-        manifest.gate = {"passed": passed and True, "checks": checks, "spec": {"max_ppl_increase_pct": 5.0}}
+        manifest.gate = {
+            **apply_gate(spec, manifest.evaluation).model_dump(mode="json"),
+            "spec": spec.model_dump(mode="json"),
+        }
     Artifact(art, manifest).save()
     return art
 
@@ -173,7 +166,8 @@ def test_publish_one_commit_with_card(tmp_path: Path, hub: HubServer, capsys: py
     assert meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "text-generation"
     assert {"llmopt", "bitsandbytes", "bnb-int8", "8-bit"} <= set(meta["tags"])
-    assert "| FP16 baseline" in card and "+1.80% ± 0.30" in card and "cpu (x86)" in card
+    ev = Artifact.open(art).manifest.evaluation or {}
+    assert "| FP16 baseline" in card and f"+1.80% ± {ev['delta_pct_stderr']:.2f}" in card and "cpu (x86)" in card
     assert 'from_pretrained("test-org/smol-int8"' in card
     assert str(tmp_path) not in card  # no local folders in a public card
     assert files_digest(hash_tree(art)) in card
