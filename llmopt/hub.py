@@ -460,13 +460,39 @@ def _hub_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
             "Try again later; nothing was published unless the commit step succeeded.",
         ) from None
     except Exception as exc:
-        module = type(exc).__module__.split(".")[0]
-        if module.startswith("httpx") or isinstance(exc, ConnectionError | TimeoutError):
+        if _is_network(exc):
             raise HubError(
                 f"could not reach the Hub ({_endpoint() or 'huggingface.co'}) to {what}: {type(exc).__name__}.",
                 "Check the network (and HF_ENDPOINT if set), then publish again.",
             ) from None
+        # huggingface_hub wraps a failed LFS transfer as RuntimeError("Error while uploading 'X' to the Hub.")
+        cause = _network_cause(exc)
+        if cause is not None:
+            raise HubError(
+                f"the upload to the Hub ({_endpoint() or 'huggingface.co'}) broke off while trying to {what}: "
+                f"{exc} ({type(cause).__name__}). Nothing was committed and the artifact is unchanged.",
+                "Check the network, then publish again (files already uploaded are not sent twice).",
+            ) from None
         raise
+
+
+def _is_network(exc: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    module = type(exc).__module__.split(".")[0]
+    return module.startswith("httpx") or isinstance(exc, ConnectionError | TimeoutError | HfHubHTTPError)
+
+
+def _network_cause(exc: BaseException) -> BaseException | None:
+    """The network error an exception was raised from, if any (following ``raise ... from`` links)."""
+    seen: set[int] = set()
+    current = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        if _is_network(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def ensure_ready(organization: str | None = None) -> str | None:

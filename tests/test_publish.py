@@ -335,3 +335,19 @@ def test_offline_mode_is_explained(
     assert run_cli(["publish", str(art), "test-org/smol-int8"]) == 2
     assert "offline mode (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
     assert hub.requests == []
+
+
+def test_connection_dropped_mid_upload(tmp_path: Path, hub: HubServer, capsys: pytest.CaptureFixture[str]) -> None:
+    """A connection cut during the LFS upload is a network failure (exit 4, one line), not a traceback; nothing
+    is committed and the artifact is left as it was."""
+    hub.state.drop_uploads = True
+    art = make_artifact(tmp_path)
+    before = hash_tree(art)
+    manifest = (art / "llmopt.json").read_bytes()
+    code = run_cli(["publish", str(art), "test-org/smol-int8"])
+    err = capsys.readouterr().err
+    assert code == 4, err
+    assert "broke off" in err and "model.safetensors" in err and "Traceback" not in err
+    assert any(r.method == "PUT" and r.path.startswith("/lfs-upload/") for r in hub.requests)
+    assert len(hub.commits("test-org/smol-int8")) == 1  # only the repo's initial commit
+    assert hash_tree(art) == before and (art / "llmopt.json").read_bytes() == manifest
