@@ -46,6 +46,7 @@ def make_artifact(
     fmt: str = "bnb-8bit",
     backend: str = "bnb-int8",
     options: dict[str, Any] | None = None,
+    recipe_publish: dict[str, Any] | None = None,
 ) -> Path:
     """A small artifact folder with a manifest as `llmopt quantize` + `llmopt eval` leave it."""
     art = root / "artifact"
@@ -76,7 +77,7 @@ def make_artifact(
             "resolved": {
                 "model": {"source": str(source), "revision": None},
                 "evaluation": {"dataset": str(root / "eval.txt")},
-                "publish": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                "publish": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", **(recipe_publish or {})},
             },
         },
     )
@@ -351,3 +352,47 @@ def test_connection_dropped_mid_upload(tmp_path: Path, hub: HubServer, capsys: p
     assert any(r.method == "PUT" and r.path.startswith("/lfs-upload/") for r in hub.requests)
     assert len(hub.commits("test-org/smol-int8")) == 1  # only the repo's initial commit
     assert hash_tree(art) == before and (art / "llmopt.json").read_bytes() == manifest
+
+
+def test_card_claims_only_what_was_measured(tmp_path: Path) -> None:
+    """No link to an unclaimed registry name; the baseline row names the local folder that was scored (by its
+    weights' hash), not the Hub model; a dtype is shown only where the evaluation recorded one, per side."""
+    from llmopt.hub import render_card
+
+    art = make_artifact(tmp_path)
+    card = render_card(Artifact.open(art), "org/smol-int8")
+    assert "pypi.org" not in card
+    assert "FP16 baseline (HuggingFaceTB/SmolLM2-135M-Instruct)" not in card
+    row = next(line for line in card.splitlines() if line.startswith("| FP16 baseline"))
+    assert "local `source-model`" in row and "abababababababab" in row  # the source's weights sha256
+    assert "not recorded" in row  # the evaluation recorded no baseline dtype: none is printed
+    mine = next(line for line in card.splitlines() if line.startswith("| **this model**"))
+    assert "`float32`" in mine  # what this evaluation recorded for the artifact
+
+    a = Artifact.open(art)
+    assert a.manifest.evaluation is not None
+    a.manifest.evaluation["baseline"]["dtype"] = "float16"
+    row = next(line for line in render_card(a, "org/x").splitlines() if line.startswith("| FP16 baseline"))
+    assert "`float16`" in row
+
+
+def test_standalone_publish_uses_the_recipe_license(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`publish.license` in the recipe reaches the card without --license (docs/publish.md promises it), and
+    beats the source's own README license; --license still wins."""
+    art = make_artifact(tmp_path, recipe_publish={"license": "mit", "tags": ["britannica"]})
+    assert run_cli(["publish", str(art), "test-org/smol-int8", "--dry-run", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    meta = yaml.safe_load(result["card"].split("---")[1])
+    assert meta["license"] == "mit" and "britannica" in meta["tags"]
+    assert run_cli(["publish", str(art), "test-org/smol-int8", "--dry-run", "--json", "--license", "gpl-3.0"]) == 0
+    assert "license: gpl-3.0" in json.loads(capsys.readouterr().out)["card"]
+
+
+def test_awq_card_lets_vllm_choose_the_kernel(tmp_path: Path) -> None:
+    """`--quantization awq` would force vLLM's plain AWQ kernel (float16 only) instead of AWQ-Marlin."""
+    from llmopt.hub import render_card
+
+    art = make_artifact(tmp_path, fmt="awq", backend="awq", options={"bits": 4, "group_size": 64})
+    card = render_card(Artifact.open(art), "org/smol-awq")
+    assert "vllm serve org/smol-awq" in card
+    assert "--quantization awq" not in card
