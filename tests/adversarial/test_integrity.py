@@ -230,3 +230,56 @@ def test_real_artifact_published_byte_for_byte(
     assert f"{report['delta_pct']:+.2f}% ± {report['delta_pct_stderr']:.2f}" in card
     assert f"{report['settings']['tokens_scored']:,} tokens scored" in card
     assert str(tmp_path) not in card and os.environ["HOME"] not in card
+
+
+def test_plan_and_report_merge_over_real_results(evaluated_artifact: dict[str, Any], tmp_path: Path) -> None:
+    """`llmopt plan` jobs, run as a scheduler would (each reusing the real artifact and its real evaluation), then
+    `llmopt report merge`: the merged numbers are the real evaluation's, and the strict variant's gate is
+    applied to them."""
+    import shlex
+
+    report = evaluated_artifact["report"]
+    s = report["settings"]
+    (tmp_path / "r.yaml").write_text(
+        f"""\
+name: real
+model:
+  source: {evaluated_artifact["model"]}
+evaluation:
+  dataset: {evaluated_artifact["text"]}
+  context_length: {s["context_length"]}
+  max_tokens: {s["max_tokens"]}
+  device: cpu
+gates:
+  max_ppl_increase_pct: 10
+variants:
+  - name: int8
+    method: bnb-int8
+  - name: int8-strict
+    method: bnb-int8
+    gate: {{max_ppl_increase_pct: {round(report["delta_pct"] / 2, 2)}}}
+"""
+    )
+    r = run_cli(["plan", "r.yaml", "--output-root", "runs"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    jobs = json.loads(r.stdout)
+    assert [j["variant"] for j in jobs] == ["int8", "int8-strict"]
+    for job in jobs:
+        _copy(evaluated_artifact, tmp_path / job["output"] / "artifacts", job["variant"])
+        args = shlex.split(job["command"])
+        assert args[0] == "llmopt"
+        done = run_cli(args[1:], cwd=tmp_path)
+        assert done.returncode == (0 if job["variant"] == "int8" else 3), done.stderr[-2000:]
+    r = run_cli(
+        ["report", "merge", "runs/int8", "runs/int8-strict/report.json", "-o", "merged", "--json"], cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr
+    merged = json.loads(r.stdout)
+    assert [v["name"] for v in merged["variants"]] == ["int8", "int8-strict"]
+    assert [v["status"] for v in merged["variants"]] == ["passed", "gate_failed"]
+    assert merged["exit_code"] == 3
+    for v in merged["variants"]:
+        assert v["evaluation_reused"] is True  # the real evaluation, which adds up, was reused, not re-scored
+        assert v["perplexity"] == report["artifact"]["perplexity"] and v["delta_pct"] == report["delta_pct"]
+    assert merged["baseline"]["perplexity"] == report["baseline"]["perplexity"]
+    assert (tmp_path / "merged" / "report.md").is_file()
