@@ -283,3 +283,21 @@ variants:
         assert v["perplexity"] == report["artifact"]["perplexity"] and v["delta_pct"] == report["delta_pct"]
     assert merged["baseline"]["perplexity"] == report["baseline"]["perplexity"]
     assert (tmp_path / "merged" / "report.md").is_file()
+
+
+def test_edited_decode_speedup_is_caught() -> None:
+    """The speed gate reads `throughput.decode_speedup`; it must be the ratio of the stored medians."""
+    from llmopt.evaluate.gate import GateSpec, apply_gate, evaluation_problems
+    from llmopt.evaluate.throughput import ThroughputSettings, compare
+    from tests.evaldata import scored
+
+    def side(tps: dict[str, float]) -> dict[str, Any]:
+        return {"decode": {b: {"tokens_per_s": {"median": v}} for b, v in tps.items()}, "prefill": {}}
+
+    base, art = side({"1": 50.0, "8": 300.0}), side({"1": 80.0, "8": 330.0})
+    ev = {**scored(1.0), "throughput": {"baseline": base, "artifact": art, **compare(base, art, ThroughputSettings())}}
+    spec = GateSpec(min_decode_speedup=1.5, at_batch=1)
+    gate = {**apply_gate(spec, ev).model_dump(mode="json"), "spec": spec.model_dump()}
+    assert gate["passed"] and evaluation_problems(ev, gate) == []
+    ev["throughput"]["decode_speedup"]["8"] = 2.0
+    assert any("decode_speedup[8]" in p for p in evaluation_problems(ev, gate))
