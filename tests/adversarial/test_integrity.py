@@ -301,3 +301,25 @@ def test_edited_decode_speedup_is_caught() -> None:
     assert gate["passed"] and evaluation_problems(ev, gate) == []
     ev["throughput"]["decode_speedup"]["8"] = 2.0
     assert any("decode_speedup[8]" in p for p in evaluation_problems(ev, gate))
+
+
+def test_connection_dropped_mid_upload(
+    evaluated_artifact: dict[str, Any], tmp_path: Path, hub_env: tuple[HubServer, dict[str, str]]
+) -> None:
+    """A connection cut during the LFS upload gave exit 1 with huggingface_hub's `RuntimeError: Error while
+    uploading 'model.safetensors'` traceback. Now: exit 4, one line naming the file; nothing committed; the
+    artifact unchanged."""
+    from llmopt.artifact import hash_tree
+
+    hub, env = hub_env
+    hub.state.drop_uploads = True
+    art = _copy(evaluated_artifact, tmp_path)
+    before, manifest = hash_tree(art), (art / "llmopt.json").read_bytes()
+    r = run_cli(["publish", "art", "test-org/smol-int8"], cwd=tmp_path, env=env)
+    assert r.returncode == 4, r.stderr[-3000:]
+    flat = " ".join(r.stderr.split())  # the console wraps long lines
+    assert "broke off" in flat and "model.safetensors" in flat, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert any(q.method == "PUT" and q.path.startswith("/lfs-upload/") for q in hub.requests)
+    assert len(hub.commits("test-org/smol-int8")) == 1  # only the repo's initial commit
+    assert hash_tree(art) == before and (art / "llmopt.json").read_bytes() == manifest
