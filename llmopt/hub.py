@@ -20,6 +20,7 @@ from typing import Any
 from llmopt import __version__
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest, hash_tree
 from llmopt.errors import ArtifactError, BackendUnavailableError, GateFailedError, InputError
+from llmopt.evaluate.gate import require_consistent
 from llmopt.progress import Reporter, SilentReporter
 
 CARD_NAME = "README.md"
@@ -69,6 +70,8 @@ def check_publishable(art: Artifact) -> dict[str, FileEntry]:
             f"{art.path} was evaluated with no gate thresholds: nothing says it is good enough to publish.",
             "Evaluate it again with a threshold, e.g. `llmopt eval ... --max-ppl-increase 5`.",
         )
+    # The flag and the summary numbers are only believed when they follow from the raw window scores.
+    require_consistent(m.evaluation, m.gate, str(art.path))
     if not m.gate.get("passed"):
         failed = "; ".join(c.get("message", c.get("name", "?")) for c in checks if not c.get("passed"))
         raise GateFailedError(
@@ -129,9 +132,26 @@ def source_license(art: Artifact) -> str | None:
     return None
 
 
+def _recipe_publish(art: Artifact) -> dict[str, Any]:
+    """The ``publish`` section of the recipe the artifact was made from (empty when none)."""
+    resolved = (art.manifest.recipe or {}).get("resolved") or {}
+    section = resolved.get("publish") if isinstance(resolved, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def license_of(art: Artifact, explicit: str | None = None) -> str | None:
+    """The card's license: given, else the recipe's ``publish.license``, else the source model's own."""
+    if explicit:
+        return explicit
+    from_recipe = _recipe_publish(art).get("license")
+    if isinstance(from_recipe, str) and from_recipe:
+        return from_recipe
+    return source_license(art)
+
+
 def _recipe_base_model(art: Artifact) -> str | None:
     resolved = (art.manifest.recipe or {}).get("resolved") or {}
-    base = (resolved.get("publish") or {}).get("base_model")
+    base = _recipe_publish(art).get("base_model")
     if base:
         return str(base)
     source = (resolved.get("model") or {}).get("source")
@@ -193,10 +213,10 @@ def _how_to_load(fmt: str, repo_id: str, revision: str | None) -> list[str]:
             "",
             *py,
             "",
-            "With vLLM:",
+            "With vLLM (AWQ is detected from `quantization_config`; vLLM picks its fastest AWQ kernel):",
             "",
             "```bash",
-            f"vllm serve {repo_id}{rev_cli} --quantization awq",
+            f"vllm serve {repo_id}{rev_cli}",
             "```",
         ]
     if fmt.startswith("bnb"):
@@ -220,6 +240,43 @@ def _how_to_load(fmt: str, repo_id: str, revision: str | None) -> list[str]:
             "```",
         ]
     return ["With transformers:", "", *py]
+
+
+def _dtype_cell(value: Any) -> str:
+    """The dtype a side was scored in, as the evaluation recorded it; never a guess."""
+    return f"`{value}`" if isinstance(value, str) and value else "not recorded"
+
+
+def _scored_baseline(art: Artifact, baseline: dict[str, Any], base_model: str | None) -> dict[str, str]:
+    """What the baseline row may claim: the model that was actually scored, by Hub id only when it was one.
+
+    A local folder is named by its last path part and its weights' sha256 (when the manifest has them for
+    that folder); a card must not present a local rebuild as the Hub model it may have come from.
+    """
+    scored = str(baseline.get("model") or "")
+    local = not (_HUB_MODEL.match(scored) and not Path(scored).expanduser().exists()) if scored else True
+    if scored and not local:
+        return {"label": scored}
+    src = art.manifest.source
+    name = Path(scored).name if scored else Path(src.model).name
+    same_as_source = (
+        not scored
+        or scored in (src.model, src.resolved_path)
+        or (Path(scored).expanduser().resolve() == Path(src.resolved_path).expanduser().resolve())
+    )
+    hashes = src.weights_sha256 if same_as_source else {}
+    if hashes:
+        digest = ", ".join(f"`{k}` sha256 `{v[:16]}…`" for k, v in sorted(hashes.items()))
+        label = f"local `{name}`, {digest}"
+    else:
+        label = f"local `{name}`, weights not hashed in the manifest"
+    note = ""
+    if base_model:
+        note = (
+            f"The FP16 baseline scored was a local copy (`{name}`), identified by its weights' sha256 in the table; "
+            f"it was not downloaded from [{base_model}](https://huggingface.co/{base_model}) for this evaluation."
+        )
+    return {"label": label, "note": note}
 
 
 def _fmt_bytes(n: float | None) -> str:
@@ -249,7 +306,7 @@ def render_card(
     options = {k: v for k, v in m.options.items() if k != "_resolved"}
     bits = _bits(m.format, options)
     base = base_model_of(art, base_model)
-    lic = license or source_license(art)
+    lic = license_of(art, license)
 
     meta: dict[str, Any] = {}
     if base:
@@ -264,8 +321,9 @@ def render_card(
     tag_list = ["llmopt", "quantized", family, m.backend]
     if bits:
         tag_list.append(f"{bits}-bit")
-    for t in tags or []:
-        tag_list.append(t)
+    recipe_tags = _recipe_publish(art).get("tags")
+    for t in [*(tags or []), *(recipe_tags if isinstance(recipe_tags, list) else [])]:
+        tag_list.append(str(t))
     meta["tags"] = list(dict.fromkeys(tag_list))
 
     name = repo_id.split("/")[-1]
@@ -284,7 +342,9 @@ def render_card(
     ]
     lines[-1] += (
         f"{m.backend} quantization (`{m.format}` format) of {base_ref}, made with "
-        f"[llmopt](https://pypi.org/project/llmopt/) {m.llmopt_version} and published only after passing "
+        # no link: llmopt has no registry page or public home of its own, and a link to an unclaimed
+        # package name is one anyone could take over
+        f"llmopt {m.llmopt_version} and published only after passing "
         "its quality gate."
     )
     lines += ["", "## Evaluation against FP16", ""]
@@ -293,21 +353,24 @@ def render_card(
             f"Perplexity on `{_public(s.get('dataset'))}` "
             f"(text sha256 `{str(s.get('text_sha256', ''))[:16]}…`): "
             f"{s.get('tokens_scored', 0):,} tokens scored in windows of {s.get('context_length')} "
-            f"(stride {s.get('stride')}{', BOS added' if s.get('add_bos') else ''}), "
-            f"{s.get('dtype', '?')} on "
+            f"(stride {s.get('stride')}{', BOS added' if s.get('add_bos') else ''}) on "
             f"**{s.get('device', '?')}**. Both models were scored on exactly the same token ids."
         )
         lines.append("")
+    scored_base = _scored_baseline(art, b, base)
+    if scored_base.get("note"):
+        lines += [scored_base["note"], ""]
     throughput = ev.get("throughput") or {}
     speed = throughput.get("decode_speedup") or {}
     speed_col = bool(speed)
-    header = ["model", "perplexity", "± stderr", "Δ vs FP16", "size on disk", "in memory"]
+    header = ["model", "scored in", "perplexity", "± stderr", "Δ vs FP16", "size on disk", "in memory"]
     if speed_col:
         header.append("decode speedup")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     if b:
         row = [
-            f"FP16 baseline ({base or Path(m.source.model).name})",
+            f"FP16 baseline ({scored_base['label']})",
+            _dtype_cell(b.get("dtype")),
             f"{b.get('perplexity', 0):.4f}",
             f"{b.get('stderr', 0):.4f}",
             "–",
@@ -320,6 +383,8 @@ def render_card(
         dse = ev.get("delta_pct_stderr")
         row = [
             f"**this model** ({m.backend})",
+            # before the evaluation recorded a dtype per side, settings.dtype was the artifact's
+            _dtype_cell(a.get("dtype") or s.get("dtype")),
             f"{a.get('perplexity', 0):.4f}",
             f"{a.get('stderr', 0):.4f}",
             ("–" if delta is None else f"{delta:+.2f}%") + (f" ± {dse:.2f}" if dse is not None else ""),
@@ -457,13 +522,39 @@ def _hub_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
             "Try again later; nothing was published unless the commit step succeeded.",
         ) from None
     except Exception as exc:
-        module = type(exc).__module__.split(".")[0]
-        if module.startswith("httpx") or isinstance(exc, ConnectionError | TimeoutError):
+        if _is_network(exc):
             raise HubError(
                 f"could not reach the Hub ({_endpoint() or 'huggingface.co'}) to {what}: {type(exc).__name__}.",
                 "Check the network (and HF_ENDPOINT if set), then publish again.",
             ) from None
+        # huggingface_hub wraps a failed LFS transfer as RuntimeError("Error while uploading 'X' to the Hub.")
+        cause = _network_cause(exc)
+        if cause is not None:
+            raise HubError(
+                f"the upload to the Hub ({_endpoint() or 'huggingface.co'}) broke off while trying to {what}: "
+                f"{exc} ({type(cause).__name__}). Nothing was committed and the artifact is unchanged.",
+                "Check the network, then publish again (files already uploaded are not sent twice).",
+            ) from None
         raise
+
+
+def _is_network(exc: BaseException) -> bool:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    module = type(exc).__module__.split(".")[0]
+    return module.startswith("httpx") or isinstance(exc, ConnectionError | TimeoutError | HfHubHTTPError)
+
+
+def _network_cause(exc: BaseException) -> BaseException | None:
+    """The network error an exception was raised from, if any (following ``raise ... from`` links)."""
+    seen: set[int] = set()
+    current = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        if _is_network(current):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def ensure_ready(organization: str | None = None) -> str | None:
@@ -520,7 +611,7 @@ def publish(
     notes: list[str] = []
     if CARD_NAME in files:
         notes.append(f"the artifact's own {CARD_NAME} is replaced by the generated model card")
-    if not (license or source_license(art)):
+    if not license_of(art, license):
         notes.append("no license found for the base model: the card has none (pass --license)")
     if not base_model_of(art, base_model):
         notes.append("base model unknown (the source is a local folder): pass --base-model ORG/NAME")

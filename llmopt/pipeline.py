@@ -314,6 +314,7 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
 def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
     """The evaluation in the manifest if it was made with the recipe's settings on these very files."""
     from llmopt.api import EVAL_SCHEMA
+    from llmopt.evaluate.gate import evaluation_problems
 
     ev_spec = ctx.recipe.evaluation
     ev = art.manifest.evaluation
@@ -336,7 +337,14 @@ def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
         and all(packages.get(k) == v for k, v in ctx.versions.items())
         and _same_throughput(ev, ev_spec.throughput, ctx.device)
     )
-    return dict(ev) if same else None
+    if not same:
+        return None
+    wrong = evaluation_problems(ev)
+    if wrong:
+        # an edited summary (say, a lowered delta_pct) must not be re-gated as if it were measured
+        ctx.reporter.info(f"stored evaluation does not add up ({wrong[0]}): scoring again")
+        return None
+    return dict(ev)
 
 
 def _same_throughput(ev: dict[str, Any], wanted: Any, device: str) -> bool:

@@ -169,6 +169,19 @@ class PublishSpec(_Strict):
         if unknown:
             valid = ", ".join("{" + f + "}" for f in PUBLISH_FIELDS)
             raise _error(f"unknown field {{{unknown[0]}}} in {value!r}; valid fields: {valid}")
+        if any(spec or conv for _, _, spec, conv in string.Formatter().parse(value)):
+            raise _error(
+                f"{value!r}: repo_id fields take no format spec or conversion (write {{variant}}, not {{variant:x}})"
+            )
+        # Filled with harmless sample values, the template must already be a valid repo id: a '..' or '--'
+        # in the fixed text would otherwise pass here and fail only at publish time, after all the work.
+        from llmopt.hub import check_repo_id
+
+        sample = value.format(org="org", model_name="model", variant="v1", method="gptq")
+        try:
+            check_repo_id(sample)
+        except LlmoptError as exc:
+            raise _error(f"{value!r} cannot make a valid Hub repo id (e.g. {sample!r}): {_one_line(exc)}") from None
         return value
 
     @model_validator(mode="after")

@@ -8,26 +8,37 @@ folder is only read by tests.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# huggingface_hub and transformers read these once, when first imported: set here, at conftest import, before
+# any test module (or llmopt) can import them, so in-process tests really are offline and use these caches.
+_CACHES = Path(tempfile.mkdtemp(prefix="llmopt-test-caches-"))
+atexit.register(shutil.rmtree, _CACHES, True)
+os.environ["LLMOPT_CACHE"] = str(_CACHES / "llmopt")
+os.environ["HF_HOME"] = str(_CACHES / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_caches(tmp_path_factory: pytest.TempPathFactory) -> None:
-    base = tmp_path_factory.mktemp("caches")
-    os.environ["LLMOPT_CACHE"] = str(base / "llmopt")
-    os.environ["HF_HOME"] = str(base / "hf")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+def _isolated_caches() -> None:
+    """Kept for tests that name it; the environment is set at conftest import (see above)."""
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
 @pytest.fixture(scope="session")
@@ -56,3 +67,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def evaluated_artifact(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real artifact for the session: SmolLM2-135M quantized to bitsandbytes int8 and evaluated against its
+    FP16 on 1,024 tokens of the eval text (4 windows of 256), gated at +5%. Tests copy ``path`` before changing
+    anything; ``report`` is the evaluation report as api.evaluate returned it."""
+    pytest.importorskip("bitsandbytes")
+    from llmopt import api
+    from llmopt.evaluate.gate import GateSpec
+
+    root = tmp_path_factory.mktemp("evaluated")
+    art = api.quantize(str(assets["model"]), "bnb-int8", root / "smol-int8", device="cpu")
+    report = api.evaluate(
+        art.path,
+        str(assets["model"]),
+        str(assets["eval_text"]),
+        context_length=256,
+        max_tokens=1024,
+        device="cpu",
+        gate=GateSpec(max_ppl_increase_pct=5.0),
+    )
+    return {"path": art.path, "report": report, "model": assets["model"], "text": assets["eval_text"]}

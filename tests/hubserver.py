@@ -12,6 +12,7 @@ Use with ``HF_ENDPOINT`` pointing at ``server.url`` and Xet disabled (this serve
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -63,6 +64,8 @@ class HubState:
         self.requests: list[Request] = []
         self.lock = threading.Lock()
         self.fail_commit_with: int | None = None  # make the commit endpoint fail (tests of error paths)
+        # drop the connection in the middle of every LFS upload body (a network failure mid-transfer)
+        self.drop_uploads = False
 
     def commit(self, repo: Repo, branch: str, summary: str, description: str, files: dict[str, bytes],
                lfs: list[str]) -> Commit:  # fmt: skip
@@ -138,7 +141,23 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
             self._handle("POST")
 
         def do_PUT(self) -> None:
+            if state.drop_uploads and self.path.startswith("/lfs-upload/"):
+                self._drop()
+                return
             self._handle("PUT")
+
+        def _drop(self) -> None:
+            """Read part of the body, then cut the connection without an answer."""
+            import socket
+
+            length = int(self.headers.get("Content-Length") or 0)
+            partial = self.rfile.read(min(length, 1024)) if length else b""
+            with state.lock:
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                state.requests.append(Request("PUT", self.path, headers, partial))
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
 
         # --- routes ---
         def _route(self, method: str, path: str, body: bytes) -> None:

@@ -22,6 +22,8 @@ from llmopt.artifact import (
     hash_tree,
 )
 from llmopt.cli import main
+from llmopt.evaluate.gate import GateSpec, apply_gate
+from tests.evaldata import scored
 from tests.hubserver import HubServer
 
 pytest.importorskip("huggingface_hub")
@@ -44,6 +46,7 @@ def make_artifact(
     fmt: str = "bnb-8bit",
     backend: str = "bnb-int8",
     options: dict[str, Any] | None = None,
+    recipe_publish: dict[str, Any] | None = None,
 ) -> Path:
     """A small artifact folder with a manifest as `llmopt quantize` + `llmopt eval` leave it."""
     art = root / "artifact"
@@ -74,44 +77,35 @@ def make_artifact(
             "resolved": {
                 "model": {"source": str(source), "revision": None},
                 "evaluation": {"dataset": str(root / "eval.txt")},
-                "publish": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                "publish": {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", **(recipe_publish or {})},
             },
         },
     )
     if evaluated:
-        checks = (
-            [
-                {
-                    "name": "max_ppl_increase_pct",
-                    "value": 1.8 if passed else 30.0,
-                    "threshold": 5.0,
-                    "passed": passed,
-                    "message": f"perplexity +{1.8 if passed else 30.0:.2f}% vs FP16 (limit +5%)",
-                }
-            ]
-            if thresholds
-            else []
-        )
+        # the numbers are derived from per-window scores, as api.evaluate derives them, and the gate is really
+        # applied to them: a "failed" artifact is one whose delta is over its threshold, not a flipped flag
+        numbers = scored(1.8 if passed else 30.0)
+        spec = GateSpec(max_ppl_increase_pct=5.0 if thresholds else None)
         manifest.evaluation = {
             "schema": "llmopt.eval/1",
             "settings": {
                 "dataset": str(root / "eval.txt"),
                 "text_sha256": "cd" * 32,
-                "tokens_scored": 508,
-                "context_length": 128,
-                "stride": 128,
-                "add_bos": False,
+                **numbers["settings"],
                 "device": "cpu (x86)",
                 "dtype": "float32",
             },
-            "baseline": {"perplexity": 30.0, "stderr": 1.0, "size_bytes": 269_000_000, "model": str(source)},
-            "artifact": {"perplexity": 30.54, "stderr": 1.02, "size_bytes": 4200, "backend": backend, "format": fmt},
-            "delta_pct": 1.8,
-            "delta_pct_stderr": 0.3,
+            "baseline": {**numbers["baseline"], "size_bytes": 269_000_000, "model": str(source)},
+            "artifact": {**numbers["artifact"], "size_bytes": 4200, "backend": backend, "format": fmt},
+            "delta_pct": numbers["delta_pct"],
+            "delta_pct_stderr": numbers["delta_pct_stderr"],
             "environment": {"python": "3.11", "platform": "linux", "packages": {"torch": "2.13"}, "device": "cpu"},
             "artifact_files_sha256": files_digest(files),
         }
-        manifest.gate = {"passed": passed and True, "checks": checks, "spec": {"max_ppl_increase_pct": 5.0}}
+        manifest.gate = {
+            **apply_gate(spec, manifest.evaluation).model_dump(mode="json"),
+            "spec": spec.model_dump(mode="json"),
+        }
     Artifact(art, manifest).save()
     return art
 
@@ -173,7 +167,8 @@ def test_publish_one_commit_with_card(tmp_path: Path, hub: HubServer, capsys: py
     assert meta["library_name"] == "transformers"
     assert meta["pipeline_tag"] == "text-generation"
     assert {"llmopt", "bitsandbytes", "bnb-int8", "8-bit"} <= set(meta["tags"])
-    assert "| FP16 baseline" in card and "+1.80% ± 0.30" in card and "cpu (x86)" in card
+    ev = Artifact.open(art).manifest.evaluation or {}
+    assert "| FP16 baseline" in card and f"+1.80% ± {ev['delta_pct_stderr']:.2f}" in card and "cpu (x86)" in card
     assert 'from_pretrained("test-org/smol-int8"' in card
     assert str(tmp_path) not in card  # no local folders in a public card
     assert files_digest(hash_tree(art)) in card
@@ -341,3 +336,47 @@ def test_offline_mode_is_explained(
     assert run_cli(["publish", str(art), "test-org/smol-int8"]) == 2
     assert "offline mode (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
     assert hub.requests == []
+
+
+def test_card_claims_only_what_was_measured(tmp_path: Path) -> None:
+    """No link to an unclaimed registry name; the baseline row names the local folder that was scored (by its
+    weights' hash), not the Hub model; a dtype is shown only where the evaluation recorded one, per side."""
+    from llmopt.hub import render_card
+
+    art = make_artifact(tmp_path)
+    card = render_card(Artifact.open(art), "org/smol-int8")
+    assert "pypi.org" not in card
+    assert "FP16 baseline (HuggingFaceTB/SmolLM2-135M-Instruct)" not in card
+    row = next(line for line in card.splitlines() if line.startswith("| FP16 baseline"))
+    assert "local `source-model`" in row and "abababababababab" in row  # the source's weights sha256
+    assert "not recorded" in row  # the evaluation recorded no baseline dtype: none is printed
+    mine = next(line for line in card.splitlines() if line.startswith("| **this model**"))
+    assert "`float32`" in mine  # what this evaluation recorded for the artifact
+
+    a = Artifact.open(art)
+    assert a.manifest.evaluation is not None
+    a.manifest.evaluation["baseline"]["dtype"] = "float16"
+    row = next(line for line in render_card(a, "org/x").splitlines() if line.startswith("| FP16 baseline"))
+    assert "`float16`" in row
+
+
+def test_standalone_publish_uses_the_recipe_license(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`publish.license` in the recipe reaches the card without --license (docs/publish.md promises it), and
+    beats the source's own README license; --license still wins."""
+    art = make_artifact(tmp_path, recipe_publish={"license": "mit", "tags": ["britannica"]})
+    assert run_cli(["publish", str(art), "test-org/smol-int8", "--dry-run", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    meta = yaml.safe_load(result["card"].split("---")[1])
+    assert meta["license"] == "mit" and "britannica" in meta["tags"]
+    assert run_cli(["publish", str(art), "test-org/smol-int8", "--dry-run", "--json", "--license", "gpl-3.0"]) == 0
+    assert "license: gpl-3.0" in json.loads(capsys.readouterr().out)["card"]
+
+
+def test_awq_card_lets_vllm_choose_the_kernel(tmp_path: Path) -> None:
+    """`--quantization awq` would force vLLM's plain AWQ kernel (float16 only) instead of AWQ-Marlin."""
+    from llmopt.hub import render_card
+
+    art = make_artifact(tmp_path, fmt="awq", backend="awq", options={"bits": 4, "group_size": 64})
+    card = render_card(Artifact.open(art), "org/smol-awq")
+    assert "vllm serve org/smol-awq" in card
+    assert "--quantization awq" not in card

@@ -34,6 +34,7 @@ from llmopt.cli import main
 from llmopt.errors import BackendUnavailableError
 from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.pipeline import run_exit_code
+from tests.evaldata import scored
 from tests.helpers import fake_model
 
 RECIPE = """\
@@ -126,6 +127,9 @@ class FakeApi:
         art = Artifact.open(artifact_path)
         self.calls.append(("evaluate", art.path.name))
         delta = 2.0  # int8: +2% passes the default 5% gate, fails int8-strict's 1%
+        numbers = scored(
+            delta, context_length=kw["context_length"], stride=kw["stride"]
+        )  # a summary that follows from per-window scores, or publish refuses it
         report: dict[str, Any] = {
             "schema": api.EVAL_SCHEMA,
             "settings": {
@@ -136,14 +140,14 @@ class FakeApi:
                 "stride": kw["stride"] or kw["context_length"],
                 "add_bos": kw["add_bos"],
                 "max_tokens": kw["max_tokens"],
-                "tokens_scored": 600,
+                **{k: numbers["settings"][k] for k in ("tokens_total", "tokens_scored", "windows")},
                 "device": device_name("cpu"),
                 "dtype": "float32",
             },
-            "baseline": {"perplexity": 20.0, "stderr": 0.5, "size_bytes": 8192, "model": baseline},
-            "artifact": {"perplexity": 20.4, "stderr": 0.5, "size_bytes": art.size_bytes()},
-            "delta_pct": delta,
-            "delta_pct_stderr": 0.2,
+            "baseline": {**numbers["baseline"], "size_bytes": 8192, "model": baseline},
+            "artifact": {**numbers["artifact"], "size_bytes": art.size_bytes()},
+            "delta_pct": numbers["delta_pct"],
+            "delta_pct_stderr": numbers["delta_pct_stderr"],
             "size_ratio": art.size_bytes() / 8192,
             "environment": {"packages": package_versions(("torch", "transformers"))},
             "artifact_files_sha256": files_digest(art.manifest.files),
@@ -202,7 +206,11 @@ def test_run_isolates_errors_and_resumes(
         "hint": "Use a GPU.", "exit_code": 4,
     }  # fmt: skip
     md = (out / "report.md").read_text()
-    assert "| int8 | bnb-int8 | 20.4000 ± 0.5000 | +2.00% ± 0.20 |" in md
+    n = scored(2.0, context_length=64)
+    a = n["artifact"]
+    assert (
+        f"| int8 | bnb-int8 | {a['perplexity']:.4f} ± {a['stderr']:.4f} | +2.00% ± {n['delta_pct_stderr']:.2f} |" in md
+    )
     assert "nf4 (quantize, exit 4): bitsandbytes 4-bit cannot run here." in md
     manifest = Artifact.open(out / "artifacts" / "int8").manifest
     assert manifest.recipe is not None and manifest.recipe["variant"] == "int8"

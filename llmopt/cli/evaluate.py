@@ -113,10 +113,10 @@ def register(app: typer.Typer) -> None:
         Exits 3 when a gate check fails.
         """
         from llmopt.api import evaluate
-        from llmopt.evaluate.gate import GateSpec
+        from llmopt.evaluate.gate import gate_spec
         from llmopt.progress import default_reporter
 
-        gate = GateSpec(
+        gate = gate_spec(
             max_ppl_increase_pct=max_ppl_increase,
             max_ppl=max_ppl,
             min_decode_speedup=min_decode_speedup,
