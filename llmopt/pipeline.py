@@ -4,7 +4,9 @@ Resumable: a variant whose artifact already exists, was built from the same sour
 and calibration, and whose files still match their hashes, is not quantized again; one already
 evaluated with the same settings (same text, tokens, window, device, library versions) is not scored
 again, but its gate is re-applied with the recipe's current thresholds. A variant that fails is recorded
-with its error and the run goes on with the next one. The FP16 baseline is scored once: ``api.evaluate``
+with its error and the run goes on with the next one; an interrupt (Ctrl-C, SIGTERM) stops the whole run.
+``report.json``/``report.md`` are rewritten after every variant, so a run killed at any point leaves a
+report of what finished, the rest marked ``not_run``. The FP16 baseline is scored once: ``api.evaluate``
 caches it.
 
 Exit code of a run (``RunReport['exit_code']``): 0 when every variant passed its gate; otherwise, if any
@@ -21,13 +23,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from llmopt import interrupt
 from llmopt.artifact import MANIFEST_NAME, Artifact, files_digest, sha256_json
-from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, LlmoptError, OutputExistsError
+from llmopt.errors import (
+    EXIT_BUG,
+    EXIT_GATE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InterruptedRunError,
+    LlmoptError,
+    OutputExistsError,
+)
 from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
 
 ARTIFACTS_DIR = "artifacts"
+# Written into every run folder llmopt creates: a later run may write there without --overwrite.
+RUN_MARKER = ".llmopt-run"
+# What a run writes at the top of its folder (older runs wrote no marker: a folder holding only these is ours).
+_RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "report.json", "report.md", RUN_MARKER}
 
 
 class _Context:
@@ -64,6 +79,7 @@ def run_recipe(
     only: list[str] | None = None,
     output: str | Path | None = None,
     publish: bool = False,
+    overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     reporter: Reporter | None = None,
@@ -72,7 +88,10 @@ def run_recipe(
 
     Returns the run report (schema ``llmopt.run/1``), also written as ``report.json``, ``report.md``
     and PNG plots into the output folder. Problems shared by every variant (missing model or text, no
-    Hub token when publishing) raise before any work; a variant's own failure is recorded in the report.
+    Hub token when publishing, too little calibration text or disk space, an output folder with someone
+    else's files) raise before any work; a variant's own failure is recorded in the report. The report
+    files are rewritten after each variant; an interrupt writes them (the rest ``not_run``) and raises
+    ``InterruptedRunError``.
     """
     rep = reporter if reporter is not None else SilentReporter()
     recipe_file: str | None = None
@@ -84,29 +103,123 @@ def run_recipe(
     recipe = apply_overrides(recipe, parse_set_flags(sets), keep_none=True)
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file.", "Choose another --output folder.")
+    check_output_folder(out, overwrite)
 
     ctx = _Context(recipe, recipe_file, out, rep)
     started = time.perf_counter()
     _prepare(ctx, selected, publish)
-    out.mkdir(parents=True, exist_ok=True)
-
-    outcomes: list[dict[str, Any]] = []
-    for i, variant in enumerate(selected, 1):
-        rep.info(f"[{i}/{len(selected)}] {variant.name} ({variant.method})")
-        outcomes.append(_run_variant(ctx, variant, publish))
+    _claim_output_folder(out)
 
     from llmopt.report import build_run_report, write_report
 
-    report = build_run_report(
-        recipe={"name": recipe.name, "file": recipe_file, "resolved": recipe.resolved()},
-        variants=outcomes,
-        output=out,
-        seconds=time.perf_counter() - started,
-    )
+    record = {"name": recipe.name, "file": recipe_file, "resolved": recipe.resolved()}
+
+    def report_of(outcomes: list[dict[str, Any]], state: str) -> dict[str, Any]:
+        rest = [not_run_outcome(v) for v in selected[len(outcomes) :]]
+        report = build_run_report(
+            recipe=record, variants=[*outcomes, *rest], output=out, seconds=time.perf_counter() - started
+        )
+        report["state"] = state
+        if state == "interrupted":
+            report["exit_code"] = EXIT_INTERRUPTED
+        elif state == "running":
+            report["exit_code"] = None
+        return report
+
+    outcomes: list[dict[str, Any]] = []
+    # A report from an earlier run must not pass for this one's while it runs.
+    write_report(report_of(outcomes, "running"), out, plots=False)
+    try:
+        for i, variant in enumerate(selected, 1):
+            interrupt.check()
+            rep.info(f"[{i}/{len(selected)}] {variant.name} ({variant.method})")
+            outcomes.append(_run_variant(ctx, variant, publish))
+            interrupt.check()
+            if i < len(selected):
+                write_report(report_of(outcomes, "running"), out, plots=False)
+    except (KeyboardInterrupt, InterruptedRunError):
+        write_report(report_of(outcomes, "interrupted"), out, plots=False)
+        done = len(outcomes)
+        current = selected[done].name if done < len(selected) else None
+        raise InterruptedRunError(
+            f"interrupted{f' during {current}' if current else ''}: {done} of {len(selected)} variant(s) "
+            f"finished and are in {out / 'report.json'}; the variant in progress left nothing behind.",
+            "Run the same command again: finished variants are reused, the rest run.",
+        ) from None
+    report = report_of(outcomes, "complete")
     write_report(report, out)
     return report
+
+
+def not_run_outcome(variant: VariantSpec) -> dict[str, Any]:
+    """A report row for a variant the run did not get to (interrupted or killed before it)."""
+    return {
+        "name": variant.name,
+        "method": variant.method,
+        "format": None,
+        "status": "not_run",
+        "artifact": f"{ARTIFACTS_DIR}/{variant.name}",
+        "quantize": None,
+        "evaluation_reused": None,
+        "evaluation": None,
+        "gate": None,
+        "publish": None,
+        "error": None,
+    }
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """A run writes into a new or empty folder, one an earlier run made, or, with ``overwrite``, any folder.
+
+    Even with ``overwrite`` a run only writes its own names (``artifacts/VARIANT``, ``report.*``, ``plots/``)
+    and deletes nothing else; the filesystem root and the home folder are never run folders.
+    """
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        what = "the filesystem root" if resolved == Path(resolved.anchor) else "your home folder"
+        raise OutputExistsError(
+            f"output folder {out} is {what}: "
+            "a run writes report.json, report.md, plots/ and artifacts/ there.",
+            "Give a folder of its own, e.g. --output llmopt-runs/NAME.",
+        )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file.", "Choose another --output folder.")
+    if overwrite or (out / RUN_MARKER).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES and not p.name.startswith(".report."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{out} is not empty and was not made by llmopt run (it holds {shown}).",
+            "Choose a new --output folder, or pass --overwrite to write the run's files there "
+            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
+        )
+    if (out / "report.json").is_file() and not _is_run_report(out / "report.json"):
+        raise OutputExistsError(
+            f"{out}/report.json is not a report of llmopt run.",
+            "Choose a new --output folder, or pass --overwrite to replace that file.",
+        )
+
+
+def _is_run_report(path: Path) -> bool:
+    import json
+
+    from llmopt.report import RUN_SCHEMA
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == RUN_SCHEMA
+
+
+def _claim_output_folder(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / RUN_MARKER
+    if not marker.exists():
+        marker.write_text("This folder was made by `llmopt run`; later runs may write here without --overwrite.\n")
 
 
 def run_exit_code(variants: list[dict[str, Any]]) -> int:
@@ -188,7 +301,11 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str
         if publish and outcome["status"] == "passed":
             stage = "publish"
             outcome["publish"] = _publish(ctx, variant, art)
+    except InterruptedRunError:
+        raise
     except LlmoptError as exc:
+        if interrupt.requested():
+            raise InterruptedRunError("interrupted.") from None
         outcome["status"] = "error"
         outcome["error"] = {
             "stage": stage,
@@ -199,6 +316,9 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str
         }
         ctx.reporter.info(f"{variant.name}: {stage} failed: {exc.message}")
     except Exception as exc:  # a bug or a library failure in one variant must not stop the others
+        if interrupt.requested():
+            # a library turned our KeyboardInterrupt into its own error: still an interrupt
+            raise InterruptedRunError("interrupted.") from None
         outcome["status"] = "error"
         outcome["error"] = {
             "stage": stage,

@@ -195,7 +195,7 @@ def test_run_isolates_errors_and_resumes(
     report = json.loads((out / "report.json").read_text())
     status = {v["name"]: v["status"] for v in report["variants"]}
     assert status == {"int8": "passed", "nf4": "error", "int8-strict": "gate_failed"}
-    assert report["exit_code"] == 4 and report["counts"] == {"passed": 1, "gate_failed": 1, "error": 1}
+    assert report["exit_code"] == 4 and report["counts"] == {"passed": 1, "gate_failed": 1, "error": 1, "not_run": 0}
     nf4 = next(v for v in report["variants"] if v["name"] == "nf4")
     assert nf4["error"] == {
         "stage": "quantize", "type": "BackendUnavailableError", "message": "bitsandbytes 4-bit cannot run here.",
