@@ -124,3 +124,48 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     final = json.loads(again.stdout)
     assert final["state"] == "complete" and [v["status"] for v in final["variants"]] == ["passed"] * 3
     assert final["variants"][0]["quantize"]["reused"] and final["variants"][0]["evaluation_reused"]
+
+
+def test_output_home_or_root_is_refused(small: Path, tmp_path: Path) -> None:
+    """`output: '~'` in a recipe replaced the user's own report.md/report.json in the home folder, and `output: /`
+    validated: both are refused (exit 2) before any work, and the files stay as they were."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "report.md").write_text("my notes")
+    recipe = small / "home.yaml"
+    recipe.write_text((small / "recipe.yaml").read_text() + "output: '~'\n")
+    r = run_cli(["run", "home.yaml"], cwd=small, env={"HOME": str(home)})
+    assert r.returncode == 2, r.stderr
+    assert "your home folder" in r.stderr and "-> " in r.stderr
+    assert (home / "report.md").read_text() == "my notes" and sorted(os.listdir(home)) == ["report.md"]
+    r = run_cli(["run", "recipe.yaml", "-o", "/", "--overwrite"], cwd=small)
+    assert r.returncode == 2 and "filesystem root" in r.stderr
+
+
+def test_foreign_folder_needs_overwrite_and_keeps_foreign_files(small: Path) -> None:
+    """A non-empty folder llmopt did not make is refused without --overwrite (like quantize); with it the run
+    writes only its own files there and deletes nothing; afterwards the folder is the run's (marker), so a
+    rerun needs no --overwrite."""
+    out = small / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "report.json").write_text('{"mine": true}')
+    r = run_cli(["run", "recipe.yaml", "-o", "mine", "--only", "a"], cwd=small)
+    assert r.returncode == 2, r.stderr
+    assert "not empty and was not made by llmopt run (it holds notes.txt)" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "report.json").read_text() == '{"mine": true}'
+    r = run_cli(["run", "recipe.yaml", "-o", "mine", "--only", "a", "--overwrite"], cwd=small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "notes.txt").read_text() == "keep me" and (out / ".llmopt-run").is_file()
+    assert json.loads((out / "report.json").read_text())["schema"] == "llmopt.run/1"
+    r = run_cli(["run", "recipe.yaml", "-o", "mine", "--only", "a"], cwd=small)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_folder_of_an_older_run_is_accepted(small: Path) -> None:
+    """A run folder from before the marker existed (only artifacts/, report.*, plots/) is still resumable."""
+    out = small / "older"
+    (out / "artifacts").mkdir(parents=True)
+    (out / "report.json").write_text('{"schema": "llmopt.run/1", "variants": []}')
+    r = run_cli(["run", "recipe.yaml", "-o", "older", "--only", "a"], cwd=small)
+    assert r.returncode == 0, r.stderr[-3000:]
