@@ -314,6 +314,9 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str
             "hint": exc.hint,
             "exit_code": exc.exit_code,
         }
+        detail = getattr(exc, "detail", None)  # e.g. the traceback of a failed speed measurement's process
+        if detail:
+            outcome["error"]["traceback"] = detail
         ctx.reporter.info(f"{variant.name}: {stage} failed: {exc.message}")
     except Exception as exc:  # a bug or a library failure in one variant must not stop the others
         if interrupt.requested():

@@ -169,3 +169,83 @@ def test_folder_of_an_older_run_is_accepted(small: Path) -> None:
     (out / "report.json").write_text('{"schema": "llmopt.run/1", "variants": []}')
     r = run_cli(["run", "recipe.yaml", "-o", "older", "--only", "a"], cwd=small)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+SPEED = """\
+  throughput: {batch_sizes: [1], prompt_lens: [8], gen_len: 2, warmup: 0, repetitions: 1}
+"""
+
+
+def _speed_recipe(small: Path) -> str:
+    text = (small / "recipe.yaml").read_text().replace("  device: cpu\n", "  device: cpu\n" + SPEED)
+    (small / "speed.yaml").write_text(text)
+    return "speed.yaml"
+
+
+def _bench_children(parent: int) -> list[int]:
+    """Live speed-measurement processes started by ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"llmopt.evaluate.bench_child" in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+def _first_child(proc: subprocess.Popen[str], timeout: float = 600) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        kids = _bench_children(proc.pid)
+        if kids:
+            return kids[0]
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no speed measurement process appeared")
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the measurement process through /proc")
+def test_a_dying_speed_measurement_costs_one_variant_only(small: Path) -> None:
+    """On the GPU a failed CUDA-graph capture in bnb-int8's speed measurement made the next variant fail to
+    quantize in the same process, reported as 'bitsandbytes cannot run ... Use a CUDA GPU'. Each measurement now
+    runs in its own process: here the first one (variant a's FP16 side) is killed outright (SIGKILL); a is an
+    error that names that cause (exit 4), b and c are measured normally."""
+    recipe = _speed_recipe(small)
+    proc = _popen(["run", recipe, "-o", "out-crash", "--json"], small)
+    child = _first_child(proc)
+    os.kill(child, signal.SIGKILL)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 4, err[-3000:]
+    report = json.loads(out)
+    a, b, c = report["variants"]
+    assert a["status"] == "error" and a["error"]["stage"] == "evaluate" and a["error"]["exit_code"] == 4
+    assert "speed measurement of FP16 baseline was killed by SIGKILL" in a["error"]["message"]
+    assert "bitsandbytes" not in a["error"]["message"]
+    for v in (b, c):
+        assert v["status"] == "passed", v.get("error")
+        speed = v["evaluation"]["throughput"]
+        assert speed["artifact"]["decode"]["1"]["tokens_per_s"]["median"] > 0
+        assert speed["baseline"]["decode"]["1"]["tokens_per_s"]["median"] > 0
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the measurement process through /proc")
+def test_sigterm_reaches_the_speed_measurement(small: Path) -> None:
+    """SIGTERM to `llmopt run` while a speed measurement runs in its own process stops that process too, and
+    the run exits 130 with its report."""
+    recipe = _speed_recipe(small)
+    proc = _popen(["run", recipe, "-o", "out-term"], small)
+    child = _first_child(proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert not Path(f"/proc/{child}").exists()  # stopped and reaped, not orphaned
+    report = _report(small / "out-term")
+    assert report is not None and report["state"] == "interrupted"
