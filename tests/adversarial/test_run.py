@@ -249,3 +249,29 @@ def test_sigterm_reaches_the_speed_measurement(small: Path) -> None:
     assert not Path(f"/proc/{child}").exists()  # stopped and reaped, not orphaned
     report = _report(small / "out-term")
     assert report is not None and report["state"] == "interrupted"
+
+
+def test_bnb_failure_on_a_present_gpu_does_not_blame_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'bitsandbytes cannot run on cuda:0 here ... Use a CUDA GPU' was printed on an H200 whose CUDA state an
+    earlier failure had broken: with a GPU present the message names the underlying exception and the process
+    state, never 'Use a CUDA GPU'."""
+    import bitsandbytes.functional  # noqa: F401 - imported before CUDA is faked available
+    import torch
+
+    from llmopt.backends.bnb import _probe
+    from llmopt.errors import BackendUnavailableError
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("Offset increment outside graph capture encountered unexpectedly.\nmore")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "randn", broken)
+    with pytest.raises(BackendUnavailableError) as info:
+        _probe("cuda:0", four_bit=True)
+    assert "RuntimeError: Offset increment outside graph capture encountered unexpectedly." in info.value.message
+    assert "cannot run" not in info.value.message and "Use a CUDA GPU" not in str(info.value.hint)
+    assert "fresh process" in str(info.value.hint)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError) as info:
+        _probe("cuda:0", four_bit=True)
+    assert "Use a CUDA GPU" in str(info.value.hint)
