@@ -268,6 +268,123 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         ctx.placement_label = target.describe()
         ctx.multi_gpu = target.multi_gpu
         ctx.versions = {k: package_versions((k,)).get(k) for k in ("torch", "transformers")}
+    _check_backends(selected)
+    if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
+        with reporter.step("checking the calibration text"):
+            _check_calibration(ctx, source.path)
+    _check_space(ctx, selected, source.path)
+
+
+def _check_backends(selected: list[VariantSpec]) -> None:
+    """Every selected variant's backend library is installed (else exit 4 naming them all, before any work)."""
+    from llmopt.backends import get_backend
+
+    problems: list[str] = []
+    for v in selected:
+        try:
+            get_backend(v.method, require_usable=True)
+        except LlmoptError as exc:
+            problems.append(f"{v.name}: {exc.message}")
+    if problems:
+        from llmopt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "not every variant can run here: " + "; ".join(problems),
+            "Install what is named above (see `llmopt backends`), or leave those variants out with --only.",
+        )
+
+
+def _check_calibration(ctx: _Context, model_path: Path) -> None:
+    """The calibration text holds ``samples`` slices of ``seq_len`` tokens (checked once, not per variant)."""
+    from transformers import AutoTokenizer
+
+    from llmopt.data import calibration_set
+
+    cal = ctx.recipe.calibration
+    assert cal.dataset is not None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception:
+        return  # a model without a usable tokenizer fails in its backend, with that backend's message
+    calibration_set(tokenizer, cal.dataset, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed)
+
+
+def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str, Any]) -> int:
+    """An upper bound on an artifact's size on disk, from the model's config (estimate.py's tensor shapes).
+
+    Quantized linears at the method's bits plus per-group scales and zeros; everything else (embeddings,
+    head, norms) counted at 16 bits, as the backends keep it; 5% and 16 MB on top for files and headers.
+    A format this cannot size counts as the fp16 model (none of the backends writes more).
+    """
+    from llmopt.estimate import _GGUF_BPW, architecture_from_config, tensors
+
+    arch = architecture_from_config(config)
+    linear = sum(g.numel for g in tensors(arch) if g.role == "linear")
+    other = sum(g.numel for g in tensors(arch) if g.role != "linear")
+    group = int(options.get("group_size") or 128)
+    per = 1.0 / group if group > 0 else 0.0
+    if method == "bnb-int8":
+        bits = 8.0 + 32.0 / arch.hidden_size  # int8 + an fp32 scale per row
+    elif method in ("bnb-nf4", "bnb-fp4"):
+        bits = 4.0 + 32.0 / 64  # 4-bit + an fp32 absmax per 64 (double quantization makes it smaller)
+    elif method in ("gptq", "awq"):
+        b = float(options.get("bits") or 4)
+        bits = b + (16.0 + b) * per + 32.0 / arch.hidden_size  # + scales, zeros, act-order index
+    elif method == "gguf":
+        bpw, _ = _GGUF_BPW.get(str(options.get("quant_type") or "").lower(), (16.0, False))
+        bits = max(bpw, 8.5) if bpw < 16 else bpw  # K-mixes give some tensors more bits than their name
+        # 1-D tensors are F32 in GGUF: count everything else at 32 bits as the bound
+        return int((linear * bits / 8 + other * 4) * 1.05) + (16 << 20)
+    else:
+        bits = 16.0
+    return int((linear * bits / 8 + other * 2) * 1.05) + (16 << 20)
+
+
+def _check_space(ctx: _Context, selected: list[VariantSpec], model_path: Path) -> None:
+    """The output folder is writable and has room for every artifact still to be made (an upper bound)."""
+    import json
+    import os
+    import shutil
+
+    from llmopt.errors import InputError
+
+    existing = ctx.out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot write the output folder {ctx.out} ({existing} is not writable).",
+            "Choose an --output folder you can write to.",
+        )
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the backends report a model without a readable config themselves
+    needed: list[tuple[str, int]] = []
+    transient = 0
+    for v in selected:
+        if (ctx.out / ARTIFACTS_DIR / v.name / MANIFEST_NAME).is_file():
+            continue  # made by an earlier run: reused, or replaced by one of about the same size
+        try:
+            nbytes = artifact_bytes_bound(v.method, v.backend_options(), config)
+            if v.method == "gguf":
+                transient = max(transient, artifact_bytes_bound("fp16", {}, config))  # the converter's f16 file
+        except LlmoptError:
+            return  # a model family estimate.py cannot size: no honest bound, no check
+        needed.append((v.name, nbytes))
+    total = sum(n for _, n in needed) + transient
+    free = shutil.disk_usage(existing).free
+    if needed and total > free:
+        from llmopt.errors import BackendUnavailableError
+
+        gb = 1e9
+        parts = ", ".join(f"{name} {n / gb:.2f} GB" for name, n in needed)
+        raise BackendUnavailableError(
+            f"not enough disk space for the artifacts: up to {total / gb:.2f} GB needed ({parts}"
+            + (f", plus {transient / gb:.2f} GB while converting to GGUF" if transient else "")
+            + f"), {free / gb:.2f} GB free on {existing.resolve()}.",
+            "Free space there, choose another --output folder, or run fewer variants (--only).",
+        )
 
 
 def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str, Any]:

@@ -275,3 +275,50 @@ def test_bnb_failure_on_a_present_gpu_does_not_blame_the_machine(monkeypatch: py
     with pytest.raises(BackendUnavailableError) as info:
         _probe("cuda:0", four_bit=True)
     assert "Use a CUDA GPU" in str(info.value.hint)
+
+
+def test_run_wide_problems_stop_the_run_before_any_variant(small: Path) -> None:
+    """Calibration text too short for samples x seq_len was reported per variant, after FP16 and the uncalibrated
+    variants had run. Now it, and too little disk for the artifacts, stop the run before the first variant, with
+    numbers and a next step."""
+    (small / "short-calib.txt").write_text("A few words of calibration text only. " * 20)
+    recipe = small / "calib.yaml"
+    # the GPTQ variant comes after the bnb ones, as in the report
+    recipe.write_text(
+        (small / "recipe.yaml").read_text()
+        + "  - name: gptq4\n    method: gptq\n    options: {bits: 4, group_size: 64}\n"
+        + "calibration: {dataset: short-calib.txt, samples: 64, seq_len: 128}\n"
+    )
+    start = time.perf_counter()
+    r = run_cli(["run", "calib.yaml", "-o", "out-calib"], cwd=small)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "calibration text 'short-calib.txt' has" in r.stderr and "64 asked" in r.stderr and "-> Lower" in r.stderr
+    assert not (small / "out-calib").exists()  # nothing ran, nothing was written
+    assert time.perf_counter() - start < 120
+
+    # a model whose artifacts cannot fit on any disk (its config says so; its weights are a stub)
+    from tests.helpers import SMOLLM2_CONFIG, fake_model
+
+    fake_model(small / "huge", {**SMOLLM2_CONFIG, "hidden_size": 65536, "num_attention_heads": 64,
+                                       "num_key_value_heads": 8, "intermediate_size": 262144,
+                                       "num_hidden_layers": 2000})  # fmt: skip
+    (small / "huge.yaml").write_text((small / "recipe.yaml").read_text().replace("source: model", "source: huge"))
+    r = run_cli(["run", "huge.yaml", "-o", "out-huge"], cwd=small)
+    assert r.returncode == 4, r.stderr[-3000:]
+    assert "not enough disk space for the artifacts: up to" in r.stderr and "GB free on" in r.stderr
+    assert "(a " in r.stderr and "-> Free space there" in r.stderr
+    assert not (small / "out-huge").exists()
+
+
+def test_unwritable_output_stops_the_run_first(small: Path, tmp_path: Path) -> None:
+    """An output folder that cannot be written is reported before any variant, not after the first quantization."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        r = run_cli(["run", "recipe.yaml", "-o", str(locked / "out")], cwd=small)
+        assert r.returncode == 2 and "is not writable" in r.stderr, r.stderr[-3000:]
+    finally:
+        locked.chmod(0o700)
