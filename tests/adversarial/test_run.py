@@ -6,6 +6,7 @@ per variant), bitsandbytes int8 on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -322,3 +323,19 @@ def test_unwritable_output_stops_the_run_first(small: Path, tmp_path: Path) -> N
         assert r.returncode == 2 and "is not writable" in r.stderr, r.stderr[-3000:]
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs gptqmodel")
+def test_gptqmodel_debug_dumps_stay_out_of_a_run(small: Path, assets: dict[str, Path]) -> None:
+    """GPTQModel printed 'Files in directory:' and whole 'Content of saved config.json' dumps into a run's output
+    on every save; they are dropped unless LLMOPT_THIRD_PARTY_LOGS=1 asks for third-party output."""
+    (small / "calib.txt").write_text(assets["calibration_text"].read_text()[:20000])
+    (small / "gptq.yaml").write_text(
+        RECIPE.format(model="model", text="eval.txt").split("variants:")[0]
+        + "calibration: {dataset: calib.txt, samples: 4, seq_len: 64}\n"
+        + "variants:\n  - name: g4\n    method: gptq\n    options: {bits: 4, group_size: 64}\n"
+    )
+    r = run_cli(["run", "gptq.yaml", "-o", "out-gptq", "--only", "g4"], cwd=small)
+    assert r.returncode in (0, 3), r.stderr[-3000:]
+    for stream in (r.stdout, r.stderr):
+        assert "Files in directory:" not in stream and "Content of saved" not in stream
