@@ -17,8 +17,9 @@ lengths; decode tokens/s at several batch sizes (median, min/max, quartiles over
 per-token latency p50/p95/p99; peak device memory; weight footprint; bytes of weights read per decode
 step, and the fraction of the memory-bandwidth roofline reached at batch 1 (those bytes over the
 device's copy bandwidth, measured once by a large device-to-device copy and cached). ``compare`` turns
-an artifact's and its FP16 baseline's results, measured in the same process, into speedups and cost
-per million generated tokens.
+an artifact's and its FP16 baseline's results, measured with the same settings, into speedups and cost
+per million generated tokens. ``bench_model`` measures each model in a process of its own
+(bench_child.py), so that one measurement's failure cannot change another's outcome.
 """
 
 from __future__ import annotations
@@ -1039,7 +1040,7 @@ def available_attention() -> list[str]:
 
 
 def compare(baseline: dict[str, Any], artifact: dict[str, Any], settings: ThroughputSettings) -> dict[str, Any]:
-    """Speedups of ``artifact`` over ``baseline`` (ratios of medians measured in one process)."""
+    """Speedups of ``artifact`` over ``baseline`` (ratios of medians measured one after the other)."""
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
@@ -1093,7 +1094,7 @@ def bench(
 ) -> dict[str, Any]:
     """``llmopt bench``: measure a model or artifact, optionally against a baseline, per attention kind.
 
-    Every measurement runs in this process, one model at a time, so the ratios are side by side.
+    The measurements run one model at a time, each in a process of its own (``bench_model``).
     """
     from llmopt.environment import environment
     from llmopt.placement import resolve_target
