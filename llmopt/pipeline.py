@@ -533,6 +533,11 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
         report = regate(art, previous, gate)
         return report, True
     ev = ctx.recipe.evaluation
+    from llmopt.evaluate.throughput import one_time_build_notice
+
+    notice = one_time_build_notice(art.manifest.runner, ctx.device, ev.kernel)
+    if notice:  # scoring loads the kernels first, so the wait comes here
+        ctx.reporter.info(notice)
     report = api.evaluate(
         art.path,
         ctx.model_arg,

@@ -466,3 +466,20 @@ def test_bench_table_names_rows_readably(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "peft-merged-llama-8b-instruct" in out
     assert "baseline: int8 (bnb-int8)" in out
+
+
+def test_one_time_marlin_build_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first GPTQ/AWQ speed measurement on a GPU compiled GPTQModel's Marlin kernels for ~170 s without a
+    word; the run now says so, and where they are kept, only while that cache is empty."""
+    from llmopt.evaluate.throughput import one_time_build_notice
+
+    root = tmp_path / "marlin"
+    monkeypatch.setenv("GPTQMODEL_MARLIN_FP16_BUILD_ROOT", str(root))
+    notice = one_time_build_notice("gptqmodel", "cuda:0", None)
+    assert notice is not None and "builds its Marlin kernels once" in notice and str(root) in notice
+    assert one_time_build_notice("gptqmodel", "cpu", None) is None
+    assert one_time_build_notice("hf", "cuda:0", None) is None
+    assert one_time_build_notice("gptqmodel", "cuda:0", "exllama_v2") is None
+    (root / "build-x").mkdir(parents=True)
+    (root / "build-x" / "gptqmodel_marlin_fp16_ops.so").write_bytes(b"\0")
+    assert one_time_build_notice("gptqmodel", "cuda:0", None) is None

@@ -99,7 +99,7 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     running = _wait_finished(proc, small / out, 1)
     assert running["state"] == "running" and running["exit_code"] is None
     assert [v["status"] for v in running["variants"]] == ["passed", "not_run", "not_run"]
-    time.sleep(1.0)  # into variant b's work
+    time.sleep(0.3)  # into variant b's work
     proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=120)
@@ -110,10 +110,12 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     assert "interrupted" in err and "Traceback" not in err
     report = _report(small / out)
     assert report is not None and report["state"] == "interrupted" and report["exit_code"] == 130
-    assert [v["status"] for v in report["variants"]] == ["passed", "not_run", "not_run"]
-    assert report["counts"]["not_run"] == 2
+    statuses = [v["status"] for v in report["variants"]]
+    # the signal lands in b (on a slow machine) or, rarely, just after it: c never runs
+    assert statuses in (["passed", "not_run", "not_run"], ["passed", "passed", "not_run"]), statuses
+    assert report["counts"]["not_run"] == statuses.count("not_run")
     md = (small / out / "report.md").read_text()
-    assert "Run interrupted" in md and "| b | bnb-int8 |" in md and "not run" in md
+    assert "Run interrupted" in md and "| c | bnb-int8 |" in md and "not run" in md
     folders = sorted(p.name for p in (small / out / "artifacts").iterdir())
     # b may have been quantized before the signal (then it is whole, and reused below); never half-written,
     # and c never started
