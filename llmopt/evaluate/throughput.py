@@ -1001,7 +1001,8 @@ def _bench_in_child(
             proc = subprocess.Popen(
                 [sys.executable, "-m", "llmopt.evaluate.bench_child", str(req), str(res)],
                 stdin=subprocess.DEVNULL,
-                stdout=None if show else log_file,
+                # never the parent's stdout: that carries --json output
+                stdout=sys.__stderr__ if show else log_file,
                 stderr=None if show else log_file,
                 env=_child_env(),
             )
