@@ -511,3 +511,23 @@ def test_artifact_size_bound_is_an_honest_upper_bound(assets: dict[str, Path]) -
         bound = artifact_bytes_bound(method, dict(opts), config)
         assert size < bound < 1.25 * size, (method, opts, bound)
     assert artifact_bytes_bound("gguf", {"quant_type": "q4_k_m"}, config) > 100e6
+
+
+def test_merge_keeps_a_finished_variant_over_a_not_run_placeholder(tmp_path: Path) -> None:
+    """An interrupted job's report lists unfinished variants as not_run; merged with (even older) reports that
+    finished them, the finished rows win, and the markdown says which variants did not run."""
+    from llmopt.report import build_run_report, merge_reports, render_markdown, write_report
+
+    done = {"name": "x", "method": "bnb-int8", "status": "passed", "gate": {"passed": True, "checks": []}}
+    placeholder = {"name": "x", "method": "bnb-int8", "status": "not_run"}
+    other = {"name": "y", "method": "bnb-nf4", "status": "not_run"}
+    write_report(build_run_report(recipe={"name": "r"}, variants=[done], output=tmp_path / "a"), tmp_path / "a")
+    time.sleep(1.1)  # created_at has one-second resolution; the interrupted report is the newer one
+    partial = build_run_report(recipe={"name": "r"}, variants=[placeholder, other], output=tmp_path / "b")
+    partial["state"], partial["exit_code"] = "interrupted", 130
+    write_report(partial, tmp_path / "b", plots=False)
+    assert "Run interrupted" in (tmp_path / "b" / "report.md").read_text()
+    merged = merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert [(v["name"], v["status"]) for v in merged["variants"]] == [("x", "passed"), ("y", "not_run")]
+    assert merged["counts"]["not_run"] == 1
+    assert "| y | bnb-nf4 | – | – | – | – | not run |" in render_markdown(merged)
