@@ -260,7 +260,8 @@ def register(app: typer.Typer) -> None:
         """Serving speed of MODEL: prefill, decode per batch size, latency, memory, % of bandwidth roofline.
 
         Decoding runs over a static KV cache inside a CUDA graph (torch.compile where it works); the
-        mode used is reported. With --baseline both are measured in this process and compared.
+        mode used is reported. Each model is measured in a process of its own (a crash stays there); with
+        --baseline both are measured with the same settings and compared.
         """
         from llmopt.evaluate.throughput import bench
         from llmopt.progress import default_reporter
