@@ -143,7 +143,7 @@ def run_recipe(
         current = selected[done].name if done < len(selected) else None
         raise InterruptedRunError(
             f"interrupted{f' during {current}' if current else ''}: {done} of {len(selected)} variant(s) "
-            f"finished and are in {out / 'report.json'}; the variant in progress left nothing behind.",
+            f"finished and are in {out / 'report.json'}; nothing half-written was left.",
             "Run the same command again: finished variants are reused, the rest run.",
         ) from None
     report = report_of(outcomes, "complete")
