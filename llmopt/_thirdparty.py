@@ -4,14 +4,47 @@ GPTQModel prints a banner and INFO lines, and draws live progress bars; where ou
 (a CI log) those bars become one line per update: ~15,600 lines for the CPU main job's two GPTQ
 variants. llmopt reports progress itself, so before GPTQModel is first imported its logger is set to
 warnings and above, and its live bars are replaced by the few per-layer lines it writes in
-non-interactive test runs. ``LLMOPT_THIRD_PARTY_LOGS=1`` (or ``LLMOPT_DEBUG=1``) keeps everything.
+non-interactive test runs. Some of its modules also ``print`` debugging dumps on every save ("Files in
+directory:", "Content of saved `config.json`:" and the whole JSON); those bare prints to stdout are
+dropped in the modules listed in ``_PRINTING_MODULES``. ``LLMOPT_THIRD_PARTY_LOGS=1`` (or
+``LLMOPT_DEBUG=1``) keeps everything.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
+import sys
+from typing import Any
 
 _done = False
+
+# GPTQModel modules whose bare print() calls are debugging output, not messages for the user.
+_PRINTING_MODULES = (
+    "gptqmodel.models.writer",
+    "gptqmodel.models.auto",
+    "gptqmodel.quantization.gptq",
+    "gptqmodel.looper.awq_processor",
+)
+
+
+def _stdout_print_dropped(*args: Any, **kwargs: Any) -> None:
+    """print() that drops what goes to stdout; prints with an explicit other ``file`` still go through."""
+    target = kwargs.get("file")
+    if target is not None and target is not sys.stdout and target is not sys.__stdout__:
+        builtins.print(*args, **kwargs)
+
+
+def _silence_debug_prints() -> None:
+    import importlib
+
+    for name in _PRINTING_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # another GPTQModel version's layout: leave it
+            continue
+        # Module globals come before builtins in name lookup, so this replaces print for that module only.
+        module.print = _stdout_print_dropped  # type: ignore[attr-defined]
 
 
 def quiet_gptqmodel() -> bool:
@@ -34,5 +67,6 @@ def quiet_gptqmodel() -> bool:
     if callable(getattr(logger, "_suppress_live_renderables", None)):
         # GPTQModel's own switch for non-interactive runs: progress bars become occasional log lines.
         logger._suppress_live_renderables = lambda: True
+    _silence_debug_prints()
     _done = True
     return True

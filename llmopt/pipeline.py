@@ -4,7 +4,9 @@ Resumable: a variant whose artifact already exists, was built from the same sour
 and calibration, and whose files still match their hashes, is not quantized again; one already
 evaluated with the same settings (same text, tokens, window, device, library versions) is not scored
 again, but its gate is re-applied with the recipe's current thresholds. A variant that fails is recorded
-with its error and the run goes on with the next one. The FP16 baseline is scored once: ``api.evaluate``
+with its error and the run goes on with the next one; an interrupt (Ctrl-C, SIGTERM) stops the whole run.
+``report.json``/``report.md`` are rewritten after every variant, so a run killed at any point leaves a
+report of what finished, the rest marked ``not_run``. The FP16 baseline is scored once: ``api.evaluate``
 caches it.
 
 Exit code of a run (``RunReport['exit_code']``): 0 when every variant passed its gate; otherwise, if any
@@ -21,13 +23,26 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from llmopt import interrupt
 from llmopt.artifact import MANIFEST_NAME, Artifact, files_digest, sha256_json
-from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, LlmoptError, OutputExistsError
+from llmopt.errors import (
+    EXIT_BUG,
+    EXIT_GATE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    InterruptedRunError,
+    LlmoptError,
+    OutputExistsError,
+)
 from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
 
 ARTIFACTS_DIR = "artifacts"
+# Written into every run folder llmopt creates: a later run may write there without --overwrite.
+RUN_MARKER = ".llmopt-run"
+# What a run writes at the top of its folder (older runs wrote no marker: a folder holding only these is ours).
+_RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "report.json", "report.md", RUN_MARKER}
 
 
 class _Context:
@@ -64,6 +79,7 @@ def run_recipe(
     only: list[str] | None = None,
     output: str | Path | None = None,
     publish: bool = False,
+    overwrite: bool = False,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     reporter: Reporter | None = None,
@@ -72,7 +88,10 @@ def run_recipe(
 
     Returns the run report (schema ``llmopt.run/1``), also written as ``report.json``, ``report.md``
     and PNG plots into the output folder. Problems shared by every variant (missing model or text, no
-    Hub token when publishing) raise before any work; a variant's own failure is recorded in the report.
+    Hub token when publishing, too little calibration text or disk space, an output folder with someone
+    else's files) raise before any work; a variant's own failure is recorded in the report. The report
+    files are rewritten after each variant; an interrupt writes them (the rest ``not_run``) and raises
+    ``InterruptedRunError``.
     """
     rep = reporter if reporter is not None else SilentReporter()
     recipe_file: str | None = None
@@ -84,29 +103,123 @@ def run_recipe(
     recipe = apply_overrides(recipe, parse_set_flags(sets), keep_none=True)
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file.", "Choose another --output folder.")
+    check_output_folder(out, overwrite)
 
     ctx = _Context(recipe, recipe_file, out, rep)
     started = time.perf_counter()
     _prepare(ctx, selected, publish)
-    out.mkdir(parents=True, exist_ok=True)
-
-    outcomes: list[dict[str, Any]] = []
-    for i, variant in enumerate(selected, 1):
-        rep.info(f"[{i}/{len(selected)}] {variant.name} ({variant.method})")
-        outcomes.append(_run_variant(ctx, variant, publish))
+    _claim_output_folder(out)
 
     from llmopt.report import build_run_report, write_report
 
-    report = build_run_report(
-        recipe={"name": recipe.name, "file": recipe_file, "resolved": recipe.resolved()},
-        variants=outcomes,
-        output=out,
-        seconds=time.perf_counter() - started,
-    )
+    record = {"name": recipe.name, "file": recipe_file, "resolved": recipe.resolved()}
+
+    def report_of(outcomes: list[dict[str, Any]], state: str) -> dict[str, Any]:
+        rest = [not_run_outcome(v) for v in selected[len(outcomes) :]]
+        report = build_run_report(
+            recipe=record, variants=[*outcomes, *rest], output=out, seconds=time.perf_counter() - started
+        )
+        report["state"] = state
+        if state == "interrupted":
+            report["exit_code"] = EXIT_INTERRUPTED
+        elif state == "running":
+            report["exit_code"] = None
+        return report
+
+    outcomes: list[dict[str, Any]] = []
+    # A report from an earlier run must not pass for this one's while it runs.
+    write_report(report_of(outcomes, "running"), out, plots=False)
+    try:
+        for i, variant in enumerate(selected, 1):
+            interrupt.check()
+            rep.info(f"[{i}/{len(selected)}] {variant.name} ({variant.method})")
+            outcomes.append(_run_variant(ctx, variant, publish))
+            interrupt.check()
+            if i < len(selected):
+                write_report(report_of(outcomes, "running"), out, plots=False)
+    except (KeyboardInterrupt, InterruptedRunError):
+        write_report(report_of(outcomes, "interrupted"), out, plots=False)
+        done = len(outcomes)
+        current = selected[done].name if done < len(selected) else None
+        raise InterruptedRunError(
+            f"interrupted{f' during {current}' if current else ''}: {done} of {len(selected)} variant(s) "
+            f"finished and are in {out / 'report.json'}; nothing half-written was left.",
+            "Run the same command again: finished variants are reused, the rest run.",
+        ) from None
+    report = report_of(outcomes, "complete")
     write_report(report, out)
     return report
+
+
+def not_run_outcome(variant: VariantSpec) -> dict[str, Any]:
+    """A report row for a variant the run did not get to (interrupted or killed before it)."""
+    return {
+        "name": variant.name,
+        "method": variant.method,
+        "format": None,
+        "status": "not_run",
+        "artifact": f"{ARTIFACTS_DIR}/{variant.name}",
+        "quantize": None,
+        "evaluation_reused": None,
+        "evaluation": None,
+        "gate": None,
+        "publish": None,
+        "error": None,
+    }
+
+
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """A run writes into a new or empty folder, one an earlier run made, or, with ``overwrite``, any folder.
+
+    Even with ``overwrite`` a run only writes its own names (``artifacts/VARIANT``, ``report.*``, ``plots/``)
+    and deletes nothing else; the filesystem root and the home folder are never run folders.
+    """
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        what = "the filesystem root" if resolved == Path(resolved.anchor) else "your home folder"
+        raise OutputExistsError(
+            f"output folder {out} is {what}: "
+            "a run writes report.json, report.md, plots/ and artifacts/ there.",
+            "Give a folder of its own, e.g. --output llmopt-runs/NAME.",
+        )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file.", "Choose another --output folder.")
+    if overwrite or (out / RUN_MARKER).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES and not p.name.startswith(".report."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{out} is not empty and was not made by llmopt run (it holds {shown}).",
+            "Choose a new --output folder, or pass --overwrite to write the run's files there "
+            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
+        )
+    if (out / "report.json").is_file() and not _is_run_report(out / "report.json"):
+        raise OutputExistsError(
+            f"{out}/report.json is not a report of llmopt run.",
+            "Choose a new --output folder, or pass --overwrite to replace that file.",
+        )
+
+
+def _is_run_report(path: Path) -> bool:
+    import json
+
+    from llmopt.report import RUN_SCHEMA
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == RUN_SCHEMA
+
+
+def _claim_output_folder(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / RUN_MARKER
+    if not marker.exists():
+        marker.write_text("This folder was made by `llmopt run`; later runs may write here without --overwrite.\n")
 
 
 def run_exit_code(variants: list[dict[str, Any]]) -> int:
@@ -155,6 +268,123 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         ctx.placement_label = target.describe()
         ctx.multi_gpu = target.multi_gpu
         ctx.versions = {k: package_versions((k,)).get(k) for k in ("torch", "transformers")}
+    _check_backends(selected)
+    if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
+        with reporter.step("checking the calibration text"):
+            _check_calibration(ctx, source.path)
+    _check_space(ctx, selected, source.path)
+
+
+def _check_backends(selected: list[VariantSpec]) -> None:
+    """Every selected variant's backend library is installed (else exit 4 naming them all, before any work)."""
+    from llmopt.backends import get_backend
+
+    problems: list[str] = []
+    for v in selected:
+        try:
+            get_backend(v.method, require_usable=True)
+        except LlmoptError as exc:
+            problems.append(f"{v.name}: {exc.message}")
+    if problems:
+        from llmopt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "not every variant can run here: " + "; ".join(problems),
+            "Install what is named above (see `llmopt backends`), or leave those variants out with --only.",
+        )
+
+
+def _check_calibration(ctx: _Context, model_path: Path) -> None:
+    """The calibration text holds ``samples`` slices of ``seq_len`` tokens (checked once, not per variant)."""
+    from transformers import AutoTokenizer
+
+    from llmopt.data import calibration_set
+
+    cal = ctx.recipe.calibration
+    assert cal.dataset is not None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except Exception:
+        return  # a model without a usable tokenizer fails in its backend, with that backend's message
+    calibration_set(tokenizer, cal.dataset, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed)
+
+
+def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str, Any]) -> int:
+    """An upper bound on an artifact's size on disk, from the model's config (estimate.py's tensor shapes).
+
+    Quantized linears at the method's bits plus per-group scales and zeros; everything else (embeddings,
+    head, norms) counted at 16 bits, as the backends keep it; 5% and 16 MB on top for files and headers.
+    A format this cannot size counts as the fp16 model (none of the backends writes more).
+    """
+    from llmopt.estimate import _GGUF_BPW, architecture_from_config, tensors
+
+    arch = architecture_from_config(config)
+    linear = sum(g.numel for g in tensors(arch) if g.role == "linear")
+    other = sum(g.numel for g in tensors(arch) if g.role != "linear")
+    group = int(options.get("group_size") or 128)
+    per = 1.0 / group if group > 0 else 0.0
+    if method == "bnb-int8":
+        bits = 8.0 + 32.0 / arch.hidden_size  # int8 + an fp32 scale per row
+    elif method in ("bnb-nf4", "bnb-fp4"):
+        bits = 4.0 + 32.0 / 64  # 4-bit + an fp32 absmax per 64 (double quantization makes it smaller)
+    elif method in ("gptq", "awq"):
+        b = float(options.get("bits") or 4)
+        bits = b + (16.0 + b) * per + 32.0 / arch.hidden_size  # + scales, zeros, act-order index
+    elif method == "gguf":
+        bpw, _ = _GGUF_BPW.get(str(options.get("quant_type") or "").lower(), (16.0, False))
+        bits = max(bpw, 8.5) if bpw < 16 else bpw  # K-mixes give some tensors more bits than their name
+        # 1-D tensors are F32 in GGUF: count everything else at 32 bits as the bound
+        return int((linear * bits / 8 + other * 4) * 1.05) + (16 << 20)
+    else:
+        bits = 16.0
+    return int((linear * bits / 8 + other * 2) * 1.05) + (16 << 20)
+
+
+def _check_space(ctx: _Context, selected: list[VariantSpec], model_path: Path) -> None:
+    """The output folder is writable and has room for every artifact still to be made (an upper bound)."""
+    import json
+    import os
+    import shutil
+
+    from llmopt.errors import InputError
+
+    existing = ctx.out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot write the output folder {ctx.out} ({existing} is not writable).",
+            "Choose an --output folder you can write to.",
+        )
+    try:
+        config = json.loads((model_path / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the backends report a model without a readable config themselves
+    needed: list[tuple[str, int]] = []
+    transient = 0
+    for v in selected:
+        if (ctx.out / ARTIFACTS_DIR / v.name / MANIFEST_NAME).is_file():
+            continue  # made by an earlier run: reused, or replaced by one of about the same size
+        try:
+            nbytes = artifact_bytes_bound(v.method, v.backend_options(), config)
+            if v.method == "gguf":
+                transient = max(transient, artifact_bytes_bound("fp16", {}, config))  # the converter's f16 file
+        except LlmoptError:
+            return  # a model family estimate.py cannot size: no honest bound, no check
+        needed.append((v.name, nbytes))
+    total = sum(n for _, n in needed) + transient
+    free = shutil.disk_usage(existing).free
+    if needed and total > free:
+        from llmopt.errors import BackendUnavailableError
+
+        gb = 1e9
+        parts = ", ".join(f"{name} {n / gb:.2f} GB" for name, n in needed)
+        raise BackendUnavailableError(
+            f"not enough disk space for the artifacts: up to {total / gb:.2f} GB needed ({parts}"
+            + (f", plus {transient / gb:.2f} GB while converting to GGUF" if transient else "")
+            + f"), {free / gb:.2f} GB free on {existing.resolve()}.",
+            "Free space there, choose another --output folder, or run fewer variants (--only).",
+        )
 
 
 def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str, Any]:
@@ -188,7 +418,11 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str
         if publish and outcome["status"] == "passed":
             stage = "publish"
             outcome["publish"] = _publish(ctx, variant, art)
+    except InterruptedRunError:
+        raise
     except LlmoptError as exc:
+        if interrupt.requested():
+            raise InterruptedRunError("interrupted.") from None
         outcome["status"] = "error"
         outcome["error"] = {
             "stage": stage,
@@ -197,8 +431,14 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str
             "hint": exc.hint,
             "exit_code": exc.exit_code,
         }
+        detail = getattr(exc, "detail", None)  # e.g. the traceback of a failed speed measurement's process
+        if detail:
+            outcome["error"]["traceback"] = detail
         ctx.reporter.info(f"{variant.name}: {stage} failed: {exc.message}")
     except Exception as exc:  # a bug or a library failure in one variant must not stop the others
+        if interrupt.requested():
+            # a library turned our KeyboardInterrupt into its own error: still an interrupt
+            raise InterruptedRunError("interrupted.") from None
         outcome["status"] = "error"
         outcome["error"] = {
             "stage": stage,
@@ -293,6 +533,11 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
         report = regate(art, previous, gate)
         return report, True
     ev = ctx.recipe.evaluation
+    from llmopt.evaluate.throughput import one_time_build_notice
+
+    notice = one_time_build_notice(art.manifest.runner, ctx.device, ev.kernel)
+    if notice:  # scoring loads the kernels first, so the wait comes here
+        ctx.reporter.info(notice)
     report = api.evaluate(
         art.path,
         ctx.model_arg,

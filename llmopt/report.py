@@ -10,12 +10,14 @@ they are skipped and the report says so.
     recipe: {name, file, resolved} (merged: {names: [...]}),
     settings: the evaluation settings (dataset, tokens, context, stride, dtype, device),
     baseline: the FP16 baseline's result (perplexity, stderr, size_bytes, ...),
-    variants: [{name, method, format, status: passed | gate_failed | error, artifact,
+    state: complete | running (the run is still going, or was killed outright) | interrupted,
+    variants: [{name, method, format, status: passed | gate_failed | error | not_run, artifact,
                 quantize: {reused, seconds, reason}, evaluation_reused,
                 perplexity, stderr, delta_pct, delta_pct_stderr, size_bytes, size_ratio,
                 decode_speedup, gate, publish, error: {stage, type, message, hint, exit_code},
                 evaluation: the full llmopt.eval/1 report}],
-    counts: {passed, gate_failed, error}, exit_code, files: {json, markdown, plots}, notes, sources
+    counts: {passed, gate_failed, error, not_run}, exit_code (null while running, 130 interrupted),
+    files: {json, markdown, plots}, notes, sources
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def build_run_report(
             row.setdefault(k, v)
         rows.append(row)
     first = next((r["evaluation"] for r in rows if r.get("evaluation")), None) or {}
-    counts = {s: sum(1 for r in rows if r.get("status") == s) for s in ("passed", "gate_failed", "error")}
+    counts = {s: sum(1 for r in rows if r.get("status") == s) for s in ("passed", "gate_failed", "error", "not_run")}
     report: dict[str, Any] = {
         "schema": RUN_SCHEMA,
         "llmopt_version": __version__,
@@ -86,6 +88,7 @@ def build_run_report(
         "settings": first.get("settings"),
         "baseline": first.get("baseline"),
         "environment": first.get("environment"),
+        "state": "complete",
         "variants": rows,
         "counts": counts,
         "exit_code": run_exit_code(rows),
@@ -100,12 +103,17 @@ def build_run_report(
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def write_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write plots, report.md and report.json (last) into ``out``; each file appears whole or not at all."""
+def write_report(report: dict[str, Any], out: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Write plots, report.md and report.json (last) into ``out``; each file appears whole or not at all.
+
+    ``plots=False`` (the reports written while a run goes on) leaves the plots to the final report.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    plots, plot_notes = write_plots(report, out)
-    report["notes"].extend(n for n in plot_notes if n not in report["notes"])
-    report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plots}
+    plot_files: list[str] = []
+    if plots:
+        plot_files, plot_notes = write_plots(report, out)
+        report["notes"].extend(n for n in plot_notes if n not in report["notes"])
+    report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plot_files}
     _write_text_atomic(out / "report.md", render_markdown(report))
     write_json_atomic(out / "report.json", report)
     return report
@@ -142,6 +150,8 @@ def display_dataset(spec: str | None) -> str:
 
 
 def gate_text(row: dict[str, Any]) -> str:
+    if row.get("status") == "not_run":
+        return "not run"
     if row.get("status") == "error":
         err = row.get("error") or {}
         return f"error ({err.get('stage', '?')})"
@@ -217,9 +227,15 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines.append(
         f"{report.get('created_at', '')} · llmopt {report.get('llmopt_version', '?')} · "
         f"{len(report['variants'])} variant(s): {counts.get('passed', 0)} passed, "
-        f"{counts.get('gate_failed', 0)} failed the gate, {counts.get('error', 0)} errored · "
-        f"exit code {report.get('exit_code')}"
+        f"{counts.get('gate_failed', 0)} failed the gate, {counts.get('error', 0)} errored"
+        + (f", {counts['not_run']} not run" if counts.get("not_run") else "")
+        + f" · exit code {report.get('exit_code')}"
     )
+    state = report.get("state", "complete")
+    if state == "running":
+        lines += ["", "**Run in progress** (or killed before it finished): variants marked `not run` have not run yet."]
+    elif state == "interrupted":
+        lines += ["", "**Run interrupted**: variants marked `not run` did not run; the same command finishes them."]
     s = report.get("settings")
     if s:
         lines += [
@@ -416,6 +432,8 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
             if row.get("artifact") and not Path(row["artifact"]).is_absolute():
                 # keep pointing at the same folder from the merged report's place
                 row["artifact"] = os.path.relpath((base_dir / row["artifact"]).resolve(), out_dir.resolve())
+            if row.get("status") == "not_run" and row["name"] in by_name:
+                continue  # an interrupted run's placeholder never hides a variant another run finished
             if row["name"] in by_name:
                 notes.append(f"variant {row['name']} is in {by_name[row['name']][0]} and {path}: kept the newer")
             else:

@@ -432,3 +432,54 @@ def test_cpu_scoring_goes_dense_but_timing_keeps_the_kernel(tmp_path: Path) -> N
     finally:
         scored.close()
         timed.close()
+
+
+def test_bench_table_names_rows_readably(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bench table cut a long model path to '/ro…/pe…': rows are named by the folder's own name (an artifact's
+    with its method), whole, however many columns the table has."""
+    from llmopt.cli.bench import model_label, render_bench
+
+    deep = tmp_path / "runs" / "2026-12-01" / "experiments" / "peft-merged-llama-8b-instruct"
+    deep.mkdir(parents=True)
+    art = tmp_path / "artifacts" / "int8"
+    art.mkdir(parents=True)
+    (art / "llmopt.json").write_text(json.dumps({"backend": "bnb-int8"}))
+    assert model_label(str(deep)) == "peft-merged-llama-8b-instruct"
+    assert model_label(str(art)) == "int8 (bnb-int8)"
+    assert model_label("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    point = {"tokens_per_s": {"median": 10.0, "min": 9.0, "max": 11.0}, "itl_ms": {"p50": 1.0, "p99": 2.0}}
+    speed = {
+        "decode": {b: point for b in ("1", "8", "32")},
+        "prefill": {p: {"tokens_per_s": {"median": 100.0}} for p in ("128", "512", "2048")},
+        "ttft_ms": 3.0,
+        "decode_mode": "compile+cudagraph",
+    }
+    render_bench(
+        {
+            "model": str(deep),
+            "baseline": str(art),
+            "device": "cpu",
+            "settings": {"prompt_lens": [128], "gen_len": 16, "repetitions": 1},
+            "runs": [{"attn_implementation": "sdpa", "model": speed, "baseline": speed}],
+        }
+    )
+    out = capsys.readouterr().out
+    assert "peft-merged-llama-8b-instruct" in out
+    assert "baseline: int8 (bnb-int8)" in out
+
+
+def test_one_time_marlin_build_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first GPTQ/AWQ speed measurement on a GPU compiled GPTQModel's Marlin kernels for ~170 s without a
+    word; the run now says so, and where they are kept, only while that cache is empty."""
+    from llmopt.evaluate.throughput import one_time_build_notice
+
+    root = tmp_path / "marlin"
+    monkeypatch.setenv("GPTQMODEL_MARLIN_FP16_BUILD_ROOT", str(root))
+    notice = one_time_build_notice("gptqmodel", "cuda:0", None)
+    assert notice is not None and "builds its Marlin kernels once" in notice and str(root) in notice
+    assert one_time_build_notice("gptqmodel", "cpu", None) is None
+    assert one_time_build_notice("hf", "cuda:0", None) is None
+    assert one_time_build_notice("gptqmodel", "cuda:0", "exllama_v2") is None
+    (root / "build-x").mkdir(parents=True)
+    (root / "build-x" / "gptqmodel_marlin_fp16_ops.so").write_bytes(b"\0")
+    assert one_time_build_notice("gptqmodel", "cuda:0", None) is None

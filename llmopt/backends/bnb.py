@@ -56,10 +56,29 @@ def _probe(device: str, four_bit: bool) -> None:
         else:
             F.int8_vectorwise_quant(w.half() if device != "cpu" else w)
     except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        cause = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+        if device != "cpu" and _cuda_available():
+            # There is a GPU: the cause is this process's CUDA state or the bitsandbytes build, not the machine.
+            raise BackendUnavailableError(
+                f"bitsandbytes failed a test quantization on '{device}': {cause}",
+                "A GPU is present: an earlier CUDA error in this process, or a bitsandbytes build that does not "
+                "match this torch/CUDA, can cause this; run the step again in a fresh process, and check "
+                "`python -m bitsandbytes`.",
+            ) from None
         raise BackendUnavailableError(
-            f"bitsandbytes cannot run on '{device}' here: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+            f"bitsandbytes cannot run on '{device}' here: {cause}",
             "Use a CUDA GPU (or a bitsandbytes build with a backend for this device), or pick another method.",
         ) from None
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
 
 
 class _BnbBackend(Backend):

@@ -149,7 +149,8 @@ def render_model_speed(
     batches = list(first.get("decode", {}).keys())
     prompts = list(first.get("prefill", {}).keys())
     table = Table(title=title)
-    table.add_column("model")
+    # The name is what tells the rows apart: never cut it to a few characters to fit the numbers.
+    table.add_column("model", min_width=min(40, max(len(name) for name, _ in rows)), overflow="fold")
     for b in batches:
         table.add_column(f"decode tok/s b{b} (min-max)", justify="right")
     for p in prompts:
@@ -198,11 +199,34 @@ def render_throughput(section: dict[str, Any]) -> None:
     )
 
 
+def model_label(spec: str | None) -> str:
+    """A short readable name for a model argument: a folder's own name (an llmopt artifact's with its method),
+    a Hub id as given."""
+    import json
+    from pathlib import Path
+
+    if not spec:
+        return "model"
+    path = Path(spec).expanduser()
+    if not path.exists():
+        return spec  # a Hub id
+    name = path.resolve().name or str(path)
+    manifest = path / "llmopt.json" if path.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        try:
+            backend = json.loads(manifest.read_text()).get("backend")
+        except (OSError, ValueError):
+            backend = None
+        if backend and backend not in name:
+            return f"{name} ({backend})"
+    return name
+
+
 def render_bench(result: dict[str, Any]) -> None:
     s = result["settings"]
     for run in result["runs"]:
-        rows = [("baseline", run["baseline"])] if "baseline" in run else []
-        rows.append((str(result["model"]), run["model"]))
+        rows = [(f"baseline: {model_label(result.get('baseline'))}", run["baseline"])] if "baseline" in run else []
+        rows.append((model_label(str(result["model"])), run["model"]))
         render_model_speed(
             f"{result['device']}, attention {run['attn_implementation']} (decode after {s['prompt_lens'][0]} "
             f"prompt tokens, {s['gen_len']} new, {s['repetitions']} runs)",
@@ -244,7 +268,8 @@ def register(app: typer.Typer) -> None:
         """Serving speed of MODEL: prefill, decode per batch size, latency, memory, % of bandwidth roofline.
 
         Decoding runs over a static KV cache inside a CUDA graph (torch.compile where it works); the
-        mode used is reported. With --baseline both are measured in this process and compared.
+        mode used is reported. Each model is measured in a process of its own (a crash stays there); with
+        --baseline both are measured with the same settings and compared.
         """
         from llmopt.evaluate.throughput import bench
         from llmopt.progress import default_reporter

@@ -26,7 +26,7 @@ def render_run(report: dict[str, Any]) -> None:
         table.add_column(col, justify="left" if col in ("variant", "method", "gate") else "right")
     for row in table_rows(report):
         gate = row[-1]
-        marks = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]"}
+        marks = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]", "not run": "[yellow]not run[/]"}
         style = marks.get(gate, f"[red]{gate}[/]" if "error" in gate else gate)
         table.add_row(*row[:-1], style)
     stdout.print(table)
@@ -74,13 +74,22 @@ def register(app: typer.Typer) -> None:
         context: Annotated[int | None, typer.Option(help="Override evaluation.context_length.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Override evaluation.batch_size.")] = None,
         samples: Annotated[int | None, typer.Option(help="Override calibration.samples.")] = None,
+        overwrite: Annotated[
+            bool,
+            typer.Option(
+                help="Write into an existing folder llmopt run did not make (only report.json, report.md, "
+                "plots/ and artifacts/ are written; nothing else is deleted)."
+            ),
+        ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON to stdout.")] = False,
         quiet: QuietOpt = False,
     ) -> None:
         """Quantize, evaluate and gate every variant of RECIPE (resumable); write report.json/.md and plots.
 
         Exit code: 0 every variant passed; 3 a gate failed; if a variant errored, the code of the first
-        error in recipe order (2 bad input, 4 backend/Hub unavailable, 5 artifact mismatch, 1 unexpected).
+        error in recipe order (2 bad input, 4 backend/Hub unavailable, 5 artifact mismatch, 1 unexpected);
+        130 interrupted (Ctrl-C/SIGTERM stop the whole run; the report lists what finished, a rerun resumes).
+        The output folder must be new, one an earlier run made, or given with --overwrite.
         """
         from llmopt.pipeline import run_recipe
         from llmopt.progress import default_reporter
@@ -98,6 +107,7 @@ def register(app: typer.Typer) -> None:
                 only=only,
                 output=output,
                 publish=publish,
+                overwrite=overwrite,
                 overrides=overrides,
                 sets=set_,
                 reporter=default_reporter(quiet or json_out),

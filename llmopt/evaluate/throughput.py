@@ -17,8 +17,9 @@ lengths; decode tokens/s at several batch sizes (median, min/max, quartiles over
 per-token latency p50/p95/p99; peak device memory; weight footprint; bytes of weights read per decode
 step, and the fraction of the memory-bandwidth roofline reached at batch 1 (those bytes over the
 device's copy bandwidth, measured once by a large device-to-device copy and cached). ``compare`` turns
-an artifact's and its FP16 baseline's results, measured in the same process, into speedups and cost
-per million generated tokens.
+an artifact's and its FP16 baseline's results, measured with the same settings, into speedups and cost
+per million generated tokens. ``bench_model`` measures each model in a process of its own
+(bench_child.py), so that one measurement's failure cannot change another's outcome.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from llmopt.errors import BackendUnavailableError, InputError
+from llmopt.errors import BackendUnavailableError, InputError, LlmoptError
 from llmopt.progress import Reporter, SilentReporter
 
 THROUGHPUT_SCHEMA = "llmopt.throughput/1"
@@ -811,8 +812,25 @@ def bench_model(
     attn_implementation: str | None = None,
     label: str = "model",
     reporter: Reporter | None = None,
+    isolate: bool = True,
 ) -> dict[str, Any]:
-    """Load a model folder through its runner, then measure it."""
+    """Load a model folder through its runner, then measure it.
+
+    ``isolate`` (the default): in a process of its own (llmopt/evaluate/bench_child.py), so that a failed
+    CUDA-graph capture, the compiler's state or a crash stays with this one measurement; the result, or
+    the error with its real cause, comes back. ``isolate=False`` measures in this process.
+    """
+    if isolate:
+        return _bench_in_child(
+            path,
+            device,
+            settings,
+            runner_kind=runner_kind,
+            kernel=kernel,
+            attn_implementation=attn_implementation,
+            label=label,
+            reporter=reporter,
+        )
     from llmopt.runners import load_runner
 
     rep: Any = reporter or SilentReporter()
@@ -851,6 +869,186 @@ def bench_model(
         runner.close()
 
 
+class MeasurementError(LlmoptError):
+    """A speed measurement's own process failed or died; ``exit_code`` says how (1 a bug, 4 a crash)."""
+
+    def __init__(self, message: str, hint: str | None, exit_code: int, detail: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.exit_code = exit_code
+        self.detail = detail  # the child's traceback, for reports
+
+
+def _child_env() -> dict[str, str]:
+    """The child imports this very llmopt, and torch's compile cache persists under llmopt's cache folder."""
+    import os
+
+    import llmopt
+    from llmopt.source import cache_dir
+
+    env = dict(os.environ)
+    root = str(Path(llmopt.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # Compiled kernels from one measurement serve the next (another batch size, variant or run) instead
+    # of being rebuilt in every child; the user's own setting wins.
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "torchinductor"))
+    return env
+
+
+def _stop_child(proc: Any) -> None:
+    """Stop a measurement child (SIGTERM, then SIGKILL after 10 s) and reap it."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _tail(log: Path, lines: int = 6) -> str:
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        return ""
+    kept = [ln.strip()[:300] for ln in text.splitlines() if ln.strip()]
+    return " | ".join(kept[-lines:])
+
+
+def _how_it_ended(returncode: int) -> str:
+    import signal
+
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name} (signal {-returncode})"
+    return f"exited with code {returncode} without a result"
+
+
+# GPTQModel compiles its Marlin kernels on first use (measured: ~170 s on the H200 machine) and keeps them in
+# its own cache; these are where it looks (GPTQModel's utils/cpp.py and utils/marlin.py).
+_MARLIN_BUILD_ROOT_ENV = "GPTQMODEL_MARLIN_FP16_BUILD_ROOT"
+_GPTQMODEL_EXT_ROOT_ENV = "GPTQMODEL_TORCH_EXTENSIONS_DIR"
+
+
+def marlin_build_root() -> Path:
+    """Where GPTQModel keeps its built fp16 Marlin kernels (its env overrides first, then its default)."""
+    import os
+
+    own = os.environ.get(_MARLIN_BUILD_ROOT_ENV)
+    if own:
+        return Path(own).expanduser()
+    root = os.environ.get(_GPTQMODEL_EXT_ROOT_ENV)
+    base = Path(root).expanduser() if root else Path.home() / ".cache" / "gptqmodel" / "torch_extensions"
+    return base / "marlin_fp16"
+
+
+def one_time_build_notice(runner_kind: str, device: str, kernel: str | None) -> str | None:
+    """A line for the user when GPTQModel is about to compile its Marlin kernels (first use on a machine)."""
+    if runner_kind != "gptqmodel" or not _is_cuda(device) or (kernel and "marlin" not in kernel.lower()):
+        return None
+    root = marlin_build_root()
+    built = root.is_dir() and any(p.suffix in (".so", ".pyd") for p in root.rglob("*"))
+    if built:
+        return None
+    return (
+        f"GPTQModel builds its Marlin kernels once on this machine (about 3 minutes on an H200; GPTQModel's "
+        f"progress is hidden), kept in {root} for later runs"
+    )
+
+
+def _bench_in_child(
+    path: Path,
+    device: str,
+    settings: ThroughputSettings,
+    *,
+    runner_kind: str | None,
+    kernel: str | None,
+    attn_implementation: str | None,
+    label: str,
+    reporter: Reporter | None,
+) -> dict[str, Any]:
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from llmopt import errors, interrupt
+
+    rep: Any = reporter or SilentReporter()
+    notice = one_time_build_notice(runner_kind or runner_kind_for(Path(path)), device, kernel)
+    if notice:
+        rep.info(notice)
+    request = {
+        "path": str(Path(path).resolve()),
+        "device": device,
+        "settings": settings.model_dump(mode="json"),
+        "runner_kind": runner_kind,
+        "kernel": kernel,
+        "attn_implementation": attn_implementation,
+        "label": label,
+    }
+    # Everything the child prints (its progress, third-party logs) goes to a file whose last lines explain a
+    # crash; with LLMOPT_DEBUG=1 it goes to the terminal as well as it happens.
+    show = os.environ.get("LLMOPT_DEBUG") == "1"
+    with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
+        req, res, log = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "output.log"
+        req.write_text(json.dumps(request))
+        with open(log, "w") as log_file, rep.step(f"throughput of {label} (own process)"):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "llmopt.evaluate.bench_child", str(req), str(res)],
+                stdin=subprocess.DEVNULL,
+                # never the parent's stdout: that carries --json output
+                stdout=sys.__stderr__ if show else log_file,
+                stderr=None if show else log_file,
+                env=_child_env(),
+            )
+            try:
+                returncode = proc.wait()
+            except BaseException:  # Ctrl-C / SIGTERM (raised here by llmopt's handler): the child stops too
+                _stop_child(proc)
+                raise
+        interrupt.check()
+        data: dict[str, Any] | None = None
+        if res.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                data = json.loads(res.read_text())
+        if data is not None and "result" in data:
+            return dict(data["result"])
+        if data is not None and isinstance(data.get("error"), dict):
+            err = data["error"]
+            if err.get("kind") == "llmopt":
+                cls = getattr(errors, str(err.get("type")), None)
+                if isinstance(cls, type) and issubclass(cls, LlmoptError) and cls is not LlmoptError:
+                    try:
+                        raise cls(err["message"], err.get("hint"))
+                    except TypeError:
+                        pass
+                raise MeasurementError(err["message"], err.get("hint"), int(err.get("exit_code") or 1))
+            raise MeasurementError(
+                f"the speed measurement of {label} failed: {err.get('type')}: {err.get('message')}",
+                "Unexpected: the traceback is in the report (run: report.json); please report it.",
+                errors.EXIT_BUG,
+                detail=err.get("traceback"),
+            )
+        if returncode == errors.EXIT_INTERRUPTED:
+            raise errors.InterruptedRunError(
+                "interrupted: nothing was written (partial output removed).", "Run the command again to redo the work."
+            )
+        last = "" if show else _tail(log)
+        raise MeasurementError(
+            f"the speed measurement of {label} {_how_it_ended(returncode)}"
+            + (f"; its last output: {last}" if last else "")
+            + ". It ran in its own process, so the rest of this run is not affected.",
+            "Run it again; a crash in a kernel library or a CUDA error ends the process like this. "
+            "LLMOPT_DEBUG=1 shows the measurement's whole output as it runs.",
+            errors.EXIT_UNAVAILABLE,
+        )
+
+
 def _set_attention(model: Any, impl: str) -> None:
     try:
         model.set_attn_implementation(impl)
@@ -878,7 +1076,7 @@ def available_attention() -> list[str]:
 
 
 def compare(baseline: dict[str, Any], artifact: dict[str, Any], settings: ThroughputSettings) -> dict[str, Any]:
-    """Speedups of ``artifact`` over ``baseline`` (ratios of medians measured in one process)."""
+    """Speedups of ``artifact`` over ``baseline`` (ratios of medians measured one after the other)."""
 
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a and b else None
@@ -932,7 +1130,7 @@ def bench(
 ) -> dict[str, Any]:
     """``llmopt bench``: measure a model or artifact, optionally against a baseline, per attention kind.
 
-    Every measurement runs in this process, one model at a time, so the ratios are side by side.
+    The measurements run one model at a time, each in a process of its own (``bench_model``).
     """
     from llmopt.environment import environment
     from llmopt.placement import resolve_target
