@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 DEFAULT_VERSION = "0.3.36"
 CPU_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
@@ -91,29 +91,77 @@ def fetch_sdist(version: str, vdir: Path) -> Path:
     return sdist
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar archive, refusing members that would land outside ``dest`` or are devices/links out.
+def _unsafe(name: str, linkname: str | None, links: set[str], is_sym: bool) -> str | None:
+    """Why a member may not be unpacked by hand (None: it may).
 
-    Python 3.11.4+ (and 3.12) have ``filter="data"`` for this; 3.11.0-3.11.3 do not, so the same rules are
-    applied by hand there: no absolute names, no ``..``, no links pointing outside, no device files.
+    Checked on the names alone, before anything is written: no absolute or drive names, no ``..``,
+    nothing below a link unpacked earlier (writing through it could land anywhere), and links whose
+    target, followed component by component, stays inside and never passes another link.
     """
-    root = dest.resolve()
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
+        return "has an absolute name"
+    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return "has '..' in its name"
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in links:
+            return f"lies below the link {'/'.join(parts[:i])!r}"
+    if linkname is None:
+        return None
+    if os.path.isabs(linkname) or linkname.startswith("\\") or PureWindowsPath(linkname).drive:
+        return f"is a link to the absolute path {linkname!r}"
+    # A symlink's target is relative to its folder; a hard link's to the archive root.
+    stack = parts[:-1] if is_sym else []
+    for part in PurePosixPath(linkname).parts:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return f"is a link pointing outside ({linkname!r})"
+            stack.pop()
+        else:
+            stack.append(part)
+        if "/".join(stack) in links:
+            return f"is a link through another link ({linkname!r})"
+    if not stack:
+        return f"is a link to the unpack folder itself ({linkname!r})"
+    return None
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive into ``dest``; a member that could land outside it stops the unpack.
+
+    Python 3.11.4+ and 3.12 have ``filter="data"`` for this; 3.11.0-3.11.3 do not, so there the
+    members are checked by hand first (``_unsafe``), stricter than the filter (no ``..`` at all), and
+    given the filter's modes: no setuid/setgid/sticky, no group/other write, folders 0755, files
+    readable and writable by their owner and executable only where the owner's x bit was set.
+    A refused archive leaves ``dest`` empty (hand check) or removed by the caller (filter).
+    """
     with tarfile.open(archive) as tf:
         if hasattr(tarfile, "data_filter"):
-            tf.extractall(dest, filter="data")
+            try:
+                tf.extractall(dest, filter="data")
+            except tarfile.FilterError as exc:
+                raise SystemExit(f"refusing to unpack {archive}: {exc}") from None
             return
         members = []
+        links: set[str] = set()
         for m in tf.getmembers():
-            target = (root / m.name).resolve()
-            if m.name.startswith(("/", "\\")) or not target.is_relative_to(root):
-                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} would land outside {dest}")
-            if m.isdev():
+            if m.isdev():  # character/block devices and FIFOs
                 raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} is a device file")
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} is of an unknown type")
+            link = m.linkname if (m.issym() or m.islnk()) else None
+            why = _unsafe(m.name, link, links, m.issym())
+            if why:
+                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} {why}")
             if m.issym() or m.islnk():
-                link = (target.parent / m.linkname) if m.issym() else (root / m.linkname)
-                if os.path.isabs(m.linkname) or not link.resolve().is_relative_to(root):
-                    raise SystemExit(f"refusing to unpack {archive}: link {m.name!r} points outside {dest}")
-            m.mode = (m.mode | 0o600) & 0o755 if m.isfile() or m.isdir() else m.mode
+                links.add("/".join(p for p in PurePosixPath(m.name).parts if p not in ("", ".")))
+            if m.isdir():
+                m.mode = 0o755
+            elif m.isfile() or m.islnk():
+                mode = m.mode & 0o755
+                m.mode = (mode if mode & 0o100 else mode & ~0o111) | 0o600
             m.uid = m.gid = 0
             m.uname = m.gname = ""
             members.append(m)
@@ -127,7 +175,11 @@ def unpack(sdist: Path, dest: Path) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        safe_extract(sdist, dest)
+        try:
+            safe_extract(sdist, dest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # nothing half-unpacked is taken for a source tree
+            raise
         done.write_text(sdist.name + "\n")
     roots = [p for p in dest.iterdir() if (p / "pyproject.toml").is_file()]
     if len(roots) != 1:
