@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import subprocess
 import sys
 import tarfile
@@ -125,3 +126,142 @@ def test_script_unpacks_on_this_python_in_a_fresh_process(tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "pkg-1.0 True" in proc.stdout
+
+
+# --- relative paths from another folder ----------------------------------------------------------------
+
+
+def _require_llamacpp() -> None:
+    from llmopt.backends import gguf as G
+
+    if importlib.util.find_spec("llama_cpp") is None or G.find_toolchain() is None:
+        pytest.skip("llama.cpp is not built here (python scripts/build_llamacpp.py)")
+
+
+@pytest.mark.e2e
+def test_relative_model_output_calibration_and_imatrix_paths(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`cd folder && llmopt quantize models/m -m gguf ... -o a/q` with every path relative: the converter
+    runs in its own folder, so a relative path given to it was a FileNotFoundError blamed on the model
+    (exit 2). Also --calibration (imatrix auto) and --imatrix FILE relative, then eval of the result."""
+    from llmopt.backends import gguf as G
+    from tests.helpers import first_layers, run_cli
+
+    _require_llamacpp()
+    chain = G.find_toolchain()
+    assert chain is not None
+    user = tmp_path / "user"
+    first_layers(Path(assets["model"]), user / "models" / "m2", 2)
+    (user / "calib.txt").write_text(Path(assets["calibration_text"]).read_text())
+    common = ["-m", "gguf", "--device", "cpu", "-q"]
+    r = run_cli(["quantize", "models/m2", *common, "--quant-type", "q8_0", "-o", "a/q8"], cwd=user)
+    assert r.returncode == 0, r.stderr
+    assert list((user / "a" / "q8").glob("*-Q8_0.gguf"))
+    if chain.imatrix_tool is not None:
+        args = ["--quant-type", "q4_k_m", "--imatrix", "auto", "--calibration", "calib.txt", "--samples", "2"]
+        r = run_cli(["quantize", "models/m2", *common, *args, "--seq-len", "64", "-o", "a/q4"], cwd=user)
+        assert r.returncode == 0, r.stderr
+        assert (user / "a" / "q4" / "imatrix.gguf").is_file()
+        args = ["--quant-type", "q4_0", "--imatrix", "a/q4/imatrix.gguf", "-o", "b/q4"]
+        r = run_cli(["quantize", "models/m2", *common, *args], cwd=user)
+        assert r.returncode == 0, r.stderr
+    (user / "eval.txt").write_text(Path(assets["eval_text"]).read_text()[:6000])
+    r = run_cli(
+        ["eval", "a/q8", "--baseline", "models/m2", "--dataset", "eval.txt", "--context", "128", "-q"], cwd=user
+    )
+    assert r.returncode in (0, 3), r.stderr
+    assert not list(user.glob(".llmopt-*")) and not list((user / "a").glob(".*"))
+
+
+# --- llama.cpp dying in its child process --------------------------------------------------------------
+
+FAKE_LLAMA_CPP = '''
+"""A stand-in llama_cpp whose decode dies of SIGSEGV, as ggml's AMX path did on AVX-512/AMX Xeons."""
+import ctypes
+
+
+def llama_supports_gpu_offload():
+    return False
+
+
+def llama_model_size(model):
+    return 1234
+
+
+class Llama:
+    def __init__(self, **kw):
+        self.model = object()
+        self.scores = None
+
+    def n_vocab(self):
+        return 100
+
+    def reset(self):
+        pass
+
+    def eval(self, ids):
+        ctypes.string_at(0)  # a read of address 0: SIGSEGV
+
+    def close(self):
+        pass
+'''
+
+
+def test_llama_cpp_crash_is_an_error_not_a_dead_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp segfaulting while scoring: the caller (pytest here, the CLI for users) survives and gets
+    a BackendUnavailableError (exit 4) naming the signal, the likely cause and the rebuild command.
+    Old code ran llama.cpp in-process: this test process itself died with exit 139."""
+    from llmopt.errors import EXIT_UNAVAILABLE, BackendUnavailableError
+    from llmopt.runners.llamacpp import LlamaCppRunner
+
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.syspath_prepend(str(fake))  # find_spec in this process
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    runner = LlamaCppRunner(model, "cpu", threads=1)
+    assert runner.n_vocab == 100 and runner.footprint_bytes() == 1234
+    with pytest.raises(BackendUnavailableError) as exc:
+        runner.nll([[1, 2, 3]], [1])
+    text = str(exc.value)
+    assert exc.value.exit_code == EXIT_UNAVAILABLE
+    assert "SIGSEGV" in text and "scoring" in text and "another CPU" in text
+    assert "scripts/build_llamacpp.py --rebuild" in text
+    runner.close()  # after a crash: no hang, no second error
+
+
+def test_text_file_named_gguf_is_not_a_gguf_file(tmp_path: Path) -> None:
+    """`llmopt quantize notes.gguf ...` with a text file: 'not a GGUF file' (exit 2), before any library
+    loads it; it used to go through transformers and end in a hint about the model's architecture."""
+    from tests.helpers import run_cli
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.gguf").write_text("just some text, not a model\n")
+    r = run_cli(["quantize", "notes.gguf", "-m", "bnb-int8", "-o", "out", "--device", "cpu", "-q"], cwd=user)
+    assert r.returncode == 2, r.stderr
+    assert "is not a GGUF file" in r.stderr and "b'just'" in r.stderr
+    assert "architecture" not in r.stderr and "Traceback" not in r.stderr
+    assert not (user / "out").exists()
+
+
+def test_backends_shows_install_hints_with_their_brackets(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """`llmopt backends` printed "pip install 'llmopt'" for gguf: rich took '[gguf]' for a style tag. And
+    llama-cpp-python's hint names the build script (PyPI has no wheels of it), not a bare pip install."""
+    from llmopt.backends import base
+    from llmopt.backends.gguf import GGUFBackend
+    from llmopt.cli.main import main
+
+    present = base.Requirement.present
+    monkeypatch.setattr(
+        base.Requirement, "present", lambda self: self.module not in ("llama_cpp", "sentencepiece") and present(self)
+    )
+    problems = GGUFBackend().check()
+    assert any("llama-cpp-python" in p and "scripts/build_llamacpp.py" in p for p in problems)
+    with pytest.raises(SystemExit) as exc:
+        main(["backends"])
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None)
+    assert "llmopt[gguf]" in out.replace("\n", "") or "'.[gguf]'" in out
+    assert "pip install 'llmopt' " not in out
