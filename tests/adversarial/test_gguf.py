@@ -183,6 +183,10 @@ def llama_supports_gpu_offload():
     return False
 
 
+def llama_backend_init():
+    pass
+
+
 def llama_model_size(model):
     return 1234
 
@@ -265,3 +269,85 @@ def test_backends_shows_install_hints_with_their_brackets(monkeypatch: pytest.Mo
     assert exc.value.code in (0, None)
     assert "llmopt[gguf]" in out.replace("\n", "") or "'.[gguf]'" in out
     assert "pip install 'llmopt' " not in out
+
+
+def _crashing_llama_cpp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    return fake
+
+
+def test_build_whose_smoke_decode_crashes_is_not_made_active(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build script after a build whose decode dies (ggml's AMX path on a Xeon): it exits non-zero
+    saying what crashed on which CPU, and the stamp marks no active build, so llmopt does not use it."""
+    import json
+
+    bs = build_script()
+    _crashing_llama_cpp(tmp_path, monkeypatch)
+    vdir = tmp_path / "llc" / "9.9.9"
+    flags = " ".join([*bs.CPU_FLAGS.split(), bs.FIXED_ARGS])
+    key = bs.cache_key(flags, {})
+    (vdir / "wheels" / key).mkdir(parents=True)
+    (vdir / "wheels" / key / "llama_cpp_python-9.9.9-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    (vdir / "converter").mkdir()
+    (vdir / "converter" / "convert_hf_to_gguf.py").write_text("# converter\n")
+    installed: list[Path] = []
+    monkeypatch.setattr(bs, "install_wheel", installed.append)
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(
+        sys, "argv", ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc"), "--no-tools"]
+    )
+    with pytest.raises(SystemExit) as exc:
+        bs.main()
+    assert "does not decode correctly on this CPU" in str(exc.value) and "--rebuild" in str(exc.value)
+    stamp = json.loads((vdir / bs.STAMP).read_text())
+    assert stamp["active"] is None
+    entry = stamp["builds"][key]
+    assert entry["smoke"]["ok"] is False and "SIGSEGV" in entry["smoke"]["problem"]
+    assert entry["passed_on"] == [] and len(installed) == 1
+
+
+def test_native_build_cache_key_holds_the_cpu() -> None:
+    """A cache restored on another CPU must not reuse a native build (it crashed pytest in-process)."""
+    bs = build_script()
+    native, portable = "-DGGML_CUDA=OFF", "-DGGML_NATIVE=OFF -DGGML_CUDA=OFF"
+    epyc = {"model": "AMD EPYC", "flags": ["avx2"]}
+    xeon = {"model": "Intel Xeon", "flags": ["amx_tile", "avx2", "avx512f"]}
+    assert bs.cache_key(native, epyc) != bs.cache_key(native, xeon)
+    assert bs.cache_key(portable, epyc) == bs.cache_key(portable, xeon)
+
+
+def test_backends_reports_a_build_that_does_not_decode_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmopt backends` where the stamp does not name this CPU: the smoke decode runs in a child
+    process, its crash makes gguf unusable with the reason (the caller lives), and it is remembered."""
+    import json
+
+    from llmopt.backends import gguf as G
+
+    _crashing_llama_cpp(tmp_path, monkeypatch)
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "llc" / "9.9.9"
+    (root / "converter").mkdir(parents=True)
+    (root / "converter" / "convert_hf_to_gguf.py").write_text("# converter\n")
+    other_cpu = {"model": "Some Other CPU", "machine": "x86_64", "flags": ["avx2"]}
+    build = {"wheel": "w.whl", "passed_on": [other_cpu], "smoke": {"ok": True, "checked": {"q8_0": 0.01}}}
+    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
+    chain = G.Toolchain(version="9.9.9", root=root, converter=root / "converter", bin=None)
+    ok, text = G.decode_check(chain)
+    assert not ok and "SIGSEGV" in text and "--rebuild" in text
+    memo = json.loads((tmp_path / "cache" / "llamacpp-smoke.json").read_text())
+    assert len(memo) == 1 and next(iter(memo.values()))["ok"] is False
+    # the same CPU named in the stamp: known without running anything
+    from llmopt.runners.llamacpp_worker import cpu_identity
+
+    build["passed_on"] = [cpu_identity()]
+    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
+    ok, text = G.decode_check(chain)
+    assert ok and "decodes on this CPU" in text and "q8_0" in text
+    # a build the script refused (no active build): reported without a smoke run
+    build["smoke"] = {"ok": False, "problem": "llama.cpp crashed (SIGILL) decoding the tiny model"}
+    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": None}))
+    ok, text = G.decode_check(chain)
+    assert not ok and "SIGILL" in text
