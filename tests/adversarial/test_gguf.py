@@ -351,3 +351,24 @@ def test_backends_reports_a_build_that_does_not_decode_here(tmp_path: Path, monk
     (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": None}))
     ok, text = G.decode_check(chain)
     assert not ok and "SIGILL" in text
+
+
+@pytest.mark.e2e
+def test_eval_whose_llama_cpp_crashes_exits_4_with_the_cause(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`llmopt eval` of a GGUF artifact where llama.cpp dies of SIGSEGV while scoring (a stand-in llama_cpp
+    reads address 0): exit 4 with the signal and the rebuild command, no traceback; old code: exit 139."""
+    from tests.helpers import first_layers, run_cli
+
+    _require_llamacpp()
+    user = tmp_path / "user"
+    first_layers(Path(assets["model"]), user / "m2", 2)
+    r = run_cli(["quantize", "m2", "-m", "gguf", "--quant-type", "f16", "-o", "f16", "--device", "cpu", "-q"], cwd=user)
+    assert r.returncode == 0, r.stderr
+    (user / "eval.txt").write_text(Path(assets["eval_text"]).read_text()[:4000])
+    fake = _crashing_llama_cpp(tmp_path, monkeypatch)
+    args = ["eval", "f16", "--baseline", "m2", "--dataset", "eval.txt", "--context", "64", "-q"]
+    r = run_cli(args, cwd=user, env={"PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    assert "SIGSEGV" in r.stderr and "build_llamacpp.py --rebuild" in r.stderr and "Traceback" not in r.stderr
