@@ -339,7 +339,7 @@ def test_smoke_decode_passes_on_this_cpu() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ok"] and set(result["checked"]) == {"q8_0", "q4_0", "q4_1", "q4_k_m"}
-    assert result["checked"]["q8_0"] < 0.02 < max(result["checked"].values()) < 0.35  # 4-bit differs, q8_0 barely
+    assert result["checked"]["q8_0"] < 0.04 < max(result["checked"].values()) < 0.35  # 4-bit differs, q8_0 barely
     assert result["cpu"]["model"]
     ok, text = G.decode_check(chain)
     assert ok and "decodes on this CPU" in text, text

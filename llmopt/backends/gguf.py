@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
-from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
+from llmopt.errors import BackendUnavailableError, DataError, ModelError, OptionsError
 from llmopt.source import SourceModel, cache_dir
 
 BUILD_SCRIPT = "python scripts/build_llamacpp.py"
@@ -570,6 +570,15 @@ def _compute_imatrix(
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(chain.bin), env.get("LD_LIBRARY_PATH", "")) if p)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = proc.stdout + proc.stderr
+    short = re.search(r"you need at least (\d+) tokens.*?tokenizes to only (\d+) tokens", log, re.S)
+    if proc.returncode != 0 and short:
+        # llama-imatrix wants two chunks' worth of tokens, counted after its own re-tokenization
+        raise DataError(
+            f"llama-imatrix needs at least {short.group(1)} tokens ({calib.seq_len}-token chunks, two at least); "
+            f"the {len(calib.samples)} calibration samples re-tokenize to {short.group(2)}.",
+            "Pass more --samples (3 or more), or a smaller --seq-len.",
+        )
     if proc.returncode != 0 or not out.is_file():
         raise BackendUnavailableError(
             f"llama-imatrix failed (exit {proc.returncode}):\n    {_tail(proc.stdout + proc.stderr)}",

@@ -237,7 +237,7 @@ def _write_tiny_llama(path: Path, gguf: Any, seed: int = 0) -> list[int]:
     n_vocab, n_embd, n_ff, n_head, n_layer = 512, 256, 512, 4, 2
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("llmopt-smoke")
-    w.add_context_length(128)
+    w.add_context_length(256)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
     w.add_block_count(n_layer)
