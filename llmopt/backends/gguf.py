@@ -241,7 +241,10 @@ def decode_check(chain: Toolchain, *, timeout: float = 600) -> tuple[bool, str]:
         checked = ", ".join(entry.get("smoke", {}).get("checked") or {})
         return True, f"llama.cpp decodes on this CPU ({cpu['model']}; smoke check at build time: f16, {checked})."
     memo_path = cache_dir() / "llamacpp-smoke.json"
-    memo_key = f"{chain.version}:{key}:{entry.get('wheel')}:{json.dumps(cpu, sort_keys=True)}"
+    wheel = str(entry.get("wheel") or "")
+    if wheel and Path(wheel).is_file():  # a rebuild in place (same flags and path) must not reuse the verdict
+        wheel += f"@{Path(wheel).stat().st_mtime_ns}"
+    memo_key = f"{chain.version}:{key}:{wheel}:{json.dumps(cpu, sort_keys=True)}"
     try:
         memo = json.loads(memo_path.read_text())
     except (OSError, ValueError):
