@@ -375,3 +375,23 @@ def test_eval_whose_llama_cpp_crashes_exits_4_with_the_cause(
     r = run_cli(args, cwd=user, env={"PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
     assert r.returncode == 4, (r.returncode, r.stderr)
     assert "SIGSEGV" in r.stderr and "build_llamacpp.py --rebuild" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.e2e
+def test_run_with_a_gguf_variant_and_a_relative_output(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`llmopt run recipe.yaml --output out/r` with a GGUF variant, from the recipe's folder: the variant's
+    relative staging folder reached the converter, which runs elsewhere (exit 2, blamed on the model)."""
+    from tests.helpers import first_layers, run_cli
+
+    _require_llamacpp()
+    user = tmp_path / "user"
+    first_layers(Path(assets["model"]), user / "models" / "m2", 2)
+    (user / "eval.txt").write_text(Path(assets["eval_text"]).read_text()[:4000])
+    (user / "job.yaml").write_text(
+        "name: rel\nmodel:\n  source: models/m2\nevaluation:\n  dataset: eval.txt\n  context_length: 64\n"
+        "  max_tokens: 256\n  device: cpu\nvariants:\n  - name: q8\n    method: gguf\n    options:\n"
+        "      quant_type: q8_0\n"
+    )
+    r = run_cli(["run", "job.yaml", "--output", "out/r", "-q"], cwd=user)
+    assert r.returncode == 0, r.stderr
+    assert list((user / "out" / "r").rglob("*-Q8_0.gguf"))
