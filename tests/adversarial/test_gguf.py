@@ -395,3 +395,59 @@ def test_run_with_a_gguf_variant_and_a_relative_output(assets: dict[str, Path], 
     r = run_cli(["run", "job.yaml", "--output", "out/r", "-q"], cwd=user)
     assert r.returncode == 0, r.stderr
     assert list((user / "out" / "r").rglob("*-Q8_0.gguf"))
+
+
+def _fake_sdist(index: Path, version: str) -> Path:
+    """A llama-cpp-python sdist in miniature: a setuptools package plus the converter files the script copies."""
+    name = f"llama_cpp_python-{version}"
+    pyproject = (
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "llama-cpp-python"\nversion = "{version}"\n'
+        '[tool.setuptools]\npackages = ["llama_cpp"]\n'
+    )
+    members: list[tuple[str, str, Any]] = [
+        ("dir", name, 0o755),
+        ("file", f"{name}/pyproject.toml", pyproject.encode()),
+        ("file", f"{name}/PKG-INFO", f"Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: {version}\n".encode()),
+        ("file", f"{name}/llama_cpp/__init__.py", b"__version__ = 'fake'\n"),
+        ("file", f"{name}/vendor/llama.cpp/convert_hf_to_gguf.py", b"# converter\n"),
+        ("file", f"{name}/vendor/llama.cpp/gguf-py/gguf/__init__.py", b""),
+    ]
+    index.mkdir(parents=True)
+    return _tar(index / f"{name}.tar.gz", members)
+
+
+def test_download_unpack_build_path_on_this_python(tmp_path: Path) -> None:
+    """The README's first-install path with empty caches, on the venv's Python (3.11.2 here: no tarfile
+    filter): pip downloads the sdist (from a local index standing in for PyPI), the script unpacks it, copies
+    the converter, builds the wheel and writes the stamp; a fresh process, as the README runs it. The
+    compile of llama.cpp itself is left out (a tiny setuptools package stands in for it)."""
+    import json
+
+    _fake_sdist(tmp_path / "index", "9.9.9")
+    env = dict(
+        os.environ,
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(tmp_path / "index"),
+        PIP_NO_BUILD_ISOLATION="0",  # pip's inverted spelling: no isolated build env (offline)
+        CMAKE_ARGS="-DGGML_NATIVE=OFF",
+    )
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--version",
+        "9.9.9",
+        "--dir",
+        str(tmp_path / "llc"),
+        "--no-tools",
+        "--no-install",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vdir = tmp_path / "llc" / "9.9.9"
+    stamp = json.loads((vdir / "llmopt-llamacpp.json").read_text())
+    (entry,) = stamp["builds"].values()
+    assert Path(entry["wheel"]).is_file() and entry["native"] is False
+    assert (vdir / "converter" / "convert_hf_to_gguf.py").is_file()
+    assert (vdir / "llama_cpp_python-9.9.9.tar.gz").is_file() and not (vdir / "work").exists()
+    assert stamp["active"] is None and "not smoke-checked" in proc.stderr
