@@ -159,7 +159,12 @@ class LlamaCppRunner:
             self._died(doing)
         if reply[0] == "ok":
             return reply[1]
-        if op == "open":  # llama-cpp-python raises ValueError on a file llama.cpp cannot load
+        if str(reply[1]).startswith(("ModuleNotFoundError", "ImportError", "OSError")):
+            raise BackendUnavailableError(
+                f"llama-cpp-python cannot be loaded here: {reply[1]}",
+                "Run `python scripts/build_llamacpp.py` (it builds, installs and smoke-checks it).",
+            )
+        if op == "open" and str(reply[1]).startswith("ValueError"):  # llama-cpp-python: a file it cannot load
             raise ArtifactError(
                 f"llama.cpp could not load {self.model_path}: {reply[1]}",
                 "Re-create the artifact with `llmopt quantize --method gguf`, or check `llmopt backends`.",
@@ -179,12 +184,15 @@ class LlamaCppRunner:
             lines = [ln for ln in self._log.read().decode("utf-8", "replace").splitlines() if ln.strip()]
             tail = "\n    ".join(lines[-6:])
         how = f"was killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
-        likely = (
-            "llama.cpp was likely built for another CPU, or hit a CPU-specific kernel bug "
-            "(e.g. ggml's AMX path on AVX-512/AMX Xeons)"
-            if code < 0
-            else "llama.cpp failed"
-        )
+        if code == -9:
+            likely = "killed from outside, most often by the kernel for want of memory"
+        elif code < 0:
+            likely = (
+                "llama.cpp was likely built for another CPU, or hit a CPU-specific kernel bug "
+                "(e.g. ggml's AMX path on AVX-512/AMX Xeons)"
+            )
+        else:
+            likely = "llama.cpp stopped the process"
         raise BackendUnavailableError(
             f"llama.cpp {how} while {doing} {self.model_path}: {likely}." + (f"\n    {tail}" if tail else ""),
             "Rebuild it portable and smoke-checked on this CPU: `python scripts/build_llamacpp.py --rebuild`; "

@@ -451,3 +451,22 @@ def test_download_unpack_build_path_on_this_python(tmp_path: Path) -> None:
     assert (vdir / "converter" / "convert_hf_to_gguf.py").is_file()
     assert (vdir / "llama_cpp_python-9.9.9.tar.gz").is_file() and not (vdir / "work").exists()
     assert stamp["active"] is None and "not smoke-checked" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_damaged_gguf_files_are_artifact_errors(tmp_path: Path) -> None:
+    """A GGUF artifact file replaced by text (bad magic) or cut short (good magic): exit 5 naming the file,
+    from a check in this process or llama.cpp's own refusal in the child, never a crash or a traceback."""
+    from llmopt.errors import EXIT_ARTIFACT, ArtifactError
+    from llmopt.runners.llamacpp import LlamaCppRunner
+
+    _require_llamacpp()
+    model = tmp_path / "m-Q8_0.gguf"
+    for data, expected in (
+        (b"hello, not a model\n", "not a GGUF file"),
+        (b"GGUF\x03\0\0\0" + b"\xff" * 64, "could not load"),
+    ):
+        model.write_bytes(data)
+        with pytest.raises(ArtifactError, match=expected) as exc:
+            LlamaCppRunner(tmp_path, "cpu", threads=1)
+        assert exc.value.exit_code == EXIT_ARTIFACT and str(model) in str(exc.value)
