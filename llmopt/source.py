@@ -138,6 +138,22 @@ def open_folder(folder: Path, spec: str | None = None, revision: str | None = No
     return SourceModel(spec=spec or str(folder), path=folder, config=config, revision=revision, weight_files=weights)
 
 
+def check_gguf_magic(path: Path) -> None:
+    """A ``.gguf`` name is not a GGUF file: its first four bytes must be ``GGUF``, checked before any library."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"{path} cannot be read ({exc.strerror}).", "Check the file's permissions.") from None
+    if magic != b"GGUF":
+        seen = f"starts with {magic!r}" if magic else "is empty"
+        raise ModelError(
+            f"{path} is not a GGUF file: it {seen}, not the GGUF magic b'GGUF'.",
+            "Give a .gguf file written by llama.cpp (the download or copy may be incomplete), "
+            "or a Hugging Face model folder.",
+        )
+
+
 def gguf_to_folder(gguf_file: Path) -> Path:
     """Dequantize a .gguf file into a plain fp16 Hugging Face folder (cached by the file's hash)."""
     digest = sha256_file(gguf_file)
@@ -198,6 +214,7 @@ def resolve(spec: str, revision: str | None = None) -> SourceModel:
         return open_folder(path, spec=spec, revision=revision)
     if path.is_file():
         if path.suffix == ".gguf":
+            check_gguf_magic(path)
             folder = gguf_to_folder(path)
             return open_folder(folder, spec=spec)
         if path.name == "config.json":

@@ -17,12 +17,19 @@ llama-cpp-python publishes no wheels on PyPI, so `pip install llama-cpp-python` 
 DIR is --dir, else $LLMOPT_LLAMACPP_DIR, else ~/.cache/llmopt/llamacpp ($XDG_CACHE_HOME honoured).
 Nothing is downloaded when llmopt runs; only this script uses the network (PyPI, through pip).
 
-Build flags come from $CMAKE_ARGS; without it, a CPU-only build:
-    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
-For NVIDIA GPUs pass --cuda (adds -DGGML_CUDA=ON; needs the CUDA toolkit's nvcc), or set CMAKE_ARGS,
-e.g. CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90". llama.cpp builds for the CPU it is
-built on (GGML_NATIVE); add -DGGML_NATIVE=OFF for a wheel that runs on other x86-64 machines.
+Build flags come from $CMAKE_ARGS; without it, a portable CPU-only build:
+    -DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF
+With GGML_NATIVE=OFF ggml's x86-64 kernels use SSE4.2/AVX/AVX2/FMA/F16C/BMI2 and no AVX-512/AMX, so the
+wheel runs on any x86-64 CPU of the last decade (ggml's AMX path crashed on AVX-512/AMX Xeons). For NVIDIA
+GPUs pass --cuda (adds -DGGML_CUDA=ON; needs the CUDA toolkit's nvcc), or set CMAKE_ARGS, e.g.
+CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90". A native build (CMAKE_ARGS without
+-DGGML_NATIVE=OFF) runs only on CPUs like the one it was built on: its cache key includes that CPU.
 Different flags get a different wheel and tool folder, so a flag change never reuses a stale build.
+
+After installing, a smoke check decodes a tiny random Llama (f16, q8_0, q4_0, q4_1, q4_k_m) in a
+child process and compares each type's logits with f16's. A crash or wrong numbers stops the script
+(exit 1) and the build is not made active; the stamp records the CPUs each build passed on, which
+`llmopt backends` compares with the CPU it runs on.
 
 Usage:
     python scripts/build_llamacpp.py                  # build (or reuse) and install
@@ -38,11 +45,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
 
 DEFAULT_VERSION = "0.3.36"
 CPU_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
@@ -51,6 +60,7 @@ STAMP = "llmopt-llamacpp.json"
 # Always added: llmopt needs no multimodal (mtmd) library, and skipping it saves ~30% of the build.
 FIXED_ARGS = "-DLLAVA_BUILD=OFF"
 TOOLS = ("llama-imatrix", "llama-quantize")
+ROOT = Path(__file__).resolve().parents[1]  # the llmopt checkout this script belongs to
 
 
 def default_dir() -> Path:
@@ -91,29 +101,77 @@ def fetch_sdist(version: str, vdir: Path) -> Path:
     return sdist
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a tar archive, refusing members that would land outside ``dest`` or are devices/links out.
+def _unsafe(name: str, linkname: str | None, links: set[str], is_sym: bool) -> str | None:
+    """Why a member may not be unpacked by hand (None: it may).
 
-    Python 3.11.4+ (and 3.12) have ``filter="data"`` for this; 3.11.0-3.11.3 do not, so the same rules are
-    applied by hand there: no absolute names, no ``..``, no links pointing outside, no device files.
+    Checked on the names alone, before anything is written: no absolute or drive names, no ``..``,
+    nothing below a link unpacked earlier (writing through it could land anywhere), and links whose
+    target, followed component by component, stays inside and never passes another link.
     """
-    root = dest.resolve()
+    if name.startswith(("/", "\\")) or PureWindowsPath(name).drive:
+        return "has an absolute name"
+    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return "has '..' in its name"
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in links:
+            return f"lies below the link {'/'.join(parts[:i])!r}"
+    if linkname is None:
+        return None
+    if os.path.isabs(linkname) or linkname.startswith("\\") or PureWindowsPath(linkname).drive:
+        return f"is a link to the absolute path {linkname!r}"
+    # A symlink's target is relative to its folder; a hard link's to the archive root.
+    stack = parts[:-1] if is_sym else []
+    for part in PurePosixPath(linkname).parts:
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not stack:
+                return f"is a link pointing outside ({linkname!r})"
+            stack.pop()
+        else:
+            stack.append(part)
+        if "/".join(stack) in links:
+            return f"is a link through another link ({linkname!r})"
+    if not stack:
+        return f"is a link to the unpack folder itself ({linkname!r})"
+    return None
+
+
+def safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive into ``dest``; a member that could land outside it stops the unpack.
+
+    Python 3.11.4+ and 3.12 have ``filter="data"`` for this; 3.11.0-3.11.3 do not, so there the
+    members are checked by hand first (``_unsafe``), stricter than the filter (no ``..`` at all), and
+    given the filter's modes: no setuid/setgid/sticky, no group/other write, folders 0755, files
+    readable and writable by their owner and executable only where the owner's x bit was set.
+    A refused archive leaves ``dest`` empty (hand check) or removed by the caller (filter).
+    """
     with tarfile.open(archive) as tf:
         if hasattr(tarfile, "data_filter"):
-            tf.extractall(dest, filter="data")
+            try:
+                tf.extractall(dest, filter="data")
+            except tarfile.FilterError as exc:
+                raise SystemExit(f"refusing to unpack {archive}: {exc}") from None
             return
         members = []
+        links: set[str] = set()
         for m in tf.getmembers():
-            target = (root / m.name).resolve()
-            if m.name.startswith(("/", "\\")) or not target.is_relative_to(root):
-                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} would land outside {dest}")
-            if m.isdev():
+            if m.isdev():  # character/block devices and FIFOs
                 raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} is a device file")
+            if not (m.isfile() or m.isdir() or m.issym() or m.islnk()):
+                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} is of an unknown type")
+            link = m.linkname if (m.issym() or m.islnk()) else None
+            why = _unsafe(m.name, link, links, m.issym())
+            if why:
+                raise SystemExit(f"refusing to unpack {archive}: member {m.name!r} {why}")
             if m.issym() or m.islnk():
-                link = (target.parent / m.linkname) if m.issym() else (root / m.linkname)
-                if os.path.isabs(m.linkname) or not link.resolve().is_relative_to(root):
-                    raise SystemExit(f"refusing to unpack {archive}: link {m.name!r} points outside {dest}")
-            m.mode = (m.mode | 0o600) & 0o755 if m.isfile() or m.isdir() else m.mode
+                links.add("/".join(p for p in PurePosixPath(m.name).parts if p not in ("", ".")))
+            if m.isdir():
+                m.mode = 0o755
+            elif m.isfile() or m.islnk():
+                mode = m.mode & 0o755
+                m.mode = (mode if mode & 0o100 else mode & ~0o111) | 0o600
             m.uid = m.gid = 0
             m.uname = m.gname = ""
             members.append(m)
@@ -127,7 +185,11 @@ def unpack(sdist: Path, dest: Path) -> Path:
         if dest.exists():
             shutil.rmtree(dest)
         dest.mkdir(parents=True)
-        safe_extract(sdist, dest)
+        try:
+            safe_extract(sdist, dest)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)  # nothing half-unpacked is taken for a source tree
+            raise
         done.write_text(sdist.name + "\n")
     roots = [p for p in dest.iterdir() if (p / "pyproject.toml").is_file()]
     if len(roots) != 1:
@@ -196,6 +258,51 @@ def build_tools(src: Path, build_dir: Path, bin_dir: Path, jobs: int) -> None:
     subprocess.run([str(bin_dir / "llama-quantize"), "--help"], env=envrun, capture_output=True, check=False)
 
 
+def _worker_module() -> Any:
+    """llmopt's llama.cpp worker module (cpu_identity, smoke), loaded from this checkout by path."""
+    import importlib.util
+
+    path = ROOT / "llmopt" / "runners" / "llamacpp_worker.py"
+    spec = importlib.util.spec_from_file_location("llmopt_llamacpp_worker", path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def is_native(flags: str) -> bool:
+    """Whether ggml is built for this very CPU (GGML_NATIVE is on unless turned off)."""
+    return "-DGGML_NATIVE=OFF" not in flags.split()
+
+
+def cache_key(flags: str, cpu: dict[str, Any]) -> str:
+    # A native build runs only on CPUs like this one: the CPU is part of its key, so a cache restored
+    # on another machine builds anew instead of crashing.
+    text = flags if not is_native(flags) else flags + "|" + json.dumps(cpu, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def smoke_check(conv_dir: Path) -> dict[str, Any]:
+    """Decode a tiny model, f16 and quantized, with the installed llama-cpp-python in a child process."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    cmd = [sys.executable, "-m", "llmopt.runners.llamacpp_worker", "smoke", "--converter", str(conv_dir)]
+    log("smoke check: a tiny random Llama, f16 and q8_0/q4_0/q4_1/q4_k_m, decoded in a child process")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    result: dict[str, Any] = json.loads(lines[-1]) if lines else {"ok": False, "checked": {}}
+    if proc.returncode < 0:
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        result.update(ok=False, problem=f"llama.cpp crashed ({sig}) decoding the tiny model")
+    elif proc.returncode not in (0, 3) or not lines:
+        tail = "\n    ".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        result.update(ok=False, problem=f"the smoke check failed (exit {proc.returncode}):\n    {tail}")
+    result.setdefault("cpu", _worker_module().cpu_identity())
+    return result
+
+
 def install_wheel(wheel: Path) -> None:
     # --force-reinstall: the same version built with other flags must replace the installed one.
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)])
@@ -222,7 +329,8 @@ def main() -> None:
         return
     flags = os.environ.get("CMAKE_ARGS") or (CUDA_FLAGS if args.cuda else CPU_FLAGS)
     flags = " ".join([*flags.split(), FIXED_ARGS])
-    key = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    cpu = _worker_module().cpu_identity()
+    key = cache_key(flags, cpu)
     jobs = args.jobs or int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or os.cpu_count() or 1)
     vdir.mkdir(parents=True, exist_ok=True)
     wheel_dir, bin_dir, conv_dir = vdir / "wheels" / key, vdir / "bin" / key, vdir / "converter"
@@ -268,20 +376,50 @@ def main() -> None:
     else:
         log("wheel, tools and converter already present for these flags: reusing them")
 
-    if not args.no_install:
-        install_wheel(wheels[-1])
-
     entry = builds.get(key, {})
-    entry.update({"cmake_args": flags, "wheel": str(wheels[-1])})
+    entry.update({"cmake_args": flags, "wheel": str(wheels[-1]), "native": is_native(flags)})
     if bin_dir.is_dir() and all((bin_dir / t).is_file() for t in TOOLS):
         entry["bin"] = str(bin_dir)
     if build_seconds is not None:
         entry["build_seconds"] = build_seconds
+    active = key
+    failure = None
+    if args.no_install:
+        log("not installed (--no-install), so not smoke-checked and not made the active build")
+        active = stamp.get("active")
+    else:
+        install_wheel(wheels[-1])
+        smoke = smoke_check(conv_dir)
+        cpu_text = f"{smoke['cpu'].get('model')} ({' '.join(smoke['cpu'].get('flags', [])) or 'no listed flags'})"
+        checked = ", ".join(f"{t} {d:.3f}" for t, d in smoke.get("checked", {}).items())
+        entry["smoke"] = {k: smoke.get(k) for k in ("ok", "checked", "problem", "seconds")}
+        passed = [c for c in entry.get("passed_on", []) if c != smoke["cpu"]]
+        if smoke.get("ok"):
+            entry["passed_on"] = [*passed, smoke["cpu"]]
+            log(f"smoke check passed on {cpu_text}: logits finite; relative distance to f16: {checked}")
+        else:
+            entry["passed_on"] = passed
+            failure = f"smoke check FAILED on {cpu_text}: {smoke.get('problem')}" + (
+                f" (passed first: {checked})" if checked else ""
+            )
+            previous = builds.get(stamp.get("active") or "", {})
+            if stamp.get("active") not in (None, key) and smoke["cpu"] in previous.get("passed_on", []):
+                install_wheel(Path(previous["wheel"]))  # back to the build that decodes here
+                active = stamp["active"]
+            else:
+                active = None
     builds[key] = entry
-    stamp = {"llama_cpp_python": args.version, "converter": str(conv_dir), "builds": builds, "active": key}
+    stamp = {"llama_cpp_python": args.version, "converter": str(conv_dir), "builds": builds, "active": active}
     tmp = stamp_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(stamp, indent=2) + "\n")
     os.replace(tmp, stamp_path)
+    if failure:
+        log(failure)
+        raise SystemExit(
+            "error: this llama.cpp build does not decode correctly on this CPU, so it is not made active"
+            + (f" (the previous build {active} is reinstalled)" if active else "")
+            + ".\n  -> Build it portable (the default flags: -DGGML_NATIVE=OFF; check CMAKE_ARGS) with --rebuild."
+        )
     log(f"done in {time.perf_counter() - start:.0f} s; llmopt's gguf backend reads {stamp_path}")
 
 

@@ -194,7 +194,7 @@ def test_gguf_imatrix_file_is_normalized_by_counts(tmp_path: Path) -> None:
 
 def test_importing_the_modules_loads_neither_torch_nor_llama_cpp() -> None:
     code = (
-        "import sys, llmopt, llmopt.backends.gguf, llmopt.runners.llamacpp\n"
+        "import sys, llmopt, llmopt.backends.gguf, llmopt.runners.llamacpp, llmopt.runners.llamacpp_worker\n"
         "bad = [m for m in ('torch', 'llama_cpp', 'transformers', 'numpy') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -327,3 +327,19 @@ def test_cli_errors_exit_2_without_traceback(
         assert exc.value.code == EXIT_INPUT, err
         assert expected in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.e2e
+def test_smoke_decode_passes_on_this_cpu() -> None:
+    """The build's smoke check, as the build script and `llmopt backends` run it: a tiny Llama, f16 and
+    q8_0/q4_0/q4_1/q4_k_m, decoded by the installed llama.cpp in a child process, close to f16."""
+    chain = _require_llamacpp()
+    cmd = [sys.executable, "-m", "llmopt.runners.llamacpp_worker", "smoke", "--converter", str(chain.converter)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["ok"] and set(result["checked"]) == {"q8_0", "q4_0", "q4_1", "q4_k_m"}
+    assert result["checked"]["q8_0"] < 0.04 < max(result["checked"].values()) < 0.35  # 4-bit differs, q8_0 barely
+    assert result["cpu"]["model"]
+    ok, text = G.decode_check(chain)
+    assert ok and "decodes on this CPU" in text, text

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
-from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
+from llmopt.errors import BackendUnavailableError, DataError, ModelError, OptionsError
 from llmopt.source import SourceModel, cache_dir
 
 BUILD_SCRIPT = "python scripts/build_llamacpp.py"
@@ -185,7 +185,7 @@ def toolchain_dirs() -> list[Path]:
     """Folders searched for ``<version>/`` trees: $LLMOPT_LLAMACPP_DIR alone, else the llmopt caches."""
     env = os.environ.get("LLMOPT_LLAMACPP_DIR")
     if env:
-        return [Path(env)]
+        return [Path(env).expanduser().absolute()]
     home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmopt" / "llamacpp"
     dirs = [cache_dir() / "llamacpp", home]
     return list(dict.fromkeys(dirs))
@@ -212,6 +212,84 @@ def find_toolchain(version: str | None = None) -> Toolchain | None:
                 bin_dir = None
         return Toolchain(version=version, root=root, converter=converter, bin=bin_dir)
     return None
+
+
+def decode_check(chain: Toolchain, *, timeout: float = 600) -> tuple[bool, str]:
+    """Whether the active llama.cpp build decodes correctly on this CPU, and a line saying how it is known.
+
+    Known from the build's stamp (the CPUs its smoke check passed on), else from a smoke check run here
+    in a child process (a crash must not take the caller down), remembered per build and CPU.
+    """
+    from llmopt.runners.llamacpp_worker import cpu_identity, same_cpu
+
+    cpu = cpu_identity()
+    try:
+        data = json.loads((chain.root / STAMP).read_text())
+    except (OSError, ValueError):
+        data = {}
+    builds = data.get("builds") if isinstance(data.get("builds"), dict) else {}
+    key = data.get("active") if isinstance(data, dict) else None
+    entry = builds.get(key, {}) if key else {}
+    rebuild = f"Rebuild with `{BUILD_SCRIPT} --rebuild` (portable by default: -DGGML_NATIVE=OFF)."
+    if data and key is None:
+        failed = [b.get("smoke", {}).get("problem") for b in builds.values() if b.get("smoke", {}).get("ok") is False]
+        return (
+            False,
+            f"the llama.cpp build failed its smoke decode here ({failed[-1] if failed else 'no details'}). " + rebuild,
+        )
+    if any(same_cpu(c, cpu) for c in entry.get("passed_on", [])):
+        checked = ", ".join(entry.get("smoke", {}).get("checked") or {})
+        return True, f"llama.cpp decodes on this CPU ({cpu['model']}; smoke check at build time: f16, {checked})."
+    memo_path = cache_dir() / "llamacpp-smoke.json"
+    wheel = str(entry.get("wheel") or "")
+    if wheel and Path(wheel).is_file():  # a rebuild in place (same flags and path) must not reuse the verdict
+        wheel += f"@{Path(wheel).stat().st_mtime_ns}"
+    memo_key = f"{chain.version}:{key}:{wheel}:{json.dumps(cpu, sort_keys=True)}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    result = memo.get(memo_key) if isinstance(memo, dict) else None
+    if not isinstance(result, dict):
+        result = _run_smoke(chain, timeout)
+        memo = memo if isinstance(memo, dict) else {}
+        memo[memo_key] = result
+        memo_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(memo, indent=2) + "\n")
+        os.replace(tmp, memo_path)
+    if result.get("ok"):
+        checked = ", ".join(result.get("checked") or {})
+        return True, f"llama.cpp decodes on this CPU ({cpu['model']}; smoke check run here: f16, {checked})."
+    return (
+        False,
+        f"the built llama.cpp does not decode correctly on this CPU ({cpu['model']}): {result.get('problem')}. "
+        + rebuild,
+    )
+
+
+def _run_smoke(chain: Toolchain, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "llmopt.runners.llamacpp_worker", "smoke", "--converter", str(chain.converter)]
+    env = _child_env()
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "problem": f"the smoke decode did not finish in {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode < 0:
+        import signal
+
+        try:
+            sig = signal.Signals(-proc.returncode).name
+        except ValueError:
+            sig = f"signal {-proc.returncode}"
+        return {"ok": False, "problem": f"llama.cpp crashed ({sig}) decoding a tiny model"}
+    if not lines:
+        return {"ok": False, "problem": f"the smoke decode failed (exit {proc.returncode}): {_tail(proc.stderr, 2)}"}
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
 
 
 def _setup_hint() -> str:
@@ -305,14 +383,34 @@ class GGUFBackend(Backend):
         Requirement("sentencepiece", "sentencepiece", "gguf"),  # the converter imports it for Llama models
     )
 
+    note: str | None = None  # after check(): whether the built llama.cpp decodes on this CPU
+
     def check(self) -> list[str]:
-        problems = super().check()
-        if not problems and find_toolchain() is None:
-            problems.append(
+        problems = []
+        for r in self.requirements:
+            if r.present():
+                continue
+            if r.module == "llama_cpp":  # no wheels on PyPI: the build script compiles and installs it
+                problems.append(
+                    "missing Python package 'llama-cpp-python' (PyPI has no wheels of it): run "
+                    f"`{BUILD_SCRIPT}` in the llmopt source tree (compiles and installs it, ~10 minutes once), "
+                    "then pip install -e '.[gguf]'"
+                )
+            else:
+                problems.append(f"missing Python package '{r.package}': {r.install_hint()}")
+        if problems:
+            return problems
+        chain = find_toolchain()
+        if chain is None:
+            return [
                 f"llama.cpp's converter for llama-cpp-python {installed_llama_cpp_version()} is not set up: "
                 + _setup_hint()
-            )
-        return problems
+            ]
+        ok, text = decode_check(chain)
+        if not ok:
+            return [text]
+        self.note = text
+        return []
 
     def library_versions(self) -> dict[str, str]:
         versions = super().library_versions()
@@ -358,10 +456,12 @@ class GGUFBackend(Backend):
         qt = QUANT_TYPES[opts.quant_type]
         threads = opts.threads or _cpu_count()
         stem = _model_stem(inputs.source)
-        final = inputs.out_dir / f"{stem}-{qt.file_tag}.gguf"
+        # Absolute: the converter runs in its own folder, where a relative -o or model path means nothing.
+        out_dir = inputs.out_dir.resolve()
+        final = out_dir / f"{stem}-{qt.file_tag}.gguf"
         extra: dict[str, Any] = {"gguf_file": final.name, "threads": threads}
         # Intermediate files go next to the staging folder (same disk), never into it.
-        work = Path(tempfile.mkdtemp(prefix=".llmopt-gguf-", dir=inputs.out_dir.parent))
+        work = Path(tempfile.mkdtemp(prefix=".llmopt-gguf-", dir=out_dir.parent))
         try:
             if qt.is_float:
                 with inputs.reporter.step(f"converting to GGUF {qt.file_tag} with llama.cpp's converter"):
@@ -375,7 +475,7 @@ class GGUFBackend(Backend):
                     assert inputs.calibration is not None
                     n = len(inputs.calibration.samples)
                     with inputs.reporter.step(f"importance matrix with llama-imatrix ({n} calibration samples)"):
-                        imatrix_file = inputs.out_dir / IMATRIX_NAME
+                        imatrix_file = out_dir / IMATRIX_NAME
                         extra["imatrix"] = _compute_imatrix(chain, intermediate, inputs, imatrix_file, work, threads)
                 elif opts.imatrix != "none":
                     imatrix_file = Path(opts.imatrix).expanduser().resolve()
@@ -432,9 +532,11 @@ def _child_env(threads: int | None = None) -> dict[str, str]:
 
 def _convert(chain: Toolchain, source: SourceModel, outtype: str, out: Path) -> float:
     script = chain.converter / "convert_hf_to_gguf.py"
-    cmd = [sys.executable, str(script), str(source.path), "--outfile", str(out), "--outtype", outtype]
+    # cwd is the converter's folder (it imports its own gguf-py from there), so every path is absolute.
+    cmd = [sys.executable, str(script.resolve()), str(source.path.resolve()), "--outfile", str(out.resolve()),
+           "--outtype", outtype]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), cwd=chain.converter)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), cwd=chain.converter.resolve())
     if proc.returncode != 0 or not out.is_file():
         log = proc.stdout + proc.stderr
         missing = re.search(r"No module named '([\w.]+)'", log)
@@ -471,6 +573,15 @@ def _compute_imatrix(
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(chain.bin), env.get("LD_LIBRARY_PATH", "")) if p)
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log = proc.stdout + proc.stderr
+    short = re.search(r"you need at least (\d+) tokens.*?tokenizes to only (\d+) tokens", log, re.S)
+    if proc.returncode != 0 and short:
+        # llama-imatrix wants two chunks' worth of tokens, counted after its own re-tokenization
+        raise DataError(
+            f"llama-imatrix needs at least {short.group(1)} tokens ({calib.seq_len}-token chunks, two at least); "
+            f"the {len(calib.samples)} calibration samples re-tokenize to {short.group(2)}.",
+            "Pass more --samples (3 or more), or a smaller --seq-len.",
+        )
     if proc.returncode != 0 or not out.is_file():
         raise BackendUnavailableError(
             f"llama-imatrix failed (exit {proc.returncode}):\n    {_tail(proc.stdout + proc.stderr)}",

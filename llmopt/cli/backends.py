@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from llmopt.cli._common import stdout, write_json
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
                         "needs_calibration": getattr(i.backend, "needs_calibration", None),
                         "origin": i.origin,
                         "problems": i.problems,
+                        "note": getattr(i.backend, "note", None),
                     }
                     for i in infos
                 ],
@@ -41,5 +43,9 @@ def register(app: typer.Typer) -> None:
         for i in infos:
             fmt = getattr(i.backend, "format", "?")
             text = "\n".join(i.problems) if i.problems else getattr(i.backend, "description", "")
-            table.add_row(i.name, "[green]yes[/]" if i.usable else "[red]no[/]", fmt, text)
+            note = getattr(i.backend, "note", None)
+            if not i.problems and note:
+                text = f"{text}\n{note}"
+            # escape: install hints hold "llmopt[gguf]", which rich would take for a style tag and drop
+            table.add_row(i.name, "[green]yes[/]" if i.usable else "[red]no[/]", escape(fmt), escape(text))
         stdout.print(table)

@@ -11,6 +11,10 @@ Computation: llama.cpp's CPU path computes in f32 with the file's weight types a
 Threads: $LLMOPT_THREADS, else every CPU this process may use. OpenMP threads that spin while
 waiting slow llama.cpp down badly when anything else runs on the machine, so OMP_WAIT_POLICY is set
 to passive (unless already set) before llama.cpp's library is loaded.
+
+Process: llama.cpp runs in a child (``llamacpp_worker.serve``), scoring and timing alike, so a crash
+inside it (SIGSEGV/SIGILL on a CPU the build does not suit) is an llmopt error with exit code 4 that
+names the signal and the rebuild command, never a dead caller. Only NLLs cross the pipe.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from llmopt.errors import ArtifactError, BackendUnavailableError, InputError
 
@@ -39,6 +43,7 @@ def default_threads() -> int:
 def find_gguf(path: Path) -> Path:
     """The model file of a GGUF artifact (a single .gguf file is also accepted)."""
     if path.is_file() and path.suffix == ".gguf":
+        _check_magic(path)
         return path
     manifest = path / "llmopt.json"
     if manifest.is_file():
@@ -57,107 +62,165 @@ def find_gguf(path: Path) -> Path:
             f"{path} holds {len(files)} GGUF model files; a GGUF artifact holds exactly one.",
             "Re-create the artifact with `llmopt quantize --method gguf`.",
         )
+    _check_magic(files[0])
     return files[0]
 
 
-def _import_llama_cpp() -> Any:
-    # Read by the OpenMP runtime when llama.cpp's library loads, so it must be set before the import.
-    os.environ.setdefault("OMP_WAIT_POLICY", "passive")
-    try:
-        import llama_cpp
-    except ImportError:
+def _check_magic(path: Path) -> None:
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ArtifactError(
+            f"{path} is not a GGUF file: it starts with {magic!r}, not b'GGUF'.",
+            "The file was damaged or replaced: re-create the artifact with `llmopt quantize --method gguf`.",
+        )
+
+
+def _check_llama_cpp() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
         raise BackendUnavailableError(
             "evaluating a GGUF artifact needs llama-cpp-python.",
-            "Run `python scripts/build_llamacpp.py` (builds and installs it), or pip install 'llmopt[gguf]'.",
-        ) from None
-    return llama_cpp
+            "Run `python scripts/build_llamacpp.py` (builds and installs it), then pip install -e '.[gguf]'.",
+        )
+
+
+def _signal_name(returncode: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
 
 
 class LlamaCppRunner:
+    """llama.cpp in a child process (llamacpp_worker.serve): a crash there is an llmopt error here."""
+
     name = "llamacpp"
 
     def __init__(self, path: Path, device: str, *, threads: int | None = None) -> None:
-        llama_cpp = _import_llama_cpp()
-        self._llama_cpp = llama_cpp
-        self.model_path = find_gguf(Path(path))
+        _check_llama_cpp()
+        self.model_path = find_gguf(Path(path)).resolve()
         self.device = device
         self.threads = threads or default_threads()
-        self.n_gpu_layers = 0
-        if device.startswith("cuda"):
-            if not llama_cpp.llama_supports_gpu_offload():
-                raise BackendUnavailableError(
-                    f"device '{device}' was asked for, but this llama-cpp-python build is CPU-only.",
-                    "Rebuild it with `python scripts/build_llamacpp.py --cuda`, or use --device cpu.",
-                )
-            self.n_gpu_layers = -1
+        self.n_gpu_layers = -1 if device.startswith("cuda") else 0
         self.dtype = f"f32 compute, {KV_CACHE_TYPE} KV cache (llama.cpp)"
-        self._llm: Any = None
-        self._n_ctx = 0
+        self._proc: Any = None
+        self._log: Any = None
+        self._doing = ""
         start = time.perf_counter()
-        self._llm = self._open(n_ctx=512, logits_all=True)
-        self._n_ctx = 512
+        self._start()
+        gpu = self.n_gpu_layers != 0
+        try:
+            info = self._call("open", "loading", path=str(self.model_path), threads=self.threads, gpu=gpu)
+        except BaseException:
+            self.close()
+            raise
+        if not info["gpu_offload"]:
+            self.close()
+            raise BackendUnavailableError(
+                f"device '{device}' was asked for, but this llama-cpp-python build is CPU-only.",
+                "Rebuild it with `python scripts/build_llamacpp.py --cuda`, or use --device cpu.",
+            )
+        self._n_vocab = int(info["n_vocab"])
+        self._footprint = int(info["footprint"])
         self.load_seconds = time.perf_counter() - start
 
-    def _open(self, *, n_ctx: int, logits_all: bool) -> Any:
-        return self._llama_cpp.Llama(
-            model_path=str(self.model_path),
-            n_ctx=n_ctx,
-            n_batch=n_ctx,
-            n_ubatch=min(n_ctx, 512),
-            n_threads=self.threads,
-            n_threads_batch=self.threads,
-            n_gpu_layers=self.n_gpu_layers,
-            logits_all=logits_all,
-            seed=0,
-            verbose=False,
+    def _start(self) -> None:
+        import subprocess
+        import sys
+        import tempfile
+
+        env = dict(os.environ)
+        env.setdefault("OMP_WAIT_POLICY", "passive")
+        # llmopt itself must be importable by the child exactly as it is here (a checkout or an install).
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close(); the child's stderr: its tail goes into a crash message
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "llmopt.runners.llamacpp_worker", "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
         )
 
-    def _context_for(self, n_ctx: int) -> Any:
-        """A context of exactly the window length (reopened when the length changes)."""
-        if self._llm is None or self._n_ctx != n_ctx:
-            if self._llm is not None:
-                self._llm.close()
-            self._llm = self._open(n_ctx=n_ctx, logits_all=True)
-            self._n_ctx = n_ctx
-        return self._llm
+    def _call(self, op: str, doing: str, **kw: Any) -> Any:
+        from llmopt.runners.llamacpp_worker import receive, send
+
+        if self._proc is None:
+            raise BackendUnavailableError("the llama.cpp process is closed.", "Load the artifact again.")
+        try:
+            send(self._proc.stdin, (op, kw))
+            reply = receive(self._proc.stdout)
+        except (EOFError, BrokenPipeError, OSError):
+            self._died(doing)
+        if reply[0] == "ok":
+            return reply[1]
+        if str(reply[1]).startswith(("ModuleNotFoundError", "ImportError", "OSError")):
+            raise BackendUnavailableError(
+                f"llama-cpp-python cannot be loaded here: {reply[1]}",
+                "Run `python scripts/build_llamacpp.py` (it builds, installs and smoke-checks it).",
+            )
+        if op == "open" and str(reply[1]).startswith("ValueError"):  # llama-cpp-python: a file it cannot load
+            raise ArtifactError(
+                f"llama.cpp could not load {self.model_path}: {reply[1]}",
+                "Re-create the artifact with `llmopt quantize --method gguf`, or check `llmopt backends`.",
+            )
+        raise RuntimeError(f"llama.cpp worker failed while {doing} {self.model_path}: {reply[1]}\n{reply[2]}")
+
+    def _died(self, doing: str) -> NoReturn:
+        proc, self._proc = self._proc, None
+        try:
+            code = proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+            code = proc.wait()
+        tail = ""
+        if self._log is not None:
+            self._log.seek(0)
+            lines = [ln for ln in self._log.read().decode("utf-8", "replace").splitlines() if ln.strip()]
+            tail = "\n    ".join(lines[-6:])
+        how = f"was killed by {_signal_name(code)}" if code < 0 else f"exited with code {code}"
+        if code == -9:
+            likely = "killed from outside, most often by the kernel for want of memory"
+        elif code < 0:
+            likely = (
+                "llama.cpp was likely built for another CPU, or hit a CPU-specific kernel bug "
+                "(e.g. ggml's AMX path on AVX-512/AMX Xeons)"
+            )
+        else:
+            likely = "llama.cpp stopped the process"
+        raise BackendUnavailableError(
+            f"llama.cpp {how} while {doing} {self.model_path}: {likely}." + (f"\n    {tail}" if tail else ""),
+            "Rebuild it portable and smoke-checked on this CPU: `python scripts/build_llamacpp.py --rebuild`; "
+            "`llmopt backends` says whether the build decodes here.",
+        )
 
     @property
     def n_vocab(self) -> int:
-        return int(self._llm.n_vocab())
+        return self._n_vocab
 
     def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
-        import numpy as np
-
-        out: list[list[float]] = []
-        for ids, first in zip(windows, score_from, strict=True):
+        for ids in windows:
             if len(ids) < 2:
                 raise InputError("a window needs at least 2 tokens.", "Use a larger --context.")
-            n_vocab = self._context_for(len(ids)).n_vocab()
-            if max(ids) >= n_vocab or min(ids) < 0:
+            if max(ids) >= self._n_vocab or min(ids) < 0:
                 raise InputError(
-                    f"token id {max(ids)} is outside the GGUF model's vocabulary ({n_vocab}).",
+                    f"token id {max(ids)} is outside the GGUF model's vocabulary ({self._n_vocab}).",
                     "Evaluate against the baseline the artifact was made from.",
                 )
-            llm = self._llm
-            llm.reset()  # n_tokens = 0: eval() then clears the whole KV cache before this window
-            llm.eval(ids)
-            logits = llm.scores[: len(ids) - 1]  # row t predicts token t+1
-            targets = np.asarray(ids[1:], dtype=np.int64)
-            nll = np.empty(len(targets), dtype=np.float64)
-            for lo in range(0, len(targets), 64):  # float64 log-softmax, a few rows at a time
-                rows = logits[lo : lo + 64].astype(np.float64)
-                peak = rows.max(axis=1, keepdims=True)
-                lse = np.log(np.exp(rows - peak).sum(axis=1)) + peak[:, 0]
-                nll[lo : lo + 64] = lse - rows[np.arange(len(rows)), targets[lo : lo + 64]]
-            out.append(nll[max(first, 1) - 1 :].tolist())
-        return out
+        result: list[list[float]] = self._call("nll", "scoring with", windows=windows, score_from=score_from)
+        return result
 
     def footprint_bytes(self) -> int:
         """Bytes of the model's tensors as llama.cpp holds them (KV cache and logits excluded, as for HF)."""
-        return int(self._llama_cpp.llama_model_size(self._llm.model))
+        return self._footprint
 
     def _timed_runs(self, prompt_len: int, gen_len: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
-        """Prompt of ``prompt_len`` fixed token ids, then ``gen_len`` single-token decodes, timed.
+        """Prompt of ``prompt_len`` fixed token ids, then ``gen_len`` single-token decodes, timed (in the child).
 
         A fresh context without ``logits_all`` (as served); fixed next tokens instead of sampling, so
         only llama.cpp's decode is timed. Wall-clock around each llama_decode call (what a caller sees,
@@ -165,41 +228,9 @@ class LlamaCppRunner:
         """
         if prompt_len < 1 or gen_len < 1:
             raise InputError("prompt and generation lengths must be at least 1.", "Pass positive lengths.")
-        lc = self._llama_cpp
-        llm = self._open(n_ctx=prompt_len + gen_len, logits_all=False)
-        runs: list[dict[str, Any]] = []
-        try:
-            n_vocab = llm.n_vocab()
-            prompt = [(17 + 7919 * i) % n_vocab for i in range(prompt_len)]
-            gen = [(29 + 104729 * i) % n_vocab for i in range(gen_len)]
-            for r in range(warmup + repeats):
-                llm.reset()
-                lc.llama_perf_context_reset(llm.ctx)
-                # llama_synchronize: the work is done (GPU backends return early) and llama.cpp's
-                # counters book each decode as prompt or generation (they do so only on a sync).
-                t0 = time.perf_counter()
-                llm.eval(prompt)
-                lc.llama_synchronize(llm.ctx)
-                prompt_s = time.perf_counter() - t0
-                steps = []
-                for tok in gen:
-                    s = time.perf_counter()
-                    llm.eval([tok])
-                    lc.llama_synchronize(llm.ctx)
-                    steps.append(time.perf_counter() - s)
-                perf = lc.llama_perf_context(llm.ctx)
-                if r >= warmup:
-                    runs.append(
-                        {
-                            "prompt_s": prompt_s,
-                            "steps": steps,
-                            "perf_prompt_ms": perf.t_p_eval_ms,
-                            "perf_gen_ms": perf.t_eval_ms,
-                            "perf_n_gen": perf.n_eval,
-                        }
-                    )
-        finally:
-            llm.close()
+        runs: list[dict[str, Any]] = self._call(
+            "timed_runs", "timing", prompt_len=prompt_len, gen_len=gen_len, warmup=warmup, repeats=repeats
+        )
         return runs
 
     def speed(self, prompt_len: int = 128, gen_len: int = 64, repeats: int = 3) -> dict[str, Any]:
@@ -271,6 +302,22 @@ class LlamaCppRunner:
         }
 
     def close(self) -> None:
-        if self._llm is not None:
-            self._llm.close()
-            self._llm = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            from llmopt.runners.llamacpp_worker import send
+
+            try:
+                send(proc.stdin, ("close", {}))
+                proc.stdin.close()
+                proc.wait(timeout=10)
+            except Exception:  # already dead, or stuck: it must not outlive us
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __del__(self) -> None:
+        if getattr(self, "_proc", None) is not None:
+            self._proc.kill()

@@ -1,0 +1,472 @@
+"""Hostile and careless use of the GGUF path: build script archives, relative paths, crashing llama.cpp."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "build_llamacpp.py"
+
+
+def build_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("build_llamacpp", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tar(path: Path, members: list[tuple[str, str, Any]]) -> Path:
+    """(kind, name, payload): kind file (bytes), dir, sym / lnk (link target), chr, fifo."""
+    with tarfile.open(path, "w:gz") as tf:
+        for kind, name, payload in members:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(payload)
+                info.mode = 0o644
+                tf.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {
+                "dir": tarfile.DIRTYPE,
+                "sym": tarfile.SYMTYPE,
+                "lnk": tarfile.LNKTYPE,
+                "chr": tarfile.CHRTYPE,
+                "fifo": tarfile.FIFOTYPE,
+            }[kind]
+            info.mode = payload if kind == "dir" else 0o644
+            if kind in ("sym", "lnk"):
+                info.linkname = payload
+            tf.addfile(info)
+    return path
+
+
+SDIST = [
+    ("dir", "pkg-1.0", 0o555),
+    ("file", "pkg-1.0/pyproject.toml", b"[project]\nname='pkg'\n"),
+    ("dir", "pkg-1.0/ro", 0o444),  # a folder without x bits must still be traversable
+    ("file", "pkg-1.0/ro/data.txt", b"x"),
+    ("sym", "pkg-1.0/alias.toml", "pyproject.toml"),
+]
+
+HOSTILE = {
+    "dotdot": [("file", "pkg-1.0/../../evil.txt", b"x")],
+    "absolute": [("file", "/tmp/llmopt-evil-abs.txt", b"x")],
+    "symlink out": [("sym", "pkg-1.0/out", "../../..")],
+    "symlink absolute": [("sym", "pkg-1.0/etc", "/etc")],
+    "write through a symlink": [("sym", "pkg-1.0/here", "."), ("file", "pkg-1.0/here/x.txt", b"x")],
+    "symlink chain out": [("sym", "pkg-1.0/c", "."), ("sym", "pkg-1.0/b", "c/../..")],
+    "hard link out": [("lnk", "pkg-1.0/passwd", "../../etc/passwd")],
+    "character device": [("chr", "pkg-1.0/null", "")],
+    "fifo": [("fifo", "pkg-1.0/pipe", "")],
+}
+
+
+@pytest.fixture(params=["by hand", "filter"])
+def branch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both unpack branches: by hand (Python 3.11.0-3.11.3, which this venv may be) and tarfile's filter."""
+    if request.param == "filter":
+        if not hasattr(tarfile, "data_filter"):
+            pytest.skip(f"Python {sys.version.split()[0]} has no tarfile filter (3.11.4+); the hand branch runs")
+    else:
+        monkeypatch.delattr(tarfile, "data_filter", raising=False)
+    return str(request.param)
+
+
+def test_unpack_of_a_good_sdist_on_both_branches(branch: str, tmp_path: Path) -> None:
+    """A plain sdist unpacks; folder modes keep folders traversable; in-tree links are kept."""
+    bs = build_script()
+    archive = _tar(tmp_path / "pkg-1.0.tar.gz", SDIST)
+    src = bs.unpack(archive, tmp_path / "work" / "src")
+    assert src.name == "pkg-1.0" and (src / "pyproject.toml").is_file()
+    assert (src / "ro" / "data.txt").read_text() == "x"  # would raise PermissionError under a 0o444 folder
+    assert (src / "ro").stat().st_mode & 0o700 == 0o700
+    assert (src / "alias.toml").read_text() == (src / "pyproject.toml").read_text()
+    assert (src / "pyproject.toml").stat().st_mode & 0o7777 == 0o644
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_members_are_refused_and_nothing_is_left(branch: str, case: str, tmp_path: Path) -> None:
+    """A hostile archive: the unpack stops with a message naming the archive; nothing lands outside the
+    work folder and no half-unpacked tree is left to be taken for a source tree on the next run."""
+    bs = build_script()
+    archive = _tar(tmp_path / "evil.tar.gz", [*SDIST[:2], *HOSTILE[case]])
+    dest = tmp_path / "a" / "b" / "src"
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exc:
+        bs.unpack(archive, dest)
+    assert "refusing to unpack" in str(exc.value) and "evil.tar.gz" in str(exc.value)
+    assert not dest.exists()
+    assert set(tmp_path.rglob("*")) - before <= {tmp_path / "a", tmp_path / "a" / "b"}
+    assert not Path("/tmp/llmopt-evil-abs.txt").exists()
+
+
+def test_script_unpacks_on_this_python_in_a_fresh_process(tmp_path: Path) -> None:
+    """The script's download/unpack/build path as a fresh clone runs it, on the venv's Python (3.11.2
+    here, before tarfile's filter): the sdist is given (no network), unpacked, and the first build step
+    it would take is reached. Old code: TypeError: extractall() got an unexpected keyword 'filter'."""
+    archive = _tar(tmp_path / "pkg-1.0.tar.gz", SDIST)
+    code = (
+        "import importlib.util, sys; from pathlib import Path\n"
+        f"spec = importlib.util.spec_from_file_location('b', {str(SCRIPT)!r})\n"
+        "b = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(b)\n"
+        f"src = b.unpack(Path({str(archive)!r}), Path({str(tmp_path / 'src')!r}))\n"
+        "print(sys.version_info[:3], src.name, (src / 'pyproject.toml').is_file())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "pkg-1.0 True" in proc.stdout
+
+
+# --- relative paths from another folder ----------------------------------------------------------------
+
+
+def _require_llamacpp() -> None:
+    from llmopt.backends import gguf as G
+
+    if importlib.util.find_spec("llama_cpp") is None or G.find_toolchain() is None:
+        pytest.skip("llama.cpp is not built here (python scripts/build_llamacpp.py)")
+
+
+@pytest.mark.e2e
+def test_relative_model_output_calibration_and_imatrix_paths(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`cd folder && llmopt quantize models/m -m gguf ... -o a/q` with every path relative: the converter
+    runs in its own folder, so a relative path given to it was a FileNotFoundError blamed on the model
+    (exit 2). Also --calibration (imatrix auto) and --imatrix FILE relative, then eval of the result."""
+    from llmopt.backends import gguf as G
+    from tests.helpers import first_layers, run_cli
+
+    _require_llamacpp()
+    chain = G.find_toolchain()
+    assert chain is not None
+    user = tmp_path / "user"
+    first_layers(Path(assets["model"]), user / "models" / "m2", 2)
+    (user / "calib.txt").write_text(Path(assets["calibration_text"]).read_text())
+    common = ["-m", "gguf", "--device", "cpu", "-q"]
+    r = run_cli(["quantize", "models/m2", *common, "--quant-type", "q8_0", "-o", "a/q8"], cwd=user)
+    assert r.returncode == 0, r.stderr
+    assert list((user / "a" / "q8").glob("*-Q8_0.gguf"))
+    if chain.imatrix_tool is not None:
+        args = ["--quant-type", "q4_k_m", "--imatrix", "auto", "--calibration", "calib.txt", "--seq-len", "64"]
+        r = run_cli(["quantize", "models/m2", *common, *args, "--samples", "2", "-o", "a/q4"], cwd=user)
+        # llama-imatrix wants 2 chunks after its own re-tokenization (127 < 128 tokens): a data error
+        assert r.returncode == 2 and "more --samples" in r.stderr and "Rebuild" not in r.stderr, r.stderr
+        r = run_cli(["quantize", "models/m2", *common, *args, "--samples", "4", "-o", "a/q4"], cwd=user)
+        assert r.returncode == 0, r.stderr
+        assert (user / "a" / "q4" / "imatrix.gguf").is_file()
+        args = ["--quant-type", "q4_0", "--imatrix", "a/q4/imatrix.gguf", "-o", "b/q4"]
+        r = run_cli(["quantize", "models/m2", *common, *args], cwd=user)
+        assert r.returncode == 0, r.stderr
+    (user / "eval.txt").write_text(Path(assets["eval_text"]).read_text()[:6000])
+    r = run_cli(
+        ["eval", "a/q8", "--baseline", "models/m2", "--dataset", "eval.txt", "--context", "128", "-q"], cwd=user
+    )
+    assert r.returncode in (0, 3), r.stderr
+    assert not list(user.glob(".llmopt-*")) and not list((user / "a").glob(".*"))
+
+
+# --- llama.cpp dying in its child process --------------------------------------------------------------
+
+FAKE_LLAMA_CPP = '''
+"""A stand-in llama_cpp whose decode dies of SIGSEGV, as ggml's AMX path did on AVX-512/AMX Xeons."""
+import ctypes
+
+
+def llama_supports_gpu_offload():
+    return False
+
+
+def llama_backend_init():
+    pass
+
+
+def llama_model_size(model):
+    return 1234
+
+
+class Llama:
+    def __init__(self, **kw):
+        self.model = object()
+        self.scores = None
+
+    def n_vocab(self):
+        return 100_000
+
+    def reset(self):
+        pass
+
+    def eval(self, ids):
+        ctypes.string_at(0)  # a read of address 0: SIGSEGV
+
+    def close(self):
+        pass
+'''
+
+
+def test_llama_cpp_crash_is_an_error_not_a_dead_caller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """llama.cpp segfaulting while scoring: the caller (pytest here, the CLI for users) survives and gets
+    a BackendUnavailableError (exit 4) naming the signal, the likely cause and the rebuild command.
+    Old code ran llama.cpp in-process: this test process itself died with exit 139."""
+    from llmopt.errors import EXIT_UNAVAILABLE, BackendUnavailableError
+    from llmopt.runners.llamacpp import LlamaCppRunner
+
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.syspath_prepend(str(fake))  # find_spec in this process
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + b"\0" * 60)
+    runner = LlamaCppRunner(model, "cpu", threads=1)
+    assert runner.n_vocab == 100_000 and runner.footprint_bytes() == 1234
+    with pytest.raises(BackendUnavailableError) as exc:
+        runner.nll([[1, 2, 3]], [1])
+    text = str(exc.value)
+    assert exc.value.exit_code == EXIT_UNAVAILABLE
+    assert "SIGSEGV" in text and "scoring" in text and "another CPU" in text
+    assert "scripts/build_llamacpp.py --rebuild" in text
+    runner.close()  # after a crash: no hang, no second error
+
+
+def test_text_file_named_gguf_is_not_a_gguf_file(tmp_path: Path) -> None:
+    """`llmopt quantize notes.gguf ...` with a text file: 'not a GGUF file' (exit 2), before any library
+    loads it; it used to go through transformers and end in a hint about the model's architecture."""
+    from tests.helpers import run_cli
+
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "notes.gguf").write_text("just some text, not a model\n")
+    r = run_cli(["quantize", "notes.gguf", "-m", "bnb-int8", "-o", "out", "--device", "cpu", "-q"], cwd=user)
+    assert r.returncode == 2, r.stderr
+    assert "is not a GGUF file" in r.stderr and "b'just'" in r.stderr
+    assert "architecture" not in r.stderr and "Traceback" not in r.stderr
+    assert not (user / "out").exists()
+
+
+def test_backends_shows_install_hints_with_their_brackets(monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    """`llmopt backends` printed "pip install 'llmopt'" for gguf: rich took '[gguf]' for a style tag. And
+    llama-cpp-python's hint names the build script (PyPI has no wheels of it), not a bare pip install."""
+    from llmopt.backends import base
+    from llmopt.backends.gguf import GGUFBackend
+    from llmopt.cli.main import main
+
+    present = base.Requirement.present
+    monkeypatch.setattr(
+        base.Requirement, "present", lambda self: self.module not in ("llama_cpp", "sentencepiece") and present(self)
+    )
+    problems = GGUFBackend().check()
+    assert any("llama-cpp-python" in p and "scripts/build_llamacpp.py" in p for p in problems)
+    with pytest.raises(SystemExit) as exc:
+        main(["backends"])
+    out = capsys.readouterr().out
+    assert exc.value.code in (0, None)
+    assert "llmopt[gguf]" in out.replace("\n", "") or "'.[gguf]'" in out
+    assert "pip install 'llmopt' " not in out
+
+
+def _crashing_llama_cpp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    fake = tmp_path / "fake"
+    (fake / "llama_cpp").mkdir(parents=True)
+    (fake / "llama_cpp" / "__init__.py").write_text(FAKE_LLAMA_CPP)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")]))
+    return fake
+
+
+def test_build_whose_smoke_decode_crashes_is_not_made_active(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build script after a build whose decode dies (ggml's AMX path on a Xeon): it exits non-zero
+    saying what crashed on which CPU, and the stamp marks no active build, so llmopt does not use it."""
+    import json
+
+    bs = build_script()
+    _crashing_llama_cpp(tmp_path, monkeypatch)
+    vdir = tmp_path / "llc" / "9.9.9"
+    flags = " ".join([*bs.CPU_FLAGS.split(), bs.FIXED_ARGS])
+    key = bs.cache_key(flags, {})
+    (vdir / "wheels" / key).mkdir(parents=True)
+    (vdir / "wheels" / key / "llama_cpp_python-9.9.9-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    (vdir / "converter").mkdir()
+    (vdir / "converter" / "convert_hf_to_gguf.py").write_text("# converter\n")
+    installed: list[Path] = []
+    monkeypatch.setattr(bs, "install_wheel", installed.append)
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    monkeypatch.setattr(
+        sys, "argv", ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc"), "--no-tools"]
+    )
+    with pytest.raises(SystemExit) as exc:
+        bs.main()
+    assert "does not decode correctly on this CPU" in str(exc.value) and "--rebuild" in str(exc.value)
+    stamp = json.loads((vdir / bs.STAMP).read_text())
+    assert stamp["active"] is None
+    entry = stamp["builds"][key]
+    assert entry["smoke"]["ok"] is False and "SIGSEGV" in entry["smoke"]["problem"]
+    assert entry["passed_on"] == [] and len(installed) == 1
+
+
+def test_native_build_cache_key_holds_the_cpu() -> None:
+    """A cache restored on another CPU must not reuse a native build (it crashed pytest in-process)."""
+    bs = build_script()
+    native, portable = "-DGGML_CUDA=OFF", "-DGGML_NATIVE=OFF -DGGML_CUDA=OFF"
+    epyc = {"model": "AMD EPYC", "flags": ["avx2"]}
+    xeon = {"model": "Intel Xeon", "flags": ["amx_tile", "avx2", "avx512f"]}
+    assert bs.cache_key(native, epyc) != bs.cache_key(native, xeon)
+    assert bs.cache_key(portable, epyc) == bs.cache_key(portable, xeon)
+
+
+def test_backends_reports_a_build_that_does_not_decode_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmopt backends` where the stamp does not name this CPU: the smoke decode runs in a child
+    process, its crash makes gguf unusable with the reason (the caller lives), and it is remembered."""
+    import json
+
+    from llmopt.backends import gguf as G
+
+    _crashing_llama_cpp(tmp_path, monkeypatch)
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "llc" / "9.9.9"
+    (root / "converter").mkdir(parents=True)
+    (root / "converter" / "convert_hf_to_gguf.py").write_text("# converter\n")
+    other_cpu = {"model": "Some Other CPU", "machine": "x86_64", "flags": ["avx2"]}
+    build = {"wheel": "w.whl", "passed_on": [other_cpu], "smoke": {"ok": True, "checked": {"q8_0": 0.01}}}
+    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
+    chain = G.Toolchain(version="9.9.9", root=root, converter=root / "converter", bin=None)
+    ok, text = G.decode_check(chain)
+    assert not ok and "SIGSEGV" in text and "--rebuild" in text
+    memo = json.loads((tmp_path / "cache" / "llamacpp-smoke.json").read_text())
+    assert len(memo) == 1 and next(iter(memo.values()))["ok"] is False
+    # the same CPU named in the stamp: known without running anything
+    from llmopt.runners.llamacpp_worker import cpu_identity
+
+    build["passed_on"] = [cpu_identity()]
+    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
+    ok, text = G.decode_check(chain)
+    assert ok and "decodes on this CPU" in text and "q8_0" in text
+    # a build the script refused (no active build): reported without a smoke run
+    build["smoke"] = {"ok": False, "problem": "llama.cpp crashed (SIGILL) decoding the tiny model"}
+    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": None}))
+    ok, text = G.decode_check(chain)
+    assert not ok and "SIGILL" in text
+
+
+@pytest.mark.e2e
+def test_eval_whose_llama_cpp_crashes_exits_4_with_the_cause(
+    assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`llmopt eval` of a GGUF artifact where llama.cpp dies of SIGSEGV while scoring (a stand-in llama_cpp
+    reads address 0): exit 4 with the signal and the rebuild command, no traceback; old code: exit 139."""
+    from tests.helpers import first_layers, run_cli
+
+    _require_llamacpp()
+    user = tmp_path / "user"
+    first_layers(Path(assets["model"]), user / "m2", 2)
+    r = run_cli(["quantize", "m2", "-m", "gguf", "--quant-type", "f16", "-o", "f16", "--device", "cpu", "-q"], cwd=user)
+    assert r.returncode == 0, r.stderr
+    (user / "eval.txt").write_text(Path(assets["eval_text"]).read_text()[:4000])
+    fake = _crashing_llama_cpp(tmp_path, monkeypatch)
+    args = ["eval", "f16", "--baseline", "m2", "--dataset", "eval.txt", "--context", "64", "-q"]
+    r = run_cli(args, cwd=user, env={"PYTHONPATH": f"{fake}{os.pathsep}{ROOT}"})
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    assert "SIGSEGV" in r.stderr and "build_llamacpp.py --rebuild" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.e2e
+def test_run_with_a_gguf_variant_and_a_relative_output(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`llmopt run recipe.yaml --output out/r` with a GGUF variant, from the recipe's folder: the variant's
+    relative staging folder reached the converter, which runs elsewhere (exit 2, blamed on the model)."""
+    from tests.helpers import first_layers, run_cli
+
+    _require_llamacpp()
+    user = tmp_path / "user"
+    first_layers(Path(assets["model"]), user / "models" / "m2", 2)
+    (user / "eval.txt").write_text(Path(assets["eval_text"]).read_text()[:4000])
+    (user / "job.yaml").write_text(
+        "name: rel\nmodel:\n  source: models/m2\nevaluation:\n  dataset: eval.txt\n  context_length: 64\n"
+        "  max_tokens: 256\n  device: cpu\nvariants:\n  - name: q8\n    method: gguf\n    options:\n"
+        "      quant_type: q8_0\n"
+    )
+    r = run_cli(["run", "job.yaml", "--output", "out/r", "-q"], cwd=user)
+    assert r.returncode == 0, r.stderr
+    assert list((user / "out" / "r").rglob("*-Q8_0.gguf"))
+
+
+def _fake_sdist(index: Path, version: str) -> Path:
+    """A llama-cpp-python sdist in miniature: a setuptools package plus the converter files the script copies."""
+    name = f"llama_cpp_python-{version}"
+    pyproject = (
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "llama-cpp-python"\nversion = "{version}"\n'
+        '[tool.setuptools]\npackages = ["llama_cpp"]\n'
+    )
+    members: list[tuple[str, str, Any]] = [
+        ("dir", name, 0o755),
+        ("file", f"{name}/pyproject.toml", pyproject.encode()),
+        ("file", f"{name}/PKG-INFO", f"Metadata-Version: 2.1\nName: llama-cpp-python\nVersion: {version}\n".encode()),
+        ("file", f"{name}/llama_cpp/__init__.py", b"__version__ = 'fake'\n"),
+        ("file", f"{name}/vendor/llama.cpp/convert_hf_to_gguf.py", b"# converter\n"),
+        ("file", f"{name}/vendor/llama.cpp/gguf-py/gguf/__init__.py", b""),
+    ]
+    index.mkdir(parents=True)
+    return _tar(index / f"{name}.tar.gz", members)
+
+
+def test_download_unpack_build_path_on_this_python(tmp_path: Path) -> None:
+    """The README's first-install path with empty caches, on the venv's Python (3.11.2 here: no tarfile
+    filter): pip downloads the sdist (from a local index standing in for PyPI), the script unpacks it, copies
+    the converter, builds the wheel and writes the stamp; a fresh process, as the README runs it. The
+    compile of llama.cpp itself is left out (a tiny setuptools package stands in for it)."""
+    import json
+
+    _fake_sdist(tmp_path / "index", "9.9.9")
+    env = dict(
+        os.environ,
+        PIP_NO_INDEX="1",
+        PIP_FIND_LINKS=str(tmp_path / "index"),
+        PIP_NO_BUILD_ISOLATION="0",  # pip's inverted spelling: no isolated build env (offline)
+        CMAKE_ARGS="-DGGML_NATIVE=OFF",
+    )
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--version",
+        "9.9.9",
+        "--dir",
+        str(tmp_path / "llc"),
+        "--no-tools",
+        "--no-install",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vdir = tmp_path / "llc" / "9.9.9"
+    stamp = json.loads((vdir / "llmopt-llamacpp.json").read_text())
+    (entry,) = stamp["builds"].values()
+    assert Path(entry["wheel"]).is_file() and entry["native"] is False
+    assert (vdir / "converter" / "convert_hf_to_gguf.py").is_file()
+    assert (vdir / "llama_cpp_python-9.9.9.tar.gz").is_file() and not (vdir / "work").exists()
+    assert stamp["active"] is None and "not smoke-checked" in proc.stderr
+
+
+@pytest.mark.e2e
+def test_damaged_gguf_files_are_artifact_errors(tmp_path: Path) -> None:
+    """A GGUF artifact file replaced by text (bad magic) or cut short (good magic): exit 5 naming the file,
+    from a check in this process or llama.cpp's own refusal in the child, never a crash or a traceback."""
+    from llmopt.errors import EXIT_ARTIFACT, ArtifactError
+    from llmopt.runners.llamacpp import LlamaCppRunner
+
+    _require_llamacpp()
+    model = tmp_path / "m-Q8_0.gguf"
+    for data, expected in (
+        (b"hello, not a model\n", "not a GGUF file"),
+        (b"GGUF\x03\0\0\0" + b"\xff" * 64, "could not load"),
+    ):
+        model.write_bytes(data)
+        with pytest.raises(ArtifactError, match=expected) as exc:
+            LlamaCppRunner(tmp_path, "cpu", threads=1)
+        assert exc.value.exit_code == EXIT_ARTIFACT and str(model) in str(exc.value)
