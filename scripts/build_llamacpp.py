@@ -303,6 +303,42 @@ def smoke_check(conv_dir: Path) -> dict[str, Any]:
     return result
 
 
+def static_libstdcxx(lib_dir: Path) -> list[str]:
+    """llama.cpp libraries in ``lib_dir`` linked without a dynamic libstdc++ (their NEEDED entries name none).
+
+    Such libraries each carry their own copy of libstdc++, and llama.cpp's libraries then call into each
+    other's copies: seen on a machine whose compiler (CXX=/opt/gcc/bin/g++) links libstdc++ statically, where
+    every model load crashed in std::regex (the tokenizer) with any build flags.
+    """
+    found = []
+    for lib in sorted(lib_dir.glob("lib*.so")):
+        data = lib.read_bytes()
+        if b"libstdc++.so" not in data and b"_ZNSt" in data:
+            found.append(lib.name)
+    return found
+
+
+def _installed_lib_dir() -> Path | None:
+    code = "import importlib.util, os; s = importlib.util.find_spec('llama_cpp'); print(os.path.dirname(s.origin))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    path = Path(proc.stdout.strip()) / "lib" if proc.returncode == 0 else None
+    return path if path is not None and path.is_dir() else None
+
+
+def failure_hint() -> str:
+    """The next step after a failed smoke check, from what can be seen of the build."""
+    lib_dir = _installed_lib_dir()
+    static = static_libstdcxx(lib_dir) if lib_dir else []
+    if static:
+        cxx = os.environ.get("CXX") or "the default C++ compiler"
+        return (
+            f": {', '.join(static)} link libstdc++ statically ({cxx} does that), so each library carries its own copy "
+            "and they clash when a model loads.\n  -> Build with a compiler that links libstdc++ dynamically, e.g. "
+            "the system's: CC=gcc CXX=g++ python scripts/build_llamacpp.py --rebuild"
+        )
+    return "\n  -> Build it portable (the default flags: -DGGML_NATIVE=OFF; check CMAKE_ARGS) with --rebuild."
+
+
 def install_wheel(wheel: Path) -> None:
     # --force-reinstall: the same version built with other flags must replace the installed one.
     run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)])
@@ -418,7 +454,7 @@ def main() -> None:
         raise SystemExit(
             "error: this llama.cpp build does not decode correctly on this CPU, so it is not made active"
             + (f" (the previous build {active} is reinstalled)" if active else "")
-            + ".\n  -> Build it portable (the default flags: -DGGML_NATIVE=OFF; check CMAKE_ARGS) with --rebuild."
+            + failure_hint()
         )
     log(f"done in {time.perf_counter() - start:.0f} s; llmopt's gguf backend reads {stamp_path}")
 

@@ -470,3 +470,16 @@ def test_damaged_gguf_files_are_artifact_errors(tmp_path: Path) -> None:
         with pytest.raises(ArtifactError, match=expected) as exc:
             LlamaCppRunner(tmp_path, "cpu", threads=1)
         assert exc.value.exit_code == EXIT_ARTIFACT and str(model) in str(exc.value)
+
+
+def test_statically_linked_libstdcxx_is_named_after_a_failed_smoke_check(tmp_path: Path) -> None:
+    """Seen on the GPU machine: its compiler (CXX=/opt/gcc/bin/g++) linked libstdc++ statically into each llama.cpp
+    library; every model load then crashed in std::regex, native or portable. The failure must say so and name the fix
+    (the system compiler), not send the user to --rebuild with the same compiler."""
+    build = build_script()
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    (libs / "libllama.so").write_bytes(b"\x7fELF...libggml.so.0\0libstdc++.so.6\0_ZNSt6vectorIiE")
+    assert build.static_libstdcxx(libs) == []
+    (libs / "libggml.so").write_bytes(b"\x7fELF...libc.so.6\0_ZNSt7codecvtIDsc11__mbstate_tE10do_unshift")
+    assert build.static_libstdcxx(libs) == ["libggml.so"]
