@@ -106,11 +106,14 @@ def quantize(
     overwrite: bool = False,
     recipe: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> Artifact:
     """Quantize ``model`` with backend ``method`` into the artifact folder ``output``.
 
     Everything cheap is checked first (backend usable, options, output folder, model files, group
     sizes, calibration text); the folder appears only when complete, manifest included.
+    A model folder with its own Python code (``auto_map``) is refused unless ``trust_remote_code``; when
+    allowed, the manifest records it (``options._resolved.trust_remote_code``).
     """
     from llmopt.backends.base import QuantizeInputs, get_backend
     from llmopt.environment import environment
@@ -122,7 +125,7 @@ def quantize(
     backend = get_backend(method)
     opts = backend.parse_options(options or {})
     _prepare_output(out, overwrite)
-    source = resolve(model)
+    source = resolve(model, trust_remote_code=trust_remote_code)
     target = resolve_target(device)
     dev = target.primary
     backend.validate(opts, source, dev)
@@ -138,7 +141,7 @@ def quantize(
 
         from llmopt.data import calibration_set
 
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
         calib = calibration_set(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
 
     for stale in sweep_stale_partials(out):
@@ -158,6 +161,8 @@ def quantize(
             )
         )
         placement = extra.pop("placement", None) if isinstance(extra, dict) else None
+        if trust_remote_code:
+            extra = {**(extra or {}), "trust_remote_code": True}
         elapsed = time.perf_counter() - start
         interrupt.check()  # an interrupt swallowed inside the backend must not yield an artifact
         with rep.step("hashing files and writing llmopt.json"):
@@ -217,6 +222,7 @@ def evaluate(
     use_cache: bool = True,
     write_manifest: bool = True,
     reporter: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
 
@@ -233,24 +239,25 @@ def evaluate(
     from llmopt.evaluate import baseline as baseline_cache
     from llmopt.evaluate.perplexity import make_windows, paired_delta
     from llmopt.placement import resolve_target
-    from llmopt.source import resolve
+    from llmopt.source import check_remote_code, resolve
 
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
     with rep.step("checking artifact hashes"):
         art.require_intact()
-    base = resolve(baseline)
+    check_remote_code(art.path, trust_remote_code, what="artifact")
+    base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(dataset)
     if stride is None:
         stride = context_length
     if max_tokens is not None and max_tokens < 2:
         raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
 
-    base_tok = AutoTokenizer.from_pretrained(base.path)
+    base_tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
     ids_all = _tokenize(base_tok, text)
     ids = ids_all[:max_tokens] if max_tokens else ids_all
     try:
-        art_tok = AutoTokenizer.from_pretrained(art.path)
+        art_tok = AutoTokenizer.from_pretrained(art.path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise TokenizerMismatchError(
             f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
@@ -304,7 +311,9 @@ def evaluate(
         base_result["cached"] = True
         rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
     else:
-        base_result = _score_model("hf", base.path, windows, target.spec, batch_size, kernel, rep, "FP16 baseline")
+        base_result = _score_model(
+            "hf", base.path, windows, target.spec, batch_size, kernel, rep, "FP16 baseline", trust_remote_code
+        )
         base_result["size_bytes"] = base.size_bytes()
         base_result["model"] = baseline
         if use_cache:
@@ -320,6 +329,7 @@ def evaluate(
         kernel,
         rep,
         f"artifact ({art.manifest.backend})",
+        trust_remote_code,
     )
     art_result["size_bytes"] = art.size_bytes()
     art_result["path"] = str(art.path)
@@ -344,9 +354,25 @@ def evaluate(
         from llmopt.evaluate.throughput import bench_model, throughput_section
 
         speed = throughput.resolved(dev)
-        base_speed = bench_model(base.path, target.spec, speed, runner_kind="hf", label="FP16 baseline", reporter=rep)
+        base_speed = bench_model(
+            base.path,
+            target.spec,
+            speed,
+            runner_kind="hf",
+            label="FP16 baseline",
+            reporter=rep,
+            trust_remote_code=trust_remote_code,
+        )
         runner_kind = art.manifest.runner
-        art_speed = bench_model(art.path, target.spec, speed, runner_kind=runner_kind, kernel=kernel, reporter=rep)
+        art_speed = bench_model(
+            art.path,
+            target.spec,
+            speed,
+            runner_kind=runner_kind,
+            kernel=kernel,
+            reporter=rep,
+            trust_remote_code=trust_remote_code,
+        )
         report["throughput"] = throughput_section(base_speed, art_speed, speed, dev)
     result = apply_gate(gate or GateSpec(), report)
     report["gate"] = result.model_dump(mode="json")
@@ -368,12 +394,13 @@ def _score_model(
     kernel: str | None,
     reporter: Reporter,
     label: str,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     from llmopt.evaluate.perplexity import score
     from llmopt.runners import load_runner
 
     with reporter.step(f"loading {label}"):
-        runner = load_runner(runner_kind, path, device, kernel=kernel)
+        runner = load_runner(runner_kind, path, device, kernel=kernel, trust_remote_code=trust_remote_code)
     try:
         start = time.perf_counter()
         with reporter.step(f"perplexity of {label} ({len(windows)} windows)", total=len(windows)) as step:

@@ -34,6 +34,8 @@ class SourceModel:
     config: dict[str, Any]
     revision: str | None = None
     weight_files: list[Path] = field(default_factory=list)
+    # The user allowed the folder's own Python code (auto_map) to run; every loader is told so explicitly.
+    trust_remote_code: bool = False
     _weights_sha256: dict[str, str] | None = None
 
     @property
@@ -102,6 +104,48 @@ def check_safetensors(path: Path) -> None:
         )
 
 
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def remote_code(folder: Path) -> list[str]:
+    """The ``auto_map`` entries of a model folder's configs: Python code transformers would import from it.
+
+    Without an explicit ``trust_remote_code`` transformers decides by asking on stdin ("[y/N]"), so a piped
+    ``yes`` or a stray "y" would run that code: llmopt refuses such a folder unless the user opted in.
+    """
+    found: list[str] = []
+    for name in _CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if not auto_map:
+            continue
+        items = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        for value in items:
+            for ref in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(ref, str) and ref not in found:
+                    found.append(ref)
+    return found
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool, *, what: str = "model folder") -> None:
+    """Refuse (exit 2) a folder that declares its own Python code, unless ``trust_remote_code``."""
+    refs = remote_code(folder)
+    if refs and not trust_remote_code:
+        modules = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+        raise ModelError(
+            f"the {what} {folder} declares its own Python code (auto_map: {', '.join(refs[:4])}), which "
+            "loading it would run; llmopt does not run a model's code unless asked.",
+            f"Read {', '.join(modules[:4])} first; if you trust it, pass --trust-remote-code "
+            "(recipe: model.trust_remote_code: true).",
+        )
+
+
 def _load_config(folder: Path) -> dict[str, Any]:
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -118,8 +162,11 @@ def _load_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def open_folder(folder: Path, spec: str | None = None, revision: str | None = None) -> SourceModel:
+def open_folder(
+    folder: Path, spec: str | None = None, revision: str | None = None, *, trust_remote_code: bool = False
+) -> SourceModel:
     config = _load_config(folder)
+    check_remote_code(folder, trust_remote_code)
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not weights:
         raise ModelError(
@@ -135,7 +182,14 @@ def open_folder(folder: Path, spec: str | None = None, revision: str | None = No
             f"{folder} holds a {archs[0]}, not a causal language model.",
             "llmopt quantizes causal LMs (…ForCausalLM); give such a model.",
         )
-    return SourceModel(spec=spec or str(folder), path=folder, config=config, revision=revision, weight_files=weights)
+    return SourceModel(
+        spec=spec or str(folder),
+        path=folder,
+        config=config,
+        revision=revision,
+        weight_files=weights,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def gguf_to_folder(gguf_file: Path) -> Path:
@@ -191,23 +245,27 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(spec: str, revision: str | None = None) -> SourceModel:
-    """Turn what the user typed into a local, checked model folder."""
+def resolve(spec: str, revision: str | None = None, *, trust_remote_code: bool = False) -> SourceModel:
+    """Turn what the user typed into a local, checked model folder.
+
+    A folder that declares its own Python code (``auto_map``) is refused unless ``trust_remote_code``.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
-        return open_folder(path, spec=spec, revision=revision)
+        return open_folder(path, spec=spec, revision=revision, trust_remote_code=trust_remote_code)
     if path.is_file():
         if path.suffix == ".gguf":
             folder = gguf_to_folder(path)
             return open_folder(folder, spec=spec)
         if path.name == "config.json":
-            return open_folder(path.parent, spec=spec)
+            return open_folder(path.parent, spec=spec, trust_remote_code=trust_remote_code)
         raise ModelError(
             f"{spec} is a file, not a model.",
             "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",
         )
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return open_folder(_download(spec, revision), spec=spec, revision=revision)
+        folder = _download(spec, revision)
+        return open_folder(folder, spec=spec, revision=revision, trust_remote_code=trust_remote_code)
     raise ModelError(
         f"{spec} does not exist.",
         "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",

@@ -126,7 +126,12 @@ class AWQBackend(Backend):
         kernel = BACKEND.AWQ_TORCH if inputs.device == "cpu" else BACKEND.AUTO
         with inputs.reporter.step("loading model for AWQ"):
             model = GPTQModel.load(
-                str(inputs.source.path), qcfg, device=inputs.device, dtype=getattr(torch, opts.dtype), backend=kernel
+                str(inputs.source.path),
+                qcfg,
+                device=inputs.device,
+                dtype=getattr(torch, opts.dtype),
+                backend=kernel,
+                trust_remote_code=inputs.source.trust_remote_code,
             )
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
         with inputs.reporter.step(f"AWQ 4-bit g{opts.group_size} on {len(calib)} samples"):

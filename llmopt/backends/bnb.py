@@ -80,6 +80,7 @@ class _BnbBackend(Backend):
         from llmopt.placement import Placement, observed_layers, plan_placement
 
         qcfg, compute = self._quant_config(inputs.options, inputs.device)
+        trust = inputs.source.trust_remote_code
         # bitsandbytes quantizes each weight as it is loaded onto its GPU, so a model split over several
         # GPUs (transformers device_map) is quantized there in place: planned on the fp16 source's sizes.
         placement = (
@@ -95,12 +96,13 @@ class _BnbBackend(Backend):
                 quantization_config=qcfg,
                 dtype=torch.float16,
                 device_map=placement.transformers_device_map(),
+                trust_remote_code=trust,
             )
         if placement.mode == "split":
             placement.layers_per_device = observed_layers(model)
         with inputs.reporter.step("saving bitsandbytes checkpoint"):
             model.save_pretrained(inputs.out_dir)
-            AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)
+            AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=trust).save_pretrained(inputs.out_dir)
         return {"compute_dtype": compute, "placement": placement.record()}
 
 

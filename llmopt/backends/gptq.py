@@ -80,7 +80,13 @@ class GPTQBackend(Backend):
         # than fp32 (measured: 45 min for 6 of 30 SmolLM2 layers). fp32 is also the more exact Hessian.
         dtype: Any = torch.float32 if inputs.device == "cpu" else "auto"
         with inputs.reporter.step("loading model for GPTQ"):
-            model = GPTQModel.load(str(inputs.source.path), qcfg, device=inputs.device, dtype=dtype)
+            model = GPTQModel.load(
+                str(inputs.source.path),
+                qcfg,
+                device=inputs.device,
+                dtype=dtype,
+                trust_remote_code=inputs.source.trust_remote_code,
+            )
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
         with inputs.reporter.step(f"GPTQ {opts.bits}-bit g{opts.group_size} on {len(calib)} samples"):
             model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None)
@@ -187,5 +193,5 @@ def validate_gptqmodel_architecture(source: SourceModel) -> None:
 def _save_tokenizer(inputs: QuantizeInputs) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(inputs.source.path)
+    tok = AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
     tok.save_pretrained(inputs.out_dir)

@@ -17,6 +17,7 @@ from llmopt.cli.bench import (
     MarlinAtomicsOpt,
     PromptLensOpt,
     RepetitionsOpt,
+    TrustRemoteCodeOpt,
     WarmupOpt,
     check_speed_gate,
     render_throughput,
@@ -98,6 +99,7 @@ def register(app: typer.Typer) -> None:
         json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON (- = stdout).")] = None,
         device: DeviceOpt = "auto",
         quiet: QuietOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
     ) -> None:
         """Perplexity of ARTIFACT and of its FP16 baseline on the same tokens; gate; record in llmopt.json.
 
@@ -140,6 +142,7 @@ def register(app: typer.Typer) -> None:
                 kernel=kernel,
                 throughput=speed,
                 use_cache=not no_cache,
+                trust_remote_code=trust_remote_code,
                 reporter=default_reporter(quiet or json_path == "-"),
             )
         if json_path:

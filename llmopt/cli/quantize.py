@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, parse_key_values, stdout, stdout_is_ours, write_json
+from llmopt.cli.bench import TrustRemoteCodeOpt
 
 
 def register(app: typer.Typer) -> None:
@@ -54,6 +55,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="Replace OUTPUT if it exists and is not empty.")] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON to stdout.")] = False,
         quiet: QuietOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
     ) -> None:
         """Quantize MODEL with METHOD into an artifact folder (model files + llmopt.json)."""
         from llmopt.api import quantize
@@ -89,6 +91,7 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 overwrite=overwrite,
                 reporter=default_reporter(quiet or json_out),
+                trust_remote_code=trust_remote_code,
             )
         m = artifact.manifest
         if json_out:

@@ -122,7 +122,14 @@ class HFRunner:
     name = "hf"
 
     def __init__(
-        self, path: Path, device: str, *, loader: str = "hf", kernel: str | None = None, dense_on_cpu: bool = True
+        self,
+        path: Path,
+        device: str,
+        *,
+        loader: str = "hf",
+        kernel: str | None = None,
+        dense_on_cpu: bool = True,
+        trust_remote_code: bool = False,
     ) -> None:
         """Load the model folder ``path`` on ``device``: any ``--device`` value (llmopt/placement.py).
 
@@ -134,7 +141,9 @@ class HFRunner:
         import torch
 
         from llmopt.placement import observed_bytes, observed_layers, plan_placement, resolve_target
+        from llmopt.source import check_remote_code
 
+        check_remote_code(path, trust_remote_code)
         target = resolve_target(device)
         primary = target.primary
         self.dtype = default_dtype(primary)
@@ -165,7 +174,13 @@ class HFRunner:
                 # AlignDevicesHook). Given only device="cuda" it would deal layers round-robin over every
                 # visible GPU instead, and given "cuda:N" it keeps the model on that one.
                 where = {"device_map": self.placement.transformers_device_map()}
-            self._wrapper: Any = GPTQModel.load(str(path), backend=backend, dtype=getattr(torch, self.dtype), **where)
+            self._wrapper: Any = GPTQModel.load(
+                str(path),
+                backend=backend,
+                dtype=getattr(torch, self.dtype),
+                trust_remote_code=trust_remote_code,
+                **where,
+            )
             self.model: Any = self._wrapper.model
             self.name = "gptqmodel"
             self.kernel = getattr(backend, "value", str(backend))
@@ -179,7 +194,10 @@ class HFRunner:
 
             self._wrapper = None
             self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, self.dtype), device_map=self.placement.transformers_device_map()
+                path,
+                dtype=getattr(torch, self.dtype),
+                device_map=self.placement.transformers_device_map(),
+                trust_remote_code=trust_remote_code,
             )
         self.model.eval()
         if self.device.startswith("cuda"):
