@@ -116,6 +116,7 @@ def quantize(
     allowed, the manifest records it (``options._resolved.trust_remote_code``).
     """
     from llmopt.backends.base import QuantizeInputs, get_backend
+    from llmopt.data import check_calibration_settings
     from llmopt.environment import environment
     from llmopt.placement import resolve_target
     from llmopt.source import resolve
@@ -124,6 +125,8 @@ def quantize(
     out = Path(output)
     backend = get_backend(method)
     opts = backend.parse_options(options or {})
+    if backend.wants_calibration(opts):
+        check_calibration_settings(samples, seq_len)
     _prepare_output(out, overwrite)
     source = resolve(model, trust_remote_code=trust_remote_code)
     target = resolve_target(device)
@@ -237,10 +240,11 @@ def evaluate(
     from llmopt.data import load_text
     from llmopt.environment import device_name, environment
     from llmopt.evaluate import baseline as baseline_cache
-    from llmopt.evaluate.perplexity import make_windows, paired_delta
+    from llmopt.evaluate.perplexity import check_settings, make_windows, paired_delta
     from llmopt.placement import resolve_target
     from llmopt.source import check_remote_code, resolve
 
+    check_settings(context_length, stride, batch_size, add_bos=add_bos, max_tokens=max_tokens)
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
     with rep.step("checking artifact hashes"):
@@ -250,8 +254,6 @@ def evaluate(
     text = load_text(dataset)
     if stride is None:
         stride = context_length
-    if max_tokens is not None and max_tokens < 2:
-        raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
 
     base_tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
     ids_all = _tokenize(base_tok, text)

@@ -108,3 +108,60 @@ def test_remote_code_runs_only_with_the_flag_and_is_recorded(tmp_path: Path, ass
     assert_refused(proc)
     assert "artifact" in proc.stderr and "--trust-remote-code" in proc.stderr
     assert not (tmp_path / "configuration-ran").exists()
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory: pytest.TempPathFactory, assets: dict[str, Path]) -> dict[str, Path]:
+    """A real bnb-int8 artifact of SmolLM2 cut to 1 decoder layer, and that cut (its baseline)."""
+    from llmopt.api import quantize
+
+    root = tmp_path_factory.mktemp("int8")
+    model = first_layers(assets["model"], root / "model", 1)
+    quantize(str(model), "bnb-int8", root / "art", device="cpu")
+    return {"root": root, "model": model, "artifact": root / "art", "text": assets["eval_text"]}
+
+
+@pytest.mark.parametrize(
+    ("flags", "names", "not_named"),
+    [
+        (["--batch-size", "0"], "--batch-size 0", None),
+        (["--batch-size", "-3"], "--batch-size -3", None),
+        (["--context", "0"], "--context 0", "stride"),
+        (["--context", "1"], "--context 1", "stride"),
+        (["--context", "2", "--add-bos"], "--context 2", "stride"),
+        (["--stride", "0"], "--stride 0", None),
+        (["--context", "64", "--stride", "65"], "--stride 65", None),
+        (["--max-tokens", "1"], "--max-tokens", None),
+    ],
+)
+def test_eval_numeric_options_refused_before_loading(
+    int8_artifact: dict[str, Path], flags: list[str], names: str, not_named: str | None
+) -> None:
+    """`eval --batch-size 0` ended in `ValueError: range() arg 3 must not be zero` (exit 1) after both models had
+    loaded, and `--context 0` blamed the stride. Each bad number is now refused first, naming its own option."""
+    root = int8_artifact["root"]
+    proc = run_cli(
+        ["eval", "art", "--baseline", "model", "--dataset", str(int8_artifact["text"]), "--device", "cpu", *flags],
+        cwd=root,
+    )
+    assert_refused(proc)
+    error = next(line for line in proc.stderr.splitlines() if line.startswith("error: "))
+    assert names in error
+    if not_named:
+        assert not_named not in error
+    assert "loading" not in proc.stderr  # refused before any model was loaded
+
+
+@pytest.mark.parametrize(
+    ("flags", "names"), [(["--samples", "0"], "--samples 0"), (["--seq-len", "0"], "--seq-len 0")]
+)
+def test_quantize_calibration_sizes_refused_up_front(int8_artifact: dict[str, Path], flags: list[str], names: str) -> None:
+    """`quantize --samples 0` / `--seq-len 0` got one message for both ("at least 1 sample of at least 8 tokens")
+    after the tokenizer was loaded; each is refused up front, naming the option."""
+    root = int8_artifact["root"]
+    proc = run_cli(
+        ["quantize", "model", "-m", "gptq", "-o", "g", "--calibration", str(int8_artifact["text"]), *flags], cwd=root
+    )
+    assert_refused(proc)
+    assert names in proc.stderr
+    assert not (root / "g").exists()
