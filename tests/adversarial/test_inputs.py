@@ -155,7 +155,9 @@ def test_eval_numeric_options_refused_before_loading(
 @pytest.mark.parametrize(
     ("flags", "names"), [(["--samples", "0"], "--samples 0"), (["--seq-len", "0"], "--seq-len 0")]
 )
-def test_quantize_calibration_sizes_refused_up_front(int8_artifact: dict[str, Path], flags: list[str], names: str) -> None:
+def test_quantize_calibration_sizes_refused_up_front(
+    int8_artifact: dict[str, Path], flags: list[str], names: str
+) -> None:
     """`quantize --samples 0` / `--seq-len 0` got one message for both ("at least 1 sample of at least 8 tokens")
     after the tokenizer was loaded; each is refused up front, naming the option."""
     root = int8_artifact["root"]
