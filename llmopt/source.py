@@ -82,17 +82,14 @@ def check_safetensors(path: Path) -> None:
             "The download or copy is corrupt: fetch the model again.",
         ) from None
     end = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, stop = meta.get("data_offsets", (0, 0))
+    for name, begin, stop, shape, dtype in _header_entries(path, header):
         count = 1
-        for d in meta.get("shape", []):
-            count *= int(d)
-        width = _DTYPE_BYTES.get(meta.get("dtype", ""), 0)
+        for d in shape:
+            count *= d
+        width = _DTYPE_BYTES.get(dtype, 0)
         if width and stop - begin != count * width:
             raise ModelError(
-                f"{path}: tensor '{name}' has {stop - begin} bytes for shape {meta.get('shape')}.",
+                f"{path}: tensor '{name}' has {stop - begin} bytes for shape {shape}.",
                 "The file is corrupt: fetch the model again.",
             )
         end = max(end, stop)
@@ -146,6 +143,102 @@ def check_remote_code(folder: Path, trust_remote_code: bool, *, what: str = "mod
         )
 
 
+def _header_entries(path: Path, header: Any) -> list[tuple[str, int, int, list[int], str]]:
+    """(name, begin, end, shape, dtype) of every tensor; ModelError for a header of the wrong shape.
+
+    The header is JSON anyone can write: a list, a string entry or a shape of strings must be a clear refusal,
+    not a traceback from the arithmetic below.
+    """
+
+    def bad(why: str) -> ModelError:
+        return ModelError(
+            f"{path} is not a valid safetensors file: {why}.", "The file is corrupt or not safetensors: fetch it again."
+        )
+
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise bad(f"the entry of tensor '{name}' is a {type(meta).__name__}, not an object")
+        offsets, shape, dtype = meta.get("data_offsets"), meta.get("shape"), meta.get("dtype")
+        if not isinstance(dtype, str):
+            raise bad(f"tensor '{name}' has no dtype")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"tensor '{name}' has shape {shape!r}, not a list of non-negative integers")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad(f"tensor '{name}' has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        entries.append((str(name), offsets[0], offsets[1], shape, dtype))
+    return entries
+
+
+def check_pickle_weights(path: Path) -> None:
+    """Refuse a ``.bin`` checkpoint that torch's safe loader (``weights_only``) would refuse.
+
+    A pickle can name any Python callable; torch (and transformers) load checkpoints with ``weights_only=True``,
+    which refuses such files mid-load with a traceback. Checked here first, memory-mapped (tensor data is not
+    read), so the user gets one clear line.
+    """
+    try:
+        import pickle
+
+        import torch
+    except ImportError:
+        return  # nothing can load it here anyway; the backend check says what is missing
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # the legacy (non-zip) format cannot be memory-mapped
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise ModelError(
+            f"{path} is a pickle that torch's safe loader refuses (it names Python code, not only tensors"
+            + (f": {detail.strip()}" if detail else "")
+            + "); llmopt does not unpickle it.",
+            "Use the model's .safetensors weights, or convert this checkpoint to safetensors where you trust it.",
+        ) from None
+    except Exception as exc:
+        raise ModelError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0]}).",
+            "The download or copy is corrupt: fetch the model again.",
+        ) from None
+
+
+def check_architecture(folder: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    """A model_type this transformers does not know (and no trusted auto_map) is refused before loading."""
+    if trust_remote_code and remote_code(folder):
+        return
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+    arch = (config.get("architectures") or [None])[0]
+    what = f"model_type '{model_type}'" if model_type else "no model_type"
+    raise ModelError(
+        f"{folder}/config.json has {what}"
+        + (f" (architecture {arch})" if arch else "")
+        + ", which this version of transformers does not know.",
+        (f"Did you mean '{close[0]}'? " if close else "")
+        + "Fix config.json's model_type, upgrade transformers, or pick a model with a supported architecture.",
+    )
+
+
 def _load_config(folder: Path) -> dict[str, Any]:
     cfg = folder / "config.json"
     if not cfg.is_file():
@@ -176,12 +269,17 @@ def open_folder(
     for p in weights:
         if p.suffix == ".safetensors":
             check_safetensors(p)
+    if not any(p.suffix == ".safetensors" for p in weights):
+        # transformers reads .bin only when no safetensors is present; then each must unpickle safely
+        for p in weights:
+            check_pickle_weights(p)
     archs = config.get("architectures") or []
     if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise ModelError(
             f"{folder} holds a {archs[0]}, not a causal language model.",
             "llmopt quantizes causal LMs (…ForCausalLM); give such a model.",
         )
+    check_architecture(folder, config, trust_remote_code)
     return SourceModel(
         spec=spec or str(folder),
         path=folder,

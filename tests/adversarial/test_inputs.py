@@ -167,3 +167,92 @@ def test_quantize_calibration_sizes_refused_up_front(
     assert_refused(proc)
     assert names in proc.stderr
     assert not (root / "g").exists()
+
+
+def _raw_safetensors(path: Path, header: Any, data: bytes = b"\0" * 8) -> None:
+    import struct
+
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+@pytest.mark.parametrize(
+    ("header", "says"),
+    [
+        ([1, 2, 3], "header is a JSON list"),
+        ({"w": "F16"}, "entry of tensor 'w' is a str"),
+        ({"w": {"dtype": "F16", "shape": ["a"], "data_offsets": [0, 2]}}, "shape ['a']"),
+        ({"w": {"dtype": "F16", "shape": [1.5], "data_offsets": [0, 2]}}, "shape [1.5]"),
+        ({"w": {"dtype": "F16", "shape": [2]}}, "data_offsets None"),
+        ({"w": {"dtype": "F16", "shape": [2], "data_offsets": "0-4"}}, "data_offsets '0-4'"),
+        ({"w": {"shape": [2], "data_offsets": [0, 4]}}, "has no dtype"),
+        ("just a string", "header is a JSON str"),
+    ],
+    ids=["list", "non-dict-entry", "str-shape", "float-shape", "no-offsets", "str-offsets", "no-dtype", "string"],
+)
+def test_made_up_safetensors_header_is_refused(tmp_path: Path, header: Any, says: str) -> None:
+    """A made-up safetensors header (a JSON list, a non-dict entry, a non-integer shape) ended in exit 1 with a
+    traceback from the header check; it is a corrupt model file: exit 2, one line naming what is wrong."""
+    model = fake_model(tmp_path / "m")
+    _raw_safetensors(model / "model.safetensors", header)
+    proc = run_cli(["quantize", "m", "-m", "bnb-int8", "-o", "o"], cwd=tmp_path)
+    assert_refused(proc)
+    assert "model.safetensors is not a valid safetensors file" in proc.stderr and says in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+class _Hostile:
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> Any:
+        return (exec, (f"open({str(self.sentinel)!r}, 'w').write('unpickled')",))
+
+
+def test_pickle_only_checkpoint_is_refused_safely(tmp_path: Path) -> None:
+    """A pickle-only pytorch_model.bin whose pickle names Python code: torch's weights_only loader refuses it,
+    which surfaced as a traceback (exit 1). Now exit 2 saying so, and the pickle's code never runs."""
+    import torch
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    sentinel = tmp_path / "pickle-ran"
+    torch.save({"w": torch.zeros(4), "x": _Hostile(sentinel)}, model / "pytorch_model.bin")
+    proc = run_cli(["quantize", "m", "-m", "bnb-int8", "-o", "o"], cwd=tmp_path)
+    assert_refused(proc)
+    assert "pytorch_model.bin is a pickle that torch's safe loader refuses" in proc.stderr
+    assert "safetensors" in proc.stderr.split("  -> ")[-1]
+    assert not sentinel.exists()
+    assert not (tmp_path / "o").exists()
+
+
+def test_tensor_only_pickle_checkpoint_still_opens(tmp_path: Path) -> None:
+    """The pickle check refuses only what torch's safe loader refuses: a plain tensor .bin still opens."""
+    import torch
+
+    from llmopt.source import resolve
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    torch.save({"w": torch.zeros(4)}, model / "pytorch_model.bin")
+    assert [p.name for p in resolve(str(model)).weight_files] == ["pytorch_model.bin"]
+
+
+@pytest.mark.parametrize("model_type", ["foonet", "llamma", None])
+def test_unknown_architecture_is_refused(tmp_path: Path, model_type: str | None) -> None:
+    """An architecture transformers does not know ended in a traceback from inside transformers (exit 1);
+    it is refused before loading, with exit 2 (and a close name when there is one)."""
+    config = {**SMOLLM2_CONFIG, "architectures": ["FooNetForCausalLM"]}
+    if model_type:
+        config["model_type"] = model_type
+    else:
+        config.pop("model_type")
+    fake_model(tmp_path / "m", config)
+    proc = run_cli(["quantize", "m", "-m", "bnb-int8", "-o", "o"], cwd=tmp_path)
+    assert_refused(proc)
+    assert "which this version of transformers does not know" in proc.stderr
+    if model_type == "llamma":
+        assert "Did you mean 'llama'?" in proc.stderr
+    assert not (tmp_path / "o").exists()
