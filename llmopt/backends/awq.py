@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import quiet_gptqmodel
-from llmopt.backends._shapes import group_size_problem
+from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
 from llmopt.backends.gptq import _configure_gptqmodel_env, _save_tokenizer, validate_gptqmodel_architecture
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
@@ -79,8 +79,9 @@ class AWQBackend(Backend):
         sizes = GEMV_GROUP_SIZES if options.version == "gemv" else GROUP_SIZES
         if options.group_size not in sizes:
             raise OptionsError(
-                f"group size {options.group_size} is not one AWQ {options.version} kernels take.",
-                f"Use one of: {', '.join(str(s) for s in sizes)}.",
+                f"group size {options.group_size} is not one AWQ {options.version} kernels take "
+                f"({', '.join(str(s) for s in sizes)}).",
+                group_size_hint(source.config, tuple(s for s in sizes if s > 0)),
             )
         problem = group_size_problem(source.config, options.group_size)
         if problem:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import quiet_gptqmodel
-from llmopt.backends._shapes import group_size_problem
+from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
@@ -51,7 +51,10 @@ class GPTQBackend(Backend):
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, GPTQOptions)
         if options.group_size != -1 and options.group_size < 1:
-            raise OptionsError(f"group size {options.group_size} is not valid.", "Use -1, 32, 64 or 128.")
+            raise OptionsError(
+                f"group size {options.group_size} is not valid: a group has at least one weight, or -1 for whole rows.",
+                group_size_hint(source.config),
+            )
         problem = group_size_problem(source.config, options.group_size)
         if problem:
             raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")

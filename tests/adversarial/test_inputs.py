@@ -256,3 +256,48 @@ def test_unknown_architecture_is_refused(tmp_path: Path, model_type: str | None)
     if model_type == "llamma":
         assert "Did you mean 'llama'?" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("method", "size"), [("gptq", "0"), ("gptq", "-2"), ("awq", "0"), ("awq", "256")])
+def test_bad_group_size_suggests_only_sizes_that_divide(tmp_path: Path, method: str, size: str) -> None:
+    """`--group-size 0` suggested 128, which does not divide SmolLM2's 576-wide layers: the hint names only
+    sizes that divide every layer of this model (32, 64) and -1."""
+    fake_model(tmp_path / "m")
+    proc = run_cli(["quantize", "m", "-m", method, "-o", "o", "--group-size", size, "--calibration", "x"], cwd=tmp_path)
+    assert_refused(proc)
+    hint = proc.stderr.split("  -> ")[-1]
+    assert "32" in hint and "64" in hint and "-1" in hint
+    assert "128" not in hint and "256" not in hint
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["-m", "bnb-nf4", "--double-quant", "-O", "double_quant=false"], "--double-quant and -O double_quant=false"),
+        (["-m", "bnb-nf4", "--no-double-quant", "-O", "double-quant=true"], "--no-double-quant and -O"),
+        (["-m", "bnb-nf4", "--compute-dtype", "float16", "-O", "compute_dtype=float32"], "--compute-dtype float16"),
+        (["-m", "gptq", "--bits", "4", "-O", "bits=8"], "--bits 4 and -O bits=8"),
+        (["-m", "gptq", "-O", "bits=4", "-O", "bits=8"], "-O bits=4 and -O bits=8"),
+        (["-m", "awq", "--version", "gemm", "-O", "version=gemv"], "--version gemm and -O version=gemv"),
+    ],
+)
+def test_flag_and_option_conflicts_are_refused(tmp_path: Path, args: list[str], says: str) -> None:
+    """`--double-quant` together with `-O double_quant=false` resolved silently to the last one: every typed flag
+    against its -O key (and one -O key given twice) that disagree is refused."""
+    fake_model(tmp_path / "m")
+    proc = run_cli(["quantize", "m", "-o", "o", *args], cwd=tmp_path)
+    assert_refused(proc)
+    assert says in proc.stderr and "different values" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_flag_and_option_that_agree_are_one_option() -> None:
+    """The same value given as a flag and as -O is no conflict."""
+    from llmopt.cli.quantize import merge_options
+
+    flags = {"double_quant": True, "bits": 4, "group_size": None}
+    assert merge_options(flags, ["double_quant=true", "bits=4", "group_size=64"]) == {
+        "double_quant": True,
+        "bits": 4,
+        "group_size": 64,
+    }
