@@ -35,7 +35,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmopt._thirdparty import quiet_gptqmodel
 from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
-from llmopt.backends.gptq import _configure_gptqmodel_env, _save_tokenizer, validate_gptqmodel_architecture
+from llmopt.backends.gptq import (
+    _configure_gptqmodel_env,
+    _save_tokenizer,
+    strip_machine_specific,
+    validate_gptqmodel_architecture,
+)
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel
 
@@ -139,5 +144,6 @@ class AWQBackend(Backend):
             model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None, backend=kernel)
         with inputs.reporter.step("saving AWQ checkpoint"):
             model.save(str(inputs.out_dir))
+            strip_machine_specific(inputs.out_dir)
             _save_tokenizer(inputs)
         return {"packing_kernel": getattr(kernel, "value", str(kernel))}

@@ -301,3 +301,53 @@ def test_flag_and_option_that_agree_are_one_option() -> None:
         "bits": 4,
         "group_size": 64,
     }
+
+
+def _machine_free(folder: Path) -> dict[str, bytes]:
+    """Every model file (the manifest aside), after checking none names a temporary folder."""
+    import tempfile
+
+    temp = str(Path(tempfile.gettempdir()).resolve())
+    files = {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "llmopt.json"}
+    for name, blob in files.items():
+        if name.endswith((".json", ".csv")):
+            text = blob.decode()
+            assert "offload_to_disk_path" not in text, name
+            assert temp not in text, name
+    return files
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_artifacts_carry_nothing_machine_specific(tmp_path: Path, assets: dict[str, Path], method: str) -> None:
+    """GPTQ (and AWQ) artifacts' config.json / quantize_config.json carried GPTQModel's temporary
+    `offload_to_disk_path`, and quant_log.csv per-module timings in thread order, so two runs never gave
+    byte-identical artifacts. Now two runs give the same bytes, and the artifact still loads."""
+    from llmopt.api import quantize
+    from llmopt.runners.hf import HFRunner
+
+    model = first_layers(assets["model"], tmp_path / "m", 1)
+    runs = 2 if method == "gptq" else 1  # AWQ on CPU is slow (emulated fp16): one run, checked for paths
+    outs = []
+    for i in range(runs):
+        out = tmp_path / f"{method}{i}"
+        quantize(
+            str(model),
+            method,
+            out,
+            options={"group_size": 64},
+            calibration=str(assets["calibration_text"]),
+            samples=2,
+            seq_len=32,
+            device="cpu",
+        )
+        outs.append(_machine_free(out))
+    if runs == 2:
+        assert outs[0] == outs[1]
+    log = outs[0]["quant_log.csv"].decode().splitlines()
+    assert log[0].split(",")[:3] == ["layer", "module", "loss"] and "time" not in log[0].split(",")
+    runner = HFRunner(tmp_path / f"{method}0", "cpu", loader="gptqmodel")
+    try:
+        nll = runner.nll([list(range(100, 132))], [1])
+        assert len(nll[0]) == 31 and all(v == v for v in nll[0])
+    finally:
+        runner.close()
