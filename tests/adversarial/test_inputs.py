@@ -351,3 +351,77 @@ def test_artifacts_carry_nothing_machine_specific(tmp_path: Path, assets: dict[s
         assert len(nll[0]) == 31 and all(v == v for v in nll[0])
     finally:
         runner.close()
+
+
+def _worker_busy_while_main_waits(pid: int) -> bool:
+    """From /proc: the main thread sleeps while another thread of the process runs (a GPTQModel worker
+    inside torch), the moment at which an interrupt used to end in an abort."""
+    tasks = Path(f"/proc/{pid}/task")
+    try:
+        states = {int(t.name): (t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()}
+    except (OSError, IndexError, ValueError):
+        return False
+    return states.get(pid) == "S" and any(s == "R" for tid, s in states.items() if tid != pid)
+
+
+def _gptq_run(tmp_path: Path, out: str, interrupt_after: float | None) -> tuple[int, str, float]:
+    """Quantize the 4-layer cut with GPTQ as a real process; with ``interrupt_after``, SIGINT that many seconds
+    into the GPTQ step, at a moment a worker thread runs while the main thread waits. Returns the exit code,
+    stderr and the seconds the GPTQ step took (0 when it did not finish)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_WAIT_POLICY": "passive"}
+    args = ["quantize", "m", "-m", "gptq", "-o", out, "--group-size", "64", "--calibration", "calib.txt",
+            "--samples", "32", "--seq-len", "256", "--device", "cpu"]  # fmt: skip
+    err_path = tmp_path / f"{out}.err"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llmopt", *args], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=err_file
+        )
+        try:
+            deadline = time.time() + 600
+            while time.time() < deadline and proc.poll() is None and "GPTQ 4-bit" not in err_path.read_text():
+                time.sleep(0.05)
+            started = time.time()
+            if interrupt_after is not None:
+                time.sleep(interrupt_after)
+                while time.time() < deadline and proc.poll() is None and not _worker_busy_while_main_waits(proc.pid):
+                    time.sleep(0.01)
+                assert proc.poll() is None, "quantize finished before it could be interrupted"
+                proc.send_signal(signal.SIGINT)
+            gptq_seconds = None
+            while time.time() < deadline and proc.poll() is None:
+                if gptq_seconds is None and "saving GPTQ checkpoint" in err_path.read_text():
+                    gptq_seconds = time.time() - started
+                time.sleep(0.05)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return proc.returncode, err_path.read_text(), gptq_seconds or 0.0
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to see the worker threads")
+def test_sigint_mid_gptq_exits_130_cleanly(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """Ctrl-C during GPTQ quantize printed 'interrupted', removed staging, then aborted (exit 134, "terminate
+    called without an active exception"): GPTQModel's daemon worker threads were still inside torch (packing
+    the last layer) when the interpreter finalized. A SIGINT late in the GPTQ step, while a worker runs, now
+    exits 130 with no abort and nothing left behind."""
+    import shutil
+
+    first_layers(assets["model"], tmp_path / "m", 4)
+    shutil.copy(assets["calibration_text"], tmp_path / "calib.txt")
+    code, err, gptq_seconds = _gptq_run(tmp_path, "full", None)  # how long the GPTQ step takes on this machine
+    assert code == 0, err[-3000:]
+    assert gptq_seconds > 0
+    code, err, _ = _gptq_run(tmp_path, "out", 0.95 * gptq_seconds)
+    assert code == 130, err[-3000:]
+    assert "interrupted: nothing was written" in err
+    assert "terminate called" not in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
