@@ -337,8 +337,9 @@ def evaluate(
     art_result["path"] = str(art.path)
     art_result["backend"] = art.manifest.backend
     art_result["format"] = art.manifest.format
-    settings["dtype"] = art_result.pop("dtype")
-    base_result.pop("dtype", None)
+    # The artifact's dtype heads the report; each side keeps what it really computed in (``dtype``, and
+    # ``compute`` where one dtype does not say it all, e.g. bitsandbytes), since the two can differ.
+    settings["dtype"] = art_result["dtype"]
 
     delta_pct, delta_stderr = paired_delta(art_result["window_nll"], base_result["window_nll"], windows_tokens)
     report: dict[str, Any] = {
@@ -421,6 +422,9 @@ def _score_model(
         kern = getattr(runner, "kernel", None)
         if kern:
             out["kernel"] = kern
+        compute = getattr(runner, "compute", None)
+        if compute:
+            out["compute"] = compute
         placement = getattr(runner, "placement", None)
         if placement is not None:
             out["placement"] = placement.record()

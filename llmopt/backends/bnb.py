@@ -27,7 +27,11 @@ class BnbInt8Options(BaseModel):
 class Bnb4bitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA's default).")
-    compute_dtype: ComputeDtype = Field("auto", description="Matmul dtype; auto = float16 on GPU, float32 on CPU.")
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="Matmul dtype stored in the checkpoint for whoever loads it; auto = float16 (what GPU users "
+        "want), wherever it is made. llmopt's CPU runner computes in float32 regardless.",
+    )
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept unquantized.")
 
 
@@ -39,9 +43,9 @@ _REQS = (
 
 
 def resolve_compute_dtype(name: str, device: str) -> str:
-    if name != "auto":
-        return name
-    return "float32" if device == "cpu" else "float16"
+    # The stored dtype serves the checkpoint's users, mostly on GPUs: one made on a CPU used to store float32,
+    # giving GPU users float32 matmuls. Quantizing does no matmul, so the machine it runs on does not matter.
+    return "float16" if name == "auto" else name
 
 
 def _probe(device: str, four_bit: bool) -> None:

@@ -55,6 +55,9 @@ def render_eval(report: dict[str, Any]) -> None:
         f"{a['eval_seconds']:.1f} s",
     )
     stdout.print(table)
+    if a.get("compute"):
+        c = a["compute"]
+        stdout.print(f"artifact arithmetic: unquantized tensors {c.get('unquantized')}; {c.get('matmul', '')}")
     gate = report["gate"]
     if not gate["checks"]:
         stdout.print("gate: no thresholds set")

@@ -425,3 +425,76 @@ def test_sigint_mid_gptq_exits_130_cleanly(tmp_path: Path, assets: dict[str, Pat
     assert "terminate called" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.*"))
+
+
+def _bnb_cpu_dtypes(path: Path) -> tuple[Any, set[str], set[str]]:
+    """(runner.compute, dtypes of unquantized float params, dtypes entering/leaving the quantized layers)."""
+    import torch
+
+    from llmopt.runners.hf import HFRunner
+
+    runner = HFRunner(path, "cpu")
+    try:
+        params = {
+            str(p.dtype)
+            for p in runner.model.parameters()
+            if type(p).__name__ not in ("Int8Params", "Params4bit") and p.is_floating_point()
+        }
+        seen: set[str] = set()
+        hooks = [
+            m.register_forward_hook(lambda _m, i, o: seen.update({str(i[0].dtype), str(o.dtype)}))
+            for m in runner.model.modules()
+            if type(m).__name__ in ("Linear8bitLt", "Linear4bit")
+        ]
+        with torch.no_grad():
+            runner.model(input_ids=torch.arange(100, 132).unsqueeze(0))
+        for h in hooks:
+            h.remove()
+        return runner.compute, params, seen
+    finally:
+        runner.close()
+
+
+def test_bnb_int8_on_cpu_computes_in_the_float32_it_reports(int8_artifact: dict[str, Path]) -> None:
+    """'float32' was printed for bitsandbytes evaluations while transformers kept their unquantized weights in
+    float16, so the whole forward ran in float16 (CPU-dependent rounding: +1.77% on one CPU, +2.21% on another).
+    Now the unquantized tensors and activations are float32, and the runner says what the int8 matmul does."""
+    compute, params, seen = _bnb_cpu_dtypes(int8_artifact["artifact"])
+    assert params == {"torch.float32"}
+    assert seen == {"torch.float32"}
+    assert compute is not None and compute["unquantized"] == "float32" and "int8" in compute["matmul"]
+
+
+def test_eval_report_records_each_sides_compute(int8_artifact: dict[str, Path]) -> None:
+    """The report keeps per side what was computed in (the baseline's dtype was dropped, the artifact's moved)."""
+    from llmopt.api import evaluate
+
+    report = evaluate(
+        int8_artifact["artifact"],
+        str(int8_artifact["model"]),
+        str(int8_artifact["text"]),
+        context_length=64,
+        max_tokens=200,
+        device="cpu",
+        use_cache=False,
+        write_manifest=False,
+    )
+    assert report["settings"]["dtype"] == "float32"
+    assert report["baseline"]["dtype"] == "float32" and report["artifact"]["dtype"] == "float32"
+    assert report["artifact"]["compute"]["unquantized"] == "float32"
+    assert "LLM.int8()" in report["artifact"]["compute"]["matmul"]
+
+
+def test_nf4_made_on_cpu_stores_float16_compute_and_scores_in_float32(
+    int8_artifact: dict[str, Path], tmp_path: Path
+) -> None:
+    """NF4 made on CPU stored `bnb_4bit_compute_dtype: float32`, so GPU users got float32 matmuls: the checkpoint
+    now stores float16 (what a GPU user wants), and llmopt's CPU runner still computes in float32."""
+    from llmopt.api import quantize
+
+    quantize(str(int8_artifact["model"]), "bnb-nf4", tmp_path / "nf4", device="cpu")
+    qcfg = json.loads((tmp_path / "nf4" / "config.json").read_text())["quantization_config"]
+    assert qcfg["bnb_4bit_compute_dtype"] == "float16"
+    compute, params, seen = _bnb_cpu_dtypes(tmp_path / "nf4")
+    assert params == {"torch.float32"} and seen == {"torch.float32"}
+    assert compute is not None and "float32 matmul" in compute["matmul"]
