@@ -498,3 +498,35 @@ def test_nf4_made_on_cpu_stores_float16_compute_and_scores_in_float32(
     compute, params, seen = _bnb_cpu_dtypes(tmp_path / "nf4")
     assert params == {"torch.float32"} and seen == {"torch.float32"}
     assert compute is not None and "float32 matmul" in compute["matmul"]
+
+
+def test_recipe_refuses_remote_code_unless_its_key_allows_it(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """`llmopt run` on a recipe whose model has its own code: refused (exit 2, nothing imported) unless the
+    recipe says `model.trust_remote_code: true`; then the variant is quantized and its manifest records it."""
+    (tmp_path / "fx").mkdir()
+    remote_code_folder(tmp_path / "fx" / "remote", tmp_path, base=assets["model"])
+    recipe = f"""\
+name: remote
+model:
+  source: fx/remote
+evaluation:
+  dataset: {assets["eval_text"]}
+  context_length: 64
+  max_tokens: 200
+  device: cpu
+variants:
+  - name: int8
+    method: bnb-int8
+"""
+    (tmp_path / "r.yaml").write_text(recipe)
+    proc = run_cli(["run", "r.yaml", "-o", "runs"], cwd=tmp_path, stdin="y\n" * 50)
+    assert_refused(proc)
+    assert "model.trust_remote_code: true" in proc.stderr
+    assert not (tmp_path / "configuration-ran").exists()
+
+    trusted = recipe.replace("  source: fx/remote\n", "  source: fx/remote\n  trust_remote_code: true\n")
+    (tmp_path / "r.yaml").write_text(trusted)
+    proc = run_cli(["run", "r.yaml", "-o", "runs", "-q"], cwd=tmp_path)
+    assert proc.returncode in (0, 3), proc.stderr[-3000:]
+    manifests = list((tmp_path / "runs").rglob("llmopt.json"))
+    assert manifests and json.loads(manifests[0].read_text())["options"]["_resolved"]["trust_remote_code"] is True
