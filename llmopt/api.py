@@ -155,13 +155,17 @@ def quantize(
     overwrite: bool = False,
     recipe: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> Artifact:
     """Quantize ``model`` with backend ``method`` into the artifact folder ``output``.
 
     Everything cheap is checked first (backend usable, options, output folder, model files, group
     sizes, calibration text); the folder appears only when complete, manifest included.
+    A model folder with its own Python code (``auto_map``) is refused unless ``trust_remote_code``; when
+    allowed, the manifest records it (``options._resolved.trust_remote_code``).
     """
     from llmopt.backends.base import QuantizeInputs, get_backend
+    from llmopt.data import check_calibration_settings
     from llmopt.environment import environment
     from llmopt.placement import resolve_target
     from llmopt.source import resolve
@@ -170,7 +174,9 @@ def quantize(
     out = Path(output)  # absolute and checked by @_guarded_output
     backend = get_backend(method)
     opts = backend.parse_options(options or {})
-    source = resolve(model)
+    if backend.wants_calibration(opts):
+        check_calibration_settings(samples, seq_len)
+    source = resolve(model, trust_remote_code=trust_remote_code)
     # a Hub id or a .gguf file resolves to a folder of its own (the Hub or llmopt cache): keep out of it too
     check_output(out, [*_input_paths(model, calibration, opts), source.path], overwrite=overwrite)
     target = resolve_target(device)
@@ -188,7 +194,7 @@ def quantize(
 
         from llmopt.data import calibration_set
 
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
         calib = calibration_set(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
 
     for stale in sweep_stale_partials(out):
@@ -208,6 +214,8 @@ def quantize(
             )
         )
         placement = extra.pop("placement", None) if isinstance(extra, dict) else None
+        if trust_remote_code:
+            extra = {**(extra or {}), "trust_remote_code": True}
         elapsed = time.perf_counter() - start
         interrupt.check()  # an interrupt swallowed inside the backend must not yield an artifact
         with rep.step("hashing files and writing llmopt.json"):
@@ -269,6 +277,7 @@ def evaluate(
     use_cache: bool = True,
     write_manifest: bool = True,
     reporter: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
 
@@ -283,10 +292,11 @@ def evaluate(
     from llmopt.data import load_text
     from llmopt.environment import device_name, environment
     from llmopt.evaluate import baseline as baseline_cache
-    from llmopt.evaluate.perplexity import make_windows, paired_delta
+    from llmopt.evaluate.perplexity import check_settings, make_windows, paired_delta
     from llmopt.placement import resolve_target
-    from llmopt.source import resolve
+    from llmopt.source import check_remote_code, resolve
 
+    check_settings(context_length, stride, batch_size, add_bos=add_bos, max_tokens=max_tokens)
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
     if write_manifest and not os.access(art.path, os.W_OK | os.X_OK):
@@ -298,18 +308,17 @@ def evaluate(
         )
     with rep.step("checking artifact hashes"):
         art.require_intact()
-    base = resolve(baseline)
+    check_remote_code(art.path, trust_remote_code, what="artifact")
+    base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(dataset)
     if stride is None:
         stride = context_length
-    if max_tokens is not None and max_tokens < 2:
-        raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
 
-    base_tok = AutoTokenizer.from_pretrained(base.path)
+    base_tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
     ids_all = _tokenize(base_tok, text)
     ids = ids_all[:max_tokens] if max_tokens else ids_all
     try:
-        art_tok = AutoTokenizer.from_pretrained(art.path)
+        art_tok = AutoTokenizer.from_pretrained(art.path, trust_remote_code=trust_remote_code)
     except Exception as exc:
         raise TokenizerMismatchError(
             f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
@@ -363,7 +372,9 @@ def evaluate(
         base_result["cached"] = True
         rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
     else:
-        base_result = _score_model("hf", base.path, windows, target.spec, batch_size, kernel, rep, "FP16 baseline")
+        base_result = _score_model(
+            "hf", base.path, windows, target.spec, batch_size, kernel, rep, "FP16 baseline", trust_remote_code
+        )
         base_result["size_bytes"] = base.size_bytes()
         base_result["model"] = baseline
         if use_cache:
@@ -381,13 +392,15 @@ def evaluate(
         kernel,
         rep,
         f"artifact ({art.manifest.backend})",
+        trust_remote_code,
     )
     art_result["size_bytes"] = art.size_bytes()
     art_result["path"] = str(art.path)
     art_result["backend"] = art.manifest.backend
     art_result["format"] = art.manifest.format
-    settings["dtype"] = art_result.pop("dtype")
-    base_result.pop("dtype", None)
+    # The artifact's dtype heads the report; each side keeps what it really computed in (``dtype``, and
+    # ``compute`` where one dtype does not say it all, e.g. bitsandbytes), since the two can differ.
+    settings["dtype"] = art_result["dtype"]
 
     delta_pct, delta_stderr = paired_delta(art_result["window_nll"], base_result["window_nll"], windows_tokens)
     report: dict[str, Any] = {
@@ -405,9 +418,25 @@ def evaluate(
         from llmopt.evaluate.throughput import bench_model, throughput_section
 
         speed = throughput.resolved(dev)
-        base_speed = bench_model(base.path, target.spec, speed, runner_kind="hf", label="FP16 baseline", reporter=rep)
+        base_speed = bench_model(
+            base.path,
+            target.spec,
+            speed,
+            runner_kind="hf",
+            label="FP16 baseline",
+            reporter=rep,
+            trust_remote_code=trust_remote_code,
+        )
         runner_kind = art.manifest.runner
-        art_speed = bench_model(art.path, target.spec, speed, runner_kind=runner_kind, kernel=kernel, reporter=rep)
+        art_speed = bench_model(
+            art.path,
+            target.spec,
+            speed,
+            runner_kind=runner_kind,
+            kernel=kernel,
+            reporter=rep,
+            trust_remote_code=trust_remote_code,
+        )
         report["throughput"] = throughput_section(base_speed, art_speed, speed, dev)
     result = apply_gate(gate or GateSpec(), report)
     report["gate"] = result.model_dump(mode="json")
@@ -429,12 +458,13 @@ def _score_model(
     kernel: str | None,
     reporter: Reporter,
     label: str,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     from llmopt.evaluate.perplexity import score
     from llmopt.runners import load_runner
 
     with reporter.step(f"loading {label}"):
-        runner = load_runner(runner_kind, path, device, kernel=kernel)
+        runner = load_runner(runner_kind, path, device, kernel=kernel, trust_remote_code=trust_remote_code)
     try:
         start = time.perf_counter()
         with reporter.step(f"perplexity of {label} ({len(windows)} windows)", total=len(windows)) as step:
@@ -453,6 +483,9 @@ def _score_model(
         kern = getattr(runner, "kernel", None)
         if kern:
             out["kernel"] = kern
+        compute = getattr(runner, "compute", None)
+        if compute:
+            out["compute"] = compute
         placement = getattr(runner, "placement", None)
         if placement is not None:
             out["placement"] = placement.record()

@@ -115,12 +115,19 @@ def _named(name: str, purpose: str) -> str:
     return "\n\n".join(t for t in ds["text"] if t)
 
 
+def check_calibration_settings(samples: int, seq_len: int) -> None:
+    """Refuse calibration sizes that cannot work, before the model or the text is read."""
+    if samples < 1:
+        raise DataError(f"--samples {samples} must be at least 1.", "Pass --samples 1 or more (default 128).")
+    if seq_len < 8:
+        raise DataError(f"--seq-len {seq_len} must be at least 8 tokens.", "Pass --seq-len 8 or more (default 512).")
+
+
 def calibration_set(
     tokenizer: Any, spec: str, *, samples: int, seq_len: int, seed: int = 0
 ) -> CalibrationSet:
     """``samples`` distinct slices of ``seq_len`` tokens from the text, chosen with a fixed seed."""
-    if samples < 1 or seq_len < 8:
-        raise DataError("calibration needs at least 1 sample of at least 8 tokens.", "Raise --samples/--seq-len.")
+    check_calibration_settings(samples, seq_len)
     text = load_text(spec, purpose="calibration")
     ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
     available = len(ids) // seq_len

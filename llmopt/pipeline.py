@@ -252,7 +252,7 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
 
         ctx.org = hub.ensure_ready(recipe.publish.organization if recipe.publish else None)
     with reporter.step("checking the model and the texts"):
-        source = resolve(recipe.model.source, recipe.model.revision)
+        source = resolve(recipe.model.source, recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
         if recipe.model.revision is not None:
             # api.quantize/evaluate take a model spec without a revision: hand them the snapshot folder of
             # that revision; the Hub id and revision stay recorded in the manifest's recipe record.
@@ -479,6 +479,7 @@ def _quantized(ctx: _Context, variant: VariantSpec) -> tuple[Artifact, bool, str
         overwrite=True,  # only reached when the folder is missing, unfinished or out of date
         recipe=ctx.record(variant),
         reporter=ctx.reporter,
+        trust_remote_code=ctx.recipe.model.trust_remote_code,
     )
     return art, False, reason
 
@@ -552,6 +553,7 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
         kernel=ev.kernel,
         throughput=ev.throughput,
         reporter=ctx.reporter,
+        trust_remote_code=ctx.recipe.model.trust_remote_code,
     )
     return report, False
 

@@ -67,6 +67,10 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     source: str = Field(description="A Hugging Face model folder, a .gguf file, or a Hub id (org/name).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a Hub id.")
+    trust_remote_code: bool = Field(
+        False,
+        description="Allow the model's own Python code (config auto_map) to run; default: such models are refused.",
+    )
 
 
 class CalibrationSpec(_Strict):

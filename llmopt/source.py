@@ -34,6 +34,8 @@ class SourceModel:
     config: dict[str, Any]
     revision: str | None = None
     weight_files: list[Path] = field(default_factory=list)
+    # The user allowed the folder's own Python code (auto_map) to run; every loader is told so explicitly.
+    trust_remote_code: bool = False
     _weights_sha256: dict[str, str] | None = None
 
     @property
@@ -80,17 +82,14 @@ def check_safetensors(path: Path) -> None:
             "The download or copy is corrupt: fetch the model again.",
         ) from None
     end = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        begin, stop = meta.get("data_offsets", (0, 0))
+    for name, begin, stop, shape, dtype in _header_entries(path, header):
         count = 1
-        for d in meta.get("shape", []):
-            count *= int(d)
-        width = _DTYPE_BYTES.get(meta.get("dtype", ""), 0)
+        for d in shape:
+            count *= d
+        width = _DTYPE_BYTES.get(dtype, 0)
         if width and stop - begin != count * width:
             raise ModelError(
-                f"{path}: tensor '{name}' has {stop - begin} bytes for shape {meta.get('shape')}.",
+                f"{path}: tensor '{name}' has {stop - begin} bytes for shape {shape}.",
                 "The file is corrupt: fetch the model again.",
             )
         end = max(end, stop)
@@ -100,6 +99,144 @@ def check_safetensors(path: Path) -> None:
             f"{path} is truncated: its header describes {expected:,} bytes but the file has {size:,}.",
             "The download or copy did not finish: fetch the model again.",
         )
+
+
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json")
+
+
+def remote_code(folder: Path) -> list[str]:
+    """The ``auto_map`` entries of a model folder's configs: Python code transformers would import from it.
+
+    Without an explicit ``trust_remote_code`` transformers decides by asking on stdin ("[y/N]"), so a piped
+    ``yes`` or a stray "y" would run that code: llmopt refuses such a folder unless the user opted in.
+    """
+    found: list[str] = []
+    for name in _CODE_CONFIGS:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if not auto_map:
+            continue
+        items = auto_map.values() if isinstance(auto_map, dict) else [auto_map]
+        for value in items:
+            for ref in value if isinstance(value, list | tuple) else [value]:
+                if isinstance(ref, str) and ref not in found:
+                    found.append(ref)
+    return found
+
+
+def check_remote_code(folder: Path, trust_remote_code: bool, *, what: str = "model folder") -> None:
+    """Refuse (exit 2) a folder that declares its own Python code, unless ``trust_remote_code``."""
+    refs = remote_code(folder)
+    if refs and not trust_remote_code:
+        modules = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})
+        raise ModelError(
+            f"the {what} {folder} declares its own Python code (auto_map: {', '.join(refs[:4])}), which "
+            "loading it would run; llmopt does not run a model's code unless asked.",
+            f"Read {', '.join(modules[:4])} first; if you trust it, pass --trust-remote-code "
+            "(recipe: model.trust_remote_code: true).",
+        )
+
+
+def _header_entries(path: Path, header: Any) -> list[tuple[str, int, int, list[int], str]]:
+    """(name, begin, end, shape, dtype) of every tensor; ModelError for a header of the wrong shape.
+
+    The header is JSON anyone can write: a list, a string entry or a shape of strings must be a clear refusal,
+    not a traceback from the arithmetic below.
+    """
+
+    def bad(why: str) -> ModelError:
+        return ModelError(
+            f"{path} is not a valid safetensors file: {why}.", "The file is corrupt or not safetensors: fetch it again."
+        )
+
+    if not isinstance(header, dict):
+        raise bad(f"its header is a JSON {type(header).__name__}, not an object")
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict):
+            raise bad(f"the entry of tensor '{name}' is a {type(meta).__name__}, not an object")
+        offsets, shape, dtype = meta.get("data_offsets"), meta.get("shape"), meta.get("dtype")
+        if not isinstance(dtype, str):
+            raise bad(f"tensor '{name}' has no dtype")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise bad(f"tensor '{name}' has shape {shape!r}, not a list of non-negative integers")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise bad(f"tensor '{name}' has data_offsets {offsets!r}, not [begin, end] with 0 <= begin <= end")
+        entries.append((str(name), offsets[0], offsets[1], shape, dtype))
+    return entries
+
+
+def check_pickle_weights(path: Path) -> None:
+    """Refuse a ``.bin`` checkpoint that torch's safe loader (``weights_only``) would refuse.
+
+    A pickle can name any Python callable; torch (and transformers) load checkpoints with ``weights_only=True``,
+    which refuses such files mid-load with a traceback. Checked here first, memory-mapped (tensor data is not
+    read), so the user gets one clear line.
+    """
+    try:
+        import pickle
+
+        import torch
+    except ImportError:
+        return  # nothing can load it here anyway; the backend check says what is missing
+    try:
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # the legacy (non-zip) format cannot be memory-mapped
+                raise
+            torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = next((line for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise ModelError(
+            f"{path} is a pickle that torch's safe loader refuses (it names Python code, not only tensors"
+            + (f": {detail.strip()}" if detail else "")
+            + "); llmopt does not unpickle it.",
+            "Use the model's .safetensors weights, or convert this checkpoint to safetensors where you trust it.",
+        ) from None
+    except Exception as exc:
+        raise ModelError(
+            f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {(str(exc) or '?').splitlines()[0]}).",
+            "The download or copy is corrupt: fetch the model again.",
+        ) from None
+
+
+def check_architecture(folder: Path, config: dict[str, Any], trust_remote_code: bool) -> None:
+    """A model_type this transformers does not know (and no trusted auto_map) is refused before loading."""
+    if trust_remote_code and remote_code(folder):
+        return
+    try:
+        from transformers import CONFIG_MAPPING
+    except ImportError:
+        return
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=1)
+    arch = (config.get("architectures") or [None])[0]
+    what = f"model_type '{model_type}'" if model_type else "no model_type"
+    raise ModelError(
+        f"{folder}/config.json has {what}"
+        + (f" (architecture {arch})" if arch else "")
+        + ", which this version of transformers does not know.",
+        (f"Did you mean '{close[0]}'? " if close else "")
+        + "Fix config.json's model_type, upgrade transformers, or pick a model with a supported architecture.",
+    )
 
 
 def _load_config(folder: Path) -> dict[str, Any]:
@@ -118,8 +255,11 @@ def _load_config(folder: Path) -> dict[str, Any]:
     return data
 
 
-def open_folder(folder: Path, spec: str | None = None, revision: str | None = None) -> SourceModel:
+def open_folder(
+    folder: Path, spec: str | None = None, revision: str | None = None, *, trust_remote_code: bool = False
+) -> SourceModel:
     config = _load_config(folder)
+    check_remote_code(folder, trust_remote_code)
     weights = sorted(p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not weights:
         raise ModelError(
@@ -129,13 +269,25 @@ def open_folder(folder: Path, spec: str | None = None, revision: str | None = No
     for p in weights:
         if p.suffix == ".safetensors":
             check_safetensors(p)
+    if not any(p.suffix == ".safetensors" for p in weights):
+        # transformers reads .bin only when no safetensors is present; then each must unpickle safely
+        for p in weights:
+            check_pickle_weights(p)
     archs = config.get("architectures") or []
     if archs and not any(str(a).endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs):
         raise ModelError(
             f"{folder} holds a {archs[0]}, not a causal language model.",
             "llmopt quantizes causal LMs (…ForCausalLM); give such a model.",
         )
-    return SourceModel(spec=spec or str(folder), path=folder, config=config, revision=revision, weight_files=weights)
+    check_architecture(folder, config, trust_remote_code)
+    return SourceModel(
+        spec=spec or str(folder),
+        path=folder,
+        config=config,
+        revision=revision,
+        weight_files=weights,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 def check_gguf_magic(path: Path) -> None:
@@ -207,24 +359,28 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve(spec: str, revision: str | None = None) -> SourceModel:
-    """Turn what the user typed into a local, checked model folder."""
+def resolve(spec: str, revision: str | None = None, *, trust_remote_code: bool = False) -> SourceModel:
+    """Turn what the user typed into a local, checked model folder.
+
+    A folder that declares its own Python code (``auto_map``) is refused unless ``trust_remote_code``.
+    """
     path = Path(spec).expanduser()
     if path.is_dir():
-        return open_folder(path, spec=spec, revision=revision)
+        return open_folder(path, spec=spec, revision=revision, trust_remote_code=trust_remote_code)
     if path.is_file():
         if path.suffix == ".gguf":
             check_gguf_magic(path)
             folder = gguf_to_folder(path)
             return open_folder(folder, spec=spec)
         if path.name == "config.json":
-            return open_folder(path.parent, spec=spec)
+            return open_folder(path.parent, spec=spec, trust_remote_code=trust_remote_code)
         raise ModelError(
             f"{spec} is a file, not a model.",
             "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",
         )
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        return open_folder(_download(spec, revision), spec=spec, revision=revision)
+        folder = _download(spec, revision)
+        return open_folder(folder, spec=spec, revision=revision, trust_remote_code=trust_remote_code)
     raise ModelError(
         f"{spec} does not exist.",
         "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",

@@ -26,6 +26,22 @@ def linear_input_dims(config: dict[str, Any]) -> dict[str, int]:
     return dims
 
 
+def dividing_group_sizes(config: dict[str, Any], candidates: tuple[int, ...] = (32, 64, 128, 256)) -> list[int]:
+    """The ``candidates`` that divide the input width of every linear layer (all of them when widths are unknown)."""
+    common = 0
+    for width in linear_input_dims(config).values():
+        common = math.gcd(common, width)
+    return [g for g in candidates if common % g == 0]
+
+
+def group_size_hint(config: dict[str, Any], candidates: tuple[int, ...] = (32, 64, 128, 256)) -> str:
+    """What to pass instead of a bad group size: only sizes that fit this model."""
+    good = dividing_group_sizes(config, candidates)
+    if not good:
+        return "Use --group-size -1 (one group per row)."
+    return f"Use --group-size {' or '.join(str(g) for g in good)}, or -1 (one group per row)."
+
+
 def group_size_problem(config: dict[str, Any], group_size: int) -> str | None:
     """A message naming the first layer whose input the group size does not divide, or None."""
     if group_size == -1:
@@ -33,10 +49,7 @@ def group_size_problem(config: dict[str, Any], group_size: int) -> str | None:
     dims = linear_input_dims(config)
     for layer, width in dims.items():
         if width % group_size:
-            common = 0
-            for w in dims.values():
-                common = math.gcd(common, w)
-            good = [g for g in (32, 64, 128, 256) if common % g == 0]
+            good = dividing_group_sizes(config)
             options = ", ".join(str(g) for g in good) if good else "none of 32/64/128/256"
             return (
                 f"group size {group_size} does not divide the input width {width} of {layer} "

@@ -33,9 +33,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import quiet_gptqmodel
-from llmopt.backends._shapes import group_size_problem
+from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
-from llmopt.backends.gptq import _configure_gptqmodel_env, _save_tokenizer, validate_gptqmodel_architecture
+from llmopt.backends.gptq import (
+    _configure_gptqmodel_env,
+    _save_tokenizer,
+    strip_machine_specific,
+    validate_gptqmodel_architecture,
+)
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel
 
@@ -79,8 +84,9 @@ class AWQBackend(Backend):
         sizes = GEMV_GROUP_SIZES if options.version == "gemv" else GROUP_SIZES
         if options.group_size not in sizes:
             raise OptionsError(
-                f"group size {options.group_size} is not one AWQ {options.version} kernels take.",
-                f"Use one of: {', '.join(str(s) for s in sizes)}.",
+                f"group size {options.group_size} is not one AWQ {options.version} kernels take "
+                f"({', '.join(str(s) for s in sizes)}).",
+                group_size_hint(source.config, tuple(s for s in sizes if s > 0)),
             )
         problem = group_size_problem(source.config, options.group_size)
         if problem:
@@ -126,12 +132,18 @@ class AWQBackend(Backend):
         kernel = BACKEND.AWQ_TORCH if inputs.device == "cpu" else BACKEND.AUTO
         with inputs.reporter.step("loading model for AWQ"):
             model = GPTQModel.load(
-                str(inputs.source.path), qcfg, device=inputs.device, dtype=getattr(torch, opts.dtype), backend=kernel
+                str(inputs.source.path),
+                qcfg,
+                device=inputs.device,
+                dtype=getattr(torch, opts.dtype),
+                backend=kernel,
+                trust_remote_code=inputs.source.trust_remote_code,
             )
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
         with inputs.reporter.step(f"AWQ 4-bit g{opts.group_size} on {len(calib)} samples"):
             model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None, backend=kernel)
         with inputs.reporter.step("saving AWQ checkpoint"):
             model.save(str(inputs.out_dir))
+            strip_machine_specific(inputs.out_dir)
             _save_tokenizer(inputs)
         return {"packing_kernel": getattr(kernel, "value", str(kernel))}

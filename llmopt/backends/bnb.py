@@ -27,7 +27,11 @@ class BnbInt8Options(BaseModel):
 class Bnb4bitOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA's default).")
-    compute_dtype: ComputeDtype = Field("auto", description="Matmul dtype; auto = float16 on GPU, float32 on CPU.")
+    compute_dtype: ComputeDtype = Field(
+        "auto",
+        description="Matmul dtype stored in the checkpoint for whoever loads it; auto = float16 (what GPU users "
+        "want), wherever it is made. llmopt's CPU runner computes in float32 regardless.",
+    )
     skip_modules: list[str] = Field(default_factory=lambda: ["lm_head"], description="Modules kept unquantized.")
 
 
@@ -39,9 +43,9 @@ _REQS = (
 
 
 def resolve_compute_dtype(name: str, device: str) -> str:
-    if name != "auto":
-        return name
-    return "float32" if device == "cpu" else "float16"
+    # The stored dtype serves the checkpoint's users, mostly on GPUs: one made on a CPU used to store float32,
+    # giving GPU users float32 matmuls. Quantizing does no matmul, so the machine it runs on does not matter.
+    return "float16" if name == "auto" else name
 
 
 def _probe(device: str, four_bit: bool) -> None:
@@ -99,6 +103,7 @@ class _BnbBackend(Backend):
         from llmopt.placement import Placement, observed_layers, plan_placement
 
         qcfg, compute = self._quant_config(inputs.options, inputs.device)
+        trust = inputs.source.trust_remote_code
         # bitsandbytes quantizes each weight as it is loaded onto its GPU, so a model split over several
         # GPUs (transformers device_map) is quantized there in place: planned on the fp16 source's sizes.
         placement = (
@@ -114,12 +119,13 @@ class _BnbBackend(Backend):
                 quantization_config=qcfg,
                 dtype=torch.float16,
                 device_map=placement.transformers_device_map(),
+                trust_remote_code=trust,
             )
         if placement.mode == "split":
             placement.layers_per_device = observed_layers(model)
         with inputs.reporter.step("saving bitsandbytes checkpoint"):
             model.save_pretrained(inputs.out_dir)
-            AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)
+            AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=trust).save_pretrained(inputs.out_dir)
         return {"compute_dtype": compute, "placement": placement.record()}
 
 

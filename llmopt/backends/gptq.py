@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import quiet_gptqmodel
-from llmopt.backends._shapes import group_size_problem
+from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
@@ -51,7 +51,10 @@ class GPTQBackend(Backend):
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, GPTQOptions)
         if options.group_size != -1 and options.group_size < 1:
-            raise OptionsError(f"group size {options.group_size} is not valid.", "Use -1, 32, 64 or 128.")
+            raise OptionsError(
+                f"group size {options.group_size} is not valid: a group has at least one weight, or -1 for whole rows.",
+                group_size_hint(source.config),
+            )
         problem = group_size_problem(source.config, options.group_size)
         if problem:
             raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
@@ -80,7 +83,13 @@ class GPTQBackend(Backend):
         # than fp32 (measured: 45 min for 6 of 30 SmolLM2 layers). fp32 is also the more exact Hessian.
         dtype: Any = torch.float32 if inputs.device == "cpu" else "auto"
         with inputs.reporter.step("loading model for GPTQ"):
-            model = GPTQModel.load(str(inputs.source.path), qcfg, device=inputs.device, dtype=dtype)
+            model = GPTQModel.load(
+                str(inputs.source.path),
+                qcfg,
+                device=inputs.device,
+                dtype=dtype,
+                trust_remote_code=inputs.source.trust_remote_code,
+            )
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
         with inputs.reporter.step(f"GPTQ {opts.bits}-bit g{opts.group_size} on {len(calib)} samples"):
             model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None)
@@ -88,6 +97,7 @@ class GPTQBackend(Backend):
             model.save(str(inputs.out_dir))
             if inputs.device == "cpu":
                 store_fp16(inputs.out_dir)
+            strip_machine_specific(inputs.out_dir)
             _save_tokenizer(inputs)
         return {"placement": placement} if placement else {}
 
@@ -171,6 +181,63 @@ def store_fp16(folder: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
+# GPTQModel's QuantizeConfig.meta keys that describe this run's machine, not the checkpoint.
+_MACHINE_KEYS = ("offload_to_disk_path",)
+# quant_log.csv columns that differ run to run (wall-clock seconds per module).
+_VOLATILE_LOG_COLUMNS = ("time",)
+
+
+def _strip_keys(value: Any, temp_prefix: str) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: _strip_keys(v, temp_prefix)
+            for k, v in value.items()
+            if k not in _MACHINE_KEYS and not (isinstance(v, str) and v.startswith(temp_prefix))
+        }
+    if isinstance(value, list):
+        return [_strip_keys(v, temp_prefix) for v in value]
+    return value
+
+
+def strip_machine_specific(folder: Path) -> None:
+    """Remove what only describes the machine and run from a GPTQModel checkpoint, before it is hashed.
+
+    GPTQModel writes its temporary offload folder (``meta.offload_to_disk_path``, a local temp path) into
+    config.json and quantize_config.json, and per-module timings, in thread completion order, into
+    quant_log.csv: published files would carry a local path, and two identical runs could never give
+    byte-identical artifacts. The loss/samples/damp columns of the log stay, rows in layer/module order.
+    """
+    import csv
+    import io
+    import json
+    import tempfile
+
+    temp_prefix = os.path.join(os.path.realpath(tempfile.gettempdir()), "")
+    for name in ("config.json", "quantize_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        cleaned = _strip_keys(data, temp_prefix)
+        if cleaned != data:
+            path.write_text(json.dumps(cleaned, indent=2) + "\n")
+    log = folder / "quant_log.csv"
+    if log.is_file():
+        rows = list(csv.DictReader(io.StringIO(log.read_text())))
+        if rows:
+            fields = [f for f in rows[0] if f not in _VOLATILE_LOG_COLUMNS]
+
+            def order(row: Any) -> tuple[int, str]:
+                layer = row.get("layer", "")
+                return (int(layer) if layer.isdigit() else -1, row.get("module", ""))
+
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(sorted(rows, key=order))
+            log.write_text(out.getvalue())
+
+
 def validate_gptqmodel_architecture(source: SourceModel) -> None:
     """transformers must know the architecture, or neither it nor GPTQModel can build the model."""
     from transformers import CONFIG_MAPPING
@@ -187,5 +254,5 @@ def validate_gptqmodel_architecture(source: SourceModel) -> None:
 def _save_tokenizer(inputs: QuantizeInputs) -> None:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(inputs.source.path)
+    tok = AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
     tok.save_pretrained(inputs.out_dir)

@@ -55,6 +55,14 @@ MarlinAtomicsOpt = Annotated[
 HourlyCostOpt = Annotated[
     float | None, typer.Option(help="Price of the GPU per hour, to report cost per million generated tokens.")
 ]
+# Shared by quantize, eval and bench: without it a folder with its own Python code (auto_map) is refused.
+TrustRemoteCodeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Allow the model folder's own Python code (config auto_map) to run; read it first. Default: refuse.",
+    ),
+]
 
 
 def throughput_settings(
@@ -264,6 +272,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         device: DeviceOpt = "auto",
         quiet: QuietOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
     ) -> None:
         """Serving speed of MODEL: prefill, decode per batch size, latency, memory, % of bandwidth roofline.
 
@@ -288,6 +297,7 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 kernel=kernel,
                 reporter=default_reporter(quiet or json_path == "-"),
+                trust_remote_code=trust_remote_code,
             )
         if json_path:
             write_json(result, json_path)

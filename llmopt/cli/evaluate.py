@@ -26,6 +26,7 @@ from llmopt.cli.bench import (
     MarlinAtomicsOpt,
     PromptLensOpt,
     RepetitionsOpt,
+    TrustRemoteCodeOpt,
     WarmupOpt,
     check_speed_gate,
     render_throughput,
@@ -63,6 +64,9 @@ def render_eval(report: dict[str, Any]) -> None:
         f"{a['eval_seconds']:.1f} s",
     )
     stdout.print(table)
+    if a.get("compute"):
+        c = a["compute"]
+        stdout.print(f"artifact arithmetic: unquantized tensors {c.get('unquantized')}; {c.get('matmul', '')}")
     gate = report["gate"]
     if not gate["checks"]:
         stdout.print("gate: no thresholds set")
@@ -107,6 +111,7 @@ def register(app: typer.Typer) -> None:
         json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON (- = stdout).")] = None,
         device: DeviceOpt = "auto",
         quiet: QuietOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
     ) -> None:
         """Perplexity of ARTIFACT and of its FP16 baseline on the same tokens; gate; record in llmopt.json.
 
@@ -150,6 +155,7 @@ def register(app: typer.Typer) -> None:
                 kernel=kernel,
                 throughput=speed,
                 use_cache=not no_cache,
+                trust_remote_code=trust_remote_code,
                 reporter=default_reporter(quiet or json_path == "-"),
             )
         if json_path:

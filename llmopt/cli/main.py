@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
-from typing import Annotated, Any
+import threading
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -78,6 +80,29 @@ def _unraisable(info: Any) -> None:
     sys.__unraisablehook__(info)
 
 
+def _exit_interrupted(own_process: bool, *, message: bool = True) -> NoReturn:
+    """Exit 130 after an interrupt, without the abort GPTQModel's worker threads can cause at interpreter exit.
+
+    GPTQModel runs its GPTQ solves and packing on daemon threads. Interrupted mid-layer, they are still inside
+    torch's C++ code when the interpreter finalizes; CPython then ends each of them with pthread_exit, whose
+    forced unwinding through torch's noexcept frames calls std::terminate ("terminate called without an
+    active exception", SIGABRT, exit 134) after llmopt had cleaned up. So, with other threads alive, the exit
+    handlers run (GPTQModel's temp-folder removal, log flushing) and the process ends without finalization.
+    In-process callers (tests, ``main(argv)``) keep an ordinary SystemExit.
+    """
+    if message:
+        typer.secho(_INTERRUPTED, fg="yellow", err=True)
+    if own_process and threading.active_count() > 1:
+        import atexit
+
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        atexit._run_exitfuncs()
+        os._exit(EXIT_INTERRUPTED)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def _usage_error_types() -> tuple[type[BaseException], ...]:
     """Typer's usage errors: ``typer.TyperException`` from Typer 0.28 on (it vendors click), click's before."""
     types: list[type[BaseException]] = []
@@ -108,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     sys.unraisablehook = _unraisable
     debug = os.environ.get("LLMOPT_DEBUG") == "1"
+    own_process = argv is None  # the console script or `python -m llmopt`, not a caller in the same process
     try:
         rv = app(args=argv, standalone_mode=False)
     except LlmoptError as exc:
@@ -116,10 +142,11 @@ def main(argv: list[str] | None = None) -> None:
         typer.secho(f"error: {exc.message}", fg="red", err=True)
         if exc.hint:
             typer.echo(f"  -> {exc.hint}", err=True)
+        if exc.exit_code == EXIT_INTERRUPTED:
+            _exit_interrupted(own_process, message=False)
         sys.exit(exc.exit_code)
     except _abort_types():
-        typer.secho(_INTERRUPTED, fg="yellow", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        _exit_interrupted(own_process)
     except _usage_error_types() as exc:
         show = getattr(exc, "show", None)
         if callable(show):
@@ -131,5 +158,5 @@ def main(argv: list[str] | None = None) -> None:
     if rv == EXIT_INTERRUPTED:
         # Typer 0.28+ turns KeyboardInterrupt (Ctrl-C, and SIGTERM through _on_sigterm) into exit code 130
         # itself, without a word; older versions raise Abort, handled above.
-        typer.secho(_INTERRUPTED, fg="yellow", err=True)
+        _exit_interrupted(own_process)
     sys.exit(rv if isinstance(rv, int) else 0)

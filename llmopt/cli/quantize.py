@@ -9,6 +9,32 @@ from typing import Annotated, Any
 import typer
 
 from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, parse_key_values, stdout, stdout_is_ours, write_json
+from llmopt.cli.bench import TrustRemoteCodeOpt
+
+
+def merge_options(flags: dict[str, Any], pairs: list[str] | None) -> dict[str, Any]:
+    """Typed flags and ``-O key=value`` pairs as one options dict; the same option set to two values is refused
+    (``--double-quant -O double_quant=false`` would otherwise resolve silently to whichever came last)."""
+    from llmopt.errors import InputError
+
+    options: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        name = key.replace("_", "-")
+        options[key] = value
+        given_as[key] = (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
+    for pair in pairs or []:
+        for key, value in parse_key_values([pair]).items():
+            if key in options and options[key] != value:
+                raise InputError(
+                    f"{given_as[key]} and -O {pair} set '{key}' to different values.",
+                    "Give each option once, either as its flag or as -O key=value.",
+                )
+            options[key] = value
+            given_as.setdefault(key, f"-O {pair}")
+    return options
 
 
 def register(app: typer.Typer) -> None:
@@ -57,6 +83,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
         json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON to stdout.")] = False,
         quiet: QuietOpt = False,
+        trust_remote_code: TrustRemoteCodeOpt = False,
     ) -> None:
         """Quantize MODEL with METHOD into an artifact folder (model files + llmopt.json)."""
         from llmopt.api import quantize
@@ -77,8 +104,7 @@ def register(app: typer.Typer) -> None:
             "quant_type": quant_type,
             "imatrix": imatrix,
         }
-        options = {k: v for k, v in flags.items() if v is not None}
-        options.update(parse_key_values(option))
+        options = merge_options(flags, option)
         with stdout_is_ours():
             artifact = quantize(
                 model,
@@ -92,6 +118,7 @@ def register(app: typer.Typer) -> None:
                 device=device,
                 overwrite=overwrite,
                 reporter=default_reporter(quiet or json_out),
+                trust_remote_code=trust_remote_code,
             )
         m = artifact.manifest
         if json_out:

@@ -43,6 +43,7 @@ def main(argv: list[str]) -> int:
             attn_implementation=req.get("attn_implementation"),
             label=req.get("label") or "model",
             reporter=LineReporter(),
+            trust_remote_code=bool(req.get("trust_remote_code")),
             isolate=False,
         )
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmopt.errors import DataError
+from llmopt.errors import DataError, InputError
 
 
 @dataclass(frozen=True)
@@ -48,18 +48,38 @@ class PerplexityResult:
         }
 
 
+def check_settings(
+    context_length: int,
+    stride: int | None = None,
+    batch_size: int = 1,
+    *,
+    add_bos: bool = False,
+    max_tokens: int | None = None,
+) -> None:
+    """Refuse scoring settings that cannot work, before any model is loaded (each names its own option)."""
+    shortest = 3 if add_bos else 2  # two scored positions need two tokens of text, plus BOS when added
+    if context_length < shortest:
+        raise DataError(
+            f"--context {context_length} is too short: a window needs at least {shortest} tokens.",
+            "Use --context 16 or more (default 512).",
+        )
+    if stride is not None and not 1 <= stride <= context_length:
+        raise DataError(
+            f"--stride {stride} must be between 1 and --context ({context_length}).",
+            "Pass a --stride no larger than --context, or leave it out (= --context).",
+        )
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be at least 1.", "Pass --batch-size 1 or more (default 1).")
+    if max_tokens is not None and max_tokens < 2:
+        raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
+
+
 def make_windows(
     ids: Sequence[int], context_length: int, stride: int, *, bos_id: int | None = None
 ) -> list[Window]:
     """Cut ``ids`` into scoring windows (see the module docstring)."""
-    if stride < 1 or stride > context_length:
-        raise DataError(
-            f"stride {stride} must be between 1 and the context length {context_length}.",
-            "Pass --stride no larger than --context.",
-        )
+    check_settings(context_length, stride, add_bos=bos_id is not None)
     body = context_length - (1 if bos_id is not None else 0)
-    if body < 2:
-        raise DataError(f"context length {context_length} is too short.", "Use --context 16 or more.")
     if len(ids) < body:
         raise DataError(
             f"the evaluation text has {len(ids)} tokens, fewer than one window of {context_length}.",
@@ -95,6 +115,7 @@ def score(
     on_batch: Callable[[int], None] | None = None,
 ) -> PerplexityResult:
     """Run ``nll_fn`` over the windows in batches and aggregate."""
+    check_settings(2, batch_size=batch_size)
     window_nll: list[float] = []
     window_tokens: list[int] = []
     total = 0.0

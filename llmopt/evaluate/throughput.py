@@ -812,6 +812,7 @@ def bench_model(
     attn_implementation: str | None = None,
     label: str = "model",
     reporter: Reporter | None = None,
+    trust_remote_code: bool = False,
     isolate: bool = True,
 ) -> dict[str, Any]:
     """Load a model folder through its runner, then measure it.
@@ -830,13 +831,14 @@ def bench_model(
             attn_implementation=attn_implementation,
             label=label,
             reporter=reporter,
+            trust_remote_code=trust_remote_code,
         )
     from llmopt.runners import load_runner
 
     rep: Any = reporter or SilentReporter()
     kind = runner_kind or runner_kind_for(path)
     with rep.step(f"loading {label}"):
-        runner = load_runner(kind, path, device, kernel=kernel, for_speed=True)
+        runner = load_runner(kind, path, device, kernel=kernel, for_speed=True, trust_remote_code=trust_remote_code)
     try:
         if attn_implementation:
             _set_attention(runner.model, attn_implementation)  # type: ignore[attr-defined]
@@ -970,6 +972,7 @@ def _bench_in_child(
     attn_implementation: str | None,
     label: str,
     reporter: Reporter | None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     import os
     import subprocess
@@ -990,6 +993,7 @@ def _bench_in_child(
         "kernel": kernel,
         "attn_implementation": attn_implementation,
         "label": label,
+        "trust_remote_code": trust_remote_code,
     }
     # Everything the child prints (its progress, third-party logs) goes to a file whose last lines explain a
     # crash; with LLMOPT_DEBUG=1 it goes to the terminal as well as it happens.
@@ -1127,6 +1131,7 @@ def bench(
     device: str = "auto",
     kernel: str | None = None,
     reporter: Reporter | None = None,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """``llmopt bench``: measure a model or artifact, optionally against a baseline, per attention kind.
 
@@ -1140,8 +1145,8 @@ def bench(
     where = resolve_target(device)
     dev = where.primary
     resolved = settings.resolved(dev)
-    target = _local_folder(model)
-    base_path = _local_folder(baseline) if baseline else None
+    target = _local_folder(model, trust_remote_code)
+    base_path = _local_folder(baseline, trust_remote_code) if baseline else None
     attn_list: list[str | None] = list(attn) if attn else [None]
     installed = available_attention()
     skipped = {a: "not installed here" for a in attn_list if a is not None and a not in installed}
@@ -1164,9 +1169,17 @@ def bench(
                 attn_implementation=a,
                 label="baseline",
                 reporter=rep,
+                trust_remote_code=trust_remote_code,
             )
         entry["model"] = bench_model(
-            target, where.spec, resolved, kernel=kernel, attn_implementation=a, label=str(model), reporter=reporter
+            target,
+            where.spec,
+            resolved,
+            kernel=kernel,
+            attn_implementation=a,
+            label=str(model),
+            reporter=reporter,
+            trust_remote_code=trust_remote_code,
         )
         if base_path is not None:
             entry.update(compare(entry["baseline"], entry["model"], resolved))
@@ -1184,10 +1197,10 @@ def bench(
     }
 
 
-def _local_folder(spec: str) -> Path:
+def _local_folder(spec: str, trust_remote_code: bool = False) -> Path:
     path = Path(spec).expanduser()
     if path.is_dir() and (path / "llmopt.json").is_file():
         return path
     from llmopt.source import resolve
 
-    return resolve(spec).path
+    return resolve(spec, trust_remote_code=trust_remote_code).path

@@ -74,6 +74,32 @@ def cpu_dtype_for_gptqmodel(path: Path, kernel: str) -> str:
 _DENSE_ON_CPU = ("TorchLinear", "AwqTorchLinear")
 
 
+def _bnb_compute_on_gpu(model: Any) -> dict[str, str]:
+    """The dtypes a bitsandbytes model really computes in on a GPU (as loaded; nothing is changed)."""
+    import torch
+
+    unquantized = sorted(
+        {
+            str(p.dtype).removeprefix("torch.")
+            for p in model.parameters()
+            if type(p).__name__ not in _BNB_QUANTIZED_PARAMS and p.is_floating_point()
+        }
+    )
+    compute = sorted(
+        {
+            str(m.compute_dtype).removeprefix("torch.")
+            for m in model.modules()
+            if type(m).__name__ == "Linear4bit" and isinstance(getattr(m, "compute_dtype", None), torch.dtype)
+        }
+    )
+    out = {"unquantized": ",".join(unquantized)}
+    if compute:
+        out["matmul"] = f"4-bit layers: {','.join(compute)}"
+    if any(type(m).__name__ == "Linear8bitLt" for m in model.modules()):
+        out["matmul"] = "; ".join(filter(None, [out.get("matmul"), "int8 layers: LLM.int8() (float16 activations)"]))
+    return out
+
+
 def _dense_weight(module: Any) -> Any:
     """[out, in] float32 weight of a GPTQModel torch-kernel layer: ``scale * (q - zero)`` per group."""
     if type(module).__name__ == "AwqTorchLinear":
@@ -118,11 +144,61 @@ def dequantize_to_float32(model: Any) -> int:
     return replaced
 
 
+_BNB_QUANTIZED_PARAMS = ("Int8Params", "Params4bit")
+
+
+def bnb_float32_on_cpu(model: Any) -> dict[str, str]:
+    """Make a bitsandbytes model loaded on CPU compute in float32, and say what its arithmetic is.
+
+    transformers keeps a bitsandbytes checkpoint's unquantized tensors (embeddings, norms, lm_head, biases) in
+    the dtype they were saved in (float16) whatever ``dtype`` is asked for, so on CPU the whole forward ran in
+    float16, whose rounding differs between CPUs (the same int8 files scored +1.77% on one and +2.21% on
+    another) while the report said float32. Here they become float32, and 4-bit layers compute in float32
+    (``Linear4bit.compute_dtype``; the checkpoint's stored compute dtype is for GPUs). int8 layers stay
+    LLM.int8(): bitsandbytes rounds the activations to float16 before quantizing them to int8 per row
+    (exact at int8's resolution), multiplies in int8 with int32 sums, and keeps outlier columns in float32.
+    """
+    import torch
+
+    kinds: set[str] = set()
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind == "Linear4bit":
+            module.compute_dtype = torch.float32
+            kinds.add("4bit")
+        elif kind == "Linear8bitLt":
+            kinds.add("int8")
+        for param in list(module.parameters(recurse=False)):
+            if type(param).__name__ in _BNB_QUANTIZED_PARAMS or not param.is_floating_point():
+                continue
+            if param.dtype != torch.float32:
+                param.data = param.data.float()
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                module._buffers[name] = buf.float()
+    matmuls = []
+    if "int8" in kinds:
+        matmuls.append(
+            "int8 layers: LLM.int8() (activations rounded to float16, quantized to int8 per row, int8 x int8 with "
+            "int32 sums, dequantized to float32; outlier columns in float32)"
+        )
+    if "4bit" in kinds:
+        matmuls.append("4-bit layers: weights dequantized to float32, float32 matmul")
+    return {"unquantized": "float32", "matmul": "; ".join(matmuls) or "float32"}
+
+
 class HFRunner:
     name = "hf"
 
     def __init__(
-        self, path: Path, device: str, *, loader: str = "hf", kernel: str | None = None, dense_on_cpu: bool = True
+        self,
+        path: Path,
+        device: str,
+        *,
+        loader: str = "hf",
+        kernel: str | None = None,
+        dense_on_cpu: bool = True,
+        trust_remote_code: bool = False,
     ) -> None:
         """Load the model folder ``path`` on ``device``: any ``--device`` value (llmopt/placement.py).
 
@@ -134,7 +210,9 @@ class HFRunner:
         import torch
 
         from llmopt.placement import observed_bytes, observed_layers, plan_placement, resolve_target
+        from llmopt.source import check_remote_code
 
+        check_remote_code(path, trust_remote_code)
         target = resolve_target(device)
         primary = target.primary
         self.dtype = default_dtype(primary)
@@ -142,6 +220,8 @@ class HFRunner:
         self.placement = plan_placement(target, path, dtype_bytes=2 if self.dtype == "float16" else 4)
         self.device = self.placement.primary
         self.kernel: str | None = None  # only GPTQModel-loaded artifacts choose a kernel
+        # What the arithmetic really is, where the one dtype above does not say it all (bitsandbytes).
+        self.compute: dict[str, str] | None = None
         # bitsandbytes logs a warning on every int8 matmul with fp32 inputs (they are cast to fp16).
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         start = time.perf_counter()
@@ -165,7 +245,13 @@ class HFRunner:
                 # AlignDevicesHook). Given only device="cuda" it would deal layers round-robin over every
                 # visible GPU instead, and given "cuda:N" it keeps the model on that one.
                 where = {"device_map": self.placement.transformers_device_map()}
-            self._wrapper: Any = GPTQModel.load(str(path), backend=backend, dtype=getattr(torch, self.dtype), **where)
+            self._wrapper: Any = GPTQModel.load(
+                str(path),
+                backend=backend,
+                dtype=getattr(torch, self.dtype),
+                trust_remote_code=trust_remote_code,
+                **where,
+            )
             self.model: Any = self._wrapper.model
             self.name = "gptqmodel"
             self.kernel = getattr(backend, "value", str(backend))
@@ -179,8 +265,16 @@ class HFRunner:
 
             self._wrapper = None
             self.model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=getattr(torch, self.dtype), device_map=self.placement.transformers_device_map()
+                path,
+                dtype=getattr(torch, self.dtype),
+                device_map=self.placement.transformers_device_map(),
+                trust_remote_code=trust_remote_code,
             )
+            if quant_method(path) == "bitsandbytes":
+                if self.device == "cpu":
+                    self.compute = bnb_float32_on_cpu(self.model)
+                else:
+                    self.compute = _bnb_compute_on_gpu(self.model)
         self.model.eval()
         if self.device.startswith("cuda"):
             for dev in self.placement.devices:
