@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import copy
 import os
 import shutil
 import time
@@ -278,11 +279,15 @@ def evaluate(
     write_manifest: bool = True,
     reporter: Reporter | None = None,
     trust_remote_code: bool = False,
+    baseline_speeds: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
 
-    With ``throughput`` settings, also the serving speed of both, measured side by side in this process
-    (never cached), under ``report["throughput"]`` (see llmopt/evaluate/throughput.py).
+    With ``throughput`` settings, also the serving speed of both, each measured in a process of its own
+    (never cached on disk), under ``report["throughput"]`` (see llmopt/evaluate/throughput.py). A caller
+    that evaluates several artifacts against one baseline in one sitting (``llmopt run``) passes the same
+    ``baseline_speeds`` dict to every call: the baseline's speed is then measured once, by the first call, for
+    each (model, settings, device), and the later variants are compared with that measurement.
 
     Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
@@ -418,15 +423,24 @@ def evaluate(
         from llmopt.evaluate.throughput import bench_model, throughput_section
 
         speed = throughput.resolved(dev)
-        base_speed = bench_model(
-            base.path,
-            target.spec,
-            speed,
-            runner_kind="hf",
-            label="FP16 baseline",
-            reporter=rep,
-            trust_remote_code=trust_remote_code,
+        speed_key = sha256_json(
+            {"model": str(base.path.resolve()), "settings": speed.model_dump(mode="json"), "device": target.spec}
         )
+        if baseline_speeds is not None and speed_key in baseline_speeds:
+            base_speed = copy.deepcopy(baseline_speeds[speed_key])
+            rep.info("FP16 baseline speed measured earlier in this run: not measured again")
+        else:
+            base_speed = bench_model(
+                base.path,
+                target.spec,
+                speed,
+                runner_kind="hf",
+                label="FP16 baseline",
+                reporter=rep,
+                trust_remote_code=trust_remote_code,
+            )
+            if baseline_speeds is not None:
+                baseline_speeds[speed_key] = base_speed
         runner_kind = art.manifest.runner
         art_speed = bench_model(
             art.path,

@@ -63,6 +63,7 @@ class _Context:
         self.multi_gpu = False
         self.versions: dict[str, str | None] = {}
         self.org: str | None = None
+        self.baseline_speeds: dict[str, dict[str, Any]] = {}  # the FP16 speed, measured once per run
 
     def record(self, variant: VariantSpec) -> dict[str, Any]:
         """What goes into the artifact manifest's ``recipe`` field."""
@@ -554,6 +555,7 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
         throughput=ev.throughput,
         reporter=ctx.reporter,
         trust_remote_code=ctx.recipe.model.trust_remote_code,
+        baseline_speeds=ctx.baseline_speeds,
     )
     return report, False
 
