@@ -6,9 +6,9 @@ inside them, never at ``import llmopt``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
-import copy
 import os
 import shutil
 import time

@@ -483,3 +483,19 @@ def test_one_time_marlin_build_is_announced(tmp_path: Path, monkeypatch: pytest.
     (root / "build-x").mkdir(parents=True)
     (root / "build-x" / "gptqmodel_marlin_fp16_ops.so").write_bytes(b"\0")
     assert one_time_build_notice("gptqmodel", "cuda:0", None) is None
+
+
+def test_int8_outlier_layers_are_measured_eagerly_without_a_doomed_capture() -> None:
+    """bitsandbytes LLM.int8() with an outlier threshold cannot be captured (data-dependent shapes, a host sync);
+    on an H200 the compile + capture attempt cost ~80 s of every int8 measurement before falling back to eager."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    import torch
+
+    from llmopt.evaluate.throughput import _has_int8_outlier_path
+
+    assert _has_int8_outlier_path(torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=6.0)))
+    assert not _has_int8_outlier_path(
+        torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=0.0))
+    )
+    assert not _has_int8_outlier_path(torch.nn.Sequential(torch.nn.Linear(8, 8)))

@@ -487,6 +487,16 @@ def _mode_chain(requested: str, device: str) -> list[str]:
     return [requested]
 
 
+def _has_int8_outlier_path(model: Any) -> bool:
+    """Whether the model has bitsandbytes LLM.int8() layers with an outlier threshold (not capturable)."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear8bitLt":
+            state = getattr(module, "state", None)
+            if float(getattr(state, "threshold", 0.0) or 0.0) > 0:
+                return True
+    return False
+
+
 def _graph_breaks() -> int:
     try:
         from torch._dynamo.utils import counters
@@ -646,6 +656,14 @@ def measure_decode(
     results: dict[str, Any] = {}
     notes: list[str] = []
     failed: set[str] = set()
+    if settings.decode_mode == "auto" and chain != ["eager"] and _has_int8_outlier_path(model):
+        # Measured on an H200: the capture fails ("operation failed due to a previous error during capture")
+        # after a compile that cost ~80 s of the measurement, every time.
+        chain = ["eager"]
+        notes.append(
+            "bitsandbytes int8 with an outlier threshold finds outlier columns of data-dependent shape in every "
+            "matmul (a host synchronization), so no CUDA graph can capture its step: measured eagerly"
+        )
     if "compile" in chain:
         _reset_compiler()
         _teach_compiler_kernels()
