@@ -389,19 +389,7 @@ def _check_space(ctx: _Context, selected: list[VariantSpec], model_path: Path) -
 
 
 def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str, Any]:
-    outcome: dict[str, Any] = {
-        "name": variant.name,
-        "method": variant.method,
-        "format": None,
-        "status": "error",
-        "artifact": f"{ARTIFACTS_DIR}/{variant.name}",
-        "quantize": None,
-        "evaluation_reused": None,
-        "evaluation": None,
-        "gate": None,
-        "publish": None,
-        "error": None,
-    }
+    outcome = {**not_run_outcome(variant), "status": "error"}
     stage = "quantize"
     try:
         art, reused, reason = _quantized(ctx, variant)
