@@ -91,6 +91,14 @@ def check_publishable(art: Artifact) -> dict[str, FileEntry]:
             + ".",
             "Re-create the artifact (`llmopt quantize --overwrite`) and evaluate it again before publishing.",
         )
+    table = {rel: e.sha256 for rel, e in m.files.items()}
+    if table != {rel: e.sha256 for rel, e in current.items()}:
+        odd = sorted(set(table) ^ set(current)) or sorted(r for r in table if table[r] != current[r].sha256)
+        raise ArtifactError(
+            f"{art.path}: its {MANIFEST_NAME} lists other files than the folder holds ({', '.join(odd[:5])}), "
+            "so the manifest that would be published does not describe the upload.",
+            "Re-create the artifact (`llmopt quantize --overwrite`) and evaluate it again before publishing.",
+        )
     return current
 
 

@@ -105,6 +105,10 @@ def check_output(
     can run it earlier, e.g. for every variant's folder before the first one starts.
     """
     out = absolute(output)
+    if out.is_symlink():
+        # The folder the link points to is what the user means; replacing the link itself would leave that
+        # folder untouched (and two spellings of one place would take two different locks).
+        out = _real(out)
     if out.parent == out:
         raise OutputPathError(f"{flag} {output}: the root folder cannot be an artifact folder.", "Pass a subfolder.")
     real = _real(out)
@@ -168,6 +172,12 @@ def _check_replaceable(real: Path, output: str | Path, overwrite: bool, flag: st
             f"{output} exists and is not empty.", f"Choose another {flag} folder, or pass --overwrite to replace it."
         )
     foreign = _foreign_files(real)
+    if foreign is None:
+        raise OutputExistsError(
+            f"{output} has a {MANIFEST_NAME} that is not a valid llmopt manifest, so nothing shows which of its "
+            "files llmopt wrote; llmopt does not replace it, --overwrite or not.",
+            f"Choose a new {flag} folder (or remove {output} yourself if it is yours to remove).",
+        )
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputExistsError(
@@ -205,8 +215,9 @@ def check_report_file(path: str | Path, inputs: Iterable[str | Path | None] = ()
         if spec is None or str(spec) == "":
             continue
         p = absolute(spec)
-        if p.exists() and real == _real(p):
-            raise OutputPathError(f"{flag} {path} would overwrite the input {spec}.", f"Choose another {flag} file.")
+        if p.exists() and _within(real, _real(p)):
+            what = "would overwrite the input" if real == _real(p) else "is inside the input"
+            raise OutputPathError(f"{flag} {path} {what} {spec}.", f"Choose another {flag} file, outside {spec}.")
     if target.exists() and not _is_json_file(target):
         raise OutputPathError(
             f"{flag} {path} exists and is not a JSON file; llmopt does not replace it.", f"Choose another {flag} file."
@@ -222,6 +233,71 @@ def _is_json_file(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return True
+
+
+# --- run folders ------------------------------------------------------------------------------------------
+
+RUN_MARKER = ".llmopt-run"
+ARTIFACTS_DIR = "artifacts"
+_RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "report.json", "report.md", RUN_MARKER}
+
+
+def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output") -> None:
+    """A run writes into a new or empty folder, one an earlier run made, or, with ``overwrite``, any folder.
+
+    Even with ``overwrite`` a run only writes its own names (``artifacts/VARIANT``, ``report.*``, ``plots/``)
+    and deletes nothing else; the filesystem root and the home folder are never run folders.
+    """
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        what = "the filesystem root" if resolved == Path(resolved.anchor) else "your home folder"
+        raise OutputExistsError(
+            f"output folder {out} is {what}: "
+            "a run writes report.json, report.md, plots/ and artifacts/ there.",
+            f"Give a folder of its own, e.g. {flag} llmopt-runs/NAME.",
+        )
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file.", f"Choose another {flag} folder.")
+    if overwrite or (out / RUN_MARKER).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES and not p.name.startswith(".report."))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputExistsError(
+            f"{out} is not empty and was not made by llmopt run (it holds {shown}).",
+            f"Choose a new {flag} folder, or pass --overwrite to write the run's files there "
+            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
+        )
+    if any(out.iterdir()) and not ((out / "report.json").is_file() and _is_run_report(out / "report.json")):
+        # report.md or plots/ alone prove nothing: they may be the user's own
+        raise OutputExistsError(
+            f"{out} is not empty and holds no report of llmopt run, so nothing shows that llmopt made it.",
+            f"Choose a new {flag} folder, or pass --overwrite to write the run's files there "
+            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
+        )
+
+
+def _is_run_report(path: Path) -> bool:
+    from llmopt.report import RUN_SCHEMA
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("schema") == RUN_SCHEMA
+
+
+def claim_run_folder(out: Path) -> None:
+    # Only a folder the run creates (or finds empty) is marked as a run folder: a folder of the user's that
+    # --overwrite let the run write into stays theirs, and later runs need --overwrite there again.
+    fresh = not out.exists() or not any(out.iterdir())
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / RUN_MARKER
+    if fresh and not marker.exists():
+        marker.write_text("This folder was made by `llmopt run`; later runs may write here without --overwrite.\n")
+
 
 
 # --- lock ------------------------------------------------------------------------------------------------

@@ -32,17 +32,14 @@ from llmopt.errors import (
     EXIT_OK,
     InterruptedRunError,
     LlmoptError,
-    OutputExistsError,
 )
 from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.outputs import ARTIFACTS_DIR, check_run_folder, claim_run_folder
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
 
-ARTIFACTS_DIR = "artifacts"
 # Written into every run folder llmopt creates: a later run may write there without --overwrite.
-RUN_MARKER = ".llmopt-run"
 # What a run writes at the top of its folder (older runs wrote no marker: a folder holding only these is ours).
-_RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "report.json", "report.md", RUN_MARKER}
 
 
 class _Context:
@@ -104,12 +101,12 @@ def run_recipe(
     recipe = apply_overrides(recipe, parse_set_flags(sets), keep_none=True)
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
-    check_output_folder(out, overwrite)
+    check_run_folder(out, overwrite)
 
     ctx = _Context(recipe, recipe_file, out, rep)
     started = time.perf_counter()
     _prepare(ctx, selected, publish)
-    _claim_output_folder(out)
+    claim_run_folder(out)
 
     from llmopt.report import build_run_report, write_report
 
@@ -169,60 +166,6 @@ def not_run_outcome(variant: VariantSpec) -> dict[str, Any]:
     }
 
 
-def check_output_folder(out: Path, overwrite: bool) -> None:
-    """A run writes into a new or empty folder, one an earlier run made, or, with ``overwrite``, any folder.
-
-    Even with ``overwrite`` a run only writes its own names (``artifacts/VARIANT``, ``report.*``, ``plots/``)
-    and deletes nothing else; the filesystem root and the home folder are never run folders.
-    """
-    resolved = out.resolve()
-    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
-        what = "the filesystem root" if resolved == Path(resolved.anchor) else "your home folder"
-        raise OutputExistsError(
-            f"output folder {out} is {what}: "
-            "a run writes report.json, report.md, plots/ and artifacts/ there.",
-            "Give a folder of its own, e.g. --output llmopt-runs/NAME.",
-        )
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file.", "Choose another --output folder.")
-    if overwrite or (out / RUN_MARKER).is_file():
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES and not p.name.startswith(".report."))
-    if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-        raise OutputExistsError(
-            f"{out} is not empty and was not made by llmopt run (it holds {shown}).",
-            "Choose a new --output folder, or pass --overwrite to write the run's files there "
-            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
-        )
-    if (out / "report.json").is_file() and not _is_run_report(out / "report.json"):
-        raise OutputExistsError(
-            f"{out}/report.json is not a report of llmopt run.",
-            "Choose a new --output folder, or pass --overwrite to replace that file.",
-        )
-
-
-def _is_run_report(path: Path) -> bool:
-    import json
-
-    from llmopt.report import RUN_SCHEMA
-
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("schema") == RUN_SCHEMA
-
-
-def _claim_output_folder(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    marker = out / RUN_MARKER
-    if not marker.exists():
-        marker.write_text("This folder was made by `llmopt run`; later runs may write here without --overwrite.\n")
-
-
 def run_exit_code(variants: list[dict[str, Any]]) -> int:
     """0 all passed; else the first error's code in recipe order; else 3 (a gate failed)."""
     for v in variants:
@@ -269,11 +212,40 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         ctx.placement_label = target.describe()
         ctx.multi_gpu = target.multi_gpu
         ctx.versions = {k: package_versions((k,)).get(k) for k in ("torch", "transformers")}
+    _check_output_outside_inputs(ctx, source.path)
+    from llmopt.evaluate.perplexity import check_settings
+
+    ev = recipe.evaluation
+    check_settings(ev.context_length, ev.stride, ev.batch_size, add_bos=ev.add_bos, max_tokens=ev.max_tokens)
     _check_backends(selected)
     if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
         with reporter.step("checking the calibration text"):
             _check_calibration(ctx, source.path)
     _check_space(ctx, selected, source.path)
+
+
+def _check_output_outside_inputs(ctx: _Context, model_path: Path) -> None:
+    """The run folder is neither an input (model folder, texts) nor inside one: checked before the run writes
+    anything there (report files, its marker)."""
+    from llmopt.errors import OutputPathError
+    from llmopt.outputs import absolute
+
+    out = absolute(ctx.out).resolve()
+    recipe = ctx.recipe
+    for spec in (model_path, recipe.model.source, recipe.evaluation.dataset, recipe.calibration.dataset):
+        if not spec:
+            continue
+        path = absolute(spec)
+        if not path.exists():
+            continue
+        real = path.resolve()
+        if out == real or real in out.parents:
+            where = "is" if out == real else "is inside"
+            raise OutputPathError(
+                f"the output folder {ctx.out} {where} the input {spec}: the run would write its reports and "
+                "artifacts among its files.",
+                "Choose an --output folder outside the model folder and the texts, e.g. llmopt-runs/NAME.",
+            )
 
 
 def _check_backends(selected: list[VariantSpec]) -> None:

@@ -10,7 +10,8 @@ they are skipped and the report says so.
     recipe: {name, file, resolved} (merged: {names: [...]}),
     settings: the evaluation settings (dataset, tokens, context, stride, dtype, device),
     baseline: the FP16 baseline's result (perplexity, stderr, size_bytes, ...),
-    state: complete | running (the run is still going, or was killed outright) | interrupted,
+    state: complete | running (the run is still going, or was killed outright) | interrupted | incomplete
+    (a merged report in which some variant did not run in any of the merged runs),
     variants: [{name, method, format, status: passed | gate_failed | error | not_run, artifact,
                 quantize: {reused, seconds, reason}, evaluation_reused,
                 perplexity, stderr, delta_pct, delta_pct_stderr, size_bytes, size_ratio,
@@ -236,6 +237,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "**Run in progress** (or killed before it finished): variants marked `not run` have not run yet."]
     elif state == "interrupted":
         lines += ["", "**Run interrupted**: variants marked `not run` did not run; the same command finishes them."]
+    elif state == "incomplete":
+        lines += ["", "**Incomplete**: variants marked `not run` did not run in any of the merged runs."]
     s = report.get("settings")
     if s:
         lines += [
@@ -399,9 +402,13 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     Refuses reports measured on different tokens or windows (their perplexities are not comparable).
     A variant present in several reports is taken from the newest one.
     """
+    from llmopt.outputs import check_run_folder, claim_run_folder
+
     if not paths:
         raise InputError("no reports to merge.", "Give one or more report.json files or run folders.")
     out_dir = Path(out)
+    # the same rules as a run's folder: new, empty, or made by llmopt; never a folder of the user's
+    check_run_folder(out_dir, False, flag="-o")
     loaded = [load_report(p) for p in paths]
     notes: list[str] = []
     ref_path, ref_settings = None, None
@@ -448,5 +455,7 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
         sources=[str(p) for p, _ in loaded],
         notes=notes,
     )
+    report["state"] = "incomplete" if any(v.get("status") == "not_run" for v in report["variants"]) else "complete"
+    claim_run_folder(out_dir)
     write_report(report, out_dir)
     return report

@@ -67,9 +67,20 @@ _report.register(app)
 _INTERRUPTED = "interrupted: nothing was written (partial output removed)."
 
 
+_signals_seen = 0
+
+
 def _on_signal(signum: int, frame: Any) -> None:
-    interrupt.request()
-    raise KeyboardInterrupt
+    # The first Ctrl-C/SIGTERM interrupts; a second one while that one is being cleaned up (CI runners and
+    # `docker stop` repeat SIGTERM) must not cut the cleanup short or end the process by the signal (exit 143);
+    # a third forces the exit.
+    global _signals_seen
+    _signals_seen += 1
+    if _signals_seen == 1:
+        interrupt.request()
+        raise KeyboardInterrupt
+    if _signals_seen >= 3:
+        os._exit(EXIT_INTERRUPTED)
 
 
 def _unraisable(info: Any) -> None:
@@ -90,6 +101,11 @@ def _exit_interrupted(own_process: bool, *, message: bool = True) -> NoReturn:
     handlers run (GPTQModel's temp-folder removal, log flushing) and the process ends without finalization.
     In-process callers (tests, ``main(argv)``) keep an ordinary SystemExit.
     """
+    if own_process:
+        # Interpreter shutdown restores the default handlers: a signal arriving then would end the process
+        # by that signal (143 for SIGTERM) instead of 130.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     if message:
         typer.secho(_INTERRUPTED, fg="yellow", err=True)
     if own_process and threading.active_count() > 1:
@@ -129,6 +145,8 @@ def _abort_types() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _signals_seen
+    _signals_seen = 0
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     sys.unraisablehook = _unraisable
