@@ -22,10 +22,9 @@ from llmopt.evaluate.throughput import (
     compare,
     cost_per_million_tokens,
     parse_int_list,
-    percentile,
-    summary,
     throughput_section,
 )
+from llmopt.stats import percentile, summary
 from tests.helpers import random_models
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -28,7 +28,6 @@ import contextlib
 import gc
 import inspect
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmopt.errors import BackendUnavailableError, InputError, LlmoptError
 from llmopt.progress import Reporter, SilentReporter
+from llmopt.stats import percentile, summary
 
 THROUGHPUT_SCHEMA = "llmopt.throughput/1"
 DecodeMode = Literal["auto", "compile", "graph", "eager"]
@@ -115,30 +115,6 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
 
 # ---------------------------------------------------------------------------------------------------
 # Small helpers
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    """Median with spread: min, max and the quartiles (inclusive method), and the count."""
-    vals = sorted(values)
-    if not vals:
-        return {"n": 0}
-    q1, _, q3 = statistics.quantiles(vals, n=4, method="inclusive") if len(vals) > 1 else (vals[0],) * 3
-    return {
-        "median": statistics.median(vals),
-        "min": vals[0],
-        "max": vals[-1],
-        "q1": q1,
-        "q3": q3,
-        "n": len(vals),
-    }
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of a non-empty list."""
-    vals = sorted(values)
-    pos = (len(vals) - 1) * pct / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
 
 
 def cost_per_million_tokens(tokens_per_s: float | None, hourly_cost: float | None) -> float | None:
