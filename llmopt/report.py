@@ -31,7 +31,7 @@ from typing import Any
 
 from llmopt import __version__
 from llmopt.artifact import write_json_atomic
-from llmopt.errors import InputError
+from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
 
 RUN_SCHEMA = "llmopt.run/1"
 PLOTS_DIR = "plots"
@@ -59,6 +59,16 @@ def variant_summary(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_exit_code(variants: list[dict[str, Any]]) -> int:
+    """0 all passed; else the first error's code in recipe order; else 3 (a gate failed)."""
+    for v in variants:
+        if v.get("status") == "error":
+            return int((v.get("error") or {}).get("exit_code") or EXIT_BUG)
+    if any(v.get("status") != "passed" for v in variants):
+        return EXIT_GATE
+    return EXIT_OK
+
+
 def build_run_report(
     *,
     recipe: dict[str, Any],
@@ -68,8 +78,6 @@ def build_run_report(
     sources: list[str] | None = None,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    from llmopt.pipeline import run_exit_code
-
     rows = []
     for outcome in variants:
         row = dict(outcome)

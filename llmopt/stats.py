@@ -28,3 +28,10 @@ def percentile(values: list[float], pct: float) -> float:
     pos = (len(vals) - 1) * pct / 100.0
     lo, hi = math.floor(pos), math.ceil(pos)
     return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+def cost_per_million_tokens(tokens_per_s: float | None, hourly_cost: float | None) -> float | None:
+    """Device cost of generating one million tokens at ``tokens_per_s``."""
+    if not tokens_per_s or not hourly_cost:
+        return None
+    return hourly_cost / 3600.0 / tokens_per_s * 1e6

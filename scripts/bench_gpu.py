@@ -214,7 +214,7 @@ def profile_decoder(path: Path, label: str) -> Any:
 
 
 def measure_loaded(model: Any, device: str, settings: Any, profile_to: Path | None, label: str) -> dict[str, Any]:
-    from llmopt.evaluate.throughput import measure_model
+    from llmopt.runners.engine import measure_model
 
     hook = profile_decoder(profile_to, label) if profile_to else None
     return measure_model(model, device, settings, None, hook)
@@ -425,7 +425,8 @@ def main() -> None:
     import torch
 
     from llmopt.environment import environment
-    from llmopt.evaluate.throughput import ThroughputSettings, _reset_compiler, copy_bandwidth, parse_int_list
+    from llmopt.evaluate.throughput import ThroughputSettings, parse_int_list
+    from llmopt.runners.engine import _reset_compiler, copy_bandwidth
 
     device = args.device
     SETTINGS = ThroughputSettings(

@@ -306,8 +306,8 @@ class HFRunner:
         return int(self.model.get_memory_footprint())
 
     def bench(self, settings: Any, reporter: Any = None) -> dict[str, Any]:
-        """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (throughput.py)."""
-        from llmopt.evaluate.throughput import measure_model
+        """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (engine.py)."""
+        from llmopt.runners.engine import measure_model
         from llmopt.runners.marlin import marlin_atomic_reduce
 
         # GPTQ-Marlin: atomicAdd split-K reduction on the shapes where it is fast (runners/marlin.py),
