@@ -20,8 +20,10 @@ from llmopt import __version__
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest, hash_tree
 from llmopt.errors import ArtifactError, BackendUnavailableError, GateFailedError, InputError
 from llmopt.evaluate.gate import require_consistent
-from llmopt.model_card import CARD_NAME, HUB_MODEL, base_model_of, fmt_bytes, license_of, render_card
+from llmopt.model_card import CARD_NAME, base_model_of, license_of, render_card
 from llmopt.progress import Reporter, SilentReporter
+from llmopt.source import HUB_ID
+from llmopt.units import fmt_bytes
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
@@ -233,7 +235,7 @@ def publish(
     check_repo_id(repo_id)
     if revision is not None:
         check_branch(revision)
-    if base_model is not None and not HUB_MODEL.match(base_model):
+    if base_model is not None and not HUB_ID.match(base_model):
         raise InputError(f"base model '{base_model}' is not a Hub id.", "Give it as ORG/NAME, or leave it out.")
     art = Artifact.open(artifact_path)
     with rep.step("checking the gate and the artifact's hashes"):

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
+from llmopt.source import HUB_ID
+from llmopt.units import fmt_bytes
 
 CARD_NAME = "README.md"
-# A Hub model id (owner/name), as opposed to a local path.
-HUB_MODEL = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # --- model card ------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def _recipe_base_model(art: Artifact) -> str | None:
     if base:
         return str(base)
     source = (resolved.get("model") or {}).get("source")
-    if isinstance(source, str) and HUB_MODEL.match(source) and not Path(source).exists():
+    if isinstance(source, str) and HUB_ID.match(source) and not Path(source).exists():
         return source
     return None
 
@@ -93,7 +93,7 @@ def base_model_of(art: Artifact, explicit: str | None = None) -> str | None:
     if found:
         return found
     src = art.manifest.source.model
-    if HUB_MODEL.match(src) and not Path(src).expanduser().exists():
+    if HUB_ID.match(src) and not Path(src).expanduser().exists():
         return src
     return None
 
@@ -179,7 +179,7 @@ def _scored_baseline(art: Artifact, baseline: dict[str, Any], base_model: str | 
     that folder); a card must not present a local rebuild as the Hub model it may have come from.
     """
     scored = str(baseline.get("model") or "")
-    local = not (HUB_MODEL.match(scored) and not Path(scored).expanduser().exists()) if scored else True
+    local = not (HUB_ID.match(scored) and not Path(scored).expanduser().exists()) if scored else True
     if scored and not local:
         return {"label": scored}
     src = art.manifest.source
@@ -202,14 +202,6 @@ def _scored_baseline(art: Artifact, baseline: dict[str, Any], base_model: str | 
             f"it was not downloaded from [{base_model}](https://huggingface.co/{base_model}) for this evaluation."
         )
     return {"label": label, "note": note}
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
 
 
 def render_card(

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import difflib
-import os
 import re
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from llmopt.backends import gguf_toolchain as toolchain
-from llmopt.backends.base import Backend, QuantizeInputs, Requirement
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.backends.gguf_imatrix import compute_imatrix, load_imatrix
 from llmopt.backends.gguf_toolchain import (
     BUILD_SCRIPT,
@@ -52,6 +51,7 @@ from llmopt.backends.gguf_toolchain import (
 from llmopt.backends.gguf_toolchain import (
     converter_architectures as converter_architectures,
 )
+from llmopt.environment import cpu_count
 from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
 from llmopt.source import SourceModel
 
@@ -257,7 +257,7 @@ class GGUFBackend(Backend):
         assert isinstance(opts, GGUFOptions)
         chain = require_toolchain()
         qt = QUANT_TYPES[opts.quant_type]
-        threads = opts.threads or _cpu_count()
+        threads = opts.threads or cpu_count()
         stem = _model_stem(inputs.source)
         # Absolute: the converter runs in its own folder, where a relative -o or model path means nothing.
         out_dir = inputs.out_dir.resolve()
@@ -290,20 +290,13 @@ class GGUFBackend(Backend):
                     )  # fmt: skip
             extra["tensor_types"] = _tensor_type_counts(final)
             with inputs.reporter.step("saving tokenizer files"):
-                _save_tokenizer(inputs)
+                save_tokenizer(inputs)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return extra
 
 
 # --- steps (each a child process, so a crash inside llama.cpp cannot leave files behind) --------------
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _model_stem(source: SourceModel) -> str:
@@ -380,9 +373,3 @@ def _tensor_type_counts(path: Path) -> dict[str, int] | None:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
     except Exception:  # a type newer than the installed gguf package: informative only
         return None
-
-
-def _save_tokenizer(inputs: QuantizeInputs) -> None:
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -14,9 +13,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt.errors import BackendUnavailableError, ModelError
+from llmopt.source import HUB_ID
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 Role = Literal["embedding", "lm_head", "linear", "norm", "bias"]
 
@@ -248,7 +247,7 @@ def load_config(model: str | Path) -> tuple[dict[str, Any], str]:
                 "Give a Hugging Face model folder, the path of a config.json, or a Hub id like org/name.",
             )
     elif not path.exists():
-        if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
             path = _hub_config(spec)
         else:
             raise ModelError(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from llmopt._thirdparty import quiet_gptqmodel
+from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.errors import BackendUnavailableError
 
 # Kernels GPTQModel may pick on its own that need a download at first use (CUTLASS for Machete):
@@ -226,7 +225,7 @@ class HFRunner:
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         start = time.perf_counter()
         if loader == "gptqmodel":
-            os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+            configure_gptqmodel_env()
             quiet_gptqmodel()
             from gptqmodel import GPTQModel
 

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from llmopt.environment import cpu_count
 from llmopt.errors import ArtifactError, BackendUnavailableError, InputError
 from llmopt.stats import percentile, summary
 
@@ -35,10 +36,7 @@ def default_threads() -> int:
     env = os.environ.get("LLMOPT_THREADS")
     if env and env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return cpu_count()
 
 
 def find_gguf(path: Path) -> Path:
