@@ -1,6 +1,6 @@
 """Throughput: the engine's arithmetic and plumbing on CPU with tiny random models; GPU paths behind a marker.
 
-No test here asserts a speed: speed is proven by scripts/bench_gpu.py and docs/BENCHMARKS.md. What is
+No test here asserts a speed: speed is proven by benchmarks/bench_gpu.py and docs/BENCHMARKS.md. What is
 checked is that the static-cache decoder computes what ``generate()`` computes, that the report has the
 fields the gate and the tables read, and that bad options fail before any model loads.
 """

@@ -8,8 +8,8 @@ and loaded through GPTQModel with the Marlin kernel; bitsandbytes nf4 / int8 are
 folder at load, as transformers does. Every variant of a shape is measured in this one process with
 llmopt's engine (static KV cache, torch.compile + CUDA graph where it works), so speedups are side by side.
 
-Usage (on the GPU machine, from the repo root; scripts/bench_gpu.sh installs the carried wheels first):
-    python3 scripts/bench_gpu.py --shapes 8b --variants fp16,gptq --out bench-out
+Usage (on the GPU machine, from the repo root; benchmarks/bench_gpu.sh installs the carried wheels first):
+    python3 benchmarks/bench_gpu.py --shapes 8b --variants fp16,gptq --out bench-out
 Writes bench-out/bench.json (all numbers), bench-out/table.md (the summary table) and, with --profile,
 bench-out/profile-<shape>-<variant>.txt (top kernels of one batch-1 decode run).
 """
