@@ -426,7 +426,8 @@ def main() -> None:
 
     from llmopt.environment import environment
     from llmopt.evaluate.throughput import ThroughputSettings, parse_int_list
-    from llmopt.runners.engine import _reset_compiler, copy_bandwidth
+    from llmopt.runners.decoder import reset_compiler
+    from llmopt.runners.engine import copy_bandwidth
 
     device = args.device
     SETTINGS = ThroughputSettings(
@@ -495,7 +496,7 @@ def main() -> None:
                 traceback.print_exc()
                 results[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             finally:
-                _reset_compiler()
+                reset_compiler()
                 gc.collect()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()

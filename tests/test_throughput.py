@@ -159,7 +159,7 @@ def test_bench_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_static_decoder_decodes_what_generate_does() -> None:
     import torch
 
-    from llmopt.runners.engine import StaticDecoder
+    from llmopt.runners.decoder import StaticDecoder
 
     model = tiny_model()
     prompt = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -181,7 +181,7 @@ def test_static_decoder_decodes_what_generate_does() -> None:
 def test_graph_replay_is_checked_against_eager() -> None:
     import torch
 
-    from llmopt.runners.engine import GraphMismatchError, check_replay
+    from llmopt.runners.decoder import GraphMismatchError, check_replay
 
     ref = torch.randn(2, 1000, generator=torch.Generator().manual_seed(3))
     assert check_replay(ref + 1e-3 * torch.randn(2, 1000), ref) is True
@@ -317,7 +317,7 @@ def test_random_quantized_checkpoints_load_and_run(method: str, tmp_path: Path) 
 def test_graphed_decoding_matches_eager_on_gpu(mode: str) -> None:
     import torch
 
-    from llmopt.runners.engine import StaticDecoder
+    from llmopt.runners.decoder import StaticDecoder
 
     model = tiny_model("cuda:0")
     prompt = torch.randint(3, 500, (2, 10), device="cuda:0", generator=torch.Generator("cuda:0").manual_seed(2))
@@ -490,10 +490,10 @@ def test_int8_outlier_layers_are_measured_eagerly_without_a_doomed_capture() -> 
     import bitsandbytes as bnb
     import torch
 
-    from llmopt.runners.engine import _has_int8_outlier_path
+    from llmopt.runners.decoder import has_int8_outlier_path
 
-    assert _has_int8_outlier_path(torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=6.0)))
-    assert not _has_int8_outlier_path(
+    assert has_int8_outlier_path(torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=6.0)))
+    assert not has_int8_outlier_path(
         torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=0.0))
     )
-    assert not _has_int8_outlier_path(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    assert not has_int8_outlier_path(torch.nn.Sequential(torch.nn.Linear(8, 8)))

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmopt.errors import BackendUnavailableError, InputError, LlmoptError
 from llmopt.progress import Reporter, SilentReporter
-from llmopt.runners.engine import short_error
+from llmopt.runners.decoder import short_error
 
 THROUGHPUT_SCHEMA = "llmopt.throughput/1"
 DecodeMode = Literal["auto", "compile", "graph", "eager"]
