@@ -47,6 +47,13 @@ def _silence_debug_prints() -> None:
         module.print = _stdout_print_dropped  # type: ignore[attr-defined]
 
 
+def configure_gptqmodel_env() -> None:
+    """Before GPTQModel runs (quantizing or loading): environment it reads at start-up."""
+    # GPTQModel sizes its CPU worker pools from the core count and refuses pools larger than the
+    # parent on small machines (2 cores): give it the real count.
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+
+
 def quiet_gptqmodel() -> bool:
     """Quiet GPTQModel's console output (see the module docstring); returns whether it did.
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import sys
 from typing import Any
@@ -21,6 +22,14 @@ def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str
         except importlib.metadata.PackageNotFoundError:
             continue
     return found
+
+
+def cpu_count() -> int:
+    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def resolve_device(device: str) -> str:

@@ -27,9 +27,7 @@ from llmopt import interrupt
 from llmopt.artifact import MANIFEST_NAME, Artifact, files_digest, sha256_json
 from llmopt.errors import (
     EXIT_BUG,
-    EXIT_GATE,
     EXIT_INTERRUPTED,
-    EXIT_OK,
     InterruptedRunError,
     LlmoptError,
 )
@@ -166,14 +164,6 @@ def not_run_outcome(variant: VariantSpec) -> dict[str, Any]:
     }
 
 
-def run_exit_code(variants: list[dict[str, Any]]) -> int:
-    """0 all passed; else the first error's code in recipe order; else 3 (a gate failed)."""
-    for v in variants:
-        if v.get("status") == "error":
-            return int((v.get("error") or {}).get("exit_code") or EXIT_BUG)
-    if any(v.get("status") != "passed" for v in variants):
-        return EXIT_GATE
-    return EXIT_OK
 
 
 def _select(recipe: Recipe, only: list[str] | None) -> list[VariantSpec]:

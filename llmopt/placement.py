@@ -25,14 +25,13 @@ built from config.json: no weights are read, only the safetensors headers for si
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from llmopt.errors import BackendUnavailableError, InputError
+from llmopt.source import safetensors_header
 
 # `auto` keeps a model on GPU 0 when its weights take at most this share of the GPU's free memory; the
 # rest is left for activations, the KV cache and the CUDA context.
@@ -324,9 +323,7 @@ def safetensors_bytes(folder: Path, dtype_bytes: int = 2) -> dict[str, int]:
     """
     out: dict[str, int] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as fh:
-            (length,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(length))
+        header, _ = safetensors_header(path)
         for name, info in header.items():
             if name == "__metadata__" or not isinstance(info, dict):
                 continue

@@ -512,9 +512,3 @@ def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:
             )
         out[key.strip()] = yaml.safe_load(raw)
     return out
-
-
-def dump_yaml(data: Any) -> str:
-    import yaml
-
-    return str(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False))

@@ -32,7 +32,8 @@ from typing import Any
 
 from llmopt import __version__
 from llmopt.artifact import write_json_atomic
-from llmopt.errors import InputError
+from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
+from llmopt.units import fmt_bytes
 
 RUN_SCHEMA = "llmopt.run/1"
 PLOTS_DIR = "plots"
@@ -60,6 +61,16 @@ def variant_summary(outcome: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def run_exit_code(variants: list[dict[str, Any]]) -> int:
+    """0 all passed; else the first error's code in recipe order; else 3 (a gate failed)."""
+    for v in variants:
+        if v.get("status") == "error":
+            return int((v.get("error") or {}).get("exit_code") or EXIT_BUG)
+    if any(v.get("status") != "passed" for v in variants):
+        return EXIT_GATE
+    return EXIT_OK
+
+
 def build_run_report(
     *,
     recipe: dict[str, Any],
@@ -69,8 +80,6 @@ def build_run_report(
     sources: list[str] | None = None,
     notes: list[str] | None = None,
 ) -> dict[str, Any]:
-    from llmopt.pipeline import run_exit_code
-
     rows = []
     for outcome in variants:
         row = dict(outcome)
@@ -131,14 +140,6 @@ def _write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _mb(n: float | None) -> str:
-    if n is None:
-        return "–"
-    if n >= 1e9:
-        return f"{n / 1e9:.2f} GB"
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
-
-
 def _num(x: float | None, fmt: str) -> str:
     return "–" if x is None else format(x, fmt)
 
@@ -188,7 +189,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 "–",
                 f"{base['perplexity']:.4f} ± {base.get('stderr', 0):.4f}",
                 "–",
-                _mb(base.get("size_bytes")),
+                fmt_bytes(base.get("size_bytes")),
                 "–",
                 "–",
             ]
@@ -201,7 +202,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
                 r["method"],
                 "–" if ppl is None else f"{ppl:.4f} ± {_num(r.get('stderr'), '.4f')}",
                 delta_text(r),
-                _mb(r.get("size_bytes")),
+                fmt_bytes(r.get("size_bytes")),
                 quantize_text(r),
                 gate_text(r),
             ]

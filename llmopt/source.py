@@ -17,7 +17,8 @@ from typing import Any
 from llmopt.artifact import sha256_file
 from llmopt.errors import BackendUnavailableError, ModelError
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# A Hugging Face Hub model id (owner/name), as opposed to a local path.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -64,18 +65,26 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmopt"
 
 
+def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header (tensor names, dtypes, shapes, offsets) and its length in bytes;
+    ValueError if malformed."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError("file is shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(size - 8, 100_000_000):
+            raise ValueError(f"header length {n} is larger than the file")
+        header = json.loads(f.read(n))
+    return header, n
+
+
 def check_safetensors(path: Path) -> None:
     """Raise ModelError if a safetensors file is unreadable or shorter than its header says."""
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise ValueError("file is shorter than the 8-byte header length")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 100_000_000):
-                raise ValueError(f"header length {n} is larger than the file")
-            header = json.loads(f.read(n))
+        header, n = safetensors_header(path)
     except (OSError, ValueError, UnicodeDecodeError) as exc:
         raise ModelError(
             f"{path} is not a readable safetensors file ({exc}).",
@@ -378,7 +387,7 @@ def resolve(spec: str, revision: str | None = None, *, trust_remote_code: bool =
             f"{spec} is a file, not a model.",
             "Give a Hugging Face model folder, a .gguf file, or a Hub id like org/name.",
         )
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         folder = _download(spec, revision)
         return open_folder(folder, spec=spec, revision=revision, trust_remote_code=trust_remote_code)
     raise ModelError(

@@ -1,7 +1,7 @@
 """End to end on the real SmolLM2-135M (CPU): quantize, evaluate against FP16, gate, manifest.
 
 Kept small for CI (few calibration samples, a few windows); the full-size table comes from
-scripts/smollm2_table.py.
+benchmarks/smollm2_table.py.
 """
 
 from __future__ import annotations

@@ -324,7 +324,9 @@ def test_cli_hub_id_unreachable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     def no_network(repo_id: str) -> str:
         raise ConnectionError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(est, "_download_config", no_network)
+    from llmopt.estimate import architecture
+
+    monkeypatch.setattr(architecture, "_download_config", no_network)
     code, _, err = run_cli(["estimate", "meta-llama/Llama-3.1-8B"], capsys)
     assert code == 2
     assert "could not fetch config.json of 'meta-llama/Llama-3.1-8B' from the Hugging Face Hub" in err

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from llmopt.backends import gguf as G
+from llmopt.backends import gguf_toolchain as T
 from llmopt.errors import EXIT_INPUT, BackendUnavailableError, ModelError, OptionsError
 from llmopt.source import SourceModel
 
@@ -127,14 +128,14 @@ def _fake_toolchain(root: Path, version: str, archs: list[str], *, package: bool
 def test_converter_architectures_from_both_layouts(tmp_path: Path) -> None:
     new = _fake_toolchain(tmp_path / "a", "1", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
     old = _fake_toolchain(tmp_path / "b", "1", ["LlamaForCausalLM", "GPT2LMHeadModel"], package=False)
-    assert G.converter_architectures(new) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}
-    assert G.converter_architectures(old) == {"LlamaForCausalLM", "GPT2LMHeadModel"}
+    assert T.converter_architectures(new) == {"LlamaForCausalLM", "Qwen2ForCausalLM"}
+    assert T.converter_architectures(old) == {"LlamaForCausalLM", "GPT2LMHeadModel"}
 
 
 def test_unsupported_architecture_is_a_clear_model_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_toolchain(tmp_path / "tc", "9.9.9", ["LlamaForCausalLM", "MistralForCausalLM"])
     monkeypatch.setenv("LLMOPT_LLAMACPP_DIR", str(tmp_path / "tc"))
-    monkeypatch.setattr(G, "installed_llama_cpp_version", lambda: "9.9.9")
+    monkeypatch.setattr(T, "installed_llama_cpp_version", lambda: "9.9.9")
     backend = G.GGUFBackend()
     opts = backend.parse_options({"quant_type": "q8_0"})
     backend.validate(opts, _source(tmp_path, "LlamaForCausalLM"), "cpu")  # supported: no error
@@ -148,9 +149,9 @@ def test_unsupported_architecture_is_a_clear_model_error(tmp_path: Path, monkeyp
 
 def test_missing_converter_names_the_build_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMOPT_LLAMACPP_DIR", str(tmp_path))
-    monkeypatch.setattr(G, "installed_llama_cpp_version", lambda: "9.9.9")
+    monkeypatch.setattr(T, "installed_llama_cpp_version", lambda: "9.9.9")
     with pytest.raises(BackendUnavailableError) as exc:
-        G.require_toolchain()
+        T.require_toolchain()
     assert "scripts/build_llamacpp.py" in (exc.value.hint or "")
     opts = G.GGUFBackend().parse_options({"imatrix": "auto"})
     _fake_toolchain(tmp_path, "9.9.9", ["LlamaForCausalLM"])  # converter but no llama-imatrix
@@ -215,10 +216,10 @@ def test_runner_finds_the_model_file_not_the_imatrix(tmp_path: Path) -> None:
 # --- e2e on SmolLM2-135M ---------------------------------------------------------------------------
 
 
-def _require_llamacpp() -> G.Toolchain:
+def _require_llamacpp() -> T.Toolchain:
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed (python scripts/build_llamacpp.py builds and installs it)")
-    chain = G.find_toolchain()
+    chain = T.find_toolchain()
     if chain is None:
         pytest.skip("llama.cpp's converter is not set up (run: python scripts/build_llamacpp.py)")
     return chain
@@ -341,5 +342,5 @@ def test_smoke_decode_passes_on_this_cpu() -> None:
     assert result["ok"] and set(result["checked"]) == {"q8_0", "q4_0", "q4_1", "q4_k_m"}
     assert result["checked"]["q8_0"] < 0.04 < max(result["checked"].values()) < 0.35  # 4-bit differs, q8_0 barely
     assert result["cpu"]["model"]
-    ok, text = G.decode_check(chain)
+    ok, text = T.decode_check(chain)
     assert ok and "decodes on this CPU" in text, text

@@ -298,7 +298,7 @@ def test_hub_unreachable(
 
 
 def test_gptq_card(tmp_path: Path) -> None:
-    from llmopt.hub import render_card
+    from llmopt.model_card import render_card
 
     art = make_artifact(tmp_path, fmt="gptq", backend="gptq", options={"bits": 4, "group_size": 64})
     card = render_card(Artifact.open(art), "org/smol-gptq")
@@ -341,7 +341,7 @@ def test_offline_mode_is_explained(
 def test_card_claims_only_what_was_measured(tmp_path: Path) -> None:
     """No link to an unclaimed registry name; the baseline row names the local folder that was scored (by its
     weights' hash), not the Hub model; a dtype is shown only where the evaluation recorded one, per side."""
-    from llmopt.hub import render_card
+    from llmopt.model_card import render_card
 
     art = make_artifact(tmp_path)
     card = render_card(Artifact.open(art), "org/smol-int8")
@@ -374,7 +374,7 @@ def test_standalone_publish_uses_the_recipe_license(tmp_path: Path, capsys: pyte
 
 def test_awq_card_lets_vllm_choose_the_kernel(tmp_path: Path) -> None:
     """`--quantization awq` would force vLLM's plain AWQ kernel (float16 only) instead of AWQ-Marlin."""
-    from llmopt.hub import render_card
+    from llmopt.model_card import render_card
 
     art = make_artifact(tmp_path, fmt="awq", backend="awq", options={"bits": 4, "group_size": 64})
     card = render_card(Artifact.open(art), "org/smol-awq")

@@ -33,7 +33,7 @@ from llmopt.artifact import (
 from llmopt.cli import main
 from llmopt.errors import BackendUnavailableError
 from llmopt.evaluate.gate import GateSpec, apply_gate
-from llmopt.pipeline import run_exit_code
+from llmopt.report import run_exit_code
 from tests.evaldata import scored
 from tests.helpers import fake_model
 

@@ -1,6 +1,6 @@
 """Throughput: the engine's arithmetic and plumbing on CPU with tiny random models; GPU paths behind a marker.
 
-No test here asserts a speed: speed is proven by scripts/bench_gpu.py and docs/BENCHMARKS.md. What is
+No test here asserts a speed: speed is proven by benchmarks/bench_gpu.py and docs/BENCHMARKS.md. What is
 checked is that the static-cache decoder computes what ``generate()`` computes, that the report has the
 fields the gate and the tables read, and that bad options fail before any model loads.
 """
@@ -20,12 +20,10 @@ from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.evaluate.throughput import (
     ThroughputSettings,
     compare,
-    cost_per_million_tokens,
     parse_int_list,
-    percentile,
-    summary,
     throughput_section,
 )
+from llmopt.stats import cost_per_million_tokens, percentile, summary
 from tests.helpers import random_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +159,7 @@ def test_bench_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
 def test_static_decoder_decodes_what_generate_does() -> None:
     import torch
 
-    from llmopt.evaluate.throughput import StaticDecoder
+    from llmopt.runners.decoder import StaticDecoder
 
     model = tiny_model()
     prompt = torch.randint(3, 500, (2, 10), generator=torch.Generator().manual_seed(1))
@@ -183,7 +181,7 @@ def test_static_decoder_decodes_what_generate_does() -> None:
 def test_graph_replay_is_checked_against_eager() -> None:
     import torch
 
-    from llmopt.evaluate.throughput import GraphMismatchError, check_replay
+    from llmopt.runners.decoder import GraphMismatchError, check_replay
 
     ref = torch.randn(2, 1000, generator=torch.Generator().manual_seed(3))
     assert check_replay(ref + 1e-3 * torch.randn(2, 1000), ref) is True
@@ -199,7 +197,7 @@ def test_graph_replay_is_checked_against_eager() -> None:
 
 @needs_torch
 def test_weight_bytes_per_step() -> None:
-    from llmopt.evaluate.throughput import weight_bytes_per_step
+    from llmopt.runners.engine import weight_bytes_per_step
 
     untied = tiny_model()
     every = sum(t.numel() * t.element_size() for t in [*untied.parameters(), *untied.buffers()])
@@ -216,7 +214,7 @@ def test_weight_bytes_per_step() -> None:
 
 @needs_torch
 def test_copy_bandwidth_is_measured_once_and_cached() -> None:
-    from llmopt.evaluate.throughput import copy_bandwidth
+    from llmopt.runners.engine import copy_bandwidth
 
     first = copy_bandwidth("cpu")
     second = copy_bandwidth("cpu")
@@ -225,7 +223,7 @@ def test_copy_bandwidth_is_measured_once_and_cached() -> None:
 
 @needs_torch
 def test_measure_model_on_cpu_reports_every_field() -> None:
-    from llmopt.evaluate.throughput import measure_model
+    from llmopt.runners.engine import measure_model
 
     result = measure_model(tiny_model(), "cpu", TINY.model_copy(update={"gpu_hourly_cost": 2.0}))
     assert set(result["decode"]) == {"1", "2"} and set(result["prefill"]) == {"8", "12"}
@@ -319,7 +317,7 @@ def test_random_quantized_checkpoints_load_and_run(method: str, tmp_path: Path) 
 def test_graphed_decoding_matches_eager_on_gpu(mode: str) -> None:
     import torch
 
-    from llmopt.evaluate.throughput import StaticDecoder
+    from llmopt.runners.decoder import StaticDecoder
 
     model = tiny_model("cuda:0")
     prompt = torch.randint(3, 500, (2, 10), device="cuda:0", generator=torch.Generator("cuda:0").manual_seed(2))
@@ -338,7 +336,7 @@ def test_graphed_decoding_matches_eager_on_gpu(mode: str) -> None:
 
 @pytest.mark.gpu
 def test_measure_model_on_gpu_uses_a_compiled_graph() -> None:
-    from llmopt.evaluate.throughput import measure_model
+    from llmopt.runners.engine import measure_model
 
     result = measure_model(tiny_model("cuda:0").half(), "cuda:0", TINY)
     assert result["decode_mode"] == "compile+cudagraph", result.get("decode_mode_note")
@@ -492,10 +490,10 @@ def test_int8_outlier_layers_are_measured_eagerly_without_a_doomed_capture() -> 
     import bitsandbytes as bnb
     import torch
 
-    from llmopt.evaluate.throughput import _has_int8_outlier_path
+    from llmopt.runners.decoder import has_int8_outlier_path
 
-    assert _has_int8_outlier_path(torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=6.0)))
-    assert not _has_int8_outlier_path(
+    assert has_int8_outlier_path(torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=6.0)))
+    assert not has_int8_outlier_path(
         torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=0.0))
     )
-    assert not _has_int8_outlier_path(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    assert not has_int8_outlier_path(torch.nn.Sequential(torch.nn.Linear(8, 8)))

@@ -32,15 +32,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmopt._thirdparty import quiet_gptqmodel
+from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import group_size_hint, group_size_problem
-from llmopt.backends.base import Backend, QuantizeInputs, Requirement
-from llmopt.backends.gptq import (
-    _configure_gptqmodel_env,
-    _save_tokenizer,
-    strip_machine_specific,
-    validate_gptqmodel_architecture,
-)
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.gptq import strip_machine_specific, validate_gptqmodel_architecture
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel
 
@@ -115,7 +110,7 @@ class AWQBackend(Backend):
                 "tokens); GPTQModel's AWQ would calibrate every layer on the last batch alone.",
                 "Cut the text into samples of one length: llmopt's --calibration with --samples/--seq-len does.",
             )
-        _configure_gptqmodel_env()
+        configure_gptqmodel_env()
         import torch
         quiet_gptqmodel()
         from gptqmodel import BACKEND, GPTQModel
@@ -145,5 +140,5 @@ class AWQBackend(Backend):
         with inputs.reporter.step("saving AWQ checkpoint"):
             model.save(str(inputs.out_dir))
             strip_machine_specific(inputs.out_dir)
-            _save_tokenizer(inputs)
+            save_tokenizer(inputs)
         return {"packing_kernel": getattr(kernel, "value", str(kernel))}

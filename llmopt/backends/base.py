@@ -203,3 +203,11 @@ def get_backend(name: str, *, require_usable: bool = True) -> Backend:
             "Install what is named above, then check with `llmopt backends`.",
         )
     return info.backend
+
+
+def save_tokenizer(inputs: QuantizeInputs) -> None:
+    """The source's tokenizer files into the artifact (evaluation checks it tokenizes like its baseline)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
+    tok.save_pretrained(inputs.out_dir)

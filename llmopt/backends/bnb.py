@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmopt.backends.base import Backend, QuantizeInputs, Requirement
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.errors import BackendUnavailableError
 from llmopt.source import SourceModel
 
@@ -98,7 +98,7 @@ class _BnbBackend(Backend):
 
     def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from llmopt.placement import Placement, observed_layers, plan_placement
 
@@ -125,7 +125,7 @@ class _BnbBackend(Backend):
             placement.layers_per_device = observed_layers(model)
         with inputs.reporter.step("saving bitsandbytes checkpoint"):
             model.save_pretrained(inputs.out_dir)
-            AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=trust).save_pretrained(inputs.out_dir)
+            save_tokenizer(inputs)
         return {"compute_dtype": compute, "placement": placement.record()}
 
 

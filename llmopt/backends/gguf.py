@@ -20,11 +20,7 @@
 
 from __future__ import annotations
 
-import ast
 import difflib
-import importlib.metadata
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -32,19 +28,33 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from llmopt.backends.base import Backend, QuantizeInputs, Requirement
-from llmopt.errors import BackendUnavailableError, DataError, ModelError, OptionsError
-from llmopt.source import SourceModel, cache_dir
+from llmopt.backends import gguf_toolchain as toolchain
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.gguf_imatrix import compute_imatrix, load_imatrix
+from llmopt.backends.gguf_toolchain import (
+    BUILD_SCRIPT,
+    Toolchain,
+    check_architecture,
+    child_env,
+    log_tail,
+    require_toolchain,
+)
+from llmopt.backends.gguf_toolchain import (
+    STAMP as STAMP,
+)
+from llmopt.backends.gguf_toolchain import (
+    converter_architectures as converter_architectures,
+)
+from llmopt.environment import cpu_count
+from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
+from llmopt.source import SourceModel
 
-BUILD_SCRIPT = "python scripts/build_llamacpp.py"
-STAMP = "llmopt-llamacpp.json"
 IMATRIX_NAME = "imatrix.gguf"
 
 
@@ -156,213 +166,6 @@ class GGUFOptions(BaseModel):
         return value.lower() if value.lower() in ("none", "auto") else value
 
 
-# --- where llama.cpp's converter and tools live -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Toolchain:
-    version: str  # llama-cpp-python version it was taken from
-    root: Path  # DIR/<version>
-    converter: Path  # folder holding convert_hf_to_gguf.py
-    bin: Path | None  # folder holding llama-imatrix (+ its shared libraries), if built
-
-    @property
-    def imatrix_tool(self) -> Path | None:
-        if self.bin is None:
-            return None
-        tool = self.bin / "llama-imatrix"
-        return tool if tool.is_file() else None
-
-
-def installed_llama_cpp_version() -> str | None:
-    try:
-        return importlib.metadata.version("llama_cpp_python")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def toolchain_dirs() -> list[Path]:
-    """Folders searched for ``<version>/`` trees: $LLMOPT_LLAMACPP_DIR alone, else the llmopt caches."""
-    env = os.environ.get("LLMOPT_LLAMACPP_DIR")
-    if env:
-        return [Path(env).expanduser().absolute()]
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llmopt" / "llamacpp"
-    dirs = [cache_dir() / "llamacpp", home]
-    return list(dict.fromkeys(dirs))
-
-
-def find_toolchain(version: str | None = None) -> Toolchain | None:
-    """The converter (and tools) set up for ``version`` (default: the installed llama-cpp-python)."""
-    version = version or installed_llama_cpp_version()
-    if version is None:
-        return None
-    for base in toolchain_dirs():
-        root = base / version
-        converter = root / "converter"
-        if not (converter / "convert_hf_to_gguf.py").is_file():
-            continue
-        bin_dir = None
-        stamp = root / STAMP
-        if stamp.is_file():
-            try:
-                data = json.loads(stamp.read_text())
-                active = data.get("builds", {}).get(data.get("active", ""), {})
-                bin_dir = Path(active["bin"]) if active.get("bin") else None
-            except (ValueError, KeyError, TypeError):
-                bin_dir = None
-        return Toolchain(version=version, root=root, converter=converter, bin=bin_dir)
-    return None
-
-
-def decode_check(chain: Toolchain, *, timeout: float = 600) -> tuple[bool, str]:
-    """Whether the active llama.cpp build decodes correctly on this CPU, and a line saying how it is known.
-
-    Known from the build's stamp (the CPUs its smoke check passed on), else from a smoke check run here
-    in a child process (a crash must not take the caller down), remembered per build and CPU.
-    """
-    from llmopt.runners.llamacpp_worker import cpu_identity, same_cpu
-
-    cpu = cpu_identity()
-    try:
-        data = json.loads((chain.root / STAMP).read_text())
-    except (OSError, ValueError):
-        data = {}
-    builds = data.get("builds") if isinstance(data.get("builds"), dict) else {}
-    key = data.get("active") if isinstance(data, dict) else None
-    entry = builds.get(key, {}) if key else {}
-    rebuild = f"Rebuild with `{BUILD_SCRIPT} --rebuild` (portable by default: -DGGML_NATIVE=OFF)."
-    if data and key is None:
-        failed = [b.get("smoke", {}).get("problem") for b in builds.values() if b.get("smoke", {}).get("ok") is False]
-        return (
-            False,
-            f"the llama.cpp build failed its smoke decode here ({failed[-1] if failed else 'no details'}). " + rebuild,
-        )
-    if any(same_cpu(c, cpu) for c in entry.get("passed_on", [])):
-        checked = ", ".join(entry.get("smoke", {}).get("checked") or {})
-        return True, f"llama.cpp decodes on this CPU ({cpu['model']}; smoke check at build time: f16, {checked})."
-    memo_path = cache_dir() / "llamacpp-smoke.json"
-    wheel = str(entry.get("wheel") or "")
-    if wheel and Path(wheel).is_file():  # a rebuild in place (same flags and path) must not reuse the verdict
-        wheel += f"@{Path(wheel).stat().st_mtime_ns}"
-    memo_key = f"{chain.version}:{key}:{wheel}:{json.dumps(cpu, sort_keys=True)}"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    result = memo.get(memo_key) if isinstance(memo, dict) else None
-    if not isinstance(result, dict):
-        result = _run_smoke(chain, timeout)
-        memo = memo if isinstance(memo, dict) else {}
-        memo[memo_key] = result
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(memo, indent=2) + "\n")
-        os.replace(tmp, memo_path)
-    if result.get("ok"):
-        checked = ", ".join(result.get("checked") or {})
-        return True, f"llama.cpp decodes on this CPU ({cpu['model']}; smoke check run here: f16, {checked})."
-    return (
-        False,
-        f"the built llama.cpp does not decode correctly on this CPU ({cpu['model']}): {result.get('problem')}. "
-        + rebuild,
-    )
-
-
-def _run_smoke(chain: Toolchain, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "llmopt.runners.llamacpp_worker", "smoke", "--converter", str(chain.converter)]
-    env = _child_env()
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "problem": f"the smoke decode did not finish in {timeout:.0f} s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode < 0:
-        import signal
-
-        try:
-            sig = signal.Signals(-proc.returncode).name
-        except ValueError:
-            sig = f"signal {-proc.returncode}"
-        return {"ok": False, "problem": f"llama.cpp crashed ({sig}) decoding a tiny model"}
-    if not lines:
-        return {"ok": False, "problem": f"the smoke decode failed (exit {proc.returncode}): {_tail(proc.stderr, 2)}"}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
-
-
-def _setup_hint() -> str:
-    return (
-        f"Run `{BUILD_SCRIPT}` from the llmopt source tree (builds llama-cpp-python and sets up llama.cpp's "
-        "converter and llama-imatrix), or point LLMOPT_LLAMACPP_DIR at a folder it prepared."
-    )
-
-
-def require_toolchain() -> Toolchain:
-    version = installed_llama_cpp_version()
-    chain = find_toolchain(version)
-    if chain is None:
-        where = ", ".join(str(d / (version or "VERSION")) for d in toolchain_dirs())
-        raise BackendUnavailableError(
-            f"llama.cpp's converter for llama-cpp-python {version} is not set up (looked in {where}).",
-            _setup_hint(),
-        )
-    return chain
-
-
-@lru_cache(maxsize=8)
-def converter_architectures(converter: Path) -> frozenset[str]:
-    """HF architecture names the converter registers, read from its source without importing it."""
-    package_init = converter / "conversion" / "__init__.py"
-    if package_init.is_file():  # llama.cpp >= mid-2026: a TEXT_MODEL_MAP literal in conversion/
-        tree = ast.parse(package_init.read_text(encoding="utf-8"))
-        for node in ast.walk(tree):
-            target = getattr(node, "target", None) or (getattr(node, "targets", None) or [None])[0]
-            if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP":
-                value = getattr(node, "value", None)
-                if isinstance(value, ast.Dict):
-                    return frozenset(
-                        str(k.value) for k in value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)
-                    )
-    # older single-file converters: @ModelBase.register("A", "B") decorators
-    text = (converter / "convert_hf_to_gguf.py").read_text(encoding="utf-8")
-    names: set[str] = set()
-    for args in re.findall(r"@(?:ModelBase|Model)\.register\(([^)]*)\)", text):
-        names.update(re.findall(r"[\"']([\w.-]+)[\"']", args))
-    return frozenset(names)
-
-
-def source_architecture(config: dict[str, Any]) -> str | None:
-    """The architecture the converter dispatches on (its get_model_architecture, text models)."""
-    text_cfg = config.get("text_config") or {}
-    if text_cfg.get("architectures"):
-        return str(text_cfg["architectures"][0])
-    archs = config.get("architectures") or []
-    return str(archs[0]) if archs else None
-
-
-def check_architecture(source: SourceModel, chain: Toolchain) -> None:
-    arch = source_architecture(source.config)
-    known = converter_architectures(chain.converter)
-    if not known:  # unreadable layout: let the converter decide
-        return
-    if arch is None:
-        raise ModelError(
-            f"{source.path}/config.json names no architecture, so llama.cpp's converter cannot pick one.",
-            "Give a model whose config.json has an `architectures` entry.",
-        )
-    if arch not in known:
-        close = difflib.get_close_matches(arch, sorted(known), n=3, cutoff=0.6)
-        near = f" Close names it supports: {', '.join(close)}." if close else ""
-        raise ModelError(
-            f"architecture '{arch}' is not supported by llama.cpp's converter "
-            f"(llama-cpp-python {chain.version}, {len(known)} architectures).{near}",
-            "Pick a model of a supported architecture, or rebuild with a newer llama-cpp-python "
-            f"(`{BUILD_SCRIPT} --version X.Y.Z`) if llama.cpp has added it since.",
-        )
-
-
 # --- the backend -------------------------------------------------------------------------------------
 
 
@@ -400,13 +203,13 @@ class GGUFBackend(Backend):
                 problems.append(f"missing Python package '{r.package}': {r.install_hint()}")
         if problems:
             return problems
-        chain = find_toolchain()
+        chain = toolchain.find_toolchain()
         if chain is None:
             return [
-                f"llama.cpp's converter for llama-cpp-python {installed_llama_cpp_version()} is not set up: "
-                + _setup_hint()
+                f"llama.cpp's converter for llama-cpp-python {toolchain.installed_llama_cpp_version()} is not set up: "
+                + toolchain.setup_hint()
             ]
-        ok, text = decode_check(chain)
+        ok, text = toolchain.decode_check(chain)
         if not ok:
             return [text]
         self.note = text
@@ -414,7 +217,7 @@ class GGUFBackend(Backend):
 
     def library_versions(self) -> dict[str, str]:
         versions = super().library_versions()
-        versions["llama.cpp converter"] = f"from llama-cpp-python {installed_llama_cpp_version()} sdist"
+        versions["llama.cpp converter"] = f"from llama-cpp-python {toolchain.installed_llama_cpp_version()} sdist"
         return versions
 
     def wants_calibration(self, options: BaseModel) -> bool:
@@ -454,7 +257,7 @@ class GGUFBackend(Backend):
         assert isinstance(opts, GGUFOptions)
         chain = require_toolchain()
         qt = QUANT_TYPES[opts.quant_type]
-        threads = opts.threads or _cpu_count()
+        threads = opts.threads or cpu_count()
         stem = _model_stem(inputs.source)
         # Absolute: the converter runs in its own folder, where a relative -o or model path means nothing.
         out_dir = inputs.out_dir.resolve()
@@ -476,7 +279,7 @@ class GGUFBackend(Backend):
                     n = len(inputs.calibration.samples)
                     with inputs.reporter.step(f"importance matrix with llama-imatrix ({n} calibration samples)"):
                         imatrix_file = out_dir / IMATRIX_NAME
-                        extra["imatrix"] = _compute_imatrix(chain, intermediate, inputs, imatrix_file, work, threads)
+                        extra["imatrix"] = compute_imatrix(chain, intermediate, inputs, imatrix_file, work, threads)
                 elif opts.imatrix != "none":
                     imatrix_file = Path(opts.imatrix).expanduser().resolve()
                     extra["imatrix"] = {"file": str(imatrix_file), "sha256": _sha256(imatrix_file)}
@@ -487,20 +290,13 @@ class GGUFBackend(Backend):
                     )  # fmt: skip
             extra["tensor_types"] = _tensor_type_counts(final)
             with inputs.reporter.step("saving tokenizer files"):
-                _save_tokenizer(inputs)
+                save_tokenizer(inputs)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return extra
 
 
 # --- steps (each a child process, so a crash inside llama.cpp cannot leave files behind) --------------
-
-
-def _cpu_count() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _model_stem(source: SourceModel) -> str:
@@ -516,27 +312,13 @@ def _sha256(path: Path) -> str:
     return sha256_file(path)
 
 
-def _tail(text: str, n: int = 6) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return "\n    ".join(lines[-n:])
-
-
-def _child_env(threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    # With other work on the machine, busy-waiting OpenMP threads slow llama.cpp down (NOTES).
-    env.setdefault("OMP_WAIT_POLICY", "passive")
-    if threads:
-        env.setdefault("OMP_NUM_THREADS", str(threads))
-    return env
-
-
 def _convert(chain: Toolchain, source: SourceModel, outtype: str, out: Path) -> float:
     script = chain.converter / "convert_hf_to_gguf.py"
     # cwd is the converter's folder (it imports its own gguf-py from there), so every path is absolute.
     cmd = [sys.executable, str(script.resolve()), str(source.path.resolve()), "--outfile", str(out.resolve()),
            "--outtype", outtype]  # fmt: skip
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(), cwd=chain.converter.resolve())
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=chain.converter.resolve())
     if proc.returncode != 0 or not out.is_file():
         log = proc.stdout + proc.stderr
         missing = re.search(r"No module named '([\w.]+)'", log)
@@ -546,69 +328,24 @@ def _convert(chain: Toolchain, source: SourceModel, outtype: str, out: Path) -> 
                 f"pip install {missing.group(1)}",
             )
         raise ModelError(
-            f"llama.cpp's converter failed on {source.spec} (exit {proc.returncode}):\n    {_tail(log)}",
+            f"llama.cpp's converter failed on {source.spec} (exit {proc.returncode}):\n    {log_tail(log)}",
             "Check that the model folder is complete and its architecture is supported; "
             f"the command was: {' '.join(cmd)}",
         )
     return round(time.perf_counter() - start, 2)
 
 
-def _compute_imatrix(
-    chain: Toolchain, model: Path, inputs: QuantizeInputs, out: Path, work: Path, threads: int
-) -> dict[str, Any]:
-    """Run llama-imatrix over the calibration samples (decoded to text: the tool tokenizes itself)."""
-    from transformers import AutoTokenizer
-
-    calib = inputs.calibration
-    assert calib is not None and chain.imatrix_tool is not None and chain.bin is not None
-    tokenizer = AutoTokenizer.from_pretrained(inputs.source.path)
-    text_file = work / "calibration.txt"
-    text_file.write_text("".join(str(tokenizer.decode(s)) for s in calib.samples), encoding="utf-8")
-    cmd = [
-        str(chain.imatrix_tool), "-m", str(model), "-f", str(text_file), "-o", str(out),
-        "-c", str(calib.seq_len), "--chunks", str(len(calib.samples)), "-t", str(threads),
-        "--no-ppl", "-ofreq", "1000000",
-    ]  # fmt: skip
-    env = _child_env(threads)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(chain.bin), env.get("LD_LIBRARY_PATH", "")) if p)
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    log = proc.stdout + proc.stderr
-    short = re.search(r"you need at least (\d+) tokens.*?tokenizes to only (\d+) tokens", log, re.S)
-    if proc.returncode != 0 and short:
-        # llama-imatrix wants two chunks' worth of tokens, counted after its own re-tokenization
-        raise DataError(
-            f"llama-imatrix needs at least {short.group(1)} tokens ({calib.seq_len}-token chunks, two at least); "
-            f"the {len(calib.samples)} calibration samples re-tokenize to {short.group(2)}.",
-            "Pass more --samples (3 or more), or a smaller --seq-len.",
-        )
-    if proc.returncode != 0 or not out.is_file():
-        raise BackendUnavailableError(
-            f"llama-imatrix failed (exit {proc.returncode}):\n    {_tail(proc.stdout + proc.stderr)}",
-            f"Rebuild the tools with `{BUILD_SCRIPT} --rebuild`, or pass --imatrix FILE.",
-        )
-    chunks = re.findall(r"computing over (\d+) chunks", proc.stdout + proc.stderr)
-    return {
-        "source": "auto",
-        "file": out.name,
-        "tool": "llama-imatrix",
-        "chunks": int(chunks[-1]) if chunks else None,
-        "chunk_tokens": calib.seq_len,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
-
-
 def _run_quantize_worker(
     src: Path, dst: Path, qt: QuantType, threads: int, imatrix: Path | None, pure: bool, *, imatrix_label: str
 ) -> float:
-    cmd = [sys.executable, "-m", "llmopt.backends.gguf", "--quantize", str(src), str(dst),
+    cmd = [sys.executable, "-m", "llmopt.backends.gguf_imatrix", "--quantize", str(src), str(dst),
            "--ftype", str(qt.ftype), "--threads", str(threads)]  # fmt: skip
     if imatrix is not None:
         cmd += ["--imatrix", str(imatrix), "--imatrix-label", imatrix_label]
     if pure:
         cmd.append("--pure")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_child_env(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads))
     if proc.returncode != 0 or not dst.is_file():
         log = proc.stdout + proc.stderr
         if "requires an imatrix" in log or "requires an importance matrix" in log:
@@ -617,7 +354,7 @@ def _run_quantize_worker(
                 "Pass --imatrix auto --calibration TEXT_FILE, or --imatrix FILE.",
             )
         errors = [ln for ln in log.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
-        detail = "\n    ".join(errors[-4:]) if errors else _tail(log)
+        detail = "\n    ".join(errors[-4:]) if errors else log_tail(log)
         raise ModelError(
             f"llama.cpp could not quantize to {qt.name} (exit {proc.returncode}):\n    {detail}",
             "Try another --quant-type (this model's tensor shapes may not fit it).",
@@ -636,165 +373,3 @@ def _tensor_type_counts(path: Path) -> dict[str, int] | None:
         return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
     except Exception:  # a type newer than the installed gguf package: informative only
         return None
-
-
-def _save_tokenizer(inputs: QuantizeInputs) -> None:
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(inputs.source.path).save_pretrained(inputs.out_dir)
-
-
-# --- importance matrix files (what llama-quantize's loader does) -------------------------------------
-
-
-def load_imatrix(path: Path) -> tuple[dict[str, list[float]], list[str], int]:
-    """Per-tensor importance values, datasets and chunk count from an imatrix file (GGUF or legacy .dat)."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
-        import numpy as np
-        from gguf import GGUFReader
-
-        reader = GGUFReader(path)
-        fields = reader.fields
-        if not all(k in fields for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size")):
-            raise OptionsError(f"{path} is a GGUF file without imatrix metadata.", "Give a file from llama-imatrix.")
-        datasets_field = fields["imatrix.datasets"]
-        datasets = [bytes(datasets_field.parts[i]).decode("utf-8", "replace") for i in datasets_field.data]
-        chunk_field = fields["imatrix.chunk_count"]
-        chunks = int(chunk_field.parts[chunk_field.data[0]][0])
-        sums: dict[str, Any] = {}
-        counts: dict[str, Any] = {}
-        for t in reader.tensors:
-            if t.name.endswith(".in_sum2"):
-                sums[t.name[: -len(".in_sum2")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
-            elif t.name.endswith(".counts"):
-                counts[t.name[: -len(".counts")]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        values: dict[str, list[float]] = {}
-        for name, s in sums.items():
-            if name not in counts:
-                raise OptionsError(f"{path}: sums without counts for {name}.", "Give a file from llama-imatrix.")
-            c = np.rint(counts[name])
-            per = s.reshape(len(c), -1)
-            out = np.where(c[:, None] > 0, per / np.where(c > 0, c, 1)[:, None], 1.0).astype(np.float32)
-            values[name] = out.reshape(-1).tolist()
-        return values, datasets, chunks
-    return _load_legacy_imatrix(path)
-
-
-def _load_legacy_imatrix(path: Path) -> tuple[dict[str, list[float]], list[str], int]:
-    import struct
-
-    data = path.read_bytes()
-    pos = 0
-
-    def take(fmt: str) -> tuple[Any, ...]:
-        nonlocal pos
-        size = struct.calcsize(fmt)
-        if pos + size > len(data):
-            raise OptionsError(f"{path} is not an imatrix file (truncated).", "Give a file from llama-imatrix.")
-        vals = struct.unpack_from(fmt, data, pos)
-        pos += size
-        return vals
-
-    (n_entries,) = take("<i")
-    if n_entries < 1 or n_entries > 1_000_000:
-        raise OptionsError(f"{path} is not an imatrix file.", "Give a file from llama-imatrix (.gguf or .dat).")
-    import numpy as np
-
-    values: dict[str, list[float]] = {}
-    for _ in range(n_entries):
-        (length,) = take("<i")
-        name = data[pos : pos + length].decode("utf-8", "replace")
-        pos += length
-        ncall, nval = take("<ii")
-        arr = np.frombuffer(data, dtype="<f4", count=nval, offset=pos)
-        pos += 4 * nval
-        values[name] = (arr / ncall if ncall > 0 else arr).astype(np.float32).tolist()
-    chunks, datasets = 0, []
-    if pos + 4 <= len(data):
-        (chunks,) = take("<i")
-        if pos + 4 <= len(data):
-            (length,) = take("<i")
-            if length > 0:
-                datasets = [data[pos : pos + length].decode("utf-8", "replace")]
-    return values, datasets, chunks
-
-
-def _worker_quantize(
-    src: str, dst: str, ftype: int, threads: int, imatrix: str | None, imatrix_label: str, pure: bool
-) -> None:
-    """Child process: llama.cpp's quantizer, with an importance matrix passed like llama-quantize does."""
-    import ctypes
-
-    import llama_cpp
-
-    if imatrix and not hasattr(llama_cpp, "llama_model_imatrix_data"):
-        print(
-            "error: this llama-cpp-python cannot pass an importance matrix (needs >= 0.3.36)",
-            file=sys.stderr,
-        )
-        raise SystemExit(2)
-    llama_cpp.llama_backend_init()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.nthread = threads
-    params.ftype = ftype
-    params.pure = pure
-    keep: list[Any] = []  # ctypes buffers must outlive the call
-    if imatrix:
-        values, datasets, chunks = load_imatrix(Path(imatrix))
-        entries = (llama_cpp.llama_model_imatrix_data * (len(values) + 1))()
-        for i, (name, vals) in enumerate(values.items()):
-            buf = (ctypes.c_float * len(vals))(*vals)
-            keep.append(buf)
-            entries[i].name = name.encode()
-            entries[i].data = ctypes.cast(buf, ctypes.POINTER(ctypes.c_float))
-            entries[i].size = len(vals)
-        entries[len(values)].name = None  # terminator
-        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
-        keep.append(entries)
-        # The same metadata llama-quantize records, so both give the same file.
-        kvs: list[tuple[str, int, Any]] = [
-            ("quantize.imatrix.file", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, imatrix_label)
-        ]
-        if datasets:
-            kvs.append(("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, datasets[0]))
-        kvs.append(("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, len(values)))
-        if chunks > 0:
-            kvs.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, chunks))
-        overrides = (llama_cpp.llama_model_kv_override * (len(kvs) + 1))()
-        for i, (key, tag, val) in enumerate(kvs):
-            slot: Any = overrides[i]  # the bindings type `value` as a plain union, not the ctypes Union
-            slot.key = key.encode()
-            slot.tag = tag
-            if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
-                slot.value.val_str = str(val).encode()[:127]
-            else:
-                slot.value.val_i64 = int(val)
-        overrides[len(kvs)].key = b""  # terminator
-        params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
-        keep.append(overrides)
-    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
-    if rc != 0:
-        Path(dst).unlink(missing_ok=True)
-        print(f"llama_model_quantize failed with code {rc}", file=sys.stderr)
-        raise SystemExit(2)
-
-
-def _worker_main(argv: list[str]) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m llmopt.backends.gguf")
-    parser.add_argument("--quantize", nargs=2, metavar=("SRC", "DST"), required=True)
-    parser.add_argument("--ftype", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--imatrix", default=None)
-    parser.add_argument("--imatrix-label", default="")
-    parser.add_argument("--pure", action="store_true")
-    args = parser.parse_args(argv)
-    src, dst = args.quantize
-    _worker_quantize(src, dst, args.ftype, args.threads, args.imatrix, args.imatrix_label or "", args.pure)
-
-
-if __name__ == "__main__":
-    _worker_main(sys.argv[1:])

@@ -12,9 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmopt._thirdparty import quiet_gptqmodel
+from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import group_size_hint, group_size_problem
-from llmopt.backends.base import Backend, QuantizeInputs, Requirement
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
 
@@ -63,7 +63,7 @@ class GPTQBackend(Backend):
     def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
         opts = inputs.options
         assert isinstance(opts, GPTQOptions) and inputs.calibration is not None
-        _configure_gptqmodel_env()
+        configure_gptqmodel_env()
         quiet_gptqmodel()
         from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -98,7 +98,7 @@ class GPTQBackend(Backend):
             if inputs.device == "cpu":
                 store_fp16(inputs.out_dir)
             strip_machine_specific(inputs.out_dir)
-            _save_tokenizer(inputs)
+            save_tokenizer(inputs)
         return {"placement": placement} if placement else {}
 
 
@@ -147,12 +147,6 @@ def gptqmodel_gpus(qcfg: Any, inputs: QuantizeInputs) -> dict[str, Any] | None:
             "visible GPU, calibration forward and GPTQ solves on the GPUs listed)"
         ),
     }
-
-
-def _configure_gptqmodel_env() -> None:
-    # GPTQModel sizes its CPU worker pools from the core count and refuses pools larger than the
-    # parent on small machines (2 cores): give it the real count.
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
 
 
 def store_fp16(folder: Path) -> None:
@@ -251,8 +245,3 @@ def validate_gptqmodel_architecture(source: SourceModel) -> None:
         )
 
 
-def _save_tokenizer(inputs: QuantizeInputs) -> None:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
-    tok.save_pretrained(inputs.out_dir)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from llmopt._thirdparty import quiet_gptqmodel
+from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.errors import BackendUnavailableError
 
 # Kernels GPTQModel may pick on its own that need a download at first use (CUTLASS for Machete):
@@ -226,7 +225,7 @@ class HFRunner:
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         start = time.perf_counter()
         if loader == "gptqmodel":
-            os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
+            configure_gptqmodel_env()
             quiet_gptqmodel()
             from gptqmodel import GPTQModel
 
@@ -306,8 +305,8 @@ class HFRunner:
         return int(self.model.get_memory_footprint())
 
     def bench(self, settings: Any, reporter: Any = None) -> dict[str, Any]:
-        """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (throughput.py)."""
-        from llmopt.evaluate.throughput import measure_model
+        """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (engine.py)."""
+        from llmopt.runners.engine import measure_model
         from llmopt.runners.marlin import marlin_atomic_reduce
 
         # GPTQ-Marlin: atomicAdd split-K reduction on the shapes where it is fast (runners/marlin.py),

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from llmopt.environment import cpu_count
 from llmopt.errors import ArtifactError, BackendUnavailableError, InputError
+from llmopt.stats import percentile, summary
 
 KV_CACHE_TYPE = "f16"
 
@@ -34,10 +36,7 @@ def default_threads() -> int:
     env = os.environ.get("LLMOPT_THREADS")
     if env and env.isdigit() and int(env) > 0:
         return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    return cpu_count()
 
 
 def find_gguf(path: Path) -> Path:
@@ -252,7 +251,7 @@ class LlamaCppRunner:
             "gen_tokens_per_s": gen_len / gen_s,
             "time_to_first_token_s": prompt_s,
             "token_latency_ms_p50": 1000 * statistics.median(steps),
-            "token_latency_ms_p95": 1000 * steps[min(len(steps) - 1, int(0.95 * len(steps)))],
+            "token_latency_ms_p95": 1000 * percentile(steps, 95),
             "llama_perf_prompt_tokens_per_s": prompt_len / (perf_prompt / 1000) if perf_prompt > 0 else None,
             "llama_perf_gen_tokens_per_s": n_gen / (perf_gen / 1000) if perf_gen > 0 else None,
             "timing": "wall-clock around each llama_decode call, median of runs after 1 warm-up; "
@@ -265,8 +264,6 @@ class LlamaCppRunner:
         Prefill at each prompt length; decode at batch 1 after the first prompt length. llama.cpp runs
         one sequence per context here, so larger batch sizes are reported as not measured.
         """
-        from llmopt.evaluate.throughput import percentile, summary
-
         settings = settings.resolved("cpu" if not self.device.startswith("cuda") else self.device)
         warm, reps, gen_len = settings.warmup, settings.repetitions, settings.gen_len
         prefill: dict[str, Any] = {}

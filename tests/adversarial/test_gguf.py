@@ -132,9 +132,9 @@ def test_script_unpacks_on_this_python_in_a_fresh_process(tmp_path: Path) -> Non
 
 
 def _require_llamacpp() -> None:
-    from llmopt.backends import gguf as G
+    from llmopt.backends import gguf_toolchain as T
 
-    if importlib.util.find_spec("llama_cpp") is None or G.find_toolchain() is None:
+    if importlib.util.find_spec("llama_cpp") is None or T.find_toolchain() is None:
         pytest.skip("llama.cpp is not built here (python scripts/build_llamacpp.py)")
 
 
@@ -143,11 +143,11 @@ def test_relative_model_output_calibration_and_imatrix_paths(assets: dict[str, P
     """`cd folder && llmopt quantize models/m -m gguf ... -o a/q` with every path relative: the converter
     runs in its own folder, so a relative path given to it was a FileNotFoundError blamed on the model
     (exit 2). Also --calibration (imatrix auto) and --imatrix FILE relative, then eval of the result."""
-    from llmopt.backends import gguf as G
+    from llmopt.backends import gguf_toolchain as T
     from tests.helpers import first_layers, run_cli
 
     _require_llamacpp()
-    chain = G.find_toolchain()
+    chain = T.find_toolchain()
     assert chain is not None
     user = tmp_path / "user"
     first_layers(Path(assets["model"]), user / "models" / "m2", 2)
@@ -327,7 +327,7 @@ def test_backends_reports_a_build_that_does_not_decode_here(tmp_path: Path, monk
     process, its crash makes gguf unusable with the reason (the caller lives), and it is remembered."""
     import json
 
-    from llmopt.backends import gguf as G
+    from llmopt.backends import gguf_toolchain as T
 
     _crashing_llama_cpp(tmp_path, monkeypatch)
     monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
@@ -336,9 +336,9 @@ def test_backends_reports_a_build_that_does_not_decode_here(tmp_path: Path, monk
     (root / "converter" / "convert_hf_to_gguf.py").write_text("# converter\n")
     other_cpu = {"model": "Some Other CPU", "machine": "x86_64", "flags": ["avx2"]}
     build = {"wheel": "w.whl", "passed_on": [other_cpu], "smoke": {"ok": True, "checked": {"q8_0": 0.01}}}
-    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
-    chain = G.Toolchain(version="9.9.9", root=root, converter=root / "converter", bin=None)
-    ok, text = G.decode_check(chain)
+    (root / T.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
+    chain = T.Toolchain(version="9.9.9", root=root, converter=root / "converter", bin=None)
+    ok, text = T.decode_check(chain)
     assert not ok and "SIGSEGV" in text and "--rebuild" in text
     memo = json.loads((tmp_path / "cache" / "llamacpp-smoke.json").read_text())
     assert len(memo) == 1 and next(iter(memo.values()))["ok"] is False
@@ -346,13 +346,13 @@ def test_backends_reports_a_build_that_does_not_decode_here(tmp_path: Path, monk
     from llmopt.runners.llamacpp_worker import cpu_identity
 
     build["passed_on"] = [cpu_identity()]
-    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
-    ok, text = G.decode_check(chain)
+    (root / T.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": "k"}))
+    ok, text = T.decode_check(chain)
     assert ok and "decodes on this CPU" in text and "q8_0" in text
     # a build the script refused (no active build): reported without a smoke run
     build["smoke"] = {"ok": False, "problem": "llama.cpp crashed (SIGILL) decoding the tiny model"}
-    (root / G.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": None}))
-    ok, text = G.decode_check(chain)
+    (root / T.STAMP).write_text(json.dumps({"builds": {"k": build}, "active": None}))
+    ok, text = T.decode_check(chain)
     assert not ok and "SIGILL" in text
 
 

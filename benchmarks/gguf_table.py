@@ -11,8 +11,8 @@ Prints a Markdown table (for docs/BENCHMARKS.md) and writes OUT/gguf_table.json 
 The FP16 baseline is scored once and cached under OUT/cache (LLMOPT_CACHE).
 
 Usage:
-    python scripts/gguf_table.py --model DIR --eval-text FILE --calibration FILE [--out DIR]
-    python scripts/gguf_table.py --assets     # the test assets of scripts/prepare_assets.py
+    python benchmarks/gguf_table.py --model DIR --eval-text FILE --calibration FILE [--out DIR]
+    python benchmarks/gguf_table.py --assets     # the test assets of scripts/prepare_assets.py
 """
 
 from __future__ import annotations

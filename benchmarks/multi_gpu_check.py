@@ -5,7 +5,7 @@ On a machine with two GPUs or more, with the SmolLM2-135M assets (scripts/prepar
 llmopt's library API (the code paths of `llmopt quantize` / `llmopt eval`):
 
 1. FP16: scored on cuda:0 alone and split over every GPU (the split must really put layers on each).
-2. bnb-int8 and GPTQ 4-bit g64 (128 x 512 calibration tokens, as scripts/smollm2_table.py): each
+2. bnb-int8 and GPTQ 4-bit g64 (128 x 512 calibration tokens, as benchmarks/smollm2_table.py): each
    quantized once on cuda:0 and once with every GPU allowed, and every artifact scored both ways.
 3. A table: perplexity on 1 GPU vs N GPUs, the difference, the placement (layers per GPU), times and
    peak memory per GPU; written as JSON and markdown, printed.
@@ -14,7 +14,7 @@ Each case runs in its own try/except (an error is recorded, the next case runs);
 after every case, and cases that would start after ``--deadline-s`` are skipped, so one command stays
 within the GPU machine's 10-minute limit.
 
-  PYTHONPATH=. python scripts/multi_gpu_check.py --out out/multi-gpu [--samples 32] [--deadline-s 540]
+  PYTHONPATH=. python benchmarks/multi_gpu_check.py --out out/multi-gpu [--samples 32] [--deadline-s 540]
 
 Exit code: 0 when every comparison that ran matches within ``--tolerance`` and every split used
 several GPUs; 1 otherwise; 2 when fewer than two GPUs are visible.
@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # prepare_assets.py
 from prepare_assets import default_cache, prepare
 
 QUANTIZED: dict[str, tuple[str, dict[str, Any]]] = {

@@ -24,7 +24,7 @@ uses with stride = context. All scoring runs on the CPU in float32 unless said o
              --load-dtype) and dequantized into a dense float32 copy of --model (isolates the algorithm
              from the inference kernel).
 
-Run it niced, one at a time, e.g. `nice -n 10 python scripts/awq_experiments.py rtn --group-size 64`.
+Run it niced, one at a time, e.g. `nice -n 10 python benchmarks/awq_experiments.py rtn --group-size 64`.
 On this CPU (2 vCPU, no AVX-512) ref-awq takes ~10 minutes for SmolLM2 with 8 x 256 calibration tokens, and
 GPTQModel's AWQ 20 s (4 x 64 tokens) to a minute (8 x 256) per decoder layer: it computes in float16 or
 bfloat16, emulated here.

@@ -8,7 +8,7 @@ unscored positions, ``loss * n``), on the same evaluation tokens and windows (no
 token of each window unscored). It prints these numbers next to those of llmopt eval reports.
 
 Usage:
-  python scripts/compare_direct.py --method gptq --bits 4 --group-size 64 --samples 128 --seq-len 512 \
+  python benchmarks/compare_direct.py --method gptq --bits 4 --group-size 64 --samples 128 --seq-len 512 \
       --llmopt-report out/smollm2/gptq-4bit-g64/eval.json
 """
 
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # prepare_assets.py
 from prepare_assets import default_cache, prepare
 
 

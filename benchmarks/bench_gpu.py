@@ -8,8 +8,8 @@ and loaded through GPTQModel with the Marlin kernel; bitsandbytes nf4 / int8 are
 folder at load, as transformers does. Every variant of a shape is measured in this one process with
 llmopt's engine (static KV cache, torch.compile + CUDA graph where it works), so speedups are side by side.
 
-Usage (on the GPU machine, from the repo root; scripts/bench_gpu.sh installs the carried wheels first):
-    python3 scripts/bench_gpu.py --shapes 8b --variants fp16,gptq --out bench-out
+Usage (on the GPU machine, from the repo root; benchmarks/bench_gpu.sh installs the carried wheels first):
+    python3 benchmarks/bench_gpu.py --shapes 8b --variants fp16,gptq --out bench-out
 Writes bench-out/bench.json (all numbers), bench-out/table.md (the summary table) and, with --profile,
 bench-out/profile-<shape>-<variant>.txt (top kernels of one batch-1 decode run).
 """
@@ -214,7 +214,7 @@ def profile_decoder(path: Path, label: str) -> Any:
 
 
 def measure_loaded(model: Any, device: str, settings: Any, profile_to: Path | None, label: str) -> dict[str, Any]:
-    from llmopt.evaluate.throughput import measure_model
+    from llmopt.runners.engine import measure_model
 
     hook = profile_decoder(profile_to, label) if profile_to else None
     return measure_model(model, device, settings, None, hook)
@@ -425,7 +425,9 @@ def main() -> None:
     import torch
 
     from llmopt.environment import environment
-    from llmopt.evaluate.throughput import ThroughputSettings, _reset_compiler, copy_bandwidth, parse_int_list
+    from llmopt.evaluate.throughput import ThroughputSettings, parse_int_list
+    from llmopt.runners.decoder import reset_compiler
+    from llmopt.runners.engine import copy_bandwidth
 
     device = args.device
     SETTINGS = ThroughputSettings(
@@ -494,7 +496,7 @@ def main() -> None:
                 traceback.print_exc()
                 results[variant] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
             finally:
-                _reset_compiler()
+                reset_compiler()
                 gc.collect()
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()

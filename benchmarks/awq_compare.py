@@ -16,7 +16,7 @@ Cases (``--cases``, comma-separated):
                     weights in memory (checked to lie on a 4-bit grid), then scored
   rtn               round-to-nearest 4-bit g64 with zero points, no calibration: the floor to beat
 
-Usage (GPU machine, repo root): python scripts/awq_compare.py --out OUT [--cases ...] [--samples 128]
+Usage (GPU machine, repo root): python benchmarks/awq_compare.py --out OUT [--cases ...] [--samples 128]
 Writes OUT/awq_compare.json and prints one line per case.
 """
 
@@ -30,7 +30,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # prepare_assets.py
 from prepare_assets import default_cache, prepare
 
 GROUP = 64

@@ -4,8 +4,8 @@
 Quantizes with llmopt's library API and evaluates each artifact against FP16 on the held-out
 Britannica text (context 512, every token). Works on CPU and on a CUDA GPU (``--device``).
 
-  python scripts/smollm2_table.py --out out/table-cpu --device cpu
-  python scripts/smollm2_table.py --out out/table-gpu --device cuda --kernel torch
+  python benchmarks/smollm2_table.py --out out/table-cpu --device cpu
+  python benchmarks/smollm2_table.py --out out/table-gpu --device cuda --kernel torch
 
 Writes ``OUT/<variant>/`` artifacts, ``OUT/<variant>.eval.json`` and ``OUT/table.md``; prints the table.
 """
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # prepare_assets.py
 from prepare_assets import default_cache, prepare
 
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {

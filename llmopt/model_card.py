@@ -1,0 +1,376 @@
+"""The model card (README.md) that ``llmopt publish`` uploads with an artifact (llmopt/hub.py).
+
+Rendered from the artifact's manifest alone: YAML metadata for the Hub, the evaluation against FP16,
+the recipe, provenance and how to load the model. Never written into the artifact folder, whose file
+hashes must not change.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
+from llmopt.source import HUB_ID
+from llmopt.units import fmt_bytes
+
+CARD_NAME = "README.md"
+
+
+# --- model card ------------------------------------------------------------------------------------
+
+
+def _bits(manifest_format: str, options: dict[str, Any]) -> int | None:
+    if isinstance(options.get("bits"), int):
+        return int(options["bits"])
+    m = re.search(r"(\d+)bit", manifest_format.replace("-", ""))
+    return int(m.group(1)) if m else None
+
+
+def source_license(art: Artifact) -> str | None:
+    """The license of the model quantized, from its README front matter or config.json, if present."""
+    root = Path(art.manifest.source.resolved_path)
+    readme = root / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            end = text.find("\n---", 3)
+            if end > 0:
+                import yaml
+
+                try:
+                    meta = yaml.safe_load(text[3:end])
+                except yaml.YAMLError:
+                    meta = None
+                if isinstance(meta, dict) and isinstance(meta.get("license"), str):
+                    return str(meta["license"])
+    config = root / "config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text()).get("license")
+        except ValueError:
+            value = None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _recipe_publish(art: Artifact) -> dict[str, Any]:
+    """The ``publish`` section of the recipe the artifact was made from (empty when none)."""
+    resolved = (art.manifest.recipe or {}).get("resolved") or {}
+    section = resolved.get("publish") if isinstance(resolved, dict) else None
+    return section if isinstance(section, dict) else {}
+
+
+def license_of(art: Artifact, explicit: str | None = None) -> str | None:
+    """The card's license: given, else the recipe's ``publish.license``, else the source model's own."""
+    if explicit:
+        return explicit
+    from_recipe = _recipe_publish(art).get("license")
+    if isinstance(from_recipe, str) and from_recipe:
+        return from_recipe
+    return source_license(art)
+
+
+def _recipe_base_model(art: Artifact) -> str | None:
+    resolved = (art.manifest.recipe or {}).get("resolved") or {}
+    base = _recipe_publish(art).get("base_model")
+    if base:
+        return str(base)
+    source = (resolved.get("model") or {}).get("source")
+    if isinstance(source, str) and HUB_ID.match(source) and not Path(source).exists():
+        return source
+    return None
+
+
+def base_model_of(art: Artifact, explicit: str | None = None) -> str | None:
+    """Hub id of the model quantized: given, else from the recipe, else the source when it is a Hub id."""
+    if explicit:
+        return explicit
+    found = _recipe_base_model(art)
+    if found:
+        return found
+    src = art.manifest.source.model
+    if HUB_ID.match(src) and not Path(src).expanduser().exists():
+        return src
+    return None
+
+
+def _public(value: Any) -> Any:
+    """Local paths shortened to their last part: a model card must not show the machine's folders."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, str) and (value.startswith(("/", "~", "./", "../")) or re.match(r"^[A-Za-z]:\\", value)):
+        return ".../" + Path(value).name
+    return value
+
+
+def _how_to_load(fmt: str, repo_id: str, revision: str | None) -> list[str]:
+    rev = f', revision="{revision}"' if revision else ""
+    rev_cli = f" --revision {revision}" if revision else ""
+    py = [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, device_map="auto")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
+        "```",
+    ]
+    if fmt == "gptq":
+        return [
+            "With transformers (needs `pip install gptqmodel optimum`):",
+            "",
+            *py,
+            "",
+            "With vLLM (GPTQ is detected from `quantization_config`):",
+            "",
+            "```bash",
+            f"vllm serve {repo_id}{rev_cli}",
+            "```",
+        ]
+    if fmt == "awq":
+        return [
+            "With transformers (needs `pip install gptqmodel optimum`):",
+            "",
+            *py,
+            "",
+            "With vLLM (AWQ is detected from `quantization_config`; vLLM picks its fastest AWQ kernel):",
+            "",
+            "```bash",
+            f"vllm serve {repo_id}{rev_cli}",
+            "```",
+        ]
+    if fmt.startswith("bnb"):
+        lines = ["With transformers (needs `pip install bitsandbytes accelerate`):", "", *py]
+        if fmt == "bnb-4bit":
+            lines += [
+                "",
+                "With vLLM:",
+                "",
+                "```bash",
+                f"vllm serve {repo_id}{rev_cli} --quantization bitsandbytes",
+                "```",
+            ]
+        return lines
+    if fmt == "gguf":
+        return [
+            "With llama.cpp:",
+            "",
+            "```bash",
+            f"llama-cli -hf {repo_id}",
+            "```",
+        ]
+    return ["With transformers:", "", *py]
+
+
+def _dtype_cell(value: Any) -> str:
+    """The dtype a side was scored in, as the evaluation recorded it; never a guess."""
+    return f"`{value}`" if isinstance(value, str) and value else "not recorded"
+
+
+def _scored_baseline(art: Artifact, baseline: dict[str, Any], base_model: str | None) -> dict[str, str]:
+    """What the baseline row may claim: the model that was actually scored, by Hub id only when it was one.
+
+    A local folder is named by its last path part and its weights' sha256 (when the manifest has them for
+    that folder); a card must not present a local rebuild as the Hub model it may have come from.
+    """
+    scored = str(baseline.get("model") or "")
+    local = not (HUB_ID.match(scored) and not Path(scored).expanduser().exists()) if scored else True
+    if scored and not local:
+        return {"label": scored}
+    src = art.manifest.source
+    name = Path(scored).name if scored else Path(src.model).name
+    same_as_source = (
+        not scored
+        or scored in (src.model, src.resolved_path)
+        or (Path(scored).expanduser().resolve() == Path(src.resolved_path).expanduser().resolve())
+    )
+    hashes = src.weights_sha256 if same_as_source else {}
+    if hashes:
+        digest = ", ".join(f"`{k}` sha256 `{v[:16]}…`" for k, v in sorted(hashes.items()))
+        label = f"local `{name}`, {digest}"
+    else:
+        label = f"local `{name}`, weights not hashed in the manifest"
+    note = ""
+    if base_model:
+        note = (
+            f"The FP16 baseline scored was a local copy (`{name}`), identified by its weights' sha256 in the table; "
+            f"it was not downloaded from [{base_model}](https://huggingface.co/{base_model}) for this evaluation."
+        )
+    return {"label": label, "note": note}
+
+
+def render_card(
+    art: Artifact,
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    tags: list[str] | None = None,
+    files: dict[str, FileEntry] | None = None,
+) -> str:
+    """The model card (README.md): YAML metadata, evaluation against FP16, recipe, provenance, usage."""
+    import yaml
+
+    m = art.manifest
+    ev = m.evaluation or {}
+    gate = m.gate or {}
+    options = {k: v for k, v in m.options.items() if k != "_resolved"}
+    bits = _bits(m.format, options)
+    base = base_model_of(art, base_model)
+    lic = license_of(art, license)
+
+    meta: dict[str, Any] = {}
+    if base:
+        meta["base_model"] = base
+        meta["base_model_relation"] = "quantized"
+    if lic:
+        meta["license"] = lic
+    if m.format != "gguf":
+        meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    family = {"bnb-4bit": "bitsandbytes", "bnb-8bit": "bitsandbytes"}.get(m.format, m.format)
+    tag_list = ["llmopt", "quantized", family, m.backend]
+    if bits:
+        tag_list.append(f"{bits}-bit")
+    recipe_tags = _recipe_publish(art).get("tags")
+    for t in [*(tags or []), *(recipe_tags if isinstance(recipe_tags, list) else [])]:
+        tag_list.append(str(t))
+    meta["tags"] = list(dict.fromkeys(tag_list))
+
+    name = repo_id.split("/")[-1]
+    base_ref = f"[{base}](https://huggingface.co/{base})" if base else f"`{Path(m.source.model).name}`"
+    s = ev.get("settings") or {}
+    b = ev.get("baseline") or {}
+    a = ev.get("artifact") or {}
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"{bits}-bit " if bits else "",
+    ]
+    lines[-1] += (
+        f"{m.backend} quantization (`{m.format}` format) of {base_ref}, made with "
+        # no link: llmopt has no registry page or public home of its own, and a link to an unclaimed
+        # package name is one anyone could take over
+        f"llmopt {m.llmopt_version} and published only after passing "
+        "its quality gate."
+    )
+    lines += ["", "## Evaluation against FP16", ""]
+    if s:
+        lines.append(
+            f"Perplexity on `{_public(s.get('dataset'))}` "
+            f"(text sha256 `{str(s.get('text_sha256', ''))[:16]}…`): "
+            f"{s.get('tokens_scored', 0):,} tokens scored in windows of {s.get('context_length')} "
+            f"(stride {s.get('stride')}{', BOS added' if s.get('add_bos') else ''}) on "
+            f"**{s.get('device', '?')}**. Both models were scored on exactly the same token ids."
+        )
+        lines.append("")
+    scored_base = _scored_baseline(art, b, base)
+    if scored_base.get("note"):
+        lines += [scored_base["note"], ""]
+    throughput = ev.get("throughput") or {}
+    speed = throughput.get("decode_speedup") or {}
+    speed_col = bool(speed)
+    header = ["model", "scored in", "perplexity", "± stderr", "Δ vs FP16", "size on disk", "in memory"]
+    if speed_col:
+        header.append("decode speedup")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    if b:
+        row = [
+            f"FP16 baseline ({scored_base['label']})",
+            _dtype_cell(b.get("dtype")),
+            f"{b.get('perplexity', 0):.4f}",
+            f"{b.get('stderr', 0):.4f}",
+            "–",
+            fmt_bytes(b.get("size_bytes")),
+            fmt_bytes(b.get("footprint_bytes")),
+        ]
+        lines.append("| " + " | ".join(row + (["1.00x"] if speed_col else [])) + " |")
+    if a:
+        delta = ev.get("delta_pct")
+        dse = ev.get("delta_pct_stderr")
+        row = [
+            f"**this model** ({m.backend})",
+            # before the evaluation recorded a dtype per side, settings.dtype was the artifact's
+            _dtype_cell(a.get("dtype") or s.get("dtype")),
+            f"{a.get('perplexity', 0):.4f}",
+            f"{a.get('stderr', 0):.4f}",
+            ("–" if delta is None else f"{delta:+.2f}%") + (f" ± {dse:.2f}" if dse is not None else ""),
+            fmt_bytes(a.get("size_bytes")),
+            fmt_bytes(a.get("footprint_bytes")),
+        ]
+        if speed_col:
+            row.append(
+                ", ".join(
+                    f"{float(v):.2f}x @ batch {k}"
+                    for k, v in sorted(speed.items(), key=lambda kv: int(kv[0]))
+                    if v is not None
+                )
+            )
+        lines.append("| " + " | ".join(row) + " |")
+    if gate.get("checks"):
+        lines += ["", "**Gate** (all must pass to publish):", ""]
+        lines += [f"- {'✅' if c.get('passed') else '❌'} {c.get('message')}" for c in gate["checks"]]
+
+    lines += ["", "## How to use", ""]
+    lines += _how_to_load(m.format, repo_id, revision)
+
+    lines += [
+        "",
+        "## Quantization",
+        "",
+        f"- method: `{m.backend}`, format `{m.format}`, loaded by `{m.runner}`",
+    ]
+    if m.quantize_seconds is not None:
+        lines.append(f"- quantized in {m.quantize_seconds:.1f} s on {m.environment.device}")
+    if m.calibration:
+        c = m.calibration
+        lines.append(
+            f"- calibration: `{_public(c.dataset)}`, {c.samples} samples × {c.seq_len} tokens "
+            f"(token ids sha256 `{c.tokens_sha256[:16]}…`)"
+        )
+    else:
+        lines.append("- calibration: none (this method needs none)")
+    lines += ["", "Options:", "", "```yaml", yaml.safe_dump(options, sort_keys=True).rstrip(), "```"]
+
+    resolved = (m.recipe or {}).get("resolved")
+    if resolved:
+        variant = (m.recipe or {}).get("variant")
+        lines += [
+            "",
+            "## Recipe",
+            "",
+            f"The llmopt recipe this artifact was made from{f' (variant `{variant}`)' if variant else ''}; "
+            "local paths are shortened.",
+            "",
+            "```yaml",
+            yaml.safe_dump(_public(resolved), sort_keys=False, allow_unicode=True).rstrip(),
+            "```",
+        ]
+
+    lines += ["", "## Provenance", ""]
+    lines.append(f"- llmopt {m.llmopt_version} (manifest schema {m.schema_version}), created {m.created_at}")
+    if m.source.weights_sha256:
+        lines.append(
+            "- source weights sha256: " + ", ".join(f"`{k}` `{v}`" for k, v in m.source.weights_sha256.items())
+        )
+    table = files or m.files
+    lines.append(f"- files digest (what the evaluation saw): `{files_digest(table)}`")
+    env = ev.get("environment") or m.environment.model_dump()
+    pk = env.get("packages") or {}
+    if pk:
+        lines.append("- evaluated with: " + ", ".join(f"{k} {v}" for k, v in sorted(pk.items())))
+    lines.append(f"- python {env.get('python', '?')} on {env.get('platform', '?')}")
+    lines += ["", "| file | size | sha256 |", "|---|---|---|"]
+    lines += [f"| `{rel}` | {e.size:,} | `{e.sha256}` |" for rel, e in sorted(table.items())]
+    lines += ["", f"The full record is in [`{MANIFEST_NAME}`]({MANIFEST_NAME})."]
+    return "\n".join(lines).rstrip() + "\n"
