@@ -280,13 +280,12 @@ def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output") -> N
 
 
 def _is_run_report(path: Path) -> bool:
-    from llmopt.report import RUN_SCHEMA
-
+    """A report.json that ``llmopt run`` (or ``report merge``) wrote: schema ``llmopt.run/N``, any version."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and data.get("schema") == RUN_SCHEMA
+    return isinstance(data, dict) and str(data.get("schema", "")).startswith("llmopt.run/")
 
 
 def claim_run_folder(out: Path) -> None:
