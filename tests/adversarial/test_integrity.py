@@ -135,6 +135,7 @@ def test_run_does_not_regate_an_edited_evaluation(
     real = evaluated_artifact["report"]["delta_pct"]
     work = tmp_path / "work"
     art = _copy(evaluated_artifact, work / "out" / "artifacts", "int8")
+    (work / "out" / ".llmopt-run").write_text("")  # the folder of an earlier run, as `llmopt run` leaves it
     # the recipe the fixture's evaluation corresponds to, so that `run` reuses the artifact
     (work / "r.yaml").write_text(
         f"""\
@@ -266,6 +267,7 @@ variants:
     assert [j["variant"] for j in jobs] == ["int8", "int8-strict"]
     for job in jobs:
         _copy(evaluated_artifact, tmp_path / job["output"] / "artifacts", job["variant"])
+        (tmp_path / job["output"] / ".llmopt-run").write_text("")  # an earlier run's folder
         args = shlex.split(job["command"])
         assert args[0] == "llmopt"
         done = run_cli(args[1:], cwd=tmp_path)
