@@ -289,12 +289,10 @@ def _is_run_report(path: Path) -> bool:
 
 
 def claim_run_folder(out: Path) -> None:
-    # Only a folder the run creates (or finds empty) is marked as a run folder: a folder of the user's that
-    # --overwrite let the run write into stays theirs, and later runs need --overwrite there again.
-    fresh = not out.exists() or not any(out.iterdir())
+    """Create the run folder and mark it as a run's (``--overwrite`` let the user hand a folder to runs)."""
     out.mkdir(parents=True, exist_ok=True)
     marker = out / RUN_MARKER
-    if fresh and not marker.exists():
+    if not marker.exists():
         marker.write_text("This folder was made by `llmopt run`; later runs may write here without --overwrite.\n")
 
 
