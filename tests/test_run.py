@@ -258,6 +258,7 @@ def test_run_unfinished_artifact_is_rebuilt(fake: tuple[FakeApi, Path], tmp_path
     out = tmp_path / "out"
     (out / "artifacts" / "int8").mkdir(parents=True)
     (out / "artifacts" / "int8" / "partial.bin").write_bytes(b"x")  # no llmopt.json: unfinished
+    (out / ".llmopt-run").write_text("")  # left by the earlier, interrupted run
     cli(["run", str(recipe), "-o", str(out), "-q", "--only", "int8"])
     report = json.loads((out / "report.json").read_text())
     assert report["variants"][0]["quantize"]["reason"] == "the folder holds an unfinished artifact"

@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -97,8 +96,8 @@ def _exit_interrupted(own_process: bool, *, message: bool = True) -> NoReturn:
     GPTQModel runs its GPTQ solves and packing on daemon threads. Interrupted mid-layer, they are still inside
     torch's C++ code when the interpreter finalizes; CPython then ends each of them with pthread_exit, whose
     forced unwinding through torch's noexcept frames calls std::terminate ("terminate called without an
-    active exception", SIGABRT, exit 134) after llmopt had cleaned up. So, with other threads alive, the exit
-    handlers run (GPTQModel's temp-folder removal, log flushing) and the process ends without finalization.
+    active exception", SIGABRT, exit 134) after llmopt had cleaned up. So the exit handlers run (GPTQModel's
+    temp-folder removal, log flushing) and the process ends without finalization.
     In-process callers (tests, ``main(argv)``) keep an ordinary SystemExit.
     """
     if own_process:
@@ -108,7 +107,9 @@ def _exit_interrupted(own_process: bool, *, message: bool = True) -> NoReturn:
             signal.signal(sig, signal.SIG_IGN)
     if message:
         typer.secho(_INTERRUPTED, fg="yellow", err=True)
-    if own_process and threading.active_count() > 1:
+    # Always end an interrupted CLI process this way: interpreter finalization can also end it by SIGINT (-2)
+    # when the KeyboardInterrupt surfaced in a finalizer or thread (seen under load), instead of 130.
+    if own_process:
         import atexit
 
         for stream in (sys.stdout, sys.stderr):

@@ -238,7 +238,6 @@ def test_a_dying_speed_measurement_costs_one_variant_only(small: Path) -> None:
         assert speed["baseline"]["decode"]["1"]["tokens_per_s"]["median"] > 0
     # the FP16 speed is measured once per run (b's measurement; a's was killed) and c is compared with it
     assert b["evaluation"]["throughput"]["baseline"] == c["evaluation"]["throughput"]["baseline"]
-    assert err.count("FP16 baseline speed measured earlier in this run") == 1
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the measurement process through /proc")
