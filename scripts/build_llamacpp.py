@@ -141,19 +141,15 @@ def _unsafe(name: str, linkname: str | None, links: set[str], is_sym: bool) -> s
 def safe_extract(archive: Path, dest: Path) -> None:
     """Extract a tar archive into ``dest``; a member that could land outside it stops the unpack.
 
-    Python 3.11.4+ and 3.12 have ``filter="data"`` for this; 3.11.0-3.11.3 do not, so there the
-    members are checked by hand first (``_unsafe``), stricter than the filter (no ``..`` at all), and
-    given the filter's modes: no setuid/setgid/sticky, no group/other write, folders 0755, files
-    readable and writable by their owner and executable only where the owner's x bit was set.
-    A refused archive leaves ``dest`` empty (hand check) or removed by the caller (filter).
+    Every member is checked by hand first (``_unsafe``), on every Python: stricter than tarfile's
+    ``filter="data"`` (no ``..`` and no absolute names at all, where the filter strips or resolves
+    them; nothing written below a link), and given the filter's modes: no setuid/setgid/sticky, no
+    group/other write, folders 0755, files readable and writable by their owner and executable only
+    where the owner's x bit was set. Where the filter exists (3.11.4+, 3.12, and distributions'
+    backports to older 3.11) it runs as well. A refused archive leaves ``dest`` empty (hand check)
+    or removed by the caller (filter).
     """
     with tarfile.open(archive) as tf:
-        if hasattr(tarfile, "data_filter"):
-            try:
-                tf.extractall(dest, filter="data")
-            except tarfile.FilterError as exc:
-                raise SystemExit(f"refusing to unpack {archive}: {exc}") from None
-            return
         members = []
         links: set[str] = set()
         for m in tf.getmembers():
@@ -175,6 +171,12 @@ def safe_extract(archive: Path, dest: Path) -> None:
             m.uid = m.gid = 0
             m.uname = m.gname = ""
             members.append(m)
+        if hasattr(tarfile, "data_filter"):  # the library's filter as a second guard where it exists
+            try:
+                tf.extractall(dest, members=members, filter="data")
+            except tarfile.FilterError as exc:
+                raise SystemExit(f"refusing to unpack {archive}: {exc}") from None
+            return
         tf.extractall(dest, members=members)
 
 

@@ -73,7 +73,10 @@ HOSTILE = {
 
 @pytest.fixture(params=["by hand", "filter"])
 def branch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both unpack branches: by hand (Python 3.11.0-3.11.3, which this venv may be) and tarfile's filter."""
+    """Both unpack branches: hand checks alone (Python 3.11.0-3.11.3 without a backported filter, which
+    this venv may be) and hand checks followed by tarfile's filter (3.11.4+, 3.12, backports): an archive
+    is refused alike on both, though the filter alone would strip an absolute name or write through an
+    in-tree link."""
     if request.param == "filter":
         if not hasattr(tarfile, "data_filter"):
             pytest.skip(f"Python {sys.version.split()[0]} has no tarfile filter (3.11.4+); the hand branch runs")
