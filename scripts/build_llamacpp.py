@@ -59,7 +59,8 @@ CUDA_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DGGML_METAL=OFF -DGGML_VULKAN=OF
 STAMP = "llmopt-llamacpp.json"
 # Always added: llmopt needs no multimodal (mtmd) library, and skipping it saves ~30% of the build.
 FIXED_ARGS = "-DLLAVA_BUILD=OFF"
-TOOLS = ("llama-imatrix", "llama-quantize")
+# llama-perplexity: the reference for llmopt's KL divergence (docs/kld.md); llama-server: serving load tests.
+TOOLS = ("llama-imatrix", "llama-quantize", "llama-perplexity", "llama-server")
 ROOT = Path(__file__).resolve().parents[1]  # the llmopt checkout this script belongs to
 
 
@@ -235,10 +236,12 @@ def build_wheel(src: Path, build_dir: Path, wheel_dir: Path, flags: str, jobs: i
 
 
 def build_tools(src: Path, build_dir: Path, bin_dir: Path, jobs: int) -> None:
-    """Reconfigure the wheel's build tree with llama.cpp's tools on; build only imatrix + quantize."""
+    """Reconfigure the wheel's build tree with llama.cpp's tools on; build only the TOOLS."""
     # tools/ adds mtmd itself, which llama-cpp-python's top level also adds (LLAVA_BUILD): turn that off.
     run([*nice_prefix(), "cmake", "-S", str(src), "-B", str(build_dir), "-DLLAMA_BUILD_TOOLS=ON",
-         "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+         "-DLLAVA_BUILD=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+         # The server's web UI would be fetched from the Hub at build time: build the API server without it.
+         "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",
          "-DLLAMA_BUILD_EXAMPLES=OFF"])  # fmt: skip
     run([*nice_prefix(), "cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", str(jobs)])
     tmp = bin_dir.with_name(bin_dir.name + ".partial")
