@@ -17,7 +17,7 @@ def _umask() -> int:
     return mask
 
 
-def write_atomic(path: Path, fill: Callable[[IO[bytes]], None]) -> None:
+def write_atomic(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``fill(file)`` on a temp file next to it and an atomic rename.
 
     mkstemp creates its file 0600; the result gets the mode ``open()`` would give (0666 less the umask),
