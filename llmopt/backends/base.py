@@ -10,17 +10,18 @@ module level; their libraries (torch, gptqmodel, bitsandbytes, ...) are imported
 from __future__ import annotations
 
 import difflib
-import importlib
 import importlib.metadata
 import importlib.util
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmopt.errors import BackendUnavailableError, InputError, OptionsError
+from llmopt.plugins import load_target, registered
 
 if TYPE_CHECKING:
     from llmopt.data import CalibrationSet
@@ -55,6 +56,77 @@ class Requirement:
 
     def present(self) -> bool:
         return importlib.util.find_spec(self.module) is not None
+
+
+class LoadSnippet(BaseModel):
+    """One way to load or serve a published artifact, as its model card shows it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    intro: str = Field(description="The line above the code, e.g. 'With vLLM:'.")
+    language: str = Field(description="The code block's language: python or bash.")
+    code: str = Field(description="The code, without fences.")
+
+
+class FormatCard(BaseModel):
+    """What an artifact's format says about itself to the model card (and anyone else who asks).
+
+    The backend that wrote the artifact makes it (``Backend.format_card``), so no caller switches on format names.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    format: str
+    library_name: str | None = Field(description="The Hub's library_name: 'transformers', or None (GGUF).")
+    tags: list[str] = Field(description="The format's own tags (its family, e.g. 'bitsandbytes').")
+    bits: int | None = Field(description="Bits per weight when every quantized weight has the same width.")
+    bit_width: str | None = Field(description="Bit width in words: '4-bit', or a GGUF type's bits per weight.")
+    quant_type: str | None = Field(None, description="The format's own type name, e.g. GGUF's q4_k_m.")
+    load: list[LoadSnippet] = Field(description="How to load and serve it, in the order the card shows them.")
+
+
+def transformers_snippet(repo_id: str, revision: str | None, needs: str | None = None) -> LoadSnippet:
+    """Loading with transformers' Auto classes; ``needs``: the packages to pip install first."""
+    rev = f', revision="{revision}"' if revision else ""
+    code = "\n".join(
+        [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, device_map="auto")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
+        ]
+    )
+    intro = f"With transformers (needs `pip install {needs}`):" if needs else "With transformers:"
+    return LoadSnippet(intro=intro, language="python", code=code)
+
+
+def vllm_snippet(repo_id: str, revision: str | None, note: str | None = None, args: str = "") -> LoadSnippet:
+    """Serving with ``vllm serve``; ``note``: why vLLM needs no more than ``args`` to recognise the format."""
+    rev = f" --revision {revision}" if revision else ""
+    return LoadSnippet(
+        intro=f"With vLLM ({note}):" if note else "With vLLM:",
+        language="bash",
+        code=f"vllm serve {repo_id}{rev}{f' {args}' if args else ''}",
+    )
+
+
+def bits_of(fmt: str, options: dict[str, Any]) -> int | None:
+    """Bits per weight from the options' ``bits``, else from a format name such as ``bnb-4bit``."""
+    if isinstance(options.get("bits"), int) and not isinstance(options.get("bits"), bool):
+        return int(options["bits"])
+    m = re.search(r"(?<![0-9])(\d+)-?bit", fmt)
+    return int(m.group(1)) if m else None
+
+
+def generic_format_card(fmt: str, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+    """The card facts of a format no installed backend describes: a transformers folder named by its format."""
+    bits = bits_of(fmt, options)
+    return FormatCard(
+        format=fmt,
+        library_name="transformers",
+        tags=[fmt],
+        bits=bits,
+        bit_width=f"{bits}-bit" if bits else None,
+        load=[transformers_snippet(repo_id, revision)],
+    )
 
 
 @dataclass
@@ -125,6 +197,14 @@ class Backend(ABC):
         ``environment.placement`` instead. The caller hashes the files and writes ``llmopt.json`` afterwards.
         """
 
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        """What the model card says about this backend's format: tags, bit width, how to load and serve it.
+
+        ``options``: as the manifest records them; ``repo_id``/``revision``: where the artifact is published.
+        The default describes a transformers folder; backends whose output loads otherwise override it.
+        """
+        return generic_format_card(self.format, options, repo_id, revision)
+
     def library_versions(self) -> dict[str, str]:
         versions = {}
         for r in self.requirements:
@@ -149,24 +229,11 @@ class BackendInfo:
 
 
 def _registry() -> dict[str, tuple[str, str]]:
-    found = {name: (target, "builtin") for name, target in BUILTIN.items()}
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception:  # a broken distribution must not break the CLI
-        eps = ()  # type: ignore[assignment]
-    for ep in eps:
-        if ep.name not in found:
-            dist = getattr(getattr(ep, "dist", None), "name", None) or "entry point"
-            found[ep.name] = (ep.value, dist)
-    return found
+    return registered(ENTRY_POINT_GROUP, BUILTIN)
 
 
 def _load(target: str) -> type[Backend]:
-    module_name, _, attr = target.partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, attr)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise TypeError(f"{target} is not a llmopt Backend subclass")
+    cls: type[Backend] = load_target(target, Backend)
     return cls
 
 
@@ -186,15 +253,17 @@ def available_backends() -> list[BackendInfo]:
     return [_info(name, target, origin) for name, (target, origin) in sorted(_registry().items())]
 
 
+def _unknown(name: str, reg: dict[str, tuple[str, str]]) -> InputError:
+    close = difflib.get_close_matches(name, list(reg), n=2)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    listed = f"{hint}available: {', '.join(sorted(reg))} (see `llmopt backends`)."
+    return InputError(f"unknown method '{name}'.", listed)
+
+
 def get_backend(name: str, *, require_usable: bool = True) -> Backend:
     reg = _registry()
     if name not in reg:
-        close = difflib.get_close_matches(name, list(reg), n=2)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise InputError(
-            f"unknown method '{name}'.",
-            f"{hint}available: {', '.join(sorted(reg))} (see `llmopt backends`).",
-        )
+        raise _unknown(name, reg)
     target, origin = reg[name]
     info = _info(name, target, origin)
     if info.backend is None or (require_usable and info.problems):
@@ -203,6 +272,36 @@ def get_backend(name: str, *, require_usable: bool = True) -> Backend:
             "Install what is named above, then check with `llmopt backends`.",
         )
     return info.backend
+
+
+def describe_backend(name: str) -> Backend:
+    """The backend registered as ``name``, for what it says about itself (options, format card), without
+    checking that it can run here (``check`` may probe a toolchain). Unknown: exit 2; fails to import: exit 4."""
+    reg = _registry()
+    if name not in reg:
+        raise _unknown(name, reg)
+    target, _ = reg[name]
+    try:
+        return _load(target)()
+    except Exception as exc:  # a plugin's own bug: reported, never a traceback
+        raise BackendUnavailableError(
+            f"backend '{name}' failed to load ({target}): {type(exc).__name__}: {exc}",
+            "Reinstall or fix the package that provides it; `llmopt backends` lists every backend.",
+        ) from None
+
+
+def format_card(
+    backend: str, fmt: str, options: dict[str, Any], repo_id: str, revision: str | None = None
+) -> FormatCard:
+    """The card facts of an artifact made by ``backend`` in format ``fmt``, from that backend when it is installed
+    and still writes that format; otherwise those of a transformers folder (an artifact outlives its plugin)."""
+    try:
+        found = describe_backend(backend)
+    except (InputError, BackendUnavailableError):
+        found = None
+    if found is None or found.format != fmt:
+        return generic_format_card(fmt, options, repo_id, revision)
+    return found.format_card(options, repo_id, revision)
 
 
 def save_tokenizer(inputs: QuantizeInputs) -> None:
