@@ -5,6 +5,7 @@ as ``-O key=value``, typed and checked against the backend's own options model."
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,121 @@ def test_card_of_a_plugin_that_no_longer_imports(tmp_path: Path, monkeypatch: py
     art = make_artifact(tmp_path, fmt="copyfmt", backend="copyfmt", options={})
     parts = _card_parts(render_card(Artifact.open(art), "org/x"))
     assert parts["how_to_use"].startswith("With transformers:")
+
+
+TINY_RUNNER = """
+    from llmopt.runners import BaseRunner
+
+    class TinyRunner(BaseRunner):
+        # every token costs 2 nats: a perplexity of e**2 says this runner scored, not transformers
+        name = "tinyrunner"
+
+        @classmethod
+        def open(cls, request):
+            runner = cls()
+            runner.device, runner.dtype, runner.kernel = "cpu", "float32", "tiny-kernel"
+            runner.path = request.path
+            return runner
+
+        def nll(self, windows, score_from):
+            return [[2.0] * (len(w) - max(s, 1)) for w, s in zip(windows, score_from)]
+
+        def footprint_bytes(self):
+            return 1234
+
+        def close(self):
+            pass
+
+    class NotARunner:
+        pass
+"""
+
+RUNNER_ENTRY = """
+    [llmopt.backends]
+    copyfmt = plugin_copy:CopyBackend
+
+    [llmopt.runners]
+    tinyrunner = plugin_runner:TinyRunner
+    notarunner = plugin_runner:NotARunner
+    brokenrunner = plugin_broken_runner:Runner
+    hf = plugin_runner:TinyRunner
+"""
+
+
+def runner_site(tmp_path: Path) -> Path:
+    return plugin_site(
+        tmp_path,
+        RUNNER_ENTRY,
+        {
+            "plugin_copy": COPY_BACKEND,
+            "plugin_runner": TINY_RUNNER,
+            "plugin_broken_runner": "raise RuntimeError('runner plugin exploded')",
+        },
+    )
+
+
+def test_plugin_runner_is_found_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner registered under the entry-point group `llmopt.runners` is loaded by `load_runner`; the optional
+    facts it does not have are None, and timing it is a clear exit-4 error; a built-in name cannot be taken over."""
+    from llmopt.errors import BackendUnavailableError, InputError
+    from llmopt.runners import available_runners, load_runner, runner_class
+    from llmopt.runners.hf import HFRunner
+
+    monkeypatch.syspath_prepend(str(runner_site(tmp_path)))
+    assert available_runners()["tinyrunner"] == "llmopt-plugin-fmt"
+    assert available_runners()["hf"] == "builtin" and runner_class("hf") is HFRunner
+    runner = load_runner("tinyrunner", tmp_path, "cpu")
+    assert runner.name == "tinyrunner" and runner.kernel == "tiny-kernel"
+    assert runner.compute is None and runner.placement is None
+    assert runner.nll([[1, 2, 3, 4]], [2]) == [[2.0, 2.0]]
+    with pytest.raises(BackendUnavailableError, match="'tinyrunner' runner cannot measure throughput"):
+        runner.bench(None)
+    with pytest.raises(BackendUnavailableError, match="not a llmopt BaseRunner subclass"):
+        load_runner("notarunner", tmp_path, "cpu")
+    with pytest.raises(BackendUnavailableError, match="runner plugin exploded"):
+        load_runner("brokenrunner", tmp_path, "cpu")
+    with pytest.raises(InputError, match="unknown runner 'nope'") as info:
+        load_runner("nope", tmp_path, "cpu")
+    assert info.value.exit_code == 2
+
+
+def test_builtin_runners_are_registered() -> None:
+    """hf, gptqmodel and llamacpp are registry entries like any plugin's (no if/else in load_runner)."""
+    from llmopt.runners import runner_class
+    from llmopt.runners.hf import GPTQModelRunner, HFRunner
+    from llmopt.runners.llamacpp import LlamaCppRunner
+
+    assert runner_class("hf") is HFRunner
+    assert runner_class("gptqmodel") is GPTQModelRunner and GPTQModelRunner.loader == "gptqmodel"
+    assert runner_class("llamacpp") is LlamaCppRunner
+
+
+def test_plugin_backend_and_runner_end_to_end(assets: dict[str, Path], tmp_path: Path) -> None:
+    """A package brings a backend and the runner that loads its output: `llmopt quantize` then `llmopt eval`
+    score the artifact through the plugin's runner (its perplexity, e**2, is the runner's own), the baseline through
+    transformers; `llmopt bench` of the artifact is exit 4 with the runner's reason."""
+    from tests.helpers import first_layers, run_cli
+
+    site = runner_site(tmp_path)
+    model = first_layers(assets["model"], tmp_path / "smollm2-1l", 1)
+    work = tmp_path / "work"
+    work.mkdir()
+    # the checkout under test first (run_cli's own PYTHONPATH is replaced by this one), then the plugin
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(site)])}
+    made = run_cli(["quantize", str(model), "-m", "copyfmt", "-o", "art", "-q"], cwd=work, env=env)
+    assert made.returncode == 0, made.stderr
+    assert json.loads((work / "art" / "llmopt.json").read_text())["runner"] == "tinyrunner"
+    ev = run_cli(
+        ["eval", "art", "--baseline", str(model), "--dataset", str(assets["eval_text"]), "--context", "64",
+         "--max-tokens", "256", "--json", "-", "-q"],
+        cwd=work,
+        env=env,
+    )  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    report = json.loads(ev.stdout)
+    assert report["artifact"]["runner"] == "tinyrunner" and report["artifact"]["kernel"] == "tiny-kernel"
+    assert report["artifact"]["perplexity"] == pytest.approx(2.718281828**2, rel=1e-6)
+    assert report["baseline"]["runner"] == "hf"
+    bench = run_cli(["bench", "art", "-q"], cwd=work, env=env)
+    assert bench.returncode == 4, bench.stderr
+    assert "'tinyrunner' runner cannot measure throughput" in bench.stderr and "Traceback" not in bench.stderr
