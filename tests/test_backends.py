@@ -274,9 +274,17 @@ def test_plugin_backend_and_runner_end_to_end(assets: dict[str, Path], tmp_path:
     work.mkdir()
     # the checkout under test first (run_cli's own PYTHONPATH is replaced by this one), then the plugin
     env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(site)])}
-    made = run_cli(["quantize", str(model), "-m", "copyfmt", "-o", "art", "-q"], cwd=work, env=env)
+    made = run_cli(
+        ["quantize", str(model), "-m", "copyfmt", "-o", "art", "-q",
+         "-O", "level=07", "-O", "tag=007", "-O", "fast=yes"],
+        cwd=work,
+        env=env,
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
-    assert json.loads((work / "art" / "llmopt.json").read_text())["runner"] == "tinyrunner"
+    manifest = json.loads((work / "art" / "llmopt.json").read_text())
+    assert manifest["runner"] == "tinyrunner"
+    # the plugin's own options, read by their types: a text option keeps '007' (YAML made it the number 7)
+    assert {k: manifest["options"][k] for k in ("level", "tag", "fast")} == {"level": 7, "tag": "007", "fast": True}
     ev = run_cli(
         ["eval", "art", "--baseline", str(model), "--dataset", str(assets["eval_text"]), "--context", "64",
          "--max-tokens", "256", "--json", "-", "-q"],
@@ -291,3 +299,88 @@ def test_plugin_backend_and_runner_end_to_end(assets: dict[str, Path], tmp_path:
     bench = run_cli(["bench", "art", "-q"], cwd=work, env=env)
     assert bench.returncode == 4, bench.stderr
     assert "'tinyrunner' runner cannot measure throughput" in bench.stderr and "Traceback" not in bench.stderr
+
+
+# --- options: -O key=value, read by type; `llmopt backends --options` -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "flags", "pairs", "expected"),
+    [
+        ("gptq", {}, ["group_size=064"], {"group_size": 64}),  # YAML read 064 as octal: 52
+        ("gptq", {}, ["bits=8", "damp-percent=.01", "sym=no"], {"bits": 8, "damp_percent": 0.01, "sym": False}),
+        ("gptq", {}, ["act_group_aware=none"], {"act_group_aware": None}),
+        ("gguf", {}, ["threads=none", "imatrix=on"], {"threads": None, "imatrix": "on"}),  # a file named 'on'
+        ("gguf", {}, ["threads=010"], {"threads": 10}),
+        ("bnb-int8", {}, ["skip_modules=lm_head,model.layers.0.mlp"],
+         {"skip_modules": ["lm_head", "model.layers.0.mlp"]}),
+        ("bnb-int8", {}, ["skip_modules=[lm_head]"], {"skip_modules": ["lm_head"]}),
+        ("bnb-int8", {}, ["skip_modules="], {"skip_modules": []}),
+        ("gguf", {"quant_type": "Q4_K_M"}, ["quant_type=q4_k_m"], {"quant_type": "q4_k_m"}),  # one type, two spellings
+        ("gptq", {"bits": 4, "sym": None}, ["bits=4"], {"bits": 4, "sym": True}),
+    ],
+)  # fmt: skip
+def test_option_values_are_read_by_their_type(
+    method: str, flags: dict[str, Any], pairs: list[str], expected: dict[str, Any]
+) -> None:
+    """-O values are read by the option's type in the backend's options model, not guessed as YAML: base-10 numbers,
+    text kept as text (a GGUF imatrix file named `on`), comma-separated lists, `none` for an option that may be
+    unset; pydantic then reads numbers and booleans from the text itself."""
+    from llmopt.cli.quantize import merge_options
+
+    options = describe_backend(method).parse_options(merge_options(flags, pairs, method))
+    assert {k: getattr(options, k) for k in expected} == expected
+
+
+def test_flag_and_option_conflicts_compare_validated_values() -> None:
+    """`--group-size 64 -O group_size=064` is one value (YAML made it 52 and refused the pair); values that differ
+    once validated are still refused, naming both spellings."""
+    from llmopt.cli.quantize import merge_options
+    from llmopt.errors import InputError
+
+    assert merge_options({"group_size": 64}, ["group_size=064"], "gptq") == {"group_size": 64}
+    with pytest.raises(InputError, match="--group-size 64 and -O group_size=0100"):
+        merge_options({"group_size": 64}, ["group_size=0100"], "gptq")
+    with pytest.raises(InputError, match="--sym and -O sym=off"):
+        merge_options({"sym": True}, ["sym=off"], "gptq")
+
+
+def test_option_schema_lists_every_option() -> None:
+    """A backend's options, with type, default and help, come from its options model."""
+    schema = {o.name: o for o in describe_backend("gptq").option_schema()}
+    assert set(schema) == set(describe_backend("gptq").Options.model_fields)
+    assert schema["bits"].type == "2|3|4|8" and schema["bits"].default == 4
+    assert schema["act_group_aware"].type == "bool | none" and schema["act_group_aware"].default is None
+    bnb = {o.name: o for o in describe_backend("bnb-nf4").option_schema()}
+    assert bnb["skip_modules"].type == "list[str]" and bnb["skip_modules"].default == ["lm_head"]
+
+
+def test_backends_options_command(tmp_path: Path) -> None:
+    """`llmopt backends --options METHOD` prints a backend's options as a table, and as JSON with --json; a plugin's
+    options are listed from its own model; an unknown method is exit 2 with a suggestion."""
+    from tests.helpers import run_cli
+
+    table = run_cli(["backends", "--options", "gguf"], env={"COLUMNS": "200"})
+    assert table.returncode == 0, table.stderr
+    for text in ("quant_type", "q4_k_m", "--quant-type", "threads", "int | none", "pure", "false"):
+        assert text in table.stdout
+    js = run_cli(["backends", "--options", "bnb-nf4", "--json"])
+    assert js.returncode == 0, js.stderr
+    data = json.loads(js.stdout)
+    assert data["method"] == "bnb-nf4" and data["format"] == "bnb-4bit"
+    rows = {o["name"]: o for o in data["options"]}
+    assert rows["double_quant"] == {
+        "name": "double_quant", "type": "bool", "default": True, "required": False,
+        "flag": "--double-quant/--no-double-quant",
+        "help": "Quantize the quantization constants too (QLoRA's default).",
+    }  # fmt: skip
+    assert rows["skip_modules"]["default"] == ["lm_head"] and rows["skip_modules"]["flag"] is None
+
+    site = runner_site(tmp_path)
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), str(site)])}
+    plugin = run_cli(["backends", "--options", "copyfmt", "--json"], env=env)
+    assert plugin.returncode == 0, plugin.stderr
+    assert [o["name"] for o in json.loads(plugin.stdout)["options"]] == ["level", "tag", "fast"]
+
+    bad = run_cli(["backends", "--options", "gptqq"])
+    assert bad.returncode == 2 and "did you mean 'gptq'" in bad.stderr and "Traceback" not in bad.stderr
