@@ -384,3 +384,38 @@ def test_backends_options_command(tmp_path: Path) -> None:
 
     bad = run_cli(["backends", "--options", "gptqq"])
     assert bad.returncode == 2 and "did you mean 'gptq'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_every_backend_flag_names_a_real_option() -> None:
+    """The typed flags of `quantize` in its backend panel are exactly the ones `backends --options` names, and each
+    sets an option some built-in backend has: a flag cannot drift away from the options models."""
+    import typer.main
+
+    from llmopt.cli.main import app
+    from llmopt.cli.quantize import BACKEND_PANEL, OPTION_FLAGS
+
+    command = typer.main.get_command(app).commands["quantize"]  # type: ignore[attr-defined]
+    panel = {
+        p.name: "/".join([*p.opts, *p.secondary_opts])
+        for p in command.params
+        if getattr(p, "rich_help_panel", None) == BACKEND_PANEL and p.name != "option"
+    }
+    assert {(k if k != "awq_version" else "version"): v for k, v in panel.items()} == OPTION_FLAGS
+    methods = ("gptq", "awq", "bnb-int8", "bnb-nf4", "gguf")
+    fields = {f for m in methods for f in describe_backend(m).Options.model_fields}
+    assert set(OPTION_FLAGS) <= fields
+
+
+def test_recipe_planning_does_not_probe_the_toolchain(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validating a recipe and asking whether a variant needs calibration read the backend's options model; they do
+    not run its `check()` (GGUF's: a smoke decode of llama.cpp on a CPU it has not seen, up to minutes)."""
+    from llmopt.backends.gguf import GGUFBackend
+    from llmopt.recipe import VariantSpec
+
+    def boom(self: Any) -> list[str]:
+        raise AssertionError("check() must not run")
+
+    monkeypatch.setattr(GGUFBackend, "check", boom)
+    variant = VariantSpec(name="q4", method="gguf", options={"quant_type": "q4_k_m", "imatrix": "auto"})
+    assert variant.needs_calibration() is True
+    assert variant.backend_options()["quant_type"] == "q4_k_m"
