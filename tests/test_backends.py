@@ -115,7 +115,7 @@ def plugin_site(root: Path, entry_points: str, modules: dict[str, str]) -> Path:
 COPY_BACKEND = """
     import shutil
     from pydantic import BaseModel, ConfigDict, Field
-    from llmopt.backends.base import Backend, FormatCard, LoadSnippet, save_tokenizer
+    from llmopt.backends import Backend, FormatCard, LoadSnippet
 
     class CopyOptions(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -419,3 +419,26 @@ def test_recipe_planning_does_not_probe_the_toolchain(monkeypatch: pytest.Monkey
     variant = VariantSpec(name="q4", method="gguf", options={"quant_type": "q4_k_m", "imatrix": "auto"})
     assert variant.needs_calibration() is True
     assert variant.backend_options()["quant_type"] == "q4_k_m"
+
+
+def test_option_text_of_other_types_reaches_the_model_as_text() -> None:
+    """A plugin's path, enum or mapping option: text for the first two (pydantic reads them; YAML made `064` a
+    number), YAML for a mapping."""
+    import enum
+
+    from pydantic import BaseModel, ConfigDict
+
+    from llmopt.backends.options import read_option
+
+    class Kind(enum.Enum):
+        A = "064"
+
+    class Opts(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        where: Path = Path(".")
+        kind: Kind = Kind.A
+        extra: dict[str, int] = {}
+
+    read = {k: read_option(Opts, k, v) for k, v in {"where": "064", "kind": "064", "extra": "{a: 1}"}.items()}
+    assert read == {"where": "064", "kind": "064", "extra": {"a": 1}}
+    assert Opts.model_validate(read) == Opts(where=Path("064"), kind=Kind.A, extra={"a": 1})

@@ -42,7 +42,8 @@ def backend_flag(*names: str, help: str) -> Any:
 def merge_options(flags: dict[str, Any], pairs: list[str] | None, method: str | None = None) -> dict[str, Any]:
     """Typed flags and ``-O key=value`` pairs as one options dict, values read by ``method``'s options model
     (backends/base.py ``options_from_cli``); the same option set to two values is refused."""
-    from llmopt.backends.base import Backend, describe_backend, options_from_cli
+    from llmopt.backends.base import Backend, describe_backend
+    from llmopt.backends.options import options_from_cli
     from llmopt.errors import LlmoptError
 
     backend: Backend | None = None
