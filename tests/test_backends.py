@@ -442,3 +442,28 @@ def test_option_text_of_other_types_reaches_the_model_as_text() -> None:
     read = {k: read_option(Opts, k, v) for k, v in {"where": "064", "kind": "064", "extra": "{a: 1}"}.items()}
     assert read == {"where": "064", "kind": "064", "extra": {"a": 1}}
     assert Opts.model_validate(read) == Opts(where=Path("064"), kind=Kind.A, extra={"a": 1})
+
+
+def test_options_and_card_facts_import_no_heavy_library() -> None:
+    """`backends --options` and the card's format facts read class attributes and options models only."""
+    import subprocess
+    import sys
+
+    code = textwrap.dedent(
+        """
+        import sys
+        from llmopt.cli import main
+        from llmopt.backends import format_card
+        for method in ("gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "gguf"):
+            try:
+                main(["backends", "--options", method, "--json"])
+            except SystemExit as e:
+                assert e.code in (0, None), (method, e.code)
+        format_card("gguf", "gguf", {"quant_type": "q4_k_m"}, "org/x")
+        format_card("gptq", "gptq", {"bits": 4}, "org/x")
+        heavy = [m for m in ("torch", "transformers", "gptqmodel", "bitsandbytes", "llama_cpp") if m in sys.modules]
+        assert not heavy, heavy
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

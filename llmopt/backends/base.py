@@ -88,6 +88,7 @@ class Backend(ABC):
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]]
     requirements: ClassVar[tuple[Requirement, ...]] = ()
+    note: str | None = None  # what check() learned that the listing shows (gguf: whether llama.cpp decodes here)
 
     def check(self) -> list[str]:
         """What is missing to run here, each with the exact install command; empty when usable."""
