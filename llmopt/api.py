@@ -169,7 +169,7 @@ def quantize(
     from llmopt.data import check_calibration_settings
     from llmopt.environment import environment
     from llmopt.placement import resolve_target
-    from llmopt.source import resolve
+    from llmopt.source import has_tokenizer, load_tokenizer, resolve
 
     rep: Reporter = reporter or SilentReporter()
     out = Path(output)  # absolute and checked by @_guarded_output
@@ -185,17 +185,17 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
+    if source.path.is_dir() and not has_tokenizer(source.path):
+        load_tokenizer(source.path)  # raises the clear error before any quantization work
     if backend.wants_calibration(opts):
         if not calibration:
             raise DataError(
                 f"{method} needs calibration text.",
                 "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
             )
-        from transformers import AutoTokenizer
-
         from llmopt.data import calibration_set
 
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(source.path, trust_remote_code=trust_remote_code)
         calib = calibration_set(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
 
     for stale in sweep_stale_partials(out):
@@ -292,14 +292,12 @@ def evaluate(
     Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
     """
-    from transformers import AutoTokenizer
-
     from llmopt.data import load_text
     from llmopt.environment import device_name, environment
     from llmopt.evaluate import baseline as baseline_cache
     from llmopt.evaluate.perplexity import check_settings, make_windows, paired_delta
     from llmopt.placement import resolve_target
-    from llmopt.source import check_remote_code, resolve
+    from llmopt.source import check_remote_code, load_tokenizer, resolve
 
     check_settings(context_length, stride, batch_size, add_bos=add_bos, max_tokens=max_tokens)
     rep: Reporter = reporter or SilentReporter()
@@ -319,11 +317,11 @@ def evaluate(
     if stride is None:
         stride = context_length
 
-    base_tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    base_tok = load_tokenizer(base.path, trust_remote_code=trust_remote_code, what="baseline model folder")
     ids_all = _tokenize(base_tok, text)
     ids = ids_all[:max_tokens] if max_tokens else ids_all
     try:
-        art_tok = AutoTokenizer.from_pretrained(art.path, trust_remote_code=trust_remote_code)
+        art_tok = load_tokenizer(art.path, trust_remote_code=trust_remote_code, what="artifact")
     except Exception as exc:
         raise TokenizerMismatchError(
             f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
