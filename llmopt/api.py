@@ -349,14 +349,10 @@ def evaluate(
     target = resolve_target(spec.device)
     dev = target.primary
 
-    measured = EvalSettings(
-        dataset=spec.dataset,
+    measured = EvalSettings.of(
+        spec,
         text_sha256=sha256_json(text),
         tokens_sha256=sha256_json(ids),
-        context_length=spec.context_length,
-        stride=spec.resolved_stride(),
-        add_bos=spec.add_bos,
-        max_tokens=spec.max_tokens,
         tokens_total=len(ids),
         tokens_scored=sum(windows_tokens),
         windows=len(windows),

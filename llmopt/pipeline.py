@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from llmopt import interrupt
-from llmopt.artifact import MANIFEST_NAME, Artifact, files_digest, sha256_json
+from llmopt.artifact import MANIFEST_NAME, Artifact, Manifest, files_digest, sha256_json
 from llmopt.errors import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
@@ -36,7 +36,7 @@ from llmopt.outputs import ARTIFACTS_DIR, check_run_folder, claim_run_folder
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
 from llmopt.results import EVAL_SCHEMA, EvalReport, QuantizeOutcome, RunReport, VariantError, VariantOutcome
-from llmopt.specs import GateSpec
+from llmopt.specs import CalibrationSpec, GateSpec
 
 # Written into every run folder llmopt creates: a later run may write there without --overwrite.
 # What a run writes at the top of its folder (older runs wrote no marker: a folder holding only these is ours).
@@ -447,15 +447,10 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if m.source.model != ctx.model_arg or (m.source.weights_sha256 or {}) != ctx.source_weights:
         return None, "the source model changed"
     if variant.needs_calibration():
-        cal = ctx.recipe.calibration
         got = m.calibration
-        recorded_seed = (((m.recipe or {}).get("resolved") or {}).get("calibration") or {}).get("seed")
         if (
-            got is None
-            or got.dataset != cal.dataset
-            or got.samples != cal.samples
-            or got.seq_len != cal.seq_len
-            or recorded_seed != cal.seed
+            _stored_calibration(m) != ctx.recipe.calibration
+            or got is None
             or (ctx.calib_text_sha256 is not None and got.text_sha256 != ctx.calib_text_sha256)
         ):
             return None, "calibration changed"
@@ -463,6 +458,18 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if problems:
         return None, f"its files changed ({', '.join(problems[:3])})"
     return art, None
+
+
+def _stored_calibration(m: Manifest) -> CalibrationSpec | None:
+    """The calibration settings an artifact was made with (the seed is in its recipe record), if recorded."""
+    got = m.calibration
+    seed = (((m.recipe or {}).get("resolved") or {}).get("calibration") or {}).get("seed")
+    if got is None or seed is None:
+        return None
+    try:
+        return CalibrationSpec(dataset=got.dataset, samples=got.samples, seq_len=got.seq_len, seed=seed)
+    except ValueError:
+        return None
 
 
 # --- evaluate (or reuse) ---------------------------------------------------------------------------

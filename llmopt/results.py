@@ -133,6 +133,18 @@ class EvalSettings(Result):
     dtype: str | None = None
     _keep_none = frozenset({"max_tokens"})
 
+    @classmethod
+    def of(cls, spec: EvalSpec, **measured: Any) -> EvalSettings:
+        """The settings block of an evaluation made with ``spec``: what ``EvalReport.spec`` reads back."""
+        return cls(
+            dataset=spec.dataset,
+            context_length=spec.context_length,
+            stride=spec.resolved_stride(),
+            add_bos=spec.add_bos,
+            max_tokens=spec.max_tokens,
+            **measured,
+        )
+
 
 class SpeedReport(Result):
     """The ``throughput`` block: both models' speed, measured one after the other with the same settings."""

@@ -33,9 +33,9 @@ from llmopt.artifact import (
 from llmopt.cli import main
 from llmopt.errors import BackendUnavailableError
 from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.report import run_exit_code
 from llmopt.results import EvalReport
 from llmopt.specs import EvalSpec
-from llmopt.report import run_exit_code
 from tests.evaldata import scored
 from tests.helpers import fake_model
 
