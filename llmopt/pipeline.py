@@ -35,7 +35,15 @@ from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import ARTIFACTS_DIR, check_run_folder, claim_run_folder
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
-from llmopt.results import EVAL_SCHEMA, EvalReport, QuantizeOutcome, RunReport, VariantError, VariantOutcome
+from llmopt.results import (
+    EVAL_SCHEMA,
+    EvalReport,
+    QuantizeOutcome,
+    RunReport,
+    RunState,
+    VariantError,
+    VariantOutcome,
+)
 from llmopt.specs import CalibrationSpec, GateSpec
 
 # Written into every run folder llmopt creates: a later run may write there without --overwrite.
@@ -112,12 +120,12 @@ def run_recipe(
 
     record = {"name": recipe.name, "file": recipe_file, "resolved": recipe.resolved()}
 
-    def report_of(outcomes: list[VariantOutcome], state: str) -> RunReport:
+    def report_of(outcomes: list[VariantOutcome], state: RunState) -> RunReport:
         rest = [not_run_outcome(v) for v in selected[len(outcomes) :]]
         report = build_run_report(
             recipe=record, variants=[*outcomes, *rest], output=out, seconds=time.perf_counter() - started
         )
-        report.state = state  # type: ignore[assignment]  # validated on assignment
+        report.state = state
         if state == "interrupted":
             report.exit_code = EXIT_INTERRUPTED
         elif state == "running":

@@ -35,6 +35,7 @@ __all__ = [
     "ModelScore",
     "QuantizeOutcome",
     "RunReport",
+    "RunState",
     "SpeedReport",
     "VariantError",
     "VariantOutcome",
@@ -257,6 +258,7 @@ class VariantError(Result):
 
 
 Status = Literal["passed", "gate_failed", "error", "not_run"]
+RunState = Literal["complete", "running", "interrupted", "incomplete"]
 _SUMMARY = (
     "perplexity",
     "stderr",
@@ -326,7 +328,7 @@ class RunReport(Result):
     settings: EvalSettings | None = None
     baseline: ModelScore | None = None
     environment: dict[str, Any] | None = None
-    state: Literal["complete", "running", "interrupted", "incomplete"] = "complete"
+    state: RunState = "complete"
     variants: list[VariantOutcome] = Field(default_factory=list)
     counts: dict[str, int] = Field(default_factory=dict)
     exit_code: int | None = None
