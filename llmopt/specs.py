@@ -6,12 +6,13 @@ recipe (recipe.py: CLI flag > recipe file > defaults) or from CLI flags (``eval_
 meaningless value into bad input, exit 2), and handed down whole.
 
 Reuse of a stored measurement compares specs whole (``EvalSpec.same_measurement``): a field added here
-takes part in that comparison unless it is marked ``measurement=False`` (see ``_NOT_MEASURED``).
+takes part in that comparison unless it is marked ``NotMeasured`` (with the reason).
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -41,9 +42,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _not_measured(why: str) -> dict[str, Any]:
-    """Field metadata: the field changes how a measurement is made, not what it measures (see same_measurement)."""
-    return {"measurement": False, "why": why}
+@dataclass(frozen=True)
+class NotMeasured:
+    """Marks a field that changes how a measurement is made, not what it measures (see ``same_measurement``)."""
+
+    why: str
 
 
 class ThroughputSpec(_Strict):
@@ -109,24 +112,18 @@ class EvalSpec(_Strict):
     stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: context_length).")
     max_tokens: int | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
     add_bos: bool = Field(False, description="Put BOS before each window.")
-    batch_size: int = Field(
-        1,
-        ge=1,
-        description="Windows per forward pass.",
-        json_schema_extra=_not_measured("windows are scored one by one whatever the batch"),
+    batch_size: Annotated[int, NotMeasured("the same windows are scored, however many per pass")] = Field(
+        1, ge=1, description="Windows per forward pass."
     )
-    device: str = Field(
+    # "auto" names different hardware on different machines: what it resolved to is compared instead
+    # (the report's settings.device and settings.placement), by the caller that resolved it.
+    device: Annotated[str, NotMeasured("compared by what it resolves to")] = Field(
         "auto",
         description="auto, cpu, cuda (layers split over every visible GPU), cuda:1 (one GPU), cuda:0,1 (split over "
         "those): see README 'Devices and several GPUs'.",
-        # "auto" names different hardware on different machines: what it resolved to is compared instead
-        # (the report's settings.device and settings.placement), by the caller that resolved it.
-        json_schema_extra=_not_measured("compared by what it resolves to"),
     )
-    kernel: str | None = Field(
-        None,
-        description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice.",
-        json_schema_extra=_not_measured("a speed choice; stored evaluations never recorded it"),
+    kernel: Annotated[str | None, NotMeasured("not recorded by evaluations; reuse never compared it")] = Field(
+        None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice."
     )
     throughput: ThroughputSpec | None = Field(
         None,
@@ -143,7 +140,7 @@ class EvalSpec(_Strict):
         return [
             name
             for name, info in cls.model_fields.items()
-            if not (isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("measurement") is False)
+            if not any(isinstance(m, NotMeasured) for m in info.metadata)
         ]
 
     def measurement(self, device: str) -> dict[str, Any]:
