@@ -113,7 +113,7 @@ def render(result: ServeBenchResult) -> None:
                 value = "not measured" if c["value"] is None else f"{c['value']:,.1f}"
                 stdout.print(f"  {c['point']}: {c['name']} = {value} (limit {c['limit']:g})")
     if result.out_dir:
-        stdout.print(f"server logs, per-request records and serve-bench.json: {result.out_dir}")
+        stdout.print(f"serve-bench.json, plots, server logs and per-request records: {result.out_dir}")
 
 
 def _check_out(out: str | None) -> Path | None:
@@ -299,7 +299,10 @@ def register(app: typer.Typer) -> None:
             )
         data = result.model_dump(mode="json")
         if out_dir is not None:
+            from llmopt.serving.plots import write_plots
+
             write_json(data, str(out_dir / "serve-bench.json"))
+            write_plots(result, out_dir)
         if json_path:
             write_json(data, json_path)
         if json_path != "-":

@@ -59,7 +59,7 @@ FAST = ["--rates", "4", "--requests", "4", "--warmup", "1", "--output-len", "4",
 def test_a_started_server_is_measured_and_stopped(fake_llama: dict) -> None:
     """The whole lifecycle with a relative model path: free port, readiness, trace, logs kept in --out, stopped."""
     r = run_cli(
-        ["serve-bench", "model.gguf", *FAST, "--out", "res", "--json", "-"],
+        ["serve-bench", "model.gguf", *FAST, "--rates", "4,8", "--out", "res", "--json", "-"],
         cwd=fake_llama["work"],
         env=fake_llama["env"],
     )
@@ -71,7 +71,8 @@ def test_a_started_server_is_measured_and_stopped(fake_llama: dict) -> None:
     assert model["server"]["command"][2] == str(fake_llama["work"] / "model.gguf")
     res = fake_llama["work"] / "res"
     assert "listening on" in (res / "server-model.log").read_text()
-    assert len((res / "requests-model.jsonl").read_text().splitlines()) == 4
+    assert len((res / "requests-model.jsonl").read_text().splitlines()) == 8  # 4 per rate, warm-up not kept
+    assert (res / "serve-latency.png").stat().st_size > 1000 and (res / "serve-throughput.png").is_file()
     assert json.loads((res / "serve-bench.json").read_text())["models"][0]["points"][0]["ok"] == 4
     assert _gone(int(fake_llama["pidfile"].read_text()))
 
