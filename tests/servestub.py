@@ -114,6 +114,7 @@ def make_handler(cfg: StubConfig) -> type[BaseHTTPRequestHandler]:
                     "prompt_tokens": prompt_tokens,
                     "completion_tokens": max_tokens,
                     "total_tokens": prompt_tokens + max_tokens,
+                    "prompt_tokens_details": {"cached_tokens": prompt_tokens // 2},
                 }
             self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
             self.wfile.flush()

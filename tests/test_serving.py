@@ -34,6 +34,7 @@ def test_measured_ttft_and_itl_match_the_injected_delays() -> None:
     assert 20 <= point.tpot_ms.p50 <= 20 + 12
     assert 150 + 7 * 20 <= point.e2e_ms.p50 <= 150 + 7 * 20 + 100
     assert point.tokens_from == "usage"
+    assert point.prefix_cache_hit == pytest.approx(0.5, abs=0.05)  # the stand-in reports half its prompt cached
     # 12 timed requests of 8 tokens: output tokens/s counts the server's tokens over the run's duration
     assert point.output_tokens_per_s == pytest.approx(96 / point.duration_s)
     # warm-up requests were sent but are not part of the numbers

@@ -51,6 +51,9 @@ def render(result: ServeBenchResult) -> None:
         ):
             table.add_column(col, justify="left" if col in ("model", "server") else "right")
         has_slo = result.slo is not None
+        has_cache = any(p.prefix_cache_hit is not None for m in result.models for p in m.points)
+        if has_cache:
+            table.add_column("prefix cache hit", justify="right")
         if has_slo:
             table.add_column("goodput req/s", justify="right")
             table.add_column("SLO", justify="right")
@@ -75,6 +78,8 @@ def render(result: ServeBenchResult) -> None:
                     _ms(p.tpot_ms, "p50"),
                     _ms(p.e2e_ms, "p50", "p95"),
                 ]
+            if has_cache:
+                row.append("-" if p.prefix_cache_hit is None else f"{100 * p.prefix_cache_hit:.0f}%")
             if has_slo:
                 row += [
                     "-" if p.goodput_per_s is None else f"{p.goodput_per_s:.2f}",

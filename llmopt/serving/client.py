@@ -33,6 +33,7 @@ class RequestRecord(BaseModel):
     chunk_gaps_ms: list[float] = []  # gaps between content chunks after the first
     chunks: int = 0
     prompt_tokens: int | None = None
+    cached_prompt_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens (prefix cache hits)
     output_tokens: int | None = None
     tokens_from: str | None = None  # "usage" | "tokenizer" | None (unknown)
     text: str = ""
@@ -164,6 +165,9 @@ def stream_completion(
             if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
                 record.output_tokens = int(usage["completion_tokens"])
                 record.prompt_tokens = usage.get("prompt_tokens")
+                details = usage.get("prompt_tokens_details")
+                if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+                    record.cached_prompt_tokens = details["cached_tokens"]
                 record.tokens_from = "usage"
             choices = event.get("choices") if isinstance(event, dict) else None
             text = ""

@@ -147,6 +147,8 @@ class PointResult(BaseModel):
     output_tokens_per_s: float | None
     prompt_tokens_per_s: float | None
     tokens_from: str | None  # usage | tokenizer | None
+    # share of prompt tokens the server took from its prefix cache, where it reports them (llama.cpp, vLLM)
+    prefix_cache_hit: float | None = None
     ttft_ms: LatencyStats | None
     itl_ms: LatencyStats | None
     tpot_ms: LatencyStats | None
@@ -202,6 +204,10 @@ def summarize(
     out_tps = sum(r.output_tokens or 0 for r in ok) / duration if tokens_known and duration else None
     prompt_known = ok and all(r.prompt_tokens is not None for r in ok)
     in_tps = sum(r.prompt_tokens or 0 for r in ok) / duration if prompt_known and duration else None
+    cached = [r for r in ok if r.cached_prompt_tokens is not None and r.prompt_tokens]
+    hit = (
+        sum(r.cached_prompt_tokens or 0 for r in cached) / sum(r.prompt_tokens or 0 for r in cached) if cached else None
+    )
     sources = {r.tokens_from for r in ok}
     tokens_from = sources.pop() if len(sources) == 1 else (None if not sources else "mixed")
     note = _saturation(records, mode)
@@ -221,6 +227,7 @@ def summarize(
         output_tokens_per_s=out_tps,
         prompt_tokens_per_s=in_tps,
         tokens_from=tokens_from,
+        prefix_cache_hit=hit,
         # Past saturation the percentiles grow with the length of the run, not with the model: not reported.
         ttft_ms=None if saturated else latency_stats([r.ttft_ms for r in ok if r.ttft_ms is not None]),
         itl_ms=None if saturated else latency_stats(itl),
