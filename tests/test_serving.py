@@ -251,3 +251,17 @@ def test_a_started_server_is_stopped_on_every_way_out(tmp_path: Path, how: str) 
     assert server.proc.poll() is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)  # nothing of its process group is left
+
+
+def test_saturation_in_a_run_too_short_for_a_trend() -> None:
+    """Four requests arriving within ~0.2 s at a server doing one at a time (0.4 s each): each waits for all
+    before it, far longer than the warm-up request alone and than the arrival window. A server that batches them
+    is not saturated by the same trace."""
+    spec = TraceSpec(rates=[20.0], requests=4, warmup=1, output_len=LengthDist.parse(8, "x"))
+    with StubServer(ttft=0.05, itl=0.05, serialize=True) as stub:
+        serial = serve_bench([Target(role="model", model=None, url=stub.url)], spec).models[0].points[0]
+    with StubServer(ttft=0.05, itl=0.05) as stub:
+        batched = serve_bench([Target(role="model", model=None, url=stub.url)], spec).models[0].points[0]
+    assert serial.saturated and "against" in (serial.saturation_note or ""), serial
+    assert not batched.saturated and batched.ttft_ms is not None
+    assert 50 <= batched.unloaded_ttft_ms <= 50 + 60

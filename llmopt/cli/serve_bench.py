@@ -38,8 +38,9 @@ def render(result: ServeBenchResult) -> None:
     labels = list(dict.fromkeys(p.label for m in result.models for p in m.points))
     for label in labels:
         table = Table(title=f"{label}: {result.trace['requests']} requests")
+        width = max(len(m.label) + (10 if m.role == "baseline" else 0) for m in result.models)
+        table.add_column("model", min_width=min(40, width), overflow="fold")
         for col in (
-            "model",
             "server",
             "ok/err",
             "req/s",

@@ -208,7 +208,11 @@ def serve_bench(
                                     "Check the URL/model name (--served-model) and the server's log.",
                                 )
                             _write_records(rec_out, mode, value, records)
-                            point = summarize(records, mode, value, slo, gpu_hourly_cost=gpu_hourly_cost)
+                            unloaded = min(run.warmup_ttft_ms) if run.warmup_ttft_ms else None
+                            point = summarize(
+                                records, mode, value, slo, gpu_hourly_cost=gpu_hourly_cost, unloaded_ttft_ms=unloaded
+                            )
+                            point.unloaded_ttft_ms = unloaded
                             entry.points.append(point)
                             log(f"    {_point_line(point)} ({time.monotonic() - started:.0f} s)")
                             if run.stopped:

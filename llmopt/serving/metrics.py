@@ -155,6 +155,7 @@ class PointResult(BaseModel):
     e2e_ms: LatencyStats | None
     goodput_per_s: float | None = None
     good_fraction: float | None = None
+    unloaded_ttft_ms: float | None = None  # the fastest warm-up request's TTFT (sent alone)
     saturated: bool = False
     saturation_note: str | None = None
     slo_checks: list[SloCheck] = []
@@ -167,13 +168,24 @@ class PointResult(BaseModel):
         return f"{self.value:g} req/s" if self.mode == "rate" else f"concurrency {self.value:g}"
 
 
-def _saturation(records: list[RequestRecord], mode: str) -> str | None:
-    """Queueing that grows over the run (TTFT of the last quarter of arrivals far above the first quarter's):
-    the server does not keep up with the offered rate, and percentiles only measure how long the run was."""
+def _saturation(records: list[RequestRecord], mode: str, unloaded_ttft_ms: float | None = None) -> str | None:
+    """The server does not keep up with the offered rate, so percentiles only measure how long the run was:
+    queueing that grows over the run (TTFT of the last quarter of arrivals far above the first quarter's), or,
+    in a run too short for a trend, requests waiting for their first token longer than half the time over
+    which they arrived, and far longer than one alone waits (the warm-up requests, sent one at a time)."""
     ok = [r for r in records if r.ok and r.ttft_ms is not None]
-    if mode != "rate" or len(ok) < 8:
+    if mode != "rate" or len(ok) < 2:
         return None
     ok.sort(key=lambda r: r.scheduled_s)
+    span_ms = (ok[-1].scheduled_s - ok[0].scheduled_s) * 1000
+    median = statistics.median(r.ttft_ms for r in ok if r.ttft_ms is not None)
+    if unloaded_ttft_ms is not None and median > 3 * unloaded_ttft_ms + 250 and median > span_ms / 2:
+        return (
+            f"TTFT p50 {median:,.0f} ms against {unloaded_ttft_ms:,.0f} ms for a request alone, longer than half "
+            f"the {span_ms / 1000:,.1f} s over which the requests arrived: queueing"
+        )
+    if len(ok) < 8:
+        return None
     q = max(2, len(ok) // 4)
     early = statistics.median(r.ttft_ms for r in ok[:q] if r.ttft_ms is not None)
     late = statistics.median(r.ttft_ms for r in ok[-q:] if r.ttft_ms is not None)
@@ -190,6 +202,7 @@ def summarize(
     *,
     gpu_hourly_cost: float | None = None,
     interrupted: bool = False,
+    unloaded_ttft_ms: float | None = None,
 ) -> PointResult:
     ok = [r for r in records if r.ok]
     errors = [r for r in records if not r.ok]
@@ -210,7 +223,7 @@ def summarize(
     )
     sources = {r.tokens_from for r in ok}
     tokens_from = sources.pop() if len(sources) == 1 else (None if not sources else "mixed")
-    note = _saturation(records, mode)
+    note = _saturation(records, mode, unloaded_ttft_ms)
     if not note and records and len(errors) > 0.1 * len(records):
         note = f"{len(errors)} of {len(records)} requests failed"
     saturated = note is not None
