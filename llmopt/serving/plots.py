@@ -37,7 +37,8 @@ def write_plots(result: ServeBenchResult, folder: Path) -> list[Path]:
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("ms")
         ax.set_title(f"{title} (grey: saturated)")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # every point saturated: nothing drawn, no legend
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = folder / "serve-latency.png"
     fig.savefig(path, dpi=110)
@@ -51,7 +52,8 @@ def write_plots(result: ServeBenchResult, folder: Path) -> list[Path]:
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("output tokens/s")
     ax.set_title("throughput")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path = folder / "serve-throughput.png"
     fig.savefig(path, dpi=110)
