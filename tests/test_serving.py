@@ -265,3 +265,17 @@ def test_saturation_in_a_run_too_short_for_a_trend() -> None:
     assert serial.saturated and "against" in (serial.saturation_note or ""), serial
     assert not batched.saturated and batched.ttft_ms is not None
     assert 50 <= batched.unloaded_ttft_ms <= 50 + 60
+
+
+def test_transformers_serve_gets_float32_on_a_cpu(assets: dict[str, Path]) -> None:
+    """The checkpoint is float16; served as such on a CPU, its matmuls are emulated (8 s to a first token)."""
+    from llmopt.serving.servers import transformers_spec
+
+    help_text = "--continuous-batching --device TEXT --dtype TEXT"
+    cpu = transformers_spec(str(assets["model"]), 1, ServerOptions(device="cpu"), help_text=help_text)
+    assert cpu.argv[cpu.argv.index("--dtype") + 1] == "float32"
+    assert cpu.argv[cpu.argv.index("--device") + 1] == "cpu" and "--continuous-batching" in cpu.argv
+    gpu = transformers_spec(str(assets["model"]), 1, ServerOptions(device="cuda:0"), help_text=help_text)
+    assert "--dtype" not in gpu.argv
+    own = transformers_spec(str(assets["model"]), 1, ServerOptions(device="cpu", dtype="bfloat16"), help_text=help_text)
+    assert own.argv[own.argv.index("--dtype") + 1] == "bfloat16"

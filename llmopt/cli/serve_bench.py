@@ -204,6 +204,9 @@ def register(app: typer.Typer) -> None:
             bool, typer.Option("--continuous-batching/--no-continuous-batching", help="transformers serve.")
         ] = True,
         device: Annotated[str, typer.Option(help="transformers serve --device.")] = "auto",
+        dtype: Annotated[
+            str | None, typer.Option(help="transformers serve --dtype (default: float32 on CPU, else the model's).")
+        ] = None,
         server_arg: Annotated[
             list[str] | None, typer.Option("--server-arg", help="Extra argument for the server (repeatable).")
         ] = None,
@@ -280,6 +283,7 @@ def register(app: typer.Typer) -> None:
             prefix_caching=prefix_caching,
             continuous_batching=continuous_batching,
             device=device,
+            dtype=dtype,
             startup_timeout=startup_timeout,
             extra_args=server_arg or [],
         )

@@ -40,6 +40,7 @@ class ServerOptions(BaseModel):
     prefix_caching: bool | None = None  # None: the server's default
     continuous_batching: bool = True  # transformers serve
     device: str = "auto"  # transformers serve
+    dtype: str | None = None  # transformers serve; None: float32 on CPU, the checkpoint's dtype on a GPU
     startup_timeout: float = 300.0
     extra_args: list[str] = []
 
@@ -195,18 +196,22 @@ def transformers_serve_flags(help_text: str) -> dict[str, str | None]:
     return {"continuous_batching": None}
 
 
+def check_transformers_serve() -> None:
+    """`transformers serve` needs the `serving` extra, which a plain transformers install lacks."""
+    missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailableError(
+            f"`transformers serve` needs {', '.join(missing)}, not installed here.",
+            "pip install 'transformers[serving]' (fastapi, uvicorn, openai).",
+        )
+
+
 def transformers_spec(model: str, port: int, opts: ServerOptions, *, help_text: str | None = None) -> ServerSpec:
     p = Path(model).expanduser()
     if not (p.is_dir() and (p / "config.json").is_file()):
         raise ModelError(
             f"`transformers serve` loads Hugging Face model folders; {model} is not one.",
             "Give the folder with config.json, or use --server llama.cpp for a .gguf.",
-        )
-    missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise BackendUnavailableError(
-            f"`transformers serve` needs {', '.join(missing)}, not installed here.",
-            "pip install 'transformers[serving]' (fastapi, uvicorn, openai).",
         )
     cli = _transformers_cli()
     if help_text is None:
@@ -219,9 +224,20 @@ def transformers_spec(model: str, port: int, opts: ServerOptions, *, help_text: 
     flags = transformers_serve_flags(help_text)
     path = str(p.resolve())
     argv = [*cli, "serve", path, "--host", HOST, "--port", str(port), "--log-level", "info"]
-    notes = []
+    notes: list[str] = []
+    device = opts.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if "--device" in help_text or not help_text:
-        argv += ["--device", opts.device]
+        argv += ["--device", device]
+    # float16 matmuls on a CPU are emulated, many times slower than float32 (measured: SmolLM2-135M, 8 s to the
+    # first token of a 128-token prompt): on a CPU the checkpoint is served in float32, as llmopt evaluates it
+    dtype = opts.dtype or ("float32" if device == "cpu" else None)
+    if dtype:
+        argv += ["--dtype", dtype]
+        notes.append(dtype)
     cb = flags["continuous_batching"]
     if opts.continuous_batching and cb:
         argv.append(cb)
@@ -266,6 +282,7 @@ def server_spec(kind: str, model: str, opts: ServerOptions) -> ServerSpec:
     if kind == "llama.cpp":
         return llama_cpp_spec(model, port, opts)
     if kind == "transformers":
+        check_transformers_serve()
         return transformers_spec(model, port, opts)
     return vllm_spec(model, port, opts)
 

@@ -230,3 +230,15 @@ def test_bad_input_is_refused_before_any_server_starts(fake_llama: dict, args: l
     assert "Traceback" not in r.stderr
     assert not fake_llama["pidfile"].exists()
     assert (fake_llama["work"] / "full" / "keep.txt").read_text() == "mine"
+
+
+def test_transformers_serve_without_its_serving_extra(assets: dict[str, Path], tmp_path: Path) -> None:
+    """A plain transformers install has `transformers serve` but not fastapi/uvicorn/openai: exit 4, the install
+    command, before any server starts."""
+    import importlib.util
+
+    if all(importlib.util.find_spec(m) for m in ("fastapi", "uvicorn", "openai")):
+        pytest.skip("the serving extra is installed here")
+    r = run_cli(["serve-bench", str(assets["model"]), *FAST], cwd=tmp_path)
+    assert r.returncode == 4, r.stderr
+    assert "`transformers serve` needs" in r.stderr and "transformers[serving]" in r.stderr
