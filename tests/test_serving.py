@@ -279,3 +279,64 @@ def test_transformers_serve_gets_float32_on_a_cpu(assets: dict[str, Path]) -> No
     assert "--dtype" not in gpu.argv
     own = transformers_spec(str(assets["model"]), 1, ServerOptions(device="cpu", dtype="bfloat16"), help_text=help_text)
     assert own.argv[own.argv.index("--dtype") + 1] == "bfloat16"
+
+
+def _llama_server() -> Path:
+    from llmopt.errors import BackendUnavailableError
+    from llmopt.serving.servers import llama_server_binary
+
+    try:
+        return llama_server_binary()
+    except BackendUnavailableError:
+        pytest.skip("llama-server is not built here (scripts/build_llamacpp.py, or LLMOPT_LLAMA_SERVER)")
+
+
+@pytest.mark.e2e
+def test_real_llama_server_on_a_small_gguf(assets: dict[str, Path], tmp_path: Path) -> None:
+    """SmolLM2 cut to 2 layers, as a GGUF artifact, through the real llama-server: every request streams exactly
+    max_tokens tokens (ignore_eos), counted by the server; the shared prefix is served from its cache."""
+    _llama_server()
+    from llmopt.api import quantize
+    from llmopt.serving.servers import ServerOptions
+    from tests.helpers import first_layers
+
+    small = first_layers(assets["model"], tmp_path / "small", 2)
+    art = quantize(str(small), "gguf", tmp_path / "q8", options={"quant_type": "q8_0"})
+    spec = TraceSpec(
+        rates=[4.0],
+        requests=6,
+        warmup=1,
+        prompt_len=LengthDist.parse(32, "x"),
+        output_len=LengthDist.parse(12, "x"),
+        prefix_len=200,
+        prefix_share=1.0,
+    )
+    result = serve_bench(
+        [Target(role="model", model=str(art.path), url=None)],
+        spec,
+        server_options=ServerOptions(threads=2, parallel=2, context=512, prefix_caching=True),
+    )
+    model = result.models[0]
+    point = model.points[0]
+    assert model.server.kind == "llama.cpp" and point.ok == 6 and point.errors == 0
+    assert result.tokenizer == str(art.path)  # the artifact folder's own tokenizer
+    assert point.tokens_from == "usage"
+    assert point.output_tokens_per_s == pytest.approx(6 * 12 / point.duration_s)
+    assert point.ttft_ms is not None and point.ttft_ms.p50 > 0
+    assert point.prefix_cache_hit is not None and point.prefix_cache_hit > 0.5
+
+
+def test_real_llama_server_refuses_a_broken_gguf(tmp_path: Path) -> None:
+    """A file llama.cpp cannot load: the server's own words and exit 4, no server left."""
+    _llama_server()
+    from llmopt.errors import BackendUnavailableError
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    with pytest.raises(BackendUnavailableError) as info:
+        serve_bench(
+            [Target(role="model", model=str(bad), url=None)],
+            TraceSpec(rates=[1.0], requests=1),
+            server_options=ServerOptions(startup_timeout=60),
+        )
+    assert "stopped (exit code" in str(info.value) and "before it was ready" in str(info.value)
