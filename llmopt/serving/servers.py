@@ -196,6 +196,16 @@ def transformers_serve_flags(help_text: str) -> dict[str, str | None]:
     return {"continuous_batching": None}
 
 
+def require_hf_folder(model: str) -> Path:
+    p = Path(model).expanduser()
+    if not (p.is_dir() and (p / "config.json").is_file()):
+        raise ModelError(
+            f"`transformers serve` loads Hugging Face model folders; {model} is not one.",
+            "Give the folder with config.json, or use --server llama.cpp for a .gguf.",
+        )
+    return p
+
+
 def check_transformers_serve() -> None:
     """`transformers serve` needs the `serving` extra, which a plain transformers install lacks."""
     missing = [m for m in ("fastapi", "uvicorn", "openai") if importlib.util.find_spec(m) is None]
@@ -207,12 +217,7 @@ def check_transformers_serve() -> None:
 
 
 def transformers_spec(model: str, port: int, opts: ServerOptions, *, help_text: str | None = None) -> ServerSpec:
-    p = Path(model).expanduser()
-    if not (p.is_dir() and (p / "config.json").is_file()):
-        raise ModelError(
-            f"`transformers serve` loads Hugging Face model folders; {model} is not one.",
-            "Give the folder with config.json, or use --server llama.cpp for a .gguf.",
-        )
+    p = require_hf_folder(model)
     cli = _transformers_cli()
     if help_text is None:
         try:
@@ -282,6 +287,7 @@ def server_spec(kind: str, model: str, opts: ServerOptions) -> ServerSpec:
     if kind == "llama.cpp":
         return llama_cpp_spec(model, port, opts)
     if kind == "transformers":
+        require_hf_folder(model)  # a wrong kind of model is the user's to fix first (exit 2)
         check_transformers_serve()
         return transformers_spec(model, port, opts)
     return vllm_spec(model, port, opts)
