@@ -340,3 +340,26 @@ def test_real_llama_server_refuses_a_broken_gguf(tmp_path: Path) -> None:
             server_options=ServerOptions(startup_timeout=60),
         )
     assert "stopped (exit code" in str(info.value) and "before it was ready" in str(info.value)
+
+
+def test_llama_server_is_found_in_a_build_that_is_not_the_active_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """scripts/build_llamacpp.py --no-install builds the tools without making them the active build."""
+    from llmopt.backends.gguf_toolchain import installed_llama_cpp_version
+    from llmopt.serving.servers import llama_server_binary
+
+    version = installed_llama_cpp_version()
+    if version is None:
+        pytest.skip("llama-cpp-python is not installed")
+    root = tmp_path / version
+    (root / "converter").mkdir(parents=True)
+    (root / "converter" / "convert_hf_to_gguf.py").write_text("")
+    (root / "llmopt-llamacpp.json").write_text('{"active": null, "builds": {}}')
+    tool = root / "bin" / "abc123" / "llama-server"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("LLMOPT_LLAMACPP_DIR", str(tmp_path))
+    monkeypatch.delenv("LLMOPT_LLAMA_SERVER", raising=False)
+    assert llama_server_binary() == tool

@@ -131,6 +131,11 @@ def llama_server_binary() -> Path:
     chain = find_toolchain()
     if chain is not None and chain.bin is not None and (chain.bin / "llama-server").is_file():
         return chain.bin / "llama-server"
+    if chain is not None:
+        # a tools build made with --no-install is not the active build, but its llama-server is as usable
+        built = [p for p in chain.root.glob("bin/*/llama-server") if p.is_file() and os.access(p, os.X_OK)]
+        if built:
+            return max(built, key=lambda p: p.stat().st_mtime)
     found = shutil.which("llama-server")
     if found:
         return Path(found)
