@@ -200,7 +200,6 @@ class _LlmcBackend(Backend):
     def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:
         opts = inputs.options
         assert isinstance(opts, _LlmcOptions)
-        _quiet_llmcompressor()
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -224,6 +223,7 @@ class _LlmcBackend(Backend):
             kwargs["pipeline"] = opts.pipeline
         from llmcompressor import oneshot
 
+        _quiet_llmcompressor()
         label = f"llm-compressor {self.scheme_name}" + (
             f" on {kwargs['num_calibration_samples']} samples" if "num_calibration_samples" in kwargs else ""
         )
@@ -278,16 +278,18 @@ def _normal_permissions(folder: Path) -> None:
 
 
 def _quiet_llmcompressor() -> None:
-    # llm-compressor logs every GPTQ module at INFO through loguru; llmopt's reporter says what step runs.
-    if not os.environ.get("LLMOPT_DEBUG"):
-        os.environ.setdefault("LLM_COMPRESSOR_LOG_DISABLED", "true")
-        try:
-            from loguru import logger
+    """llm-compressor logs every GPTQ module at INFO through loguru; llmopt's reporter says what step runs.
 
-            logger.disable("llmcompressor")
-            logger.disable("compressed_tensors")
-        except ImportError:
-            pass
+    Its records are disabled, not its logger's configuration: LLM_COMPRESSOR_LOG_DISABLED would also skip
+    registering its METRIC level, and its GPTQ then fails logging a timing ("Level 'METRIC' does not exist").
+    """
+    if os.environ.get("LLMOPT_DEBUG"):
+        return
+    import llmcompressor  # noqa: F401 - configures its loguru levels first
+    from loguru import logger
+
+    logger.disable("llmcompressor")
+    logger.disable("compressed_tensors")
 
 
 def _explain(exc: Exception, opts: _LlmcOptions) -> Exception:
