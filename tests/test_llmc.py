@@ -142,10 +142,20 @@ def test_a_tracing_failure_becomes_a_model_error_with_the_way_out() -> None:
 
 def test_card_facts() -> None:
     facts = card_facts("W4A16", "org/m-w4a16", revision="abc")
-    assert facts["serve"] == "vllm serve org/m-w4a16 --revision abc"
-    assert "compressed-tensors" in facts["tags"] and "4-bit" in facts["tags"]
-    assert facts["library_name"] == "transformers"
-    assert any("Marlin" in line for line in facts["load"])
+    assert facts.load[0].code == "vllm serve org/m-w4a16 --revision abc"
+    assert "compressed-tensors" in facts.tags and "4-bit" in facts.tags
+    assert facts.library_name == "transformers" and facts.bits == 4 and facts.quant_type == "W4A16"
+    assert "Marlin" in facts.load[0].intro
+    assert "compressed-tensors" in facts.load[1].intro  # transformers needs it to decompress
+
+
+def test_the_model_card_of_an_llmc_artifact_says_how_to_serve_it() -> None:
+    """The backend's facts reach the card through the registry (Backend.format_card), no format switch."""
+    from llmopt.backends import format_card
+
+    facts = format_card("llmc-fp8-dynamic", "compressed-tensors", {}, "org/m-fp8")
+    assert facts.quant_type == "FP8_DYNAMIC" and facts.bits == 8
+    assert facts.load[0].code == "vllm serve org/m-fp8"
 
 
 # --- real runs on SmolLM2 cuts -----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, transformers_snippet, vllm_snippet
 from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
 from llmopt.source import SourceModel
 
@@ -164,6 +165,9 @@ class _LlmcBackend(Backend):
 
     def check(self) -> list[str]:
         return super().check() or version_conflicts()
+
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        return card_facts(self.scheme_name, repo_id, revision)
 
     def library_versions(self) -> dict[str, str]:
         versions = super().library_versions()
@@ -425,43 +429,41 @@ class LlmcNVFP4Backend(_LlmcBackend):
 # --- publishing -------------------------------------------------------------------------------------------
 
 
-def card_facts(scheme: str, repo_id: str, revision: str | None = None) -> dict[str, Any]:
-    """What a model card says about a compressed-tensors artifact: how to load and serve it, its tags.
+_KERNELS = {
+    "FP8_DYNAMIC": "FP8 GEMMs on compute capability 8.9+ (Ada, Hopper, Blackwell)",
+    "W8A8": "INT8 GEMMs (CUTLASS) on compute capability 7.5+",
+    "W4A16": "Marlin (W4A16) kernels on compute capability 8.0+",
+    "NVFP4": "FP4 GEMMs on Blackwell (compute capability 10.0+)",
+}
+_TAGS = {
+    "FP8_DYNAMIC": ["fp8", "w8a8", "8-bit"],
+    "W8A8": ["int8", "w8a8", "8-bit"],
+    "W4A16": ["int4", "w4a16", "4-bit", "gptq"],
+    "NVFP4": ["nvfp4", "fp4", "4-bit"],
+}
+_BITS = {"FP8_DYNAMIC": 8, "W8A8": 8, "W4A16": 4, "NVFP4": 4}
 
-    ``scheme``: the manifest's ``options._resolved.scheme`` (FP8_DYNAMIC, W8A8, W4A16, NVFP4).
+
+def card_facts(scheme: str, repo_id: str, revision: str | None = None) -> FormatCard:
+    """What a model card says about a compressed-tensors artifact: how to serve and load it, its tags.
+
+    ``scheme``: llm-compressor's preset (FP8_DYNAMIC, W8A8, W4A16, NVFP4). vLLM reads the format from
+    ``quantization_config`` and needs no flag.
     """
-    rev = f', revision="{revision}"' if revision else ""
-    rev_cli = f" --revision {revision}" if revision else ""
-    kernels = {
-        "FP8_DYNAMIC": "FP8 GEMMs on compute capability 8.9+ (Ada, Hopper, Blackwell)",
-        "W8A8": "INT8 GEMMs (CUTLASS) on compute capability 7.5+",
-        "W4A16": "Marlin (W4A16) kernels on compute capability 8.0+",
-        "NVFP4": "FP4 GEMMs on Blackwell (compute capability 10.0+)",
-    }
-    tags = {
-        "FP8_DYNAMIC": ["fp8", "w8a8", "8-bit"],
-        "W8A8": ["int8", "w8a8", "8-bit"],
-        "W4A16": ["int4", "w4a16", "4-bit", "gptq"],
-        "NVFP4": ["nvfp4", "fp4", "4-bit"],
-    }
-    return {
-        "library_name": "transformers",
-        "tags": ["compressed-tensors", "llm-compressor", *tags.get(scheme, [])],
-        "serve": f"vllm serve {repo_id}{rev_cli}",
-        "load": [
-            f"With vLLM (compressed-tensors is read from `quantization_config`; {kernels.get(scheme, 'its kernels')}):",
-            "",
-            "```bash",
-            f"vllm serve {repo_id}{rev_cli}",
-            "```",
-            "",
-            "With transformers (needs `pip install compressed-tensors`; weights are decompressed to 16-bit):",
-            "",
-            "```python",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, device_map="auto")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
-            "```",
+    bits = _BITS.get(scheme)
+    return FormatCard(
+        format=FORMAT,
+        library_name="transformers",
+        tags=["compressed-tensors", "llm-compressor", *_TAGS.get(scheme, [])],
+        bits=bits,
+        bit_width=f"{bits}-bit" if bits else None,
+        quant_type=scheme,
+        load=[
+            vllm_snippet(
+                repo_id,
+                revision,
+                note=f"compressed-tensors from `quantization_config`; {_KERNELS.get(scheme, 'its kernels')}",
+            ),
+            transformers_snippet(repo_id, revision, needs="compressed-tensors"),
         ],
-    }
+    )
