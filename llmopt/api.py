@@ -318,6 +318,10 @@ def evaluate(
     with rep.step("checking artifact hashes"):
         art.require_intact()
     check_remote_code(art.path, trust_remote_code, what="artifact")
+    if spec.throughput is not None:
+        from llmopt.evaluate.throughput import refuse_decompressed_speed
+
+        refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
     base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(spec.dataset)
 

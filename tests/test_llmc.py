@@ -285,3 +285,16 @@ def test_nvfp4_artifact_layout(assets: dict[str, Path], tmp_path: Path) -> None:
     with safe_open(str(art / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
     assert {"model.layers.0.mlp.down_proj.weight_packed", "model.layers.0.mlp.down_proj.weight_global_scale"} <= names
+
+
+def test_speed_of_a_decompressed_format_is_refused_not_faked(tmp_path: Path) -> None:
+    """transformers decompresses compressed-tensors to 16-bit on load: `bench` / `eval --throughput` refuse
+    (exit 4) before measuring anything instead of printing FP16's speed under the format's name."""
+    from tests.helpers import fake_model, run_cli
+
+    cfg = {**SMOLLM2_CONFIG, "quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized"}}
+    model = fake_model(tmp_path / "ct", cfg)
+    r = run_cli(["bench", "ct", "--device", "cpu"], cwd=tmp_path)
+    assert r.returncode == 4, r.stderr[-1500:]
+    assert "speed not measured" in r.stderr and "vllm serve" in r.stderr and "Traceback" not in r.stderr
+    assert model.is_dir()
