@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmopt.cli._common import stdout, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, stdout
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("backends")
+    @app.command("backends", cls=JsonCommand)
     def backends_cmd(
-        json_out: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
     ) -> None:
         """List every quantization backend, whether it is usable here, and how to install what is missing."""
         from llmopt.backends import available_backends
 
+        out = JsonOutput(json_out, json_file)
+        out.check()
         infos = available_backends()
-        if json_out:
-            write_json(
+        if out.to_stdout or out.to_file:
+            out.emit(
                 [
                     {
                         "name": i.name,
@@ -33,9 +34,9 @@ def register(app: typer.Typer) -> None:
                         "note": getattr(i.backend, "note", None),
                     }
                     for i in infos
-                ],
-                "-",
+                ]
             )
+        if not out.human:
             return
         table = Table(title="llmopt backends")
         for col in ("method", "usable", "format", "what it is / what is missing"):
