@@ -64,12 +64,13 @@ def check_json_target(
     folder the command is about to write (an artifact folder holds only the files its manifest lists)."""
     if target is None or target == "-":
         return
+    from llmopt.errors import OutputPathError
     from llmopt.outputs import absolute, check_report_file
 
     if creates is not None:
         folder, file = absolute(creates), absolute(target)
         if folder in file.parents:
-            raise InputError(
+            raise OutputPathError(
                 f"{flag} {target} is inside {creates}, the folder this command writes.",
                 f"Write the JSON next to it, e.g. {flag} {shlex.quote(folder.name + '.json')}.",
             )
