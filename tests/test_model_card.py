@@ -128,3 +128,14 @@ def test_without_huggingface_hub_the_card_says_what_to_install(tmp_path: Path, m
     with pytest.raises(BackendUnavailableError, match="huggingface_hub") as exc:
         render_card(art, "org/smol-x")
     assert "llmopt[hub]" in (exc.value.hint or "")
+
+
+def test_a_perplexity_that_is_no_number_is_not_a_result(tmp_path: Path) -> None:
+    """An infinite perplexity (a model that broke) stays in the table but is not offered to the Hub as a score."""
+    from llmopt.model_card import render_card
+
+    art = Artifact.open(make_artifact(tmp_path))
+    assert art.manifest.evaluation is not None
+    art.manifest.evaluation["artifact"]["perplexity"] = float("inf")
+    card = render_card(art, "org/smol-x")
+    assert "model-index" not in card and hf.ModelCard(card).data.eval_results is None
