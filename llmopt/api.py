@@ -494,15 +494,12 @@ def _score_model(
                 "dtype": runner.dtype,
             }
         )
-        kern = getattr(runner, "kernel", None)
-        if kern:
-            out["kernel"] = kern
-        compute = getattr(runner, "compute", None)
-        if compute:
-            out["compute"] = compute
-        placement = getattr(runner, "placement", None)
-        if placement is not None:
-            out["placement"] = placement.record()
+        if runner.kernel:
+            out["kernel"] = runner.kernel
+        if runner.compute:
+            out["compute"] = runner.compute
+        if runner.placement is not None:
+            out["placement"] = runner.placement.record()
         return out
     finally:
         runner.close()

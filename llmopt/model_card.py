@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
-from llmopt.backends.base import FormatCard, format_card
+from llmopt.backends.base import format_card
+from llmopt.backends.format_card import FormatCard
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 

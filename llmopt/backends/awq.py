@@ -34,16 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import group_size_hint, group_size_problem
-from llmopt.backends.base import (
-    Backend,
-    FormatCard,
-    QuantizeInputs,
-    Requirement,
-    bits_of,
-    save_tokenizer,
-    transformers_snippet,
-    vllm_snippet,
-)
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.backends.gptq import strip_machine_specific, validate_gptqmodel_architecture
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel

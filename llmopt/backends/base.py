@@ -5,6 +5,10 @@ third-party packages add theirs through the entry-point group ``llmopt.backends`
 imported until a backend is asked for, and a backend that fails to import is reported as
 unavailable with its reason instead of breaking the CLI. Backend modules import only pydantic at
 module level; their libraries (torch, gptqmodel, bitsandbytes, ...) are imported inside methods.
+
+A backend owns its format: its options (``Options``; options.py reads ``-O key=value`` by their types), the runner
+that loads its output (``runner``, a name in runners/base.py's registry), and what the model card says about the
+format (``format_card``, format_card.py).
 """
 
 from __future__ import annotations
@@ -12,14 +16,15 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import importlib.util
-import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 
+from llmopt.backends.format_card import FormatCard, generic_format_card
+from llmopt.backends.options import OptionInfo, option_schema
 from llmopt.errors import BackendUnavailableError, InputError, OptionsError
 from llmopt.plugins import load_target, registered
 
@@ -58,77 +63,6 @@ class Requirement:
         return importlib.util.find_spec(self.module) is not None
 
 
-class LoadSnippet(BaseModel):
-    """One way to load or serve a published artifact, as its model card shows it."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    intro: str = Field(description="The line above the code, e.g. 'With vLLM:'.")
-    language: str = Field(description="The code block's language: python or bash.")
-    code: str = Field(description="The code, without fences.")
-
-
-class FormatCard(BaseModel):
-    """What an artifact's format says about itself to the model card (and anyone else who asks).
-
-    The backend that wrote the artifact makes it (``Backend.format_card``), so no caller switches on format names.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    format: str
-    library_name: str | None = Field(description="The Hub's library_name: 'transformers', or None (GGUF).")
-    tags: list[str] = Field(description="The format's own tags (its family, e.g. 'bitsandbytes').")
-    bits: int | None = Field(description="Bits per weight when every quantized weight has the same width.")
-    bit_width: str | None = Field(description="Bit width in words: '4-bit', or a GGUF type's bits per weight.")
-    quant_type: str | None = Field(None, description="The format's own type name, e.g. GGUF's q4_k_m.")
-    load: list[LoadSnippet] = Field(description="How to load and serve it, in the order the card shows them.")
-
-
-def transformers_snippet(repo_id: str, revision: str | None, needs: str | None = None) -> LoadSnippet:
-    """Loading with transformers' Auto classes; ``needs``: the packages to pip install first."""
-    rev = f', revision="{revision}"' if revision else ""
-    code = "\n".join(
-        [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, device_map="auto")',
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
-        ]
-    )
-    intro = f"With transformers (needs `pip install {needs}`):" if needs else "With transformers:"
-    return LoadSnippet(intro=intro, language="python", code=code)
-
-
-def vllm_snippet(repo_id: str, revision: str | None, note: str | None = None, args: str = "") -> LoadSnippet:
-    """Serving with ``vllm serve``; ``note``: why vLLM needs no more than ``args`` to recognise the format."""
-    rev = f" --revision {revision}" if revision else ""
-    return LoadSnippet(
-        intro=f"With vLLM ({note}):" if note else "With vLLM:",
-        language="bash",
-        code=f"vllm serve {repo_id}{rev}{f' {args}' if args else ''}",
-    )
-
-
-def bits_of(fmt: str, options: dict[str, Any]) -> int | None:
-    """Bits per weight from the options' ``bits``, else from a format name such as ``bnb-4bit``."""
-    if isinstance(options.get("bits"), int) and not isinstance(options.get("bits"), bool):
-        return int(options["bits"])
-    m = re.search(r"(?<![0-9])(\d+)-?bit", fmt)
-    return int(m.group(1)) if m else None
-
-
-def generic_format_card(fmt: str, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
-    """The card facts of a format no installed backend describes: a transformers folder named by its format."""
-    bits = bits_of(fmt, options)
-    return FormatCard(
-        format=fmt,
-        library_name="transformers",
-        tags=[fmt],
-        bits=bits,
-        bit_width=f"{bits}-bit" if bits else None,
-        load=[transformers_snippet(repo_id, revision)],
-    )
-
-
 @dataclass
 class QuantizeInputs:
     """Everything a backend gets to produce its files."""
@@ -154,6 +88,7 @@ class Backend(ABC):
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]]
     requirements: ClassVar[tuple[Requirement, ...]] = ()
+    note: str | None = None  # what check() learned that the listing shows (gguf: whether llama.cpp decodes here)
 
     def check(self) -> list[str]:
         """What is missing to run here, each with the exact install command; empty when usable."""
@@ -180,6 +115,10 @@ class Backend(ABC):
                 f"invalid options for {self.name}: " + "; ".join(problems),
                 f"valid options of {self.name}: {valid}",
             ) from None
+
+    def option_schema(self) -> list[OptionInfo]:
+        """Every option of this backend: name, type, default and help, from its ``Options`` model."""
+        return option_schema(self.Options)
 
     def wants_calibration(self, options: BaseModel) -> bool:
         """Whether quantizing with these options needs calibration samples (gguf: only for an imatrix)."""

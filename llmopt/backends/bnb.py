@@ -11,16 +11,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmopt.backends.base import (
-    Backend,
-    FormatCard,
-    QuantizeInputs,
-    Requirement,
-    bits_of,
-    save_tokenizer,
-    transformers_snippet,
-    vllm_snippet,
-)
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.errors import BackendUnavailableError
 from llmopt.source import SourceModel
 

@@ -35,7 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from llmopt.backends import gguf_toolchain as toolchain
-from llmopt.backends.base import Backend, FormatCard, LoadSnippet, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, LoadSnippet
 from llmopt.backends.gguf_imatrix import compute_imatrix, load_imatrix
 from llmopt.backends.gguf_toolchain import (
     BUILD_SCRIPT,

@@ -33,19 +33,6 @@ DeviceOpt = Annotated[
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 
 
-def parse_key_values(pairs: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"option '{pair}' is not of the form key=value.", "Write it as --option name=value.")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
-
-
 @contextlib.contextmanager
 def stdout_is_ours() -> Iterator[None]:
     """Around a library call: whatever writes to ``sys.stdout`` meanwhile (GPTQModel's logger and its save
