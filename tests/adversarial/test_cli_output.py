@@ -151,6 +151,9 @@ def test_commands_without_a_model(work: Path) -> None:
     assert {"gptq", "bnb-int8"} <= {b["name"] for b in only_json(run_cli(["backends", "--json"], cwd=work))}
     r = run_cli(["backends", "--json-file", "backends.json"], cwd=work)
     assert "llmopt backends" in r.stdout and json.loads((work / "backends.json").read_text())
+    assert only_json(run_cli(["backends", "--options", "gptq", "--json"], cwd=work))["method"] == "gptq"
+    r = run_cli(["backends", "--options", "gptq", "--json-file", "gptq-options.json"], cwd=work)
+    assert "options of gptq" in r.stdout and json.loads((work / "gptq-options.json").read_text())["options"]
     assert only_json(run_cli(["estimate", "model", "--json"], cwd=work))["parameters"]
     r = run_cli(["estimate", "model", "--json-file", "estimate.json"], cwd=work)
     assert r.returncode == EXIT_OK and "Smallest fit" in r.stdout
