@@ -380,8 +380,7 @@ def card_data(
     if base_model:
         fields["base_model"] = base_model
         fields["base_model_relation"] = "quantized"
-    settings = (m.evaluation or {}).get("settings") or {}
-    used = (m.calibration.dataset if m.calibration else None, settings.get("dataset"))
+    used = (m.calibration.dataset if m.calibration else None, _get(_get(m.evaluation, "settings"), "dataset"))
     datasets = [hub_id for hub_id in map(_hub_dataset, used) if hub_id]
     if datasets:
         fields["datasets"] = list(dict.fromkeys(datasets))
@@ -400,23 +399,27 @@ def _hub_dataset(spec: str | None) -> str | None:
     return str(named["path"]) if named else None
 
 
-def eval_results(evaluation: dict[str, Any] | None) -> list[Any]:
+def _get(record: Any, key: str) -> Any:
+    """A field of the evaluation record: a manifest's dict (schema 1) or a typed report read by attribute."""
+    if record is None:
+        return None
+    return record.get(key) if isinstance(record, dict) else getattr(record, key, None)
+
+
+def eval_results(evaluation: Any) -> list[Any]:
     """The evaluation as ``model-index`` results: this model's perplexity (its standard error, the FP16
     baseline's and the window settings as arguments) and the perplexity increase over FP16, on the dataset
     scored: a Hub dataset by its id, config and split, a local text by its file name and sha256."""
     _, _, EvalResult = _card_classes()
-    ev = evaluation or {}
-    s = ev.get("settings") or {}
-    a = ev.get("artifact") or {}
-    b = ev.get("baseline") or {}
-    ppl = a.get("perplexity")
+    s, a, b = (_get(evaluation, k) for k in ("settings", "artifact", "baseline"))
+    ppl = _get(a, "perplexity")
     if not isinstance(ppl, int | float) or ppl != ppl or ppl in (float("inf"), float("-inf")):
         return []
-    spec = str(s.get("dataset") or "")
+    spec = str(_get(s, "dataset") or "")
     from llmopt.data import NAMED_DATASETS
 
     named = NAMED_DATASETS.get(spec)
-    text_sha = str(s.get("text_sha256") or "") or None
+    text_sha = str(_get(s, "text_sha256") or "") or None
     if named:
         dataset = {
             "dataset_type": str(named["path"]),
@@ -427,9 +430,10 @@ def eval_results(evaluation: dict[str, Any] | None) -> list[Any]:
     else:
         file_name = Path(spec).name or "text"  # never the machine's folders
         dataset = {"dataset_type": file_name, "dataset_name": f"{file_name} (local text)", "dataset_revision": text_sha}
-    window = {k: s[k] for k in ("context_length", "stride", "add_bos", "tokens_scored") if s.get(k) is not None}
+    window = {k: _get(s, k) for k in ("context_length", "stride", "add_bos", "tokens_scored")}
+    window = {k: v for k, v in window.items() if v is not None}
     common = {"task_type": "text-generation", "task_name": "Text Generation", **dataset, "dataset_args": window or None}
-    ppl_args = {"stderr": _rounded(a.get("stderr")), "fp16_baseline": _rounded(b.get("perplexity"))}
+    ppl_args = {"stderr": _rounded(_get(a, "stderr")), "fp16_baseline": _rounded(_get(b, "perplexity"))}
     results = [
         EvalResult(
             **common,
@@ -439,9 +443,9 @@ def eval_results(evaluation: dict[str, Any] | None) -> list[Any]:
             metric_args={k: v for k, v in ppl_args.items() if v is not None} or None,
         )
     ]
-    delta = ev.get("delta_pct")
+    delta = _get(evaluation, "delta_pct")
     if isinstance(delta, int | float) and delta == delta:
-        dse = _rounded(ev.get("delta_pct_stderr"), 2)
+        dse = _rounded(_get(evaluation, "delta_pct_stderr"), 2)
         results.append(
             EvalResult(
                 **common,

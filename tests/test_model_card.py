@@ -16,6 +16,18 @@ from tests.test_publish import make_artifact
 hf = pytest.importorskip("huggingface_hub")
 
 
+def with_evaluation(art_dir: Path, change: Any) -> Artifact:
+    """The artifact with its recorded evaluation changed in llmopt.json (the record as a dict, whatever type
+    the library reads it into)."""
+    import json
+
+    path = art_dir / "llmopt.json"
+    manifest = json.loads(path.read_text())
+    change(manifest["evaluation"])
+    path.write_text(json.dumps(manifest))
+    return Artifact.open(art_dir)
+
+
 def card_of(tmp_path: Path, **kw: Any) -> tuple[str, Artifact]:
     from llmopt.model_card import render_card
 
@@ -76,9 +88,10 @@ def test_card_reads_back_as_written(tmp_path: Path) -> None:
 def test_perplexity_as_evaluation_results(tmp_path: Path) -> None:
     """This model's perplexity and its increase over FP16, with their standard errors, on the local text by
     file name and sha256 (never the local folder), as the Hub reads model-index."""
+    import json
+
     card, art = card_of(tmp_path)
-    ev = art.manifest.evaluation
-    assert ev is not None
+    ev = json.loads(art.manifest_path.read_text())["evaluation"]
     data = hf.ModelCard(card).data
     assert data.model_name == "smol-x"
     ppl, delta = data.eval_results
@@ -99,9 +112,7 @@ def test_named_datasets_are_hub_datasets(tmp_path: Path) -> None:
     """wikitext2 (evaluation) and c4 (calibration) appear by their Hub ids, with config and split."""
     from llmopt.model_card import render_card
 
-    art = Artifact.open(make_artifact(tmp_path))
-    assert art.manifest.evaluation is not None
-    art.manifest.evaluation["settings"]["dataset"] = "wikitext2"
+    art = with_evaluation(make_artifact(tmp_path), lambda ev: ev["settings"].update(dataset="wikitext2"))
     art.manifest.calibration = CalibrationInfo(dataset="c4", samples=8, seq_len=64, tokens_sha256="ef" * 32)
     data = hf.ModelCard(render_card(art, "org/smol-x")).data
     assert data.datasets == ["allenai/c4", "wikitext"]
@@ -134,8 +145,6 @@ def test_a_perplexity_that_is_no_number_is_not_a_result(tmp_path: Path) -> None:
     """An infinite perplexity (a model that broke) stays in the table but is not offered to the Hub as a score."""
     from llmopt.model_card import render_card
 
-    art = Artifact.open(make_artifact(tmp_path))
-    assert art.manifest.evaluation is not None
-    art.manifest.evaluation["artifact"]["perplexity"] = float("inf")
+    art = with_evaluation(make_artifact(tmp_path), lambda ev: ev["artifact"].update(perplexity=float("inf")))
     card = render_card(art, "org/smol-x")
     assert "model-index" not in card and hf.ModelCard(card).data.eval_results is None
