@@ -106,10 +106,24 @@ class JsonOutput:
         check_json_target(self.to_file, *inputs, creates=creates)
 
     def emit(self, data: Any) -> None:
+        """Write ``data`` (plain JSON data, a pydantic model, or a typed report with ``to_json()``)."""
+        if not (self.to_file or self.to_stdout):
+            return
+        data = _jsonable(data)
         if self.to_file:
             write_json(data, self.to_file)
         if self.to_stdout:
             write_json(data, "-")
+
+
+def _jsonable(data: Any) -> Any:
+    to_json = getattr(data, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    model_dump = getattr(data, "model_dump", None)
+    if callable(model_dump):
+        return model_dump(mode="json")
+    return data
 
 
 def _usage_error_types() -> tuple[type[BaseException], ...]:
