@@ -1,67 +1,37 @@
-"""Gate: thresholds from the recipe or CLI, applied to an evaluation report."""
+"""Gate: thresholds from the recipe or CLI (``specs.GateSpec``), applied to an evaluation report."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from llmopt.errors import ArtifactError, InputError
+from llmopt.results import EvalReport, EvalSettings, GateCheck, GateResult, ModelScore, SpeedReport
+from llmopt.specs import GateSpec, gate_spec
+
+# GateSpec and gate_spec live in llmopt/specs.py, GateCheck and GateResult in llmopt/results.py; importable here too.
+__all__ = [
+    "GateCheck",
+    "GateResult",
+    "GateSpec",
+    "apply_gate",
+    "evaluation_problems",
+    "gate_spec",
+    "require_consistent",
+]
 
 
-class GateSpec(BaseModel):
-    """Thresholds; a threshold left unset is not checked."""
-
-    # A negative limit or NaN makes a gate nothing can pass (or, for NaN, that compares false everywhere)
-    # and prints as "limit +-5%": refused up front rather than recorded as a meaningful check.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    max_ppl_increase_pct: float | None = Field(
-        None, ge=0, description="Largest allowed perplexity increase over FP16, % (0 or more)."
-    )
-    max_ppl: float | None = Field(None, gt=0, description="Largest allowed absolute perplexity.")
-    min_decode_speedup: float | None = Field(None, gt=0, description="Smallest decode speedup over FP16.")
-    at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
-
-    def is_empty(self) -> bool:
-        return self.max_ppl_increase_pct is None and self.max_ppl is None and self.min_decode_speedup is None
+def _report(report: EvalReport | Mapping[str, Any]) -> EvalReport:
+    return report if isinstance(report, EvalReport) else EvalReport.model_validate(report)
 
 
-def gate_spec(**thresholds: Any) -> GateSpec:
-    """A GateSpec from command-line values; a meaningless threshold is bad input (exit 2), not a traceback."""
-    try:
-        return GateSpec(**thresholds)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        name = str(err["loc"][0]) if err["loc"] else "gate"
-        flag = "--" + name.replace("_pct", "").replace("_", "-")
-        raise InputError(
-            f"{flag} {err.get('input')!r} is not a usable threshold: {err['msg']}.",
-            "Give a finite number: a percentage of 0 or more for --max-ppl-increase, "
-            "a positive number for --max-ppl and --min-decode-speedup.",
-        ) from None
-
-
-class GateCheck(BaseModel):
-    name: str
-    value: float | None
-    threshold: float
-    passed: bool
-    message: str
-
-
-class GateResult(BaseModel):
-    passed: bool
-    checks: list[GateCheck]
-
-    def failures(self) -> list[GateCheck]:
-        return [c for c in self.checks if not c.passed]
-
-
-def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
+def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateResult:
+    """The checks of ``spec`` on ``report``'s numbers; the result records the thresholds (``spec``)."""
+    ev = _report(report)
     checks: list[GateCheck] = []
     if spec.max_ppl_increase_pct is not None:
-        delta = report.get("delta_pct")
+        delta = ev.delta_pct
         ok = delta is not None and delta <= spec.max_ppl_increase_pct
         checks.append(
             GateCheck(
@@ -78,7 +48,7 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
             )
         )
     if spec.max_ppl is not None:
-        ppl = (report.get("artifact") or {}).get("perplexity")
+        ppl = ev.artifact.perplexity
         ok = ppl is not None and ppl <= spec.max_ppl
         checks.append(
             GateCheck(
@@ -90,7 +60,7 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
             )
         )
     if spec.min_decode_speedup is not None:
-        speedup = _decode_speedup(report, spec.at_batch)
+        speedup = ev.decode_speedup(spec.at_batch)
         ok = speedup is not None and speedup >= spec.min_decode_speedup
         checks.append(
             GateCheck(
@@ -105,14 +75,7 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
                 ),
             )
         )
-    return GateResult(passed=all(c.passed for c in checks), checks=checks)
-
-
-def _decode_speedup(report: dict[str, Any], batch: int) -> float | None:
-    throughput = report.get("throughput") or {}
-    speedups = throughput.get("decode_speedup") or {}
-    value = speedups.get(str(batch))
-    return float(value) if value is not None else None
+    return GateResult(passed=all(c.passed for c in checks), checks=checks, spec=spec)
 
 
 # --- integrity: the summary must follow from the raw numbers stored next to it ------------------------
@@ -130,17 +93,17 @@ def _same(stored: Any, recomputed: float | None) -> bool:
     return math.isclose(float(stored), recomputed, rel_tol=_REL_TOL, abs_tol=1e-12)
 
 
-def _window_tokens(settings: dict[str, Any]) -> list[int]:
+def _window_tokens(settings: EvalSettings | Mapping[str, Any]) -> list[int]:
     """Tokens scored per window: they follow from the text length and the window settings alone."""
     from llmopt.evaluate.perplexity import make_windows
 
-    total, context, stride = settings.get("tokens_total"), settings.get("context_length"), settings.get("stride")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (total, context, stride)):
+    s = settings if isinstance(settings, EvalSettings) else EvalSettings.model_validate(settings)
+    total, context, stride = s.tokens_total, s.context_length, s.stride
+    if total is None:
         raise ValueError("settings.tokens_total, context_length and stride are not all recorded")
-    assert isinstance(total, int) and isinstance(context, int) and isinstance(stride, int)
     if total > 100_000_000:
         raise ValueError(f"settings.tokens_total {total} is not a plausible text length")
-    bos = 0 if settings.get("add_bos") else None
+    bos = 0 if s.add_bos else None
     try:
         windows = make_windows(range(total), context, stride, bos_id=bos)
     except InputError as exc:
@@ -148,12 +111,12 @@ def _window_tokens(settings: dict[str, Any]) -> list[int]:
     return [len(w.ids) - w.score_from for w in windows]
 
 
-def _side(name: str, block: dict[str, Any], tokens: list[int]) -> tuple[list[float], list[str]]:
+def _side(name: str, score: ModelScore, tokens: list[int]) -> tuple[list[float], list[str]]:
     """Recompute one model's perplexity numbers from its per-window NLLs; the stored numbers that differ."""
     from llmopt.evaluate.perplexity import _stderr_of_mean
 
-    nll = block.get("window_nll")
-    if not isinstance(nll, list) or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in nll):
+    nll = score.window_nll
+    if nll is None:
         raise ValueError(f"{name}.window_nll (the per-window scores) is missing")
     if len(nll) != len(tokens):
         raise ValueError(f"{name}.window_nll has {len(nll)} windows where the settings make {len(tokens)}")
@@ -163,21 +126,23 @@ def _side(name: str, block: dict[str, Any], tokens: list[int]) -> tuple[list[flo
     mean = math.fsum(v * n for v, n in zip(nll, tokens, strict=True)) / count
     ppl = math.exp(mean)
     derived = {
-        "mean_nll": mean,
-        "perplexity": ppl,
-        "stderr": ppl * _stderr_of_mean([float(v) for v in nll], tokens),
-        "tokens_scored": float(count),
-        "windows": float(len(tokens)),
+        "mean_nll": (score.mean_nll, mean),
+        "perplexity": (score.perplexity, ppl),
+        "stderr": (score.stderr, ppl * _stderr_of_mean(list(nll), tokens)),
+        "tokens_scored": (score.tokens_scored, float(count)),
+        "windows": (score.windows, float(len(tokens))),
     }
     wrong = [
-        f"{name}.{key} is {block.get(key)!r}, its window scores give {value:.6g}"
-        for key, value in derived.items()
-        if not _same(block.get(key), value)
+        f"{name}.{key} is {stored!r}, its window scores give {value:.6g}"
+        for key, (stored, value) in derived.items()
+        if not _same(stored, value)
     ]
-    return [float(v) for v in nll], wrong
+    return list(nll), wrong
 
 
-def evaluation_problems(evaluation: dict[str, Any], gate: dict[str, Any] | None = None) -> list[str]:
+def evaluation_problems(
+    evaluation: EvalReport | Mapping[str, Any], gate: GateResult | Mapping[str, Any] | None = None
+) -> list[str]:
     """The stored numbers of an evaluation (and of its gate record) that do not follow from its raw numbers.
 
     The raw numbers are the per-window mean NLLs of both models and the window settings; from them follow
@@ -186,43 +151,45 @@ def evaluation_problems(evaluation: dict[str, Any], gate: dict[str, Any] | None 
     """
     from llmopt.evaluate.perplexity import paired_delta
 
-    settings = evaluation.get("settings") or {}
+    ev = _report(evaluation)
+    settings = ev.settings
     try:
         tokens = _window_tokens(settings)
         if not tokens:
             raise ValueError("the window settings make no windows")
-        base, wrong = _side("baseline", evaluation.get("baseline") or {}, tokens)
-        art, wrong_art = _side("artifact", evaluation.get("artifact") or {}, tokens)
+        base, wrong = _side("baseline", ev.baseline, tokens)
+        art, wrong_art = _side("artifact", ev.artifact, tokens)
     except ValueError as exc:
         return [str(exc)]
     wrong += wrong_art
-    for key, value in (("tokens_scored", sum(tokens)), ("windows", len(tokens))):
-        if not _same(settings.get(key), float(value)):
-            wrong.append(f"settings.{key} is {settings.get(key)!r}, the window settings give {value}")
+    for key, stored, value in (
+        ("tokens_scored", settings.tokens_scored, sum(tokens)),
+        ("windows", settings.windows, len(tokens)),
+    ):
+        if not _same(stored, float(value)):
+            wrong.append(f"settings.{key} is {stored!r}, the window settings give {value}")
     delta, delta_se = paired_delta(art, base, tokens)
-    if not _same(evaluation.get("delta_pct"), delta):
-        wrong.append(f"delta_pct is {evaluation.get('delta_pct')!r}, the window scores give {delta:+.4f}%")
-    if not _same(evaluation.get("delta_pct_stderr"), delta_se):
-        wrong.append(
-            f"delta_pct_stderr is {evaluation.get('delta_pct_stderr')!r}, the window scores give {delta_se:.4g}"
-        )
-    speed = evaluation.get("throughput")
-    if speed:
-        wrong += _speed_problems(speed)
+    if not _same(ev.delta_pct, delta):
+        wrong.append(f"delta_pct is {ev.delta_pct!r}, the window scores give {delta:+.4f}%")
+    if not _same(ev.delta_pct_stderr, delta_se):
+        wrong.append(f"delta_pct_stderr is {ev.delta_pct_stderr!r}, the window scores give {delta_se:.4g}")
+    if ev.throughput:
+        wrong += _speed_problems(ev.throughput)
     if gate is not None:
-        wrong += _gate_problems(evaluation, gate)
+        wrong += _gate_problems(ev, gate if isinstance(gate, GateResult) else GateResult.model_validate(gate))
     return wrong
 
 
-def _speed_problems(speed: dict[str, Any]) -> list[str]:
+def _speed_problems(speed: SpeedReport) -> list[str]:
+    # the raw speed blocks are the bench records (dicts of measurements), read as such
     def median(block: Any, key: str) -> float | None:
         value = ((block or {}).get(key) or {}).get("median") if isinstance(block, dict) else None
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     wrong = []
-    base_decode = (speed.get("baseline") or {}).get("decode") or {}
-    art_decode = (speed.get("artifact") or {}).get("decode") or {}
-    stored = speed.get("decode_speedup") or {}
+    base_decode = speed.baseline.get("decode") or {}
+    art_decode = speed.artifact.get("decode") or {}
+    stored = speed.decode_speedup
     for batch in sorted(set(stored) | set(art_decode)):
         a, b = median(art_decode.get(batch), "tokens_per_s"), median(base_decode.get(batch), "tokens_per_s")
         ratio = a / b if a and b else None
@@ -231,31 +198,28 @@ def _speed_problems(speed: dict[str, Any]) -> list[str]:
     return wrong
 
 
-def _gate_problems(evaluation: dict[str, Any], gate: dict[str, Any]) -> list[str]:
-    try:
-        spec = GateSpec.model_validate(gate.get("spec"))
-    except ValidationError:
+def _gate_problems(evaluation: EvalReport, gate: GateResult) -> list[str]:
+    if gate.spec is None:
         return ["gate.spec (the thresholds the gate was applied with) is missing or not valid thresholds"]
-    again = apply_gate(spec, evaluation)
+    again = apply_gate(gate.spec, evaluation)
     wrong = []
-    if gate.get("passed") is not again.passed:
-        wrong.append(f"gate.passed is {gate.get('passed')!r}, its thresholds give {again.passed}")
-    stored = gate.get("checks")
-    if not isinstance(stored, list) or len(stored) != len(again.checks):
+    if gate.passed is not again.passed:
+        wrong.append(f"gate.passed is {gate.passed!r}, its thresholds give {again.passed}")
+    if len(gate.checks) != len(again.checks):
         wrong.append("gate.checks are not the checks its thresholds make")
         return wrong
-    for old, new in zip(stored, again.checks, strict=True):
-        fresh = new.model_dump(mode="json")
+    for old, new in zip(gate.checks, again.checks, strict=True):
         if (
-            not isinstance(old, dict)
-            or any(old.get(k) != fresh[k] for k in ("name", "passed", "message"))
-            or not (_same(old.get("value"), new.value) and _same(old.get("threshold"), new.threshold))
+            (old.name, old.passed, old.message) != (new.name, new.passed, new.message)
+            or not (_same(old.value, new.value) and _same(old.threshold, new.threshold))
         ):
-            wrong.append(f"gate check {fresh['name']} does not follow from the numbers (recomputed: {new.message})")
+            wrong.append(f"gate check {new.name} does not follow from the numbers (recomputed: {new.message})")
     return wrong
 
 
-def require_consistent(evaluation: dict[str, Any], gate: dict[str, Any] | None, where: str) -> None:
+def require_consistent(
+    evaluation: EvalReport | Mapping[str, Any], gate: GateResult | Mapping[str, Any] | None, where: str
+) -> None:
     """Raise (exit 5) when a stored evaluation's summary does not follow from its own raw numbers."""
     wrong = evaluation_problems(evaluation, gate)
     if wrong:
