@@ -192,14 +192,14 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
+    if backend.wants_calibration(opts) and not calibration:
+        raise DataError(
+            f"{method} needs calibration text.",
+            "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
+        )
     if source.path.is_dir() and not has_tokenizer(source.path):
         load_tokenizer(source.path)  # raises the clear error before any quantization work
-    if backend.wants_calibration(opts):
-        if not calibration:
-            raise DataError(
-                f"{method} needs calibration text.",
-                "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
-            )
+    if calibration and backend.wants_calibration(opts):
         from llmopt.data import calibration_set
 
         tokenizer = load_tokenizer(source.path, trust_remote_code=trust_remote_code)
