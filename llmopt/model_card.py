@@ -15,7 +15,7 @@ from typing import Any
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
 from llmopt.backends.base import format_card
 from llmopt.backends.format_card import FormatCard
-from llmopt.results import ModelScore
+from llmopt.results import EvalReport, ModelScore
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 
@@ -171,39 +171,28 @@ def render_card(
     base = base_model_of(art, base_model)
     lic = license_of(art, license)
 
-    meta: dict[str, Any] = {}
-    if base:
-        meta["base_model"] = base
-        meta["base_model_relation"] = "quantized"
-    if lic:
-        meta["license"] = lic
-    if facts.library_name:
-        meta["library_name"] = facts.library_name
-    meta["pipeline_tag"] = "text-generation"
-    tag_list = ["llmopt", "quantized", *facts.tags, m.backend]
-    if bits:
-        tag_list.append(f"{bits}-bit")
     recipe_tags = _recipe_publish(art).get("tags")
-    for t in [*(tags or []), *(recipe_tags if isinstance(recipe_tags, list) else [])]:
-        tag_list.append(str(t))
-    meta["tags"] = list(dict.fromkeys(tag_list))
+    extra_tags = [str(t) for t in [*(tags or []), *(recipe_tags if isinstance(recipe_tags, list) else [])]]
+    data = card_data(art, repo_id, facts, base_model=base, license=lic, tags=extra_tags)
 
     name = repo_id.split("/")[-1]
     base_ref = f"[{base}](https://huggingface.co/{base})" if base else f"`{Path(m.source.model).name}`"
     s = ev.settings if ev else None
     b = ev.baseline if ev else None
     a = ev.artifact if ev else None
+    width = facts.bit_width or (f"{bits}-bit" if bits else None)
+    kind = f"`{m.format}` format" + (f", type `{facts.quant_type}`" if facts.quant_type else "")
     lines = [
         "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        _metadata_yaml(data),
         "---",
         "",
         f"# {name}",
         "",
-        f"{bits}-bit " if bits else "",
+        f"{width} " if width else "",
     ]
     lines[-1] += (
-        f"{m.backend} quantization (`{m.format}` format) of {base_ref}, made with "
+        f"{m.backend} quantization ({kind}) of {base_ref}, made with "
         # no link: llmopt has no registry page or public home of its own, and a link to an unclaimed
         # package name is one anyone could take over
         f"llmopt {m.llmopt_version} and published only after passing "
@@ -317,4 +306,153 @@ def render_card(
     lines += ["", "| file | size | sha256 |", "|---|---|---|"]
     lines += [f"| `{rel}` | {e.size:,} | `{e.sha256}` |" for rel, e in sorted(table.items())]
     lines += ["", f"The full record is in [`{MANIFEST_NAME}`]({MANIFEST_NAME})."]
-    return "\n".join(lines).rstrip() + "\n"
+    text = "\n".join(lines).rstrip() + "\n"
+    # parsed back by the Hub's own card class: metadata it cannot read fails here, not on upload
+    ModelCard, _, _ = _card_classes()
+    ModelCard(text)
+    return text
+
+
+# --- metadata through huggingface_hub's card classes --------------------------------------------------------
+
+# The front matter's key order before the card classes (and the Hub's own model card template): kept, so that
+# an upgrade changes what the metadata says, not where it says it.
+_KEY_ORDER = [
+    "base_model",
+    "base_model_relation",
+    "license",
+    "library_name",
+    "pipeline_tag",
+    "tags",
+    "datasets",
+    "model_name",
+    "eval_results",
+]
+
+
+def _card_classes() -> tuple[Any, Any, Any]:
+    """huggingface_hub's ModelCard, ModelCardData and EvalResult (the ``hub`` extra)."""
+    try:
+        from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    except ImportError:
+        from llmopt.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "the model card needs huggingface_hub.", "pip install 'llmopt[hub]'  (or: pip install huggingface_hub)"
+        ) from None
+    return ModelCard, ModelCardData, EvalResult
+
+
+def _metadata_yaml(data: Any) -> str:
+    try:
+        return str(data.to_yaml(original_order=_KEY_ORDER))
+    except TypeError:  # huggingface_hub before original_order: its own order, same content
+        return str(data.to_yaml())
+
+
+def card_data(
+    art: Artifact,
+    repo_id: str,
+    facts: FormatCard,
+    *,
+    base_model: str | None,
+    license: str | None,
+    tags: list[str] | None = None,
+) -> Any:
+    """The card's metadata as huggingface_hub's ``ModelCardData``: base model and its relation, license, the
+    format's library and tags, the Hub datasets the artifact was calibrated and evaluated on, and the measured
+    perplexity as ``model-index`` evaluation results (what the Hub shows in its evaluation panel)."""
+    _, ModelCardData, _ = _card_classes()
+    m = art.manifest
+    bits = facts.bits
+    tag_list = ["llmopt", "quantized", *facts.tags, m.backend]
+    if bits:
+        tag_list.append(f"{bits}-bit")
+    if facts.quant_type:
+        tag_list.append(facts.quant_type)
+    tag_list += tags or []
+    fields: dict[str, Any] = {
+        "license": license,
+        "library_name": facts.library_name,
+        "pipeline_tag": "text-generation",
+        "tags": list(dict.fromkeys(tag_list)),
+    }
+    if base_model:
+        fields["base_model"] = base_model
+        fields["base_model_relation"] = "quantized"
+    used = (m.calibration.dataset if m.calibration else None, m.evaluation.settings.dataset if m.evaluation else None)
+    datasets = [hub_id for hub_id in map(_hub_dataset, used) if hub_id]
+    if datasets:
+        fields["datasets"] = list(dict.fromkeys(datasets))
+    results = eval_results(m.evaluation)
+    if results:
+        fields["model_name"] = repo_id.split("/")[-1]
+        fields["eval_results"] = results
+    return ModelCardData(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _hub_dataset(spec: str | None) -> str | None:
+    """The Hub id behind a named dataset (``wikitext2`` -> ``wikitext``); None for a local text."""
+    from llmopt.data import NAMED_DATASETS
+
+    named = NAMED_DATASETS.get(spec or "")
+    return str(named["path"]) if named else None
+
+
+def eval_results(evaluation: EvalReport | None) -> list[Any]:
+    """The evaluation as ``model-index`` results: this model's perplexity (its standard error, the FP16
+    baseline's and the window settings as arguments) and the perplexity increase over FP16, on the dataset
+    scored: a Hub dataset by its id, config and split, a local text by its file name and sha256."""
+    _, _, EvalResult = _card_classes()
+    if evaluation is None:
+        return []
+    s, a, b = evaluation.settings, evaluation.artifact, evaluation.baseline
+    ppl = a.perplexity
+    if not isinstance(ppl, int | float) or ppl != ppl or ppl in (float("inf"), float("-inf")):
+        return []
+    spec = s.dataset or ""
+    from llmopt.data import NAMED_DATASETS
+
+    named = NAMED_DATASETS.get(spec)
+    text_sha = s.text_sha256 or None
+    if named:
+        dataset = {
+            "dataset_type": str(named["path"]),
+            "dataset_name": spec,
+            "dataset_config": named.get("name"),
+            "dataset_split": named.get("split"),
+        }
+    else:
+        file_name = Path(spec).name or "text"  # never the machine's folders
+        dataset = {"dataset_type": file_name, "dataset_name": f"{file_name} (local text)", "dataset_revision": text_sha}
+    window = {"context_length": s.context_length, "stride": s.stride, "add_bos": s.add_bos}
+    if s.tokens_scored is not None:
+        window["tokens_scored"] = s.tokens_scored
+    common = {"task_type": "text-generation", "task_name": "Text Generation", **dataset, "dataset_args": window or None}
+    ppl_args = {"stderr": _rounded(a.stderr), "fp16_baseline": _rounded(b.perplexity)}
+    results = [
+        EvalResult(
+            **common,
+            metric_type="perplexity",
+            metric_name="Perplexity",
+            metric_value=_rounded(ppl),
+            metric_args={k: v for k, v in ppl_args.items() if v is not None} or None,
+        )
+    ]
+    delta = evaluation.delta_pct
+    if isinstance(delta, int | float) and delta == delta:
+        dse = _rounded(evaluation.delta_pct_stderr, 2)
+        results.append(
+            EvalResult(
+                **common,
+                metric_type="perplexity_increase_pct",
+                metric_name="Perplexity increase vs FP16 (%)",
+                metric_value=round(float(delta), 2),
+                metric_args={"stderr": dse} if dse is not None else None,
+            )
+        )
+    return results
+
+
+def _rounded(value: Any, digits: int = 4) -> float | None:
+    return round(float(value), digits) if isinstance(value, int | float) and value == value else None

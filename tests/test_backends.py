@@ -58,7 +58,7 @@ def test_card_format_facts_are_the_recorded_card_text(tmp_path: Path, case: dict
         (
             "gguf",
             {"quant_type": "q4_k_m"},
-            {"library_name": None, "tags": ["gguf"], "bits": None, "bit_width": "~4.6 bpw", "quant_type": "q4_k_m"},
+            {"library_name": "gguf", "tags": ["gguf"], "bits": None, "bit_width": "~4.6 bpw", "quant_type": "q4_k_m"},
         ),
         ("gguf", {"quant_type": "q8_0"}, {"bit_width": "8.5 bpw", "quant_type": "q8_0"}),
     ],

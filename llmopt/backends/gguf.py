@@ -235,7 +235,7 @@ class GGUFBackend(Backend):
         qt = QUANT_TYPES.get(str(options.get("quant_type") or "").lower())
         return FormatCard(
             format=self.format,
-            library_name=None,  # llama.cpp reads GGUF; the Hub recognises it by the file, not a library name
+            library_name="gguf",  # the Hub's library id for GGUF repos (its model list filters on library=gguf)
             tags=["gguf"],
             bits=None,  # a k-quant mixes widths: no one number of bits
             bit_width=qt.bit_width if qt else None,

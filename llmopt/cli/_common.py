@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
+
+from llmopt.errors import InputError
 
 # Tables stay readable when piped or in CI logs, where rich would otherwise assume 80 columns.
 stdout = Console(width=None if sys.stdout.isatty() else 140)
@@ -38,14 +43,193 @@ def stdout_is_ours() -> Iterator[None]:
         yield
 
 
-def check_json_target(target: str | None, *inputs: str | Path | None) -> None:
-    """Before any work: refuse a ``--json`` path that is a folder, inside an artifact, one of ``inputs``, a file
-    that is not JSON, or not writable (``llmopt.outputs.check_report_file``)."""
-    if target is None:
+def check_json_target(
+    target: str | None, *inputs: str | Path | None, flag: str = "--json-file", creates: Path | None = None
+) -> None:
+    """Before any work: refuse a JSON file path that is a folder, inside an artifact, one of ``inputs``, a file
+    that is not JSON, or not writable (``llmopt.outputs.check_report_file``); also one inside ``creates``, the
+    folder the command is about to write (an artifact folder holds only the files its manifest lists)."""
+    if target is None or target == "-":
         return
-    from llmopt.outputs import check_report_file
+    from llmopt.errors import OutputPathError
+    from llmopt.outputs import absolute, check_report_file
 
-    check_report_file(target, inputs)
+    if creates is not None:
+        folder, file = absolute(creates), absolute(target)
+        if folder in file.parents:
+            raise OutputPathError(
+                f"{flag} {target} is inside {creates}, the folder this command writes.",
+                f"Write the JSON next to it, e.g. {flag} {shlex.quote(folder.name + '.json')}.",
+            )
+    check_report_file(target, inputs, flag=flag)
+
+
+# --- machine-readable output ---------------------------------------------------------------------------------
+# One convention for every command: --json prints the result as JSON to stdout and nothing else goes there
+# (progress, notes and errors go to stderr); --json-file PATH writes the same JSON to a file and leaves the
+# human output where it was. Before this, eval and bench took `--json FILE` (`-` for stdout) while the other
+# commands took a bare switch; those two commands still accept the old spelling for a release, with a note.
+
+JsonOpt = Annotated[
+    bool,
+    typer.Option("--json", help="Print the result as JSON to stdout; nothing else goes there (messages: stderr)."),
+]
+JsonFileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--json-file", metavar="PATH", help="Write the result as JSON to PATH (whole or not at all; - = stdout)."
+    ),
+]
+
+
+@dataclass(frozen=True)
+class JsonOutput:
+    """Where a command's JSON goes: stdout (``--json``), a file (``--json-file``), both or neither."""
+
+    stdout: bool = False
+    file: str | None = None
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.stdout or self.file == "-"
+
+    @property
+    def to_file(self) -> str | None:
+        return None if self.file in (None, "-") else self.file
+
+    @property
+    def human(self) -> bool:
+        """Tables and messages on stdout only when the JSON is not there."""
+        return not self.to_stdout
+
+    def check(self, *inputs: str | Path | None, creates: Path | None = None) -> None:
+        check_json_target(self.to_file, *inputs, creates=creates)
+
+    def emit(self, data: Any) -> None:
+        """Write ``data`` (plain JSON data, a pydantic model, or a typed report with ``to_json()``)."""
+        if not (self.to_file or self.to_stdout):
+            return
+        data = _jsonable(data)
+        if self.to_file:
+            write_json(data, self.to_file)
+        if self.to_stdout:
+            write_json(data, "-")
+
+
+def _jsonable(data: Any) -> Any:
+    to_json = getattr(data, "to_json", None)
+    if callable(to_json):
+        return to_json()
+    model_dump = getattr(data, "model_dump", None)
+    if callable(model_dump):
+        return model_dump(mode="json")
+    return data
+
+
+def _usage_error_types() -> tuple[type[BaseException], ...]:
+    """Typer's usage errors: ``typer.TyperException`` from Typer 0.28 on (it vendors click), click's before."""
+    types: list[type[BaseException]] = []
+    if hasattr(typer, "TyperException"):
+        types.append(typer.TyperException)
+    try:
+        import click
+
+        types.append(click.exceptions.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def _legacy_json_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """eval/bench's old ``--json FILE`` / ``--json -`` as ``--json-file FILE`` / ``--json``, and the notes to
+    print about them."""
+    out: list[str] = []
+    notes: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            out += args[i:]
+            break
+        value: str | None = None
+        if arg.startswith("--json="):
+            value = arg.partition("=")[2]
+        elif arg == "--json" and i + 1 < len(args) and (args[i + 1] == "-" or not args[i + 1].startswith("-")):
+            value = args[i + 1]
+            i += 1
+        if value is None:
+            out.append(arg)
+        elif value == "-":
+            notes.append(_deprecated("--json -", "--json"))
+            out.append("--json")
+        else:
+            notes.append(_deprecated(f"--json {value}", f"--json-file {value}"))
+            out += ["--json-file", value]
+        i += 1
+    return out, notes
+
+
+def _deprecated(old: str, new: str) -> str:
+    return (
+        f"note: `{old}` is deprecated and goes away in a later release; write `{new}` "
+        "(--json alone prints JSON to stdout, in every command)."
+    )
+
+
+def _missing_argument(exc: BaseException) -> bool:
+    kind = getattr(exc, "param_type", None) or getattr(getattr(exc, "param", None), "param_type_name", None)
+    return type(exc).__name__ == "MissingParameter" and kind == "argument"
+
+
+class JsonCommand(TyperCommand):
+    """Every command's class: a value after the ``--json`` switch gets a message naming ``--json-file``."""
+
+    legacy_json_value = False
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        given = list(args)  # click's parser consumes the list it is handed
+        if self.legacy_json_value:
+            legacy, notes = _legacy_json_args(given)
+            if notes:
+                try:
+                    rest = super().parse_args(ctx, legacy)
+                except _usage_error_types() as exc:
+                    # `eval --json ART ...`: the word after the switch was the command's own argument
+                    if not _missing_argument(exc):
+                        for note in notes:
+                            typer.echo(note, err=True)
+                        raise
+                else:
+                    for note in notes:
+                        typer.echo(note, err=True)
+                    return rest
+        try:
+            return super().parse_args(ctx, list(given))
+        except _usage_error_types() as exc:
+            stray = _value_after_json(given)
+            if stray is not None and (stray in str(exc) or f"--json={stray}" in given):
+                raise InputError(
+                    f"--json takes no value (it prints JSON to stdout); got '{stray}' after it.",
+                    f"Write the JSON to a file with --json-file {shlex.quote(stray)}.",
+                ) from None
+            raise
+
+
+class LegacyJsonCommand(JsonCommand):
+    """eval and bench: ``--json FILE`` and ``--json -`` still work (one release), with a note on stderr."""
+
+    legacy_json_value = True
+
+
+def _value_after_json(args: list[str]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg.startswith("--json="):
+            return arg.partition("=")[2]
+        if arg == "--json" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+            return args[i + 1]
+    return None
 
 
 def write_json(data: Any, target: str) -> None:

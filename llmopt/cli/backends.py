@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmopt.cli._common import stdout, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, stdout
 
 
 def _as_typed(value: Any) -> str:
@@ -22,22 +22,21 @@ def _as_typed(value: Any) -> str:
     return str(value)
 
 
-def _options(method: str, json_out: bool) -> None:
+def _options(method: str, out: JsonOutput) -> None:
     """Every option of METHOD's backend (its options model): name, type, default, the flag that also sets it."""
     from llmopt.backends.base import describe_backend
     from llmopt.cli.quantize import OPTION_FLAGS
 
     backend = describe_backend(method)
     schema = backend.option_schema()
-    if json_out:
-        write_json(
-            {
-                "method": method,
-                "format": backend.format,
-                "options": [{**o.model_dump(mode="json"), "flag": OPTION_FLAGS.get(o.name)} for o in schema],
-            },
-            "-",
-        )
+    out.emit(
+        {
+            "method": method,
+            "format": backend.format,
+            "options": [{**o.model_dump(mode="json"), "flag": OPTION_FLAGS.get(o.name)} for o in schema],
+        }
+    )
+    if not out.human:
         return
     table = Table(title=f"options of {method} (-O name=value)")
     for col in ("option", "type", "default", "flag", "help"):
@@ -50,9 +49,10 @@ def _options(method: str, json_out: bool) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("backends")
+    @app.command("backends", cls=JsonCommand)
     def backends_cmd(
-        json_out: Annotated[bool, typer.Option("--json", help="Print JSON to stdout.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         options: Annotated[
             str | None,
             typer.Option("--options", metavar="METHOD", help="List the options of one backend (for -O name=value)."),
@@ -61,12 +61,14 @@ def register(app: typer.Typer) -> None:
         """List every quantization backend, whether it is usable here, and how to install what is missing."""
         from llmopt.backends import available_backends
 
+        out = JsonOutput(json_out, json_file)
+        out.check()
         if options is not None:
-            _options(options, json_out)
+            _options(options, out)
             return
         infos = available_backends()
-        if json_out:
-            write_json(
+        if out.to_stdout or out.to_file:
+            out.emit(
                 [
                     {
                         "name": i.name,
@@ -78,9 +80,9 @@ def register(app: typer.Typer) -> None:
                         "note": getattr(i.backend, "note", None),
                     }
                     for i in infos
-                ],
-                "-",
+                ]
             )
+        if not out.human:
             return
         table = Table(title="llmopt backends")
         for col in ("method", "usable", "format", "what it is / what is missing"):

@@ -9,12 +9,14 @@ from rich.table import Table
 
 from llmopt.cli._common import (
     DeviceOpt,
+    JsonFileOpt,
+    JsonOpt,
+    JsonOutput,
+    LegacyJsonCommand,
     QuietOpt,
-    check_json_target,
     human_bytes,
     stdout,
     stdout_is_ours,
-    write_json,
 )
 from llmopt.errors import InputError
 
@@ -246,7 +248,7 @@ def render_bench(result: dict[str, Any]) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("bench")
+    @app.command("bench", cls=LegacyJsonCommand)
     def bench_cmd(
         model: Annotated[str, typer.Argument(help="Model folder, .gguf, Hub id, or llmopt artifact folder.")],
         baseline: Annotated[
@@ -267,9 +269,8 @@ def register(app: typer.Typer) -> None:
         gpu_hourly_cost: HourlyCostOpt = None,
         marlin_atomics: MarlinAtomicsOpt = True,
         kernel: Annotated[str | None, typer.Option(help="GPTQ/AWQ kernel (GPTQModel backend name).")] = None,
-        json_path: Annotated[
-            str | None, typer.Option("--json", help="Write the result as JSON (- = stdout).")
-        ] = None,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         device: DeviceOpt = "auto",
         quiet: QuietOpt = False,
         trust_remote_code: TrustRemoteCodeOpt = False,
@@ -287,7 +288,8 @@ def register(app: typer.Typer) -> None:
             True, batch_sizes, prompt_lens, gen_len, warmup, repetitions, decode_mode, gpu_hourly_cost, marlin_atomics
         )
         attn_list = [a.strip() for a in attn.split(",") if a.strip()] if attn else None
-        check_json_target(json_path, model, baseline)
+        out = JsonOutput(json_out, json_file)
+        out.check(model, baseline)
         with stdout_is_ours():
             result = bench(
                 model,
@@ -296,10 +298,9 @@ def register(app: typer.Typer) -> None:
                 attn=attn_list,
                 device=device,
                 kernel=kernel,
-                reporter=default_reporter(quiet or json_path == "-"),
+                reporter=default_reporter(quiet or out.to_stdout),
                 trust_remote_code=trust_remote_code,
             )
-        if json_path:
-            write_json(result, json_path)
-        if json_path != "-":
+        out.emit(result)
+        if out.human:
             render_bench(result)

@@ -9,14 +9,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from llmopt.cli._common import human_bytes, stdout, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, human_bytes, stdout
 
 if TYPE_CHECKING:
     from llmopt.estimate import Estimate
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("estimate")
+    @app.command("estimate", cls=JsonCommand)
     def estimate_cmd(
         model: Annotated[
             str, typer.Argument(help="A Hugging Face model folder, the path of a config.json, or a Hub id.")
@@ -48,11 +48,14 @@ def register(app: typer.Typer) -> None:
             Path | None,
             typer.Option(help="YAML file adding GPUs to the built-in catalog (also: $LLMOPT_GPU_CATALOG)."),
         ] = None,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON to stdout.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
     ) -> None:
         """Before downloading: parameters, weight and KV-cache memory, GPUs, cost; from config.json."""
         from llmopt.estimate import estimate
 
+        out = JsonOutput(json_out, json_file)
+        out.check(model, report, gpu_catalog)
         result = estimate(
             model,
             gpu=gpu,
@@ -66,10 +69,9 @@ def register(app: typer.Typer) -> None:
             report=report,
             gpu_catalog=gpu_catalog,
         )
-        if json_out:
-            write_json(result.model_dump(mode="json"), "-")
-            return
-        _render(result)
+        out.emit(result.model_dump(mode="json"))
+        if out.human:
+            _render(result)
 
 
 def _gib(n: int) -> str:

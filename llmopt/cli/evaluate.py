@@ -10,13 +10,15 @@ from rich.table import Table
 
 from llmopt.cli._common import (
     DeviceOpt,
+    JsonFileOpt,
+    JsonOpt,
+    JsonOutput,
+    LegacyJsonCommand,
     QuietOpt,
-    check_json_target,
     human_bytes,
     stderr,
     stdout,
     stdout_is_ours,
-    write_json,
 )
 from llmopt.cli.bench import (
     BatchSizesOpt,
@@ -80,7 +82,7 @@ def render_eval(report: EvalReport) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("eval")
+    @app.command("eval", cls=LegacyJsonCommand)
     def eval_cmd(
         artifact: Annotated[Path, typer.Argument(help="Artifact folder written by `llmopt quantize`.")],
         baseline: Annotated[str, typer.Option(help="The FP16 model it was made from (folder, .gguf or Hub id).")],
@@ -111,7 +113,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         at_batch: Annotated[int, typer.Option(help="Batch size at which --min-decode-speedup is read.")] = 1,
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Score the baseline even if cached.")] = False,
-        json_path: Annotated[str | None, typer.Option("--json", help="Write the report as JSON (- = stdout).")] = None,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         device: DeviceOpt = "auto",
         quiet: QuietOpt = False,
         trust_remote_code: TrustRemoteCodeOpt = False,
@@ -153,7 +156,8 @@ def register(app: typer.Typer) -> None:
             kernel=kernel,
             throughput=speed,
         )
-        check_json_target(json_path, dataset, baseline)
+        out = JsonOutput(json_out, json_file)
+        out.check(dataset, baseline)
         with stdout_is_ours():
             report = evaluate(
                 artifact,
@@ -162,11 +166,10 @@ def register(app: typer.Typer) -> None:
                 gate=gate,
                 use_cache=not no_cache,
                 trust_remote_code=trust_remote_code,
-                reporter=default_reporter(quiet or json_path == "-"),
+                reporter=default_reporter(quiet or out.to_stdout),
             )
-        if json_path:
-            write_json(report.to_json(), json_path)
-        if json_path != "-":
+        out.emit(report)
+        if out.human:
             render_eval(report)
             if report.throughput:
                 render_throughput(report.throughput.to_json())

@@ -12,6 +12,7 @@ import typer
 
 from llmopt import __version__, interrupt
 from llmopt._thirdparty import quiet_console
+from llmopt.cli._common import _usage_error_types
 from llmopt.errors import EXIT_INPUT, EXIT_INTERRUPTED, LlmoptError
 
 app = typer.Typer(
@@ -121,20 +122,6 @@ def _exit_interrupted(own_process: bool, *, message: bool = True) -> NoReturn:
         atexit._run_exitfuncs()
         os._exit(EXIT_INTERRUPTED)
     sys.exit(EXIT_INTERRUPTED)
-
-
-def _usage_error_types() -> tuple[type[BaseException], ...]:
-    """Typer's usage errors: ``typer.TyperException`` from Typer 0.28 on (it vendors click), click's before."""
-    types: list[type[BaseException]] = []
-    if hasattr(typer, "TyperException"):
-        types.append(typer.TyperException)
-    try:
-        import click
-
-        types.append(click.exceptions.ClickException)
-    except ImportError:
-        pass
-    return tuple(types)
 
 
 def _abort_types() -> tuple[type[BaseException], ...]:

@@ -7,11 +7,11 @@ from typing import Annotated
 
 import typer
 
-from llmopt.cli._common import QuietOpt, human_bytes, stdout, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, QuietOpt, human_bytes, stdout
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("publish")
+    @app.command("publish", cls=JsonCommand)
     def publish_cmd(
         artifact: Annotated[Path, typer.Argument(help="Artifact folder (evaluated, gate passed).")],
         repo_id: Annotated[str, typer.Argument(help="Hub repo, ORG/NAME (created if missing).")],
@@ -31,7 +31,8 @@ def register(app: typer.Typer) -> None:
         ] = None,
         tag: Annotated[list[str] | None, typer.Option("--tag", help="Extra model card tag (repeatable).")] = None,
         message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Publish ARTIFACT to REPO_ID in one commit (files, llmopt.json, generated README.md model card).
@@ -42,6 +43,8 @@ def register(app: typer.Typer) -> None:
         from llmopt.hub import publish
         from llmopt.progress import default_reporter
 
+        out = JsonOutput(json_out, json_file)
+        out.check(artifact)
         result = publish(
             artifact,
             repo_id,
@@ -52,10 +55,10 @@ def register(app: typer.Typer) -> None:
             license=license_,
             tags=tag,
             commit_message=message,
-            reporter=default_reporter(quiet or json_out),
+            reporter=default_reporter(quiet or out.to_stdout),
         )
-        if json_out:
-            write_json(result, "-")
+        out.emit(result)
+        if not out.human:
             return
         where = f"{repo_id}" + (f" (branch {revision})" if revision else "")
         verb = "would upload" if dry_run else "uploaded"

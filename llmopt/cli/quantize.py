@@ -9,7 +9,17 @@ from typing import Annotated, Any
 
 import typer
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import (
+    DeviceOpt,
+    JsonCommand,
+    JsonFileOpt,
+    JsonOpt,
+    JsonOutput,
+    QuietOpt,
+    human_bytes,
+    stdout,
+    stdout_is_ours,
+)
 from llmopt.cli.bench import TrustRemoteCodeOpt
 
 # The typed flags users already type, each the same as -O with the option it names (`llmopt backends --options
@@ -55,7 +65,7 @@ def merge_options(flags: dict[str, Any], pairs: list[str] | None, method: str | 
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("quantize")
+    @app.command("quantize", cls=JsonCommand)
     def quantize_cmd(
         model: Annotated[str, typer.Argument(help="A Hugging Face model folder, a .gguf file, or a Hub id.")],
         method: Annotated[str, typer.Option("--method", "-m", help="Backend: see `llmopt backends`.")],
@@ -103,7 +113,8 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[
             bool, typer.Option(help="Replace OUTPUT if it is an llmopt artifact (with only its own files in it).")
         ] = False,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON to stdout.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
         trust_remote_code: TrustRemoteCodeOpt = False,
     ) -> None:
@@ -127,6 +138,8 @@ def register(app: typer.Typer) -> None:
             "imatrix": imatrix,
         }
         options = merge_options(flags, option, method)
+        out = JsonOutput(json_out, json_file)
+        out.check(model, calibration, creates=output)
         with stdout_is_ours():
             artifact = quantize(
                 model,
@@ -139,12 +152,12 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 device=device,
                 overwrite=overwrite,
-                reporter=default_reporter(quiet or json_out),
+                reporter=default_reporter(quiet or out.to_stdout),
                 trust_remote_code=trust_remote_code,
             )
         m = artifact.manifest
-        if json_out:
-            write_json(m.model_dump(mode="json"), "-")
+        out.emit(m.model_dump(mode="json"))
+        if not out.human:
             return
         stdout.print(
             f"[green]✓[/] {m.backend} artifact written to [bold]{artifact.path}[/]: "

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import stdout, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, stdout
 
 
 def register(app: typer.Typer) -> None:
     recipe_app = typer.Typer(help="Check recipe files and print their schema.", no_args_is_help=True)
 
-    @recipe_app.command("validate")
+    @recipe_app.command("validate", cls=JsonCommand)
     def validate_cmd(
         file: Annotated[Path, typer.Argument(help="Recipe file (.yaml).")],
-        json_out: Annotated[bool, typer.Option("--json", help="Print the resolved recipe as JSON.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
     ) -> None:
         """Check FILE (keys, values, each variant's backend options) without running it. Exit 2 if bad."""
         from llmopt.recipe import load_recipe
 
+        out = JsonOutput(json_out, json_file)
+        out.check(file)
         recipe = load_recipe(file)
-        if json_out:
-            write_json(recipe.resolved(), "-")
+        out.emit(recipe.resolved())
+        if not out.human:
             return
         stdout.print(f"[green]✓[/] {file}: recipe [bold]{recipe.name}[/], {len(recipe.variants)} variant(s)")
         table = Table()
@@ -41,11 +43,17 @@ def register(app: typer.Typer) -> None:
             )
         stdout.print(table)
 
-    @recipe_app.command("schema")
-    def schema_cmd() -> None:
+    @recipe_app.command("schema", cls=JsonCommand)
+    def schema_cmd(
+        json_out: Annotated[bool, typer.Option("--json", help="Accepted for uniformity: the schema is JSON.")] = False,
+        json_file: JsonFileOpt = None,
+    ) -> None:
         """Print the JSON Schema of recipe files (for editors and CI checks)."""
         from llmopt.recipe import recipe_json_schema
 
-        typer.echo(json.dumps(recipe_json_schema(), indent=2))
+        out = JsonOutput(json_out, json_file)
+        out.check()
+        # printed unless only a file was asked for: the schema is this command's human output too
+        JsonOutput(stdout=not out.to_file or out.to_stdout, file=out.to_file).emit(recipe_json_schema())
 
     app.add_typer(recipe_app, name="recipe")

@@ -7,17 +7,18 @@ from typing import Annotated
 
 import typer
 
-from llmopt.cli._common import stdout, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, stdout
 
 
 def register(app: typer.Typer) -> None:
     report_app = typer.Typer(help="Combine run reports.", no_args_is_help=True)
 
-    @report_app.command("merge")
+    @report_app.command("merge", cls=JsonCommand)
     def merge_cmd(
         results: Annotated[list[Path], typer.Argument(help="report.json files, or the folders `llmopt run` wrote.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the merged report.")],
-        json_out: Annotated[bool, typer.Option("--json", help="Print the merged report as JSON.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
     ) -> None:
         """Merge RESULTS (e.g. one per CI job) into OUTPUT/report.json, report.md and plots.
 
@@ -27,9 +28,11 @@ def register(app: typer.Typer) -> None:
         from llmopt.cli.run import render_run
         from llmopt.report import merge_reports
 
+        out = JsonOutput(json_out, json_file)
+        out.check(*results, creates=output)
         report = merge_reports(list(results), output)
-        if json_out:
-            write_json(report.to_json(), "-")
+        out.emit(report)
+        if not out.human:
             return
         render_run(report)
         stdout.print(f"merged {len(results)} report(s) into {output / 'report.md'}")

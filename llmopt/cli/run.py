@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import QuietOpt, stderr, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, QuietOpt, stderr, stdout, stdout_is_ours
 
 if TYPE_CHECKING:
     from llmopt.results import RunReport
@@ -56,7 +56,7 @@ def render_run(report: RunReport) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("run")
+    @app.command("run", cls=JsonCommand)
     def run_cmd(
         recipe: Annotated[Path, typer.Argument(help="Recipe file (.yaml); see recipes/ and `llmopt recipe schema`.")],
         only: Annotated[list[str] | None, typer.Option("--only", help="Run only this variant (repeatable).")] = None,
@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
                 "plots/ and artifacts/ are written; nothing else is deleted)."
             ),
         ] = False,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the run report as JSON to stdout.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Quantize, evaluate and gate every variant of RECIPE (resumable); write report.json/.md and plots.
@@ -96,6 +97,9 @@ def register(app: typer.Typer) -> None:
         from llmopt.pipeline import run_recipe
         from llmopt.progress import default_reporter
 
+        out = JsonOutput(json_out, json_file)
+        # the run folder only holds what the run writes (a later run or --overwrite check reads its entries)
+        out.check(recipe, creates=output)
         overrides: dict[str, Any] = {
             "evaluation.device": device,
             "evaluation.max_tokens": max_tokens,
@@ -112,11 +116,10 @@ def register(app: typer.Typer) -> None:
                 overwrite=overwrite,
                 overrides=overrides,
                 sets=set_,
-                reporter=default_reporter(quiet or json_out),
+                reporter=default_reporter(quiet or out.to_stdout),
             )
-        if json_out:
-            write_json(report.to_json(), "-")
-        else:
+        out.emit(report)
+        if out.human:
             render_run(report)
         if report.exit_code:
             raise typer.Exit(report.exit_code)

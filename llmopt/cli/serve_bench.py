@@ -8,7 +8,17 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import QuietOpt, check_json_target, stderr, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import (
+    JsonFileOpt,
+    JsonOpt,
+    JsonOutput,
+    LegacyJsonCommand,
+    QuietOpt,
+    stderr,
+    stdout,
+    stdout_is_ours,
+    write_json,
+)
 from llmopt.errors import EXIT_GATE, BackendUnavailableError, InputError, OutputExistsError
 
 if TYPE_CHECKING:
@@ -134,7 +144,7 @@ def _check_out(out: str | None) -> Path | None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("serve-bench")
+    @app.command("serve-bench", cls=LegacyJsonCommand)
     def serve_bench_cmd(
         model: Annotated[
             str | None,
@@ -218,7 +228,8 @@ def register(app: typer.Typer) -> None:
         out: Annotated[
             str | None, typer.Option(help="Folder for serve-bench.json, server logs and per-request records.")
         ] = None,
-        json_path: Annotated[str | None, typer.Option("--json", help="Write the result as JSON (- = stdout).")] = None,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Serving under load: starts an OpenAI-compatible server for MODEL (or measures one at --url), sends a
@@ -274,7 +285,8 @@ def register(app: typer.Typer) -> None:
             )
         targets.append(Target(role="model", model=model, url=url, server=server, model_name=served_model))
         out_dir = _check_out(out)
-        check_json_target(json_path, model, baseline)
+        json_to = JsonOutput(json_out, json_file)
+        json_to.check(model, baseline)
         opts = ServerOptions(
             port=port,
             threads=threads,
@@ -313,9 +325,8 @@ def register(app: typer.Typer) -> None:
 
             write_json(data, str(out_dir / "serve-bench.json"))
             write_plots(result, out_dir)
-        if json_path:
-            write_json(data, json_path)
-        if json_path != "-":
+        json_to.emit(data)
+        if json_to.human:
             render(result)
         if result.failed:
             raise BackendUnavailableError(

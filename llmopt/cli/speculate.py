@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import (
+    DeviceOpt,
+    JsonCommand,
+    JsonFileOpt,
+    JsonOpt,
+    JsonOutput,
+    QuietOpt,
+    stdout,
+    stdout_is_ours,
+)
 from llmopt.errors import EXIT_GATE, DataError
 
 
@@ -27,7 +36,7 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("speculate")
+    @app.command("speculate", cls=JsonCommand)
     def speculate_cmd(
         target: Annotated[str, typer.Argument(help="The model to serve: folder, .gguf, Hub id or llmopt artifact.")],
         draft: Annotated[
@@ -44,7 +53,8 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="Largest draft per round (default: transformers' 20, cut by confidence)."),
         ] = None,
         device: DeviceOpt = "auto",
-        json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON to stdout.")] = False,
+        json_out: JsonOpt = False,
+        json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
     ) -> None:
         """Greedy assisted generation (target + draft) vs the target alone: acceptance, tokens/s, speedup.
@@ -54,6 +64,8 @@ def register(app: typer.Typer) -> None:
         from llmopt.progress import default_reporter
         from llmopt.speculative import DEFAULT_PROMPTS, speculative_bench
 
+        out = JsonOutput(json_out, json_file)
+        out.check(target, draft, prompt_file)
         prompts = read_prompts(prompt_file) if prompt_file else list(DEFAULT_PROMPTS)
         with stdout_is_ours():
             result = speculative_bench(
@@ -63,11 +75,10 @@ def register(app: typer.Typer) -> None:
                 max_new_tokens=max_new_tokens,
                 device=device,
                 num_assistant_tokens=num_assistant_tokens,
-                reporter=default_reporter(quiet or json_out),
+                reporter=default_reporter(quiet or out.to_stdout),
             )
-        if json_out:
-            write_json(result.model_dump(mode="json"), "-")
-        else:
+        out.emit(result.model_dump(mode="json"))
+        if out.human:
             r = result
             table = Table(
                 title=f"speculative decoding, greedy, {r.prompts} prompts x {r.max_new_tokens} tokens, "
