@@ -6,6 +6,7 @@ inside them, never at ``import llmopt``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -280,8 +281,14 @@ def evaluate(
     reporter: Reporter | None = None,
     trust_remote_code: bool = False,
     baseline_speeds: dict[str, dict[str, Any]] | None = None,
+    kld: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
+
+    With ``kld`` (the default), also how far the artifact's next-token distribution moves from FP16's on every
+    scored token (KL divergence, top-1 agreement, Δp: ``report["artifact"]["distribution"]``,
+    llmopt/evaluate/kld.py). FP16's side of it is kept on disk next to the baseline cache, so, like the
+    baseline's perplexity, it is computed once for every artifact evaluated against it.
 
     With ``throughput`` settings, also the serving speed of both, each measured in a process of its own
     (never cached on disk), under ``report["throughput"]`` (see llmopt/evaluate/throughput.py). A caller
@@ -371,34 +378,52 @@ def evaluate(
         # Keys of one-device results stay as they were; a possible split is cached apart from them.
         key_parts["placement"] = {"spec": target.spec, "devices": device_name(target.spec)}
     key = baseline_cache.cache_key(key_parts)
-    cached = baseline_cache.load_cached(key) if use_cache else None
-    if cached is not None:
-        base_result = cached["result"]
-        base_result["cached"] = True
-        rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
-    else:
-        base_result = _score_model(
-            "hf", base.path, windows, target.spec, batch_size, kernel, rep, "FP16 baseline", trust_remote_code
-        )
-        base_result["size_bytes"] = base.size_bytes()
-        base_result["model"] = baseline
-        if use_cache:
-            problem = baseline_cache.store(key, {"result": base_result})
-            if problem:
-                rep.info(f"warning: {problem}")
-        base_result["cached"] = False
+    with contextlib.ExitStack() as stack:
+        reference = None
+        ref_folder = None
+        if kld:
+            from llmopt.evaluate import kld as kld_mod
 
-    art_result = _score_model(
-        art.manifest.runner,
-        art.path,
-        windows,
-        target.spec,
-        batch_size,
-        kernel,
-        rep,
-        f"artifact ({art.manifest.backend})",
-        trust_remote_code,
-    )
+            ref_folder = stack.enter_context(kld_mod.reference_folder(key, use_cache))
+            reference = kld_mod.load_reference(ref_folder, windows_tokens, key)
+        cached = baseline_cache.load_cached(key) if use_cache else None
+        if cached is not None and (not kld or reference is not None):
+            base_result = cached["result"]
+            base_result["cached"] = True
+            rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
+        else:
+            base_result, reference = _score_model(
+                "hf",
+                base.path,
+                windows,
+                target.spec,
+                batch_size,
+                kernel,
+                rep,
+                "FP16 baseline",
+                trust_remote_code,
+                build_reference=(ref_folder, key) if ref_folder is not None else None,
+            )
+            base_result["size_bytes"] = base.size_bytes()
+            base_result["model"] = baseline
+            if use_cache:
+                problem = baseline_cache.store(key, {"result": base_result})
+                if problem:
+                    rep.info(f"warning: {problem}")
+            base_result["cached"] = False
+
+        art_result, _ = _score_model(
+            art.manifest.runner,
+            art.path,
+            windows,
+            target.spec,
+            batch_size,
+            kernel,
+            rep,
+            f"artifact ({art.manifest.backend})",
+            trust_remote_code,
+            against=reference,
+        )
     art_result["size_bytes"] = art.size_bytes()
     art_result["path"] = str(art.path)
     art_result["backend"] = art.manifest.backend
@@ -473,16 +498,48 @@ def _score_model(
     reporter: Reporter,
     label: str,
     trust_remote_code: bool = False,
-) -> dict[str, Any]:
+    *,
+    build_reference: tuple[Path, str] | None = None,
+    against: Any = None,
+) -> tuple[dict[str, Any], Any]:
+    """Load and score one model. ``build_reference`` (folder, key): also write FP16's side of the KL divergence
+    there, in the same pass. ``against`` (a kld.Reference): also score the distribution against it, in the
+    same pass (``out["distribution"]``). Returns the result and the reference written (or None)."""
+    from llmopt.evaluate import kld
     from llmopt.evaluate.perplexity import score
     from llmopt.runners import load_runner
 
     with reporter.step(f"loading {label}"):
         runner = load_runner(runner_kind, path, device, kernel=kernel, trust_remote_code=trust_remote_code)
     try:
+        reference = None
+        distribution = None
         start = time.perf_counter()
-        with reporter.step(f"perplexity of {label} ({len(windows)} windows)", total=len(windows)) as step:
-            result = score(windows, runner.nll, batch_size=batch_size, on_batch=step.advance)
+        what = "perplexity" if build_reference is None and against is None else "perplexity and token distribution"
+        with reporter.step(f"{what} of {label} ({len(windows)} windows)", total=len(windows)) as step:
+            tokens = [len(w.ids) - w.score_from for w in windows]
+            if build_reference is not None:
+                folder, key = build_reference
+                writer = kld.ReferenceWriter(folder, key, tokens, runner.n_vocab)  # type: ignore[attr-defined]
+                result, reference = kld.build_reference(
+                    windows,
+                    runner.kld_reference,  # type: ignore[attr-defined]
+                    runner.n_vocab,  # type: ignore[attr-defined]
+                    writer,
+                    batch_size=batch_size,
+                    on_batch=step.advance,
+                )
+            elif against is not None:
+                kld.check_vocab(against.vocab, runner.n_vocab)  # type: ignore[attr-defined]
+                result, distribution = kld.score_against(
+                    windows,
+                    runner.kld_compare,  # type: ignore[attr-defined]
+                    against,
+                    batch_size=batch_size,
+                    on_batch=step.advance,
+                )
+            else:
+                result = score(windows, runner.nll, batch_size=batch_size, on_batch=step.advance)
         elapsed = time.perf_counter() - start
         out = result.to_dict()
         out.update(
@@ -494,6 +551,8 @@ def _score_model(
                 "dtype": runner.dtype,
             }
         )
+        if distribution is not None:
+            out["distribution"] = distribution
         kern = getattr(runner, "kernel", None)
         if kern:
             out["kernel"] = kern
@@ -503,6 +562,6 @@ def _score_model(
         placement = getattr(runner, "placement", None)
         if placement is not None:
             out["placement"] = placement.record()
-        return out
+        return out, reference
     finally:
         runner.close()
