@@ -309,6 +309,11 @@ def evaluate(
     from llmopt.source import check_remote_code, resolve
 
     check_settings(context_length, stride, batch_size, add_bos=add_bos, max_tokens=max_tokens)
+    if not kld and gate is not None and gate.needs_distribution():
+        raise InputError(
+            "the gate reads the KL divergence (--max-kld / --min-top1), which --no-kld turns off.",
+            "Drop --no-kld, or the KL divergence thresholds.",
+        )
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
     if write_manifest and not os.access(art.path, os.W_OK | os.X_OK):

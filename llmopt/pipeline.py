@@ -506,6 +506,7 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
         reporter=ctx.reporter,
         trust_remote_code=ctx.recipe.model.trust_remote_code,
         baseline_speeds=ctx.baseline_speeds,
+        kld=ev.kld,
     )
     return report, False
 
@@ -535,6 +536,8 @@ def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
         and ev.get("artifact_files_sha256") == files_digest(art.manifest.files)
         and all(packages.get(k) == v for k, v in ctx.versions.items())
         and _same_throughput(ev, ev_spec.throughput, ctx.device)
+        # an evaluation without the KL divergence does not do for a recipe that asks for it
+        and (not ev_spec.kld or bool((ev.get("artifact") or {}).get("distribution")))
     )
     if not same:
         return None

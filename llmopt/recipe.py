@@ -95,6 +95,11 @@ class EvaluationSpec(_Strict):
         "those): see README 'Devices and several GPUs'.",
     )
     kernel: str | None = Field(None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice.")
+    kld: bool = Field(
+        True,
+        description="Also the KL divergence, top-1 agreement and Δp of every variant against FP16 on the same tokens "
+        "(needed by the max_kld and min_top1_pct gates).",
+    )
     throughput: ThroughputSettings | None = Field(
         None,
         description="Also measure serving speed against FP16 (needed by the min_decode_speedup gate); "

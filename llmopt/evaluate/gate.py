@@ -20,11 +20,28 @@ class GateSpec(BaseModel):
         None, ge=0, description="Largest allowed perplexity increase over FP16, % (0 or more)."
     )
     max_ppl: float | None = Field(None, gt=0, description="Largest allowed absolute perplexity.")
+    max_kld: float | None = Field(
+        None, ge=0, description="Largest allowed mean KL divergence KL(FP16 || artifact) per token, nats (0 or more)."
+    )
+    min_top1_pct: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Smallest allowed top-1 agreement with FP16: % of tokens whose most likely next token is "
+        "unchanged (0-100).",
+    )
     min_decode_speedup: float | None = Field(None, gt=0, description="Smallest decode speedup over FP16.")
     at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
 
     def is_empty(self) -> bool:
-        return self.max_ppl_increase_pct is None and self.max_ppl is None and self.min_decode_speedup is None
+        return all(
+            v is None
+            for v in (self.max_ppl_increase_pct, self.max_ppl, self.max_kld, self.min_top1_pct, self.min_decode_speedup)
+        )
+
+    def needs_distribution(self) -> bool:
+        """True when a threshold reads the KL divergence block (which --no-kld leaves out)."""
+        return self.max_kld is not None or self.min_top1_pct is not None
 
 
 def gate_spec(**thresholds: Any) -> GateSpec:
@@ -37,8 +54,8 @@ def gate_spec(**thresholds: Any) -> GateSpec:
         flag = "--" + name.replace("_pct", "").replace("_", "-")
         raise InputError(
             f"{flag} {err.get('input')!r} is not a usable threshold: {err['msg']}.",
-            "Give a finite number: a percentage of 0 or more for --max-ppl-increase, "
-            "a positive number for --max-ppl and --min-decode-speedup.",
+            "Give a finite number: a percentage of 0 or more for --max-ppl-increase, 0 to 100 for --min-top1, "
+            "0 or more for --max-kld, a positive number for --max-ppl and --min-decode-speedup.",
         ) from None
 
 
@@ -48,6 +65,9 @@ class GateCheck(BaseModel):
     threshold: float
     passed: bool
     message: str
+    # How far inside the threshold the value is, in the value's unit: positive passes, negative fails by that
+    # much (None: not measured). Records from before it was kept read as None.
+    margin: float | None = None
 
 
 class GateResult(BaseModel):
@@ -69,6 +89,7 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
                 value=delta,
                 threshold=spec.max_ppl_increase_pct,
                 passed=ok,
+                margin=None if delta is None else spec.max_ppl_increase_pct - delta,
                 message=(
                     f"perplexity +{delta:.2f}% vs FP16 (limit +{spec.max_ppl_increase_pct:g}%)"
                     if delta is not None
@@ -86,7 +107,46 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
                 value=ppl,
                 threshold=spec.max_ppl,
                 passed=ok,
+                margin=None if ppl is None else spec.max_ppl - ppl,
                 message=f"perplexity {ppl:.3f} (limit {spec.max_ppl:g})" if ppl is not None else "no perplexity",
+            )
+        )
+    dist = _distribution(report)
+    if spec.max_kld is not None:
+        kld = dist.get("kld_mean")
+        ok = kld is not None and kld <= spec.max_kld
+        checks.append(
+            GateCheck(
+                name="max_kld",
+                value=kld,
+                threshold=spec.max_kld,
+                passed=ok,
+                margin=None if kld is None else spec.max_kld - kld,
+                message=(
+                    f"mean KL divergence {kld:.5f} nats vs FP16 (limit {spec.max_kld:g})"
+                    + ("" if ok else f": over by {kld - spec.max_kld:.5f}")
+                    if kld is not None
+                    else "KL divergence was not measured (evaluate without --no-kld)"
+                ),
+            )
+        )
+    if spec.min_top1_pct is not None:
+        top1 = dist.get("top1_agreement")
+        pct = None if top1 is None else 100.0 * top1
+        ok = pct is not None and pct >= spec.min_top1_pct
+        checks.append(
+            GateCheck(
+                name="min_top1_pct",
+                value=pct,
+                threshold=spec.min_top1_pct,
+                passed=ok,
+                margin=None if pct is None else pct - spec.min_top1_pct,
+                message=(
+                    f"top-1 agreement with FP16 {pct:.2f}% (needs {spec.min_top1_pct:g}%)"
+                    + ("" if ok else f": short by {spec.min_top1_pct - pct:.2f} points")
+                    if pct is not None
+                    else "top-1 agreement was not measured (evaluate without --no-kld)"
+                ),
             )
         )
     if spec.min_decode_speedup is not None:
@@ -98,6 +158,7 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
                 value=speedup,
                 threshold=spec.min_decode_speedup,
                 passed=ok,
+                margin=None if speedup is None else speedup - spec.min_decode_speedup,
                 message=(
                     f"decode speedup {speedup:.2f}x at batch {spec.at_batch} (needs {spec.min_decode_speedup:g}x)"
                     if speedup is not None
@@ -106,6 +167,12 @@ def apply_gate(spec: GateSpec, report: dict[str, Any]) -> GateResult:
             )
         )
     return GateResult(passed=all(c.passed for c in checks), checks=checks)
+
+
+def _distribution(report: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's KL divergence block ({} when it was not measured)."""
+    block = (report.get("artifact") or {}).get("distribution")
+    return block if isinstance(block, dict) else {}
 
 
 def _decode_speedup(report: dict[str, Any], batch: int) -> float | None:
@@ -181,7 +248,8 @@ def evaluation_problems(evaluation: dict[str, Any], gate: dict[str, Any] | None 
     """The stored numbers of an evaluation (and of its gate record) that do not follow from its raw numbers.
 
     The raw numbers are the per-window mean NLLs of both models and the window settings; from them follow
-    both perplexities, their errors, the paired delta vs FP16 and, with the stored thresholds, the gate.
+    both perplexities, their errors, the paired delta vs FP16 and, with the stored thresholds, the gate. With
+    a KL divergence block, its per-window means give its mean KLD and top-1 agreement (and their errors).
     An empty list means the summary is consistent, not that the raw numbers are genuine.
     """
     from llmopt.evaluate.perplexity import paired_delta
@@ -206,11 +274,49 @@ def evaluation_problems(evaluation: dict[str, Any], gate: dict[str, Any] | None 
         wrong.append(
             f"delta_pct_stderr is {evaluation.get('delta_pct_stderr')!r}, the window scores give {delta_se:.4g}"
         )
+    dist = (evaluation.get("artifact") or {}).get("distribution")
+    if dist is not None:
+        wrong += _distribution_problems(dist, tokens)
     speed = evaluation.get("throughput")
     if speed:
         wrong += _speed_problems(speed)
     if gate is not None:
         wrong += _gate_problems(evaluation, gate)
+    return wrong
+
+
+def _distribution_problems(dist: Any, tokens: list[int]) -> list[str]:
+    """The KL divergence block's mean and top-1 agreement (and their errors) against its per-window values.
+
+    The percentiles, the maximum and Δp need every token's value, which is not stored: they are trusted."""
+    from llmopt.evaluate.perplexity import _stderr_of_mean
+
+    if not isinstance(dist, dict):
+        return ["artifact.distribution is not a KL divergence record"]
+    wrong = []
+    count = sum(tokens)
+    for per_window, mean_key, low, high in (
+        ("window_kld", "kld_mean", -1e-6, math.inf),  # a KL divergence is never negative (rounding aside)
+        ("window_top1", "top1_agreement", 0.0, 1.0),
+    ):
+        values = dist.get(per_window)
+        if not isinstance(values, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+            for v in values
+        ):
+            wrong.append(f"artifact.distribution.{per_window} is missing or holds impossible values")
+            continue
+        if len(values) != len(tokens):
+            wrong.append(f"artifact.distribution.{per_window} has {len(values)} windows where the settings make "
+                         f"{len(tokens)}")  # fmt: skip
+            continue
+        mean = math.fsum(v * n for v, n in zip(values, tokens, strict=True)) / count
+        stderr = _stderr_of_mean([float(v) for v in values], tokens)
+        for key, value in ((mean_key, mean), (f"{mean_key.removesuffix('_mean')}_stderr", stderr)):
+            if not _same(dist.get(key), value):
+                wrong.append(f"artifact.distribution.{key} is {dist.get(key)!r}, its window values give {value:.6g}")
+    if not _same(dist.get("tokens"), float(count)):
+        wrong.append(f"artifact.distribution.tokens is {dist.get('tokens')!r}, the window settings give {count}")
     return wrong
 
 
@@ -250,6 +356,7 @@ def _gate_problems(evaluation: dict[str, Any], gate: dict[str, Any]) -> list[str
             not isinstance(old, dict)
             or any(old.get(k) != fresh[k] for k in ("name", "passed", "message"))
             or not (_same(old.get("value"), new.value) and _same(old.get("threshold"), new.threshold))
+            or ("margin" in old and not _same(old.get("margin"), new.margin))
         ):
             wrong.append(f"gate check {fresh['name']} does not follow from the numbers (recomputed: {new.message})")
     return wrong
