@@ -12,6 +12,7 @@ value: the gap the reference's truncation leaves.
 
   python benchmarks/kld_cost.py --model M --text T [--artifact A] [--max-tokens 4096] [--device cpu]
   python benchmarks/kld_cost.py --random-shape 8b --device cuda      # Llama-3-8B shape, random weights
+  python benchmarks/kld_cost.py --random-shape SmolLM2/config.json --device cuda
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", type=Path)
     parser.add_argument("--text", type=Path)
-    parser.add_argument("--random-shape", help="scripts/random_models.py shape (random fp16 weights, random ids)")
+    parser.add_argument(
+        "--random-shape",
+        help="scripts/random_models.py shape, or a model's config.json (random fp16 weights, random ids)",
+    )
     parser.add_argument("--artifact", type=Path)
     parser.add_argument("--max-tokens", type=int, default=4096)
     parser.add_argument("--context", type=int, default=512)
@@ -67,11 +71,19 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="kld-cost-"))
     if args.random_shape:
         sys.path.insert(0, str(ROOT / "scripts"))
-        from random_models import build_fp16, llama_config, save_fp16, write_tokenizer
+        from random_models import build_fp16, llama_config, save_fp16
 
-        config = llama_config(args.random_shape)
-        model_dir = save_fp16(build_fp16(config, "cpu"), tmp / "model")
-        write_tokenizer(model_dir, config.vocab_size)
+        if args.random_shape.endswith(".json"):  # a real model's shape (e.g. SmolLM2's config.json)
+            from transformers import LlamaConfig
+
+            config = LlamaConfig.from_json_file(args.random_shape)
+        else:
+            config = llama_config(args.random_shape)
+        build_on = "cuda" if args.device.startswith("cuda") else "cpu"
+        model_dir = save_fp16(build_fp16(config, build_on), tmp / "model")
+        if build_on == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         gen = torch.Generator().manual_seed(0)
         ids = torch.randint(0, config.vocab_size, (args.max_tokens,), generator=gen).tolist()
     else:
