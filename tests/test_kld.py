@@ -164,3 +164,36 @@ def test_gpu_out_of_memory_names_the_setting_to_lower(cut: dict[str, Any], monke
     assert err.value.exit_code == EXIT_UNAVAILABLE
     assert "4 window(s) of 128 tokens" in err.value.message
     assert "--batch-size" in (err.value.hint or "")
+
+
+def test_recipe_keys_and_run_flags_for_the_kld_gates(tmp_path: Path) -> None:
+    """gates.max_kld / gates.min_top1_pct in a recipe, per variant, and from `run --max-kld/--min-top1/--no-kld`."""
+    from llmopt.recipe import apply_overrides, parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": {"source": "/models/smol"},
+            "evaluation": {"dataset": "eval.txt"},
+            "gates": {"max_kld": 0.05, "min_top1_pct": 90},
+            "variants": [
+                {"name": "int8", "method": "bnb-int8"},
+                {"name": "nf4", "method": "bnb-nf4", "gate": {"max_kld": 0.2}},
+            ],
+        }
+    )
+    assert recipe.evaluation.kld is True
+    int8, nf4 = recipe.variants
+    assert recipe.gate_for(int8).max_kld == 0.05 and recipe.gate_for(nf4).max_kld == 0.2
+    assert recipe.gate_for(nf4).min_top1_pct == 90 and recipe.gate_for(nf4).needs_distribution()
+    over = apply_overrides(recipe, {"gates.max_kld": 0.01, "gates.min_top1_pct": None, "evaluation.kld": False})
+    assert over.gate_for(int8).max_kld == 0.01 and over.gate_for(int8).min_top1_pct == 90
+    assert over.evaluation.kld is False
+
+
+def test_a_kld_gate_without_the_kld_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    from llmopt import api
+    from llmopt.errors import InputError
+    from llmopt.evaluate.gate import GateSpec
+
+    with pytest.raises(InputError, match="--no-kld"):
+        api.evaluate(tmp_path / "missing", "base", "text.txt", gate=GateSpec(min_top1_pct=90), kld=False)
