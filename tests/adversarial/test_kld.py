@@ -134,3 +134,27 @@ def test_a_baseline_of_another_vocabulary_is_refused(assets: dict[str, Path], tm
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_no_room_for_the_fp16_reference_is_said_before_scoring(
+    evaluated_artifact: dict[str, Any], tmp_path: Path
+) -> None:
+    """LLMOPT_CACHE on a disk too small for FP16's reference: exit 4 naming the size and the ways out, no
+    half-written reference left, and nothing recorded in the artifact."""
+    from llmopt.errors import EXIT_UNAVAILABLE
+    from tests.adversarial.test_paths import _mounted_tmpfs
+
+    art = shutil.copytree(evaluated_artifact["path"], tmp_path / "art")
+    before = (art / "llmopt.json").read_bytes()
+    cache = tmp_path / "cache"
+    with _mounted_tmpfs(cache, "size=4m"):
+        proc = run_cli(
+            _eval_args(Path("art"), evaluated_artifact["model"], evaluated_artifact["text"], "--max-tokens", "4096"),
+            cwd=tmp_path,
+            env={"LLMOPT_CACHE": str(cache)},
+        )
+        assert proc.returncode == EXIT_UNAVAILABLE, proc.stderr
+        assert "FP16 reference for the KL divergence needs" in proc.stderr and "--no-kld" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not [p for p in cache.rglob("*") if "kld" in p.name]
+    assert (art / "llmopt.json").read_bytes() == before
