@@ -525,20 +525,20 @@ def _score_model(
             tokens = [len(w.ids) - w.score_from for w in windows]
             if build_reference is not None:
                 folder, key = build_reference
-                writer = kld.ReferenceWriter(folder, key, tokens, runner.n_vocab)  # type: ignore[attr-defined]
+                writer = kld.ReferenceWriter(folder, key, tokens, runner.n_vocab)
                 result, reference = kld.build_reference(
                     windows,
-                    runner.kld_reference,  # type: ignore[attr-defined]
-                    runner.n_vocab,  # type: ignore[attr-defined]
+                    runner.kld_reference,
+                    runner.n_vocab,
                     writer,
                     batch_size=batch_size,
                     on_batch=step.advance,
                 )
             elif against is not None:
-                kld.check_vocab(against.vocab, runner.n_vocab)  # type: ignore[attr-defined]
+                kld.check_vocab(against.vocab, runner.n_vocab)
                 result, distribution = kld.score_against(
                     windows,
-                    runner.kld_compare,  # type: ignore[attr-defined]
+                    runner.kld_compare,
                     against,
                     batch_size=batch_size,
                     on_batch=step.advance,
@@ -558,15 +558,12 @@ def _score_model(
         )
         if distribution is not None:
             out["distribution"] = distribution
-        kern = getattr(runner, "kernel", None)
-        if kern:
-            out["kernel"] = kern
-        compute = getattr(runner, "compute", None)
-        if compute:
-            out["compute"] = compute
-        placement = getattr(runner, "placement", None)
-        if placement is not None:
-            out["placement"] = placement.record()
+        if runner.kernel:
+            out["kernel"] = runner.kernel
+        if runner.compute:
+            out["compute"] = runner.compute
+        if runner.placement is not None:
+            out["placement"] = runner.placement.record()
         return out, reference
     finally:
         runner.close()

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmopt.atomic import write_json_atomic
 from llmopt.errors import ArtifactError
 
 MANIFEST_NAME = "llmopt.json"
@@ -108,22 +107,6 @@ def hash_tree(root: Path) -> dict[str, FileEntry]:
 def files_digest(files: dict[str, FileEntry]) -> str:
     """One hash over the file table: what an evaluation saw, in a single comparable string."""
     return sha256_json({k: v.sha256 for k, v in sorted(files.items())})
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temp file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Artifact:

@@ -5,15 +5,20 @@ ones its evaluation saw (exit 5). The upload is one commit: the artifact's files
 and a ``README.md`` model card (model_card.py; the card is never written into the artifact folder,
 whose file hashes must not change). ``dry_run`` renders the card and lists the files without any network call.
 
+The uploaded ``llmopt.json`` is the artifact's manifest with the user's local paths (model folder, texts,
+recipe, artifact folder) cut to their last component under ``<local>/``: a public repo never shows the
+publisher's home folder. The numbers, hashes and gate are unchanged.
+
 The token comes from ``HF_TOKEN`` or ``huggingface_hub``'s saved login, and is only ever handed to
 ``huggingface_hub``: llmopt never prints, logs or writes it. ``HF_ENDPOINT`` selects another Hub.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from llmopt import __version__
@@ -212,12 +217,33 @@ def ensure_ready(organization: str | None = None) -> str | None:
     return str(who.get("name")) if isinstance(who, dict) and who.get("name") else None
 
 
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "~", "\\\\")) or bool(PureWindowsPath(value).drive)
+
+
+def _without_local_paths(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and _is_local_path(value):
+        name = PureWindowsPath(value).name if PureWindowsPath(value).drive else Path(value).name
+        return f"<local>/{name}"
+    return value
+
+
+def public_manifest(art: Artifact) -> bytes:
+    """The manifest as uploaded: every absolute local path cut to ``<local>/NAME``; all else as stored."""
+    data = json.loads(art.manifest_path.read_text(encoding="utf-8"))
+    return (json.dumps(_without_local_paths(data), indent=2) + "\n").encode("utf-8")
+
+
 def upload_list(art: Artifact, files: dict[str, FileEntry]) -> list[dict[str, Any]]:
-    """What one commit uploads: the artifact's files, its manifest, and the generated card."""
-    items = [
+    """What one commit uploads: the artifact's files, its manifest (local paths cut), and the generated card."""
+    items: list[dict[str, Any]] = [
         {"path": rel, "size": e.size, "source": "artifact"} for rel, e in sorted(files.items()) if rel != CARD_NAME
     ]
-    items.append({"path": MANIFEST_NAME, "size": art.manifest_path.stat().st_size, "source": "manifest"})
+    items.append({"path": MANIFEST_NAME, "size": len(public_manifest(art)), "source": "manifest"})
     return items
 
 
@@ -306,8 +332,9 @@ def publish(
     operations = [
         hf.CommitOperationAdd(path_in_repo=i["path"], path_or_fileobj=str(art.path / i["path"]))
         for i in items
-        if i["source"] in ("artifact", "manifest")
+        if i["source"] == "artifact"
     ]
+    operations.append(hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=public_manifest(art)))
     operations.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
     with rep.step(f"uploading {len(operations)} files ({fmt_bytes(result['total_bytes'])}) in one commit"):
         info = _hub_call(

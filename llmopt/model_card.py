@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
+from llmopt.backends.base import format_card
+from llmopt.backends.format_card import FormatCard
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 
@@ -20,13 +22,6 @@ CARD_NAME = "README.md"
 
 
 # --- model card ------------------------------------------------------------------------------------
-
-
-def _bits(manifest_format: str, options: dict[str, Any]) -> int | None:
-    if isinstance(options.get("bits"), int):
-        return int(options["bits"])
-    m = re.search(r"(\d+)bit", manifest_format.replace("-", ""))
-    return int(m.group(1)) if m else None
 
 
 def source_license(art: Artifact) -> str | None:
@@ -109,62 +104,11 @@ def _public(value: Any) -> Any:
     return value
 
 
-def _how_to_load(fmt: str, repo_id: str, revision: str | None) -> list[str]:
-    rev = f', revision="{revision}"' if revision else ""
-    rev_cli = f" --revision {revision}" if revision else ""
-    py = [
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}"{rev}, device_map="auto")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
-        "```",
-    ]
-    if fmt == "gptq":
-        return [
-            "With transformers (needs `pip install gptqmodel optimum`):",
-            "",
-            *py,
-            "",
-            "With vLLM (GPTQ is detected from `quantization_config`):",
-            "",
-            "```bash",
-            f"vllm serve {repo_id}{rev_cli}",
-            "```",
-        ]
-    if fmt == "awq":
-        return [
-            "With transformers (needs `pip install gptqmodel optimum`):",
-            "",
-            *py,
-            "",
-            "With vLLM (AWQ is detected from `quantization_config`; vLLM picks its fastest AWQ kernel):",
-            "",
-            "```bash",
-            f"vllm serve {repo_id}{rev_cli}",
-            "```",
-        ]
-    if fmt.startswith("bnb"):
-        lines = ["With transformers (needs `pip install bitsandbytes accelerate`):", "", *py]
-        if fmt == "bnb-4bit":
-            lines += [
-                "",
-                "With vLLM:",
-                "",
-                "```bash",
-                f"vllm serve {repo_id}{rev_cli} --quantization bitsandbytes",
-                "```",
-            ]
-        return lines
-    if fmt == "gguf":
-        return [
-            "With llama.cpp:",
-            "",
-            "```bash",
-            f"llama-cli -hf {repo_id}",
-            "```",
-        ]
-    return ["With transformers:", "", *py]
+def _how_to_load(facts: FormatCard) -> list[str]:
+    lines: list[str] = []
+    for snippet in facts.load:
+        lines += ["", snippet.intro, "", f"```{snippet.language}", *snippet.code.splitlines(), "```"]
+    return lines[1:]
 
 
 def _dtype_cell(value: Any) -> str:
@@ -221,7 +165,8 @@ def render_card(
     ev = m.evaluation or {}
     gate = m.gate or {}
     options = {k: v for k, v in m.options.items() if k != "_resolved"}
-    bits = _bits(m.format, options)
+    facts = format_card(m.backend, m.format, options, repo_id, revision)
+    bits = facts.bits
     base = base_model_of(art, base_model)
     lic = license_of(art, license)
 
@@ -231,11 +176,10 @@ def render_card(
         meta["base_model_relation"] = "quantized"
     if lic:
         meta["license"] = lic
-    if m.format != "gguf":
-        meta["library_name"] = "transformers"
+    if facts.library_name:
+        meta["library_name"] = facts.library_name
     meta["pipeline_tag"] = "text-generation"
-    family = {"bnb-4bit": "bitsandbytes", "bnb-8bit": "bitsandbytes"}.get(m.format, m.format)
-    tag_list = ["llmopt", "quantized", family, m.backend]
+    tag_list = ["llmopt", "quantized", *facts.tags, m.backend]
     if bits:
         tag_list.append(f"{bits}-bit")
     recipe_tags = _recipe_publish(art).get("tags")
@@ -322,7 +266,7 @@ def render_card(
         lines += [f"- {'✅' if c.get('passed') else '❌'} {c.get('message')}" for c in gate["checks"]]
 
     lines += ["", "## How to use", ""]
-    lines += _how_to_load(m.format, repo_id, revision)
+    lines += _how_to_load(facts)
 
     lines += [
         "",

@@ -52,10 +52,10 @@ def _one_line(exc: LlmoptError) -> str:
 
 
 def _backend_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    from llmopt.backends import get_backend
+    from llmopt.backends.base import describe_backend
 
     try:
-        return get_backend(method, require_usable=False).parse_options(options).model_dump(mode="json")
+        return describe_backend(method).parse_options(options).model_dump(mode="json")
     except LlmoptError as exc:
         raise _error(_one_line(exc)) from None
 
@@ -119,10 +119,10 @@ class VariantSpec(_Strict):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        from llmopt.backends import get_backend
+        from llmopt.backends.base import describe_backend
 
         try:
-            get_backend(value, require_usable=False)
+            describe_backend(value)  # what it is, not whether it runs here: that is checked when quantizing
         except LlmoptError as exc:
             raise _error(_one_line(exc)) from None
         return value
@@ -141,13 +141,10 @@ class VariantSpec(_Strict):
 
     def needs_calibration(self) -> bool:
         """Whether quantizing this variant needs calibration text (gguf: only for an importance matrix)."""
-        from llmopt.backends import get_backend
+        from llmopt.backends.base import describe_backend
 
-        backend = get_backend(self.method, require_usable=False)
-        wants = getattr(backend, "wants_calibration", None)
-        if callable(wants):
-            return bool(wants(backend.parse_options(self.options)))
-        return bool(backend.needs_calibration)
+        backend = describe_backend(self.method)  # not check(): planning must not probe a toolchain
+        return backend.wants_calibration(backend.parse_options(self.options))
 
 
 class PublishSpec(_Strict):

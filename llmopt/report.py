@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from llmopt import __version__
-from llmopt.artifact import write_json_atomic
+from llmopt.atomic import write_atomic, write_json_atomic, write_text_atomic
 from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
 from llmopt.units import fmt_bytes
 
@@ -124,20 +123,9 @@ def write_report(report: dict[str, Any], out: Path, *, plots: bool = True) -> di
         plot_files, plot_notes = write_plots(report, out)
         report["notes"].extend(n for n in plot_notes if n not in report["notes"])
     report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plot_files}
-    _write_text_atomic(out / "report.md", render_markdown(report))
+    write_text_atomic(out / "report.md", render_markdown(report))
     write_json_atomic(out / "report.json", report)
     return report
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _num(x: float | None, fmt: str) -> str:
@@ -363,15 +351,8 @@ def write_plots(report: dict[str, Any], out: Path) -> tuple[list[str], list[str]
 def _save_fig(fig: Any, out: Path, name: str) -> str:
     rel = f"{PLOTS_DIR}/{name}"
     target = out / rel
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=target.parent)
-    os.close(fd)
-    try:
-        fig.tight_layout()
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fig.tight_layout()
+    write_atomic(target, lambda f: fig.savefig(f, format="png"))
     return rel
 
 

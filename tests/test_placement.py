@@ -284,7 +284,9 @@ def test_eval_json_and_manifest_record_the_placement(tmp_path: Path) -> None:
 # --- GPU (the GPU machine, two GPUs or more: pytest -m gpu tests/test_placement.py) -----------------
 
 
-def _two_gpus() -> None:
+@pytest.fixture
+def two_gpus() -> None:
+    """Skips before the assets are looked for: a one-GPU machine without prepared assets skips, not errors."""
     import torch
 
     if torch.cuda.device_count() < 2:
@@ -292,8 +294,7 @@ def _two_gpus() -> None:
 
 
 @pytest.mark.gpu
-def test_split_over_two_gpus_scores_like_one(assets: dict[str, Path]) -> None:
-    _two_gpus()
+def test_split_over_two_gpus_scores_like_one(two_gpus: None, assets: dict[str, Path]) -> None:
     from llmopt.runners.hf import HFRunner
 
     windows = [list(range(100, 164)), list(range(300, 364))]
@@ -315,8 +316,7 @@ def test_split_over_two_gpus_scores_like_one(assets: dict[str, Path]) -> None:
 
 
 @pytest.mark.gpu
-def test_split_model_throughput_decodes_eagerly(assets: dict[str, Path]) -> None:
-    _two_gpus()
+def test_split_model_throughput_decodes_eagerly(two_gpus: None, assets: dict[str, Path]) -> None:
     from llmopt.evaluate.throughput import ThroughputSettings
     from llmopt.runners.hf import HFRunner
 

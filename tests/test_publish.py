@@ -156,7 +156,15 @@ def test_publish_one_commit_with_card(tmp_path: Path, hub: HubServer, capsys: py
     assert set(ours.added) == {"model.safetensors", "config.json", "tokenizer.json", "llmopt.json", "README.md"}
     assert ours.lfs == ["model.safetensors"]  # went through the LFS batch API, PUT and verify
     assert ours.files["model.safetensors"] == weights
-    assert ours.files["llmopt.json"] == (art / "llmopt.json").read_bytes()
+    # The uploaded manifest is the local one with the publisher's folders cut to their last component.
+    local = json.loads((art / "llmopt.json").read_text())
+    uploaded = json.loads(ours.files["llmopt.json"])
+    assert str(tmp_path) not in ours.files["llmopt.json"].decode()
+    assert uploaded["source"]["resolved_path"] == "<local>/source-model"
+    assert uploaded["evaluation"]["settings"]["dataset"] == "<local>/eval.txt"
+    assert uploaded["files"] == local["files"] and uploaded["gate"] == local["gate"]
+    assert uploaded["evaluation"]["artifact"] == local["evaluation"]["artifact"]
+    assert uploaded["source"]["weights_sha256"] == local["source"]["weights_sha256"]
     assert "gate passed" in ours.summary and "+1.80% vs FP16" in ours.summary
 
     card = ours.files["README.md"].decode()

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.backends.gptq import strip_machine_specific, validate_gptqmodel_architecture
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel
@@ -73,6 +74,23 @@ class AWQBackend(Backend):
         Requirement("gptqmodel", "gptqmodel", "awq"),
         Requirement("torch", "torch", "core"),
     )
+
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        bits = bits_of(self.format, options)
+        return FormatCard(
+            format=self.format,
+            library_name="transformers",
+            tags=["awq"],
+            bits=bits,
+            bit_width=f"{bits}-bit" if bits else None,
+            load=[
+                transformers_snippet(repo_id, revision, needs="gptqmodel optimum"),
+                # no --quantization awq: that forces vLLM's plain AWQ kernel (float16 only) over AWQ-Marlin
+                vllm_snippet(
+                    repo_id, revision, "AWQ is detected from `quantization_config`; vLLM picks its fastest AWQ kernel"
+                ),
+            ],
+        )
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, AWQOptions)

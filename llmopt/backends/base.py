@@ -5,12 +5,15 @@ third-party packages add theirs through the entry-point group ``llmopt.backends`
 imported until a backend is asked for, and a backend that fails to import is reported as
 unavailable with its reason instead of breaking the CLI. Backend modules import only pydantic at
 module level; their libraries (torch, gptqmodel, bitsandbytes, ...) are imported inside methods.
+
+A backend owns its format: its options (``Options``; options.py reads ``-O key=value`` by their types), the runner
+that loads its output (``runner``, a name in runners/base.py's registry), and what the model card says about the
+format (``format_card``, format_card.py).
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
@@ -20,7 +23,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
+from llmopt.backends.format_card import FormatCard, generic_format_card
+from llmopt.backends.options import OptionInfo, option_schema
 from llmopt.errors import BackendUnavailableError, InputError, OptionsError
+from llmopt.plugins import load_target, registered
 
 if TYPE_CHECKING:
     from llmopt.data import CalibrationSet
@@ -82,6 +88,7 @@ class Backend(ABC):
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]]
     requirements: ClassVar[tuple[Requirement, ...]] = ()
+    note: str | None = None  # what check() learned that the listing shows (gguf: whether llama.cpp decodes here)
 
     def check(self) -> list[str]:
         """What is missing to run here, each with the exact install command; empty when usable."""
@@ -109,6 +116,10 @@ class Backend(ABC):
                 f"valid options of {self.name}: {valid}",
             ) from None
 
+    def option_schema(self) -> list[OptionInfo]:
+        """Every option of this backend: name, type, default and help, from its ``Options`` model."""
+        return option_schema(self.Options)
+
     def wants_calibration(self, options: BaseModel) -> bool:
         """Whether quantizing with these options needs calibration samples (gguf: only for an imatrix)."""
         return self.needs_calibration
@@ -124,6 +135,14 @@ class Backend(ABC):
         ``placement`` entry (where the model was put, ``Placement.record()``) goes to the manifest's
         ``environment.placement`` instead. The caller hashes the files and writes ``llmopt.json`` afterwards.
         """
+
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        """What the model card says about this backend's format: tags, bit width, how to load and serve it.
+
+        ``options``: as the manifest records them; ``repo_id``/``revision``: where the artifact is published.
+        The default describes a transformers folder; backends whose output loads otherwise override it.
+        """
+        return generic_format_card(self.format, options, repo_id, revision)
 
     def library_versions(self) -> dict[str, str]:
         versions = {}
@@ -149,24 +168,11 @@ class BackendInfo:
 
 
 def _registry() -> dict[str, tuple[str, str]]:
-    found = {name: (target, "builtin") for name, target in BUILTIN.items()}
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception:  # a broken distribution must not break the CLI
-        eps = ()  # type: ignore[assignment]
-    for ep in eps:
-        if ep.name not in found:
-            dist = getattr(getattr(ep, "dist", None), "name", None) or "entry point"
-            found[ep.name] = (ep.value, dist)
-    return found
+    return registered(ENTRY_POINT_GROUP, BUILTIN)
 
 
 def _load(target: str) -> type[Backend]:
-    module_name, _, attr = target.partition(":")
-    module = importlib.import_module(module_name)
-    cls = getattr(module, attr)
-    if not (isinstance(cls, type) and issubclass(cls, Backend)):
-        raise TypeError(f"{target} is not a llmopt Backend subclass")
+    cls: type[Backend] = load_target(target, Backend)
     return cls
 
 
@@ -186,15 +192,17 @@ def available_backends() -> list[BackendInfo]:
     return [_info(name, target, origin) for name, (target, origin) in sorted(_registry().items())]
 
 
+def _unknown(name: str, reg: dict[str, tuple[str, str]]) -> InputError:
+    close = difflib.get_close_matches(name, list(reg), n=2)
+    hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    listed = f"{hint}available: {', '.join(sorted(reg))} (see `llmopt backends`)."
+    return InputError(f"unknown method '{name}'.", listed)
+
+
 def get_backend(name: str, *, require_usable: bool = True) -> Backend:
     reg = _registry()
     if name not in reg:
-        close = difflib.get_close_matches(name, list(reg), n=2)
-        hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
-        raise InputError(
-            f"unknown method '{name}'.",
-            f"{hint}available: {', '.join(sorted(reg))} (see `llmopt backends`).",
-        )
+        raise _unknown(name, reg)
     target, origin = reg[name]
     info = _info(name, target, origin)
     if info.backend is None or (require_usable and info.problems):
@@ -203,6 +211,36 @@ def get_backend(name: str, *, require_usable: bool = True) -> Backend:
             "Install what is named above, then check with `llmopt backends`.",
         )
     return info.backend
+
+
+def describe_backend(name: str) -> Backend:
+    """The backend registered as ``name``, for what it says about itself (options, format card), without
+    checking that it can run here (``check`` may probe a toolchain). Unknown: exit 2; fails to import: exit 4."""
+    reg = _registry()
+    if name not in reg:
+        raise _unknown(name, reg)
+    target, _ = reg[name]
+    try:
+        return _load(target)()
+    except Exception as exc:  # a plugin's own bug: reported, never a traceback
+        raise BackendUnavailableError(
+            f"backend '{name}' failed to load ({target}): {type(exc).__name__}: {exc}",
+            "Reinstall or fix the package that provides it; `llmopt backends` lists every backend.",
+        ) from None
+
+
+def format_card(
+    backend: str, fmt: str, options: dict[str, Any], repo_id: str, revision: str | None = None
+) -> FormatCard:
+    """The card facts of an artifact made by ``backend`` in format ``fmt``, from that backend when it is installed
+    and still writes that format; otherwise those of a transformers folder (an artifact outlives its plugin)."""
+    try:
+        found = describe_backend(backend)
+    except (InputError, BackendUnavailableError):
+        found = None
+    if found is None or found.format != fmt:
+        return generic_format_card(fmt, options, repo_id, revision)
+    return found.format_card(options, repo_id, revision)
 
 
 def save_tokenizer(inputs: QuantizeInputs) -> None:

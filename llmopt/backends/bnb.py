@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.errors import BackendUnavailableError
 from llmopt.source import SourceModel
 
@@ -89,6 +90,22 @@ class _BnbBackend(Backend):
     runner = "hf"
     requirements = _REQS
     four_bit: ClassVar[bool]
+    quant_type: ClassVar[str]
+
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        bits = bits_of(self.format, options)
+        load = [transformers_snippet(repo_id, revision, needs="bitsandbytes accelerate")]
+        if self.four_bit:  # vLLM loads bitsandbytes 4-bit checkpoints only
+            load.append(vllm_snippet(repo_id, revision, args="--quantization bitsandbytes"))
+        return FormatCard(
+            format=self.format,
+            library_name="transformers",
+            tags=["bitsandbytes"],
+            bits=bits,
+            bit_width=f"{bits}-bit" if bits else None,
+            quant_type=self.quant_type,
+            load=load,
+        )
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         _probe(device, self.four_bit)
@@ -133,6 +150,7 @@ class BnbInt8Backend(_BnbBackend):
     name = "bnb-int8"
     format = "bnb-8bit"
     four_bit = False
+    quant_type = "int8"
     description = "bitsandbytes LLM.int8(): 8-bit weights with fp16 outlier columns; no calibration."
     Options = BnbInt8Options
 
@@ -152,7 +170,6 @@ class _Bnb4bitBackend(_BnbBackend):
     four_bit = True
     format = "bnb-4bit"
     Options = Bnb4bitOptions
-    quant_type: ClassVar[str]
 
     def _quant_config(self, options: BaseModel, device: str) -> Any:
         import torch

@@ -36,6 +36,7 @@ from pydantic_core import PydanticCustomError
 
 from llmopt.backends import gguf_toolchain as toolchain
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, LoadSnippet
 from llmopt.backends.gguf_imatrix import compute_imatrix, load_imatrix
 from llmopt.backends.gguf_toolchain import (
     BUILD_SCRIPT,
@@ -72,6 +73,16 @@ class QuantType:
     @property
     def is_float(self) -> bool:
         return self.name in ("f32", "f16", "bf16")
+
+    @property
+    def bit_width(self) -> str:
+        """Bits per weight in words: '8.5 bpw', '~4.6 bpw' for a k-quant mix, '16-bit' for a float type."""
+        if self.is_float:
+            return "32-bit" if self.name == "f32" else "16-bit"
+        m = re.search(r"([0-9.]+) bpw", self.about)
+        if not m:
+            return self.about
+        return f"~{m.group(1)} bpw" if "around" in self.about else f"{m.group(1)} bpw"
 
 
 _TYPES = (
@@ -219,6 +230,18 @@ class GGUFBackend(Backend):
         versions = super().library_versions()
         versions["llama.cpp converter"] = f"from llama-cpp-python {toolchain.installed_llama_cpp_version()} sdist"
         return versions
+
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        qt = QUANT_TYPES.get(str(options.get("quant_type") or "").lower())
+        return FormatCard(
+            format=self.format,
+            library_name=None,  # llama.cpp reads GGUF; the Hub recognises it by the file, not a library name
+            tags=["gguf"],
+            bits=None,  # a k-quant mixes widths: no one number of bits
+            bit_width=qt.bit_width if qt else None,
+            quant_type=qt.name if qt else None,
+            load=[LoadSnippet(intro="With llama.cpp:", language="bash", code=f"llama-cli -hf {repo_id}")],
+        )
 
     def wants_calibration(self, options: BaseModel) -> bool:
         assert isinstance(options, GGUFOptions)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import group_size_hint, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
+from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
 
@@ -47,6 +48,20 @@ class GPTQBackend(Backend):
         Requirement("optimum", "optimum", "gptq"),
         Requirement("torch", "torch", "core"),
     )
+
+    def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
+        bits = bits_of(self.format, options)
+        return FormatCard(
+            format=self.format,
+            library_name="transformers",
+            tags=["gptq"],
+            bits=bits,
+            bit_width=f"{bits}-bit" if bits else None,
+            load=[
+                transformers_snippet(repo_id, revision, needs="gptqmodel optimum"),
+                vllm_snippet(repo_id, revision, "GPTQ is detected from `quantization_config`"),
+            ],
+        )
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, GPTQOptions)

@@ -12,8 +12,6 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from llmopt.errors import InputError
-
 # Tables stay readable when piped or in CI logs, where rich would otherwise assume 80 columns.
 stdout = Console(width=None if sys.stdout.isatty() else 140)
 stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
@@ -28,19 +26,6 @@ DeviceOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
-
-
-def parse_key_values(pairs: list[str] | None) -> dict[str, Any]:
-    """``key=value`` pairs; values are read as YAML scalars (numbers, booleans, lists)."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InputError(f"option '{pair}' is not of the form key=value.", "Write it as --option name=value.")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    return out
 
 
 @contextlib.contextmanager

@@ -2,39 +2,56 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, parse_key_values, stdout, stdout_is_ours, write_json
+from llmopt.cli._common import DeviceOpt, QuietOpt, human_bytes, stdout, stdout_is_ours, write_json
 from llmopt.cli.bench import TrustRemoteCodeOpt
 
+# The typed flags users already type, each the same as -O with the option it names (`llmopt backends --options
+# METHOD` lists every option of a backend, with the flag where one exists).
+OPTION_FLAGS: dict[str, str] = {
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "desc_act": "--desc-act/--no-desc-act",
+    "sym": "--sym/--no-sym",
+    "damp_percent": "--damp-percent",
+    "true_sequential": "--true-sequential/--no-true-sequential",
+    "llm_int8_threshold": "--llm-int8-threshold",
+    "double_quant": "--double-quant/--no-double-quant",
+    "compute_dtype": "--compute-dtype",
+    "zero_point": "--zero-point/--no-zero-point",
+    "version": "--version",
+    "quant_type": "--quant-type",
+    "imatrix": "--imatrix",
+}
 
-def merge_options(flags: dict[str, Any], pairs: list[str] | None) -> dict[str, Any]:
-    """Typed flags and ``-O key=value`` pairs as one options dict; the same option set to two values is refused
-    (``--double-quant -O double_quant=false`` would otherwise resolve silently to whichever came last)."""
-    from llmopt.errors import InputError
 
-    options: dict[str, Any] = {}
-    given_as: dict[str, str] = {}
-    for key, value in flags.items():
-        if value is None:
-            continue
-        name = key.replace("_", "-")
-        options[key] = value
-        given_as[key] = (f"--{name}" if value else f"--no-{name}") if isinstance(value, bool) else f"--{name} {value}"
-    for pair in pairs or []:
-        for key, value in parse_key_values([pair]).items():
-            if key in options and options[key] != value:
-                raise InputError(
-                    f"{given_as[key]} and -O {pair} set '{key}' to different values.",
-                    "Give each option once, either as its flag or as -O key=value.",
-                )
-            options[key] = value
-            given_as.setdefault(key, f"-O {pair}")
-    return options
+BACKEND_PANEL = "Backend options (each also -O name=value; all of them: llmopt backends --options METHOD)"
+
+
+def backend_flag(*names: str, help: str) -> Any:
+    """A typed flag for a backend option, listed in --help apart from the command's own options."""
+    return typer.Option(*names, help=help, rich_help_panel=BACKEND_PANEL)
+
+
+def merge_options(flags: dict[str, Any], pairs: list[str] | None, method: str | None = None) -> dict[str, Any]:
+    """Typed flags and ``-O key=value`` pairs as one options dict, values read by ``method``'s options model
+    (backends/base.py ``options_from_cli``); the same option set to two values is refused."""
+    from llmopt.backends.base import Backend, describe_backend
+    from llmopt.backends.options import options_from_cli
+    from llmopt.errors import LlmoptError
+
+    backend: Backend | None = None
+    if method is not None:
+        # unknown or broken: read without types here; the quantize call reports it with its own message
+        with contextlib.suppress(LlmoptError):
+            backend = describe_backend(method)
+    return options_from_cli(backend, flags, pairs)
 
 
 def register(app: typer.Typer) -> None:
@@ -43,33 +60,38 @@ def register(app: typer.Typer) -> None:
         model: Annotated[str, typer.Argument(help="A Hugging Face model folder, a .gguf file, or a Hub id.")],
         method: Annotated[str, typer.Option("--method", "-m", help="Backend: see `llmopt backends`.")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Artifact folder to create.")],
-        bits: Annotated[int | None, typer.Option(help="Bits per weight (gptq: 2, 3, 4, 8).")] = None,
-        group_size: Annotated[int | None, typer.Option(help="Group size (gptq); -1 = per row.")] = None,
-        desc_act: Annotated[bool | None, typer.Option("--desc-act/--no-desc-act", help="GPTQ act-order.")] = None,
-        sym: Annotated[bool | None, typer.Option("--sym/--no-sym", help="Symmetric quantization (gptq).")] = None,
-        damp_percent: Annotated[float | None, typer.Option(help="GPTQ Hessian dampening (0-1).")] = None,
+        bits: Annotated[int | None, backend_flag(help="Bits per weight (gptq: 2, 3, 4, 8).")] = None,
+        group_size: Annotated[int | None, backend_flag(help="Group size (gptq); -1 = per row.")] = None,
+        desc_act: Annotated[bool | None, backend_flag("--desc-act/--no-desc-act", help="GPTQ act-order.")] = None,
+        sym: Annotated[bool | None, backend_flag("--sym/--no-sym", help="Symmetric quantization (gptq).")] = None,
+        damp_percent: Annotated[float | None, backend_flag(help="GPTQ Hessian dampening (0-1).")] = None,
         true_sequential: Annotated[
-            bool | None, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ sub-layer order.")
+            bool | None, backend_flag("--true-sequential/--no-true-sequential", help="GPTQ sub-layer order.")
         ] = None,
-        llm_int8_threshold: Annotated[float | None, typer.Option(help="bnb-int8 outlier threshold.")] = None,
+        llm_int8_threshold: Annotated[float | None, backend_flag(help="bnb-int8 outlier threshold.")] = None,
         double_quant: Annotated[
-            bool | None, typer.Option("--double-quant/--no-double-quant", help="bnb 4-bit double quantization.")
+            bool | None, backend_flag("--double-quant/--no-double-quant", help="bnb 4-bit double quantization.")
         ] = None,
-        compute_dtype: Annotated[str | None, typer.Option(help="bnb 4-bit compute dtype.")] = None,
+        compute_dtype: Annotated[str | None, backend_flag(help="bnb 4-bit compute dtype.")] = None,
         zero_point: Annotated[
-            bool | None, typer.Option("--zero-point/--no-zero-point", help="AWQ zero point (asymmetric); default on.")
+            bool | None, backend_flag("--zero-point/--no-zero-point", help="AWQ zero point (asymmetric); default on.")
         ] = None,
         awq_version: Annotated[
-            str | None, typer.Option("--version", help="AWQ packing: gemm (default; runs everywhere) or gemv (CUDA).")
+            str | None, backend_flag("--version", help="AWQ packing: gemm (default; runs everywhere) or gemv (CUDA).")
         ] = None,
         quant_type: Annotated[
-            str | None, typer.Option(help="gguf: llama.cpp type (q8_0, q6_k, q5_k_m, q4_k_m, iq4_xs, f16, ...).")
+            str | None, backend_flag(help="gguf: llama.cpp type (q8_0, q6_k, q5_k_m, q4_k_m, iq4_xs, f16, ...).")
         ] = None,
         imatrix: Annotated[
-            str | None, typer.Option(help="gguf: importance matrix: none, auto (from --calibration) or a file.")
+            str | None, backend_flag(help="gguf: importance matrix: none, auto (from --calibration) or a file.")
         ] = None,
         option: Annotated[
-            list[str] | None, typer.Option("--option", "-O", help="Any backend option as key=value (repeatable).")
+            list[str] | None,
+            backend_flag(
+                "--option",
+                "-O",
+                help="Any backend option as key=value (repeatable); `llmopt backends --options METHOD` lists them.",
+            ),
         ] = None,
         calibration: Annotated[
             str | None, typer.Option(help="Calibration text: .txt/.jsonl/.parquet file, or wikitext2 / c4.")
@@ -104,7 +126,7 @@ def register(app: typer.Typer) -> None:
             "quant_type": quant_type,
             "imatrix": imatrix,
         }
-        options = merge_options(flags, option)
+        options = merge_options(flags, option, method)
         with stdout_is_ours():
             artifact = quantize(
                 model,

@@ -152,14 +152,8 @@ def bench_model(
     try:
         if attn_implementation:
             _set_attention(runner.model, attn_implementation)  # type: ignore[attr-defined]
-        bench = getattr(runner, "bench", None)
-        if bench is None:
-            raise BackendUnavailableError(
-                f"the '{runner.name}' runner cannot measure throughput.",
-                "Measure this format with its own engine.",
-            )
         with rep.step(f"throughput of {label}"):
-            result: dict[str, Any] = bench(settings, rep)
+            result: dict[str, Any] = runner.bench(settings, rep)
         result.update(
             {
                 "load_seconds": round(runner.load_seconds, 3),
@@ -169,11 +163,10 @@ def bench_model(
                 "dtype": runner.dtype,
             }
         )
-        if getattr(runner, "kernel", None):
-            result["kernel"] = runner.kernel  # type: ignore[attr-defined]
-        placement = getattr(runner, "placement", None)
-        if placement is not None:
-            result["placement"] = placement.record()
+        if runner.kernel:
+            result["kernel"] = runner.kernel
+        if runner.placement is not None:
+            result["placement"] = runner.placement.record()
         if attn_implementation:
             result["attn_implementation"] = attn_implementation
         return result

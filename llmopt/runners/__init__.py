@@ -1,5 +1,8 @@
-"""Runners: how an artifact is loaded and scored. Heavy imports happen inside ``load_runner``."""
+"""Runners: how an artifact is loaded and scored, found through a registry like the backends' (see ``base``).
 
-from llmopt.runners.base import Runner, load_runner
+Heavy imports happen inside ``load_runner``.
+"""
 
-__all__ = ["Runner", "load_runner"]
+from llmopt.runners.base import BaseRunner, LoadRequest, Runner, available_runners, load_runner, runner_class
+
+__all__ = ["BaseRunner", "LoadRequest", "Runner", "available_runners", "load_runner", "runner_class"]

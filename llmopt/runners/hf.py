@@ -7,10 +7,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.errors import BackendUnavailableError
+from llmopt.runners.base import BaseRunner, LoadRequest
+
+if TYPE_CHECKING:
+    from llmopt.placement import Placement
 
 # Kernels GPTQModel may pick on its own that need a download at first use (CUTLASS for Machete):
 # on a CUDA device we ask for Marlin unless the user names a kernel.
@@ -208,8 +212,21 @@ def _gpu_memory_guard(device: str, windows: list[list[int]]) -> Iterator[None]:
         ) from None
 
 
-class HFRunner:
+class HFRunner(BaseRunner):
     name = "hf"
+    placement: Placement  # always planned, one device or several
+    loader = "hf"  # how ``open`` loads: transformers, or GPTQModel (``GPTQModelRunner``)
+
+    @classmethod
+    def open(cls, request: LoadRequest) -> HFRunner:
+        return cls(
+            request.path,
+            request.device,
+            loader=cls.loader,
+            kernel=request.kernel,
+            dense_on_cpu=not request.for_speed,
+            trust_remote_code=request.trust_remote_code,
+        )
 
     def __init__(
         self,
@@ -240,9 +257,9 @@ class HFRunner:
         # Sizes are planned at the dtype the weights are loaded in (fp16 on GPU).
         self.placement = plan_placement(target, path, dtype_bytes=2 if self.dtype == "float16" else 4)
         self.device = self.placement.primary
-        self.kernel: str | None = None  # only GPTQModel-loaded artifacts choose a kernel
+        self.kernel = None  # only GPTQModel-loaded artifacts choose a kernel
         # What the arithmetic really is, where the one dtype above does not say it all (bitsandbytes).
-        self.compute: dict[str, str] | None = None
+        self.compute = None
         # bitsandbytes logs a warning on every int8 matmul with fp32 inputs (they are cast to fp16).
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
         start = time.perf_counter()
@@ -398,3 +415,10 @@ class HFRunner:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+class GPTQModelRunner(HFRunner):
+    """GPTQ/AWQ checkpoints through GPTQModel's kernels (the ``gptqmodel`` runner)."""
+
+    name = "gptqmodel"
+    loader = "gptqmodel"

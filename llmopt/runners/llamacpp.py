@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 
 from llmopt.environment import cpu_count
 from llmopt.errors import ArtifactError, BackendUnavailableError, InputError
+from llmopt.runners.base import BaseRunner, LoadRequest
 from llmopt.stats import percentile, summary
 
 KV_CACHE_TYPE = "f16"
@@ -94,10 +95,16 @@ def _signal_name(returncode: int) -> str:
         return f"signal {-returncode}"
 
 
-class LlamaCppRunner:
+class LlamaCppRunner(BaseRunner):
     """llama.cpp in a child process (llamacpp_worker.serve): a crash there is an llmopt error here."""
 
     name = "llamacpp"
+
+    @classmethod
+    def open(cls, request: LoadRequest) -> LlamaCppRunner:
+        from llmopt.placement import resolve_target
+
+        return cls(request.path, resolve_target(request.device).primary)
 
     def __init__(self, path: Path, device: str, *, threads: int | None = None) -> None:
         _check_llama_cpp()

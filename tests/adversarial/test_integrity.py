@@ -225,7 +225,17 @@ def test_real_artifact_published_byte_for_byte(
     commit = hub.commits("test-org/smol-int8")[-1]
     on_disk = {p.relative_to(art).as_posix(): p.read_bytes() for p in art.rglob("*") if p.is_file()}
     uploaded = {k: v for k, v in commit.files.items() if k not in ("README.md", ".gitattributes")}
-    assert uploaded == on_disk
+    manifest = uploaded.pop("llmopt.json").decode()
+    assert uploaded == {k: v for k, v in on_disk.items() if k != "llmopt.json"}
+    # The manifest goes up as stored except for local paths (cut to <local>/NAME): no home folder on the Hub.
+    assert str(tmp_path) not in manifest and os.environ["HOME"] not in manifest
+    local = json.loads(on_disk["llmopt.json"])
+    public = json.loads(manifest)
+    with_paths = ("source", "recipe", "evaluation", "calibration")
+    assert {k: v for k, v in public.items() if k not in with_paths} == {
+        k: v for k, v in local.items() if k not in with_paths
+    }
+    assert public["evaluation"]["artifact"]["window_nll"] == local["evaluation"]["artifact"]["window_nll"]
     card = commit.files["README.md"].decode()
     assert f"{report['artifact']['perplexity']:.4f}" in card and f"{report['baseline']['perplexity']:.4f}" in card
     assert f"{report['delta_pct']:+.2f}% ± {report['delta_pct_stderr']:.2f}" in card

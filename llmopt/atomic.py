@@ -1,0 +1,46 @@
+"""Atomic file writes: a temp file in the target's folder, fsync, rename; the mode a plain write gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; put it straight back (single-threaded at this point of a write).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``fill(file)`` on a temp file next to it and an atomic rename.
+
+    mkstemp creates its file 0600; the result gets the mode ``open()`` would give (0666 less the umask),
+    so reports and manifests stay readable by the people a folder is shared with.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON (indented, keys in insertion order, unknown types as str) atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
