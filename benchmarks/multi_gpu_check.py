@@ -123,7 +123,7 @@ def _eval_case(art: Path, assets: dict[str, str], device: str, args: argparse.Na
         kernel=args.kernel,
         use_cache=False,  # the FP16 baseline is scored again, on this placement
         write_manifest=False,
-    )
+    ).to_json()
     keep = ("perplexity", "stderr", "tokens_scored", "load_seconds", "eval_seconds", "placement", "kernel", "runner")
     return {
         "device": device,

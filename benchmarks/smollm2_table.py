@@ -68,7 +68,7 @@ def main() -> None:
             report = json.loads(report_path.read_text())
         else:
             report = evaluate(out, assets["model"], assets["eval_text"], context_length=args.context,
-                              device=args.device, kernel=args.kernel, reporter=reporter)  # fmt: skip
+                              device=args.device, kernel=args.kernel, reporter=reporter).to_json()  # fmt: skip
             report_path.write_text(json.dumps(report, indent=2))
         rows.append((name, art.manifest.quantize_seconds, report))
 

@@ -8,6 +8,12 @@ non-interactive test runs. Some of its modules also ``print`` debugging dumps on
 directory:", "Content of saved `config.json`:" and the whole JSON); those bare prints to stdout are
 dropped in the modules listed in ``_PRINTING_MODULES``. ``LLMOPT_THIRD_PARTY_LOGS=1`` (or
 ``LLMOPT_DEBUG=1``) keeps everything.
+
+``quiet_console`` (called by the CLI before any command runs, importing nothing heavy) does the same for
+the rest of the stack: transformers' "Loading weights" / "Writing model shards" bars and huggingface_hub's
+bars (one line per update in a CI log; llmopt's own steps say what is loading), torchao's "Failed to load
+... .so" lines for kernels of other GPUs printed at its import, and torch's deprecation lines about
+torchao's enums. transformers' warnings (e.g. weights left uninitialised) are kept.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import sys
 from typing import Any
 
 _done = False
+
+# Loggers whose import-time chatter says nothing about the user's model.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
 
 # GPTQModel modules whose bare print() calls are debugging output, not messages for the user.
 _PRINTING_MODULES = (
@@ -47,6 +56,26 @@ def _silence_debug_prints() -> None:
         module.print = _stdout_print_dropped  # type: ignore[attr-defined]
 
 
+def third_party_logs_wanted() -> bool:
+    return bool(os.environ.get("LLMOPT_THIRD_PARTY_LOGS") or os.environ.get("LLMOPT_DEBUG"))
+
+
+def quiet_console() -> bool:
+    """Quiet the stack's progress bars and import-time lines (see the module docstring); returns whether it did.
+
+    Sets environment defaults and logger levels only, so it is cheap and must run before transformers,
+    huggingface_hub or torchao are imported (transformers reads the progress-bar switch at import).
+    """
+    if third_party_logs_wanted():
+        return False
+    import logging
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return True
+
+
 def configure_gptqmodel_env() -> None:
     """Before GPTQModel runs (quantizing or loading): environment it reads at start-up."""
     # GPTQModel sizes its CPU worker pools from the core count and refuses pools larger than the
@@ -62,7 +91,7 @@ def quiet_gptqmodel() -> bool:
     global _done
     if _done:
         return True
-    if os.environ.get("LLMOPT_THIRD_PARTY_LOGS") or os.environ.get("LLMOPT_DEBUG"):
+    if third_party_logs_wanted():
         return False
     try:
         from logbar import LogBar

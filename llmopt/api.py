@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from llmopt import __version__, interrupt
 from llmopt.artifact import (
@@ -29,7 +29,7 @@ from llmopt.artifact import (
     sha256_json,
 )
 from llmopt.errors import DataError, InputError, OutputPathError, TokenizerMismatchError
-from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
     check_output,
     check_report_file,
@@ -40,15 +40,22 @@ from llmopt.outputs import (
     remove_empty,
 )
 from llmopt.progress import Reporter, SilentReporter
+from llmopt.results import EVAL_SCHEMA, EvalReport, EvalSettings, ModelScore, SpeedReport
+from llmopt.specs import EvalSpec, GateSpec, check_settings, eval_spec
 
-if TYPE_CHECKING:
-    from llmopt.evaluate.throughput import ThroughputSettings
-
-EVAL_SCHEMA = "llmopt.eval/1"
 P = ParamSpec("P")
 R = TypeVar("R")
 
-__all__ = ["check_output", "check_report_file", "evaluate", "quantize", "sweep_stale_partials"]
+__all__ = [
+    "EVAL_SCHEMA",
+    "EvalReport",
+    "EvalSpec",
+    "check_output",
+    "check_report_file",
+    "evaluate",
+    "quantize",
+    "sweep_stale_partials",
+]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -170,7 +177,7 @@ def quantize(
     from llmopt.data import check_calibration_settings
     from llmopt.environment import environment
     from llmopt.placement import resolve_target
-    from llmopt.source import resolve
+    from llmopt.source import has_tokenizer, load_tokenizer, resolve
 
     rep: Reporter = reporter or SilentReporter()
     out = Path(output)  # absolute and checked by @_guarded_output
@@ -186,17 +193,17 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
+    if source.path.is_dir() and not has_tokenizer(source.path):
+        load_tokenizer(source.path)  # raises the clear error before any quantization work
     if backend.wants_calibration(opts):
         if not calibration:
             raise DataError(
                 f"{method} needs calibration text.",
                 "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
             )
-        from transformers import AutoTokenizer
-
         from llmopt.data import calibration_set
 
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer(source.path, trust_remote_code=trust_remote_code)
         calib = calibration_set(tokenizer, calibration, samples=samples, seq_len=seq_len, seed=seed)
 
     for stale in sweep_stale_partials(out):
@@ -265,51 +272,47 @@ def _tokenize(tokenizer: Any, text: str) -> list[int]:
 def evaluate(
     artifact_path: str | Path,
     baseline: str,
-    dataset: str,
+    spec: EvalSpec | str,
     *,
-    context_length: int = 512,
-    stride: int | None = None,
-    max_tokens: int | None = None,
-    add_bos: bool = False,
-    device: str = "auto",
-    batch_size: int = 1,
     gate: GateSpec | None = None,
-    kernel: str | None = None,
-    throughput: ThroughputSettings | None = None,
     use_cache: bool = True,
     write_manifest: bool = True,
     reporter: Reporter | None = None,
     trust_remote_code: bool = False,
     baseline_speeds: dict[str, dict[str, Any]] | None = None,
-    kld: bool = True,
-) -> dict[str, Any]:
+    **settings: Any,
+) -> EvalReport:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
 
-    With ``kld`` (the default), also how far the artifact's next-token distribution moves from FP16's on every
-    scored token (KL divergence, top-1 agreement, Δp: ``report["artifact"]["distribution"]``,
-    llmopt/evaluate/kld.py). FP16's side of it is kept on disk next to the baseline cache, so, like the
-    baseline's perplexity, it is computed once for every artifact evaluated against it.
-
-    With ``throughput`` settings, also the serving speed of both, each measured in a process of its own
-    (never cached on disk), under ``report["throughput"]`` (see llmopt/evaluate/throughput.py). A caller
+    ``spec`` holds the evaluation settings (llmopt/specs.py), as a recipe or the CLI built them; a caller may
+    instead give the dataset and the settings as keywords (``evaluate(art, base, "eval.txt", context_length=256)``).
+    With ``spec.throughput``, also the serving speed of both, each measured in a process of its own
+    (never cached on disk), under ``report.throughput`` (see llmopt/evaluate/throughput.py). A caller
     that evaluates several artifacts against one baseline in one sitting (``llmopt run``) passes the same
     ``baseline_speeds`` dict to every call: the baseline's speed is then measured once, by the first call, for
     each (model, settings, device), and the later variants are compared with that measurement.
 
+    With ``spec.kld`` (the default), also how far the artifact's next-token distribution moves from FP16's on
+    every scored token (KL divergence, top-1 agreement, Δp: ``report.artifact.distribution``,
+    llmopt/evaluate/kld.py). FP16's side of it is kept on disk next to the baseline cache, so, like the
+    baseline's perplexity, it is computed once for every artifact evaluated against it.
+
     Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
     """
-    from transformers import AutoTokenizer
-
     from llmopt.data import load_text
     from llmopt.environment import device_name, environment
     from llmopt.evaluate import baseline as baseline_cache
-    from llmopt.evaluate.perplexity import check_settings, make_windows, paired_delta
+    from llmopt.evaluate.perplexity import make_windows, paired_delta
     from llmopt.placement import resolve_target
-    from llmopt.source import check_remote_code, resolve
+    from llmopt.source import check_remote_code, load_tokenizer, resolve
 
-    check_settings(context_length, stride, batch_size, add_bos=add_bos, max_tokens=max_tokens)
-    if not kld and gate is not None and gate.needs_distribution():
+    if isinstance(spec, str):
+        spec = eval_spec(dataset=spec, **settings)
+    elif settings:
+        raise TypeError(f"evaluate() got settings beside a spec: {', '.join(settings)}; put them in the spec")
+    check_settings(spec.context_length, spec.stride, spec.batch_size, add_bos=spec.add_bos, max_tokens=spec.max_tokens)
+    if not spec.kld and gate is not None and gate.needs_distribution():
         raise InputError(
             "the gate reads the KL divergence (--max-kld / --min-top1), which --no-kld turns off.",
             "Drop --no-kld, or the KL divergence thresholds.",
@@ -327,15 +330,13 @@ def evaluate(
         art.require_intact()
     check_remote_code(art.path, trust_remote_code, what="artifact")
     base = resolve(baseline, trust_remote_code=trust_remote_code)
-    text = load_text(dataset)
-    if stride is None:
-        stride = context_length
+    text = load_text(spec.dataset)
 
-    base_tok = AutoTokenizer.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    base_tok = load_tokenizer(base.path, trust_remote_code=trust_remote_code, what="baseline model folder")
     ids_all = _tokenize(base_tok, text)
-    ids = ids_all[:max_tokens] if max_tokens else ids_all
+    ids = ids_all[: spec.max_tokens] if spec.max_tokens else ids_all
     try:
-        art_tok = AutoTokenizer.from_pretrained(art.path, trust_remote_code=trust_remote_code)
+        art_tok = load_tokenizer(art.path, trust_remote_code=trust_remote_code, what="artifact")
     except Exception as exc:
         raise TokenizerMismatchError(
             f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
@@ -349,34 +350,30 @@ def evaluate(
             "Use as --baseline the model the artifact was quantized from "
             f"(its manifest says: {art.manifest.source.model}).",
         )
-    bos_id = base_tok.bos_token_id if add_bos else None
-    if add_bos and bos_id is None:
+    bos_id = base_tok.bos_token_id if spec.add_bos else None
+    if spec.add_bos and bos_id is None:
         raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
-    windows = make_windows(ids, context_length, stride, bos_id=bos_id)
+    windows = make_windows(ids, spec.context_length, spec.resolved_stride(), bos_id=bos_id)
     windows_tokens = [len(w.ids) - w.score_from for w in windows]
-    target = resolve_target(device)
+    target = resolve_target(spec.device)
     dev = target.primary
 
-    settings = {
-        "dataset": dataset,
-        "text_sha256": sha256_json(text),
-        "tokens_sha256": sha256_json(ids),
-        "context_length": context_length,
-        "stride": stride,
-        "add_bos": add_bos,
-        "max_tokens": max_tokens,
-        "tokens_total": len(ids),
-        "tokens_scored": sum(len(w.ids) - w.score_from for w in windows),
-        "windows": len(windows),
-        "device": device_name(dev),
-        "placement": target.describe(),
-    }
+    measured = EvalSettings.of(
+        spec,
+        text_sha256=sha256_json(text),
+        tokens_sha256=sha256_json(ids),
+        tokens_total=len(ids),
+        tokens_scored=sum(windows_tokens),
+        windows=len(windows),
+        device=device_name(dev),
+        placement=target.describe(),
+    )
 
     env = environment(dev)
     key_parts: dict[str, Any] = {
         "weights": base.weights_sha256(),
-        "settings": {k: settings[k] for k in ("tokens_sha256", "context_length", "stride", "add_bos")},
-        "device": settings["device"],
+        "settings": measured.model_dump(mode="json", include={"tokens_sha256", "context_length", "stride", "add_bos"}),
+        "device": measured.device,
         "versions": {k: env["packages"].get(k) for k in ("torch", "transformers")},
     }
     if target.multi_gpu:
@@ -386,111 +383,125 @@ def evaluate(
     with contextlib.ExitStack() as stack:
         reference = None
         ref_folder = None
-        if kld:
+        if spec.kld:
             from llmopt.evaluate import kld as kld_mod
 
             ref_folder = stack.enter_context(kld_mod.reference_folder(key, use_cache))
             reference = kld_mod.load_reference(ref_folder, windows_tokens, key)
         cached = baseline_cache.load_cached(key) if use_cache else None
-        if cached is not None and (not kld or reference is not None):
-            base_result = cached["result"]
-            base_result["cached"] = True
-            rep.info(f"FP16 baseline from cache (perplexity {base_result['perplexity']:.4f})")
+        if cached is not None and (not spec.kld or reference is not None):
+            base_result = ModelScore.model_validate(cached["result"])
+            base_result.cached = True
+            rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
         else:
             base_result, reference = _score_model(
                 "hf",
                 base.path,
                 windows,
                 target.spec,
-                batch_size,
-                kernel,
+                spec.batch_size,
+                spec.kernel,
                 rep,
                 "FP16 baseline",
                 trust_remote_code,
                 build_reference=(ref_folder, key) if ref_folder is not None else None,
             )
-            base_result["size_bytes"] = base.size_bytes()
-            base_result["model"] = baseline
+            base_result.size_bytes = base.size_bytes()
+            base_result.model = baseline
             if use_cache:
-                problem = baseline_cache.store(key, {"result": base_result})
+                problem = baseline_cache.store(key, {"result": base_result.to_json()})
                 if problem:
                     rep.info(f"warning: {problem}")
-            base_result["cached"] = False
+            base_result.cached = False
 
         art_result, _ = _score_model(
             art.manifest.runner,
             art.path,
             windows,
             target.spec,
-            batch_size,
-            kernel,
+            spec.batch_size,
+            spec.kernel,
             rep,
             f"artifact ({art.manifest.backend})",
             trust_remote_code,
             against=reference,
         )
-    art_result["size_bytes"] = art.size_bytes()
-    art_result["path"] = str(art.path)
-    art_result["backend"] = art.manifest.backend
-    art_result["format"] = art.manifest.format
+    art_result.size_bytes = art.size_bytes()
+    art_result.path = str(art.path)
+    art_result.backend = art.manifest.backend
+    art_result.format = art.manifest.format
     # The artifact's dtype heads the report; each side keeps what it really computed in (``dtype``, and
     # ``compute`` where one dtype does not say it all, e.g. bitsandbytes), since the two can differ.
-    settings["dtype"] = art_result["dtype"]
+    measured.dtype = art_result.dtype
 
-    delta_pct, delta_stderr = paired_delta(art_result["window_nll"], base_result["window_nll"], windows_tokens)
-    report: dict[str, Any] = {
-        "schema": EVAL_SCHEMA,
-        "settings": settings,
-        "baseline": base_result,
-        "artifact": art_result,
-        "delta_pct": delta_pct,
-        "delta_pct_stderr": delta_stderr,
-        "size_ratio": art_result["size_bytes"] / base_result["size_bytes"] if base_result["size_bytes"] else None,
-        "environment": env,
-        "artifact_files_sha256": files_digest(art.manifest.files),
-    }
-    if throughput is not None:
-        from llmopt.evaluate.throughput import bench_model, throughput_section
-
-        speed = throughput.resolved(dev)
-        speed_key = sha256_json(
-            {"model": str(base.path.resolve()), "settings": speed.model_dump(mode="json"), "device": target.spec}
+    assert art_result.window_nll is not None and base_result.window_nll is not None
+    delta_pct, delta_stderr = paired_delta(art_result.window_nll, base_result.window_nll, windows_tokens)
+    report = EvalReport(
+        settings=measured,
+        baseline=base_result,
+        artifact=art_result,
+        delta_pct=delta_pct,
+        delta_pct_stderr=delta_stderr,
+        size_ratio=art_result.size_bytes / base_result.size_bytes if base_result.size_bytes else None,
+        environment=env,
+        artifact_files_sha256=files_digest(art.manifest.files),
+    )
+    if spec.throughput is not None:
+        report.throughput = _measure_speed(
+            spec, art, base.path, target.spec, dev, rep, trust_remote_code, baseline_speeds
         )
-        if baseline_speeds is not None and speed_key in baseline_speeds:
-            base_speed = copy.deepcopy(baseline_speeds[speed_key])
-            rep.info("FP16 baseline speed measured earlier in this run: not measured again")
-        else:
-            base_speed = bench_model(
-                base.path,
-                target.spec,
-                speed,
-                runner_kind="hf",
-                label="FP16 baseline",
-                reporter=rep,
-                trust_remote_code=trust_remote_code,
-            )
-            if baseline_speeds is not None:
-                baseline_speeds[speed_key] = base_speed
-        runner_kind = art.manifest.runner
-        art_speed = bench_model(
-            art.path,
-            target.spec,
+    report.gate = apply_gate(gate or GateSpec(), report)
+
+    if write_manifest:
+        art.manifest.evaluation = report.without_gate()
+        art.manifest.gate = report.gate
+        art.save()
+    return report
+
+
+def _measure_speed(
+    spec: EvalSpec,
+    art: Artifact,
+    base_path: Path,
+    device_spec: str,
+    dev: str,
+    rep: Reporter,
+    trust_remote_code: bool,
+    baseline_speeds: dict[str, dict[str, Any]] | None,
+) -> SpeedReport:
+    """Serving speed of the baseline (or its earlier measurement in this run) and of the artifact."""
+    from llmopt.evaluate.throughput import bench_model, throughput_section
+
+    assert spec.throughput is not None
+    speed = spec.throughput.resolved(dev)
+    speed_key = sha256_json(
+        {"model": str(base_path.resolve()), "settings": speed.model_dump(mode="json"), "device": device_spec}
+    )
+    if baseline_speeds is not None and speed_key in baseline_speeds:
+        base_speed = copy.deepcopy(baseline_speeds[speed_key])
+        rep.info("FP16 baseline speed measured earlier in this run: not measured again")
+    else:
+        base_speed = bench_model(
+            base_path,
+            device_spec,
             speed,
-            runner_kind=runner_kind,
-            kernel=kernel,
+            runner_kind="hf",
+            label="FP16 baseline",
             reporter=rep,
             trust_remote_code=trust_remote_code,
         )
-        report["throughput"] = throughput_section(base_speed, art_speed, speed, dev)
-    result = apply_gate(gate or GateSpec(), report)
-    report["gate"] = result.model_dump(mode="json")
-    report["gate"]["spec"] = (gate or GateSpec()).model_dump(mode="json")
-
-    if write_manifest:
-        art.manifest.evaluation = {k: v for k, v in report.items() if k != "gate"}
-        art.manifest.gate = report["gate"]
-        art.save()
-    return report
+        if baseline_speeds is not None:
+            baseline_speeds[speed_key] = base_speed
+    art_speed = bench_model(
+        art.path,
+        device_spec,
+        speed,
+        runner_kind=art.manifest.runner,
+        kernel=spec.kernel,
+        reporter=rep,
+        trust_remote_code=trust_remote_code,
+    )
+    return SpeedReport.model_validate(throughput_section(base_speed, art_speed, speed, dev))
 
 
 def _score_model(
@@ -506,12 +517,13 @@ def _score_model(
     *,
     build_reference: tuple[Path, str] | None = None,
     against: Any = None,
-) -> tuple[dict[str, Any], Any]:
+) -> tuple[ModelScore, Any]:
     """Load and score one model. ``build_reference`` (folder, key): also write FP16's side of the KL divergence
     there, in the same pass. ``against`` (a kld.Reference): also score the distribution against it, in the
-    same pass (``out["distribution"]``). Returns the result and the reference written (or None)."""
+    same pass (``distribution``). Returns the score and the reference written (or None)."""
     from llmopt.evaluate import kld
     from llmopt.evaluate.perplexity import score
+    from llmopt.results import Distribution
     from llmopt.runners import load_runner
 
     with reporter.step(f"loading {label}"):
@@ -527,43 +539,29 @@ def _score_model(
                 folder, key = build_reference
                 writer = kld.ReferenceWriter(folder, key, tokens, runner.n_vocab)
                 result, reference = kld.build_reference(
-                    windows,
-                    runner.kld_reference,
-                    runner.n_vocab,
-                    writer,
-                    batch_size=batch_size,
-                    on_batch=step.advance,
+                    windows, runner.kld_reference, runner.n_vocab, writer, batch_size=batch_size, on_batch=step.advance
                 )
             elif against is not None:
                 kld.check_vocab(against.vocab, runner.n_vocab)
-                result, distribution = kld.score_against(
-                    windows,
-                    runner.kld_compare,
-                    against,
-                    batch_size=batch_size,
-                    on_batch=step.advance,
+                result, dist = kld.score_against(
+                    windows, runner.kld_compare, against, batch_size=batch_size, on_batch=step.advance
                 )
+                distribution = Distribution.model_validate(dist)
             else:
                 result = score(windows, runner.nll, batch_size=batch_size, on_batch=step.advance)
         elapsed = time.perf_counter() - start
-        out = result.to_dict()
-        out.update(
-            {
-                "footprint_bytes": runner.footprint_bytes(),
-                "load_seconds": round(runner.load_seconds, 3),
-                "eval_seconds": round(elapsed, 3),
-                "runner": runner.name,
-                "dtype": runner.dtype,
-            }
+        scored = ModelScore(
+            **result.to_dict(),
+            footprint_bytes=runner.footprint_bytes(),
+            load_seconds=round(runner.load_seconds, 3),
+            eval_seconds=round(elapsed, 3),
+            runner=runner.name,
+            dtype=runner.dtype,
+            kernel=runner.kernel or None,
+            compute=runner.compute or None,
+            placement=runner.placement.record() if runner.placement is not None else None,
+            distribution=distribution,
         )
-        if distribution is not None:
-            out["distribution"] = distribution
-        if runner.kernel:
-            out["kernel"] = runner.kernel
-        if runner.compute:
-            out["compute"] = runner.compute
-        if runner.placement is not None:
-            out["placement"] = runner.placement.record()
-        return out, reference
+        return scored, reference
     finally:
         runner.close()

@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmopt.atomic import write_json_atomic
 from llmopt.errors import ArtifactError
+from llmopt.results import EvalReport, GateResult
 
 MANIFEST_NAME = "llmopt.json"
 SCHEMA_VERSION = 1
@@ -73,9 +74,13 @@ class EnvironmentInfo(BaseModel):
 
 
 class Manifest(BaseModel):
-    """Schema of ``llmopt.json`` (version 1)."""
+    """Schema of ``llmopt.json`` (version 1).
 
-    model_config = ConfigDict(extra="forbid")
+    ``evaluation`` and ``gate`` are the typed results (llmopt/results.py); the JSON is the dicts earlier
+    versions wrote, so their manifests load as they are (and a dict assigned to either is validated into one).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
     schema_version: int = SCHEMA_VERSION
     llmopt_version: str
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -89,8 +94,8 @@ class Manifest(BaseModel):
     quantize_seconds: float | None = None
     files: dict[str, FileEntry]
     recipe: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None
-    gate: dict[str, Any] | None = None
+    evaluation: EvalReport | None = Field(None, description="The last evaluation (without its gate).")
+    gate: GateResult | None = Field(None, description="The gate applied to that evaluation, with its thresholds.")
 
 
 def hash_tree(root: Path) -> dict[str, FileEntry]:
@@ -135,7 +140,7 @@ class Artifact:
             manifest = Manifest.model_validate_json(mpath.read_text())
         except ValueError as exc:
             raise ArtifactError(
-                f"{mpath} is not a valid manifest: {_first_line(exc)}",
+                f"{mpath} is not a valid manifest: {_what_is_wrong(exc)}",
                 "Re-create the artifact with `llmopt quantize`.",
             ) from None
         return cls(root, manifest)
@@ -175,6 +180,15 @@ class Artifact:
                 + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""),
                 "Re-create the artifact with `llmopt quantize --overwrite`, then evaluate it again.",
             )
+
+
+def _what_is_wrong(exc: ValueError) -> str:
+    """The first problem, with where it is (``evaluation.artifact.perplexity: ...``) when pydantic knows."""
+    if isinstance(exc, ValidationError) and exc.errors():
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        return f"{where}: {err['msg']}" if where else str(err["msg"])
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -69,22 +69,21 @@ def check_publishable(art: Artifact) -> dict[str, FileEntry]:
             f"{art.path} has not been evaluated, so it has no gate to pass.",
             f"Run `llmopt eval {art.path} --baseline MODEL --dataset TEXT --max-ppl-increase PCT` first.",
         )
-    checks = m.gate.get("checks") or []
-    if not checks:
+    if not m.gate.checks:
         raise GateFailedError(
             f"{art.path} was evaluated with no gate thresholds: nothing says it is good enough to publish.",
             "Evaluate it again with a threshold, e.g. `llmopt eval ... --max-ppl-increase 5`.",
         )
     # The flag and the summary numbers are only believed when they follow from the raw window scores.
     require_consistent(m.evaluation, m.gate, str(art.path))
-    if not m.gate.get("passed"):
-        failed = "; ".join(c.get("message", c.get("name", "?")) for c in checks if not c.get("passed"))
+    if not m.gate.passed:
+        failed = "; ".join(c.message for c in m.gate.failures())
         raise GateFailedError(
             f"{art.path} did not pass its gate: {failed}.",
             "Only artifacts that pass their gate are published; pick another variant or change the recipe.",
         )
     current = hash_tree(art.path)
-    if m.evaluation.get("artifact_files_sha256") != files_digest(current):
+    if m.evaluation.artifact_files_sha256 != files_digest(current):
         changed = sorted(
             [rel for rel in current if rel not in m.files or m.files[rel].sha256 != current[rel].sha256]
             + [f"{rel} (missing)" for rel in m.files if rel not in current]
@@ -302,11 +301,12 @@ def publish(
 
     hf = _require_hub()
     api = _api()
-    ev = art.manifest.evaluation or {}
+    ev = art.manifest.evaluation
+    ppl = ev.artifact.perplexity if ev else float("nan")
+    delta = ev.delta_pct if ev and ev.delta_pct is not None else float("nan")
     message = commit_message or (
         f"llmopt: {art.manifest.backend} ({art.manifest.format}), perplexity "
-        f"{(ev.get('artifact') or {}).get('perplexity', float('nan')):.4f} "
-        f"({ev.get('delta_pct', float('nan')):+.2f}% vs FP16), gate passed"
+        f"{ppl:.4f} ({delta:+.2f}% vs FP16), gate passed"
     )
     description = (
         f"Published by llmopt {__version__} after its gate passed.\n\n"

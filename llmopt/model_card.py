@@ -15,6 +15,7 @@ from typing import Any
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
 from llmopt.backends.base import format_card
 from llmopt.backends.format_card import FormatCard
+from llmopt.results import ModelScore
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 
@@ -116,13 +117,13 @@ def _dtype_cell(value: Any) -> str:
     return f"`{value}`" if isinstance(value, str) and value else "not recorded"
 
 
-def _scored_baseline(art: Artifact, baseline: dict[str, Any], base_model: str | None) -> dict[str, str]:
+def _scored_baseline(art: Artifact, baseline: ModelScore | None, base_model: str | None) -> dict[str, str]:
     """What the baseline row may claim: the model that was actually scored, by Hub id only when it was one.
 
     A local folder is named by its last path part and its weights' sha256 (when the manifest has them for
     that folder); a card must not present a local rebuild as the Hub model it may have come from.
     """
-    scored = str(baseline.get("model") or "")
+    scored = str(baseline.model or "") if baseline else ""
     local = not (HUB_ID.match(scored) and not Path(scored).expanduser().exists()) if scored else True
     if scored and not local:
         return {"label": scored}
@@ -162,8 +163,8 @@ def render_card(
     import yaml
 
     m = art.manifest
-    ev = m.evaluation or {}
-    gate = m.gate or {}
+    ev = m.evaluation
+    gate = m.gate
     options = {k: v for k, v in m.options.items() if k != "_resolved"}
     facts = format_card(m.backend, m.format, options, repo_id, revision)
     bits = facts.bits
@@ -189,9 +190,9 @@ def render_card(
 
     name = repo_id.split("/")[-1]
     base_ref = f"[{base}](https://huggingface.co/{base})" if base else f"`{Path(m.source.model).name}`"
-    s = ev.get("settings") or {}
-    b = ev.get("baseline") or {}
-    a = ev.get("artifact") or {}
+    s = ev.settings if ev else None
+    b = ev.baseline if ev else None
+    a = ev.artifact if ev else None
     lines = [
         "---",
         yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
@@ -211,18 +212,17 @@ def render_card(
     lines += ["", "## Evaluation against FP16", ""]
     if s:
         lines.append(
-            f"Perplexity on `{_public(s.get('dataset'))}` "
-            f"(text sha256 `{str(s.get('text_sha256', ''))[:16]}…`): "
-            f"{s.get('tokens_scored', 0):,} tokens scored in windows of {s.get('context_length')} "
-            f"(stride {s.get('stride')}{', BOS added' if s.get('add_bos') else ''}) on "
-            f"**{s.get('device', '?')}**. Both models were scored on exactly the same token ids."
+            f"Perplexity on `{_public(s.dataset)}` "
+            f"(text sha256 `{(s.text_sha256 or '')[:16]}…`): "
+            f"{s.tokens_scored or 0:,} tokens scored in windows of {s.context_length} "
+            f"(stride {s.stride}{', BOS added' if s.add_bos else ''}) on "
+            f"**{s.device or '?'}**. Both models were scored on exactly the same token ids."
         )
         lines.append("")
     scored_base = _scored_baseline(art, b, base)
     if scored_base.get("note"):
         lines += [scored_base["note"], ""]
-    throughput = ev.get("throughput") or {}
-    speed = throughput.get("decode_speedup") or {}
+    speed = ev.throughput.decode_speedup if ev and ev.throughput else {}
     speed_col = bool(speed)
     header = ["model", "scored in", "perplexity", "± stderr", "Δ vs FP16", "size on disk", "in memory"]
     if speed_col:
@@ -231,26 +231,26 @@ def render_card(
     if b:
         row = [
             f"FP16 baseline ({scored_base['label']})",
-            _dtype_cell(b.get("dtype")),
-            f"{b.get('perplexity', 0):.4f}",
-            f"{b.get('stderr', 0):.4f}",
+            _dtype_cell(b.dtype),
+            f"{b.perplexity:.4f}",
+            f"{b.stderr:.4f}",
             "–",
-            fmt_bytes(b.get("size_bytes")),
-            fmt_bytes(b.get("footprint_bytes")),
+            fmt_bytes(b.size_bytes),
+            fmt_bytes(b.footprint_bytes),
         ]
         lines.append("| " + " | ".join(row + (["1.00x"] if speed_col else [])) + " |")
-    if a:
-        delta = ev.get("delta_pct")
-        dse = ev.get("delta_pct_stderr")
+    if ev and a:
+        delta = ev.delta_pct
+        dse = ev.delta_pct_stderr
         row = [
             f"**this model** ({m.backend})",
             # before the evaluation recorded a dtype per side, settings.dtype was the artifact's
-            _dtype_cell(a.get("dtype") or s.get("dtype")),
-            f"{a.get('perplexity', 0):.4f}",
-            f"{a.get('stderr', 0):.4f}",
+            _dtype_cell(a.dtype or (s.dtype if s else None)),
+            f"{a.perplexity:.4f}",
+            f"{a.stderr:.4f}",
             ("–" if delta is None else f"{delta:+.2f}%") + (f" ± {dse:.2f}" if dse is not None else ""),
-            fmt_bytes(a.get("size_bytes")),
-            fmt_bytes(a.get("footprint_bytes")),
+            fmt_bytes(a.size_bytes),
+            fmt_bytes(a.footprint_bytes),
         ]
         if speed_col:
             row.append(
@@ -261,9 +261,9 @@ def render_card(
                 )
             )
         lines.append("| " + " | ".join(row) + " |")
-    if gate.get("checks"):
+    if gate and gate.checks:
         lines += ["", "**Gate** (all must pass to publish):", ""]
-        lines += [f"- {'✅' if c.get('passed') else '❌'} {c.get('message')}" for c in gate["checks"]]
+        lines += [f"- {'✅' if c.passed else '❌'} {c.message}" for c in gate.checks]
 
     lines += ["", "## How to use", ""]
     lines += _how_to_load(facts)
@@ -309,7 +309,7 @@ def render_card(
         )
     table = files or m.files
     lines.append(f"- files digest (what the evaluation saw): `{files_digest(table)}`")
-    env = ev.get("environment") or m.environment.model_dump()
+    env = (ev.environment if ev else None) or m.environment.model_dump()
     pk = env.get("packages") or {}
     if pk:
         lines.append("- evaluated with: " + ", ".join(f"{k} {v}" for k, v in sorted(pk.items())))

@@ -9,7 +9,7 @@ with its error and the run goes on with the next one; an interrupt (Ctrl-C, SIGT
 report of what finished, the rest marked ``not_run``. The FP16 baseline is scored once: ``api.evaluate``
 caches it.
 
-Exit code of a run (``RunReport['exit_code']``): 0 when every variant passed its gate; otherwise, if any
+Exit code of a run (``RunReport.exit_code``): 0 when every variant passed its gate; otherwise, if any
 variant errored, the exit code of the first such error in recipe order (2 bad input, 4 backend or
 service unavailable, 5 artifact mismatch, 1 unexpected error); otherwise 3 (a gate failed).
 """
@@ -24,17 +24,27 @@ from pathlib import Path
 from typing import Any
 
 from llmopt import interrupt
-from llmopt.artifact import MANIFEST_NAME, Artifact, files_digest, sha256_json
+from llmopt.artifact import MANIFEST_NAME, Artifact, Manifest, files_digest, sha256_json
 from llmopt.errors import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
     InterruptedRunError,
     LlmoptError,
 )
-from llmopt.evaluate.gate import GateSpec, apply_gate
+from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import ARTIFACTS_DIR, check_run_folder, claim_run_folder
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
+from llmopt.results import (
+    EVAL_SCHEMA,
+    EvalReport,
+    QuantizeOutcome,
+    RunReport,
+    RunState,
+    VariantError,
+    VariantOutcome,
+)
+from llmopt.specs import CalibrationSpec, GateSpec
 
 # Written into every run folder llmopt creates: a later run may write there without --overwrite.
 # What a run writes at the top of its folder (older runs wrote no marker: a folder holding only these is ours).
@@ -79,7 +89,7 @@ def run_recipe(
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     reporter: Reporter | None = None,
-) -> dict[str, Any]:
+) -> RunReport:
     """Run the recipe's variants (all, or those named in ``only``) and write the report.
 
     Returns the run report (schema ``llmopt.run/1``), also written as ``report.json``, ``report.md``
@@ -110,19 +120,19 @@ def run_recipe(
 
     record = {"name": recipe.name, "file": recipe_file, "resolved": recipe.resolved()}
 
-    def report_of(outcomes: list[dict[str, Any]], state: str) -> dict[str, Any]:
+    def report_of(outcomes: list[VariantOutcome], state: RunState) -> RunReport:
         rest = [not_run_outcome(v) for v in selected[len(outcomes) :]]
         report = build_run_report(
             recipe=record, variants=[*outcomes, *rest], output=out, seconds=time.perf_counter() - started
         )
-        report["state"] = state
+        report.state = state
         if state == "interrupted":
-            report["exit_code"] = EXIT_INTERRUPTED
+            report.exit_code = EXIT_INTERRUPTED
         elif state == "running":
-            report["exit_code"] = None
+            report.exit_code = None
         return report
 
-    outcomes: list[dict[str, Any]] = []
+    outcomes: list[VariantOutcome] = []
     # A report from an earlier run must not pass for this one's while it runs.
     write_report(report_of(outcomes, "running"), out, plots=False)
     try:
@@ -147,21 +157,11 @@ def run_recipe(
     return report
 
 
-def not_run_outcome(variant: VariantSpec) -> dict[str, Any]:
+def not_run_outcome(variant: VariantSpec) -> VariantOutcome:
     """A report row for a variant the run did not get to (interrupted or killed before it)."""
-    return {
-        "name": variant.name,
-        "method": variant.method,
-        "format": None,
-        "status": "not_run",
-        "artifact": f"{ARTIFACTS_DIR}/{variant.name}",
-        "quantize": None,
-        "evaluation_reused": None,
-        "evaluation": None,
-        "gate": None,
-        "publish": None,
-        "error": None,
-    }
+    return VariantOutcome(
+        name=variant.name, method=variant.method, status="not_run", artifact=f"{ARTIFACTS_DIR}/{variant.name}"
+    )
 
 
 
@@ -178,7 +178,7 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
     from llmopt.data import load_text
     from llmopt.environment import device_name, package_versions
     from llmopt.placement import resolve_target
-    from llmopt.source import resolve
+    from llmopt.source import has_tokenizer, load_tokenizer, resolve
 
     recipe, reporter = ctx.recipe, ctx.reporter
     if publish:
@@ -192,6 +192,8 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
             # that revision; the Hub id and revision stay recorded in the manifest's recipe record.
             ctx.model_arg = str(source.path)
         ctx.source_weights = source.weights_sha256()
+        if source.path.is_dir() and not has_tokenizer(source.path):
+            load_tokenizer(source.path)  # every variant needs it: the clear error before any work
         ctx.eval_text_sha256 = sha256_json(load_text(recipe.evaluation.dataset))
         if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
             text = load_text(recipe.calibration.dataset, purpose="calibration")
@@ -259,16 +261,12 @@ def _check_backends(selected: list[VariantSpec]) -> None:
 
 def _check_calibration(ctx: _Context, model_path: Path) -> None:
     """The calibration text holds ``samples`` slices of ``seq_len`` tokens (checked once, not per variant)."""
-    from transformers import AutoTokenizer
-
     from llmopt.data import calibration_set
+    from llmopt.source import load_tokenizer
 
     cal = ctx.recipe.calibration
     assert cal.dataset is not None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except Exception:
-        return  # a model without a usable tokenizer fails in its backend, with that backend's message
+    tokenizer = load_tokenizer(model_path, trust_remote_code=ctx.recipe.model.trust_remote_code)
     calibration_set(tokenizer, cal.dataset, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed)
 
 
@@ -350,55 +348,56 @@ def _check_space(ctx: _Context, selected: list[VariantSpec], model_path: Path) -
         )
 
 
-def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> dict[str, Any]:
-    outcome = {**not_run_outcome(variant), "status": "error"}
+def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantOutcome:
+    outcome = not_run_outcome(variant)
+    outcome.status = "error"
     stage = "quantize"
     try:
         art, reused, reason = _quantized(ctx, variant)
-        outcome["format"] = art.manifest.format
-        outcome["quantize"] = {"reused": reused, "seconds": art.manifest.quantize_seconds, "reason": reason}
+        outcome.format = art.manifest.format
+        outcome.quantize = QuantizeOutcome(reused=reused, seconds=art.manifest.quantize_seconds, reason=reason)
         stage = "evaluate"
         report, eval_reused = _evaluated(ctx, variant, art)
-        outcome["evaluation_reused"] = eval_reused
-        outcome["evaluation"] = report
-        outcome["gate"] = report["gate"]
-        outcome["status"] = "passed" if report["gate"]["passed"] else "gate_failed"
-        if outcome["status"] == "gate_failed":
-            failed = [c["message"] for c in report["gate"]["checks"] if not c["passed"]]
+        assert report.gate is not None
+        outcome.evaluation_reused = eval_reused
+        outcome.evaluation = report
+        outcome.gate = report.gate
+        outcome.status = "passed" if report.gate.passed else "gate_failed"
+        if outcome.status == "gate_failed":
+            failed = [c.message for c in report.gate.failures()]
             ctx.reporter.info(f"{variant.name}: gate failed: {'; '.join(failed)}")
-        if publish and outcome["status"] == "passed":
+        if publish and outcome.status == "passed":
             stage = "publish"
-            outcome["publish"] = _publish(ctx, variant, art)
+            outcome.publish = _publish(ctx, variant, art)
     except InterruptedRunError:
         raise
     except LlmoptError as exc:
         if interrupt.requested():
             raise InterruptedRunError("interrupted.") from None
-        outcome["status"] = "error"
-        outcome["error"] = {
-            "stage": stage,
-            "type": type(exc).__name__,
-            "message": exc.message,
-            "hint": exc.hint,
-            "exit_code": exc.exit_code,
-        }
-        detail = getattr(exc, "detail", None)  # e.g. the traceback of a failed speed measurement's process
-        if detail:
-            outcome["error"]["traceback"] = detail
+        outcome.status = "error"
+        outcome.error = VariantError(
+            stage=stage,
+            type=type(exc).__name__,
+            message=exc.message,
+            hint=exc.hint,
+            exit_code=exc.exit_code,
+            # e.g. the traceback of a failed speed measurement's process
+            traceback=getattr(exc, "detail", None) or None,
+        )
         ctx.reporter.info(f"{variant.name}: {stage} failed: {exc.message}")
     except Exception as exc:  # a bug or a library failure in one variant must not stop the others
         if interrupt.requested():
             # a library turned our KeyboardInterrupt into its own error: still an interrupt
             raise InterruptedRunError("interrupted.") from None
-        outcome["status"] = "error"
-        outcome["error"] = {
-            "stage": stage,
-            "type": type(exc).__name__,
-            "message": str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
-            "hint": "Unexpected: the traceback is in report.json; please report it.",
-            "exit_code": EXIT_BUG,
-            "traceback": traceback.format_exc(),
-        }
+        outcome.status = "error"
+        outcome.error = VariantError(
+            stage=stage,
+            type=type(exc).__name__,
+            message=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+            hint="Unexpected: the traceback is in report.json; please report it.",
+            exit_code=EXIT_BUG,
+            traceback=traceback.format_exc(),
+        )
         ctx.reporter.info(f"{variant.name}: {stage} failed: {type(exc).__name__}: {exc}")
     return outcome
 
@@ -454,15 +453,10 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if m.source.model != ctx.model_arg or (m.source.weights_sha256 or {}) != ctx.source_weights:
         return None, "the source model changed"
     if variant.needs_calibration():
-        cal = ctx.recipe.calibration
         got = m.calibration
-        recorded_seed = (((m.recipe or {}).get("resolved") or {}).get("calibration") or {}).get("seed")
         if (
-            got is None
-            or got.dataset != cal.dataset
-            or got.samples != cal.samples
-            or got.seq_len != cal.seq_len
-            or recorded_seed != cal.seed
+            _stored_calibration(m) != ctx.recipe.calibration
+            or got is None
             or (ctx.calib_text_sha256 is not None and got.text_sha256 != ctx.calib_text_sha256)
         ):
             return None, "calibration changed"
@@ -472,10 +466,22 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     return art, None
 
 
+def _stored_calibration(m: Manifest) -> CalibrationSpec | None:
+    """The calibration settings an artifact was made with (the seed is in its recipe record), if recorded."""
+    got = m.calibration
+    seed = (((m.recipe or {}).get("resolved") or {}).get("calibration") or {}).get("seed")
+    if got is None or seed is None:
+        return None
+    try:
+        return CalibrationSpec(dataset=got.dataset, samples=got.samples, seq_len=got.seq_len, seed=seed)
+    except ValueError:
+        return None
+
+
 # --- evaluate (or reuse) ---------------------------------------------------------------------------
 
 
-def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict[str, Any], bool]:
+def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[EvalReport, bool]:
     from llmopt import api
 
     gate = ctx.recipe.gate_for(variant)
@@ -493,51 +499,37 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[dict
     report = api.evaluate(
         art.path,
         ctx.model_arg,
-        ev.dataset,
-        context_length=ev.context_length,
-        stride=ev.stride,
-        max_tokens=ev.max_tokens,
-        add_bos=ev.add_bos,
-        device=ev.device,
-        batch_size=ev.batch_size,
+        ev,
         gate=gate,
-        kernel=ev.kernel,
-        throughput=ev.throughput,
         reporter=ctx.reporter,
         trust_remote_code=ctx.recipe.model.trust_remote_code,
         baseline_speeds=ctx.baseline_speeds,
-        kld=ev.kld,
     )
     return report, False
 
 
-def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
+def reusable_evaluation(ctx: _Context, art: Artifact) -> EvalReport | None:
     """The evaluation in the manifest if it was made with the recipe's settings on these very files."""
-    from llmopt.api import EVAL_SCHEMA
     from llmopt.evaluate.gate import evaluation_problems
 
-    ev_spec = ctx.recipe.evaluation
     ev = art.manifest.evaluation
-    if not ev or ev.get("schema") != EVAL_SCHEMA:
+    if ev is None or ev.schema_ != EVAL_SCHEMA:
         return None
-    s = ev.get("settings") or {}
-    packages = (ev.get("environment") or {}).get("packages") or {}
+    stored = ev.spec()
+    s = ev.settings
+    # evaluations from before placements were recorded ran on one device
+    placement = s.placement if s.placement is not None else (None if ctx.multi_gpu else ctx.placement_label)
     same = (
-        s.get("dataset") == ev_spec.dataset
-        and s.get("text_sha256") == ctx.eval_text_sha256
-        and s.get("context_length") == ev_spec.context_length
-        and s.get("stride") == ev_spec.resolved_stride()
-        and s.get("add_bos") == ev_spec.add_bos
-        and s.get("max_tokens") == ev_spec.max_tokens
-        and s.get("device") == ctx.device_label
-        # evaluations from before placements were recorded ran on one device
-        and s.get("placement", None if ctx.multi_gpu else ctx.placement_label) == ctx.placement_label
-        and (ev.get("baseline") or {}).get("model") == ctx.model_arg
-        and ev.get("artifact_files_sha256") == files_digest(art.manifest.files)
-        and all(packages.get(k) == v for k, v in ctx.versions.items())
-        and _same_throughput(ev, ev_spec.throughput, ctx.device)
-        # an evaluation without the KL divergence does not do for a recipe that asks for it
-        and (not ev_spec.kld or bool((ev.get("artifact") or {}).get("distribution")))
+        stored is not None
+        and stored.same_measurement(ctx.recipe.evaluation, ctx.device)
+        # what the spec alone does not pin: the text's content, the hardware "auto" resolved to, the baseline,
+        # the artifact's files and the libraries that computed the numbers
+        and s.text_sha256 == ctx.eval_text_sha256
+        and s.device == ctx.device_label
+        and placement == ctx.placement_label
+        and ev.baseline.model == ctx.model_arg
+        and ev.artifact_files_sha256 == files_digest(art.manifest.files)
+        and all(ev.packages().get(k) == v for k, v in ctx.versions.items())
     )
     if not same:
         return None
@@ -546,23 +538,13 @@ def reusable_evaluation(ctx: _Context, art: Artifact) -> dict[str, Any] | None:
         # an edited summary (say, a lowered delta_pct) must not be re-gated as if it were measured
         ctx.reporter.info(f"stored evaluation does not add up ({wrong[0]}): scoring again")
         return None
-    return dict(ev)
+    return ev.model_copy()
 
 
-def _same_throughput(ev: dict[str, Any], wanted: Any, device: str) -> bool:
-    """True when no speed is asked for, or the stored one was measured with the same settings."""
-    if wanted is None:
-        return True
-    stored = (ev.get("throughput") or {}).get("settings")
-    return bool(stored == wanted.resolved(device).model_dump(mode="json"))
-
-
-def regate(art: Artifact, evaluation: dict[str, Any], gate: GateSpec) -> dict[str, Any]:
+def regate(art: Artifact, evaluation: EvalReport, gate: GateSpec) -> EvalReport:
     """Apply ``gate`` to a stored evaluation; record the result in the manifest if it changed."""
-    report = dict(evaluation)
-    result = apply_gate(gate, report).model_dump(mode="json")
-    result["spec"] = gate.model_dump(mode="json")
-    report["gate"] = result
+    result = apply_gate(gate, evaluation)
+    report = evaluation.model_copy(update={"gate": result})
     if art.manifest.gate != result:
         art.manifest.gate = result
         art.save()

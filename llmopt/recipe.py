@@ -33,8 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from llmopt.errors import LlmoptError, RecipeError
-from llmopt.evaluate.gate import GateSpec
-from llmopt.evaluate.throughput import ThroughputSettings
+from llmopt.specs import CalibrationSpec, EvalSpec, GateSpec
 
 RECIPE_SCHEMA_ID = "llmopt.recipe/1"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -73,41 +72,8 @@ class ModelSpec(_Strict):
     )
 
 
-class CalibrationSpec(_Strict):
-    dataset: str | None = Field(
-        None, description="Calibration text: .txt/.jsonl/.parquet file or a named dataset (wikitext2, c4)."
-    )
-    samples: int = Field(128, ge=1, description="Number of calibration samples.")
-    seq_len: int = Field(512, ge=8, description="Tokens per calibration sample.")
-    seed: int = Field(0, description="Seed for picking the samples.")
-
-
-class EvaluationSpec(_Strict):
-    dataset: str = Field(description="Evaluation text: .txt/.jsonl/.parquet file or a named dataset.")
-    context_length: int = Field(512, ge=2, description="Tokens per window.")
-    stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: context_length).")
-    max_tokens: int | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
-    add_bos: bool = Field(False, description="Put BOS before each window.")
-    batch_size: int = Field(1, ge=1, description="Windows per forward pass.")
-    device: str = Field(
-        "auto",
-        description="auto, cpu, cuda (layers split over every visible GPU), cuda:1 (one GPU), cuda:0,1 (split over "
-        "those): see README 'Devices and several GPUs'.",
-    )
-    kernel: str | None = Field(None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice.")
-    kld: bool = Field(
-        True,
-        description="Also the KL divergence, top-1 agreement and Δp of every variant against FP16 on the same tokens "
-        "(needed by the max_kld and min_top1_pct gates).",
-    )
-    throughput: ThroughputSettings | None = Field(
-        None,
-        description="Also measure serving speed against FP16 (needed by the min_decode_speedup gate); "
-        "{} takes the device's default grids.",
-    )
-
-    def resolved_stride(self) -> int:
-        return self.stride if self.stride is not None else self.context_length
+# The recipe's old name of the evaluation settings; they live in llmopt/specs.py with the other specs.
+EvaluationSpec = EvalSpec
 
 
 class VariantSpec(_Strict):

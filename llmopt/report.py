@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from llmopt import __version__
 from llmopt.atomic import write_atomic, write_json_atomic, write_text_atomic
 from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
+from llmopt.results import RUN_SCHEMA, RunReport, VariantOutcome
 from llmopt.units import fmt_bytes
 
-RUN_SCHEMA = "llmopt.run/1"
 PLOTS_DIR = "plots"
 _COMPARABLE = ("tokens_sha256", "context_length", "stride", "add_bos")
 
@@ -43,29 +46,12 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def variant_summary(outcome: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a table needs, lifted out of the variant's evaluation report."""
-    ev = outcome.get("evaluation") or {}
-    art = ev.get("artifact") or {}
-    throughput = ev.get("throughput") or {}
-    return {
-        "perplexity": art.get("perplexity"),
-        "stderr": art.get("stderr"),
-        "delta_pct": ev.get("delta_pct"),
-        "delta_pct_stderr": ev.get("delta_pct_stderr"),
-        "size_bytes": art.get("size_bytes"),
-        "size_ratio": ev.get("size_ratio"),
-        "footprint_bytes": art.get("footprint_bytes"),
-        "decode_speedup": throughput.get("decode_speedup") or None,
-    }
-
-
-def run_exit_code(variants: list[dict[str, Any]]) -> int:
+def run_exit_code(variants: list[VariantOutcome]) -> int:
     """0 all passed; else the first error's code in recipe order; else 3 (a gate failed)."""
     for v in variants:
-        if v.get("status") == "error":
-            return int((v.get("error") or {}).get("exit_code") or EXIT_BUG)
-    if any(v.get("status") != "passed" for v in variants):
+        if v.status == "error":
+            return int((v.error.exit_code if v.error else None) or EXIT_BUG)
+    if any(v.status != "passed" for v in variants):
         return EXIT_GATE
     return EXIT_OK
 
@@ -73,46 +59,40 @@ def run_exit_code(variants: list[dict[str, Any]]) -> int:
 def build_run_report(
     *,
     recipe: dict[str, Any],
-    variants: list[dict[str, Any]],
+    variants: list[VariantOutcome] | list[Mapping[str, Any]],
     output: Path,
     seconds: float | None = None,
     sources: list[str] | None = None,
     notes: list[str] | None = None,
-) -> dict[str, Any]:
-    rows = []
-    for outcome in variants:
-        row = dict(outcome)
-        for k, v in variant_summary(outcome).items():
-            row.setdefault(k, v)
-        rows.append(row)
-    first = next((r["evaluation"] for r in rows if r.get("evaluation")), None) or {}
-    counts = {s: sum(1 for r in rows if r.get("status") == s) for s in ("passed", "gate_failed", "error", "not_run")}
-    report: dict[str, Any] = {
-        "schema": RUN_SCHEMA,
-        "llmopt_version": __version__,
-        "created_at": _now(),
-        "seconds": round(seconds, 1) if seconds is not None else None,
-        "output": str(output),
-        "recipe": recipe,
-        "settings": first.get("settings"),
-        "baseline": first.get("baseline"),
-        "environment": first.get("environment"),
-        "state": "complete",
-        "variants": rows,
-        "counts": counts,
-        "exit_code": run_exit_code(rows),
-        "files": {},
-        "notes": list(notes or []),
-    }
-    if sources:
-        report["sources"] = sources
-    return report
+) -> RunReport:
+    rows = [
+        (v if isinstance(v, VariantOutcome) else VariantOutcome.model_validate(v)).summarized() for v in variants
+    ]
+    first = next((r.evaluation for r in rows if r.evaluation), None)
+    counts = {s: sum(1 for r in rows if r.status == s) for s in ("passed", "gate_failed", "error", "not_run")}
+    return RunReport(
+        llmopt_version=__version__,
+        created_at=_now(),
+        seconds=round(seconds, 1) if seconds is not None else None,
+        output=str(output),
+        recipe=recipe,
+        settings=first.settings if first else None,
+        baseline=first.baseline if first else None,
+        environment=first.environment if first else None,
+        state="complete",
+        variants=rows,
+        counts=counts,
+        exit_code=run_exit_code(rows),
+        files={},
+        notes=list(notes or []),
+        sources=sources or None,
+    )
 
 
 # --- writing ---------------------------------------------------------------------------------------
 
 
-def write_report(report: dict[str, Any], out: Path, *, plots: bool = True) -> dict[str, Any]:
+def write_report(report: RunReport, out: Path, *, plots: bool = True) -> RunReport:
     """Write plots, report.md and report.json (last) into ``out``; each file appears whole or not at all.
 
     ``plots=False`` (the reports written while a run goes on) leaves the plots to the final report.
@@ -121,10 +101,10 @@ def write_report(report: dict[str, Any], out: Path, *, plots: bool = True) -> di
     plot_files: list[str] = []
     if plots:
         plot_files, plot_notes = write_plots(report, out)
-        report["notes"].extend(n for n in plot_notes if n not in report["notes"])
-    report["files"] = {"json": "report.json", "markdown": "report.md", "plots": plot_files}
+        report.notes.extend(n for n in plot_notes if n not in report.notes)
+    report.files = {"json": "report.json", "markdown": "report.md", "plots": plot_files}
     write_text_atomic(out / "report.md", render_markdown(report))
-    write_json_atomic(out / "report.json", report)
+    write_json_atomic(out / "report.json", report.to_json())
     return report
 
 
@@ -139,58 +119,56 @@ def display_dataset(spec: str | None) -> str:
     return Path(spec).name if ("/" in spec or os.sep in spec) else spec
 
 
-def gate_text(row: dict[str, Any]) -> str:
-    if row.get("status") == "not_run":
+def gate_text(row: VariantOutcome) -> str:
+    if row.status == "not_run":
         return "not run"
-    if row.get("status") == "error":
-        err = row.get("error") or {}
-        return f"error ({err.get('stage', '?')})"
-    gate = row.get("gate") or {}
-    if not gate.get("checks"):
+    if row.status == "error":
+        return f"error ({row.error.stage if row.error else '?'})"
+    if row.gate is None or not row.gate.checks:
         return "no thresholds"
-    return "pass" if gate.get("passed") else "FAIL"
+    return "pass" if row.gate.passed else "FAIL"
 
 
-def delta_text(row: dict[str, Any]) -> str:
-    d = row.get("delta_pct")
+def delta_text(row: VariantOutcome) -> str:
+    d = row.delta_pct
     if d is None:
         return "–"
-    se = row.get("delta_pct_stderr")
+    se = row.delta_pct_stderr
     return f"{d:+.2f}%" + (f" ± {se:.2f}" if se is not None else "")
 
 
-def quantize_text(row: dict[str, Any]) -> str:
-    q = row.get("quantize") or {}
-    if q.get("seconds") is None:
+def quantize_text(row: VariantOutcome) -> str:
+    q = row.quantize
+    if q is None or q.seconds is None:
         return "–"
-    return f"{q['seconds']:.1f} s" + (" (reused)" if q.get("reused") else "")
+    return f"{q.seconds:.1f} s" + (" (reused)" if q.reused else "")
 
 
-def table_rows(report: dict[str, Any]) -> list[list[str]]:
+def table_rows(report: RunReport) -> list[list[str]]:
     """Rows of the summary table: FP16 baseline first, then each variant in order."""
     rows: list[list[str]] = []
-    base = report.get("baseline")
+    base = report.baseline
     if base:
         rows.append(
             [
                 "FP16 baseline",
                 "–",
-                f"{base['perplexity']:.4f} ± {base.get('stderr', 0):.4f}",
+                f"{base.perplexity:.4f} ± {base.stderr:.4f}",
                 "–",
-                fmt_bytes(base.get("size_bytes")),
+                fmt_bytes(base.size_bytes),
                 "–",
                 "–",
             ]
         )
-    for r in report["variants"]:
-        ppl = r.get("perplexity")
+    for r in report.variants:
+        ppl = r.perplexity
         rows.append(
             [
-                r["name"],
-                r["method"],
-                "–" if ppl is None else f"{ppl:.4f} ± {_num(r.get('stderr'), '.4f')}",
+                r.name,
+                r.method,
+                "–" if ppl is None else f"{ppl:.4f} ± {_num(r.stderr, '.4f')}",
                 delta_text(r),
-                fmt_bytes(r.get("size_bytes")),
+                fmt_bytes(r.size_bytes),
                 quantize_text(r),
                 gate_text(r),
             ]
@@ -209,43 +187,43 @@ TABLE_HEADER = [
 ]
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    counts = report.get("counts") or {}
-    recipe = report.get("recipe") or {}
+def render_markdown(report: RunReport) -> str:
+    counts = report.counts
+    recipe = report.recipe
     title = recipe.get("name") or ", ".join(recipe.get("names") or []) or "recipe"
     lines = [f"# llmopt run: {title}", ""]
     lines.append(
-        f"{report.get('created_at', '')} · llmopt {report.get('llmopt_version', '?')} · "
-        f"{len(report['variants'])} variant(s): {counts.get('passed', 0)} passed, "
+        f"{report.created_at or ''} · llmopt {report.llmopt_version or '?'} · "
+        f"{len(report.variants)} variant(s): {counts.get('passed', 0)} passed, "
         f"{counts.get('gate_failed', 0)} failed the gate, {counts.get('error', 0)} errored"
         + (f", {counts['not_run']} not run" if counts.get("not_run") else "")
-        + f" · exit code {report.get('exit_code')}"
+        + f" · exit code {report.exit_code}"
     )
-    state = report.get("state", "complete")
+    state = report.state
     if state == "running":
         lines += ["", "**Run in progress** (or killed before it finished): variants marked `not run` have not run yet."]
     elif state == "interrupted":
         lines += ["", "**Run interrupted**: variants marked `not run` did not run; the same command finishes them."]
     elif state == "incomplete":
         lines += ["", "**Incomplete**: variants marked `not run` did not run in any of the merged runs."]
-    s = report.get("settings")
+    s = report.settings
     if s:
         lines += [
             "",
-            f"Perplexity on `{display_dataset(s.get('dataset'))}`: "
-            f"{s.get('tokens_scored', 0):,} tokens scored, "
-            f"context {s.get('context_length')}, stride {s.get('stride')}, {s.get('dtype', '?')} on "
-            f"{s.get('device', '?')}. Δ is the paired change of perplexity against the FP16 baseline on the "
+            f"Perplexity on `{display_dataset(s.dataset)}`: "
+            f"{s.tokens_scored or 0:,} tokens scored, "
+            f"context {s.context_length}, stride {s.stride}, {s.dtype or '?'} on "
+            f"{s.device or '?'}. Δ is the paired change of perplexity against the FP16 baseline on the "
             "same tokens.",
         ]
     lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_rows(report)]
 
-    checks = [(r["name"], c) for r in report["variants"] for c in (r.get("gate") or {}).get("checks", [])]
+    checks = [(r.name, c) for r in report.variants for c in (r.gate.checks if r.gate else [])]
     if checks:
         lines += ["", "## Gate checks", ""]
-        lines += [f"- {name}: {'pass' if c['passed'] else '**FAIL**'} — {c['message']}" for name, c in checks]
-    speed = [(r["name"], r["decode_speedup"]) for r in report["variants"] if r.get("decode_speedup")]
+        lines += [f"- {name}: {'pass' if c.passed else '**FAIL**'} — {c.message}" for name, c in checks]
+    speed = [(r.name, r.decode_speedup) for r in report.variants if r.decode_speedup]
     if speed:
         lines += ["", "## Decode speed vs FP16", ""]
         for name, sp in speed:
@@ -253,39 +231,39 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"batch {b}: {float(v):.2f}x" for b, v in sorted(sp.items(), key=lambda kv: int(kv[0])) if v is not None
             )
             lines.append(f"- {name}: {parts}")
-    errors = [r for r in report["variants"] if r.get("error")]
-    if errors:
-        lines += ["", "## Errors", ""]
-        for r in errors:
-            e = r["error"]
-            hint = f" → {e['hint']}" if e.get("hint") else ""
-            lines.append(f"- {r['name']} ({e.get('stage')}, exit {e.get('exit_code')}): {e.get('message')}{hint}")
-    published = [r for r in report["variants"] if r.get("publish")]
+    for r in report.variants:
+        if r.error is None:
+            continue
+        if "## Errors" not in lines:
+            lines += ["", "## Errors", ""]
+        e = r.error
+        hint = f" → {e.hint}" if e.hint else ""
+        lines.append(f"- {r.name} ({e.stage}, exit {e.exit_code}): {e.message}{hint}")
+    published = [(r.name, r.publish) for r in report.variants if r.publish]
     if published:
         lines += ["", "## Published", ""]
-        for r in published:
-            p = r["publish"]
+        for name, p in published:
             where = p.get("url") or p.get("repo_id")
             rev = f" (branch `{p['revision']}`)" if p.get("revision") else ""
-            lines.append(f"- {r['name']} → {where}{rev}, commit {str(p.get('commit_oid') or '')[:12]}")
-    plots = (report.get("files") or {}).get("plots") or []
+            lines.append(f"- {name} → {where}{rev}, commit {str(p.get('commit_oid') or '')[:12]}")
+    plots = report.files.get("plots") or []
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in plots]
-    if report.get("notes"):
+    if report.notes:
         lines += ["", "## Notes", ""]
-        lines += [f"- {n}" for n in report["notes"]]
-    if report.get("sources"):
-        lines += ["", "Merged from: " + ", ".join(f"`{src}`" for src in report["sources"])]
+        lines += [f"- {n}" for n in report.notes]
+    if report.sources:
+        lines += ["", "Merged from: " + ", ".join(f"`{src}`" for src in report.sources)]
     return "\n".join(lines) + "\n"
 
 
 # --- plots -----------------------------------------------------------------------------------------
 
 
-def write_plots(report: dict[str, Any], out: Path) -> tuple[list[str], list[str]]:
+def write_plots(report: RunReport, out: Path) -> tuple[list[str], list[str]]:
     """PNG plots (paths relative to ``out``) and notes about what was skipped."""
-    measured = [r for r in report["variants"] if r.get("perplexity") is not None]
+    measured = [r for r in report.variants if r.perplexity is not None]
     if not measured:
         return [], ["plots skipped: no variant was evaluated"]
     try:
@@ -301,38 +279,37 @@ def write_plots(report: dict[str, Any], out: Path) -> tuple[list[str], list[str]
     (out / PLOTS_DIR).mkdir(exist_ok=True)
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    base = report.get("baseline")
-    if base and base.get("size_bytes"):
+    base = report.baseline
+    if base and base.size_bytes:
         ax.errorbar(
-            [base["size_bytes"] / 1e6], [base["perplexity"]], yerr=[base.get("stderr") or 0],
+            [base.size_bytes / 1e6], [base.perplexity], yerr=[base.stderr or 0],
             fmt="*", markersize=14, color="black", capsize=3, label="FP16 baseline",
         )  # fmt: skip
-        ax.annotate("FP16", (base["size_bytes"] / 1e6, base["perplexity"]), textcoords="offset points", xytext=(6, 6))
+        ax.annotate("FP16", (base.size_bytes / 1e6, base.perplexity), textcoords="offset points", xytext=(6, 6))
     colors = {"passed": "tab:green", "gate_failed": "tab:red"}
     for r in measured:
-        x = (r.get("size_bytes") or 0) / 1e6
+        x, ppl = (r.size_bytes or 0) / 1e6, r.perplexity or 0.0
         ax.errorbar(
-            [x], [r["perplexity"]], yerr=[r.get("stderr") or 0], fmt="o", capsize=3,
-            color=colors.get(r.get("status", ""), "tab:gray"),
+            [x], [ppl], yerr=[r.stderr or 0], fmt="o", capsize=3, color=colors.get(r.status, "tab:gray"),
         )  # fmt: skip
-        ax.annotate(r["name"], (x, r["perplexity"]), textcoords="offset points", xytext=(6, -12), fontsize=8)
+        ax.annotate(r.name, (x, ppl), textcoords="offset points", xytext=(6, -12), fontsize=8)
     ax.set_xlabel("size on disk (MB)")
     ax.set_ylabel("perplexity (lower is better)")
-    s = report.get("settings") or {}
-    ax.set_title(f"Perplexity vs size · {display_dataset(s.get('dataset'))} · green: gate passed, red: failed")
+    dataset = report.settings.dataset if report.settings else None
+    ax.set_title(f"Perplexity vs size · {display_dataset(dataset)} · green: gate passed, red: failed")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     plots.append(_save_fig(fig, out, "perplexity_vs_size.png"))
     plt.close(fig)
 
-    speed = [(r["name"], r["decode_speedup"]) for r in measured if r.get("decode_speedup")]
+    speed = [(r.name, r.decode_speedup) for r in measured if r.decode_speedup]
     if speed:
         batches = sorted({int(b) for _, sp in speed for b in sp})
         fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
         width = 0.8 / max(len(batches), 1)
         for j, b in enumerate(batches):
             xs = [i + j * width for i in range(len(speed))]
-            ys = [float(sp.get(str(b)) or sp.get(b) or 0) for _, sp in speed]
+            ys = [float(sp.get(str(b)) or 0) for _, sp in speed]
             ax.bar(xs, ys, width=width, label=f"batch {b}")
         ax.axhline(1.0, color="black", linewidth=1, linestyle="--")
         ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(speed))])
@@ -359,7 +336,7 @@ def _save_fig(fig: Any, out: Path, name: str) -> str:
 # --- merging ---------------------------------------------------------------------------------------
 
 
-def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def load_report(path: str | Path) -> tuple[Path, RunReport]:
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
@@ -375,10 +352,17 @@ def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
             f"expected {RUN_SCHEMA}).",
             "Give report.json files written by `llmopt run`.",
         )
-    return p, data
+    try:
+        return p, RunReport.model_validate(data)
+    except ValueError as exc:
+        first = exc.errors()[0] if isinstance(exc, ValidationError) and exc.errors() else None
+        where = ".".join(str(x) for x in first["loc"]) + ": " + first["msg"] if first else str(exc)
+        raise InputError(
+            f"{p} is not a valid run report: {where}.", "Give report.json files written by `llmopt run`."
+        ) from None
 
 
-def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
+def merge_reports(paths: list[str | Path], out: str | Path) -> RunReport:
     """Combine several run reports (e.g. one per CI job) into one, written into ``out``.
 
     Refuses reports measured on different tokens or windows (their perplexities are not comparable).
@@ -395,39 +379,39 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
     notes: list[str] = []
     ref_path, ref_settings = None, None
     devices: set[str] = set()
-    by_name: dict[str, tuple[str, dict[str, Any]]] = {}
+    by_name: dict[str, tuple[str, VariantOutcome]] = {}
     order: list[str] = []
     names: list[str] = []
-    for path, data in sorted(loaded, key=lambda pd: str(pd[1].get("created_at") or "")):
-        settings = data.get("settings")
+    for path, data in sorted(loaded, key=lambda pd: str(pd[1].created_at or "")):
+        settings = data.settings
         if settings:
-            devices.add(str(settings.get("device")))
+            devices.add(str(settings.device))
             if ref_settings is None:
                 ref_path, ref_settings = path, settings
             else:
-                diff = [k for k in _COMPARABLE if settings.get(k) != ref_settings.get(k)]
+                diff = [k for k in _COMPARABLE if getattr(settings, k) != getattr(ref_settings, k)]
                 if diff:
                     raise InputError(
                         f"{path} was measured with different {', '.join(diff)} than {ref_path}: "
                         "their perplexities are not comparable.",
                         "Merge only reports made with the same evaluation settings (text, context, stride).",
                     )
-        rname = (data.get("recipe") or {}).get("name")
+        rname = data.recipe.get("name")
         if rname and rname not in names:
             names.append(rname)
         base_dir = path.parent
-        for v in data.get("variants") or []:
-            row = dict(v)
-            if row.get("artifact") and not Path(row["artifact"]).is_absolute():
+        for v in data.variants:
+            row = v.model_copy()
+            if row.artifact and not Path(row.artifact).is_absolute():
                 # keep pointing at the same folder from the merged report's place
-                row["artifact"] = os.path.relpath((base_dir / row["artifact"]).resolve(), out_dir.resolve())
-            if row.get("status") == "not_run" and row["name"] in by_name:
+                row.artifact = os.path.relpath((base_dir / row.artifact).resolve(), out_dir.resolve())
+            if row.status == "not_run" and row.name in by_name:
                 continue  # an interrupted run's placeholder never hides a variant another run finished
-            if row["name"] in by_name:
-                notes.append(f"variant {row['name']} is in {by_name[row['name']][0]} and {path}: kept the newer")
+            if row.name in by_name:
+                notes.append(f"variant {row.name} is in {by_name[row.name][0]} and {path}: kept the newer")
             else:
-                order.append(row["name"])
-            by_name[row["name"]] = (str(path), row)
+                order.append(row.name)
+            by_name[row.name] = (str(path), row)
     if len(devices) > 1:
         notes.append(f"variants were measured on different devices: {', '.join(sorted(devices))}")
     report = build_run_report(
@@ -437,7 +421,7 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> dict[str, Any]:
         sources=[str(p) for p, _ in loaded],
         notes=notes,
     )
-    report["state"] = "incomplete" if any(v.get("status") == "not_run" for v in report["variants"]) else "complete"
+    report.state = "incomplete" if any(v.status == "not_run" for v in report.variants) else "complete"
     claim_run_folder(out_dir)
     write_report(report, out_dir)
     return report

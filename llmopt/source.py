@@ -299,6 +299,38 @@ def open_folder(
     )
 
 
+# Files a folder's tokenizer can be loaded from (transformers' fast and slow tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "tiktoken.model", "spiece.model")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(folder: Path, *, trust_remote_code: bool = False, what: str = "model folder") -> Any:
+    """The folder's tokenizer, or a ModelError (exit 2) that names what is missing and what to do.
+
+    Checked before any work: llmopt scores every artifact on its baseline's token ids and stores the
+    tokenizer in each artifact, so a folder without one cannot be quantized or evaluated.
+    """
+    if folder.is_dir() and not has_tokenizer(folder):
+        raise ModelError(
+            f"the {what} {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:3])}, ...).",
+            "Copy the tokenizer files (tokenizer.json, tokenizer_config.json, special_tokens_map.json) from the "
+            "model it was made from into the folder, then run the command again.",
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"the tokenizer of the {what} {folder} cannot be loaded: {first}",
+            "Check its tokenizer files (tokenizer.json, tokenizer_config.json) against the original model's.",
+        ) from exc
+
+
 def check_gguf_magic(path: Path) -> None:
     """A ``.gguf`` name is not a GGUF file: its first four bytes must be ``GGUF``, checked before any library."""
     try:

@@ -10,6 +10,7 @@ import pytest
 
 from llmopt.atomic import write_json_atomic, write_text_atomic
 from llmopt.report import write_report
+from llmopt.results import RunReport
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
@@ -33,8 +34,7 @@ def test_a_run_report_is_readable_by_the_group(tmp_path: Path) -> None:
     """A run folder shared with a team: report.json and report.md were 0600 (owner only)."""
     old = os.umask(0o022)
     try:
-        report = {"schema": "llmopt.run/1", "variants": [], "baseline": None, "settings": {}, "notes": []}
-        write_report(report, tmp_path, plots=False)
+        write_report(RunReport(), tmp_path, plots=False)
     finally:
         os.umask(old)
     for name in ("report.json", "report.md"):

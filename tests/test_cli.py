@@ -280,3 +280,22 @@ def test_recorded_interrupt_stops_before_anything_is_visible() -> None:
         assert exc.value.exit_code == EXIT_INTERRUPTED and "nothing was written" in exc.value.message
     finally:
         interrupt.reset()
+
+
+def test_third_party_console_noise_stays_out(tmp_path: Path, assets: dict[str, Path]) -> None:
+    """A quantize prints llmopt's steps only: no transformers weight-loading/shard-writing bars, no torchao
+    'Failed to load' lines, no torch pytree deprecation lines; LLMOPT_THIRD_PARTY_LOGS=1 brings them back."""
+    from tests.helpers import first_layers, run_cli
+
+    model = first_layers(assets["model"], tmp_path / "model", 1)
+    quiet = run_cli(["quantize", str(model), "-m", "bnb-int8", "-o", str(tmp_path / "a")], cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    for noise in ("Loading weights", "Writing model shards", "Failed to load", "_pytree.py"):
+        assert noise not in quiet.stderr + quiet.stdout, noise
+    loud = run_cli(
+        ["quantize", str(model), "-m", "bnb-int8", "-o", str(tmp_path / "b")],
+        cwd=tmp_path,
+        env={"LLMOPT_THIRD_PARTY_LOGS": "1"},
+    )
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert "Loading weights" in loud.stderr + loud.stdout

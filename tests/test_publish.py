@@ -363,7 +363,7 @@ def test_card_claims_only_what_was_measured(tmp_path: Path) -> None:
 
     a = Artifact.open(art)
     assert a.manifest.evaluation is not None
-    a.manifest.evaluation["baseline"]["dtype"] = "float16"
+    a.manifest.evaluation.baseline.dtype = "float16"
     row = next(line for line in render_card(a, "org/x").splitlines() if line.startswith("| FP16 baseline"))
     assert "`float16`" in row
 

@@ -34,6 +34,8 @@ from llmopt.cli import main
 from llmopt.errors import BackendUnavailableError
 from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.report import run_exit_code
+from llmopt.results import EvalReport
+from llmopt.specs import EvalSpec
 from tests.evaldata import scored
 from tests.helpers import fake_model
 
@@ -120,15 +122,17 @@ class FakeApi:
         art.save()
         return art
 
-    def evaluate(self, artifact_path: str | Path, baseline: str, dataset: str, **kw: Any) -> dict[str, Any]:
+    def evaluate(self, artifact_path: str | Path, baseline: str, spec: EvalSpec, **kw: Any) -> EvalReport:
         from llmopt.data import load_text
         from llmopt.environment import device_name, package_versions
+
+        dataset = spec.dataset
 
         art = Artifact.open(artifact_path)
         self.calls.append(("evaluate", art.path.name))
         delta = 2.0  # int8: +2% passes the default 5% gate, fails int8-strict's 1%
         numbers = scored(
-            delta, context_length=kw["context_length"], stride=kw["stride"]
+            delta, context_length=spec.context_length, stride=spec.stride
         )  # a summary that follows from per-window scores, or publish refuses it
         report: dict[str, Any] = {
             "schema": api.EVAL_SCHEMA,
@@ -136,10 +140,10 @@ class FakeApi:
                 "dataset": dataset,
                 "text_sha256": sha256_json(load_text(dataset)),
                 "tokens_sha256": "t" * 64,
-                "context_length": kw["context_length"],
-                "stride": kw["stride"] or kw["context_length"],
-                "add_bos": kw["add_bos"],
-                "max_tokens": kw["max_tokens"],
+                "context_length": spec.context_length,
+                "stride": spec.resolved_stride(),
+                "add_bos": spec.add_bos,
+                "max_tokens": spec.max_tokens,
                 **{k: numbers["settings"][k] for k in ("tokens_total", "tokens_scored", "windows")},
                 "device": device_name("cpu"),
                 "dtype": "float32",
@@ -157,7 +161,7 @@ class FakeApi:
         art.manifest.evaluation = {k: v for k, v in report.items() if k != "gate"}
         art.manifest.gate = report["gate"]
         art.save()
-        return report
+        return EvalReport.model_validate(report)
 
 
 @pytest.fixture
@@ -174,14 +178,17 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Fake
 
 
 def test_exit_code_rules() -> None:
-    ok = {"status": "passed"}
-    gate = {"status": "gate_failed"}
-    err4 = {"status": "error", "error": {"exit_code": 4}}
-    err5 = {"status": "error", "error": {"exit_code": 5}}
+    from llmopt.results import VariantOutcome
+
+    def row(status: str, code: int | None = None) -> VariantOutcome:
+        error = {"stage": "quantize", "type": "E", "message": "m", "exit_code": code} if code else None
+        return VariantOutcome.model_validate({"name": "v", "method": "m", "status": status, "error": error})
+
+    ok, gate, err4, err5 = row("passed"), row("gate_failed"), row("error", 4), row("error", 5)
     assert run_exit_code([ok, ok]) == 0
     assert run_exit_code([ok, gate]) == 3
     assert run_exit_code([gate, err5, err4]) == 5  # first error in recipe order wins over a gate failure
-    assert run_exit_code([{"status": "error", "error": {"type": "RuntimeError", "exit_code": 1}}]) == 1
+    assert run_exit_code([row("error", 1)]) == 1
 
 
 def test_run_isolates_errors_and_resumes(
@@ -365,6 +372,13 @@ def test_report_merge(fake: tuple[FakeApi, Path], tmp_path: Path, capsys: pytest
     assert cli(["report", "merge", str(tmp_path / "nothing"), "-o", str(tmp_path / "m3")]) == 2
 
 
+def _evaluation(perplexity: float, size_bytes: int, delta_pct: float, **more: Any) -> dict[str, Any]:
+    """An evaluation report with the numbers a run report's table and plots read (the rest made up)."""
+    ev = scored(delta_pct)
+    ev["artifact"].update(perplexity=perplexity, stderr=0.1, size_bytes=size_bytes)
+    return {**ev, "delta_pct": delta_pct, **more}
+
+
 def _has_matplotlib() -> bool:
     import importlib.util
 
@@ -375,8 +389,7 @@ def test_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from llmopt.report import build_run_report, write_report
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
-    row = {"name": "a", "method": "bnb-int8", "status": "passed", "evaluation": {
-        "artifact": {"perplexity": 10.0, "stderr": 0.1, "size_bytes": 100}, "delta_pct": 1.0}}  # fmt: skip
+    row = {"name": "a", "method": "bnb-int8", "status": "passed", "evaluation": _evaluation(10.0, 100, 1.0)}
     report = write_report(build_run_report(recipe={"name": "r"}, variants=[row], output=tmp_path), tmp_path)
     assert report["files"]["plots"] == []
     assert any("matplotlib is not installed" in n for n in report["notes"])
@@ -441,9 +454,8 @@ def test_report_with_speed_plot(tmp_path: Path) -> None:
     from llmopt.report import build_run_report, write_report
 
     rows = [
-        {"name": n, "method": "gptq", "status": "passed", "evaluation": {
-            "artifact": {"perplexity": p, "stderr": 0.1, "size_bytes": s}, "delta_pct": d,
-            "throughput": {"decode_speedup": {"1": x, "8": None}}}}
+        {"name": n, "method": "gptq", "status": "passed",
+         "evaluation": _evaluation(p, s, d, throughput={"decode_speedup": {"1": x, "8": None}})}
         for n, p, s, d, x in (("a", 10.0, 100, 1.0, 1.8), ("b", 11.0, 60, 10.0, 2.4))
     ]  # fmt: skip
     report = write_report(build_run_report(recipe={"name": "r"}, variants=rows, output=tmp_path), tmp_path)
@@ -533,7 +545,7 @@ def test_merge_keeps_a_finished_variant_over_a_not_run_placeholder(tmp_path: Pat
     write_report(build_run_report(recipe={"name": "r"}, variants=[done], output=tmp_path / "a"), tmp_path / "a")
     time.sleep(1.1)  # created_at has one-second resolution; the interrupted report is the newer one
     partial = build_run_report(recipe={"name": "r"}, variants=[placeholder, other], output=tmp_path / "b")
-    partial["state"], partial["exit_code"] = "interrupted", 130
+    partial.state, partial.exit_code = "interrupted", 130
     write_report(partial, tmp_path / "b", plots=False)
     assert "Run interrupted" in (tmp_path / "b" / "report.md").read_text()
     merged = merge_reports([tmp_path / "a", tmp_path / "b"], tmp_path / "m")

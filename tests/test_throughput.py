@@ -24,6 +24,7 @@ from llmopt.evaluate.throughput import (
     throughput_section,
 )
 from llmopt.stats import cost_per_million_tokens, percentile, summary
+from tests.evaldata import scored
 from tests.helpers import random_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ def test_compare_and_gate_read_decode_speedup() -> None:
     assert section["decode_speedup"] == {"1": pytest.approx(2.8), "8": pytest.approx(1.5)}
     assert section["prefill_speedup"]["128"] == pytest.approx(0.8)
     assert section["settings"]["batch_sizes"] == [1, 4]  # resolved for the device
-    report = {"throughput": section}
+    report = {**scored(1.0), "throughput": section}
     assert apply_gate(GateSpec(min_decode_speedup=2.5, at_batch=1), report).passed
     failed = apply_gate(GateSpec(min_decode_speedup=2.0, at_batch=8), report)
     assert not failed.passed and "1.50x at batch 8" in failed.checks[0].message

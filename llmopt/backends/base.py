@@ -245,7 +245,7 @@ def format_card(
 
 def save_tokenizer(inputs: QuantizeInputs) -> None:
     """The source's tokenizer files into the artifact (evaluation checks it tokenizes like its baseline)."""
-    from transformers import AutoTokenizer
+    from llmopt.source import load_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
+    tok = load_tokenizer(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
     tok.save_pretrained(inputs.out_dir)

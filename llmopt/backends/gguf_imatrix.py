@@ -23,11 +23,11 @@ def compute_imatrix(
     chain: Toolchain, model: Path, inputs: QuantizeInputs, out: Path, work: Path, threads: int
 ) -> dict[str, Any]:
     """Run llama-imatrix over the calibration samples (decoded to text: the tool tokenizes itself)."""
-    from transformers import AutoTokenizer
+    from llmopt.source import load_tokenizer
 
     calib = inputs.calibration
     assert calib is not None and chain.imatrix_tool is not None and chain.bin is not None
-    tokenizer = AutoTokenizer.from_pretrained(inputs.source.path)
+    tokenizer = load_tokenizer(inputs.source.path, trust_remote_code=inputs.source.trust_remote_code)
     text_file = work / "calibration.txt"
     text_file.write_text("".join(str(tokenizer.decode(s)) for s in calib.samples), encoding="utf-8")
     cmd = [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -34,67 +34,70 @@ from llmopt.cli.bench import (
 )
 from llmopt.errors import EXIT_GATE
 
+if TYPE_CHECKING:
+    from llmopt.results import Distribution, EvalReport
 
-def render_eval(report: dict[str, Any]) -> None:
-    s = report["settings"]
+
+def render_eval(report: EvalReport) -> None:
+    s = report.settings
     table = Table(
-        title=f"perplexity on {s['dataset']} ({s['tokens_scored']:,} tokens, context {s['context_length']}, "
-        f"stride {s['stride']}, {s['dtype']} on {s['device']})"
+        title=f"perplexity on {s.dataset} ({s.tokens_scored or 0:,} tokens, context {s.context_length}, "
+        f"stride {s.stride}, {s.dtype} on {s.device})"
     )
     for col, justify in (("model", "left"), ("perplexity", "right"), ("± stderr", "right"), ("Δ vs FP16", "right"),
                          ("size on disk", "right"), ("in memory", "right"), ("eval time", "right")):  # fmt: skip
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    b, a = report["baseline"], report["artifact"]
+    b, a = report.baseline, report.artifact
     table.add_row(
-        "FP16 baseline" + (" (cached)" if b.get("cached") else ""),
-        f"{b['perplexity']:.4f}",
-        f"{b['stderr']:.4f}",
+        "FP16 baseline" + (" (cached)" if b.cached else ""),
+        f"{b.perplexity:.4f}",
+        f"{b.stderr:.4f}",
         "-",
-        human_bytes(b.get("size_bytes")),
-        human_bytes(b.get("footprint_bytes")),
-        f"{b['eval_seconds']:.1f} s",
+        human_bytes(b.size_bytes),
+        human_bytes(b.footprint_bytes),
+        f"{b.eval_seconds or 0:.1f} s",
     )
     table.add_row(
-        f"{a['backend']} ({a['format']})",
-        f"{a['perplexity']:.4f}",
-        f"{a['stderr']:.4f}",
-        f"{report['delta_pct']:+.2f}% ± {report['delta_pct_stderr']:.2f}",
-        human_bytes(a.get("size_bytes")),
-        human_bytes(a.get("footprint_bytes")),
-        f"{a['eval_seconds']:.1f} s",
+        f"{a.backend} ({a.format})",
+        f"{a.perplexity:.4f}",
+        f"{a.stderr:.4f}",
+        f"{report.delta_pct or 0:+.2f}% ± {report.delta_pct_stderr or 0:.2f}",
+        human_bytes(a.size_bytes),
+        human_bytes(a.footprint_bytes),
+        f"{a.eval_seconds or 0:.1f} s",
     )
     stdout.print(table)
-    render_distribution(a.get("distribution"))
-    if a.get("compute"):
-        c = a["compute"]
+    render_distribution(a.distribution)
+    if a.compute:
+        c = a.compute
         stdout.print(f"artifact arithmetic: unquantized tensors {c.get('unquantized')}; {c.get('matmul', '')}")
-    gate = report["gate"]
-    if not gate["checks"]:
+    gate = report.gate
+    if gate is None or not gate.checks:
         stdout.print("gate: no thresholds set")
         return
-    for c in gate["checks"]:
-        mark = "[green]pass[/]" if c["passed"] else "[red]FAIL[/]"
-        stdout.print(f"gate {mark}: {c['message']}")
+    for check in gate.checks:
+        mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        stdout.print(f"gate {mark}: {check.message}")
 
 
 def _kld(value: float) -> str:
-    """Nats, readable from q8_0's 1e-4 to a broken model's 10."""
+    """Nats, readable from an 8-bit artifact's 1e-4 to a broken model's 10."""
     return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
 
 
-def render_distribution(dist: dict[str, Any] | None) -> None:
+def render_distribution(dist: Distribution | None) -> None:
     """The artifact's next-token distribution against FP16's (nothing when it was not measured)."""
-    if not dist:
+    if dist is None:
         return
-    table = Table(title=f"token distribution vs FP16 ({dist['tokens']:,} tokens)")
+    table = Table(title=f"token distribution vs FP16 ({dist.tokens:,} tokens)")
     for col in ("mean KLD", "median", "p90", "p99", "p99.9", "max", "top-1 agreement", "Δp mean", "Δp RMS"):
         table.add_column(col, justify="right")
     table.add_row(
-        f"{_kld(dist['kld_mean'])} ± {_kld(dist['kld_stderr'])}",
-        *(_kld(dist[k]) for k in ("kld_median", "kld_p90", "kld_p99", "kld_p999", "kld_max")),
-        f"{100 * dist['top1_agreement']:.2f}% ± {100 * dist['top1_agreement_stderr']:.2f}",
-        f"{100 * dist['delta_p_mean']:+.3f}%",
-        f"{100 * dist['delta_p_rms']:.3f}%",
+        f"{_kld(dist.kld_mean)} ± {_kld(dist.kld_stderr)}",
+        *(_kld(v) for v in (dist.kld_median, dist.kld_p90, dist.kld_p99, dist.kld_p999, dist.kld_max)),
+        f"{100 * dist.top1_agreement:.2f}% ± {100 * dist.top1_agreement_stderr:.2f}",
+        f"{100 * dist.delta_p_mean:+.3f}%",
+        f"{100 * dist.delta_p_rms:.3f}%",
     )
     stdout.print(table)
 
@@ -151,8 +154,8 @@ def register(app: typer.Typer) -> None:
         Exits 3 when a gate check fails.
         """
         from llmopt.api import evaluate
-        from llmopt.evaluate.gate import gate_spec
         from llmopt.progress import default_reporter
+        from llmopt.specs import eval_spec, gate_spec
 
         gate = gate_spec(
             max_ppl_increase_pct=max_ppl_increase,
@@ -174,33 +177,37 @@ def register(app: typer.Typer) -> None:
             marlin_atomics,
         )
         check_speed_gate(speed, min_decode_speedup, at_batch)
+        spec = eval_spec(
+            dataset=dataset,
+            context_length=context,
+            stride=stride,
+            max_tokens=max_tokens,
+            add_bos=add_bos,
+            batch_size=batch_size,
+            device=device,
+            kernel=kernel,
+            kld=not no_kld,
+            throughput=speed,
+        )
         check_json_target(json_path, dataset, baseline)
         with stdout_is_ours():
             report = evaluate(
                 artifact,
                 baseline,
-                dataset,
-                context_length=context,
-                stride=stride,
-                max_tokens=max_tokens,
-                add_bos=add_bos,
-                device=device,
-                batch_size=batch_size,
+                spec,
                 gate=gate,
-                kernel=kernel,
-                throughput=speed,
                 use_cache=not no_cache,
-                kld=not no_kld,
                 trust_remote_code=trust_remote_code,
                 reporter=default_reporter(quiet or json_path == "-"),
             )
         if json_path:
-            write_json(report, json_path)
+            write_json(report.to_json(), json_path)
         if json_path != "-":
             render_eval(report)
-            if report.get("throughput"):
-                render_throughput(report["throughput"])
-        if not report["gate"]["passed"]:
-            failed = [c["message"] for c in report["gate"]["checks"] if not c["passed"]]
+            if report.throughput:
+                render_throughput(report.throughput.to_json())
+        assert report.gate is not None
+        if not report.gate.passed:
+            failed = [c.message for c in report.gate.failures()]
             stderr.print(f"[red]gate failed[/]: {'; '.join(failed)}")
             raise typer.Exit(EXIT_GATE)

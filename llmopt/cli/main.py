@@ -11,6 +11,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from llmopt import __version__, interrupt
+from llmopt._thirdparty import quiet_console
 from llmopt.errors import EXIT_INPUT, EXIT_INTERRUPTED, LlmoptError
 
 app = typer.Typer(
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGINT, _on_signal)
     sys.unraisablehook = _unraisable
     debug = os.environ.get("LLMOPT_DEBUG") == "1"
+    quiet_console()
     own_process = argv is None  # the console script or `python -m llmopt`, not a caller in the same process
     try:
         rv = app(args=argv, standalone_mode=False)

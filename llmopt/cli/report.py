@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
 
         report = merge_reports(list(results), output)
         if json_out:
-            write_json(report, "-")
+            write_json(report.to_json(), "-")
             return
         render_run(report)
         stdout.print(f"merged {len(results)} report(s) into {output / 'report.md'}")

@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
 from llmopt.cli._common import QuietOpt, stderr, stdout, stdout_is_ours, write_json
 
+if TYPE_CHECKING:
+    from llmopt.results import RunReport
 
-def render_run(report: dict[str, Any]) -> None:
+
+def render_run(report: RunReport) -> None:
     from llmopt.report import TABLE_HEADER, display_dataset, table_rows
 
-    s = report.get("settings") or {}
+    s = report.settings
     title = "llmopt run"
     if s:
         title += (
-            f": perplexity on {display_dataset(s.get('dataset'))} ({s.get('tokens_scored', 0):,} tokens, "
-            f"context {s.get('context_length')}, {s.get('dtype', '?')} on {s.get('device', '?')})"
+            f": perplexity on {display_dataset(s.dataset)} ({s.tokens_scored or 0:,} tokens, "
+            f"context {s.context_length}, {s.dtype or '?'} on {s.device or '?'})"
         )
     table = Table(title=title)
     for col in TABLE_HEADER:
@@ -30,23 +33,22 @@ def render_run(report: dict[str, Any]) -> None:
         style = marks.get(gate, f"[red]{gate}[/]" if "error" in gate else gate)
         table.add_row(*row[:-1], style)
     stdout.print(table)
-    for v in report["variants"]:
-        err = v.get("error")
+    for v in report.variants:
+        err = v.error
         if err:
-            stderr.print(f"[red]{v['name']}[/] ({err.get('stage')}): {err.get('message')}")
-            if err.get("hint"):
-                stderr.print(f"  -> {err['hint']}")
-        for c in (v.get("gate") or {}).get("checks", []):
-            if not c["passed"]:
-                stderr.print(f"[red]{v['name']} gate FAIL[/]: {c['message']}")
-        pub = v.get("publish")
+            stderr.print(f"[red]{v.name}[/] ({err.stage}): {err.message}")
+            if err.hint:
+                stderr.print(f"  -> {err.hint}")
+        for c in v.gate.failures() if v.gate else []:
+            stderr.print(f"[red]{v.name} gate FAIL[/]: {c.message}")
+        pub = v.publish
         if pub:
             rev = f" (branch {pub['revision']})" if pub.get("revision") else ""
-            stdout.print(f"[green]published[/] {v['name']} -> {pub.get('url') or pub.get('repo_id')}{rev}")
-    for note in report.get("notes") or []:
+            stdout.print(f"[green]published[/] {v.name} -> {pub.get('url') or pub.get('repo_id')}{rev}")
+    for note in report.notes:
         stdout.print(f"[dim]note: {note}[/]")
-    out = Path(report.get("output") or ".")
-    files = report.get("files") or {}
+    out = Path(report.output or ".")
+    files = report.files
     if files:
         stdout.print(f"report: {out / files.get('markdown', 'report.md')}, {out / files.get('json', 'report.json')}")
         for p in files.get("plots") or []:
@@ -125,8 +127,8 @@ def register(app: typer.Typer) -> None:
                 reporter=default_reporter(quiet or json_out),
             )
         if json_out:
-            write_json(report, "-")
+            write_json(report.to_json(), "-")
         else:
             render_run(report)
-        if report["exit_code"]:
-            raise typer.Exit(report["exit_code"])
+        if report.exit_code:
+            raise typer.Exit(report.exit_code)

@@ -26,7 +26,9 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> int:
     request_path, result_path = Path(argv[0]), Path(argv[1])
-    from llmopt._thirdparty import quiet_gptqmodel
+    from llmopt._thirdparty import quiet_console, quiet_gptqmodel
+
+    quiet_console()  # before throughput.py imports the model stack
     from llmopt.errors import EXIT_INTERRUPTED, LlmoptError
     from llmopt.evaluate.throughput import ThroughputSettings, bench_model
     from llmopt.progress import LineReporter

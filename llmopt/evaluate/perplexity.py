@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmopt.errors import DataError, InputError
+from llmopt.errors import DataError
+from llmopt.specs import check_settings  # re-exported: the window checks live with the settings
 
 
 @dataclass(frozen=True)
@@ -46,32 +47,6 @@ class PerplexityResult:
             "windows": self.windows,
             "window_nll": self.window_nll,
         }
-
-
-def check_settings(
-    context_length: int,
-    stride: int | None = None,
-    batch_size: int = 1,
-    *,
-    add_bos: bool = False,
-    max_tokens: int | None = None,
-) -> None:
-    """Refuse scoring settings that cannot work, before any model is loaded (each names its own option)."""
-    shortest = 3 if add_bos else 2  # two scored positions need two tokens of text, plus BOS when added
-    if context_length < shortest:
-        raise DataError(
-            f"--context {context_length} is too short: a window needs at least {shortest} tokens.",
-            "Use --context 16 or more (default 512).",
-        )
-    if stride is not None and not 1 <= stride <= context_length:
-        raise DataError(
-            f"--stride {stride} must be between 1 and --context ({context_length}).",
-            "Pass a --stride no larger than --context, or leave it out (= --context).",
-        )
-    if batch_size < 1:
-        raise InputError(f"--batch-size {batch_size} must be at least 1.", "Pass --batch-size 1 or more (default 1).")
-    if max_tokens is not None and max_tokens < 2:
-        raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
 
 
 def make_windows(

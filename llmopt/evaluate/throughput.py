@@ -12,68 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Any
 
 from llmopt.errors import BackendUnavailableError, InputError, LlmoptError
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.runners.decoder import short_error
+from llmopt.specs import ThroughputSpec
 
 THROUGHPUT_SCHEMA = "llmopt.throughput/1"
-DecodeMode = Literal["auto", "compile", "graph", "eager"]
-
-# Grids used when the caller leaves them unset: serving-sized on GPU, tiny on CPU (CI runs there).
-GPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 8, 32], "prompt_lens": [128, 512, 2048], "gen_len": 128}
-CPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 4], "prompt_lens": [32, 128], "gen_len": 16}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
-
-
-class ThroughputSettings(BaseModel):
-    """What to measure. Unset grids take the device's defaults (see ``resolved``)."""
-
-    model_config = ConfigDict(extra="forbid")
-    batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4).")
-    prompt_lens: list[int] | None = Field(
-        default=None,
-        description="Prefill prompt lengths; decoding starts after the first (default GPU 128,512,2048).",
-    )
-    gen_len: int | None = Field(
-        default=None, ge=2, description="Tokens generated per timed decode run (GPU default 128)."
-    )
-    warmup: int = Field(default=2, ge=0, description="Untimed runs before timing each point.")
-    repetitions: int = Field(default=5, ge=1, description="Timed runs per point; medians and spread are over these.")
-    decode_mode: DecodeMode = Field(default="auto", description="compile, graph, eager, or auto (best that works).")
-    gpu_hourly_cost: float | None = Field(
-        default=None, gt=0, description="Price of the device per hour, for $/1M tokens."
-    )
-    seed: int = Field(default=0, description="Seed of the random prompt token ids.")
-    marlin_atomics: bool = Field(
-        default=True,
-        description="GPTQ-Marlin: atomicAdd split-K reduction on narrow-output layers while measuring speed "
-        "(as GPTQModel does for AWQ-Marlin); perplexity is always scored without it.",
-    )
-
-    @field_validator("batch_sizes", "prompt_lens")
-    @classmethod
-    def _positive_unique(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return None
-        if not v or any(x < 1 for x in v):
-            raise ValueError("needs one or more positive integers")
-        return sorted(set(v))
-
-    def resolved(self, device: str) -> ThroughputSettings:
-        """A copy with every unset grid filled from the device's defaults."""
-        defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
-        update = {k: v for k, v in defaults.items() if getattr(self, k) is None}
-        return self.model_copy(update=update)
-
-    @property
-    def context_len(self) -> int:
-        """Prompt length decoding starts from: the first prompt length."""
-        assert self.prompt_lens
-        return self.prompt_lens[0]
+# The settings moved to llmopt/specs.py (the ground floor); the old names stay importable from here.
+ThroughputSettings = ThroughputSpec
 
 
 def parse_int_list(text: str | None, option: str) -> list[int] | None:

@@ -595,3 +595,46 @@ def test_interrupt_with_busy_daemon_threads_exits_130(int8_artifact: dict[str, P
         )
         assert proc.returncode == 130, proc.stderr[-3000:]
         assert "interrupted" in proc.stderr and "terminate called" not in proc.stderr
+
+
+# --- a model folder without a tokenizer ---------------------------------------------------------------------
+
+
+def _without_tokenizer(assets: dict[str, Path], folder: Path) -> Path:
+    """The real SmolLM2 cut to one layer, its tokenizer files removed (a folder saved with model.save_pretrained
+    only, as people do)."""
+    model = first_layers(assets["model"], folder, 1)
+    for p in model.iterdir():
+        if p.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
+            p.unlink()
+    return model
+
+
+@pytest.mark.parametrize("method", ["bnb-int8", "gptq"])
+def test_quantize_without_a_tokenizer_is_refused_before_work(
+    tmp_path: Path, assets: dict[str, Path], method: str
+) -> None:
+    """Old code: bnb-int8 quantized, then died with a transformers traceback (exit 1) saving the tokenizer;
+    GPTQ with calibration died the same way while preparing calibration."""
+    model = _without_tokenizer(assets, tmp_path / "model")
+    args = ["quantize", "model", "-m", method, "-o", "out"]
+    if method == "gptq":
+        calib = str(assets["calibration_text"])
+        args += ["--calibration", calib, "--group-size", "64", "--samples", "4", "--seq-len", "64"]
+    r = run_cli(args, cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "has no tokenizer" in r.stderr and "Traceback" not in r.stderr
+    assert "loading and quantizing" not in r.stderr  # refused before any work
+    assert not (tmp_path / "out").exists()
+    assert model.exists()
+
+
+def test_eval_against_a_baseline_without_a_tokenizer_is_refused(tmp_path: Path, assets: dict[str, Path]) -> None:
+    model = first_layers(assets["model"], tmp_path / "model", 1)
+    assert run_cli(["quantize", "model", "-m", "bnb-int8", "-o", "art"], cwd=tmp_path).returncode == 0
+    bare = _without_tokenizer(assets, tmp_path / "bare")
+    r = run_cli(["eval", "art", "--baseline", bare.name, "--dataset", str(assets["eval_text"]), "--max-tokens", "256"],
+                cwd=tmp_path)  # fmt: skip
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "baseline model folder" in r.stderr and "has no tokenizer" in r.stderr and "Traceback" not in r.stderr
+    assert model.exists()

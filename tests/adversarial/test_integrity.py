@@ -88,7 +88,7 @@ def test_edited_delta_is_refused_even_with_a_consistent_gate(
     real = evaluated_artifact["report"]["delta_pct"]
     a = Artifact.open(art)
     assert a.manifest.evaluation is not None
-    a.manifest.evaluation["delta_pct"] = real / 4
+    a.manifest.evaluation.delta_pct = real / 4
     spec = GateSpec(max_ppl_increase_pct=round(real / 2, 2))
     a.manifest.gate = {**apply_gate(spec, a.manifest.evaluation).model_dump(mode="json"), "spec": spec.model_dump()}
     assert a.manifest.gate["passed"] is True

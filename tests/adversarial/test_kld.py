@@ -92,8 +92,8 @@ def test_an_edited_distribution_block_does_not_add_up(evaluated_artifact: dict[s
     from llmopt.evaluate.gate import evaluation_problems
 
     report = evaluated_artifact["report"]
-    evaluation = {k: v for k, v in report.items() if k != "gate"}
-    assert evaluation_problems(evaluation, report["gate"]) == []
+    evaluation = report.without_gate().to_json()
+    assert evaluation_problems(evaluation, report.gate) == []
     for key, value in (("kld_mean", 1e-6), ("top1_agreement", 1.0), ("kld_stderr", 0.0)):
         edited = copy.deepcopy(evaluation)
         edited["artifact"]["distribution"][key] = value

@@ -1,0 +1,295 @@
+"""What to measure: evaluation, throughput, calibration and gate settings, each one typed model.
+
+Ground floor: this module imports nothing of llmopt above ``errors`` (and no torch), so the recipe, the CLI,
+the library entry points and the pipeline all build and pass the same objects. A spec is built once, from a
+recipe (recipe.py: CLI flag > recipe file > defaults) or from CLI flags (``eval_spec`` and friends turn a
+meaningless value into bad input, exit 2), and handed down whole.
+
+Reuse of a stored measurement compares specs whole (``EvalSpec.same_measurement``): a field added here
+takes part in that comparison unless it is marked ``NotMeasured`` (with the reason).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
+
+from llmopt.errors import DataError, InputError
+
+__all__ = [
+    "CPU_DEFAULTS",
+    "GPU_DEFAULTS",
+    "CalibrationSpec",
+    "DecodeMode",
+    "EvalSpec",
+    "GateSpec",
+    "ThroughputSpec",
+    "check_settings",
+    "eval_spec",
+    "gate_spec",
+]
+
+DecodeMode = Literal["auto", "compile", "graph", "eager"]
+
+# Grids used when the caller leaves them unset: serving-sized on GPU, tiny on CPU (CI runs there).
+GPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 8, 32], "prompt_lens": [128, 512, 2048], "gen_len": 128}
+CPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 4], "prompt_lens": [32, 128], "gen_len": 16}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class NotMeasured:
+    """Marks a field that changes how a measurement is made, not what it measures (see ``same_measurement``)."""
+
+    why: str
+
+
+class ThroughputSpec(_Strict):
+    """What to measure of serving speed. Unset grids take the device's defaults (see ``resolved``)."""
+
+    batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4).")
+    prompt_lens: list[int] | None = Field(
+        default=None,
+        description="Prefill prompt lengths; decoding starts after the first (default GPU 128,512,2048).",
+    )
+    gen_len: int | None = Field(
+        default=None, ge=2, description="Tokens generated per timed decode run (GPU default 128)."
+    )
+    warmup: int = Field(default=2, ge=0, description="Untimed runs before timing each point.")
+    repetitions: int = Field(default=5, ge=1, description="Timed runs per point; medians and spread are over these.")
+    decode_mode: DecodeMode = Field(default="auto", description="compile, graph, eager, or auto (best that works).")
+    gpu_hourly_cost: float | None = Field(
+        default=None, gt=0, description="Price of the device per hour, for $/1M tokens."
+    )
+    seed: int = Field(default=0, description="Seed of the random prompt token ids.")
+    marlin_atomics: bool = Field(
+        default=True,
+        description="GPTQ-Marlin: atomicAdd split-K reduction on narrow-output layers while measuring speed "
+        "(as GPTQModel does for AWQ-Marlin); perplexity is always scored without it.",
+    )
+
+    @field_validator("batch_sizes", "prompt_lens")
+    @classmethod
+    def _positive_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v or any(x < 1 for x in v):
+            raise ValueError("needs one or more positive integers")
+        return sorted(set(v))
+
+    def resolved(self, device: str) -> ThroughputSpec:
+        """A copy with every unset grid filled from the device's defaults."""
+        defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
+        update = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        return self.model_copy(update=update)
+
+    @property
+    def context_len(self) -> int:
+        """Prompt length decoding starts from: the first prompt length."""
+        assert self.prompt_lens
+        return self.prompt_lens[0]
+
+
+class CalibrationSpec(_Strict):
+    dataset: str | None = Field(
+        None, description="Calibration text: .txt/.jsonl/.parquet file or a named dataset (wikitext2, c4)."
+    )
+    samples: int = Field(128, ge=1, description="Number of calibration samples.")
+    seq_len: int = Field(512, ge=8, description="Tokens per calibration sample.")
+    seed: int = Field(0, description="Seed for picking the samples.")
+
+
+class EvalSpec(_Strict):
+    """How an artifact is evaluated against its FP16 baseline (the recipe's ``evaluation`` section)."""
+
+    dataset: str = Field(description="Evaluation text: .txt/.jsonl/.parquet file or a named dataset.")
+    context_length: int = Field(512, ge=2, description="Tokens per window.")
+    stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: context_length).")
+    max_tokens: int | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
+    add_bos: bool = Field(False, description="Put BOS before each window.")
+    batch_size: Annotated[int, NotMeasured("the same windows are scored, however many per pass")] = Field(
+        1, ge=1, description="Windows per forward pass."
+    )
+    # "auto" names different hardware on different machines: what it resolved to is compared instead
+    # (the report's settings.device and settings.placement), by the caller that resolved it.
+    device: Annotated[str, NotMeasured("compared by what it resolves to")] = Field(
+        "auto",
+        description="auto, cpu, cuda (layers split over every visible GPU), cuda:1 (one GPU), cuda:0,1 (split over "
+        "those): see README 'Devices and several GPUs'.",
+    )
+    kernel: Annotated[str | None, NotMeasured("not recorded by evaluations; reuse never compared it")] = Field(
+        None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice."
+    )
+    kld: bool = Field(
+        True,
+        description="Also the KL divergence, top-1 agreement and Δp against FP16 on the same tokens (docs/kld.md; "
+        "needed by the max_kld and min_top1_pct gates); false = perplexity alone.",
+    )
+    throughput: ThroughputSpec | None = Field(
+        None,
+        description="Also measure serving speed against FP16 (needed by the min_decode_speedup gate); "
+        "{} takes the device's default grids.",
+    )
+
+    def resolved_stride(self) -> int:
+        return self.stride if self.stride is not None else self.context_length
+
+    @classmethod
+    def measurement_fields(cls) -> list[str]:
+        """The fields a stored measurement must share with this spec to be reused."""
+        return [
+            name
+            for name, info in cls.model_fields.items()
+            if not any(isinstance(m, NotMeasured) for m in info.metadata)
+        ]
+
+    def measurement(self, device: str) -> dict[str, Any]:
+        """The measurement fields with defaults resolved as the evaluation resolves them (stride, speed grids)."""
+        out: dict[str, Any] = {}
+        for name in self.measurement_fields():
+            value = getattr(self, name)
+            if name == "stride":
+                value = self.resolved_stride()
+            elif name == "throughput" and value is not None:
+                value = value.resolved(device).model_dump(mode="json")
+            elif isinstance(value, BaseModel):
+                value = value.model_dump(mode="json")
+            out[name] = value
+        return out
+
+    def same_measurement(self, wanted: EvalSpec, device: str) -> bool:
+        """Whether a measurement made with this spec (a stored one) answers ``wanted`` on ``device`` (the resolved
+        primary device). Every measurement field must match; a stored speed measurement is not needed when
+        ``wanted`` asks for none (it is then carried along, as it always was)."""
+        mine, theirs = self.measurement(device), wanted.measurement(device)
+        if theirs.get("throughput") is None:
+            mine.pop("throughput", None)
+            theirs.pop("throughput", None)
+        if not theirs.get("kld"):  # likewise a stored KL divergence, when none is asked for
+            mine.pop("kld", None)
+            theirs.pop("kld", None)
+        return mine == theirs
+
+
+class GateSpec(BaseModel):
+    """Thresholds; a threshold left unset is not checked."""
+
+    # A negative limit or NaN makes a gate nothing can pass (or, for NaN, that compares false everywhere)
+    # and prints as "limit +-5%": refused up front rather than recorded as a meaningful check.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    max_ppl_increase_pct: float | None = Field(
+        None, ge=0, description="Largest allowed perplexity increase over FP16, % (0 or more)."
+    )
+    max_ppl: float | None = Field(None, gt=0, description="Largest allowed absolute perplexity.")
+    max_kld: float | None = Field(
+        None, ge=0, description="Largest allowed mean KL divergence KL(FP16 || artifact) per token, nats (0 or more)."
+    )
+    min_top1_pct: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Smallest allowed top-1 agreement with FP16: % of tokens whose most likely next token is "
+        "unchanged (0-100).",
+    )
+    min_decode_speedup: float | None = Field(None, gt=0, description="Smallest decode speedup over FP16.")
+    at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
+
+    def is_empty(self) -> bool:
+        return all(
+            v is None
+            for v in (self.max_ppl_increase_pct, self.max_ppl, self.max_kld, self.min_top1_pct, self.min_decode_speedup)
+        )
+
+    @model_serializer(mode="wrap")
+    def _unset_kld_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Thresholds added with the KL divergence are written only when set: a gate record from before them
+        # reads and writes back the same, and its recomputation (evaluate/gate.py) finds the same checks.
+        data: dict[str, Any] = handler(self)
+        for key in ("max_kld", "min_top1_pct"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+    def needs_distribution(self) -> bool:
+        """True when a threshold reads the KL divergence block (which --no-kld leaves out)."""
+        return self.max_kld is not None or self.min_top1_pct is not None
+
+
+def gate_spec(**thresholds: Any) -> GateSpec:
+    """A GateSpec from command-line values; a meaningless threshold is bad input (exit 2), not a traceback."""
+    try:
+        return GateSpec(**thresholds)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "gate"
+        flag = "--" + name.replace("_pct", "").replace("_", "-")
+        raise InputError(
+            f"{flag} {err.get('input')!r} is not a usable threshold: {err['msg']}.",
+            "Give a finite number: a percentage of 0 or more for --max-ppl-increase, 0 to 100 for --min-top1, "
+            "0 or more for --max-kld, a positive number for --max-ppl and --min-decode-speedup.",
+        ) from None
+
+
+def check_settings(
+    context_length: int,
+    stride: int | None = None,
+    batch_size: int = 1,
+    *,
+    add_bos: bool = False,
+    max_tokens: int | None = None,
+) -> None:
+    """Refuse scoring settings that cannot work, before any model is loaded (each names its own option)."""
+    shortest = 3 if add_bos else 2  # two scored positions need two tokens of text, plus BOS when added
+    if context_length < shortest:
+        raise DataError(
+            f"--context {context_length} is too short: a window needs at least {shortest} tokens.",
+            "Use --context 16 or more (default 512).",
+        )
+    if stride is not None and not 1 <= stride <= context_length:
+        raise DataError(
+            f"--stride {stride} must be between 1 and --context ({context_length}).",
+            "Pass a --stride no larger than --context, or leave it out (= --context).",
+        )
+    if batch_size < 1:
+        raise InputError(f"--batch-size {batch_size} must be at least 1.", "Pass --batch-size 1 or more (default 1).")
+    if max_tokens is not None and max_tokens < 2:
+        raise InputError("--max-tokens must be at least 2.", "Pass a larger --max-tokens, or leave it out.")
+
+
+# CLI spelling of the EvalSpec fields whose flag is not the field's name.
+_FLAGS = {"context_length": "--context"}
+
+
+def eval_spec(**settings: Any) -> EvalSpec:
+    """An EvalSpec from command-line values (field names as keywords).
+
+    Window settings that cannot work are refused first by ``check_settings``, whose messages name the flag
+    and the way out; any other invalid value is bad input too (exit 2), never a traceback.
+    """
+    check_settings(
+        settings.get("context_length", 512),
+        settings.get("stride"),
+        settings.get("batch_size", 1),
+        add_bos=bool(settings.get("add_bos")),
+        max_tokens=settings.get("max_tokens"),
+    )
+    try:
+        return EvalSpec.model_validate(settings)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "evaluation"
+        flag = _FLAGS.get(name, "--" + name.replace("_", "-"))
+        raise InputError(f"{flag} {err.get('input')!r}: {err['msg']}.", "See `llmopt eval --help`.") from None

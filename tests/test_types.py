@@ -1,0 +1,271 @@
+"""Typed specs and results (llmopt/specs.py, llmopt/results.py): reports written before still read and write back
+the same; the evaluation settings are the same object whether a recipe or CLI flags made them; a stored
+evaluation is reused only when every setting it measured with is the one asked for.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmopt.artifact import Artifact
+from llmopt.errors import InputError
+from llmopt.evaluate.gate import evaluation_problems
+from llmopt.evaluate.throughput import throughput_section
+from llmopt.recipe import apply_overrides, parse_recipe
+from llmopt.results import EVAL_SCHEMA, EvalReport, EvalSettings, ModelScore, RunReport, SpeedReport
+from llmopt.specs import EvalSpec, ThroughputSpec
+from tests.evaldata import scored
+
+ROOT = Path(__file__).resolve().parents[1]
+# A run report written by llmopt before the results were typed (schema llmopt.run/1 with llmopt.eval/1 inside).
+OLD_RUN = ROOT / "docs" / "results" / "run-cpu" / "report.json"
+
+
+# --- reports and manifests written before --------------------------------------------------------------
+
+
+def test_schema_1_run_report_reads_and_writes_back_the_same() -> None:
+    data = json.loads(OLD_RUN.read_text())
+    report = RunReport.model_validate(data)
+    assert report.schema_ == "llmopt.run/1" and report.variants[0].evaluation is not None
+    ev = report.variants[0].evaluation
+    assert ev.schema_ == EVAL_SCHEMA and ev.settings.context_length == data["settings"]["context_length"]
+    assert ev.artifact.perplexity == data["variants"][0]["evaluation"]["artifact"]["perplexity"]
+    out = report.to_json()
+    assert out == data
+    # the same keys in the same order, all the way down (the JSON text is what users diff)
+    assert json.dumps(out, indent=2) == json.dumps(data, indent=2)
+
+
+def test_schema_1_manifest_reads_checks_and_saves_unchanged(tmp_path: Path) -> None:
+    """A manifest whose evaluation and gate are the dicts llmopt wrote before: it opens typed, its numbers still
+    add up (recomputed from the window scores), its gate re-applies, and saving it writes the same JSON."""
+    variant = json.loads(OLD_RUN.read_text())["variants"][0]
+    evaluation = {k: v for k, v in variant["evaluation"].items() if k != "gate"}
+    manifest = {
+        "schema_version": 1,
+        "llmopt_version": "0.1.0",
+        "created_at": "2026-01-01T00:00:00+00:00",
+        "backend": "bnb-int8",
+        "format": "bnb-8bit",
+        "runner": "hf",
+        "options": {},
+        "source": {"model": "m", "resolved_path": "/m"},
+        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
+        "files": {},
+        "evaluation": evaluation,
+        "gate": variant["gate"],
+    }
+    (tmp_path / "llmopt.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    art = Artifact.open(tmp_path)
+    ev, gate = art.manifest.evaluation, art.manifest.gate
+    assert isinstance(ev, EvalReport) and gate is not None and gate.spec is not None
+    assert ev.delta_pct == evaluation["delta_pct"] and gate.passed is variant["gate"]["passed"]
+    assert evaluation_problems(ev, gate) == []
+    art.save()
+    saved = json.loads((tmp_path / "llmopt.json").read_text())
+    assert saved["evaluation"] == evaluation and saved["gate"] == variant["gate"]
+    assert list(saved["evaluation"]["artifact"]) == list(evaluation["artifact"])
+
+
+def test_unknown_keys_survive_and_none_blocks_stay_out() -> None:
+    """A key this version does not know (another version's block) is kept; the optional blocks other measurements
+    fill (``distribution``, ``tasks``) are absent from the JSON until set."""
+    ev = scored(1.0)
+    ev["settings"]["dataset"] = "eval.txt"
+    ev["artifact"]["from_the_future"] = {"x": 1}
+    report = EvalReport.model_validate(ev)
+    out = report.to_json()
+    assert out["artifact"]["from_the_future"] == {"x": 1}
+    assert "distribution" not in out["artifact"] and "tasks" not in out["artifact"] and "throughput" not in out
+    assert out["settings"]["max_tokens"] is None  # written as null, as it always was
+    dist = dict(DISTRIBUTION)
+    report.artifact.distribution = dist  # type: ignore[assignment]  # validated into a Distribution
+    assert report.to_json()["artifact"]["distribution"] == dist
+    # callers written against the dict reports still read them by key
+    assert report["artifact"]["perplexity"] == report.artifact.perplexity and report["schema"] == EVAL_SCHEMA
+    assert report.get("throughput") is None and "throughput" not in report
+
+
+def test_a_hand_edited_type_names_where(tmp_path: Path) -> None:
+    """A manifest whose evaluation holds a value of the wrong type is exit 5 naming the key, not a bare
+    'validation error'."""
+    from llmopt.errors import ArtifactError
+
+    variant = json.loads(OLD_RUN.read_text())["variants"][0]
+    evaluation = {k: v for k, v in variant["evaluation"].items() if k != "gate"}
+    evaluation["artifact"]["perplexity"] = "low"
+    manifest = {
+        "llmopt_version": "0.1.0",
+        "backend": "bnb-int8",
+        "format": "bnb-8bit",
+        "runner": "hf",
+        "options": {},
+        "source": {"model": "m", "resolved_path": "/m"},
+        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
+        "files": {},
+        "evaluation": evaluation,
+    }
+    (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"evaluation\.artifact\.perplexity"):
+        Artifact.open(tmp_path)
+
+
+# --- one spec, whichever way it was given -----------------------------------------------------------------
+
+
+RECIPE = {
+    "model": {"source": "m"},
+    "evaluation": {
+        "dataset": "eval.txt",
+        "context_length": 256,
+        "stride": 128,
+        "max_tokens": 4096,
+        "add_bos": True,
+        "batch_size": 2,
+        "device": "cpu",
+        "kernel": "torch",
+        "throughput": {"batch_sizes": [1, 4], "gen_len": 8},
+    },
+    "variants": [{"name": "a", "method": "bnb-int8"}],
+}
+
+
+def test_spec_from_cli_flags_is_the_recipe_spec(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`llmopt eval` builds from its flags the very EvalSpec the recipe's evaluation section makes."""
+    from llmopt import api
+    from llmopt.cli.main import main
+
+    got: list[EvalSpec] = []
+
+    def fake_evaluate(artifact: Any, baseline: str, spec: EvalSpec, **kw: Any) -> Any:
+        got.append(spec)
+        raise InputError("stop here", "")
+
+    monkeypatch.setattr(api, "evaluate", fake_evaluate)
+    monkeypatch.chdir(tmp_path)
+    args = ["eval", "art", "--baseline", "m", "--dataset", "eval.txt", "--context", "256", "--stride", "128"]
+    args += ["--max-tokens", "4096", "--add-bos", "--batch-size", "2", "--device", "cpu", "--kernel", "torch"]
+    args += ["--throughput", "--batch-sizes", "4,1", "--gen-len", "8", "-q"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and len(got) == 1
+    assert got[0] == parse_recipe(copy.deepcopy(RECIPE)).evaluation
+
+
+def test_spec_from_run_flags_is_the_recipe_spec() -> None:
+    """`llmopt run --context 256` (an override of the recipe) gives the spec of a recipe that says 256."""
+    plain = copy.deepcopy(RECIPE)
+    plain["evaluation"]["context_length"] = 512
+    overridden = apply_overrides(parse_recipe(plain), {"evaluation.context_length": 256, "evaluation.device": None})
+    assert overridden.evaluation == parse_recipe(copy.deepcopy(RECIPE)).evaluation
+
+
+def test_bad_cli_value_is_bad_input() -> None:
+    from llmopt.specs import eval_spec
+
+    with pytest.raises(InputError, match="--context 1 is too short"):
+        eval_spec(dataset="t.txt", context_length=1)
+    with pytest.raises(InputError, match="--max-tokens"):
+        eval_spec(dataset="t.txt", max_tokens=1)
+
+
+# --- reuse compares the spec whole ------------------------------------------------------------------------
+
+BASE = EvalSpec(dataset="eval.txt", context_length=128, throughput=ThroughputSpec())
+DISTRIBUTION = {"tokens": 10, "top_k": 256, "kld_mean": 0.01, "kld_stderr": 0.001, "kld_median": 0.005, "kld_p90": 0.02,
+                "kld_p99": 0.05, "kld_p999": 0.08, "kld_max": 0.1, "top1_agreement": 0.9,
+                "top1_agreement_stderr": 0.01, "delta_p_mean": -0.001, "delta_p_rms": 0.02}  # fmt: skip
+# For every measurement field, a value other than BASE's. A field added to EvalSpec fails
+# test_every_measurement_field_has_another_value until it is given one here, and is then checked below.
+OTHER: dict[str, Any] = {
+    "dataset": "other.txt",
+    "context_length": 256,
+    "stride": 64,
+    "max_tokens": 1000,
+    "add_bos": True,
+    "throughput": None,  # see test_a_stored_speed_measurement_serves_a_spec_that_asks_for_none
+}
+
+
+def stored(spec: EvalSpec, device: str = "cpu") -> EvalReport:
+    """The evaluation api.evaluate records for ``spec`` (its settings and speed blocks; numbers made up)."""
+    numbers = scored(1.0, context_length=spec.context_length, stride=spec.resolved_stride())
+    speed = None
+    if spec.throughput is not None:
+        side: dict[str, Any] = {"decode": {}, "prefill": {}}
+        speed = SpeedReport.model_validate(throughput_section(side, side, spec.throughput, device))
+    artifact = ModelScore.model_validate(numbers["artifact"])
+    if spec.kld:
+        artifact.distribution = DISTRIBUTION  # type: ignore[assignment]  # validated into a Distribution
+    return EvalReport(
+        settings=EvalSettings.of(spec, tokens_total=numbers["settings"]["tokens_total"], device=device),
+        baseline=ModelScore.model_validate(numbers["baseline"]),
+        artifact=artifact,
+        throughput=speed,
+    )
+
+
+def reused(made_with: EvalSpec, wanted: EvalSpec) -> bool:
+    spec = stored(made_with).spec()
+    return spec is not None and spec.same_measurement(wanted, "cpu")
+
+
+def test_every_measurement_field_has_another_value() -> None:
+    assert set(EvalSpec.measurement_fields()) == set(OTHER) | {"throughput", "kld"}
+
+
+# throughput and kld: a stored block is not required when none is asked for (the last tests below)
+@pytest.mark.parametrize("field", [f for f in EvalSpec.measurement_fields() if f not in ("throughput", "kld")])
+def test_reuse_refused_when_one_setting_differs(field: str) -> None:
+    changed = BASE.model_copy(update={field: OTHER[field]})
+    assert reused(BASE, BASE) and reused(changed, changed), "what was measured must be read back from the report"
+    assert not reused(BASE, changed) and not reused(changed, BASE)
+
+
+@pytest.mark.parametrize("field", [f for f in ThroughputSpec.model_fields if f != "seed"] + ["seed"])
+def test_reuse_refused_when_one_speed_setting_differs(field: str) -> None:
+    other: dict[str, Any] = {
+        "batch_sizes": [2],
+        "prompt_lens": [64],
+        "gen_len": 4,
+        "warmup": 0,
+        "repetitions": 2,
+        "decode_mode": "eager",
+        "gpu_hourly_cost": 2.5,
+        "seed": 1,
+        "marlin_atomics": False,
+    }
+    assert set(other) == set(ThroughputSpec.model_fields)
+    changed = BASE.model_copy(update={"throughput": ThroughputSpec.model_validate({field: other[field]})})
+    assert reused(changed, changed)
+    assert not reused(BASE, changed) and not reused(changed, BASE)
+
+
+def test_a_stored_speed_measurement_serves_a_spec_that_asks_for_none() -> None:
+    """As before the specs were typed: an evaluation that also measured speed is reused when no speed is asked
+    for; one without a speed block is not reused when speed is asked for."""
+    without = BASE.model_copy(update={"throughput": None})
+    assert reused(BASE, without)
+    assert not reused(without, BASE)
+
+
+def test_a_stored_kld_serves_a_spec_that_asks_for_none() -> None:
+    """Likewise the KL divergence: an evaluation that has it is reused by a recipe with kld: false; one without it
+    is scored again for a recipe that asks for it (its gates may read it)."""
+    without = BASE.model_copy(update={"kld": False})
+    assert reused(BASE, without)
+    assert not reused(without, BASE)
+
+
+@pytest.mark.parametrize(("field", "value"), [("batch_size", 8), ("kernel", "marlin"), ("device", "auto")])
+def test_how_it_is_measured_does_not_refuse_reuse(field: str, value: Any) -> None:
+    """batch_size and kernel change how the windows are computed, not which; the device is compared by what it
+    resolved to (the caller's job: settings.device and settings.placement)."""
+    assert field not in EvalSpec.measurement_fields()
+    assert reused(BASE, BASE.model_copy(update={field: value}))
