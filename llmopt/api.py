@@ -193,14 +193,14 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
+    if backend.wants_calibration(opts) and not calibration:
+        raise DataError(
+            f"{method} needs calibration text.",
+            "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
+        )
     if source.path.is_dir() and not has_tokenizer(source.path):
         load_tokenizer(source.path)  # raises the clear error before any quantization work
-    if backend.wants_calibration(opts):
-        if not calibration:
-            raise DataError(
-                f"{method} needs calibration text.",
-                "Pass --calibration FILE (.txt/.jsonl/.parquet) or a dataset name such as wikitext2.",
-            )
+    if calibration and backend.wants_calibration(opts):
         from llmopt.data import calibration_set
 
         tokenizer = load_tokenizer(source.path, trust_remote_code=trust_remote_code)
@@ -329,6 +329,10 @@ def evaluate(
     with rep.step("checking artifact hashes"):
         art.require_intact()
     check_remote_code(art.path, trust_remote_code, what="artifact")
+    if spec.throughput is not None:
+        from llmopt.evaluate.throughput import refuse_decompressed_speed
+
+        refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
     base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(spec.dataset)
 

@@ -178,7 +178,7 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
     from llmopt.data import load_text
     from llmopt.environment import device_name, package_versions
     from llmopt.placement import resolve_target
-    from llmopt.source import has_tokenizer, load_tokenizer, resolve
+    from llmopt.source import resolve
 
     recipe, reporter = ctx.recipe, ctx.reporter
     if publish:
@@ -192,8 +192,6 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
             # that revision; the Hub id and revision stay recorded in the manifest's recipe record.
             ctx.model_arg = str(source.path)
         ctx.source_weights = source.weights_sha256()
-        if source.path.is_dir() and not has_tokenizer(source.path):
-            load_tokenizer(source.path)  # every variant needs it: the clear error before any work
         ctx.eval_text_sha256 = sha256_json(load_text(recipe.evaluation.dataset))
         if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
             text = load_text(recipe.calibration.dataset, purpose="calibration")
@@ -262,10 +260,12 @@ def _check_backends(selected: list[VariantSpec]) -> None:
 def _check_calibration(ctx: _Context, model_path: Path) -> None:
     """The calibration text holds ``samples`` slices of ``seq_len`` tokens (checked once, not per variant)."""
     from llmopt.data import calibration_set
-    from llmopt.source import load_tokenizer
+    from llmopt.source import has_tokenizer, load_tokenizer
 
     cal = ctx.recipe.calibration
     assert cal.dataset is not None
+    if not has_tokenizer(model_path):
+        return  # each variant stops with the tokenizer's own clear error (source.load_tokenizer)
     tokenizer = load_tokenizer(model_path, trust_remote_code=ctx.recipe.model.trust_remote_code)
     calibration_set(tokenizer, cal.dataset, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed)
 

@@ -295,7 +295,8 @@ def test_third_party_console_noise_stays_out(tmp_path: Path, assets: dict[str, P
     loud = run_cli(
         ["quantize", str(model), "-m", "bnb-int8", "-o", str(tmp_path / "b")],
         cwd=tmp_path,
-        env={"LLMOPT_THIRD_PARTY_LOGS": "1"},
+        # in-process CLI calls of other tests set the default in this process's environment: undo it here
+        env={"LLMOPT_THIRD_PARTY_LOGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "0"},
     )
     assert loud.returncode == 0, loud.stderr[-2000:]
     assert "Loading weights" in loud.stderr + loud.stdout

@@ -43,6 +43,10 @@ BUILTIN: dict[str, str] = {
     "bnb-fp4": "llmopt.backends.bnb:BnbFp4Backend",
     "awq": "llmopt.backends.awq:AWQBackend",
     "gguf": "llmopt.backends.gguf:GGUFBackend",
+    "llmc-fp8-dynamic": "llmopt.backends.llmc:LlmcFP8DynamicBackend",
+    "llmc-w8a8-int8": "llmopt.backends.llmc:LlmcW8A8Int8Backend",
+    "llmc-w4a16": "llmopt.backends.llmc:LlmcW4A16Backend",
+    "llmc-nvfp4": "llmopt.backends.llmc:LlmcNVFP4Backend",
 }
 
 

@@ -49,12 +49,14 @@ from llmopt.cli import quantize as _quantize  # noqa: E402
 from llmopt.cli import recipe as _recipe  # noqa: E402
 from llmopt.cli import report as _report  # noqa: E402
 from llmopt.cli import run as _run  # noqa: E402
+from llmopt.cli import serve_bench as _serve_bench  # noqa: E402
 from llmopt.cli import speculate as _speculate  # noqa: E402
 
 _backends.register(app)
 _quantize.register(app)
 _evaluate.register(app)
 _bench.register(app)
+_serve_bench.register(app)
 _estimate.register(app)
 _speculate.register(app)
 _run.register(app)

@@ -54,6 +54,25 @@ def runner_kind_for(path: Path) -> str:
     return "gptqmodel" if (quant_method(path) or "").lower() in ("gptq", "awq") else "hf"
 
 
+# Formats transformers can only run by decompressing their weights to 16-bit at load: a timing through it would
+# be FP16's speed with the format's name on it.
+_DECOMPRESSED_ON_LOAD = {"compressed-tensors": "vLLM (`vllm serve`), then `llmopt serve-bench --url`"}
+
+
+def refuse_decompressed_speed(path: Path) -> None:
+    from llmopt.errors import BackendUnavailableError
+    from llmopt.runners.hf import quant_method
+
+    method = (quant_method(path) or "").lower()
+    if method in _DECOMPRESSED_ON_LOAD:
+        raise BackendUnavailableError(
+            f"speed not measured for {path.name}: transformers decompresses {method} weights to 16-bit when it "
+            "loads them, so the number would be FP16's speed, not the format's.",
+            f"Measure it where its kernels run: {_DECOMPRESSED_ON_LOAD[method]}. Perplexity (llmopt eval without "
+            "--throughput) is measured as usual.",
+        )
+
+
 def weights_size(path: Path) -> int:
     """Bytes of the weight files in a model folder (what evaluate reports as size on disk)."""
     from llmopt.source import WEIGHT_SUFFIXES
@@ -80,6 +99,7 @@ def bench_model(
     CUDA-graph capture, the compiler's state or a crash stays with this one measurement; the result, or
     the error with its real cause, comes back. ``isolate=False`` measures in this process.
     """
+    refuse_decompressed_speed(path)
     if isolate:
         return _bench_in_child(
             path,
