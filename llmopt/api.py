@@ -6,6 +6,7 @@ inside them, never at ``import llmopt``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -291,6 +292,11 @@ def evaluate(
     ``baseline_speeds`` dict to every call: the baseline's speed is then measured once, by the first call, for
     each (model, settings, device), and the later variants are compared with that measurement.
 
+    With ``spec.kld`` (the default), also how far the artifact's next-token distribution moves from FP16's on
+    every scored token (KL divergence, top-1 agreement, Δp: ``report.artifact.distribution``,
+    llmopt/evaluate/kld.py). FP16's side of it is kept on disk next to the baseline cache, so, like the
+    baseline's perplexity, it is computed once for every artifact evaluated against it.
+
     Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
     """
@@ -306,6 +312,11 @@ def evaluate(
     elif settings:
         raise TypeError(f"evaluate() got settings beside a spec: {', '.join(settings)}; put them in the spec")
     check_settings(spec.context_length, spec.stride, spec.batch_size, add_bos=spec.add_bos, max_tokens=spec.max_tokens)
+    if not spec.kld and gate is not None and gate.needs_distribution():
+        raise InputError(
+            "the gate reads the KL divergence (--max-kld / --min-top1), which --no-kld turns off.",
+            "Drop --no-kld, or the KL divergence thresholds.",
+        )
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path)
     if write_manifest and not os.access(art.path, os.W_OK | os.X_OK):
@@ -373,34 +384,52 @@ def evaluate(
         # Keys of one-device results stay as they were; a possible split is cached apart from them.
         key_parts["placement"] = {"spec": target.spec, "devices": device_name(target.spec)}
     key = baseline_cache.cache_key(key_parts)
-    cached = baseline_cache.load_cached(key) if use_cache else None
-    if cached is not None:
-        base_result = ModelScore.model_validate(cached["result"])
-        base_result.cached = True
-        rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
-    else:
-        base_result = _score_model(
-            "hf", base.path, windows, target.spec, spec.batch_size, spec.kernel, rep, "FP16 baseline", trust_remote_code
-        )
-        base_result.size_bytes = base.size_bytes()
-        base_result.model = baseline
-        if use_cache:
-            problem = baseline_cache.store(key, {"result": base_result.to_json()})
-            if problem:
-                rep.info(f"warning: {problem}")
-        base_result.cached = False
+    with contextlib.ExitStack() as stack:
+        reference = None
+        ref_folder = None
+        if spec.kld:
+            from llmopt.evaluate import kld as kld_mod
 
-    art_result = _score_model(
-        art.manifest.runner,
-        art.path,
-        windows,
-        target.spec,
-        spec.batch_size,
-        spec.kernel,
-        rep,
-        f"artifact ({art.manifest.backend})",
-        trust_remote_code,
-    )
+            ref_folder = stack.enter_context(kld_mod.reference_folder(key, use_cache))
+            reference = kld_mod.load_reference(ref_folder, windows_tokens, key)
+        cached = baseline_cache.load_cached(key) if use_cache else None
+        if cached is not None and (not spec.kld or reference is not None):
+            base_result = ModelScore.model_validate(cached["result"])
+            base_result.cached = True
+            rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
+        else:
+            base_result, reference = _score_model(
+                "hf",
+                base.path,
+                windows,
+                target.spec,
+                spec.batch_size,
+                spec.kernel,
+                rep,
+                "FP16 baseline",
+                trust_remote_code,
+                build_reference=(ref_folder, key) if ref_folder is not None else None,
+            )
+            base_result.size_bytes = base.size_bytes()
+            base_result.model = baseline
+            if use_cache:
+                problem = baseline_cache.store(key, {"result": base_result.to_json()})
+                if problem:
+                    rep.info(f"warning: {problem}")
+            base_result.cached = False
+
+        art_result, _ = _score_model(
+            art.manifest.runner,
+            art.path,
+            windows,
+            target.spec,
+            spec.batch_size,
+            spec.kernel,
+            rep,
+            f"artifact ({art.manifest.backend})",
+            trust_remote_code,
+            against=reference,
+        )
     art_result.size_bytes = art.size_bytes()
     art_result.path = str(art.path)
     art_result.backend = art.manifest.backend
@@ -489,18 +518,43 @@ def _score_model(
     reporter: Reporter,
     label: str,
     trust_remote_code: bool = False,
-) -> ModelScore:
+    *,
+    build_reference: tuple[Path, str] | None = None,
+    against: Any = None,
+) -> tuple[ModelScore, Any]:
+    """Load and score one model. ``build_reference`` (folder, key): also write FP16's side of the KL divergence
+    there, in the same pass. ``against`` (a kld.Reference): also score the distribution against it, in the
+    same pass (``distribution``). Returns the score and the reference written (or None)."""
+    from llmopt.evaluate import kld
     from llmopt.evaluate.perplexity import score
+    from llmopt.results import Distribution
     from llmopt.runners import load_runner
 
     with reporter.step(f"loading {label}"):
         runner = load_runner(runner_kind, path, device, kernel=kernel, trust_remote_code=trust_remote_code)
     try:
+        reference = None
+        distribution = None
         start = time.perf_counter()
-        with reporter.step(f"perplexity of {label} ({len(windows)} windows)", total=len(windows)) as step:
-            result = score(windows, runner.nll, batch_size=batch_size, on_batch=step.advance)
+        what = "perplexity" if build_reference is None and against is None else "perplexity and token distribution"
+        with reporter.step(f"{what} of {label} ({len(windows)} windows)", total=len(windows)) as step:
+            tokens = [len(w.ids) - w.score_from for w in windows]
+            if build_reference is not None:
+                folder, key = build_reference
+                writer = kld.ReferenceWriter(folder, key, tokens, runner.n_vocab)
+                result, reference = kld.build_reference(
+                    windows, runner.kld_reference, runner.n_vocab, writer, batch_size=batch_size, on_batch=step.advance
+                )
+            elif against is not None:
+                kld.check_vocab(against.vocab, runner.n_vocab)
+                result, dist = kld.score_against(
+                    windows, runner.kld_compare, against, batch_size=batch_size, on_batch=step.advance
+                )
+                distribution = Distribution.model_validate(dist)
+            else:
+                result = score(windows, runner.nll, batch_size=batch_size, on_batch=step.advance)
         elapsed = time.perf_counter() - start
-        return ModelScore(
+        scored = ModelScore(
             **result.to_dict(),
             footprint_bytes=runner.footprint_bytes(),
             load_seconds=round(runner.load_seconds, 3),
@@ -510,6 +564,8 @@ def _score_model(
             kernel=runner.kernel or None,
             compute=runner.compute or None,
             placement=runner.placement.record() if runner.placement is not None else None,
+            distribution=distribution,
         )
+        return scored, reference
     finally:
         runner.close()

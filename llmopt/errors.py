@@ -87,6 +87,12 @@ class NoSpaceError(LlmoptError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class DeviceMemoryError(LlmoptError):
+    """The accelerator ran out of memory for a setting the user can lower (the hint names it)."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
 class ArtifactError(LlmoptError):
     """An artifact folder is unfinished, or its files do not match the manifest."""
 

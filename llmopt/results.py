@@ -28,6 +28,7 @@ RUN_SCHEMA = "llmopt.run/1"
 __all__ = [
     "EVAL_SCHEMA",
     "RUN_SCHEMA",
+    "Distribution",
     "EvalReport",
     "EvalSettings",
     "GateCheck",
@@ -81,6 +82,33 @@ class Result(BaseModel):
 # --- one model's perplexity --------------------------------------------------------------------------
 
 
+class Distribution(Result):
+    """How far the artifact's next-token distribution moves from FP16's on the scored tokens (docs/kld.md).
+
+    KL values are KL(P_fp16 || P_artifact) in nats per token, over FP16's ``top_k`` tokens plus the rest's mass (a
+    lower bound of the full-vocabulary KL). ``window_kld``/``window_top1`` are the raw numbers the means and their
+    errors follow from (recomputed before a stored evaluation is reused or published); the percentiles, the
+    maximum and Δp need every token's value, which is not stored, and are trusted as recorded."""
+
+    tokens: int = Field(description="Tokens scored (the same as perplexity's).")
+    top_k: int = Field(description="FP16 tokens kept per position in the reference.")
+    kld_mean: float
+    kld_stderr: float = Field(description="From the spread of per-window means, as perplexity's error.")
+    kld_median: float
+    kld_p90: float
+    kld_p99: float
+    kld_p999: float
+    kld_max: float
+    top1_agreement: float = Field(description="Share (0-1) of tokens whose FP16 top token is also the artifact's.")
+    top1_agreement_stderr: float
+    delta_p_mean: float = Field(description="Mean of p_artifact - p_fp16 of the actual next token.")
+    delta_p_rms: float = Field(description="Root mean square of that change.")
+    # Optional only so that a manifest missing them still loads and the integrity check can name them.
+    window_kld: list[float] | None = Field(None, description="Mean KL divergence of each window.")
+    window_top1: list[float] | None = Field(None, description="Top-1 agreement of each window.")
+    method: str | None = None
+
+
 class ModelScore(Result):
     """One model's side of an evaluation: its perplexity on the shared windows and how it was computed."""
 
@@ -108,8 +136,10 @@ class ModelScore(Result):
     backend: str | None = None
     format: str | None = None
     # Room for blocks other measurements add (left out of the JSON while unset):
-    distribution: dict[str, Any] | None = Field(
-        None, description="Token distributions against the baseline's (KL divergence, top-1 agreement)."
+    distribution: Distribution | None = Field(
+        None,
+        description="The artifact's next-token distributions against the baseline's (KL divergence, top-1 "
+        "agreement, Δp): docs/kld.md.",
     )
     tasks: dict[str, Any] | None = Field(None, description="Task accuracies (lm-eval), by task.")
     # always written by api.evaluate, null or not
@@ -179,6 +209,9 @@ class GateCheck(Result):
     threshold: float
     passed: bool
     message: str
+    # How far inside the threshold the value is, in the value's unit: positive passes, negative fails by that
+    # much; None: not measured (and in records from before margins were kept).
+    margin: float | None = None
     _keep_none = frozenset({"value"})
 
 
@@ -231,6 +264,7 @@ class EvalReport(Result):
                 stride=s.stride,
                 max_tokens=s.max_tokens,
                 add_bos=s.add_bos,
+                kld=self.artifact.distribution is not None,
                 throughput=self.throughput.spec() if self.throughput else None,
             )
         except ValueError:

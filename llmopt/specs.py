@@ -14,7 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from llmopt.errors import DataError, InputError
 
@@ -125,6 +133,11 @@ class EvalSpec(_Strict):
     kernel: Annotated[str | None, NotMeasured("not recorded by evaluations; reuse never compared it")] = Field(
         None, description="GPTQ/AWQ kernel (GPTQModel backend name); default: its choice."
     )
+    kld: bool = Field(
+        True,
+        description="Also the KL divergence, top-1 agreement and Δp against FP16 on the same tokens (docs/kld.md; "
+        "needed by the max_kld and min_top1_pct gates); false = perplexity alone.",
+    )
     throughput: ThroughputSpec | None = Field(
         None,
         description="Also measure serving speed against FP16 (needed by the min_decode_speedup gate); "
@@ -165,6 +178,9 @@ class EvalSpec(_Strict):
         if theirs.get("throughput") is None:
             mine.pop("throughput", None)
             theirs.pop("throughput", None)
+        if not theirs.get("kld"):  # likewise a stored KL divergence, when none is asked for
+            mine.pop("kld", None)
+            theirs.pop("kld", None)
         return mine == theirs
 
 
@@ -178,11 +194,38 @@ class GateSpec(BaseModel):
         None, ge=0, description="Largest allowed perplexity increase over FP16, % (0 or more)."
     )
     max_ppl: float | None = Field(None, gt=0, description="Largest allowed absolute perplexity.")
+    max_kld: float | None = Field(
+        None, ge=0, description="Largest allowed mean KL divergence KL(FP16 || artifact) per token, nats (0 or more)."
+    )
+    min_top1_pct: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="Smallest allowed top-1 agreement with FP16: % of tokens whose most likely next token is "
+        "unchanged (0-100).",
+    )
     min_decode_speedup: float | None = Field(None, gt=0, description="Smallest decode speedup over FP16.")
     at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
 
     def is_empty(self) -> bool:
-        return self.max_ppl_increase_pct is None and self.max_ppl is None and self.min_decode_speedup is None
+        return all(
+            v is None
+            for v in (self.max_ppl_increase_pct, self.max_ppl, self.max_kld, self.min_top1_pct, self.min_decode_speedup)
+        )
+
+    @model_serializer(mode="wrap")
+    def _unset_kld_left_out(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Thresholds added with the KL divergence are written only when set: a gate record from before them
+        # reads and writes back the same, and its recomputation (evaluate/gate.py) finds the same checks.
+        data: dict[str, Any] = handler(self)
+        for key in ("max_kld", "min_top1_pct"):
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+    def needs_distribution(self) -> bool:
+        """True when a threshold reads the KL divergence block (which --no-kld leaves out)."""
+        return self.max_kld is not None or self.min_top1_pct is not None
 
 
 def gate_spec(**thresholds: Any) -> GateSpec:
@@ -195,8 +238,8 @@ def gate_spec(**thresholds: Any) -> GateSpec:
         flag = "--" + name.replace("_pct", "").replace("_", "-")
         raise InputError(
             f"{flag} {err.get('input')!r} is not a usable threshold: {err['msg']}.",
-            "Give a finite number: a percentage of 0 or more for --max-ppl-increase, "
-            "a positive number for --max-ppl and --min-decode-speedup.",
+            "Give a finite number: a percentage of 0 or more for --max-ppl-increase, 0 to 100 for --min-top1, "
+            "0 or more for --max-kld, a positive number for --max-ppl and --min-decode-speedup.",
         ) from None
 
 

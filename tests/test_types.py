@@ -84,8 +84,9 @@ def test_unknown_keys_survive_and_none_blocks_stay_out() -> None:
     assert out["artifact"]["from_the_future"] == {"x": 1}
     assert "distribution" not in out["artifact"] and "tasks" not in out["artifact"] and "throughput" not in out
     assert out["settings"]["max_tokens"] is None  # written as null, as it always was
-    report.artifact.distribution = {"kld_mean": 0.01}
-    assert report.to_json()["artifact"]["distribution"] == {"kld_mean": 0.01}
+    dist = dict(DISTRIBUTION)
+    report.artifact.distribution = dist  # type: ignore[assignment]  # validated into a Distribution
+    assert report.to_json()["artifact"]["distribution"] == dist
     # callers written against the dict reports still read them by key
     assert report["artifact"]["perplexity"] == report.artifact.perplexity and report["schema"] == EVAL_SCHEMA
     assert report.get("throughput") is None and "throughput" not in report
@@ -177,6 +178,9 @@ def test_bad_cli_value_is_bad_input() -> None:
 # --- reuse compares the spec whole ------------------------------------------------------------------------
 
 BASE = EvalSpec(dataset="eval.txt", context_length=128, throughput=ThroughputSpec())
+DISTRIBUTION = {"tokens": 10, "top_k": 256, "kld_mean": 0.01, "kld_stderr": 0.001, "kld_median": 0.005, "kld_p90": 0.02,
+                "kld_p99": 0.05, "kld_p999": 0.08, "kld_max": 0.1, "top1_agreement": 0.9,
+                "top1_agreement_stderr": 0.01, "delta_p_mean": -0.001, "delta_p_rms": 0.02}  # fmt: skip
 # For every measurement field, a value other than BASE's. A field added to EvalSpec fails
 # test_every_measurement_field_has_another_value until it is given one here, and is then checked below.
 OTHER: dict[str, Any] = {
@@ -196,10 +200,13 @@ def stored(spec: EvalSpec, device: str = "cpu") -> EvalReport:
     if spec.throughput is not None:
         side: dict[str, Any] = {"decode": {}, "prefill": {}}
         speed = SpeedReport.model_validate(throughput_section(side, side, spec.throughput, device))
+    artifact = ModelScore.model_validate(numbers["artifact"])
+    if spec.kld:
+        artifact.distribution = DISTRIBUTION  # type: ignore[assignment]  # validated into a Distribution
     return EvalReport(
         settings=EvalSettings.of(spec, tokens_total=numbers["settings"]["tokens_total"], device=device),
         baseline=ModelScore.model_validate(numbers["baseline"]),
-        artifact=ModelScore.model_validate(numbers["artifact"]),
+        artifact=artifact,
         throughput=speed,
     )
 
@@ -210,11 +217,11 @@ def reused(made_with: EvalSpec, wanted: EvalSpec) -> bool:
 
 
 def test_every_measurement_field_has_another_value() -> None:
-    assert set(EvalSpec.measurement_fields()) == set(OTHER) | {"throughput"}
+    assert set(EvalSpec.measurement_fields()) == set(OTHER) | {"throughput", "kld"}
 
 
-# throughput: a stored speed block is not required when none is asked for (the last tests below)
-@pytest.mark.parametrize("field", [f for f in EvalSpec.measurement_fields() if f != "throughput"])
+# throughput and kld: a stored block is not required when none is asked for (the last tests below)
+@pytest.mark.parametrize("field", [f for f in EvalSpec.measurement_fields() if f not in ("throughput", "kld")])
 def test_reuse_refused_when_one_setting_differs(field: str) -> None:
     changed = BASE.model_copy(update={field: OTHER[field]})
     assert reused(BASE, BASE) and reused(changed, changed), "what was measured must be read back from the report"
@@ -244,6 +251,14 @@ def test_a_stored_speed_measurement_serves_a_spec_that_asks_for_none() -> None:
     """As before the specs were typed: an evaluation that also measured speed is reused when no speed is asked
     for; one without a speed block is not reused when speed is asked for."""
     without = BASE.model_copy(update={"throughput": None})
+    assert reused(BASE, without)
+    assert not reused(without, BASE)
+
+
+def test_a_stored_kld_serves_a_spec_that_asks_for_none() -> None:
+    """Likewise the KL divergence: an evaluation that has it is reused by a recipe with kld: false; one without it
+    is scored again for a recipe that asks for it (its gates may read it)."""
+    without = BASE.model_copy(update={"kld": False})
     assert reused(BASE, without)
     assert not reused(without, BASE)
 

@@ -37,7 +37,7 @@ from llmopt.cli.bench import (
 from llmopt.errors import EXIT_GATE
 
 if TYPE_CHECKING:
-    from llmopt.results import EvalReport
+    from llmopt.results import Distribution, EvalReport
 
 
 def render_eval(report: EvalReport) -> None:
@@ -69,6 +69,7 @@ def render_eval(report: EvalReport) -> None:
         f"{a.eval_seconds or 0:.1f} s",
     )
     stdout.print(table)
+    render_distribution(a.distribution)
     if a.compute:
         c = a.compute
         stdout.print(f"artifact arithmetic: unquantized tensors {c.get('unquantized')}; {c.get('matmul', '')}")
@@ -79,6 +80,28 @@ def render_eval(report: EvalReport) -> None:
     for check in gate.checks:
         mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
         stdout.print(f"gate {mark}: {check.message}")
+
+
+def _kld(value: float) -> str:
+    """Nats, readable from an 8-bit artifact's 1e-4 to a broken model's 10."""
+    return f"{value:.2e}" if abs(value) < 1e-3 else f"{value:.4f}"
+
+
+def render_distribution(dist: Distribution | None) -> None:
+    """The artifact's next-token distribution against FP16's (nothing when it was not measured)."""
+    if dist is None:
+        return
+    table = Table(title=f"token distribution vs FP16 ({dist.tokens:,} tokens)")
+    for col in ("mean KLD", "median", "p90", "p99", "p99.9", "max", "top-1 agreement", "Δp mean", "Δp RMS"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{_kld(dist.kld_mean)} ± {_kld(dist.kld_stderr)}",
+        *(_kld(v) for v in (dist.kld_median, dist.kld_p90, dist.kld_p99, dist.kld_p999, dist.kld_max)),
+        f"{100 * dist.top1_agreement:.2f}% ± {100 * dist.top1_agreement_stderr:.2f}",
+        f"{100 * dist.delta_p_mean:+.3f}%",
+        f"{100 * dist.delta_p_rms:.3f}%",
+    )
+    stdout.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -96,6 +119,16 @@ def register(app: typer.Typer) -> None:
             float | None, typer.Option(help="Gate: largest allowed perplexity increase over FP16, in %.")
         ] = None,
         max_ppl: Annotated[float | None, typer.Option(help="Gate: largest allowed perplexity.")] = None,
+        max_kld: Annotated[
+            float | None, typer.Option(help="Gate: largest allowed mean KL divergence from FP16, nats per token.")
+        ] = None,
+        min_top1: Annotated[
+            float | None, typer.Option(help="Gate: smallest allowed top-1 agreement with FP16, in %.")
+        ] = None,
+        no_kld: Annotated[
+            bool,
+            typer.Option("--no-kld", help="Skip the KL divergence / top-1 agreement against FP16 (perplexity alone)."),
+        ] = False,
         kernel: Annotated[str | None, typer.Option(help="GPTQ/AWQ kernel (GPTQModel backend name).")] = None,
         throughput: Annotated[
             bool, typer.Option("--throughput", help="Also measure serving speed of artifact and baseline.")
@@ -130,6 +163,8 @@ def register(app: typer.Typer) -> None:
         gate = gate_spec(
             max_ppl_increase_pct=max_ppl_increase,
             max_ppl=max_ppl,
+            max_kld=max_kld,
+            min_top1_pct=min_top1,
             min_decode_speedup=min_decode_speedup,
             at_batch=at_batch,
         )
@@ -154,6 +189,7 @@ def register(app: typer.Typer) -> None:
             batch_size=batch_size,
             device=device,
             kernel=kernel,
+            kld=not no_kld,
             throughput=speed,
         )
         out = JsonOutput(json_out, json_file)

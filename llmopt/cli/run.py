@@ -76,6 +76,15 @@ def register(app: typer.Typer) -> None:
         context: Annotated[int | None, typer.Option(help="Override evaluation.context_length.")] = None,
         batch_size: Annotated[int | None, typer.Option(help="Override evaluation.batch_size.")] = None,
         samples: Annotated[int | None, typer.Option(help="Override calibration.samples.")] = None,
+        max_kld: Annotated[
+            float | None, typer.Option(help="Override gates.max_kld (mean KL divergence from FP16, nats).")
+        ] = None,
+        min_top1: Annotated[
+            float | None, typer.Option(help="Override gates.min_top1_pct (top-1 agreement with FP16, %).")
+        ] = None,
+        no_kld: Annotated[
+            bool, typer.Option("--no-kld", help="Override evaluation.kld to false (perplexity alone).")
+        ] = False,
         overwrite: Annotated[
             bool,
             typer.Option(
@@ -106,6 +115,9 @@ def register(app: typer.Typer) -> None:
             "evaluation.context_length": context,
             "evaluation.batch_size": batch_size,
             "calibration.samples": samples,
+            "gates.max_kld": max_kld,
+            "gates.min_top1_pct": min_top1,
+            "evaluation.kld": False if no_kld else None,
         }
         with stdout_is_ours():
             report = run_recipe(

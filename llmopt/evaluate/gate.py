@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmopt.errors import ArtifactError, InputError
-from llmopt.results import EvalReport, EvalSettings, GateCheck, GateResult, ModelScore, SpeedReport
+from llmopt.results import Distribution, EvalReport, EvalSettings, GateCheck, GateResult, ModelScore, SpeedReport
 from llmopt.specs import GateSpec, gate_spec
 
 # GateSpec and gate_spec live in llmopt/specs.py, GateCheck and GateResult in llmopt/results.py; importable here too.
@@ -39,6 +39,7 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
                 value=delta,
                 threshold=spec.max_ppl_increase_pct,
                 passed=ok,
+                margin=None if delta is None else spec.max_ppl_increase_pct - delta,
                 message=(
                     f"perplexity +{delta:.2f}% vs FP16 (limit +{spec.max_ppl_increase_pct:g}%)"
                     if delta is not None
@@ -56,7 +57,45 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
                 value=ppl,
                 threshold=spec.max_ppl,
                 passed=ok,
+                margin=None if ppl is None else spec.max_ppl - ppl,
                 message=f"perplexity {ppl:.3f} (limit {spec.max_ppl:g})" if ppl is not None else "no perplexity",
+            )
+        )
+    dist = ev.artifact.distribution
+    if spec.max_kld is not None:
+        kld = dist.kld_mean if dist is not None else None
+        ok = kld is not None and kld <= spec.max_kld
+        checks.append(
+            GateCheck(
+                name="max_kld",
+                value=kld,
+                threshold=spec.max_kld,
+                passed=ok,
+                margin=None if kld is None else spec.max_kld - kld,
+                message=(
+                    f"mean KL divergence {kld:.5f} nats vs FP16 (limit {spec.max_kld:g})"
+                    + ("" if ok else f": over by {kld - spec.max_kld:.5f}")
+                    if kld is not None
+                    else "KL divergence was not measured (evaluate without --no-kld)"
+                ),
+            )
+        )
+    if spec.min_top1_pct is not None:
+        pct = 100.0 * dist.top1_agreement if dist is not None else None
+        ok = pct is not None and pct >= spec.min_top1_pct
+        checks.append(
+            GateCheck(
+                name="min_top1_pct",
+                value=pct,
+                threshold=spec.min_top1_pct,
+                passed=ok,
+                margin=None if pct is None else pct - spec.min_top1_pct,
+                message=(
+                    f"top-1 agreement with FP16 {pct:.2f}% (needs {spec.min_top1_pct:g}%)"
+                    + ("" if ok else f": short by {spec.min_top1_pct - pct:.2f} points")
+                    if pct is not None
+                    else "top-1 agreement was not measured (evaluate without --no-kld)"
+                ),
             )
         )
     if spec.min_decode_speedup is not None:
@@ -68,6 +107,7 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
                 value=speedup,
                 threshold=spec.min_decode_speedup,
                 passed=ok,
+                margin=None if speedup is None else speedup - spec.min_decode_speedup,
                 message=(
                     f"decode speedup {speedup:.2f}x at batch {spec.at_batch} (needs {spec.min_decode_speedup:g}x)"
                     if speedup is not None
@@ -146,7 +186,8 @@ def evaluation_problems(
     """The stored numbers of an evaluation (and of its gate record) that do not follow from its raw numbers.
 
     The raw numbers are the per-window mean NLLs of both models and the window settings; from them follow
-    both perplexities, their errors, the paired delta vs FP16 and, with the stored thresholds, the gate.
+    both perplexities, their errors, the paired delta vs FP16 and, with the stored thresholds, the gate. With
+    a KL divergence block, its per-window means give its mean KLD and top-1 agreement (and their errors).
     An empty list means the summary is consistent, not that the raw numbers are genuine.
     """
     from llmopt.evaluate.perplexity import paired_delta
@@ -173,10 +214,45 @@ def evaluation_problems(
         wrong.append(f"delta_pct is {ev.delta_pct!r}, the window scores give {delta:+.4f}%")
     if not _same(ev.delta_pct_stderr, delta_se):
         wrong.append(f"delta_pct_stderr is {ev.delta_pct_stderr!r}, the window scores give {delta_se:.4g}")
+    if ev.artifact.distribution is not None:
+        wrong += _distribution_problems(ev.artifact.distribution, tokens)
     if ev.throughput:
         wrong += _speed_problems(ev.throughput)
     if gate is not None:
         wrong += _gate_problems(ev, gate if isinstance(gate, GateResult) else GateResult.model_validate(gate))
+    return wrong
+
+
+def _distribution_problems(dist: Distribution, tokens: list[int]) -> list[str]:
+    """The KL divergence block's mean and top-1 agreement (and their errors) against its per-window values.
+
+    The percentiles, the maximum and Δp need every token's value, which is not stored: they are trusted."""
+    from llmopt.evaluate.perplexity import _stderr_of_mean
+
+    wrong = []
+    count = sum(tokens)
+    for per_window, values, low, high, pairs in (
+        # a KL divergence is never negative (float rounding aside)
+        ("window_kld", dist.window_kld, -1e-6, math.inf,
+         (("kld_mean", dist.kld_mean), ("kld_stderr", dist.kld_stderr))),
+        ("window_top1", dist.window_top1, 0.0, 1.0,
+         (("top1_agreement", dist.top1_agreement), ("top1_agreement_stderr", dist.top1_agreement_stderr))),
+    ):  # fmt: skip
+        if values is None or not all(math.isfinite(v) and low <= v <= high for v in values):
+            wrong.append(f"artifact.distribution.{per_window} is missing or holds impossible values")
+            continue
+        if len(values) != len(tokens):
+            wrong.append(
+                f"artifact.distribution.{per_window} has {len(values)} windows where the settings make {len(tokens)}"
+            )
+            continue
+        mean = math.fsum(v * n for v, n in zip(values, tokens, strict=True)) / count
+        derived = (mean, _stderr_of_mean(list(values), tokens))
+        for (key, stored), value in zip(pairs, derived, strict=True):
+            if not _same(stored, value):
+                wrong.append(f"artifact.distribution.{key} is {stored!r}, its window values give {value:.6g}")
+    if not _same(dist.tokens, float(count)):
+        wrong.append(f"artifact.distribution.tokens is {dist.tokens!r}, the window settings give {count}")
     return wrong
 
 
@@ -212,6 +288,7 @@ def _gate_problems(evaluation: EvalReport, gate: GateResult) -> list[str]:
         if (
             (old.name, old.passed, old.message) != (new.name, new.passed, new.message)
             or not (_same(old.value, new.value) and _same(old.threshold, new.threshold))
+            or (old.margin is not None and not _same(old.margin, new.margin))
         ):
             wrong.append(f"gate check {new.name} does not follow from the numbers (recomputed: {new.message})")
     return wrong

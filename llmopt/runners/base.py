@@ -70,6 +70,22 @@ class Runner(Protocol):
         """``llmopt bench``'s measurement (evaluate/throughput.py's result shape)."""
         ...
 
+    @property
+    def n_vocab(self) -> int:
+        """Width of the model's logits (the KL divergence compares two models over one vocabulary)."""
+        ...
+
+    def kld_reference(self, windows: list[list[int]], score_from: list[int], k: int) -> list[tuple[Any, ...]]:
+        """FP16's side of the KL divergence per window: top-k ids, their log-probs, the rest's log-mass, the NLLs
+        of the scored tokens (evaluate/kld.py)."""
+        ...
+
+    def kld_compare(
+        self, windows: list[list[int]], score_from: list[int], refs: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, Any, Any]]:
+        """Per-token (KL, top-1 agreement, NLL) of each window's scored tokens against FP16's reference rows."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -99,6 +115,24 @@ class BaseRunner(ABC):
         raise BackendUnavailableError(
             f"the '{self.name}' runner cannot measure throughput.",
             "Measure this format with its own engine.",
+        )
+
+    @property
+    def n_vocab(self) -> int:
+        raise self._no_kld()
+
+    def kld_reference(self, windows: list[list[int]], score_from: list[int], k: int) -> list[tuple[Any, ...]]:
+        raise self._no_kld()
+
+    def kld_compare(
+        self, windows: list[list[int]], score_from: list[int], refs: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, Any, Any]]:
+        raise self._no_kld()
+
+    def _no_kld(self) -> BackendUnavailableError:
+        return BackendUnavailableError(
+            f"the '{self.name}' runner cannot compute the KL divergence against FP16.",
+            "Pass --no-kld (recipe evaluation.kld: false) to score perplexity alone.",
         )
 
     @abstractmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -190,6 +192,26 @@ def bnb_float32_on_cpu(model: Any) -> dict[str, str]:
     return {"unquantized": "float32", "matmul": "; ".join(matmuls) or "float32"}
 
 
+@contextmanager
+def _gpu_memory_guard(device: str, windows: list[list[int]]) -> Iterator[None]:
+    """CUDA out of memory while scoring with the KL divergence: say what took the memory and what to lower."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        from llmopt.errors import DeviceMemoryError
+
+        torch.cuda.empty_cache()
+        batch, length = len(windows), len(windows[0]) if windows else 0
+        raise DeviceMemoryError(
+            f"out of GPU memory on {device} while computing the KL divergence for {batch} window(s) of "
+            f"{length} tokens (the logits and their float32 log-probs take batch x context x vocabulary x 4 bytes, "
+            "several times over).",
+            "Lower --batch-size (1 holds the least), then --context; or pass --no-kld to score perplexity alone.",
+        ) from None
+
+
 class HFRunner(BaseRunner):
     name = "hf"
     placement: Placement  # always planned, one device or several
@@ -304,19 +326,64 @@ class HFRunner(BaseRunner):
         weight = getattr(emb, "weight", None)
         self.input_device = str(weight.device) if weight is not None and weight.device.type != "meta" else self.device
 
-    def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
+    @property
+    def n_vocab(self) -> int:
+        """Entries of the output layer (the width of the logits)."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        width = getattr(head, "out_features", None)
+        return int(width if width is not None else self.model.config.vocab_size)
+
+    def _log_probs(self, windows: list[list[int]]) -> tuple[Any, Any]:
+        """float32 log-softmax [B, L-1, V] of the logits at 0..L-2 (row t predicts token t+1), and the targets."""
         import torch
 
         ids = torch.tensor(windows, dtype=torch.long, device=self.input_device)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, use_cache=False).logits
-            # NLL of token t is read from the logits at t-1; float32 log-softmax for stability. With layers
-            # split over GPUs the logits are on the output head's GPU: the targets go there, not the logits.
+            # float32 log-softmax for stability. With layers split over GPUs the logits are on the output
+            # head's GPU: the targets go there, not the logits.
             logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
-            targets = ids[:, 1:].to(logp.device)
+            del logits
+            return logp, ids[:, 1:].to(logp.device)
+
+    def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
+        import torch
+
+        logp, targets = self._log_probs(windows)
+        with torch.inference_mode():
             token_nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         out = token_nll.cpu().tolist()
         return [row[max(s, 1) - 1 :] for row, s in zip(out, score_from, strict=True)]
+
+    def kld_reference(self, windows: list[list[int]], score_from: list[int], k: int) -> list[tuple[Any, ...]]:
+        """FP16's side of the KL divergence for each window's scored tokens (evaluate/kld.py)."""
+        import torch
+
+        from llmopt.evaluate.kld import reference_rows_torch
+
+        with _gpu_memory_guard(self.device, windows):
+            logp, targets = self._log_probs(windows)
+            with torch.inference_mode():
+                return [
+                    reference_rows_torch(logp[b, max(s, 1) - 1 :], targets[b, max(s, 1) - 1 :], k)
+                    for b, s in enumerate(score_from)
+                ]
+
+    def kld_compare(
+        self, windows: list[list[int]], score_from: list[int], refs: list[tuple[Any, ...]]
+    ) -> list[tuple[Any, Any, Any]]:
+        """Per-token (KL, top-1 agreement, NLL) of each window's scored tokens against FP16's reference rows."""
+        import torch
+
+        from llmopt.evaluate.kld import compare_rows_torch
+
+        with _gpu_memory_guard(self.device, windows):
+            logp, targets = self._log_probs(windows)
+            with torch.inference_mode():
+                return [
+                    compare_rows_torch(logp[b, max(s, 1) - 1 :], targets[b, max(s, 1) - 1 :], ref)
+                    for b, (s, ref) in enumerate(zip(score_from, refs, strict=True))
+                ]
 
     def footprint_bytes(self) -> int:
         return int(self.model.get_memory_footprint())

@@ -210,6 +210,11 @@ class LlamaCppRunner(BaseRunner):
         return self._n_vocab
 
     def nll(self, windows: list[list[int]], score_from: list[int]) -> list[list[float]]:
+        self._check_ids(windows)
+        result: list[list[float]] = self._call("nll", "scoring with", windows=windows, score_from=score_from)
+        return result
+
+    def _check_ids(self, windows: list[list[int]]) -> None:
         for ids in windows:
             if len(ids) < 2:
                 raise InputError("a window needs at least 2 tokens.", "Use a larger --context.")
@@ -218,7 +223,11 @@ class LlamaCppRunner(BaseRunner):
                     f"token id {max(ids)} is outside the GGUF model's vocabulary ({self._n_vocab}).",
                     "Evaluate against the baseline the artifact was made from.",
                 )
-        result: list[list[float]] = self._call("nll", "scoring with", windows=windows, score_from=score_from)
+
+    def kld_compare(self, windows: list[list[int]], score_from: list[int], refs: list[Any]) -> list[Any]:
+        """Per-token (KL, top-1 agreement, NLL) against FP16's reference rows, computed in the child."""
+        self._check_ids(windows)
+        result: list[Any] = self._call("kld", "scoring with", windows=windows, score_from=score_from, refs=refs)
         return result
 
     def footprint_bytes(self) -> int:

@@ -4,8 +4,9 @@ llama.cpp can die on a CPU it was not built for (SIGSEGV/SIGILL inside ggml, e.g
 AVX-512/AMX Xeons); in-process that takes the caller down with a bare exit 139. So llmopt's
 llama.cpp runner talks to this module in a child process (``serve``): requests and answers are
 pickled frames over the child's stdin and a private copy of its stdout (fd 1 itself is pointed at
-stderr, so nothing llama.cpp prints can corrupt the stream). Scoring answers carry per-token NLLs,
-not logits, so the pipe moves a few KB per window.
+stderr, so nothing llama.cpp prints can corrupt the stream). Scoring answers carry per-token NLLs
+(and for the KL divergence per-token values computed here against FP16's top-K rows sent in), not
+logits, so the pipe moves a few KB per window (about 1 MB of reference rows per window going in).
 
 ``smoke`` writes a tiny random Llama GGUF with the converter's gguf-py, quantizes it to the types
 whose kernels differ by CPU (q8_0, q4_0, q4_1, q4_k_m), decodes each and compares its logits with the
@@ -133,6 +134,20 @@ class _Model:
             out.append(nll[max(first, 1) - 1 :].tolist())
         return out
 
+    def kld(self, windows: list[list[int]], score_from: list[int], refs: list[Any]) -> list[Any]:
+        """Per-token (KL, top-1 agreement, NLL) against FP16's reference rows (evaluate/kld.py), computed here
+        so that only per-token values cross the pipe, never logits."""
+        import numpy as np
+
+        from llmopt.evaluate.kld import compare_rows_numpy
+
+        out = []
+        for ids, first, ref in zip(windows, score_from, refs, strict=True):
+            start = max(first, 1) - 1
+            logits = self.logits(ids)[start : len(ids) - 1]  # row t predicts token t+1
+            out.append(compare_rows_numpy(logits, np.asarray(ids[1:], dtype=np.int64)[start:], ref))
+        return out
+
     def timed_runs(self, prompt_len: int, gen_len: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
         lc = self.lc
         llm = self.open(prompt_len + gen_len, False)
@@ -209,6 +224,9 @@ def serve() -> None:
             elif op == "nll":
                 assert model is not None
                 result = model.nll(kw["windows"], kw["score_from"])
+            elif op == "kld":
+                assert model is not None
+                result = model.kld(kw["windows"], kw["score_from"], kw["refs"])
             elif op == "timed_runs":
                 assert model is not None
                 result = model.timed_runs(kw["prompt_len"], kw["gen_len"], kw["warmup"], kw["repeats"])
