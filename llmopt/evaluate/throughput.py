@@ -156,11 +156,10 @@ def _child_env() -> dict[str, str]:
     """The child imports this very llmopt, and torch's compile cache persists under llmopt's cache folder."""
     import os
 
-    import llmopt
     from llmopt.source import cache_dir
 
     env = dict(os.environ)
-    root = str(Path(llmopt.__file__).resolve().parents[1])
+    root = str(Path(__file__).resolve().parents[2])  # the folder holding this llmopt package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     # Compiled kernels from one measurement serve the next (another batch size, variant or run) instead
     # of being rebuilt in every child; the user's own setting wins.
