@@ -278,7 +278,7 @@ def test_eval_json_and_manifest_record_the_placement(tmp_path: Path) -> None:
     for side in ("baseline", "artifact"):
         assert report[side]["placement"]["mode"] == "cpu"
         assert report[side]["placement"]["devices"] == ["cpu"]
-    json.dumps(report)
+    json.dumps(report.to_json())  # an EvalReport; to_json() is its JSON
 
 
 # --- GPU (the GPU machine, two GPUs or more: pytest -m gpu tests/test_placement.py) -----------------
