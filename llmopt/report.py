@@ -144,35 +144,40 @@ def quantize_text(row: VariantOutcome) -> str:
     return f"{q.seconds:.1f} s" + (" (reused)" if q.reused else "")
 
 
+def _distribution(r: VariantOutcome) -> Any:
+    ev = r.evaluation
+    return ev.artifact.distribution if ev is not None and ev.artifact is not None else None
+
+
+def has_distribution(report: RunReport) -> bool:
+    """Whether any variant carries KL-divergence numbers (then the table shows their columns)."""
+    return any(_distribution(r) is not None for r in report.variants)
+
+
+def table_header(report: RunReport) -> list[str]:
+    head = TABLE_HEADER[:4]
+    if has_distribution(report):
+        head = [*head, "mean KLD", "top-1 agree"]
+    return [*head, *TABLE_HEADER[4:]]
+
+
 def table_rows(report: RunReport) -> list[list[str]]:
-    """Rows of the summary table: FP16 baseline first, then each variant in order."""
+    """Rows of the summary table: FP16 baseline first, then each variant in order (columns: table_header)."""
     rows: list[list[str]] = []
     base = report.baseline
+    kld = has_distribution(report)
     if base:
-        rows.append(
-            [
-                "FP16 baseline",
-                "–",
-                f"{base.perplexity:.4f} ± {base.stderr:.4f}",
-                "–",
-                fmt_bytes(base.size_bytes),
-                "–",
-                "–",
-            ]
-        )
+        first = ["FP16 baseline", "–", f"{base.perplexity:.4f} ± {base.stderr:.4f}", "–"]
+        rows.append([*first, *(["0 (reference)", "100%"] if kld else []), fmt_bytes(base.size_bytes), "–", "–"])
     for r in report.variants:
         ppl = r.perplexity
-        rows.append(
-            [
-                r.name,
-                r.method,
-                "–" if ppl is None else f"{ppl:.4f} ± {_num(r.stderr, '.4f')}",
-                delta_text(r),
-                fmt_bytes(r.size_bytes),
-                quantize_text(r),
-                gate_text(r),
-            ]
-        )
+        cells = [r.name, r.method, "–" if ppl is None else f"{ppl:.4f} ± {_num(r.stderr, '.4f')}", delta_text(r)]
+        if kld:
+            d = _distribution(r)
+            cells += (
+                [f"{d.kld_mean:.4f} ± {d.kld_stderr:.4f}", f"{100 * d.top1_agreement:.2f}%"] if d else ["–", "–"]
+            )
+        rows.append([*cells, fmt_bytes(r.size_bytes), quantize_text(r), gate_text(r)])
     return rows
 
 
@@ -216,7 +221,8 @@ def render_markdown(report: RunReport) -> str:
             f"{s.device or '?'}. Δ is the paired change of perplexity against the FP16 baseline on the "
             "same tokens.",
         ]
-    lines += ["", "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    header = table_header(report)
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in table_rows(report)]
 
     checks = [(r.name, c) for r in report.variants for c in (r.gate.checks if r.gate else [])]

@@ -197,3 +197,26 @@ def test_a_kld_gate_without_the_kld_is_refused_before_anything_loads(tmp_path: P
 
     with pytest.raises(InputError, match="--no-kld"):
         api.evaluate(tmp_path / "missing", "base", "text.txt", gate=GateSpec(min_top1_pct=90), kld=False)
+
+
+def test_run_table_shows_kld_columns_only_when_measured() -> None:
+    """The run table (terminal and report.md) gains mean KLD and top-1 columns when a variant carries them; a
+    report without them keeps its old columns. Real numbers: the CPU main job of docs/results/run-cpu-kld."""
+    from llmopt.report import TABLE_HEADER, load_report, render_markdown, table_header, table_rows
+    from llmopt.results import RunReport
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    _, with_kld = load_report(root / "run-cpu-kld" / "report.json")
+    _, without = load_report(root / "run-cpu" / "report.json")
+    with_kld = with_kld if isinstance(with_kld, RunReport) else RunReport.model_validate(with_kld)
+    without = without if isinstance(without, RunReport) else RunReport.model_validate(without)
+    assert table_header(without) == TABLE_HEADER
+    head = table_header(with_kld)
+    assert head[4:6] == ["mean KLD", "top-1 agree"]
+    rows = {r[0]: dict(zip(head, r, strict=True)) for r in table_rows(with_kld)}
+    int8 = next(v for v in with_kld.variants if v.name == "bnb-int8")
+    d = int8.evaluation.artifact.distribution  # type: ignore[union-attr]
+    assert rows["bnb-int8"]["mean KLD"] == f"{d.kld_mean:.4f} ± {d.kld_stderr:.4f}"
+    assert rows["bnb-int8"]["top-1 agree"] == f"{100 * d.top1_agreement:.2f}%"
+    assert rows["FP16 baseline"]["mean KLD"] == "0 (reference)"
+    assert "| mean KLD | top-1 agree |" in render_markdown(with_kld)

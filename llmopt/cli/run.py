@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def render_run(report: RunReport) -> None:
-    from llmopt.report import TABLE_HEADER, display_dataset, table_rows
+    from llmopt.report import display_dataset, table_header, table_rows
 
     s = report.settings
     title = "llmopt run"
@@ -25,7 +25,7 @@ def render_run(report: RunReport) -> None:
             f"context {s.context_length}, {s.dtype or '?'} on {s.device or '?'})"
         )
     table = Table(title=title)
-    for col in TABLE_HEADER:
+    for col in table_header(report):
         table.add_column(col, justify="left" if col in ("variant", "method", "gate") else "right")
     for row in table_rows(report):
         gate = row[-1]
