@@ -176,8 +176,10 @@ def test_cli_samples_of_different_lengths_exit_2(
     transformers = pytest.importorskip("transformers")
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: object())
     monkeypatch.setattr("llmopt.data.calibration_set", lambda *a, **k: calibration([[1] * 50, [2] * 60]))
+    model = fake_model(tmp_path / "m")
+    (model / "tokenizer.json").write_text("{}")  # the folder needs one to be quantized; loading it is stubbed
     code, err = run_cli(
-        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "--group-size", "64", "--calibration", "x",
+        ["quantize", str(model), "-m", "awq", "--group-size", "64", "--calibration", "x",
          "--device", "cpu", "-o", str(tmp_path / "o")],
         capsys,
     )  # fmt: skip
