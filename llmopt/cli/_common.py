@@ -236,10 +236,21 @@ def write_json(data: Any, target: str) -> None:
     """Write JSON to a file (whole or not at all), or to stdout when ``target`` is '-'."""
     if target == "-":
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    else:
-        from llmopt.artifact import write_json_atomic
+        return
+    from llmopt.artifact import write_json_atomic
+    from llmopt.errors import OutputPathError
+    from llmopt.outputs import is_no_space, is_stream
 
-        write_json_atomic(Path(target).expanduser(), data)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    try:
+        if is_stream(target):
+            with open(Path(target).expanduser(), "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            write_json_atomic(Path(target).expanduser(), data)
+    except OSError as e:
+        reason = "no space left on device" if is_no_space(e) else (e.strerror or str(e))
+        raise OutputPathError(f"cannot write the JSON to {target}: {reason}.", "Choose another --json-file.") from e
 
 
 def human_bytes(n: float | None) -> str:
