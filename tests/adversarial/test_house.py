@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from llmopt.errors import EXIT_OK
-from tests.helpers import run_cli
+from llmopt.errors import EXIT_INPUT, EXIT_OK
+from tests.helpers import first_layers, run_cli
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
@@ -35,3 +35,34 @@ def test_json_file_into_a_named_pipe_writes_into_it_and_keeps_the_pipe(tmp_path:
         os.close(fd)
     names = {b["name"] for b in json.loads(b"".join(chunks))}
     assert "bnb-int8" in names
+
+
+@pytest.fixture(scope="module")
+def work(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder holding model/ (SmolLM2 cut to 2 decoder layers) and eval.txt."""
+    work = tmp_path_factory.mktemp("house")
+    first_layers(assets["model"], work / "model", 2)
+    (work / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
+    return work
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400"])
+def test_O_infinite_float_is_refused_not_recorded_as_null(work: Path, value: str) -> None:
+    """``-O llm_int8_threshold=inf`` (and ``1e400``, which a float reads as inf) was accepted; JSON has no inf,
+    so the artifact's llmopt.json recorded ``"llm_int8_threshold": null``: the manifest no longer said what the
+    artifact was made with."""
+    out = f"inf-{value}"
+    r = run_cli(["quantize", "model", "-m", "bnb-int8", "--device", "cpu", "-o", out, "-O",
+                 f"llm_int8_threshold={value}"], cwd=work)  # fmt: skip
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "finite" in r.stderr and "Traceback" not in r.stderr
+    assert not (work / out).exists()
+
+
+def test_O_list_written_with_quotes_names_the_modules_without_them(work: Path) -> None:
+    """``-O 'skip_modules=["lm_head"]'`` (a list written the JSON/YAML way) kept the quotes: the module to skip
+    was ``"lm_head"``, which matches nothing, so lm_head got quantized and the manifest said ``'"lm_head"'``."""
+    r = run_cli(["quantize", "model", "-m", "bnb-int8", "--device", "cpu", "-o", "quoted", "-O",
+                 "skip_modules=[\"lm_head\", 'model.layers.1.mlp.down_proj']", "--json"], cwd=work)  # fmt: skip
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    assert json.loads(r.stdout)["options"]["skip_modules"] == ["lm_head", "model.layers.1.mlp.down_proj"]
