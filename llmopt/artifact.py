@@ -81,7 +81,7 @@ class Manifest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     llmopt_version: str
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     backend: str
@@ -96,6 +96,20 @@ class Manifest(BaseModel):
     recipe: dict[str, Any] | None = None
     evaluation: EvalReport | None = Field(None, description="The last evaluation (without its gate).")
     gate: GateResult | None = Field(None, description="The gate applied to that evaluation, with its thresholds.")
+
+
+def _refuse_newer_schema(mpath: Path, text: str) -> None:
+    """A manifest written by a newer llmopt: its fields may mean something this version does not know, so it is
+    refused by name (upgrade), not read as schema 1 nor reported as damaged (re-create)."""
+    try:
+        version = int(json.loads(text).get("schema_version", SCHEMA_VERSION))
+    except (ValueError, TypeError, AttributeError):
+        return  # not JSON, not an object, not a number: the model's validation says what is wrong
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{mpath} has manifest schema {version}; this llmopt reads schema {SCHEMA_VERSION} and older.",
+            "Upgrade llmopt (pip install -U llmopt) to read this artifact.",
+        )
 
 
 def hash_tree(root: Path) -> dict[str, FileEntry]:
@@ -136,8 +150,10 @@ class Artifact:
                 "Check the path: llmopt writes llmopt.json into every artifact folder it finishes (an interrupted "
                 "quantize leaves none in place). To make an artifact, quantize into a new folder.",
             )
+        text = mpath.read_text()
+        _refuse_newer_schema(mpath, text)
         try:
-            manifest = Manifest.model_validate_json(mpath.read_text())
+            manifest = Manifest.model_validate_json(text)
         except ValueError as exc:
             raise ArtifactError(
                 f"{mpath} is not a valid manifest: {_what_is_wrong(exc)}",

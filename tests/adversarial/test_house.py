@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from llmopt.errors import EXIT_INPUT, EXIT_OK
+from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, EXIT_OK
 from tests.helpers import first_layers, run_cli
 
 
@@ -66,3 +68,40 @@ def test_O_list_written_with_quotes_names_the_modules_without_them(work: Path) -
                  "skip_modules=[\"lm_head\", 'model.layers.1.mlp.down_proj']", "--json"], cwd=work)  # fmt: skip
     assert r.returncode == EXIT_OK, r.stderr[-2000:]
     assert json.loads(r.stdout)["options"]["skip_modules"] == ["lm_head", "model.layers.1.mlp.down_proj"]
+
+
+EVAL = ["--baseline", "model", "--dataset", "eval.txt", "--context", "16", "--max-tokens", "32", "--device", "cpu",
+        "--max-ppl-increase", "1000"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def int8(work: Path) -> Path:
+    """work/int8: a bnb-int8 artifact of model/, evaluated (gate passed)."""
+    r = run_cli(["quantize", "model", "-m", "bnb-int8", "--device", "cpu", "-o", "int8", "-q"], cwd=work)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    r = run_cli(["eval", "int8", *EVAL, "-q"], cwd=work)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    return work / "int8"
+
+
+def edited_copy(int8: Path, name: str, edit: Any) -> str:
+    """A copy of the artifact beside it, its llmopt.json changed by ``edit(manifest_dict)``."""
+    copy = int8.parent / name
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(int8, copy)
+    data = json.loads((copy / "llmopt.json").read_text())
+    edit(data)
+    (copy / "llmopt.json").write_text(json.dumps(data, indent=2))
+    return name
+
+
+@pytest.mark.parametrize("version", [2, "2", 99])
+@pytest.mark.parametrize("command", ["eval", "publish"])
+def test_manifest_of_a_newer_schema_is_refused_naming_an_upgrade(int8: Path, version: Any, command: str) -> None:
+    """A llmopt.json whose ``schema_version`` is newer than this llmopt's (2, or the string "2") was read as if it
+    were schema 1: eval and publish went ahead on fields this version may misread."""
+    name = edited_copy(int8, f"schema-{version}", lambda d: d.__setitem__("schema_version", version))
+    args = [*EVAL] if command == "eval" else ["me/model", "--dry-run"]
+    r = run_cli([command, name, *args, "--json"], cwd=int8.parent)
+    assert r.returncode == EXIT_ARTIFACT, r.stderr[-2000:]
+    assert r.stdout == "" and "schema" in r.stderr and "pip install -U llmopt" in r.stderr
