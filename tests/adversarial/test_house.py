@@ -105,3 +105,30 @@ def test_manifest_of_a_newer_schema_is_refused_naming_an_upgrade(int8: Path, ver
     r = run_cli([command, name, *args, "--json"], cwd=int8.parent)
     assert r.returncode == EXIT_ARTIFACT, r.stderr[-2000:]
     assert r.stdout == "" and "schema" in r.stderr and "pip install -U llmopt" in r.stderr
+
+
+def test_uploaded_manifest_cuts_paths_relative_to_the_users_folder(work: Path) -> None:
+    """Run from a folder of its own with ``../../model``, ``../../eval.txt`` and ``-o ../../rel8``: the uploaded
+    llmopt.json cut absolute paths to ``<local>/NAME`` but kept the relative ones as typed, so a public repo
+    showed the publisher's folder layout (``../../alice/models/...``)."""
+    from tests.hubserver import HubServer
+
+    here = work / "sub" / "deeper"
+    here.mkdir(parents=True, exist_ok=True)
+    up = ["--baseline", "../../model", "--dataset", "../../eval.txt", *EVAL[4:]]
+    r = run_cli(["quantize", "../../model", "-m", "bnb-int8", "--device", "cpu", "-o", "../../rel8", "-q"], cwd=here)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    r = run_cli(["eval", "../../rel8", *up, "-q"], cwd=here)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    token = "hf_test_house0123456789"
+    with HubServer(token) as hub:
+        env = {"HF_TOKEN": token, "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+        r = run_cli(["publish", "../../rel8", "org/rel8", "--json"], cwd=here, env=env)
+        assert r.returncode == EXIT_OK, r.stderr[-2000:]
+        uploaded = hub.commits("org/rel8")[-1].files
+    manifest = uploaded["llmopt.json"].decode()
+    assert "../" not in manifest, [line for line in manifest.splitlines() if "../" in line]
+    data = json.loads(manifest)
+    assert data["source"]["model"] == "<local>/model"
+    assert data["evaluation"]["settings"]["dataset"] == "<local>/eval.txt"
+    assert "../" not in uploaded["README.md"].decode().split("---")[1]  # the card's metadata
