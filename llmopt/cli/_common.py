@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -247,7 +248,9 @@ def write_json(data: Any, target: str) -> None:
             with open(Path(target).expanduser(), "w", encoding="utf-8") as f:
                 f.write(text)
         else:
-            write_json_atomic(Path(target).expanduser(), data)
+            # through a symlink to the file it names (the checks judged that one): replacing the link itself
+            # would leave the file it points to stale and the link turned into a copy
+            write_json_atomic(Path(os.path.realpath(Path(target).expanduser())), data)
     except OSError as e:
         reason = "no space left on device" if is_no_space(e) else (e.strerror or str(e))
         raise OutputPathError(f"cannot write the JSON to {target}: {reason}.", "Choose another --json-file.") from e

@@ -132,3 +132,15 @@ def test_uploaded_manifest_cuts_paths_relative_to_the_users_folder(work: Path) -
     assert data["source"]["model"] == "<local>/model"
     assert data["evaluation"]["settings"]["dataset"] == "<local>/eval.txt"
     assert "../" not in uploaded["README.md"].decode().split("---")[1]  # the card's metadata
+
+
+def test_json_file_through_a_symlink_updates_the_file_it_names(tmp_path: Path) -> None:
+    """``--json-file latest.json`` where latest.json is a link to reports/backends.json: the atomic rename
+    replaced the link with a plain file, so reports/backends.json kept its old content and the link was gone."""
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "backends.json").write_text("{}")
+    (tmp_path / "latest.json").symlink_to("reports/backends.json")
+    r = run_cli(["backends", "--json-file", "latest.json"], cwd=tmp_path)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    assert (tmp_path / "latest.json").is_symlink()
+    assert "bnb-int8" in {b["name"] for b in json.loads((tmp_path / "reports" / "backends.json").read_text())}
