@@ -144,3 +144,19 @@ def test_json_file_through_a_symlink_updates_the_file_it_names(tmp_path: Path) -
     assert r.returncode == EXIT_OK, r.stderr[-2000:]
     assert (tmp_path / "latest.json").is_symlink()
     assert "bnb-int8" in {b["name"] for b in json.loads((tmp_path / "reports" / "backends.json").read_text())}
+
+
+def test_card_model_index_has_the_kl_divergence_and_top1_that_were_gated(int8: Path) -> None:
+    """The card's metadata (model-index) listed perplexity only, though every evaluation now measures KL
+    divergence and top-1 agreement against FP16 and ``--max-kld``/``--min-top1`` gates publish on them."""
+    import yaml
+
+    r = run_cli(["publish", "int8", "me/int8", "--dry-run", "--json"], cwd=int8.parent)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    card = json.loads(r.stdout)["card"]
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "transformers" and "bnb-int8" in meta["tags"]
+    metrics = {m["type"]: m for m in meta["model-index"][0]["results"][0]["metrics"]}
+    dist = json.loads((int8 / "llmopt.json").read_text())["evaluation"]["artifact"]["distribution"]
+    assert metrics["kl_divergence"]["value"] == pytest.approx(dist["kld_mean"], abs=1e-6)
+    assert metrics["top1_agreement"]["value"] == pytest.approx(dist["top1_agreement"], abs=1e-6)
