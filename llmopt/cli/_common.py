@@ -208,6 +208,11 @@ class JsonCommand(TyperCommand):
             return super().parse_args(ctx, list(given))
         except _usage_error_types() as exc:
             stray = _value_after_json(given)
+            if stray == "-":
+                raise InputError(
+                    "--json takes no value: it already prints JSON to stdout; got '-' after it.",
+                    "Drop the '-': --json alone.",
+                ) from None
             if stray is not None and (stray in str(exc) or f"--json={stray}" in given):
                 raise InputError(
                     f"--json takes no value (it prints JSON to stdout); got '{stray}' after it.",
@@ -228,7 +233,8 @@ def _value_after_json(args: list[str]) -> str | None:
             break
         if arg.startswith("--json="):
             return arg.partition("=")[2]
-        if arg == "--json" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+        # `-` (stdout, the old spelling of eval/bench) too: it is a value, not an option
+        if arg == "--json" and i + 1 < len(args) and (args[i + 1] == "-" or not args[i + 1].startswith("-")):
             return args[i + 1]
     return None
 

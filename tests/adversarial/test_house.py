@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, EXIT_OK
-from tests.helpers import first_layers, run_cli
+from tests.helpers import fake_model, first_layers, run_cli
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
@@ -160,3 +160,14 @@ def test_card_model_index_has_the_kl_divergence_and_top1_that_were_gated(int8: P
     dist = json.loads((int8 / "llmopt.json").read_text())["evaluation"]["artifact"]["distribution"]
     assert metrics["kl_divergence"]["value"] == pytest.approx(dist["kld_mean"], abs=1e-6)
     assert metrics["top1_agreement"]["value"] == pytest.approx(dist["top1_agreement"], abs=1e-6)
+
+
+@pytest.mark.parametrize("spelling", [["--json", "-"], ["--json=-"]])
+def test_json_dash_outside_eval_and_bench_says_to_drop_the_dash(tmp_path: Path, spelling: list[str]) -> None:
+    """``llmopt estimate M --json -`` (eval's old spelling, used on another command) ended in click's
+    "Got unexpected extra argument(s) (-)", not the one-line error naming what to write instead."""
+    fake_model(tmp_path / "m")
+    r = run_cli(["estimate", "m", *spelling], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT
+    assert r.stdout == ""
+    assert r.stderr.startswith("error: --json takes no value") and "--json alone" in r.stderr
