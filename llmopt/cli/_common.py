@@ -19,8 +19,9 @@ from typer.core import TyperCommand
 from llmopt.errors import InputError
 
 # Tables stay readable when piped or in CI logs, where rich would otherwise assume 80 columns.
-stdout = Console(width=None if sys.stdout.isatty() else 140)
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+# a stream closed by the caller (`llmopt ... >&-`) is None here: no terminal, and rich writes nothing to it
+stdout = Console(width=None if sys.stdout is not None and sys.stdout.isatty() else 140)
+stderr = Console(stderr=True, width=None if sys.stderr is not None and sys.stderr.isatty() else 140)
 
 DeviceOpt = Annotated[
     str,
@@ -104,6 +105,8 @@ class JsonOutput:
         return not self.to_stdout
 
     def check(self, *inputs: str | Path | None, creates: Path | None = None) -> None:
+        if self.to_stdout:
+            _require_stdout()
         check_json_target(self.to_file, *inputs, creates=creates)
 
     def emit(self, data: Any) -> None:
@@ -239,9 +242,18 @@ def _value_after_json(args: list[str]) -> str | None:
     return None
 
 
+def _require_stdout() -> None:
+    """The JSON goes to stdout: refuse a closed one (``llmopt ... --json >&-``), where Python has no stream."""
+    if sys.stdout is None:
+        from llmopt.errors import OutputPathError
+
+        raise OutputPathError("--json prints to stdout, which is closed.", "Use --json-file PATH, or keep stdout open.")
+
+
 def write_json(data: Any, target: str) -> None:
     """Write JSON to a file (whole or not at all), or to stdout when ``target`` is '-'."""
     if target == "-":
+        _require_stdout()
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         return
     from llmopt.artifact import write_json_atomic

@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +173,23 @@ def test_json_dash_outside_eval_and_bench_says_to_drop_the_dash(tmp_path: Path, 
     assert r.returncode == EXIT_INPUT
     assert r.stdout == ""
     assert r.stderr.startswith("error: --json takes no value") and "--json alone" in r.stderr
+
+
+def _with_stdout_closed(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``llmopt ARGS >&-``: the process starts with file descriptor 1 closed (Python's sys.stdout is None)."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p))
+    return subprocess.run([sys.executable, "-m", "llmopt", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1), timeout=600)  # fmt: skip
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="closes a POSIX file descriptor")
+def test_closed_stdout_is_an_error_with_json_and_no_crash_with_json_file(tmp_path: Path) -> None:
+    """``llmopt backends --json-file r.json >&-`` crashed at import (a traceback, exit 1: the console asked the
+    closed stdout whether it is a terminal); with ``--json`` the JSON was lost in a traceback at the end."""
+    r = _with_stdout_closed(["backends", "--json-file", "r.json"], tmp_path)
+    assert r.returncode == EXIT_OK and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())
+    r = _with_stdout_closed(["backends", "--json"], tmp_path)
+    assert r.returncode == EXIT_INPUT and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "stdout" in r.stderr and "--json-file" in r.stderr
