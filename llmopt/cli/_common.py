@@ -58,9 +58,11 @@ def check_json_target(
 
     if creates is not None:
         folder, file = absolute(creates), absolute(target)
-        if folder in file.parents:
+        if folder == file or folder in file.parents:
             raise OutputPathError(
-                f"{flag} {target} is inside {creates}, the folder this command writes.",
+                f"{flag} {target} is "
+                + ("" if folder == file else "inside ")
+                + f"{creates}, the folder this command writes.",
                 f"Write the JSON next to it, e.g. {flag} {shlex.quote(folder.name + '.json')}.",
             )
     check_report_file(target, inputs, flag=flag)

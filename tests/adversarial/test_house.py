@@ -193,3 +193,31 @@ def test_closed_stdout_is_an_error_with_json_and_no_crash_with_json_file(tmp_pat
     r = _with_stdout_closed(["backends", "--json"], tmp_path)
     assert r.returncode == EXIT_INPUT and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "stdout" in r.stderr and "--json-file" in r.stderr
+
+
+@pytest.mark.parametrize("command", [["quantize", "model", "-m", "bnb-int8", "--device", "cpu"],
+                                     ["run", "recipe.yaml"]])  # fmt: skip
+def test_json_file_that_is_the_output_folder_is_refused_before_any_work(work: Path, command: list[str]) -> None:
+    """``quantize ... -o out --json-file out``: a file inside ``-o`` was refused up front, the folder itself was
+    not; the whole quantization (or run) went ahead and only then failed on "Is a directory"."""
+    (work / "recipe.yaml").write_text(RECIPE)
+    r = run_cli([*command, "-o", "same", "--json-file", "same"], cwd=work)
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "the folder this command writes" in r.stderr
+    assert not (work / "same").exists()
+
+
+RECIPE = """\
+model:
+  source: model
+evaluation:
+  dataset: eval.txt
+  context_length: 16
+  max_tokens: 32
+  device: cpu
+gates:
+  max_ppl_increase_pct: 1000
+variants:
+  - name: a
+    method: bnb-int8
+"""
