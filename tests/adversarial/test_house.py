@@ -221,3 +221,25 @@ variants:
   - name: a
     method: bnb-int8
 """
+
+
+def test_eval_replaces_a_damaged_stored_evaluation_instead_of_demanding_a_requantization(int8: Path) -> None:
+    """A hand-edited evaluation block of the wrong type (``"perplexity": "abc"``) made the whole manifest
+    invalid: eval, the command that rewrites that block, refused the artifact and said to re-create it with
+    quantize (hours for a large GPTQ model), though its files were intact."""
+    name = edited_copy(int8, "damaged-eval", lambda d: d["evaluation"]["artifact"].__setitem__("perplexity", "abc"))
+    r = run_cli(["publish", name, "me/x", "--dry-run"], cwd=int8.parent)
+    assert r.returncode == EXIT_ARTIFACT and "llmopt eval" in r.stderr  # publish still refuses, naming eval
+    r = run_cli(["eval", name, *EVAL, "--json"], cwd=int8.parent)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    assert json.loads(r.stdout)["gate"]["passed"] is True
+    r = run_cli(["publish", name, "me/x", "--dry-run"], cwd=int8.parent)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+
+
+def test_eval_still_refuses_a_manifest_damaged_outside_its_results(int8: Path) -> None:
+    """Only the evaluation and gate blocks are replaceable: a damaged file table or options stay an error."""
+    name = edited_copy(int8, "damaged-options", lambda d: d.__setitem__("options", "x"))
+    r = run_cli(["eval", name, *EVAL, "--json"], cwd=int8.parent)
+    assert r.returncode == EXIT_ARTIFACT and r.stdout == ""
+    assert "not a valid manifest" in r.stderr
