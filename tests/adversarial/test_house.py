@@ -243,3 +243,21 @@ def test_eval_still_refuses_a_manifest_damaged_outside_its_results(int8: Path) -
     r = run_cli(["eval", name, *EVAL, "--json"], cwd=int8.parent)
     assert r.returncode == EXIT_ARTIFACT and r.stdout == ""
     assert "not a valid manifest" in r.stderr
+
+
+def test_run_reuses_an_artifact_whose_stored_evaluation_was_damaged(work: Path) -> None:
+    """A run's own artifact with a hand-damaged evaluation block: the next run refused the variant ("not a
+    valid llmopt manifest ... does not replace it, --overwrite or not") although the artifact's files were
+    intact; now it keeps the artifact and evaluates it again."""
+    (work / "recipe.yaml").write_text(RECIPE)
+    r = run_cli(["run", "recipe.yaml", "-o", "runs/damaged", "-q"], cwd=work)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    manifest = work / "runs" / "damaged" / "artifacts" / "a" / "llmopt.json"
+    data = json.loads(manifest.read_text())
+    data["evaluation"]["artifact"]["perplexity"] = "abc"
+    manifest.write_text(json.dumps(data))
+    r = run_cli(["run", "recipe.yaml", "-o", "runs/damaged", "--json"], cwd=work)
+    assert r.returncode == EXIT_OK, r.stderr[-2000:]
+    variant = json.loads(r.stdout)["variants"][0]
+    assert variant["status"] == "passed" and variant["quantize"]["reused"] is True
+    assert isinstance(json.loads(manifest.read_text())["evaluation"]["artifact"]["perplexity"], float)
