@@ -318,7 +318,9 @@ def evaluate(
             "Drop --no-kld, or the KL divergence thresholds.",
         )
     rep: Reporter = reporter or SilentReporter()
-    art = Artifact.open(artifact_path)
+    art = Artifact.open(artifact_path, results_replaceable=write_manifest)
+    if art.dropped_results:
+        rep.info(f"the stored evaluation in {art.manifest_path} was damaged ({art.dropped_results}); it is replaced")
     if write_manifest and not os.access(art.path, os.W_OK | os.X_OK):
         # found now, not after the whole evaluation, when recording the result in the manifest would fail
         raise OutputPathError(

@@ -81,7 +81,7 @@ class Manifest(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
     llmopt_version: str
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     backend: str
@@ -96,6 +96,20 @@ class Manifest(BaseModel):
     recipe: dict[str, Any] | None = None
     evaluation: EvalReport | None = Field(None, description="The last evaluation (without its gate).")
     gate: GateResult | None = Field(None, description="The gate applied to that evaluation, with its thresholds.")
+
+
+def _refuse_newer_schema(mpath: Path, text: str) -> None:
+    """A manifest written by a newer llmopt: its fields may mean something this version does not know, so it is
+    refused by name (upgrade), not read as schema 1 nor reported as damaged (re-create)."""
+    try:
+        version = int(json.loads(text).get("schema_version", SCHEMA_VERSION))
+    except (ValueError, TypeError, AttributeError):
+        return  # not JSON, not an object, not a number: the model's validation says what is wrong
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{mpath} has manifest schema {version}; this llmopt reads schema {SCHEMA_VERSION} and older.",
+            "Upgrade llmopt (pip install -U llmopt) to read this artifact.",
+        )
 
 
 def hash_tree(root: Path) -> dict[str, FileEntry]:
@@ -120,9 +134,13 @@ class Artifact:
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
+        self.dropped_results: str | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> Artifact:
+    def open(cls, path: str | Path, *, results_replaceable: bool = False) -> Artifact:
+        """The artifact at ``path``. ``results_replaceable`` (eval, which writes a new evaluation): a damaged
+        ``evaluation``/``gate`` block is dropped instead of refusing the artifact; the files are still checked
+        against their hashes, and ``dropped_results`` says what was dropped."""
         root = Path(path)
         if not root.is_dir():
             raise ArtifactError(
@@ -136,14 +154,28 @@ class Artifact:
                 "Check the path: llmopt writes llmopt.json into every artifact folder it finishes (an interrupted "
                 "quantize leaves none in place). To make an artifact, quantize into a new folder.",
             )
+        text = mpath.read_text()
+        _refuse_newer_schema(mpath, text)
+        dropped = None
         try:
-            manifest = Manifest.model_validate_json(mpath.read_text())
+            manifest = Manifest.model_validate_json(text)
         except ValueError as exc:
-            raise ArtifactError(
-                f"{mpath} is not a valid manifest: {_what_is_wrong(exc)}",
-                "Re-create the artifact with `llmopt quantize`.",
-            ) from None
-        return cls(root, manifest)
+            salvaged = _without_results(text, exc) if results_replaceable else None
+            if salvaged is not None:
+                manifest, dropped = salvaged[0], _what_is_wrong(exc)
+            else:
+                raise ArtifactError(
+                    f"{mpath} is not a valid manifest: {_what_is_wrong(exc)}",
+                    "Re-create the artifact with `llmopt quantize`"
+                    + (
+                        "."
+                        if results_replaceable or not _only_results_damaged(exc)
+                        else " (or, if only its evaluation is damaged, evaluate it again: `llmopt eval`)."
+                    ),
+                ) from None
+        art = cls(root, manifest)
+        art.dropped_results = dropped
+        return art
 
     @property
     def manifest_path(self) -> Path:
@@ -180,6 +212,24 @@ class Artifact:
                 + (f" and {len(problems) - 5} more" if len(problems) > 5 else ""),
                 "Re-create the artifact with `llmopt quantize --overwrite`, then evaluate it again.",
             )
+
+
+def _only_results_damaged(exc: ValueError) -> bool:
+    errors = exc.errors() if isinstance(exc, ValidationError) else []
+    return bool(errors) and all(e["loc"] and e["loc"][0] in ("evaluation", "gate") for e in errors)
+
+
+def _without_results(text: str, exc: ValueError) -> tuple[Manifest] | None:
+    """The manifest without its ``evaluation`` and ``gate`` when only those fail validation (a hand edit of the
+    stored results); None when anything else is wrong too."""
+    if not _only_results_damaged(exc):
+        return None
+    try:
+        data = json.loads(text)
+        data["evaluation"] = data["gate"] = None
+        return (Manifest.model_validate(data),)
+    except (ValueError, TypeError):
+        return None
 
 
 def _what_is_wrong(exc: ValueError) -> str:

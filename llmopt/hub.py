@@ -217,7 +217,10 @@ def ensure_ready(organization: str | None = None) -> str | None:
 
 
 def _is_local_path(value: str) -> bool:
-    return value.startswith(("/", "~", "\\\\")) or bool(PureWindowsPath(value).drive)
+    # a path relative to where the user ran llmopt (``../../alice/models/x``) names their folders as much as an
+    # absolute one; a Hub id (``org/name``) never starts with a dot
+    relative = value in (".", "..") or value.startswith(("./", "../", ".\\", "..\\"))
+    return relative or value.startswith(("/", "~", "\\\\")) or bool(PureWindowsPath(value).drive)
 
 
 def _without_local_paths(value: Any) -> Any:
@@ -226,7 +229,7 @@ def _without_local_paths(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_local_paths(v) for v in value]
     if isinstance(value, str) and _is_local_path(value):
-        name = PureWindowsPath(value).name if PureWindowsPath(value).drive else Path(value).name
+        name = PureWindowsPath(value).name if PureWindowsPath(value).drive or "\\" in value else Path(value).name
         return f"<local>/{name}"
     return value
 

@@ -451,6 +451,27 @@ def eval_results(evaluation: EvalReport | None) -> list[Any]:
                 metric_args={"stderr": dse} if dse is not None else None,
             )
         )
+    # the token-distribution comparison (default since KL divergence is measured): what a --max-kld /
+    # --min-top1 gate judged, so a card reader sees the numbers behind those checks too
+    dist = a.distribution
+    if dist is not None:
+        for metric, name, value, err in (
+            ("kl_divergence", "Mean KL divergence vs FP16 (nats)", dist.kld_mean, dist.kld_stderr),
+            ("top1_agreement", "Top-1 agreement with FP16", dist.top1_agreement, dist.top1_agreement_stderr),
+        ):
+            rounded = _rounded(value, 6)
+            if rounded is None or rounded in (float("inf"), float("-inf")):
+                continue
+            args = {"stderr": _rounded(err, 6), "top_k": dist.top_k}
+            results.append(
+                EvalResult(
+                    **common,
+                    metric_type=metric,
+                    metric_name=name,
+                    metric_value=rounded,
+                    metric_args={k: v for k, v in args.items() if v is not None},
+                )
+            )
     return results
 
 

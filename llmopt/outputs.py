@@ -49,6 +49,16 @@ def _enclosing_artifact(real: Path) -> Path | None:
     return None
 
 
+def is_stream(path: str | Path) -> bool:
+    """True for an existing target that is not a plain file: a device (``/dev/null``, ``/dev/stderr``), a pipe
+    or anything under /dev or /proc. A report goes into such a target as written; the atomic rename used for
+    files would put a plain file in its place (as root, a new ``/dev/null``)."""
+    target = absolute(path)
+    if not target.exists():
+        return False
+    return not _real(target).is_file() or target.parts[1:2] in (("dev",), ("proc",))
+
+
 def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
@@ -194,6 +204,9 @@ def check_report_file(path: str | Path, inputs: Iterable[str | Path | None] = ()
     if str(path) == "-":
         return
     target = absolute(path)
+    if is_stream(target) and not target.is_dir():
+        # nothing to replace or to read (reading a pipe or a terminal would wait for its writer)
+        return
     if target.is_dir() or str(path).endswith(("/", os.sep)):
         raise OutputPathError(
             f"{flag} {path} is a folder; it needs a file name.",

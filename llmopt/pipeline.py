@@ -441,7 +441,8 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if not (art_dir / MANIFEST_NAME).is_file():
         return None, "the folder holds an unfinished artifact"
     try:
-        art = Artifact.open(art_dir)
+        # a damaged stored evaluation does not make the files unusable: they are verified below, evaluated again
+        art = Artifact.open(art_dir, results_replaceable=True)
     except LlmoptError:
         return None, "its manifest is unreadable"
     m = art.manifest

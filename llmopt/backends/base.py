@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import importlib.util
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,7 @@ class Backend(ABC):
     def parse_options(self, raw: dict[str, Any]) -> BaseModel:
         """Validate user options; unknown keys are errors naming the valid ones."""
         try:
-            return self.Options.model_validate(raw)
+            options = self.Options.model_validate(raw)
         except ValidationError as exc:
             valid = ", ".join(sorted(self.Options.model_fields))
             problems = []
@@ -119,6 +120,15 @@ class Backend(ABC):
                 f"invalid options for {self.name}: " + "; ".join(problems),
                 f"valid options of {self.name}: {valid}",
             ) from None
+        # JSON has no inf/nan: the manifest would record null (or refuse to load) for what the artifact was made with
+        odd = [k for k, v in options.model_dump().items() if isinstance(v, float) and not math.isfinite(v)]
+        if odd:
+            raise OptionsError(
+                f"invalid options for {self.name}: "
+                + "; ".join(f"{k}: {getattr(options, k)} is not a finite number" for k in odd),
+                "Give a finite number (the largest a float holds is about 1.8e308).",
+            )
+        return options
 
     def option_schema(self) -> list[OptionInfo]:
         """Every option of this backend: name, type, default and help, from its ``Options`` model."""

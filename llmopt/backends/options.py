@@ -61,7 +61,7 @@ def _read_typed(annotation: Any, text: str) -> Any:
         return _read_typed(rest[0], text) if len(rest) == 1 else text
     if origin in (list, tuple, set, frozenset):
         inner = args[0] if args else str
-        items = [t.strip() for t in text.strip().removeprefix("[").removesuffix("]").split(",")]
+        items = [_unquote(t.strip()) for t in text.strip().removeprefix("[").removesuffix("]").split(",")]
         return [_read_typed(inner, t) for t in items if t]
     if origin is dict or annotation in (dict, Any):
         import yaml
@@ -69,6 +69,14 @@ def _read_typed(annotation: Any, text: str) -> Any:
         return yaml.safe_load(text)  # a mapping (or anything at all) has no one-line spelling but YAML's
     # pydantic reads numbers, booleans (true/false, yes/no, on/off, 1/0), paths and enums from text itself
     return text
+
+
+def _unquote(item: str) -> str:
+    """``"lm_head"`` as ``lm_head``: a list written the JSON/YAML way (``-O 'skip_modules=["lm_head"]'``) would
+    otherwise name a module with quotes in its name, which matches nothing."""
+    if len(item) >= 2 and item[0] == item[-1] and item[0] in "\"'":
+        return item[1:-1]
+    return item
 
 
 def _same(options: type[BaseModel] | None, key: str, a: Any, b: Any) -> bool:

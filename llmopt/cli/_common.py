@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import sys
 from collections.abc import Iterator
@@ -18,8 +19,9 @@ from typer.core import TyperCommand
 from llmopt.errors import InputError
 
 # Tables stay readable when piped or in CI logs, where rich would otherwise assume 80 columns.
-stdout = Console(width=None if sys.stdout.isatty() else 140)
-stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
+# a stream closed by the caller (`llmopt ... >&-`) is None here: no terminal, and rich writes nothing to it
+stdout = Console(width=None if sys.stdout is not None and sys.stdout.isatty() else 140)
+stderr = Console(stderr=True, width=None if sys.stderr is not None and sys.stderr.isatty() else 140)
 
 DeviceOpt = Annotated[
     str,
@@ -56,9 +58,11 @@ def check_json_target(
 
     if creates is not None:
         folder, file = absolute(creates), absolute(target)
-        if folder in file.parents:
+        if folder == file or folder in file.parents:
             raise OutputPathError(
-                f"{flag} {target} is inside {creates}, the folder this command writes.",
+                f"{flag} {target} is "
+                + ("" if folder == file else "inside ")
+                + f"{creates}, the folder this command writes.",
                 f"Write the JSON next to it, e.g. {flag} {shlex.quote(folder.name + '.json')}.",
             )
     check_report_file(target, inputs, flag=flag)
@@ -103,6 +107,8 @@ class JsonOutput:
         return not self.to_stdout
 
     def check(self, *inputs: str | Path | None, creates: Path | None = None) -> None:
+        if self.to_stdout:
+            _require_stdout()
         check_json_target(self.to_file, *inputs, creates=creates)
 
     def emit(self, data: Any) -> None:
@@ -207,6 +213,11 @@ class JsonCommand(TyperCommand):
             return super().parse_args(ctx, list(given))
         except _usage_error_types() as exc:
             stray = _value_after_json(given)
+            if stray == "-":
+                raise InputError(
+                    "--json takes no value: it already prints JSON to stdout; got '-' after it.",
+                    "Drop the '-': --json alone.",
+                ) from None
             if stray is not None and (stray in str(exc) or f"--json={stray}" in given):
                 raise InputError(
                     f"--json takes no value (it prints JSON to stdout); got '{stray}' after it.",
@@ -227,19 +238,42 @@ def _value_after_json(args: list[str]) -> str | None:
             break
         if arg.startswith("--json="):
             return arg.partition("=")[2]
-        if arg == "--json" and i + 1 < len(args) and not args[i + 1].startswith("-"):
+        # `-` (stdout, the old spelling of eval/bench) too: it is a value, not an option
+        if arg == "--json" and i + 1 < len(args) and (args[i + 1] == "-" or not args[i + 1].startswith("-")):
             return args[i + 1]
     return None
+
+
+def _require_stdout() -> None:
+    """The JSON goes to stdout: refuse a closed one (``llmopt ... --json >&-``), where Python has no stream."""
+    if sys.stdout is None:
+        from llmopt.errors import OutputPathError
+
+        raise OutputPathError("--json prints to stdout, which is closed.", "Use --json-file PATH, or keep stdout open.")
 
 
 def write_json(data: Any, target: str) -> None:
     """Write JSON to a file (whole or not at all), or to stdout when ``target`` is '-'."""
     if target == "-":
+        _require_stdout()
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    else:
-        from llmopt.artifact import write_json_atomic
+        return
+    from llmopt.artifact import write_json_atomic
+    from llmopt.errors import OutputPathError
+    from llmopt.outputs import is_no_space, is_stream
 
-        write_json_atomic(Path(target).expanduser(), data)
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    try:
+        if is_stream(target):
+            with open(Path(target).expanduser(), "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            # through a symlink to the file it names (the checks judged that one): replacing the link itself
+            # would leave the file it points to stale and the link turned into a copy
+            write_json_atomic(Path(os.path.realpath(Path(target).expanduser())), data)
+    except OSError as e:
+        reason = "no space left on device" if is_no_space(e) else (e.strerror or str(e))
+        raise OutputPathError(f"cannot write the JSON to {target}: {reason}.", "Choose another --json-file.") from e
 
 
 def human_bytes(n: float | None) -> str:
