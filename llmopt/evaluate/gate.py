@@ -31,91 +31,43 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
     ev = _report(report)
     checks: list[GateCheck] = []
     if spec.max_ppl_increase_pct is not None:
-        delta = ev.delta_pct
-        ok = delta is not None and delta <= spec.max_ppl_increase_pct
-        checks.append(
-            GateCheck(
-                name="max_ppl_increase_pct",
-                value=delta,
-                threshold=spec.max_ppl_increase_pct,
-                passed=ok,
-                margin=None if delta is None else spec.max_ppl_increase_pct - delta,
-                message=(
-                    f"perplexity +{delta:.2f}% vs FP16 (limit +{spec.max_ppl_increase_pct:g}%)"
-                    if delta is not None
-                    else "perplexity delta was not measured"
-                )
-                + ("" if ok or delta is None else f": over by {delta - spec.max_ppl_increase_pct:.2f} points"),
-            )
-        )
+        t, delta = spec.max_ppl_increase_pct, ev.delta_pct
+        text = f"perplexity +{delta:.2f}% vs FP16 (limit +{t:g}%)" if delta is not None else ""
+        checks.append(_check("max_ppl_increase_pct", delta, t, True, text, "perplexity delta was not measured",
+                             ": over by {:.2f} points"))  # fmt: skip
     if spec.max_ppl is not None:
-        ppl = ev.artifact.perplexity
-        ok = ppl is not None and ppl <= spec.max_ppl
-        checks.append(
-            GateCheck(
-                name="max_ppl",
-                value=ppl,
-                threshold=spec.max_ppl,
-                passed=ok,
-                margin=None if ppl is None else spec.max_ppl - ppl,
-                message=f"perplexity {ppl:.3f} (limit {spec.max_ppl:g})" if ppl is not None else "no perplexity",
-            )
-        )
+        t, ppl = spec.max_ppl, ev.artifact.perplexity
+        text = f"perplexity {ppl:.3f} (limit {t:g})" if ppl is not None else ""
+        checks.append(_check("max_ppl", ppl, t, True, text, "no perplexity"))
     dist = ev.artifact.distribution
     if spec.max_kld is not None:
-        kld = dist.kld_mean if dist is not None else None
-        ok = kld is not None and kld <= spec.max_kld
-        checks.append(
-            GateCheck(
-                name="max_kld",
-                value=kld,
-                threshold=spec.max_kld,
-                passed=ok,
-                margin=None if kld is None else spec.max_kld - kld,
-                message=(
-                    f"mean KL divergence {kld:.5f} nats vs FP16 (limit {spec.max_kld:g})"
-                    + ("" if ok else f": over by {kld - spec.max_kld:.5f}")
-                    if kld is not None
-                    else "KL divergence was not measured (evaluate without --no-kld)"
-                ),
-            )
-        )
+        t, kld = spec.max_kld, (dist.kld_mean if dist is not None else None)
+        text = f"mean KL divergence {kld:.5f} nats vs FP16 (limit {t:g})" if kld is not None else ""
+        missing = "KL divergence was not measured (evaluate without --no-kld)"
+        checks.append(_check("max_kld", kld, t, True, text, missing, ": over by {:.5f}"))
     if spec.min_top1_pct is not None:
-        pct = 100.0 * dist.top1_agreement if dist is not None else None
-        ok = pct is not None and pct >= spec.min_top1_pct
-        checks.append(
-            GateCheck(
-                name="min_top1_pct",
-                value=pct,
-                threshold=spec.min_top1_pct,
-                passed=ok,
-                margin=None if pct is None else pct - spec.min_top1_pct,
-                message=(
-                    f"top-1 agreement with FP16 {pct:.2f}% (needs {spec.min_top1_pct:g}%)"
-                    + ("" if ok else f": short by {spec.min_top1_pct - pct:.2f} points")
-                    if pct is not None
-                    else "top-1 agreement was not measured (evaluate without --no-kld)"
-                ),
-            )
-        )
+        t, pct = spec.min_top1_pct, (100.0 * dist.top1_agreement if dist is not None else None)
+        text = f"top-1 agreement with FP16 {pct:.2f}% (needs {t:g}%)" if pct is not None else ""
+        missing = "top-1 agreement was not measured (evaluate without --no-kld)"
+        checks.append(_check("min_top1_pct", pct, t, False, text, missing, ": short by {:.2f} points"))
     if spec.min_decode_speedup is not None:
-        speedup = ev.decode_speedup(spec.at_batch)
-        ok = speedup is not None and speedup >= spec.min_decode_speedup
-        checks.append(
-            GateCheck(
-                name="min_decode_speedup",
-                value=speedup,
-                threshold=spec.min_decode_speedup,
-                passed=ok,
-                margin=None if speedup is None else speedup - spec.min_decode_speedup,
-                message=(
-                    f"decode speedup {speedup:.2f}x at batch {spec.at_batch} (needs {spec.min_decode_speedup:g}x)"
-                    if speedup is not None
-                    else f"decode speed at batch {spec.at_batch} was not measured (run with --throughput)"
-                ),
-            )
-        )
+        t, b, speedup = spec.min_decode_speedup, spec.at_batch, ev.decode_speedup(spec.at_batch)
+        text = f"decode speedup {speedup:.2f}x at batch {b} (needs {t:g}x)" if speedup is not None else ""
+        missing = f"decode speed at batch {b} was not measured (run with --throughput)"
+        checks.append(_check("min_decode_speedup", speedup, t, False, text, missing))
     return GateResult(passed=all(c.passed for c in checks), checks=checks, spec=spec)
+
+
+def _check(
+    name: str, value: float | None, threshold: float, at_most: bool, text: str, missing: str, gap: str | None = None
+) -> GateCheck:
+    """One threshold check: ``value`` at most (or at least) ``threshold``; ``gap`` formats how far off a failure is."""
+    if value is None:
+        return GateCheck(name=name, value=None, threshold=threshold, passed=False, margin=None, message=missing)
+    margin = threshold - value if at_most else value - threshold
+    ok = margin >= 0
+    message = text + ("" if ok or gap is None else gap.format(-margin))
+    return GateCheck(name=name, value=value, threshold=threshold, passed=ok, margin=margin, message=message)
 
 
 # --- integrity: the summary must follow from the raw numbers stored next to it ------------------------
