@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, EXIT_OK
+from tests.adversarial.test_cli_output import RECIPE  # the one-variant int8 recipe those tests run
 from tests.helpers import fake_model, first_layers, run_cli
 
 
@@ -205,22 +206,6 @@ def test_json_file_that_is_the_output_folder_is_refused_before_any_work(work: Pa
     assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
     assert "the folder this command writes" in r.stderr
     assert not (work / "same").exists()
-
-
-RECIPE = """\
-model:
-  source: model
-evaluation:
-  dataset: eval.txt
-  context_length: 16
-  max_tokens: 32
-  device: cpu
-gates:
-  max_ppl_increase_pct: 1000
-variants:
-  - name: a
-    method: bnb-int8
-"""
 
 
 def test_eval_replaces_a_damaged_stored_evaluation_instead_of_demanding_a_requantization(int8: Path) -> None:
