@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from llmopt.errors import OptionsError
+
 
 def linear_input_dims(config: dict[str, Any]) -> dict[str, int]:
     """Map of linear layer kind -> input features, for Llama-like decoders; empty if unknown."""
@@ -57,3 +59,15 @@ def group_size_problem(config: dict[str, Any], group_size: int) -> str | None:
                 f"group sizes that divide every layer: {options}, or -1 (one group per row)"
             )
     return None
+
+
+def check_group_size(config: dict[str, Any], group_size: int) -> None:
+    """Refuse (OptionsError, exit 2) a group size that is not a size, or that does not divide every layer."""
+    if group_size != -1 and group_size < 1:
+        raise OptionsError(
+            f"group size {group_size} is not valid: a group has at least one weight, or -1 for whole rows.",
+            group_size_hint(config),
+        )
+    problem = group_size_problem(config, group_size)
+    if problem:
+        raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")

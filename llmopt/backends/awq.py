@@ -33,7 +33,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
-from llmopt.backends._shapes import group_size_hint, group_size_problem
+from llmopt.backends._shapes import check_group_size, group_size_hint
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.backends.gptq import strip_machine_specific, validate_gptqmodel_architecture
@@ -101,9 +101,7 @@ class AWQBackend(Backend):
                 f"({', '.join(str(s) for s in sizes)}).",
                 group_size_hint(source.config, tuple(s for s in sizes if s > 0)),
             )
-        problem = group_size_problem(source.config, options.group_size)
-        if problem:
-            raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        check_group_size(source.config, options.group_size)
         if options.version == "gemv" and options.dtype != "float16":
             # GPTQModel's gemv kernel (AwqGEMVQuantLinear) declares float16 as its only dtype and stores fp16 scales.
             raise OptionsError(

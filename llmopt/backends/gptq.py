@@ -13,10 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
-from llmopt.backends._shapes import group_size_hint, group_size_problem
+from llmopt.backends._shapes import check_group_size
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
-from llmopt.errors import ModelError, OptionsError
+from llmopt.errors import ModelError
 from llmopt.source import SourceModel
 
 
@@ -65,14 +65,7 @@ class GPTQBackend(Backend):
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, GPTQOptions)
-        if options.group_size != -1 and options.group_size < 1:
-            raise OptionsError(
-                f"group size {options.group_size} is not valid: a group has at least one weight, or -1 for whole rows.",
-                group_size_hint(source.config),
-            )
-        problem = group_size_problem(source.config, options.group_size)
-        if problem:
-            raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        check_group_size(source.config, options.group_size)
         validate_gptqmodel_architecture(source)
 
     def quantize(self, inputs: QuantizeInputs) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmopt.backends._shapes import group_size_hint, group_size_problem
+from llmopt.backends._shapes import check_group_size, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.backends.format_card import FormatCard, transformers_snippet, vllm_snippet
 from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
@@ -362,14 +362,7 @@ class LlmcW4A16Backend(_LlmcBackend):
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, W4A16Options)
-        if options.group_size != -1 and options.group_size < 1:
-            raise OptionsError(
-                f"group size {options.group_size} is not valid: a group has at least one weight, or -1 for whole rows.",
-                group_size_hint(source.config),
-            )
-        problem = group_size_problem(source.config, options.group_size)
-        if problem:
-            raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        check_group_size(source.config, options.group_size)
         super().validate(options, source, device)
 
     def recipe(self, options: BaseModel) -> list[Any]:
