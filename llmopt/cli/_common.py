@@ -276,6 +276,13 @@ def write_json(data: Any, target: str) -> None:
         raise OutputPathError(f"cannot write the JSON to {target}: {reason}.", "Choose another --json-file.") from e
 
 
+def invalid_option(exc: Any, what: str, hint: str) -> InputError:
+    """The first error of a pydantic ValidationError from a command's settings, named by its flag."""
+    err = exc.errors()[0]
+    field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else what
+    return InputError(f"{field}: {err['msg']}.", hint)
+
+
 def human_bytes(n: float | None) -> str:
     if n is None:
         return "-"

@@ -15,6 +15,7 @@ from llmopt.cli._common import (
     LegacyJsonCommand,
     QuietOpt,
     human_bytes,
+    invalid_option,
     stdout,
     stdout_is_ours,
 )
@@ -28,17 +29,11 @@ BatchSizesOpt = Annotated[
 ]
 PromptLensOpt = Annotated[
     str | None,
-    typer.Option(
-        help="Prefill prompt lengths, comma-separated; decoding starts after the first (GPU 128,512,2048)."
-    ),
+    typer.Option(help="Prefill prompt lengths, comma-separated; decoding starts after the first (GPU 128,512,2048)."),
 ]
-GenLenOpt = Annotated[
-    int | None, typer.Option(help="Tokens generated per timed decode run (GPU 128, CPU 16).")
-]
+GenLenOpt = Annotated[int | None, typer.Option(help="Tokens generated per timed decode run (GPU 128, CPU 16).")]
 WarmupOpt = Annotated[int, typer.Option(help="Untimed runs before each timed point.")]
-RepetitionsOpt = Annotated[
-    int, typer.Option(help="Timed runs per point (medians and spread are over these).")
-]
+RepetitionsOpt = Annotated[int, typer.Option(help="Timed runs per point (medians and spread are over these).")]
 DecodeModeOpt = Annotated[
     str,
     typer.Option(
@@ -96,9 +91,7 @@ def throughput_settings(
             if value is not None
         ]
         if given:
-            raise InputError(
-                f"{', '.join(given)} only apply to throughput.", "Add --throughput, or leave them out."
-            )
+            raise InputError(f"{', '.join(given)} only apply to throughput.", "Add --throughput, or leave them out.")
         return None
     try:
         return ThroughputSettings(
@@ -112,16 +105,10 @@ def throughput_settings(
             marlin_atomics=marlin_atomics,
         )
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "a throughput option"
-        raise InputError(
-            f"{field}: {err['msg']}.", "See `llmopt bench --help` for the valid values."
-        ) from None
+        raise invalid_option(exc, "a throughput option", "See `llmopt bench --help` for the valid values.") from None
 
 
-def check_speed_gate(
-    settings: ThroughputSettings | None, min_decode_speedup: float | None, at_batch: int
-) -> None:
+def check_speed_gate(settings: ThroughputSettings | None, min_decode_speedup: float | None, at_batch: int) -> None:
     """A decode-speed gate needs throughput at the batch size it reads."""
     if min_decode_speedup is None:
         return
@@ -149,9 +136,7 @@ def _spread(block: dict[str, Any] | None, key: str) -> str:
     return f"{stats['median']:,.1f} ({stats['min']:,.0f}-{stats['max']:,.0f})"
 
 
-def render_model_speed(
-    title: str, rows: list[tuple[str, dict[str, Any]]], speedups: dict[str, Any] | None
-) -> None:
+def render_model_speed(title: str, rows: list[tuple[str, dict[str, Any]]], speedups: dict[str, Any] | None) -> None:
     """One table per measurement: decode per batch size, prefill per prompt length, roofline, memory."""
     if not rows:
         return
@@ -256,9 +241,7 @@ def register(app: typer.Typer) -> None:
         ] = None,
         attn: Annotated[
             str | None,
-            typer.Option(
-                help="Compare attention implementations, e.g. eager,sdpa,flash_attention_2 (installed only)."
-            ),
+            typer.Option(help="Compare attention implementations, e.g. eager,sdpa,flash_attention_2 (installed only)."),
         ] = None,
         batch_sizes: BatchSizesOpt = None,
         prompt_lens: PromptLensOpt = None,

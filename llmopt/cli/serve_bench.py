@@ -14,6 +14,7 @@ from llmopt.cli._common import (
     JsonOutput,
     LegacyJsonCommand,
     QuietOpt,
+    invalid_option,
     stderr,
     stdout,
     stdout_is_ours,
@@ -264,9 +265,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
             )
         except ValidationError as exc:
-            err = exc.errors()[0]
-            field = "--" + str(err["loc"][0]).replace("_", "-") if err.get("loc") else "the trace"
-            raise InputError(f"{field}: {err['msg']}.", "See llmopt serve-bench --help.") from None
+            raise invalid_option(exc, "the trace", "See llmopt serve-bench --help.") from None
         if prompts_file:
             from llmopt.serving.trace import read_prompts
 
