@@ -12,9 +12,10 @@ import pytest
 
 from llmopt.errors import InputError
 from llmopt.serving.bench import Target, serve_bench
-from llmopt.serving.metrics import parse_slo, percentile
+from llmopt.serving.metrics import parse_slo
 from llmopt.serving.servers import ServerOptions, transformers_serve_flags, vllm_spec
 from llmopt.serving.trace import LengthDist, TraceSpec, build_trace
+from llmopt.stats import percentile
 from tests.servestub import StubServer
 
 

@@ -10,6 +10,7 @@ from pydantic import BaseModel
 
 from llmopt.errors import InputError
 from llmopt.serving.client import RequestRecord
+from llmopt.stats import cost_per_million_tokens, percentile
 
 PERCENTILES = (50, 90, 95, 99)
 METRICS = ("ttft", "itl", "tpot", "e2e")
@@ -26,17 +27,6 @@ class LatencyStats(BaseModel):
     p95: float
     p99: float
     max: float
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    s = sorted(values)
-    if not s:
-        raise ValueError("no values")
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def latency_stats(values: list[float]) -> LatencyStats | None:
@@ -250,8 +240,7 @@ def summarize(
         saturation_note=note,
         interrupted=interrupted,
     )
-    if gpu_hourly_cost is not None and out_tps:
-        point.cost_per_million_tokens = gpu_hourly_cost / 3600 / out_tps * 1e6
+    point.cost_per_million_tokens = cost_per_million_tokens(out_tps, gpu_hourly_cost)
     if slo is not None:
         apply_slo(point, records, slo)
     return point
