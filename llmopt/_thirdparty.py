@@ -25,8 +25,10 @@ from typing import Any
 
 _done = False
 
-# Loggers whose import-time chatter says nothing about the user's model.
-_QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+# Loggers whose chatter says nothing about the user's model: import-time lines, GPTQModel's tokenizer
+# helper announcing the pad token it picked (four times per GPTQ variant), accelerate's "weights are not
+# tied" warning that GPTQModel's own loading triggers on tied-embedding models.
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "accelerate.utils.modeling")
 
 # GPTQModel modules whose bare print() calls are debugging output, not messages for the user.
 _PRINTING_MODULES = (

@@ -70,6 +70,12 @@ class ThroughputSpec(_Strict):
     )
     warmup: int = Field(default=2, ge=0, description="Untimed runs before timing each point.")
     repetitions: int = Field(default=5, ge=1, description="Timed runs per point; medians and spread are over these.")
+    max_seconds_per_point: float = Field(
+        default=30.0,
+        gt=0,
+        description="Time budget of one decode point: when one run is slow (eager decoding, a CPU), warm-up drops to "
+        "one run and the repetitions stop at what fits (never fewer than 2); the result says how many ran.",
+    )
     decode_mode: DecodeMode = Field(default="auto", description="compile, graph, eager, or auto (best that works).")
     gpu_hourly_cost: float | None = Field(
         default=None, gt=0, description="Price of the device per hour, for $/1M tokens."

@@ -71,3 +71,22 @@ def test_json_on_stdout_stays_parseable_through_gptqmodel(assets: dict[str, Path
         "--context", "128", "--device", "cpu", "--json", "-",
     )  # fmt: skip
     assert isinstance(report["artifact"], dict) and report["artifact"]["runner"] == "gptqmodel"
+
+
+@pytest.mark.e2e
+def test_gptq_quantize_prints_no_third_party_chatter(assets: dict[str, Path], tmp_path: Path) -> None:
+    """The CPU main job's log had GPTQModel's tokenizer helper announcing its pad token four times per GPTQ
+    variant ("INFO:tokenicer...") and accelerate's "weights are not tied" warning: neither is about the user's
+    model, so neither reaches the console unless third-party logs are asked for."""
+    model = first_layers(assets["model"], tmp_path / "smollm2-2l", 2)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "LLMOPT_DEBUG")}
+    env.pop("LLMOPT_THIRD_PARTY_LOGS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "llmopt", "quantize", str(model), "-m", "gptq", "--bits", "4", "--group-size", "64",
+         "--calibration", str(assets["calibration_text"]), "--samples", "4", "--seq-len", "64", "--device", "cpu",
+         "-o", str(tmp_path / "gptq")],
+        env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout + done.stderr
+    assert "tokenicer" not in out.lower() and "weights are not tied" not in out

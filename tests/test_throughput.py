@@ -236,6 +236,9 @@ def test_measure_model_on_cpu_reports_every_field() -> None:
     assert result["ttft_ms"] == result["prefill"]["8"]["ttft_ms"]["median"]
     assert result["roofline"]["fraction_at_batch_1"] > 0
     assert result["cost_per_million_tokens"]["1"] > 0
+    for point in result["decode"].values():  # where the wall time went, per point
+        assert point["repetitions"] == 2 and set(point["seconds"]) == {"prepare", "timed"}
+    assert set(result["seconds"]) == {"prefill", "decode"}
     with pytest.raises(InputError, match="needs a CUDA GPU"):
         measure_model(tiny_model(), "cpu", TINY.model_copy(update={"decode_mode": "graph"}))
 
@@ -498,3 +501,40 @@ def test_int8_outlier_layers_are_measured_eagerly_without_a_doomed_capture() -> 
         torch.nn.Sequential(bnb.nn.Linear8bitLt(8, 8, has_fp16_weights=False, threshold=0.0))
     )
     assert not has_int8_outlier_path(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+
+
+class _SlowDecoder:
+    """Stands in for StaticDecoder.run: each run takes ``seconds`` of wall time (counted, not slept)."""
+
+    def __init__(self, seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+        import llmopt.runners.engine as engine
+
+        self.runs = 0
+        self.clock = 0.0
+        self.seconds = seconds
+        monkeypatch.setattr(engine.time, "perf_counter", lambda: self.clock)
+
+    def run(self, first: Any, position: int, steps: int) -> list[float]:
+        self.runs += 1
+        self.clock += self.seconds
+        return [self.seconds / steps] * steps
+
+
+@pytest.mark.parametrize(
+    ("seconds", "warmup", "reps", "runs", "timed"),
+    [
+        (0.1, 2, 5, 7, 5),  # fast: the plan as asked
+        (12.0, 2, 5, 3, 2),  # an eager int8 step on a GPU: 1 warm-up + 2 (never fewer than 2)
+        (6.0, 2, 5, 5, 4),  # 30 s budget / 6 s - 1 = 4 timed after one warm-up
+        (12.0, 0, 5, 2, 2),  # no warm-up asked: the first timed run sets the cut
+    ],
+)
+def test_slow_points_are_cut_to_the_time_budget(
+    seconds: float, warmup: int, reps: int, runs: int, timed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from llmopt.runners.engine import _timed_runs
+
+    dec = _SlowDecoder(seconds, monkeypatch)
+    settings = ThroughputSettings(batch_sizes=[1], prompt_lens=[8], gen_len=4, warmup=warmup, repetitions=reps)
+    per_step, rates, n = _timed_runs(dec, None, 8, 4, 1, settings)  # type: ignore[arg-type]
+    assert (dec.runs, n, len(rates), len(per_step)) == (runs, timed, timed, timed * 4)

@@ -167,6 +167,24 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def where_time_went(result: dict[str, Any]) -> str | None:
+    """One line on where a measurement's wall time went (loading, prefill, each decode point's set-up and timing)."""
+    parts: list[str] = []
+    if isinstance(result.get("load_seconds"), (int, float)):
+        parts.append(f"load {result['load_seconds']:.1f} s")
+    seconds = result.get("seconds") or {}
+    if isinstance(seconds.get("prefill"), (int, float)):
+        parts.append(f"prefill {seconds['prefill']:.1f} s")
+    for batch, point in (result.get("decode") or {}).items():
+        spent = point.get("seconds") if isinstance(point, dict) else None
+        if isinstance(spent, dict):
+            parts.append(
+                f"batch {batch}: set-up {spent.get('prepare', 0):.1f} s ({point.get('decode_mode')}), "
+                f"timed {spent.get('timed', 0):.1f} s"
+            )
+    return ", ".join(parts) or None
+
+
 def _stop_child(proc: Any) -> None:
     """Stop a measurement child (SIGTERM, then SIGKILL after 10 s) and reap it."""
     import subprocess
@@ -292,7 +310,11 @@ def _bench_in_child(
             with contextlib.suppress(ValueError, OSError):
                 data = json.loads(res.read_text())
         if data is not None and "result" in data:
-            return dict(data["result"])
+            result = dict(data["result"])
+            line = where_time_went(result)
+            if line:
+                rep.info(f"{label}: {line}")
+            return result
         if data is not None and isinstance(data.get("error"), dict):
             err = data["error"]
             if err.get("kind") == "llmopt":

@@ -65,6 +65,8 @@ class DecodeSettings(Protocol):
     @property
     def repetitions(self) -> int: ...
     @property
+    def max_seconds_per_point(self) -> float: ...
+    @property
     def decode_mode(self) -> str: ...
     @property
     def gpu_hourly_cost(self) -> float | None: ...
@@ -272,6 +274,35 @@ def measure_prefill(
 DecoderHook = Callable[[int, "StaticDecoder", Any, int], None]
 
 
+def _timed_runs(
+    dec: StaticDecoder, first: Any, position: int, steps: int, batch: int, settings: DecodeSettings
+) -> tuple[list[float], list[float], int]:
+    """Warm-up and timed decode runs of one point, within ``settings.max_seconds_per_point``.
+
+    A slow step (eager decoding, a CPU) would make 2 warm-ups + 5 repetitions of 128 tokens cost minutes:
+    after the first warm-up shows one run's time, the warm-ups stop at one and the repetitions at what the
+    budget holds, never below 2 (a spread needs two). Returns per-step seconds, tokens/s per run, runs.
+    """
+    budget = settings.max_seconds_per_point
+    warmup, reps = settings.warmup, settings.repetitions
+    per_step: list[float] = []
+    rates: list[float] = []
+    done = 0  # runs made, warm-ups included
+    while done < warmup + reps:
+        t0 = time.perf_counter()
+        t = dec.run(first, position, steps)
+        one = time.perf_counter() - t0
+        if done >= warmup:
+            per_step.extend(t)
+            rates.append(batch * steps / sum(t))
+        done += 1
+        if done == 1 and (warmup + reps) * one > budget:
+            # what is left of the plan, cut: one warm-up (this run, if it was one), repetitions that fit
+            fit = max(2, min(reps, int(budget / max(one, 1e-9)) - 1))
+            warmup, reps = min(warmup, 1), fit
+    return per_step, rates, len(rates)
+
+
 def measure_decode(
     model: Any,
     device: str,
@@ -308,6 +339,7 @@ def measure_decode(
     for batch in settings.batch_sizes:
         with _released(device), rep.step(f"decode at batch {batch}"):
             dec: StaticDecoder | None = None
+            started = time.perf_counter()
             try:
                 with _Peak(device) as peak:
                     dec = StaticDecoder(model, device, batch, ctx + steps + 1)
@@ -333,13 +365,15 @@ def measure_decode(
                     assert mode_used is not None
                     if dec.verified is False:
                         notes.append(f"batch {batch}: graph not checked against eager (logits not finite)")
-                    per_step: list[float] = []
-                    rates: list[float] = []
-                    for i in range(settings.warmup + settings.repetitions):
-                        t = dec.run(first, ctx, steps)
-                        if i >= settings.warmup:
-                            per_step.extend(t)
-                            rates.append(batch * steps / sum(t))
+                    prepared_at = time.perf_counter()
+                    per_step, rates, runs = _timed_runs(dec, first, ctx, steps, batch, settings)
+                    if runs < settings.repetitions:
+                        notes.append(
+                            f"batch {batch}: {runs} timed runs of {settings.repetitions} "
+                            f"(one run took {sum(per_step) / runs:.1f} s; budget {settings.max_seconds_per_point:g} s "
+                            "a point)"
+                        )
+                    timed_at = time.perf_counter()
                     if on_decoder is not None:
                         on_decoder(batch, dec, first, ctx)
             except torch.cuda.OutOfMemoryError as exc:
@@ -356,6 +390,9 @@ def measure_decode(
                 "peak_memory_bytes": peak.bytes,
                 "decode_mode": MODE_NAMES[mode_used],
                 "kv_cache_bytes": kv_cache_bytes(model, batch, ctx + steps + 1),
+                "repetitions": len(rates),
+                # where a point's wall time went: prompt + compile + capture + replay check, then the timed runs
+                "seconds": {"prepare": round(prepared_at - started, 2), "timed": round(timed_at - prepared_at, 2)},
             }
     modes = sorted({r["decode_mode"] for r in results.values() if "decode_mode" in r})
     breaks = graph_breaks() if "compile" in chain else 0
@@ -386,8 +423,11 @@ def measure_model(
     weight_bytes = weight_bytes_per_step(model)
     # no_grad rather than inference_mode: the static cache is updated in place across calls and graphs.
     with torch.no_grad():
+        t0 = time.perf_counter()
         prefill = measure_prefill(model, device, settings, reporter)
+        t1 = time.perf_counter()
         decode = measure_decode(model, device, settings, reporter, on_decoder)
+        t2 = time.perf_counter()
     peaks = [r.get("peak_memory_bytes") for r in [*prefill.values(), *decode["decode"].values()]]
     peaks_known = [p for p in peaks if p is not None]
     result: dict[str, Any] = {
@@ -396,6 +436,7 @@ def measure_model(
         "ttft_ms": (prefill.get(str(settings.context_len)) or {}).get("ttft_ms", {}).get("median"),
         "peak_memory_bytes": max(peaks_known) if peaks_known else None,
         "weight_bytes_per_step": weight_bytes,
+        "seconds": {"prefill": round(t1 - t0, 2), "decode": round(t2 - t1, 2)},
     }
     b1 = (decode["decode"].get("1") or {}).get("tokens_per_s", {}).get("median")
     roof = bw["bytes_per_s"] / weight_bytes if weight_bytes else None
