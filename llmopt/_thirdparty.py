@@ -28,7 +28,8 @@ _done = False
 # Loggers whose chatter says nothing about the user's model: import-time lines, GPTQModel's tokenizer
 # helper announcing the pad token it picked (four times per GPTQ variant), accelerate's "weights are not
 # tied" warning that GPTQModel's own loading triggers on tied-embedding models.
-_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "accelerate.utils.modeling")
+# datasets announces at import which array libraries it found ("JAX version 0.11.2 available").
+_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "accelerate.utils.modeling", "datasets")
 
 # GPTQModel modules whose bare print() calls are debugging output, not messages for the user.
 _PRINTING_MODULES = (
@@ -98,7 +99,10 @@ def quiet_gptqmodel() -> bool:
     try:
         from logbar import LogBar
 
-        LogBar.shared().setLevel("WARN")
+        # ERROR, not WARN: its warnings are advice about its own set-up ("Python GIL is enabled ... We recommend
+        # Python >= 3.13.3t", "Calibration dataset size should be more than 256", Marlin padding a layer) printed
+        # into every run's log; llmopt says what the user needs itself (calibration size, kernel used).
+        LogBar.shared().setLevel("ERROR")
         from gptqmodel.utils import logger
     except Exception:  # not installed, or another version's layout: leave it as it is
         return False
@@ -106,5 +110,10 @@ def quiet_gptqmodel() -> bool:
         # GPTQModel's own switch for non-interactive runs: progress bars become occasional log lines.
         logger._suppress_live_renderables = lambda: True
     _silence_debug_prints()
+    import warnings
+
+    # transformers' deprecation notices triggered by GPTQModel's own calls (e.g. "`device` is deprecated ... for
+    # `LlamaRotaryEmbedding.__init__`"): GPTQModel's to fix, nothing the user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"gptqmodel(\.|$)")
     _done = True
     return True

@@ -202,7 +202,7 @@ def render_markdown(report: RunReport) -> str:
         f"{len(report.variants)} variant(s): {counts.get('passed', 0)} passed, "
         f"{counts.get('gate_failed', 0)} failed the gate, {counts.get('error', 0)} errored"
         + (f", {counts['not_run']} not run" if counts.get("not_run") else "")
-        + f" · exit code {report.exit_code}"
+        + (f" · exit code {report.exit_code}" if report.exit_code is not None else " · no exit code yet")
     )
     state = report.state
     if state == "running":

@@ -99,6 +99,8 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     running = _wait_finished(proc, small / out, 1)
     assert running["state"] == "running" and running["exit_code"] is None
     assert [v["status"] for v in running["variants"]] == ["passed", "not_run", "not_run"]
+    md = (small / out / "report.md").read_text()
+    assert "Run in progress" in md and "no exit code yet" in md and "exit code None" not in md
     time.sleep(0.3)  # into variant b's work
     proc.send_signal(sig)
     try:
