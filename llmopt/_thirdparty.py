@@ -28,8 +28,17 @@ _done = False
 # Loggers whose chatter says nothing about the user's model: import-time lines, GPTQModel's tokenizer
 # helper announcing the pad token it picked (four times per GPTQ variant), accelerate's "weights are not
 # tied" warning that GPTQModel's own loading triggers on tied-embedding models.
-# datasets announces at import which array libraries it found ("JAX version 0.11.2 available").
-_QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "tokenicer", "accelerate.utils.modeling", "datasets")
+# datasets announces at import which array libraries it found ("JAX version 0.11.2 available"); bitsandbytes, on
+# CPUs with AVX-512 bf16, that it could not download an optional kernel from the Hub ("Failed to load CPU
+# gemm_4bit_forward from kernels-community ... pip install kernels") and falls back to its own.
+_QUIET_LOGGERS = (
+    "torchao",
+    "torch.utils._pytree",
+    "tokenicer",
+    "accelerate.utils.modeling",
+    "datasets",
+    "bitsandbytes.backends.cpu.ops",
+)
 
 # GPTQModel modules whose bare print() calls are debugging output, not messages for the user.
 _PRINTING_MODULES = (
