@@ -293,7 +293,7 @@ def test_kernel_short_names_resolve_per_method() -> None:
 @pytest.mark.parametrize(
     ("qcfg", "kernel", "dtype"),
     [
-        ({"quant_method": "gptq", "bits": 4}, "auto", "float32"),  # torch_fused: exact in float32
+        ({"quant_method": "gptq", "bits": 4}, "auto", "float32"),  # torch_fused (when a kernel is asked for)
         ({"quant_method": "gptq", "bits": 8}, "auto", "float16"),  # only the plain torch kernel is exact
         ({"quant_method": "gptq", "bits": 3}, "auto", "float16"),
         ({"quant_method": "gptq", "bits": 4}, "gptq_torch", "float16"),  # takes no float32

@@ -113,6 +113,8 @@ def test_gptq_4bit_g64(gptq_artifact: Artifact, assets: dict[str, Path]) -> None
     # stay a language model, not noise.
     assert 0 < report["delta_pct"] < 80, report["delta_pct"]
     assert report["artifact"]["size_bytes"] < 0.7 * report["baseline"]["size_bytes"]
+    assert report["settings"]["dtype"] == "float32"
+    assert report["artifact"]["kernel"] == "dense float32 (dequantized 210 gptq_torch layers)"
 
 
 def test_gptq_8bit_scores_on_cpu(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -230,3 +232,38 @@ def test_interrupted_quantize_leaves_nothing(assets: dict[str, Path], tmp_path: 
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gptq_4bit_cpu_scoring_is_exact(assets: dict[str, Path], tmp_path: Path) -> None:
+    """On CPU a GPTQ 4-bit artifact is scored as its dequantized weights in float32: its logits agree with the
+    same weights in float64 to float32 rounding. GPTQModel's own float32 CPU kernel (torch_fused, still what
+    ``--kernel torch_fused`` and speed measurements use) rounds like bfloat16: measured 2.0e-3."""
+    import torch
+
+    from llmopt.api import quantize
+    from llmopt.runners.hf import HFRunner, dequantize_to_float32
+    from tests.helpers import first_layers
+
+    cut = first_layers(assets["model"], tmp_path / "cut", 2)
+    art = quantize(str(cut), "gptq", tmp_path / "g4", options={"bits": 4, "group_size": 64},
+                   calibration=str(assets["calibration_text"]), samples=4, seq_len=128, device="cpu")  # fmt: skip
+    ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
+    ref_runner = HFRunner(art.path, "cpu", loader="gptqmodel", kernel="torch")
+    assert dequantize_to_float32(ref_runner.model) == 14
+    with torch.no_grad():
+        ref = ref_runner.model.double()(input_ids=ids).logits
+    ref_runner.close()
+    errors = {}
+    for kernel in (None, "torch_fused"):
+        runner = HFRunner(art.path, "cpu", loader="gptqmodel", kernel=kernel)
+        try:
+            assert runner.dtype == "float32", (kernel, runner.dtype)
+            with torch.no_grad():
+                out = runner.model(input_ids=ids).logits.double()
+        finally:
+            runner.close()
+        errors[kernel] = ((out - ref).norm() / ref.norm()).item()
+        if kernel is None:
+            assert runner.kernel == "dense float32 (dequantized 14 gptq_torch layers)"
+    assert errors[None] < 1e-5, errors
+    assert errors[None] < errors["torch_fused"] / 10, errors

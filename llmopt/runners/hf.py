@@ -60,9 +60,10 @@ def quant_method(path: Path) -> str | None:
 
 
 def cpu_dtype_for_gptqmodel(path: Path, kernel: str) -> str:
-    """The dtype a GPTQModel-loaded artifact is scored in on CPU.
+    """The dtype a GPTQModel-loaded artifact runs in on CPU through GPTQModel's own kernel (a named ``--kernel``, or a
+    speed measurement; scoring with no kernel named goes dense float32 instead, see ``HFRunner``).
 
-    float32 where GPTQModel has an exact float32 CPU kernel: GPTQ 4-bit through its auto pick (torch_fused).
+    float32 where GPTQModel has a float32 CPU kernel: GPTQ 4-bit through its auto pick (torch_fused).
     Everything else runs in float16: GPTQ 2/3/8-bit (only the plain torch kernel dequantizes them exactly, and
     it takes float16/bfloat16; the torch_int8 kernel that takes float32 re-quantizes the weights to per-channel
     int8, i.e. scores another model), an explicitly chosen kernel other than torch_fused, and AWQ (its kernels
@@ -123,8 +124,9 @@ def _dense_weight(module: Any) -> Any:
 def dequantize_to_float32(model: Any) -> int:
     """Replace GPTQModel's torch-kernel GPTQ/AWQ layers by dense float32 ``nn.Linear``s holding their weights.
 
-    For scoring on CPU: GPTQ 2/3/8-bit and AWQ have no float32 kernel there, and the float16 ones are slow on
-    a CPU without fp16 units (~1 min per 512-token window for SmolLM2). The weights are GPTQModel's own
+    For scoring on CPU: GPTQ 2/3/8-bit and AWQ have no float32 kernel there, the float16 ones are slow on a CPU
+    without fp16 units (~1 min per 512-token window for SmolLM2), and GPTQ 4-bit's float32 one (torch_fused)
+    rounds like bfloat16. The weights are GPTQModel's own
     dequantization (``scale * (q - zero)`` per group) computed in float32, i.e. the values the artifact
     stores, without the float16 rounding of the kernel's matmul; everything else is cast to float32 like an
     FP16 baseline on CPU. Returns how many layers were replaced.
@@ -272,11 +274,14 @@ class HFRunner(BaseRunner):
             backend = _gptqmodel_backend(kernel, self.device, method)
             if self.device == "cpu":
                 self.dtype = cpu_dtype_for_gptqmodel(path, str(getattr(backend, "value", backend)))
-            # On CPU, with no kernel asked for, an artifact without an exact float32 kernel (GPTQ 2/3/8-bit,
-            # AWQ) is loaded through GPTQModel's plain torch kernel (float16) and scored as dense float32 weights.
-            dense_cpu = dense_on_cpu and self.device == "cpu" and kernel is None and self.dtype == "float16"
+            # On CPU, with no kernel asked for, every GPTQ/AWQ artifact is loaded through GPTQModel's plain torch
+            # kernel (float16) and scored as dense float32 weights. GPTQ 4-bit too: GPTQModel's float32 CPU pick
+            # (torch_fused) rounds like bfloat16 (2.0e-3 relative to float64 logits on SmolLM2 cut to 2 layers,
+            # against 2.4e-7 dense) and was 1.6-1.8x slower per forward there.
+            dense_cpu = dense_on_cpu and self.device == "cpu" and kernel is None
             if dense_cpu:
                 backend = _gptqmodel_backend("torch", self.device, method)
+                self.dtype = "float16"
             where: dict[str, Any] = {"device": self.device}
             if self.placement.device_map is not None:
                 # An explicit map: GPTQModel loads each block on its GPU and hooks them (accelerate's
