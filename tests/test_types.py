@@ -236,6 +236,7 @@ def test_reuse_refused_when_one_speed_setting_differs(field: str) -> None:
         "gen_len": 4,
         "warmup": 0,
         "repetitions": 2,
+        "max_seconds_per_point": 5.0,
         "decode_mode": "eager",
         "gpu_hourly_cost": 2.5,
         "seed": 1,
