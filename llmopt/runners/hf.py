@@ -344,7 +344,13 @@ class HFRunner(BaseRunner):
 
         ids = torch.tensor(windows, dtype=torch.long, device=self.input_device)
         with torch.inference_mode():
-            logits = self.model(input_ids=ids, use_cache=False).logits
+            if self.device == "cpu" and len(windows) > 1:
+                # One window at a time on CPU: its BLAS picks kernels by matrix shape, so a batch of windows can
+                # round differently from the same windows alone (1e-8 relative on an AVX-512 Xeon), and scores
+                # must not depend on --batch-size. A 512-token window already fills the cores.
+                logits = torch.cat([self.model(input_ids=row[None], use_cache=False).logits for row in ids])
+            else:
+                logits = self.model(input_ids=ids, use_cache=False).logits
             # float32 log-softmax for stability. With layers split over GPUs the logits are on the output
             # head's GPU: the targets go there, not the logits.
             logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)
