@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -267,3 +268,44 @@ def test_gptq_4bit_cpu_scoring_is_exact(assets: dict[str, Path], tmp_path: Path)
             assert runner.kernel == "dense float32 (dequantized 14 gptq_torch layers)"
     assert errors[None] < 1e-5, errors
     assert errors[None] < errors["torch_fused"] / 10, errors
+
+
+def test_nf4_cpu_scoring_is_float32_on_every_cpu(assets: dict[str, Path], tmp_path: Path) -> None:
+    """bitsandbytes' CPU kernels are another arithmetic per CPU kind (on CPUs with AVX-512 bf16, like this suite's
+    CI machine, it multiplies in bfloat16; elsewhere its fused op is 2e-4 off the float32 product): scoring
+    replaces each 4-bit layer by its dequantized weights in float32, so an nf4 artifact scores the same on every
+    CPU, within float32 rounding of the float64 product. Speed measurements keep bitsandbytes' layers."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    from llmopt.api import quantize
+    from llmopt.runners.hf import HFRunner
+    from tests.helpers import first_layers
+
+    cut = first_layers(assets["model"], tmp_path / "cut", 2)
+    art = quantize(str(cut), "bnb-nf4", tmp_path / "nf4", device="cpu")
+    runner = HFRunner(art.path, "cpu")
+    try:
+        ids = torch.randint(0, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = runner.model(input_ids=ids).logits
+        assert not [m for m in runner.model.modules() if type(m).__name__ == "Linear4bit"]
+        assert "dequantized by bitsandbytes, float32 matmul" in str(runner.compute)
+    finally:
+        runner.close()
+    # the same files loaded with bitsandbytes' layers, each replaced by its dequantized weights in float64
+    timed = HFRunner(art.path, "cpu", dense_on_cpu=False)
+    try:
+        layers = [m for m in timed.model.modules() if type(m).__name__ == "Linear4bit"]
+        assert len(layers) == 14
+        def float64_forward(weight: torch.Tensor) -> Any:
+            return lambda x: torch.nn.functional.linear(x.double(), weight).float()
+
+        for m in layers:
+            m.forward = float64_forward(dequantize_4bit(m.weight.data, m.weight.quant_state).double())
+        with torch.no_grad():
+            ref = timed.model(input_ids=ids).logits
+    finally:
+        timed.close()
+    assert out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5

@@ -154,7 +154,7 @@ def dequantize_to_float32(model: Any) -> int:
 _BNB_QUANTIZED_PARAMS = ("Int8Params", "Params4bit")
 
 
-def bnb_float32_on_cpu(model: Any) -> dict[str, str]:
+def bnb_float32_on_cpu(model: Any, dense: bool = True) -> dict[str, str]:
     """Make a bitsandbytes model loaded on CPU compute in float32, and say what its arithmetic is.
 
     transformers keeps a bitsandbytes checkpoint's unquantized tensors (embeddings, norms, lm_head, biases) in
@@ -183,6 +183,26 @@ def bnb_float32_on_cpu(model: Any) -> dict[str, str]:
         for name, buf in list(module.named_buffers(recurse=False)):
             if buf.is_floating_point() and buf.dtype != torch.float32:
                 module._buffers[name] = buf.float()
+    if "4bit" in kinds and dense:
+        # Scoring: each 4-bit layer becomes a dense float32 Linear holding bitsandbytes' own dequantization of
+        # its weights. bitsandbytes' CPU kernels are another arithmetic on every CPU kind: its fused gemm_4bit
+        # op differs from the dequantized weights' float32 product by 2e-4 (relative, one SmolLM2 layer), and
+        # on CPUs with AVX-512 bf16 it repacks the weights at the first forward and multiplies in bfloat16,
+        # ~5x slower for a 512-token window (SmolLM2 nf4: 95 s against FP16's 19 s).
+        from bitsandbytes.functional import dequantize_4bit
+
+        modules = dict(model.named_modules())
+        for name, module in list(modules.items()):
+            if type(module).__name__ != "Linear4bit":
+                continue
+            with torch.no_grad():
+                weight = dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+                linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+                if module.bias is not None:
+                    linear.bias = torch.nn.Parameter(module.bias.detach().float(), requires_grad=False)
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, linear)
     matmuls = []
     if "int8" in kinds:
         matmuls.append(
@@ -190,7 +210,11 @@ def bnb_float32_on_cpu(model: Any) -> dict[str, str]:
             "int32 sums, dequantized to float32; outlier columns in float32)"
         )
     if "4bit" in kinds:
-        matmuls.append("4-bit layers: weights dequantized to float32, float32 matmul")
+        matmuls.append(
+            "4-bit layers: weights dequantized by bitsandbytes, float32 matmul"
+            if dense
+            else "4-bit layers: bitsandbytes' CPU kernel (float32 activations; bfloat16 on CPUs with AVX-512 bf16)"
+        )
     return {"unquantized": "float32", "matmul": "; ".join(matmuls) or "float32"}
 
 
@@ -315,7 +339,7 @@ class HFRunner(BaseRunner):
             )
             if quant_method(path) == "bitsandbytes":
                 if self.device == "cpu":
-                    self.compute = bnb_float32_on_cpu(self.model)
+                    self.compute = bnb_float32_on_cpu(self.model, dense=dense_on_cpu)
                 else:
                     self.compute = _bnb_compute_on_gpu(self.model)
         self.model.eval()
