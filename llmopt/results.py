@@ -123,6 +123,8 @@ class TaskScore(Result):
     stderr: float | None = Field(description="lm-eval's standard error of the value.")
     n: int = Field(description="Examples scored.")
     higher_is_better: bool | None = None
+    dataset: str | None = Field(None, description="The task's dataset (lm-eval's dataset_path; json etc. for local).")
+    dataset_config: str | None = None
     # Optional: a metric computed over the whole corpus has no per-example values.
     doc_ids: list[int] | None = Field(None, description="The examples, by lm-eval's doc_id.")
     examples: list[float] | None = Field(None, description="Each example's value, in doc_ids' order: the raw numbers.")

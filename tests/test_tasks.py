@@ -183,3 +183,46 @@ def test_cli_eval_shows_the_tasks_and_gates_with_exit_3(
     assert report["artifact"]["tasks"]["scores"][0]["n"] == LIMIT
     assert report["gate"]["checks"][0]["name"] == "min_recovery:britannica_cloze"
     assert [c["primary"] for c in report["task_recovery"]] == [False, True]
+
+
+def test_model_card_puts_task_scores_in_model_index(evaluated: dict[str, Any]) -> None:
+    """The card's YAML carries each task metric (and the recovery the gate read) where the Hub reads evaluation
+    results, and its body the accuracy table; a local task is named, never its folder."""
+    hf = pytest.importorskip("huggingface_hub")
+    from llmopt.artifact import Artifact
+    from llmopt.model_card import render_card
+
+    card = render_card(Artifact.open(evaluated["path"]), "org/smol-x")
+    data = hf.ModelCard(card).data
+    tasks = {(r.dataset_type, r.metric_type): r for r in data.eval_results if r.dataset_type == "britannica_cloze"}
+    report = evaluated["report"]
+    acc_norm = next(s for s in report.artifact.tasks.scores if s.metric == "acc_norm")
+    primary = next(c for c in report.task_recovery if c.primary)
+    assert set(tasks) == {("britannica_cloze", m) for m in ("acc", "acc_norm", "acc_norm_recovery")}
+    assert tasks["britannica_cloze", "acc_norm"].metric_value == pytest.approx(acc_norm.value)
+    assert tasks["britannica_cloze", "acc_norm"].metric_args["n"] == LIMIT
+    assert tasks["britannica_cloze", "acc_norm_recovery"].metric_value == pytest.approx(primary.recovery, abs=1e-6)
+    assert tasks["britannica_cloze", "acc"].dataset_revision == report.artifact.tasks.files_sha256
+    assert "| britannica_cloze | acc_norm | 8 |" in card and str(ROOT) not in card
+
+
+def test_run_report_table_has_a_column_per_task(evaluated: dict[str, Any], tmp_path: Path) -> None:
+    from llmopt.report import build_run_report, render_markdown, table_header, table_rows
+    from llmopt.results import VariantOutcome
+
+    report = evaluated["report"]
+    row = VariantOutcome(name="int8", method="bnb-int8", status="passed", evaluation=report, gate=report.gate)
+    gguf_eval = report.model_copy(deep=True, update={"task_recovery": None})
+    gguf_eval.artifact.tasks = gguf_eval.artifact.tasks.model_copy(update={"scores": [], "not_run": "not for gguf: x"})
+    gguf = VariantOutcome(name="q4", method="gguf", status="passed", evaluation=gguf_eval)
+    run = build_run_report(recipe={"name": "t"}, variants=[row, gguf], output=tmp_path)
+    header = table_header(run)
+    col = header.index("britannica_cloze acc_norm")
+    rows = table_rows(run)
+    primary = next(c for c in report.task_recovery if c.primary)
+    base_score = next(s for s in report.baseline.tasks.scores if s.metric == "acc_norm")
+    assert rows[0][col] == f"{base_score.value:.3f} ± {base_score.stderr:.3f}"
+    assert rows[1][col].startswith(f"{primary.artifact:.3f} (recovery {primary.recovery:.3f}")
+    assert rows[2][col] == "not for gguf"
+    md = render_markdown(run)
+    assert "britannica_cloze acc_norm" in md and "recovery = variant / FP16" in md

@@ -258,6 +258,7 @@ def _scores(task: str, out: dict[str, Any]) -> list[TaskScore]:
     results = out["results"][task]
     samples = out.get("samples", {}).get(task) or []
     higher = out.get("higher_is_better", {}).get(task, {})
+    config = out.get("configs", {}).get(task, {})
     scores = []
     for key, value in results.items():
         if "," not in key or "_stderr," in key or not isinstance(value, int | float) or isinstance(value, bool):
@@ -276,6 +277,8 @@ def _scores(task: str, out: dict[str, Any]) -> list[TaskScore]:
                 stderr=float(stderr) if isinstance(stderr, int | float) and math.isfinite(stderr) else None,
                 n=len(per) or int(out.get("n-samples", {}).get(task, {}).get("effective", 0)),
                 higher_is_better=higher.get(metric),
+                dataset=config.get("dataset_path"),
+                dataset_config=config.get("dataset_name"),
                 doc_ids=[d for d, _ in per] if per and numeric else None,
                 examples=[float(v) for _, v in per] if per and numeric else None,
             )
