@@ -124,14 +124,12 @@ def plan_tasks(tasks: list[str], limit: int | None) -> TaskPlan:
 
 def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
     """A local task YAML as lm-eval reads it, its data files made absolute; and the files it is made of."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
     if not path.is_file():
         raise InputError(
             f"--tasks {path}: no such task file.", "Give an lm-eval task name or the path of a task YAML file."
         )
     try:
-        config = load_yaml(path, resolve_func=True)
+        config = _read_task_yaml(path)
     except Exception as exc:  # YAML syntax, a bad !function, an include that is missing: all bad input
         raise DataError(
             f"--tasks {path} is not a valid lm-eval task file: {_first_line(exc)}.",
@@ -151,6 +149,22 @@ def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
         for value in resolved.values() if isinstance(resolved, dict) else [resolved]:
             files += [Path(v) for v in (value if isinstance(value, list) else [value])]
     return config, files
+
+
+def _read_task_yaml(path: Path) -> dict[str, Any]:
+    """The task YAML as lm-eval reads it (``!function`` tags, ``include:``). lm-eval 0.4 has no public loader for
+    one file; its own (``lm_eval.tasks._yaml_loader``) is used where it is, else plain YAML (then a task file
+    that uses ``!function`` is refused as not valid, and says so)."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a YAML mapping, got {type(data).__name__}") from None
+        return data
+    return dict(load_yaml(path, resolve_func=True))
 
 
 def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
