@@ -226,3 +226,33 @@ def test_run_report_table_has_a_column_per_task(evaluated: dict[str, Any], tmp_p
     assert rows[2][col] == "not for gguf"
     md = render_markdown(run)
     assert "britannica_cloze acc_norm" in md and "recovery = variant / FP16" in md
+
+
+@pytest.mark.e2e
+def test_run_recipe_with_tasks_gates_and_reuses(cut: Path, assets: dict[str, Path], tmp_path: Path) -> None:
+    """`llmopt run` with evaluation.tasks and gates.min_recovery: the variant's task scores, its gate check and the
+    report column; a second run reuses the stored evaluation (task scores included) instead of scoring again."""
+    pytest.importorskip("bitsandbytes")
+    from llmopt.pipeline import run_recipe
+    from llmopt.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "name": "tasks",
+            "model": {"source": str(cut)},
+            "evaluation": {"dataset": str(assets["eval_text"]), "context_length": 128, "max_tokens": 256,
+                           "device": "cpu", "kld": False, "tasks": str(CLOZE), "task_limit": LIMIT},
+            "gates": {"min_recovery": 0.01},
+            "variants": [{"name": "int8", "method": "bnb-int8"}],
+        }
+    )  # fmt: skip
+    first = run_recipe(recipe, output=tmp_path / "out")
+    (v,) = first.variants
+    assert v.status == "passed", v.gate
+    assert v.evaluation is not None and v.evaluation_reused is False
+    assert [c.name for c in v.gate.checks] == ["min_recovery:britannica_cloze"]
+    assert v.evaluation.artifact.tasks.scores[0].n == LIMIT
+    assert "britannica_cloze acc_norm" in (tmp_path / "out" / "report.md").read_text()
+    again = run_recipe(recipe, output=tmp_path / "out")
+    assert again.variants[0].evaluation_reused is True
+    assert again.variants[0].evaluation.task_recovery == v.evaluation.task_recovery
