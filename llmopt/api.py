@@ -594,7 +594,7 @@ def _tasks_alone(
         runner = load_runner("hf", path, device, trust_remote_code=trust_remote_code)
     try:
         with reporter.step(f"lm-eval tasks of FP16 baseline ({', '.join(plan.names)})"):
-            return run_tasks(runner.causal_lm(), path, plan, batch_size)
+            return run_tasks(runner.causal_lm(), path, plan, batch_size, trust_remote_code=trust_remote_code)
     finally:
         runner.close()
 
@@ -663,7 +663,9 @@ def _score_model(
             from llmopt.evaluate.tasks import run_tasks
 
             with reporter.step(f"lm-eval tasks of {label} ({', '.join(tasks.names)})"):
-                scored.tasks = run_tasks(runner.causal_lm(), path, tasks, batch_size)
+                scored.tasks = run_tasks(
+                    runner.causal_lm(), path, tasks, batch_size, trust_remote_code=trust_remote_code
+                )
         return scored, reference
     finally:
         runner.close()

@@ -141,8 +141,9 @@ def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
             "Add `task: NAME` to the YAML (see tests/data/britannica_cloze/britannica_cloze.yaml).",
         )
     files = [path.resolve()]
-    kwargs = config.get("dataset_kwargs")
-    data_files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+    given = config.get("dataset_kwargs")
+    kwargs: dict[str, Any] = given if isinstance(given, dict) else {}
+    data_files = kwargs.get("data_files")
     if data_files is not None:
         resolved = _resolve_data_files(data_files, path.resolve().parent, path)
         config["dataset_kwargs"] = {**kwargs, "data_files": resolved}
@@ -244,14 +245,16 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def run_tasks(model: Any, tokenizer_path: Path, plan: TaskPlan, batch_size: int = 1) -> TasksReport:
+def run_tasks(
+    model: Any, tokenizer_path: Path, plan: TaskPlan, batch_size: int = 1, *, trust_remote_code: bool = False
+) -> TasksReport:
     """Accuracy of a loaded transformers model on the plan's tasks (each example's score kept)."""
     from lm_eval.evaluator import evaluate
     from lm_eval.models.huggingface import HFLM
 
     from llmopt.source import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
     start = time.perf_counter()
     with _quiet():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
