@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from llmopt import __version__, interrupt
 from llmopt.artifact import (
@@ -40,8 +40,11 @@ from llmopt.outputs import (
     remove_empty,
 )
 from llmopt.progress import Reporter, SilentReporter
-from llmopt.results import EVAL_SCHEMA, EvalReport, EvalSettings, ModelScore, SpeedReport
+from llmopt.results import EVAL_SCHEMA, EvalReport, EvalSettings, ModelScore, SpeedReport, TasksReport
 from llmopt.specs import EvalSpec, GateSpec, check_settings, eval_spec
+
+if TYPE_CHECKING:
+    from llmopt.evaluate.tasks import TaskPlan
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -280,6 +283,7 @@ def evaluate(
     reporter: Reporter | None = None,
     trust_remote_code: bool = False,
     baseline_speeds: dict[str, dict[str, Any]] | None = None,
+    tasks_unsupported: Literal["refuse", "record"] = "refuse",
     **settings: Any,
 ) -> EvalReport:
     """Perplexity of an artifact and of its FP16 baseline on the same token ids; gate; record.
@@ -296,6 +300,12 @@ def evaluate(
     every scored token (KL divergence, top-1 agreement, Δp: ``report.artifact.distribution``,
     llmopt/evaluate/kld.py). FP16's side of it is kept on disk next to the baseline cache, so, like the
     baseline's perplexity, it is computed once for every artifact evaluated against it.
+
+    With ``spec.tasks``, also lm-eval tasks on both models, each run on the model already loaded for scoring
+    (``report.task_recovery``, llmopt/evaluate/tasks.py; the baseline's scores cached like its perplexity). An
+    artifact whose runner holds no transformers model (GGUF) cannot run them: ``tasks_unsupported="refuse"``
+    (``llmopt eval``) makes that bad input before any scoring, ``"record"`` (``llmopt run``) records
+    "not for gguf" in ``artifact.tasks.not_run``, never a number.
 
     Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
@@ -317,6 +327,11 @@ def evaluate(
             "the gate reads the KL divergence (--max-kld / --min-top1), which --no-kld turns off.",
             "Drop --no-kld, or the KL divergence thresholds.",
         )
+    if not spec.tasks and gate is not None and gate.min_recovery is not None:
+        raise InputError(
+            "the gate reads task accuracy recovery (--min-recovery), but no tasks were asked for.",
+            "Pass --tasks NAME[,NAME] (recipe evaluation.tasks), or drop --min-recovery.",
+        )
     rep: Reporter = reporter or SilentReporter()
     art = Artifact.open(artifact_path, results_replaceable=write_manifest)
     if art.dropped_results:
@@ -335,6 +350,7 @@ def evaluate(
         from llmopt.evaluate.throughput import refuse_decompressed_speed
 
         refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
+    task_plan, art_tasks = _task_plan(spec, art, tasks_unsupported, rep)
     base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(spec.dataset)
 
@@ -394,11 +410,22 @@ def evaluate(
 
             ref_folder = stack.enter_context(kld_mod.reference_folder(key, use_cache))
             reference = kld_mod.load_reference(ref_folder, windows_tokens, key)
+        base_tasks: TasksReport | None = None
+        task_key = None
+        if task_plan is not None:
+            task_key = baseline_cache.cache_key({**key_parts, "tasks": task_plan.identity()})
+            stored = baseline_cache.load_cached_tasks(task_key) if use_cache else None
+            if stored is not None:
+                base_tasks = TasksReport.model_validate(stored["tasks"])
+                base_tasks.cached = True
+                rep.info("FP16 baseline task scores from cache")
         cached = baseline_cache.load_cached(key) if use_cache else None
         if cached is not None and (not spec.kld or reference is not None):
             base_result = ModelScore.model_validate(cached["result"])
             base_result.cached = True
             rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
+            if task_plan is not None and base_tasks is None:
+                base_tasks = _tasks_alone(base.path, target.spec, task_plan, spec.batch_size, rep, trust_remote_code)
         else:
             base_result, reference = _score_model(
                 "hf",
@@ -411,14 +438,25 @@ def evaluate(
                 "FP16 baseline",
                 trust_remote_code,
                 build_reference=(ref_folder, key) if ref_folder is not None else None,
+                tasks=task_plan if base_tasks is None else None,
             )
+            if base_result.tasks is not None:
+                base_tasks = base_result.tasks
             base_result.size_bytes = base.size_bytes()
             base_result.model = baseline
             if use_cache:
-                problem = baseline_cache.store(key, {"result": base_result.to_json()})
+                stored_score = base_result.model_copy(update={"tasks": None})  # task scores are cached apart
+                problem = baseline_cache.store(key, {"result": stored_score.to_json()})
                 if problem:
                     rep.info(f"warning: {problem}")
             base_result.cached = False
+        if base_tasks is not None and not base_tasks.cached:
+            base_tasks.cached = False
+            if use_cache and task_key is not None:
+                problem = baseline_cache.store(task_key, {"tasks": base_tasks.to_json()})
+                if problem:
+                    rep.info(f"warning: {problem}")
+        base_result.tasks = base_tasks
 
         art_result, _ = _score_model(
             art.manifest.runner,
@@ -431,7 +469,10 @@ def evaluate(
             f"artifact ({art.manifest.backend})",
             trust_remote_code,
             against=reference,
+            tasks=task_plan,
         )
+    if art_tasks is not None:
+        art_result.tasks = art_tasks
     art_result.size_bytes = art.size_bytes()
     art_result.path = str(art.path)
     art_result.backend = art.manifest.backend
@@ -452,6 +493,10 @@ def evaluate(
         environment=env,
         artifact_files_sha256=files_digest(art.manifest.files),
     )
+    if base_tasks is not None and art_result.tasks is not None:
+        from llmopt.evaluate.tasks import compare
+
+        report.task_recovery = compare(base_tasks, art_result.tasks)
     if spec.throughput is not None:
         report.throughput = _measure_speed(
             spec, art, base.path, target.spec, dev, rep, trust_remote_code, baseline_speeds
@@ -510,6 +555,50 @@ def _measure_speed(
     return SpeedReport.model_validate(throughput_section(base_speed, art_speed, speed, dev))
 
 
+def _task_plan(
+    spec: EvalSpec, art: Artifact, unsupported: str, rep: Reporter
+) -> tuple[TaskPlan | None, TasksReport | None]:
+    """The checked tasks to run (None: none asked for, or the artifact cannot run them) and, for an artifact that
+    cannot, the record saying so. Checked before any model is loaded."""
+    if not spec.tasks:
+        return None, None
+    from llmopt.runners.base import runner_class
+
+    runner = art.manifest.runner
+    if not runner_class(runner).runs_tasks:
+        why = (
+            f"not for {art.manifest.format}: lm-eval tasks run on a transformers model, and the '{runner}' runner "
+            "that loads this artifact holds none"
+        )
+        if unsupported == "refuse":
+            raise InputError(
+                f"--tasks cannot run on {art.path}: {why}.",
+                "Evaluate it without --tasks (perplexity and KL divergence work on every format), or run the tasks "
+                "on a transformers-format artifact (GPTQ, AWQ, bitsandbytes, llm-compressor).",
+            )
+        return None, TasksReport(requested=list(spec.tasks), limit=spec.task_limit, not_run=why)
+    from llmopt.evaluate.tasks import plan_tasks
+
+    with rep.step(f"checking tasks {', '.join(spec.tasks)}"):
+        return plan_tasks(list(spec.tasks), spec.task_limit), None
+
+
+def _tasks_alone(
+    path: Path, device: str, plan: TaskPlan, batch_size: int, reporter: Reporter, trust_remote_code: bool
+) -> TasksReport:
+    """The baseline's task scores when its perplexity came from the cache and its task scores did not."""
+    from llmopt.evaluate.tasks import run_tasks
+    from llmopt.runners import load_runner
+
+    with reporter.step("loading FP16 baseline (tasks)"):
+        runner = load_runner("hf", path, device, trust_remote_code=trust_remote_code)
+    try:
+        with reporter.step(f"lm-eval tasks of FP16 baseline ({', '.join(plan.names)})"):
+            return run_tasks(runner.causal_lm(), path, plan, batch_size, trust_remote_code=trust_remote_code)
+    finally:
+        runner.close()
+
+
 def _score_model(
     runner_kind: str,
     path: Path,
@@ -523,10 +612,12 @@ def _score_model(
     *,
     build_reference: tuple[Path, str] | None = None,
     against: Any = None,
+    tasks: TaskPlan | None = None,
 ) -> tuple[ModelScore, Any]:
     """Load and score one model. ``build_reference`` (folder, key): also write FP16's side of the KL divergence
     there, in the same pass. ``against`` (a kld.Reference): also score the distribution against it, in the
-    same pass (``distribution``). Returns the score and the reference written (or None)."""
+    same pass (``distribution``). ``tasks``: also run these lm-eval tasks on the loaded model (``tasks``).
+    Returns the score and the reference written (or None)."""
     from llmopt.evaluate import kld
     from llmopt.evaluate.perplexity import score
     from llmopt.results import Distribution
@@ -568,6 +659,13 @@ def _score_model(
             placement=runner.placement.record() if runner.placement is not None else None,
             distribution=distribution,
         )
+        if tasks is not None:
+            from llmopt.evaluate.tasks import run_tasks
+
+            with reporter.step(f"lm-eval tasks of {label} ({', '.join(tasks.names)})"):
+                scored.tasks = run_tasks(
+                    runner.causal_lm(), path, tasks, batch_size, trust_remote_code=trust_remote_code
+                )
         return scored, reference
     finally:
         runner.close()

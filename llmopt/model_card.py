@@ -250,6 +250,8 @@ def render_card(
                 )
             )
         lines.append("| " + " | ".join(row) + " |")
+    if ev is not None:
+        lines += _task_lines(ev)
     if gate and gate.checks:
         lines += ["", "**Gate** (all must pass to publish):", ""]
         lines += [f"- {'✅' if c.passed else '❌'} {c.message}" for c in gate.checks]
@@ -470,6 +472,99 @@ def eval_results(evaluation: EvalReport | None) -> list[Any]:
                     metric_name=name,
                     metric_value=rounded,
                     metric_args={k: v for k, v in args.items() if v is not None},
+                )
+            )
+    return results + task_eval_results(evaluation)
+
+
+def _task_lines(ev: EvalReport) -> list[str]:
+    """The downstream accuracy table of the card body (nothing when no tasks were run)."""
+    tasks = ev.artifact.tasks
+    if tasks is None:
+        return []
+    if tasks.not_run:
+        return ["", f"Downstream tasks ({', '.join(_public(t) for t in tasks.requested)}): {tasks.not_run}."]
+    limit = f", the first {tasks.limit} examples of each task" if tasks.limit else ""
+    out = [
+        "",
+        f"Downstream accuracy with {tasks.harness or 'lm-eval'} on the same examples for both models{limit}; "
+        "recovery = this model / FP16, with its paired standard error:",
+        "",
+        "| task | metric | n | FP16 | this model | recovery |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in ev.task_recovery or []:
+        cells = [
+            c.task,
+            c.metric,
+            str(c.n),
+            _with_error(c.baseline, c.baseline_stderr),
+            _with_error(c.artifact, c.artifact_stderr),
+            _with_error(c.recovery, c.recovery_stderr),
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _with_error(value: float | None, err: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" + (f" ± {err:.3f}" if err is not None else "")
+
+
+# lm-eval loads a local task's data with these `datasets` builders: the data is no Hub dataset
+_LOCAL_LOADERS = ("json", "csv", "parquet", "text", "arrow")
+
+
+def task_eval_results(evaluation: EvalReport) -> list[Any]:
+    """This model's lm-eval task scores as ``model-index`` results (every metric, its error, n and FP16's value
+    as arguments; the recovery of the metric the gate reads as a result of its own)."""
+    _, _, EvalResult = _card_classes()
+    tasks = evaluation.artifact.tasks
+    if tasks is None or tasks.not_run:
+        return []
+    results = []
+    by_metric = {(c.task, c.metric): c for c in evaluation.task_recovery or []}
+    for score in tasks.scores:
+        value = _rounded(score.value, 6)
+        if value is None or value in (float("inf"), float("-inf")):
+            continue
+        hub = score.dataset if score.dataset and score.dataset not in _LOCAL_LOADERS else None
+        dataset: dict[str, Any] = (
+            {"dataset_type": hub, "dataset_name": score.task, "dataset_config": score.dataset_config}
+            if hub
+            else {
+                "dataset_type": score.task,
+                "dataset_name": f"{score.task} (local task)",
+                "dataset_revision": tasks.files_sha256,
+            }
+        )
+        common = {"task_type": "text-generation", "task_name": score.task, **dataset}
+        c = by_metric.get((score.task, score.metric))
+        args = {
+            "stderr": _rounded(score.stderr, 6),
+            "n": score.n,
+            "fp16": _rounded(c.baseline, 6) if c else None,
+            "harness": tasks.harness,
+        }
+        results.append(
+            EvalResult(
+                **common,
+                metric_type=score.metric,
+                metric_name=f"{score.task} {score.metric}",
+                metric_value=value,
+                metric_args={k: v for k, v in args.items() if v is not None},
+            )
+        )
+        if c is not None and c.primary and c.recovery is not None:
+            rec_args = {"stderr": _rounded(c.recovery_stderr, 6), "n": c.n}
+            results.append(
+                EvalResult(
+                    **common,
+                    metric_type=f"{score.metric}_recovery",
+                    metric_name=f"{score.task} {score.metric} recovery vs FP16",
+                    metric_value=_rounded(c.recovery, 6),
+                    metric_args={k: v for k, v in rec_args.items() if v is not None},
                 )
             )
     return results

@@ -208,6 +208,11 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
     ev = recipe.evaluation
     check_settings(ev.context_length, ev.stride, ev.batch_size, add_bos=ev.add_bos, max_tokens=ev.max_tokens)
     _check_backends(selected)
+    if ev.tasks:
+        from llmopt.evaluate.tasks import plan_tasks
+
+        with reporter.step(f"checking tasks {', '.join(ev.tasks)}"):
+            plan_tasks(list(ev.tasks), ev.task_limit)  # an unknown task or a broken task file: before any work
     if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
         with reporter.step("checking the calibration text"):
             _check_calibration(ctx, source.path)
@@ -505,6 +510,7 @@ def _evaluated(ctx: _Context, variant: VariantSpec, art: Artifact) -> tuple[Eval
         reporter=ctx.reporter,
         trust_remote_code=ctx.recipe.model.trust_remote_code,
         baseline_speeds=ctx.baseline_speeds,
+        tasks_unsupported="record",  # a GGUF variant records "not for gguf"; the others still run them
     )
     return report, False
 

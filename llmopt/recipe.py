@@ -201,6 +201,13 @@ class Recipe(_Strict):
                         f"variant '{v.name}' gates on min_decode_speedup, which needs speed measurements: "
                         "add evaluation.throughput (e.g. `throughput: {}`)"
                     )
+        if not self.evaluation.tasks:
+            for v in self.variants:
+                if self.gate_for(v).min_recovery is not None:
+                    raise _error(
+                        f"variant '{v.name}' gates on min_recovery, which needs task accuracies: "
+                        "add evaluation.tasks (e.g. `tasks: [arc_easy]`, or a local task file)"
+                    )
         if self.calibration.dataset is None:
             for v in self.variants:
                 if v.needs_calibration():

@@ -154,10 +154,46 @@ def has_distribution(report: RunReport) -> bool:
     return any(_distribution(r) is not None for r in report.variants)
 
 
+def task_columns(report: RunReport) -> list[tuple[str, str]]:
+    """(task, metric) of each task the table shows: the metric its recovery gate reads, in first-seen order."""
+    seen: list[tuple[str, str]] = []
+    for r in report.variants:
+        for c in (r.evaluation.task_recovery or []) if r.evaluation else []:
+            if c.primary and (c.task, c.metric) not in seen:
+                seen.append((c.task, c.metric))
+    return seen
+
+
+def _task_cell(r: VariantOutcome, task: str, metric: str) -> str:
+    """A variant's accuracy on a task and its recovery against FP16; why it was not run; or a dash."""
+    ev = r.evaluation
+    if ev is None:
+        return "–"
+    c = next((c for c in ev.task_recovery or [] if c.task == task and c.metric == metric), None)
+    if c is None:
+        not_run = ev.artifact.tasks.not_run if ev.artifact.tasks else None
+        return not_run.split(":")[0] if not_run else "–"
+    rec = (
+        "–"
+        if c.recovery is None
+        else f"{c.recovery:.3f}" + (f" ± {c.recovery_stderr:.3f}" if c.recovery_stderr is not None else "")
+    )
+    return f"{c.artifact:.3f} (recovery {rec})"
+
+
+def _baseline_task_cell(report: RunReport, task: str, metric: str) -> str:
+    tasks = report.baseline.tasks if report.baseline else None
+    score = next((s for s in tasks.scores if s.task == task and s.metric == metric), None) if tasks else None
+    if score is None:
+        return "–"
+    return f"{score.value:.3f}" + (f" ± {score.stderr:.3f}" if score.stderr is not None else "")
+
+
 def table_header(report: RunReport) -> list[str]:
     head = TABLE_HEADER[:4]
     if has_distribution(report):
         head = [*head, "mean KLD", "top-1 agree"]
+    head += [f"{task} {metric}" for task, metric in task_columns(report)]
     return [*head, *TABLE_HEADER[4:]]
 
 
@@ -166,9 +202,12 @@ def table_rows(report: RunReport) -> list[list[str]]:
     rows: list[list[str]] = []
     base = report.baseline
     kld = has_distribution(report)
+    tasks = task_columns(report)
     if base:
         first = ["FP16 baseline", "–", f"{base.perplexity:.4f} ± {base.stderr:.4f}", "–"]
-        rows.append([*first, *(["0 (reference)", "100%"] if kld else []), fmt_bytes(base.size_bytes), "–", "–"])
+        first += ["0 (reference)", "100%"] if kld else []
+        first += [_baseline_task_cell(report, t, m) for t, m in tasks]
+        rows.append([*first, fmt_bytes(base.size_bytes), "–", "–"])
     for r in report.variants:
         ppl = r.perplexity
         cells = [r.name, r.method, "–" if ppl is None else f"{ppl:.4f} ± {_num(r.stderr, '.4f')}", delta_text(r)]
@@ -177,6 +216,7 @@ def table_rows(report: RunReport) -> list[list[str]]:
             cells += (
                 [f"{d.kld_mean:.4f} ± {d.kld_stderr:.4f}", f"{100 * d.top1_agreement:.2f}%"] if d else ["–", "–"]
             )
+        cells += [_task_cell(r, t, m) for t, m in tasks]
         rows.append([*cells, fmt_bytes(r.size_bytes), quantize_text(r), gate_text(r)])
     return rows
 
@@ -220,6 +260,14 @@ def render_markdown(report: RunReport) -> str:
             f"context {s.context_length}, stride {s.stride}, {s.dtype or '?'} on "
             f"{s.device or '?'}. Δ is the paired change of perplexity against the FP16 baseline on the "
             "same tokens.",
+        ]
+    if task_columns(report):
+        tasks = report.baseline.tasks if report.baseline else None
+        limit = f", the first {tasks.limit} examples of each task" if tasks and tasks.limit else ""
+        lines += [
+            "",
+            f"Task columns: accuracy on lm-eval tasks ({tasks.harness if tasks else 'lm-eval'}{limit}), the same "
+            "examples for every model; recovery = variant / FP16 with its paired standard error.",
         ]
     header = table_header(report)
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -38,6 +38,9 @@ __all__ = [
     "RunReport",
     "RunState",
     "SpeedReport",
+    "TaskComparison",
+    "TaskScore",
+    "TasksReport",
     "VariantError",
     "VariantOutcome",
 ]
@@ -109,6 +112,57 @@ class Distribution(Result):
     method: str | None = None
 
 
+class TaskScore(Result):
+    """One metric of one lm-eval task for one model (docs/tasks.md)."""
+
+    task: str
+    metric: str = Field(
+        description="lm-eval's metric name (``acc``, ``acc_norm`` ...; ``NAME,FILTER`` past the default filter)."
+    )
+    value: float
+    stderr: float | None = Field(description="lm-eval's standard error of the value.")
+    n: int = Field(description="Examples scored.")
+    higher_is_better: bool | None = None
+    dataset: str | None = Field(None, description="The task's dataset (lm-eval's dataset_path; json etc. for local).")
+    dataset_config: str | None = None
+    # Optional: a metric computed over the whole corpus has no per-example values.
+    doc_ids: list[int] | None = Field(None, description="The examples, by lm-eval's doc_id.")
+    examples: list[float] | None = Field(None, description="Each example's value, in doc_ids' order: the raw numbers.")
+    _keep_none = frozenset({"stderr"})
+
+
+class TasksReport(Result):
+    """One model's downstream accuracy: lm-eval tasks run on the loaded model (``--tasks``)."""
+
+    requested: list[str] = Field(description="The tasks as asked for (names or local task files).")
+    limit: int | None = Field(None, description="Examples per task (the first N; None: all).")
+    harness: str | None = Field(None, description="lm-eval and its version.")
+    files_sha256: str | None = Field(None, description="Of the local task files and their data.")
+    scores: list[TaskScore] = Field(default_factory=list)
+    not_run: str | None = Field(None, description="Why the tasks were not run on this model (e.g. not for gguf).")
+    seconds: float | None = None
+    cached: bool | None = None
+    _keep_none = frozenset({"limit"})
+
+
+class TaskComparison(Result):
+    """One task metric, artifact against baseline on the same examples; recovery = artifact / baseline."""
+
+    task: str
+    metric: str
+    baseline: float
+    baseline_stderr: float | None = None
+    artifact: float
+    artifact_stderr: float | None = None
+    recovery: float | None = Field(description="artifact / baseline (None when the baseline scored 0).")
+    recovery_stderr: float | None = Field(
+        description="Paired (delta method) from both models' per-example values; None for corpus-level metrics."
+    )
+    n: int
+    primary: bool = Field(False, description="The metric the task's min_recovery gate reads.")
+    _keep_none = frozenset({"recovery", "recovery_stderr"})
+
+
 class ModelScore(Result):
     """One model's side of an evaluation: its perplexity on the shared windows and how it was computed."""
 
@@ -141,7 +195,7 @@ class ModelScore(Result):
         description="The artifact's next-token distributions against the baseline's (KL divergence, top-1 "
         "agreement, Δp): docs/kld.md.",
     )
-    tasks: dict[str, Any] | None = Field(None, description="Task accuracies (lm-eval), by task.")
+    tasks: TasksReport | None = Field(None, description="Downstream accuracy (lm-eval tasks): docs/tasks.md.")
     # always written by api.evaluate, null or not
     _keep_none = frozenset({"footprint_bytes", "load_seconds", "eval_seconds", "runner", "dtype"})
 
@@ -239,6 +293,9 @@ class EvalReport(Result):
     environment: dict[str, Any] = Field(default_factory=dict)
     artifact_files_sha256: str | None = None
     throughput: SpeedReport | None = None
+    task_recovery: list[TaskComparison] | None = Field(
+        None, description="Each task metric of both models, with recovery = artifact / baseline (docs/tasks.md)."
+    )
     # The manifest keeps the gate apart (``Manifest.gate``); a report handed to callers carries it.
     gate: GateResult | None = None
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
@@ -266,6 +323,8 @@ class EvalReport(Result):
                 add_bos=s.add_bos,
                 kld=self.artifact.distribution is not None,
                 throughput=self.throughput.spec() if self.throughput else None,
+                tasks=self.artifact.tasks.requested if self.artifact.tasks else None,
+                task_limit=self.artifact.tasks.limit if self.artifact.tasks else None,
             )
         except ValueError:
             return None

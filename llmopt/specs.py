@@ -149,6 +149,28 @@ class EvalSpec(_Strict):
         description="Also measure serving speed against FP16 (needed by the min_decode_speedup gate); "
         "{} takes the device's default grids.",
     )
+    tasks: list[str] | None = Field(
+        None,
+        description="Downstream accuracy: lm-eval task names or local task YAML files, run on the baseline and the "
+        "artifact (docs/tasks.md; needs the tasks extra; needed by the min_recovery gate).",
+    )
+    task_limit: int | None = Field(
+        None, ge=1, description="Examples per task (the first N, the same for both models); default: all."
+    )
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        if isinstance(v, str):  # "a,b" as --tasks and --set evaluation.tasks=a,b write it
+            v = v.split(",")
+        if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
+            raise ValueError("needs a list of task names (or task files), or one string of them joined by commas")
+        names = [t.strip() for t in v]
+        if not names or any(not t for t in names):
+            raise ValueError("needs one or more task names (or task files), none of them empty")
+        return list(dict.fromkeys(names))
 
     def resolved_stride(self) -> int:
         return self.stride if self.stride is not None else self.context_length
@@ -187,6 +209,10 @@ class EvalSpec(_Strict):
         if not theirs.get("kld"):  # likewise a stored KL divergence, when none is asked for
             mine.pop("kld", None)
             theirs.pop("kld", None)
+        if theirs.get("tasks") is None:  # and task accuracies
+            for key in ("tasks", "task_limit"):
+                mine.pop(key, None)
+                theirs.pop(key, None)
         return mine == theirs
 
 
@@ -211,12 +237,25 @@ class GateSpec(BaseModel):
         "unchanged (0-100).",
     )
     min_decode_speedup: float | None = Field(None, gt=0, description="Smallest decode speedup over FP16.")
+    min_recovery: float | None = Field(
+        None,
+        gt=0,
+        description="Smallest allowed task accuracy recovery (artifact / FP16) of every --tasks task, read on its "
+        "acc_norm (else acc): e.g. 0.95.",
+    )
     at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
 
     def is_empty(self) -> bool:
         return all(
             v is None
-            for v in (self.max_ppl_increase_pct, self.max_ppl, self.max_kld, self.min_top1_pct, self.min_decode_speedup)
+            for v in (
+                self.max_ppl_increase_pct,
+                self.max_ppl,
+                self.max_kld,
+                self.min_top1_pct,
+                self.min_decode_speedup,
+                self.min_recovery,
+            )
         )
 
     @model_serializer(mode="wrap")
@@ -224,7 +263,7 @@ class GateSpec(BaseModel):
         # Thresholds added with the KL divergence are written only when set: a gate record from before them
         # reads and writes back the same, and its recomputation (evaluate/gate.py) finds the same checks.
         data: dict[str, Any] = handler(self)
-        for key in ("max_kld", "min_top1_pct"):
+        for key in ("max_kld", "min_top1_pct", "min_recovery"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data
@@ -245,7 +284,7 @@ def gate_spec(**thresholds: Any) -> GateSpec:
         raise InputError(
             f"{flag} {err.get('input')!r} is not a usable threshold: {err['msg']}.",
             "Give a finite number: a percentage of 0 or more for --max-ppl-increase, 0 to 100 for --min-top1, "
-            "0 or more for --max-kld, a positive number for --max-ppl and --min-decode-speedup.",
+            "0 or more for --max-kld, a positive number for --max-ppl, --min-decode-speedup and --min-recovery.",
         ) from None
 
 

@@ -17,7 +17,7 @@ from llmopt.errors import InputError
 from llmopt.evaluate.gate import evaluation_problems
 from llmopt.evaluate.throughput import throughput_section
 from llmopt.recipe import apply_overrides, parse_recipe
-from llmopt.results import EVAL_SCHEMA, EvalReport, EvalSettings, ModelScore, RunReport, SpeedReport
+from llmopt.results import EVAL_SCHEMA, EvalReport, EvalSettings, ModelScore, RunReport, SpeedReport, TasksReport
 from llmopt.specs import EvalSpec, ThroughputSpec
 from tests.evaldata import scored
 
@@ -190,6 +190,8 @@ OTHER: dict[str, Any] = {
     "max_tokens": 1000,
     "add_bos": True,
     "throughput": None,  # see test_a_stored_speed_measurement_serves_a_spec_that_asks_for_none
+    "tasks": ["other_task"],  # these two: see test_stored_task_scores_are_reused_only_for_the_same_tasks
+    "task_limit": 5,
 }
 
 
@@ -203,6 +205,8 @@ def stored(spec: EvalSpec, device: str = "cpu") -> EvalReport:
     artifact = ModelScore.model_validate(numbers["artifact"])
     if spec.kld:
         artifact.distribution = DISTRIBUTION  # type: ignore[assignment]  # validated into a Distribution
+    if spec.tasks:
+        artifact.tasks = TasksReport(requested=spec.tasks, limit=spec.task_limit)
     return EvalReport(
         settings=EvalSettings.of(spec, tokens_total=numbers["settings"]["tokens_total"], device=device),
         baseline=ModelScore.model_validate(numbers["baseline"]),
@@ -220,8 +224,11 @@ def test_every_measurement_field_has_another_value() -> None:
     assert set(EvalSpec.measurement_fields()) == set(OTHER) | {"throughput", "kld"}
 
 
-# throughput and kld: a stored block is not required when none is asked for (the last tests below)
-@pytest.mark.parametrize("field", [f for f in EvalSpec.measurement_fields() if f not in ("throughput", "kld")])
+# throughput, kld and tasks: a stored block is not required when none is asked for (the last tests below)
+_OPTIONAL_BLOCKS = ("throughput", "kld", "tasks", "task_limit")
+
+
+@pytest.mark.parametrize("field", [f for f in EvalSpec.measurement_fields() if f not in _OPTIONAL_BLOCKS])
 def test_reuse_refused_when_one_setting_differs(field: str) -> None:
     changed = BASE.model_copy(update={field: OTHER[field]})
     assert reused(BASE, BASE) and reused(changed, changed), "what was measured must be read back from the report"
@@ -254,6 +261,18 @@ def test_a_stored_speed_measurement_serves_a_spec_that_asks_for_none() -> None:
     without = BASE.model_copy(update={"throughput": None})
     assert reused(BASE, without)
     assert not reused(without, BASE)
+
+
+def test_stored_task_scores_are_reused_only_for_the_same_tasks() -> None:
+    """Task scores (--tasks) are read back from the report; other tasks or another --task-limit score again; an
+    evaluation with task scores serves a spec that asks for none, one without them does not serve one that asks."""
+    with_tasks = BASE.model_copy(update={"tasks": ["britannica_cloze.yaml"], "task_limit": 8})
+    assert reused(with_tasks, with_tasks)
+    for other in ({"task_limit": OTHER["task_limit"]}, {"task_limit": None}, {"tasks": OTHER["tasks"]}):
+        changed = with_tasks.model_copy(update=other)
+        assert not reused(with_tasks, changed) and not reused(changed, with_tasks)
+    assert reused(with_tasks, BASE)
+    assert not reused(BASE, with_tasks)
 
 
 def test_a_stored_kld_serves_a_spec_that_asks_for_none() -> None:

@@ -33,6 +33,24 @@ DeviceOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+TasksOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tasks",
+        help="Downstream accuracy: lm-eval task names and/or local task YAML files, comma-separated, run on the "
+        "baseline and the artifact (needs llmopt[tasks]; docs/tasks.md).",
+    ),
+]
+TaskLimitOpt = Annotated[
+    int | None, typer.Option("--task-limit", help="Examples per task (the first N, the same for both models).")
+]
+MinRecoveryOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--min-recovery",
+        help="Gate: smallest task accuracy recovery (artifact / FP16, on acc_norm else acc) of each --tasks task.",
+    ),
+]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,10 @@ from llmopt.cli._common import (
     JsonOpt,
     JsonOutput,
     LegacyJsonCommand,
+    MinRecoveryOpt,
     QuietOpt,
+    TaskLimitOpt,
+    TasksOpt,
     human_bytes,
     stderr,
     stdout,
@@ -70,6 +73,7 @@ def render_eval(report: EvalReport) -> None:
     )
     stdout.print(table)
     render_distribution(a.distribution)
+    render_tasks(report)
     if a.compute:
         c = a.compute
         stdout.print(f"artifact arithmetic: unquantized tensors {c.get('unquantized')}; {c.get('matmul', '')}")
@@ -102,6 +106,37 @@ def render_distribution(dist: Distribution | None) -> None:
         f"{100 * dist.delta_p_rms:.3f}%",
     )
     stdout.print(table)
+
+
+def render_tasks(report: EvalReport) -> None:
+    """Task accuracies of both models and the artifact's recovery (nothing when no tasks were asked for)."""
+    tasks = report.artifact.tasks
+    if tasks is None:
+        return
+    if tasks.not_run:
+        stdout.print(f"tasks ({', '.join(tasks.requested)}): {tasks.not_run}")
+        return
+    limit = f", first {tasks.limit} examples" if tasks.limit else ""
+    table = Table(title=f"downstream accuracy ({tasks.harness}{limit})")
+    for col in ("task", "metric", "n", "FP16", "artifact", "recovery"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+    for c in report.task_recovery or []:
+        table.add_row(
+            c.task,
+            c.metric + (" *" if c.primary else ""),
+            str(c.n),
+            _pm(c.baseline, c.baseline_stderr),
+            _pm(c.artifact, c.artifact_stderr),
+            _pm(c.recovery, c.recovery_stderr),
+        )
+    stdout.print(table)
+    stdout.print("[dim]* the metric --min-recovery reads; recovery = artifact / FP16, paired error[/]")
+
+
+def _pm(value: float | None, stderr: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" + (f" ± {stderr:.3f}" if stderr is not None else "")
 
 
 def register(app: typer.Typer) -> None:
@@ -145,6 +180,9 @@ def register(app: typer.Typer) -> None:
             float | None, typer.Option(help="Gate: smallest decode speedup over FP16 (needs --throughput).")
         ] = None,
         at_batch: Annotated[int, typer.Option(help="Batch size at which --min-decode-speedup is read.")] = 1,
+        tasks: TasksOpt = None,
+        task_limit: TaskLimitOpt = None,
+        min_recovery: MinRecoveryOpt = None,
         no_cache: Annotated[bool, typer.Option("--no-cache", help="Score the baseline even if cached.")] = False,
         json_out: JsonOpt = False,
         json_file: JsonFileOpt = None,
@@ -154,7 +192,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Perplexity of ARTIFACT and of its FP16 baseline on the same tokens; gate; record in llmopt.json.
 
-        Exits 3 when a gate check fails.
+        Exits 3 when a gate check fails; 2 when --tasks names a task lm-eval does not know, a task file that is
+        not valid, or an artifact lm-eval cannot run (GGUF); 4 when lm-eval is not installed.
         """
         from llmopt.api import evaluate
         from llmopt.progress import default_reporter
@@ -166,6 +205,7 @@ def register(app: typer.Typer) -> None:
             max_kld=max_kld,
             min_top1_pct=min_top1,
             min_decode_speedup=min_decode_speedup,
+            min_recovery=min_recovery,
             at_batch=at_batch,
         )
         speed = throughput_settings(
@@ -191,6 +231,8 @@ def register(app: typer.Typer) -> None:
             kernel=kernel,
             kld=not no_kld,
             throughput=speed,
+            tasks=tasks,
+            task_limit=task_limit,
         )
         out = JsonOutput(json_out, json_file)
         out.check(dataset, baseline)

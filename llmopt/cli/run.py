@@ -8,7 +8,19 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, QuietOpt, stderr, stdout, stdout_is_ours
+from llmopt.cli._common import (
+    JsonCommand,
+    JsonFileOpt,
+    JsonOpt,
+    JsonOutput,
+    MinRecoveryOpt,
+    QuietOpt,
+    TaskLimitOpt,
+    TasksOpt,
+    stderr,
+    stdout,
+    stdout_is_ours,
+)
 
 if TYPE_CHECKING:
     from llmopt.results import RunReport
@@ -85,6 +97,9 @@ def register(app: typer.Typer) -> None:
         no_kld: Annotated[
             bool, typer.Option("--no-kld", help="Override evaluation.kld to false (perplexity alone).")
         ] = False,
+        tasks: TasksOpt = None,
+        task_limit: TaskLimitOpt = None,
+        min_recovery: MinRecoveryOpt = None,
         overwrite: Annotated[
             bool,
             typer.Option(
@@ -118,6 +133,9 @@ def register(app: typer.Typer) -> None:
             "gates.max_kld": max_kld,
             "gates.min_top1_pct": min_top1,
             "evaluation.kld": False if no_kld else None,
+            "evaluation.tasks": tasks,
+            "evaluation.task_limit": task_limit,
+            "gates.min_recovery": min_recovery,
         }
         with stdout_is_ours():
             report = run_recipe(

@@ -52,3 +52,15 @@ def store(key: str, result: dict[str, Any]) -> str | None:
             "caching, so the baseline is scored again next time (set LLMOPT_CACHE to a writable folder)."
         )
     return None
+
+
+def load_cached_tasks(key: str) -> dict[str, Any] | None:
+    """The FP16 baseline's task scores stored under ``key`` (written by ``store``), or None."""
+    path = _path(key)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("key") != key or not isinstance(data.get("tasks"), dict):
+        return None
+    return data

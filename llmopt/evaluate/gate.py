@@ -55,7 +55,36 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
         text = f"decode speedup {speedup:.2f}x at batch {b} (needs {t:g}x)" if speedup is not None else ""
         missing = f"decode speed at batch {b} was not measured (run with --throughput)"
         checks.append(_check("min_decode_speedup", speedup, t, False, text, missing))
+    if spec.min_recovery is not None:
+        checks += _recovery_checks(spec.min_recovery, ev)
     return GateResult(passed=all(c.passed for c in checks), checks=checks, spec=spec)
+
+
+def _recovery_checks(threshold: float, ev: EvalReport) -> list[GateCheck]:
+    """``min_recovery:TASK`` for each task, on its primary metric (acc_norm, else acc); one failing check when
+    no task accuracy was measured (no --tasks, or a format lm-eval cannot run)."""
+    primary = [c for c in ev.task_recovery or [] if c.primary]
+    if not primary:
+        tasks = ev.artifact.tasks
+        missing = (
+            f"task accuracy recovery was not measured: {tasks.not_run}"
+            if tasks is not None and tasks.not_run
+            else "task accuracy recovery was not measured (evaluate with --tasks)"
+        )
+        return [_check("min_recovery", None, threshold, False, "", missing)]
+    checks = []
+    for c in primary:
+        rec = c.recovery
+        se = f" ± {c.recovery_stderr:.3f}" if c.recovery_stderr is not None else ""
+        text = (
+            f"{c.task} {c.metric} recovery {rec:.3f}{se} ({c.artifact:.3f} vs FP16 {c.baseline:.3f}; "
+            f"needs {threshold:g})"
+            if rec is not None
+            else ""
+        )
+        missing = f"{c.task} {c.metric}: FP16 scored 0, so no recovery can be read"
+        checks.append(_check(f"min_recovery:{c.task}", rec, threshold, False, text, missing, ": short by {:.3f}"))
+    return checks
 
 
 def _check(
@@ -170,6 +199,8 @@ def evaluation_problems(
         wrong += _distribution_problems(ev.artifact.distribution, tokens)
     if ev.throughput:
         wrong += _speed_problems(ev.throughput)
+    if ev.task_recovery is not None:
+        wrong += _task_problems(ev)
     if gate is not None:
         wrong += _gate_problems(ev, gate if isinstance(gate, GateResult) else GateResult.model_validate(gate))
     return wrong
@@ -205,6 +236,28 @@ def _distribution_problems(dist: Distribution, tokens: list[int]) -> list[str]:
                 wrong.append(f"artifact.distribution.{key} is {stored!r}, its window values give {value:.6g}")
     if not _same(dist.tokens, float(count)):
         wrong.append(f"artifact.distribution.tokens is {dist.tokens!r}, the window settings give {count}")
+    return wrong
+
+
+def _task_problems(ev: EvalReport) -> list[str]:
+    """The task recoveries against both models' per-example task scores."""
+    from llmopt.evaluate.tasks import compare
+
+    base, art = ev.baseline.tasks, ev.artifact.tasks
+    if base is None or art is None:
+        return ["task_recovery is recorded without both models' task scores"]
+    again = {(c.task, c.metric): c for c in compare(base, art)}
+    wrong = []
+    for c in ev.task_recovery or []:
+        new = again.get((c.task, c.metric))
+        if new is None:
+            wrong.append(f"task_recovery {c.task} {c.metric} has no task scores behind it")
+        elif not (_same(c.recovery, new.recovery) and _same(c.recovery_stderr, new.recovery_stderr)):
+            wrong.append(f"task_recovery {c.task} {c.metric} is {c.recovery!r}, the task scores give {new.recovery!r}")
+        elif c.primary != new.primary or not (_same(c.baseline, new.baseline) and _same(c.artifact, new.artifact)):
+            wrong.append(f"task_recovery {c.task} {c.metric} does not follow from the task scores")
+    if len(again) != len(ev.task_recovery or []):
+        wrong.append("task_recovery does not list the metrics both models were scored on")
     return wrong
 
 

@@ -86,6 +86,10 @@ class Runner(Protocol):
         """Per-token (KL, top-1 agreement, NLL) of each window's scored tokens against FP16's reference rows."""
         ...
 
+    def causal_lm(self) -> Any:
+        """The loaded transformers model lm-eval tasks run on, or None."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -99,6 +103,8 @@ class BaseRunner(ABC):
     kernel: str | None = None
     compute: dict[str, str] | None = None
     placement: Placement | None = None
+    # whether ``causal_lm`` gives a model lm-eval can run (``--tasks``), known before loading
+    runs_tasks: bool = False
 
     @classmethod
     @abstractmethod
@@ -128,6 +134,11 @@ class BaseRunner(ABC):
         self, windows: list[list[int]], score_from: list[int], refs: list[tuple[Any, ...]]
     ) -> list[tuple[Any, Any, Any]]:
         raise self._no_kld()
+
+    def causal_lm(self) -> Any:
+        """The loaded transformers model (an ``nn.Module``) that lm-eval tasks run on; None where the runner holds
+        none (GGUF through llama.cpp): docs/tasks.md."""
+        return None
 
     def _no_kld(self) -> BackendUnavailableError:
         return BackendUnavailableError(

@@ -240,6 +240,7 @@ def _gpu_memory_guard(device: str, windows: list[list[int]]) -> Iterator[None]:
 
 class HFRunner(BaseRunner):
     name = "hf"
+    runs_tasks = True
     placement: Placement  # always planned, one device or several
     loader = "hf"  # how ``open`` loads: transformers, or GPTQModel (``GPTQModelRunner``)
 
@@ -422,6 +423,9 @@ class HFRunner(BaseRunner):
 
     def footprint_bytes(self) -> int:
         return int(self.model.get_memory_footprint())
+
+    def causal_lm(self) -> Any:
+        return self.model
 
     def bench(self, settings: Any, reporter: Any = None) -> dict[str, Any]:
         """Serving speed of the loaded model: static KV cache, CUDA-graph decoding (engine.py)."""

@@ -1,0 +1,357 @@
+"""Downstream accuracy through lm-evaluation-harness (lm-eval 0.4.x), on models the runners already loaded.
+
+``plan_tasks`` checks what ``--tasks`` names before any model is loaded: lm-eval installed (exit 4), every name a
+task lm-eval knows (exit 2, with the close names), every local task file a valid lm-eval task YAML whose data
+loads (exit 2). A local task is lm-eval's own YAML (``task:``, ``dataset_path: json``, ``dataset_kwargs.data_files``
+...); a relative data file is taken relative to the YAML's folder, so a task folder can travel. Names of lm-eval's
+own tasks load their data from the Hugging Face Hub (when it is reachable).
+
+``run_tasks`` scores one loaded transformers model (the runner's own ``nn.Module``, no second copy) on the plan's
+tasks with ``lm_eval.evaluator.evaluate``, the same examples for every model (``limit`` takes the first N of each
+task), and keeps each example's score (``log_samples``), so that ``compare`` can give the artifact's recovery
+(artifact / baseline) with a paired standard error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import hashlib
+import io
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmopt._thirdparty import third_party_logs_wanted
+from llmopt.errors import BackendUnavailableError, DataError, InputError
+from llmopt.results import TaskComparison, TaskScore, TasksReport
+
+__all__ = ["TaskPlan", "compare", "lm_eval_version", "plan_tasks", "run_tasks"]
+
+INSTALL_HINT = "Install lm-evaluation-harness: pip install 'llmopt[tasks]' (lm-eval 0.4.x)."
+_YAML_SUFFIXES = (".yaml", ".yml")
+# The metric a task's recovery (and the min_recovery gate) reads, where lm-eval gives several.
+_PRIMARY = ("acc_norm", "acc", "exact_match")
+
+
+def lm_eval_version() -> str:
+    """The installed lm-eval's version; exit 4 with the install line when it is missing."""
+    from importlib import metadata
+
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(f"--tasks needs lm-evaluation-harness ({exc}).", INSTALL_HINT) from None
+    return metadata.version("lm_eval")
+
+
+@dataclass
+class TaskPlan:
+    """The checked tasks of one evaluation: what was asked, how lm-eval loads it, what identifies it."""
+
+    requested: list[str]
+    specs: list[str | dict[str, Any]]  # names for lm-eval's TaskManager, or a local task's resolved config
+    names: list[str]
+    limit: int | None
+    harness: str
+    files_sha256: str | None  # of the local task files and their data (None: lm-eval's own tasks only)
+    _manager: Any = field(default=None, repr=False)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two plans measure the same (a cache key's part)."""
+        return {"tasks": self.names, "limit": self.limit, "harness": self.harness, "files": self.files_sha256}
+
+    def load(self) -> dict[str, Any]:
+        """Fresh lm-eval Task objects (lm-eval keeps each run's requests on them)."""
+        with _quiet():
+            return dict(self._manager.load(list(self.specs)))
+
+
+def is_local_task(entry: str) -> bool:
+    return entry.lower().endswith(_YAML_SUFFIXES)
+
+
+def plan_tasks(tasks: list[str], limit: int | None) -> TaskPlan:
+    """Check ``tasks`` (lm-eval task names and local task YAML files) and load their examples once."""
+    harness = f"lm-eval {lm_eval_version()}"
+    from lm_eval.tasks import TaskManager
+
+    specs: list[str | dict[str, Any]] = []
+    names: list[str] = []
+    digest = hashlib.sha256()
+    local = False
+    for entry in tasks:
+        if is_local_task(entry):
+            config, files = _local_task(Path(entry))
+            for path in files:
+                digest.update(path.name.encode() + b"\0" + path.read_bytes())
+            specs.append(config)
+            names.append(str(config["task"]))
+            local = True
+        else:
+            specs.append(entry)
+            names.append(entry)
+    needs_index = any(isinstance(s, str) for s in specs)
+    with _quiet():
+        # Indexing lm-eval's ~10,000 task files takes seconds: only when a name asks for them.
+        manager = TaskManager(include_defaults=needs_index)
+    for spec in specs:
+        if isinstance(spec, str) and spec not in manager.all_tasks:
+            entry = spec
+            close = difflib.get_close_matches(entry, manager.all_tasks, n=5, cutoff=0.6)
+            raise InputError(
+                f"lm-eval has no task '{entry}'" + (f"; close names: {', '.join(close)}." if close else "."),
+                "See `lm-eval ls tasks` (or `python -m lm_eval --tasks list`) for the names, or pass a local task "
+                "file (lm-eval's task YAML) as --tasks path/to/task.yaml.",
+            )
+    plan = TaskPlan(
+        requested=list(tasks),
+        specs=specs,
+        names=names,
+        limit=limit,
+        harness=harness,
+        files_sha256=digest.hexdigest() if local else None,
+        _manager=manager,
+    )
+    loaded = _load_checked(plan)
+    plan.names = sorted(loaded["tasks"])  # a group or tag name stands for its tasks
+    return plan
+
+
+def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
+    """A local task YAML as lm-eval reads it, its data files made absolute; and the files it is made of."""
+    if not path.is_file():
+        raise InputError(
+            f"--tasks {path}: no such task file.", "Give an lm-eval task name or the path of a task YAML file."
+        )
+    try:
+        config = _read_task_yaml(path)
+    except Exception as exc:  # YAML syntax, a bad !function, an include that is missing: all bad input
+        raise DataError(
+            f"--tasks {path} is not a valid lm-eval task file: {_first_line(exc)}.",
+            "Fix the YAML (see lm-eval's docs/task_guide.md; tests/data/britannica_cloze/ is an example).",
+        ) from None
+    if not isinstance(config.get("task"), str) or not config["task"]:
+        raise DataError(
+            f"--tasks {path} has no 'task:' name (a local file holds one lm-eval task).",
+            "Add `task: NAME` to the YAML (see tests/data/britannica_cloze/britannica_cloze.yaml).",
+        )
+    files = [path.resolve()]
+    given = config.get("dataset_kwargs")
+    kwargs: dict[str, Any] = given if isinstance(given, dict) else {}
+    data_files = kwargs.get("data_files")
+    if data_files is not None:
+        resolved = _resolve_data_files(data_files, path.resolve().parent, path)
+        config["dataset_kwargs"] = {**kwargs, "data_files": resolved}
+        for value in resolved.values() if isinstance(resolved, dict) else [resolved]:
+            files += [Path(v) for v in (value if isinstance(value, list) else [value])]
+    return config, files
+
+
+def _read_task_yaml(path: Path) -> dict[str, Any]:
+    """The task YAML as lm-eval reads it (``!function`` tags, ``include:``). lm-eval 0.4 has no public loader for
+    one file; its own (``lm_eval.tasks._yaml_loader``) is used where it is, else plain YAML (then a task file
+    that uses ``!function`` is refused as not valid, and says so)."""
+    try:
+        from lm_eval.tasks._yaml_loader import load_yaml
+    except ImportError:  # another lm-eval layout
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a YAML mapping, got {type(data).__name__}") from None
+        return data
+    return dict(load_yaml(path, resolve_func=True))
+
+
+def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
+    def one(value: Any) -> str:
+        if not isinstance(value, str):
+            raise DataError(
+                f"--tasks {task_file}: dataset_kwargs.data_files holds {value!r}, not a file path.",
+                "Write the data file's path (relative to the YAML's folder) as a string.",
+            )
+        full = (folder / value).resolve()
+        if not full.is_file():
+            raise DataError(
+                f"--tasks {task_file}: its data file {value} is not there ({full}).",
+                "Put the data file next to the YAML, or fix dataset_kwargs.data_files.",
+            )
+        return str(full)
+
+    if isinstance(data_files, dict):
+        return {k: [one(v) for v in vs] if isinstance(vs, list) else one(vs) for k, vs in data_files.items()}
+    if isinstance(data_files, list):
+        return [one(v) for v in data_files]
+    return one(data_files)
+
+
+def _load_checked(plan: TaskPlan) -> dict[str, Any]:
+    """Build the tasks once (reads their examples): a task lm-eval cannot build is bad input, before any model."""
+    try:
+        loaded = plan.load()
+    except Exception as exc:
+        where = ", ".join(plan.requested)
+        local = any(is_local_task(t) for t in plan.requested)
+        offline = "connect" in str(exc).lower() or "offline" in str(exc).lower() or "hub" in str(exc).lower()
+        raise DataError(
+            f"--tasks {where}: lm-eval could not build the task(s) ({type(exc).__name__}: {_first_line(exc)}).",
+            (
+                "The Hugging Face Hub is not reachable for the task's dataset: use a local task file "
+                "(lm-eval's YAML + a local data file, see docs/tasks.md)."
+                if offline and not local
+                else "Check the task YAML and its data file (each line a JSON object with the fields the YAML "
+                "names); see docs/tasks.md."
+            ),
+        ) from None
+    for name, task in loaded["tasks"].items():
+        try:
+            count = len(task.eval_docs)
+        except Exception as exc:
+            raise DataError(
+                f"--tasks: the examples of task '{name}' cannot be read ({_first_line(exc)}).",
+                "Check its data file; see docs/tasks.md.",
+            ) from None
+        if count == 0:
+            raise DataError(f"--tasks: task '{name}' has no examples.", "Check its data file and test_split.")
+    return loaded
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """lm-eval's INFO lines, warnings and progress bars (and datasets' bars) off, unless logs are wanted."""
+    if third_party_logs_wanted():
+        yield
+        return
+    names = ("lm_eval", "lm-eval", "datasets", "evaluate")
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def run_tasks(
+    model: Any, tokenizer_path: Path, plan: TaskPlan, batch_size: int = 1, *, trust_remote_code: bool = False
+) -> TasksReport:
+    """Accuracy of a loaded transformers model on the plan's tasks (each example's score kept)."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    from llmopt.source import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=trust_remote_code)
+    start = time.perf_counter()
+    with _quiet():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = evaluate(lm, plan.load(), limit=plan.limit, log_samples=True, bootstrap_iters=1000)
+    assert out is not None  # one process: rank 0
+    scores = [s for task in sorted(out["results"]) for s in _scores(task, out)]
+    return TasksReport(
+        requested=plan.requested,
+        limit=plan.limit,
+        harness=plan.harness,
+        files_sha256=plan.files_sha256,
+        scores=scores,
+        seconds=round(time.perf_counter() - start, 3),
+    )
+
+
+def _scores(task: str, out: dict[str, Any]) -> list[TaskScore]:
+    results = out["results"][task]
+    samples = out.get("samples", {}).get(task) or []
+    higher = out.get("higher_is_better", {}).get(task, {})
+    config = out.get("configs", {}).get(task, {})
+    scores = []
+    for key, value in results.items():
+        if "," not in key or "_stderr," in key or not isinstance(value, int | float) or isinstance(value, bool):
+            continue
+        metric, filt = key.split(",", 1)
+        stderr = results.get(f"{metric}_stderr,{filt}")
+        per = sorted((int(s["doc_id"]), s[metric]) for s in samples if s.get("filter") == filt and metric in s)
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for _, v in per) or all(
+            isinstance(v, bool) for _, v in per
+        )
+        scores.append(
+            TaskScore(
+                task=task,
+                metric=metric if filt == "none" else key,
+                value=float(value),
+                stderr=float(stderr) if isinstance(stderr, int | float) and math.isfinite(stderr) else None,
+                n=len(per) or int(out.get("n-samples", {}).get(task, {}).get("effective", 0)),
+                higher_is_better=higher.get(metric),
+                dataset=config.get("dataset_path"),
+                dataset_config=config.get("dataset_name"),
+                doc_ids=[d for d, _ in per] if per and numeric else None,
+                examples=[float(v) for _, v in per] if per and numeric else None,
+            )
+        )
+    return scores
+
+
+def primary_metric(scores: list[TaskScore], task: str) -> TaskScore | None:
+    """The score a task's recovery is read from: acc_norm, else acc, else exact_match, else its first metric."""
+    mine = [s for s in scores if s.task == task]
+    for name in _PRIMARY:
+        for s in mine:
+            if s.metric == name:
+                return s
+    return mine[0] if mine else None
+
+
+def recovery(artifact: list[float], baseline: list[float]) -> tuple[float | None, float | None]:
+    """Recovery mean(artifact) / mean(baseline) over the same examples, with its paired (delta-method) error:
+    se = sqrt(sum (a_i - R b_i)^2 / (n (n - 1))) / mean(b). A model against itself gives 1 and 0."""
+    n = len(artifact)
+    if n != len(baseline) or n == 0:
+        return None, None
+    mean_b = math.fsum(baseline) / n
+    if mean_b == 0:
+        return None, None
+    ratio = math.fsum(artifact) / n / mean_b
+    if n < 2:
+        return ratio, None
+    resid = math.fsum((a - ratio * b) ** 2 for a, b in zip(artifact, baseline, strict=True))
+    return ratio, math.sqrt(resid / (n * (n - 1))) / abs(mean_b)
+
+
+def compare(baseline: TasksReport, artifact: TasksReport) -> list[TaskComparison]:
+    """Each metric both models have, artifact against baseline on the same examples."""
+    out = []
+    for a in artifact.scores:
+        b = next((s for s in baseline.scores if s.task == a.task and s.metric == a.metric), None)
+        if b is None:
+            continue
+        if a.examples is not None and b.examples is not None and a.doc_ids == b.doc_ids:
+            rec, se = recovery(a.examples, b.examples)
+        else:  # no per-example values (a corpus-level metric): the ratio alone
+            rec, se = (a.value / b.value if b.value else None), None
+        out.append(
+            TaskComparison(
+                task=a.task,
+                metric=a.metric,
+                baseline=b.value,
+                baseline_stderr=b.stderr,
+                artifact=a.value,
+                artifact_stderr=a.stderr,
+                recovery=rec,
+                recovery_stderr=se,
+                n=a.n,
+                primary=primary_metric(artifact.scores, a.task) is a,
+            )
+        )
+    return out
