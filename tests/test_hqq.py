@@ -184,6 +184,24 @@ def test_format_card_says_how_to_serve_it() -> None:
     assert vllm and vllm[0].code == "vllm serve org/x" and "AWQ-Marlin" in vllm[0].intro
 
 
+def test_model_card_of_an_hqq_artifact(tmp_path: Path) -> None:
+    """Published like the others: base_model_relation quantized, the tags, and how to serve it."""
+    pytest.importorskip("huggingface_hub")
+    import yaml
+
+    from llmopt.artifact import Artifact
+    from llmopt.model_card import render_card
+    from tests.test_publish import make_artifact
+
+    art = make_artifact(tmp_path, fmt="awq", backend="hqq", options={"bits": 4, "group_size": 64})
+    card = render_card(Artifact.open(art), "org/smol-hqq", base_model="HuggingFaceTB/SmolLM2-135M-Instruct")
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model_relation"] == "quantized"
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert {"awq", "hqq", "4-bit", "quantized"} <= set(front["tags"])
+    assert "vllm serve org/smol-hqq" in card and "pip install gptqmodel optimum" in card
+
+
 # --- through the CLI -------------------------------------------------------------------------------------
 
 
