@@ -202,6 +202,24 @@ def test_model_card_of_an_hqq_artifact(tmp_path: Path) -> None:
     assert "vllm serve org/smol-hqq" in card and "pip install gptqmodel optimum" in card
 
 
+def test_a_recipe_of_hqq_alone_needs_no_calibration_section() -> None:
+    """`llmopt run`: an hqq variant plans without calibration text; an option of another method is refused there too."""
+    from llmopt.errors import RecipeError
+    from llmopt.recipe import parse_recipe
+
+    recipe = {
+        "name": "hqq-only",
+        "model": {"source": "m"},
+        "evaluation": {"dataset": "eval.txt"},
+        "variants": [{"name": "hqq4", "method": "hqq", "options": {"group_size": 64}}],
+    }
+    parsed = parse_recipe(recipe)
+    assert parsed.variants[0].needs_calibration() is False
+    recipe["variants"] = [{"name": "hqq4", "method": "hqq", "options": {"damp_percent": 0.1}}]
+    with pytest.raises(RecipeError, match="'damp_percent' is not an option of hqq"):
+        parse_recipe(recipe)
+
+
 # --- through the CLI -------------------------------------------------------------------------------------
 
 

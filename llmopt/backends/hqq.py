@@ -77,7 +77,7 @@ class HQQBackend(Backend):
     runner = "gptqmodel"
     needs_calibration = False
     description = (
-        "HQQ (hqq's solver): 4-bit weight-only in seconds, no calibration; AWQ GEMM layout, served by vLLM, "
+        "HQQ (hqq's solver): 4-bit weight-only, no calibration, no forward passes; AWQ GEMM layout, served by vLLM, "
         "transformers."
     )
     Options = HQQOptions
