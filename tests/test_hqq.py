@@ -276,7 +276,7 @@ def test_hqq_on_the_first_two_layers_through_the_cli(
     assert "hqq" in manifest["environment"]["packages"]
     code, err = run_cli(
         ["eval", str(out), "--baseline", str(model), "--dataset", str(assets["eval_text"]), "--context", "256",
-         "--max-tokens", "1024", "--device", "cpu", "--json", str(report_path)],
+         "--max-tokens", "1024", "--device", "cpu", "--json-file", str(report_path)],
         capsys,
     )  # fmt: skip
     assert code == 0, err
