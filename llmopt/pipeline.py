@@ -293,7 +293,7 @@ def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str,
         bits = 8.0 + 32.0 / arch.hidden_size  # int8 + an fp32 scale per row
     elif method in ("bnb-nf4", "bnb-fp4"):
         bits = 4.0 + 32.0 / 64  # 4-bit + an fp32 absmax per 64 (double quantization makes it smaller)
-    elif method in ("gptq", "awq"):
+    elif method in ("gptq", "awq", "hqq"):
         b = float(options.get("bits") or 4)
         bits = b + (16.0 + b) * per + 32.0 / arch.hidden_size  # + scales, zeros, act-order index
     elif method == "gguf":

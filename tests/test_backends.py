@@ -454,14 +454,15 @@ def test_options_and_card_facts_import_no_heavy_library() -> None:
         import sys
         from llmopt.cli import main
         from llmopt.backends import format_card
-        for method in ("gptq", "awq", "bnb-int8", "bnb-nf4", "bnb-fp4", "gguf"):
+        for method in ("gptq", "awq", "hqq", "bnb-int8", "bnb-nf4", "bnb-fp4", "gguf"):
             try:
                 main(["backends", "--options", method, "--json"])
             except SystemExit as e:
                 assert e.code in (0, None), (method, e.code)
         format_card("gguf", "gguf", {"quant_type": "q4_k_m"}, "org/x")
         format_card("gptq", "gptq", {"bits": 4}, "org/x")
-        heavy = [m for m in ("torch", "transformers", "gptqmodel", "bitsandbytes", "llama_cpp") if m in sys.modules]
+        libraries = ("torch", "transformers", "gptqmodel", "bitsandbytes", "llama_cpp", "hqq")
+        heavy = [m for m in libraries if m in sys.modules]
         assert not heavy, heavy
         """
     )

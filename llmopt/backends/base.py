@@ -43,6 +43,7 @@ BUILTIN: dict[str, str] = {
     "bnb-nf4": "llmopt.backends.bnb:BnbNf4Backend",
     "bnb-fp4": "llmopt.backends.bnb:BnbFp4Backend",
     "awq": "llmopt.backends.awq:AWQBackend",
+    "hqq": "llmopt.backends.hqq:HQQBackend",
     "gguf": "llmopt.backends.gguf:GGUFBackend",
     "llmc-fp8-dynamic": "llmopt.backends.llmc:LlmcFP8DynamicBackend",
     "llmc-w8a8-int8": "llmopt.backends.llmc:LlmcW8A8Int8Backend",
