@@ -376,3 +376,83 @@ def test_not_a_run_nor_gguf(run: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert run_cli(["publish", str(run / "artifacts" / "q8-0"), REPO, "--layout", "gguf-one-repo",
                     "--only", "q8-0"]) == 2  # fmt: skip
     assert "is one artifact" in capsys.readouterr().err
+
+
+# --- llmopt run --publish with publish.mode: gguf-one-repo ---------------------------------------------------
+
+
+def _run_context(run: Path, variants: list[str]) -> Any:
+    from llmopt.pipeline import _Context
+    from llmopt.progress import SilentReporter
+    from llmopt.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        {
+            "model": {"source": str(run.parent / "source-model")},
+            "evaluation": {"dataset": "eval.txt"},
+            "variants": [
+                {"name": v, "method": "gguf", "options": {"quant_type": v.replace("-", "_")}} for v in variants
+            ],
+            "publish": {"mode": "gguf-one-repo", "base_model": BASE},
+        }
+    )
+    ctx = _Context(recipe, None, run, SilentReporter())
+    ctx.org = "test-org"
+    return ctx
+
+
+def test_run_publishes_once_after_every_variant(run: Path, hub: HubServer) -> None:
+    """The run's publish step: one commit with the passing variants, the failed one on the card, nothing of the
+    variant that errored; each passing variant's report row says where its file went."""
+    from llmopt.pipeline import _publish_gguf_repo
+    from llmopt.results import VariantOutcome
+
+    make_gguf(run, "q6_k", delta=1.0)  # in the folder from an earlier run, but not a variant of this one
+    ctx = _run_context(run, ["q8-0", "q4-k-m", "q2-k", "q5-k-m"])
+    outcomes = [
+        VariantOutcome(name="q8-0", method="gguf", status="passed"),
+        VariantOutcome(name="q4-k-m", method="gguf", status="passed"),
+        VariantOutcome(name="q2-k", method="gguf", status="gate_failed"),
+        VariantOutcome(name="q5-k-m", method="gguf", status="error"),
+    ]
+    _publish_gguf_repo(ctx, outcomes)
+    ours = hub.commits(REPO)[-1]
+    assert sorted(p for p in ours.added if p.endswith(".gguf")) == [
+        "SmolLM2-135M-Instruct-Q4_K_M.gguf",
+        "SmolLM2-135M-Instruct-Q8_0.gguf",
+    ]
+    assert "- `q2-k` (Q2_K): gate failed" in ours.files["README.md"].decode()
+    q8 = outcomes[0].publish
+    assert q8 is not None and q8["file"] == "SmolLM2-135M-Instruct-Q8_0.gguf" and q8["layout"] == "gguf-one-repo"
+    assert q8["commit_oid"] == ours.oid and q8["repo_id"] == REPO
+    assert outcomes[2].publish is None and outcomes[3].publish is None
+
+
+def test_run_publish_failure_is_each_passing_variants_error(run: Path, hub: HubServer) -> None:
+    from llmopt.pipeline import _publish_gguf_repo
+    from llmopt.report import run_exit_code
+    from llmopt.results import VariantOutcome
+
+    hub.state.fail_commit_with = 500
+    ctx = _run_context(run, ["q8-0", "q2-k"])
+    outcomes = [
+        VariantOutcome(name="q8-0", method="gguf", status="passed"),
+        VariantOutcome(name="q2-k", method="gguf", status="gate_failed"),
+    ]
+    _publish_gguf_repo(ctx, outcomes)
+    err = outcomes[0].error
+    assert outcomes[0].status == "error" and err is not None
+    assert err.stage == "publish" and err.exit_code == 4 and "answered 500" in err.message
+    assert outcomes[1].status == "gate_failed" and outcomes[1].error is None
+    assert run_exit_code(outcomes) == 4
+    assert len(hub.commits(REPO)) == 1  # only the repo's initial commit
+
+
+def test_run_with_nothing_passed_sends_nothing(run: Path, hub: HubServer) -> None:
+    from llmopt.pipeline import _publish_gguf_repo
+    from llmopt.results import VariantOutcome
+
+    ctx = _run_context(run, ["q2-k"])
+    outcomes = [VariantOutcome(name="q2-k", method="gguf", status="gate_failed")]
+    _publish_gguf_repo(ctx, outcomes)
+    assert hub.requests == [] and outcomes[0].publish is None and outcomes[0].error is None
