@@ -456,3 +456,50 @@ def test_run_with_nothing_passed_sends_nothing(run: Path, hub: HubServer) -> Non
     outcomes = [VariantOutcome(name="q2-k", method="gguf", status="gate_failed")]
     _publish_gguf_repo(ctx, outcomes)
     assert hub.requests == [] and outcomes[0].publish is None and outcomes[0].error is None
+
+
+# --- real GGUF files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_real_gguf_files_of_a_cut_smollm2(assets: dict[str, Path], tmp_path: Path, hub: HubServer) -> None:
+    """Two real GGUF artifacts of SmolLM2 cut to 2 layers (llama.cpp's converter and quantizer), scored through
+    llama.cpp against their FP16 on the same token ids and gated: the passing one reaches the repo byte for byte
+    with its measured numbers on the card; the failing one is named as left out."""
+    import importlib.util
+
+    from llmopt.api import evaluate, quantize
+    from llmopt.backends import gguf_toolchain
+    from llmopt.gguf_repo import publish_gguf_repo
+    from tests.helpers import first_layers
+
+    if importlib.util.find_spec("llama_cpp") is None or gguf_toolchain.find_toolchain() is None:
+        pytest.skip("llama.cpp is not set up here (python scripts/build_llamacpp.py)")
+    model = first_layers(assets["model"], tmp_path / "smol-2l", 2)
+    run = tmp_path / "run"
+    reports = {}
+    for quant, limit in (("q8_0", 5.0), ("q4_0", 0.01)):
+        art = quantize(str(model), "gguf", run / "artifacts" / quant, options={"quant_type": quant})
+        reports[quant] = evaluate(
+            art.path,
+            str(model),
+            str(assets["eval_text"]),
+            gate=GateSpec(max_ppl_increase_pct=limit),
+            context_length=128,
+            max_tokens=512,
+            device="cpu",
+        )
+    assert reports["q8_0"].gate is not None and reports["q8_0"].gate.passed
+    assert reports["q4_0"].gate is not None and not reports["q4_0"].gate.passed
+    result = publish_gguf_repo(run, "test-org/smol-2l-GGUF", base_model=BASE)
+    tree = hub.commits("test-org/smol-2l-GGUF")[-1].files
+    local = next((run / "artifacts" / "q8_0").glob("*-Q8_0.gguf"))
+    assert tree["SmolLM2-135M-Instruct-Q8_0.gguf"] == local.read_bytes()
+    assert not any("Q4_0" in p for p in tree)
+    assert [lo.variant for lo in result.left_out] == ["q4_0"]
+    card = tree["README.md"].decode()
+    q8 = reports["q8_0"]
+    assert q8.delta_pct is not None and q8.artifact.distribution is not None
+    row = _row(card, "SmolLM2-135M-Instruct-Q8_0.gguf")
+    assert f"{q8.delta_pct:+.2f}%" in row and f"{q8.artifact.distribution.kld_mean:.5f}" in row
+    assert "- `q4_0` (Q4_0): gate failed" in card
