@@ -653,7 +653,8 @@ def _commit_unless_moved(
     api: Any, repo_id: str, operations: list[Any], message: str, description: str, revision: str | None,
     parent: str | None,
 ) -> Any:  # fmt: skip
-    """``create_commit`` on top of ``parent``; None when the branch moved since (the Hub answers 409 or 412)."""
+    """``create_commit`` on top of ``parent``; None when the branch moved since: the Hub answers 412 to a stale
+    ``parent_commit`` (409, a conflict, is taken the same way)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     try:
