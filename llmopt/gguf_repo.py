@@ -548,6 +548,7 @@ def publish_gguf_repo(
     commit: one ``.gguf`` file per quant type, its llmopt record, and a README card listing every ``.gguf`` file
     the repo then holds. Raises ``GateFailedError`` (exit 3) when no artifact passed its gate."""
     from llmopt import hub
+    from llmopt.model_card import base_model_of, license_of
 
     rep = reporter if reporter is not None else SilentReporter()
     hub.check_repo_id(repo_id)
@@ -569,8 +570,6 @@ def publish_gguf_repo(
         skipped=sel.skipped,
     )  # fmt: skip
     first = sel.candidates[0].art
-    from llmopt.model_card import base_model_of, license_of
-
     if not license_of(first, license):
         result.notes.append("no license found for the base model: the card has none (pass --license)")
     if not base_model_of(first, base_model):
