@@ -478,13 +478,15 @@ def test_real_gguf_files_of_a_cut_smollm2(assets: dict[str, Path], tmp_path: Pat
     model = first_layers(assets["model"], tmp_path / "smol-2l", 2)
     run = tmp_path / "run"
     reports = {}
-    for quant, limit in (("q8_0", 5.0), ("q4_0", 0.01)):
+    # a 2-layer cut scores a perplexity in the thousands, which 4-bit noise may lower: KL divergence is what
+    # tells the types apart here, so the gates are on it (Q4_0's limit is one it cannot meet)
+    for quant, limit in (("q8_0", 0.5), ("q4_0", 1e-6)):
         art = quantize(str(model), "gguf", run / "artifacts" / quant, options={"quant_type": quant})
         reports[quant] = evaluate(
             art.path,
             str(model),
             str(assets["eval_text"]),
-            gate=GateSpec(max_ppl_increase_pct=limit),
+            gate=GateSpec(max_kld=limit),
             context_length=128,
             max_tokens=512,
             device="cpu",
