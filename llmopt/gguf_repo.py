@@ -397,7 +397,8 @@ def render_card(
             r.quant_type or "?",
             r.bit_width or "–",
             fmt_bytes(r.size),
-            _fmt(r.perplexity, r.perplexity_stderr, 4),
+            # 4 decimals for a model's perplexity (10-30); fewer for a cut or broken one in the thousands
+            _fmt(r.perplexity, r.perplexity_stderr, 4 if (r.perplexity or 0) < 1000 else 1),
             _fmt(r.delta_pct, r.delta_pct_stderr, 2, signed=True, unit="%"),
             _fmt(r.kld_mean, r.kld_stderr, 5),
             gate,
