@@ -12,7 +12,8 @@ FP16 ± stderr, mean KL divergence, gate) and how to run it with llama.cpp. Ever
   ARTIFACT REPO``); a recipe with ``publish.mode: gguf-one-repo`` refuses them when it is loaded.
 - Publishing again adds or replaces files and never deletes: the repo is read first (its files, their sizes and
   LFS hashes, and the ``llmopt/*.json`` records of the ``.gguf`` files this commit does not replace), and the
-  card describes the union. A record is shown only when the file's hash in the repo is the one the record lists.
+  card describes the union. A record's numbers are shown only when the file's hash in the repo is the one the
+  record lists, and the numbers follow from the record's per-window scores (``evaluation_problems``).
 - The commit names the revision it read (``parent_commit``): when someone else committed in between, the Hub
   refuses it, and the repo is read again and the card rebuilt (up to three times), so two publishes of one model
   at the same time cannot drop each other's rows.
@@ -32,6 +33,7 @@ from typing import Any, Literal
 from llmopt import __version__
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, Manifest
 from llmopt.errors import ArtifactError, GateFailedError, InputError
+from llmopt.evaluate.gate import evaluation_problems
 from llmopt.outputs import ARTIFACTS_DIR
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.results import GateCheck, GGUFFileRow, GGUFRepoPublish, LeftOutVariant, UploadedFile
@@ -301,9 +303,14 @@ def _existing_row(path: str, f: _RepoFile, records: dict[str, bytes]) -> GGUFFil
     resolved = m.options.get("_resolved")
     name = resolved.get("gguf_file") if isinstance(resolved, dict) else None
     entry = m.files.get(name) if isinstance(name, str) else None
+    bare.record = record
     if entry is None or f.sha256 is None or entry.sha256 != f.sha256:
         bare.note = f"its record `{record}` describes another file (the sha256 differs): numbers not shown"
-        bare.record = record
+        return bare
+    # the record's numbers are shown only when they follow from its per-window scores, as for a local artifact
+    problems = evaluation_problems(m.evaluation, m.gate) if m.evaluation is not None else ["no evaluation"]
+    if problems:
+        bare.note = f"the numbers in its record `{record}` do not add up ({problems[0]}): not shown"
         return bare
     return _row(m, path, f.size, f.sha256, "already in the repo", str((m.recipe or {}).get("variant") or "") or None,
                 record)  # fmt: skip

@@ -109,3 +109,29 @@ def test_the_repo_readme_is_replaced_with_a_note(tmp_path: Path, hub_env: tuple[
     # publishing the same file again: the card is the same, and still one row
     _, card = hub.commits(REPO)[-1].files["README.md"].decode().split("---", 2)[1:]
     assert card.count("| [`SmolLM2-135M-Instruct-Q8_0.gguf`]") == 1
+
+
+def test_a_record_in_the_repo_with_flattering_numbers(
+    tmp_path: Path, hub_env: tuple[HubServer, dict[str, str]]
+) -> None:
+    """Someone with write access lowers the mean KLD and the Δ in a kept file's record (its sha256 still matches the
+    file): the next publish recomputes them from the record's per-window scores and shows no numbers for it."""
+    hub, env = hub_env
+    run = tmp_path / "run"
+    make_gguf(run, "q8_0")
+    make_gguf(run, "q4_k_m", delta=4.0, kld=0.2)
+    assert (
+        run_cli(["publish", str(run), REPO, "--layout", "gguf-one-repo", "--only", "q4-k-m"], env=env).returncode == 0
+    )
+    repo = hub.state.repos[REPO]
+    path = "llmopt/SmolLM2-135M-Instruct-Q4_K_M.json"
+    record = json.loads(repo.tree()[path])
+    record["evaluation"]["artifact"]["distribution"]["kld_mean"] = 0.0001
+    record["evaluation"]["delta_pct"] = 0.1
+    hub.state.commit(repo, "main", "better numbers", "", {path: json.dumps(record).encode()}, [])
+    r = run_cli(["publish", str(run), REPO, "--layout", "gguf-one-repo", "--only", "q8-0", "--json"], env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = next(row for row in json.loads(r.stdout)["table"] if row["path"].endswith("Q4_K_M.gguf"))
+    assert "do not add up" in kept["note"] and "delta_pct" not in kept and "kld_mean" not in kept
+    card = hub.commits(REPO)[-1].files["README.md"].decode()
+    assert "0.00010" not in card and "+0.10%" not in card
