@@ -207,6 +207,16 @@ def test_dry_run_sends_nothing(run: Path, hub: HubServer, capsys: pytest.Capture
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before
 
 
+def test_dry_run_prints_the_plan_and_the_card(run: Path, hub: HubServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["publish", str(run), REPO, "--layout", "gguf-one-repo", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would upload 5 files" in out and f"to {REPO} in one commit" in out
+    assert "  SmolLM2-135M-Instruct-Q8_0.gguf  " in out and "left out q2-k (Q2_K)" in out
+    card = out.split("----- README.md (model card) -----\n", 1)[1]
+    assert card.startswith("---\nbase_model: HuggingFaceTB/SmolLM2-135M-Instruct\n")
+    assert hub.requests == []
+
+
 def test_publishing_again_adds_and_keeps(
     run: Path, tmp_path: Path, hub: HubServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
