@@ -143,6 +143,8 @@ def run_recipe(
             interrupt.check()
             if i < len(selected):
                 write_report(report_of(outcomes, "running"), out, plots=False)
+        if publish and _one_gguf_repo(recipe):
+            _publish_gguf_repo(ctx, outcomes)
     except (KeyboardInterrupt, InterruptedRunError):
         write_report(report_of(outcomes, "interrupted"), out, plots=False)
         done = len(outcomes)
@@ -371,7 +373,7 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
         if outcome.status == "gate_failed":
             failed = [c.message for c in report.gate.failures()]
             ctx.reporter.info(f"{variant.name}: gate failed: {'; '.join(failed)}")
-        if publish and outcome.status == "passed":
+        if publish and outcome.status == "passed" and not _one_gguf_repo(ctx.recipe):
             stage = "publish"
             outcome.publish = _publish(ctx, variant, art)
     except InterruptedRunError:
@@ -605,6 +607,56 @@ def _publish(ctx: _Context, variant: VariantSpec, art: Artifact) -> dict[str, An
     )
     result.pop("card", None)  # it is on the Hub; the run report keeps where and which commit
     return result
+
+
+def _one_gguf_repo(recipe: Recipe) -> bool:
+    return recipe.publish is not None and recipe.publish.mode == "gguf-one-repo"
+
+
+def _publish_gguf_repo(ctx: _Context, outcomes: list[VariantOutcome]) -> None:
+    """``publish.mode: gguf-one-repo``: one commit, after every variant is gated, with a file per passing variant;
+    the variants whose gate failed are listed on the card. Its failure is each passing variant's publish error."""
+    from llmopt.gguf_repo import publish_gguf_repo
+
+    passed = [o for o in outcomes if o.status == "passed"]
+    if not passed:
+        return  # nothing to upload; the run's exit code already says why (3, or the first error)
+    spec = ctx.recipe.publish
+    assert spec is not None
+    repo_id, _ = repo_target(ctx.recipe, ctx.recipe.variant(passed[0].name), ctx.org)
+    gated = [o.name for o in outcomes if o.status in ("passed", "gate_failed")]
+    try:
+        result = publish_gguf_repo(
+            ctx.out,
+            repo_id,
+            only=gated,
+            private=spec.private,
+            base_model=spec.base_model,
+            license=spec.license,
+            tags=spec.tags,
+            reporter=ctx.reporter,
+        )
+    except InterruptedRunError:
+        raise
+    except LlmoptError as exc:
+        ctx.reporter.info(f"publish to {repo_id} failed: {exc.message}")
+        for o in passed:
+            o.status = "error"
+            o.error = VariantError(
+                stage="publish", type=type(exc).__name__, message=exc.message, hint=exc.hint, exit_code=exc.exit_code
+            )
+        return
+    files = {row.variant: row.path for row in result.table if row.origin == "this commit"}
+    for o in passed:
+        o.publish = {
+            "repo_id": result.repo_id,
+            "revision": None,
+            "layout": "gguf-one-repo",
+            "file": files.get(o.name),
+            "url": result.url,
+            "commit_url": result.commit_url,
+            "commit_oid": result.commit_oid,
+        }
 
 
 # --- fleets ----------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ RECIPE_SCHEMA_ID = "llmopt.recipe/1"
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 PUBLISH_FIELDS = ("org", "model_name", "variant", "method")
+GGUF_REPO_ID = "{org}/{model_name}-GGUF"
 
 
 def _error(text: str) -> PydanticCustomError:
@@ -120,8 +121,11 @@ class PublishSpec(_Strict):
     )
     organization: str | None = Field(None, description="Value of {org}; default: the user the token belongs to.")
     private: bool = Field(False, description="Create new repos as private (an existing repo keeps its visibility).")
-    mode: Literal["repo-per-variant", "branch-per-variant"] = Field(
-        "repo-per-variant", description="One repo per variant, or one repo with a branch per variant."
+    mode: Literal["repo-per-variant", "branch-per-variant", "gguf-one-repo"] = Field(
+        "repo-per-variant",
+        description="One repo per variant; one repo with a branch per variant; or (GGUF variants only) one repo "
+        "with one .gguf file per quant type and a card table of them all (repo_id default: "
+        "{org}/{model_name}-GGUF).",
     )
     base_model: str | None = Field(
         None,
@@ -156,9 +160,22 @@ class PublishSpec(_Strict):
             raise _error(f"{value!r} cannot make a valid Hub repo id (e.g. {sample!r}): {_one_line(exc)}") from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gguf_repo_name(cls, data: Any) -> Any:
+        # one repo for every quant type: the default template's {variant} would split them up again
+        if isinstance(data, dict) and data.get("mode") == "gguf-one-repo" and "repo_id" not in data:
+            return {**data, "repo_id": GGUF_REPO_ID}
+        return data
+
     @model_validator(mode="after")
     def _mode_matches_template(self) -> PublishSpec:
         has_variant = "{variant}" in self.repo_id
+        if self.mode == "gguf-one-repo" and has_variant:
+            raise _error(
+                "mode gguf-one-repo puts every GGUF variant into one repo: drop {variant} from repo_id "
+                f"(e.g. {GGUF_REPO_ID!r}, the default)"
+            )
         if self.mode == "repo-per-variant" and not has_variant:
             raise _error(
                 "mode repo-per-variant needs {variant} in repo_id (else every variant lands in one repo); "
@@ -208,11 +225,33 @@ class Recipe(_Strict):
                         f"variant '{v.name}' gates on min_recovery, which needs task accuracies: "
                         "add evaluation.tasks (e.g. `tasks: [arc_easy]`, or a local task file)"
                     )
+        if self.publish is not None and self.publish.mode == "gguf-one-repo":
+            self._check_gguf_one_repo()
         if self.calibration.dataset is None:
             for v in self.variants:
                 if v.needs_calibration():
                     raise _error(f"variant '{v.name}' ({v.method}) needs calibration text: set calibration.dataset")
         return self
+
+    def _check_gguf_one_repo(self) -> None:
+        """Every variant is GGUF and no two share a quant type: the repo holds one file per type."""
+        from llmopt.backends.base import describe_backend
+
+        seen: dict[str, str] = {}
+        for v in self.variants:
+            fmt = describe_backend(v.method).format
+            if fmt != "gguf":
+                raise _error(
+                    f"publish.mode gguf-one-repo publishes GGUF files only, and variant '{v.name}' is {v.method} "
+                    f"({fmt}): put it in a recipe of its own, or use mode repo-per-variant or branch-per-variant"
+                )
+            quant = str(v.backend_options().get("quant_type", "")).upper()
+            if quant in seen:
+                raise _error(
+                    f"variants '{seen[quant]}' and '{v.name}' are both {quant}, and publish.mode gguf-one-repo "
+                    "holds one file per quant type: drop one, or publish it from another recipe"
+                )
+            seen[quant] = v.name
 
     def gate_for(self, variant: VariantSpec) -> GateSpec:
         """The recipe's gates with the variant's own thresholds laid over them (only those it sets)."""

@@ -299,6 +299,7 @@ def render_markdown(report: RunReport) -> str:
         for name, p in published:
             where = p.get("url") or p.get("repo_id")
             rev = f" (branch `{p['revision']}`)" if p.get("revision") else ""
+            rev += f" as `{p['file']}`" if p.get("file") else ""  # gguf-one-repo: the variant's file there
             lines.append(f"- {name} → {where}{rev}, commit {str(p.get('commit_oid') or '')[:12]}")
     plots = report.files.get("plots") or []
     if plots:

@@ -31,8 +31,11 @@ __all__ = [
     "Distribution",
     "EvalReport",
     "EvalSettings",
+    "GGUFFileRow",
+    "GGUFRepoPublish",
     "GateCheck",
     "GateResult",
+    "LeftOutVariant",
     "ModelScore",
     "QuantizeOutcome",
     "RunReport",
@@ -41,6 +44,7 @@ __all__ = [
     "TaskComparison",
     "TaskScore",
     "TasksReport",
+    "UploadedFile",
     "VariantError",
     "VariantOutcome",
 ]
@@ -430,3 +434,67 @@ class RunReport(Result):
     sources: list[str] | None = None
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
     _keep_none = frozenset({"seconds", "settings", "baseline", "environment", "exit_code"})
+
+
+# --- publishing a run's GGUF files into one repo (llmopt/gguf_repo.py) --------------------------------------------
+
+
+class UploadedFile(Result):
+    path: str = Field(description="Path in the repo.")
+    size: int
+
+
+class GGUFFileRow(Result):
+    """One ``.gguf`` file the repo holds after the commit: a row of the card's table."""
+
+    path: str = Field(description="The file's path in the repo, e.g. SmolLM2-135M-Instruct-Q4_K_M.gguf.")
+    quant_type: str | None = Field(description="llama.cpp's name of the type, upper case (Q4_K_M); None: unknown.")
+    bit_width: str | None = None
+    size: int
+    sha256: str | None = None
+    origin: Literal["this commit", "already in the repo"]
+    variant: str | None = Field(None, description="The recipe variant (or artifact folder) it was made as.")
+    record: str | None = Field(None, description="Its llmopt manifest in the repo (llmopt/NAME.json); None: none.")
+    note: str | None = Field(None, description="Why the row shows no numbers (no record, record of another file).")
+    perplexity: float | None = None
+    perplexity_stderr: float | None = None
+    baseline_perplexity: float | None = None
+    delta_pct: float | None = None
+    delta_pct_stderr: float | None = None
+    kld_mean: float | None = None
+    kld_stderr: float | None = None
+    gate_passed: bool | None = None
+    gate_checks: list[str] = Field(default_factory=list, description="The gate's thresholds: 'Δ ≤ +5%', 'KLD ≤ 0.05'.")
+    measured_on: str | None = Field(
+        None, description="What the numbers were scored on (text hash, tokens, window): rows compare when equal."
+    )
+    source_weights: str | None = Field(None, description="A digest of the source model's weight hashes.")
+
+
+class LeftOutVariant(Result):
+    """A GGUF artifact of the run that is not published: its gate failed, or it was never gated."""
+
+    variant: str
+    quant_type: str | None = None
+    reason: str
+
+
+class GGUFRepoPublish(Result):
+    """What ``publish_gguf_repo`` uploaded (or, with ``dry_run``, would upload) in its one commit."""
+
+    repo_id: str
+    revision: str | None = None
+    private: bool = False
+    dry_run: bool = False
+    files: list[UploadedFile] = Field(default_factory=list, description="This commit's files.")
+    total_bytes: int = 0
+    table: list[GGUFFileRow] = Field(default_factory=list, description="Every .gguf file the repo holds after it.")
+    left_out: list[LeftOutVariant] = Field(default_factory=list)
+    skipped: list[str] = Field(default_factory=list, description="Artifacts that are not GGUF, and why.")
+    card: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    url: str | None = None
+    commit_url: str | None = None
+    commit_oid: str | None = None
+    commit_message: str | None = None
+    _keep_none = frozenset({"revision", "url", "commit_url", "commit_oid"})

@@ -50,3 +50,36 @@ def scored(
         "delta_pct": delta,
         "delta_pct_stderr": delta_se,
     }
+
+
+def distribution(kld_mean: float, settings: dict[str, Any], *, top1: float = 0.93) -> dict[str, Any]:
+    """An ``artifact.distribution`` block (KL divergence and top-1 agreement vs FP16) whose means and errors
+    follow from its per-window values, for the windows of ``settings`` (``scored(...)["settings"]``)."""
+    from llmopt.evaluate.perplexity import _stderr_of_mean
+
+    tokens = _window_tokens(settings)
+    kl = [kld_mean * (1 + 0.1 * math.sin(i)) for i in range(len(tokens))]
+    agree = [top1 - 0.01 * math.cos(i) for i in range(len(tokens))]
+    count = sum(tokens)
+
+    def mean(values: list[float]) -> float:
+        return math.fsum(v * n for v, n in zip(values, tokens, strict=True)) / count
+
+    k = mean(kl)
+    return {
+        "tokens": count,
+        "top_k": 32,
+        "kld_mean": k,
+        "kld_stderr": _stderr_of_mean(kl, tokens),
+        "kld_median": k * 0.8,
+        "kld_p90": k * 2,
+        "kld_p99": k * 5,
+        "kld_p999": k * 9,
+        "kld_max": k * 20,
+        "top1_agreement": mean(agree),
+        "top1_agreement_stderr": _stderr_of_mean(agree, tokens),
+        "delta_p_mean": -0.001,
+        "delta_p_rms": 0.01,
+        "window_kld": kl,
+        "window_top1": agree,
+    }

@@ -3,8 +3,11 @@
 It serves, on 127.0.0.1 and a random port, the endpoints the real ``huggingface_hub`` client calls to
 publish a model: whoami, repo creation, branch creation, README metadata validation, preupload (which
 files go as regular git blobs and which as LFS), the LFS batch API with basic PUT transfers and verify,
-and the NDJSON commit. Every request is recorded (method, path, headers, body) so tests can assert what
-the client sent. Repos live in memory: branch -> list of commits -> {path: bytes}.
+and the NDJSON commit (with ``parentCommit``: refused with 412 when the branch moved on); and what it calls
+to read a repo back: the repo's info at a revision with its files (``model_info(files_metadata=True)``) and
+a file's content (``/REPO/resolve/REVISION/PATH``, by branch or commit id). Every request is recorded
+(method, path, headers, body) so tests can assert what the client sent. Repos live in memory:
+branch -> list of commits -> {path: bytes}.
 
 Use with ``HF_ENDPOINT`` pointing at ``server.url`` and Xet disabled (this server has no Xet storage).
 """
@@ -54,6 +57,13 @@ class Repo:
         commits = self.branches.get(branch) or []
         return dict(commits[-1].files) if commits else {}
 
+    def at(self, revision: str) -> Commit | None:
+        """The commit a branch name or commit id points at."""
+        if revision in self.branches:
+            commits = self.branches[revision]
+            return commits[-1] if commits else None
+        return next((c for cs in self.branches.values() for c in cs if c.oid == revision), None)
+
 
 class HubState:
     def __init__(self, token: str, user: str = "test-user") -> None:
@@ -66,6 +76,8 @@ class HubState:
         self.fail_commit_with: int | None = None  # make the commit endpoint fail (tests of error paths)
         # drop the connection in the middle of every LFS upload body (a network failure mid-transfer)
         self.drop_uploads = False
+        # commits someone else lands on the branch just before each of the next N commits of the client
+        self.foreign_commits = 0
 
     def commit(self, repo: Repo, branch: str, summary: str, description: str, files: dict[str, bytes],
                lfs: list[str]) -> Commit:  # fmt: skip
@@ -182,6 +194,16 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                     return
                 getattr(self, f"_{m.group(2)}")(repo, _unquote(m.group(3)), body)
                 return
+            m = re.fullmatch(r"/api/models/(.+?)/revision/([^/]+)", path)
+            if m and method == "GET":
+                if self._authorized():
+                    self._info(m.group(1), _unquote(m.group(2)))
+                return
+            m = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
+            if m and method == "GET":
+                if self._authorized():
+                    self._resolve(m.group(1), _unquote(m.group(2)), _unquote(m.group(3)))
+                return
             m = re.fullmatch(r"/(.+?)\.git/info/lfs/objects/batch", path)
             if m and method == "POST":
                 if self._authorized():
@@ -206,6 +228,37 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                 self._send(200, {})
                 return
             self._error(404, f"no route {method} {path}")
+
+        def _info(self, repo_id: str, revision: str) -> None:
+            repo = state.repos.get(repo_id)
+            if repo is None:
+                self._error(404, "Repository not found", "RepoNotFound")
+                return
+            commit = repo.at(revision)
+            if commit is None:
+                self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+                return
+            siblings = []
+            for name, blob in sorted(commit.files.items()):
+                entry: dict[str, Any] = {"rfilename": name, "size": len(blob), "blobId": _git_oid(blob)}
+                if _is_lfs(name, len(blob)):
+                    entry["lfs"] = {"size": len(blob), "sha256": hashlib.sha256(blob).hexdigest(), "pointerSize": 134}
+                siblings.append(entry)
+            self._send(200, {"id": repo_id, "sha": commit.oid, "private": repo.private, "siblings": siblings})
+
+        def _resolve(self, repo_id: str, revision: str, name: str) -> None:
+            repo = state.repos.get(repo_id)
+            commit = repo.at(revision) if repo else None
+            if commit is None or name not in commit.files:
+                self._error(404, "Entry not found", "EntryNotFound")
+                return
+            blob = commit.files[name]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(blob)))
+            self.send_header("X-Repo-Commit", commit.oid)
+            self.end_headers()
+            self.wfile.write(blob)
 
         def _create_repo(self, payload: dict[str, Any]) -> None:
             repo_id = f"{payload.get('organization') or state.user}/{payload['name']}"
@@ -232,7 +285,7 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
             files = json.loads(body)["files"]
             out = []
             for f in files:
-                lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] > 10 * 1024 * 1024
+                lfs = _is_lfs(f["path"], f["size"])
                 out.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False})
             self._send(200, {"files": out, "commitOid": None})
 
@@ -257,6 +310,14 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                 return
             lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
             header = next(item["value"] for item in lines if item["key"] == "header")
+            if state.foreign_commits > 0:
+                state.foreign_commits -= 1
+                n = len(repo.branches[revision])
+                state.commit(repo, revision, f"someone else's commit {n}", "", {f"other-{n}.txt": b"x"}, [])
+            parent = header.get("parentCommit")
+            if parent and repo.branches[revision][-1].oid != parent:
+                self._error(412, "A commit has happened since. Please refresh and try again.")
+                return
             files: dict[str, bytes] = {}
             lfs: list[str] = []
             for item in lines:
@@ -293,6 +354,14 @@ def _handler(state: HubState, base_url: list[str]) -> type[BaseHTTPRequestHandle
                 self._send(200, {"errors": [], "warnings": []})
 
     return Handler
+
+
+def _is_lfs(path: str, size: int) -> bool:
+    return path.endswith(LFS_SUFFIXES) or size > 10 * 1024 * 1024
+
+
+def _git_oid(blob: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(blob) + blob, usedforsecurity=False).hexdigest()
 
 
 def _unquote(s: str) -> str:

@@ -257,3 +257,34 @@ def test_speed_gate_needs_throughput(tmp_path: Path) -> None:
     bad = text.replace("  device: cpu\n", "  device: cpu\n  throughput: {marlin_atomics: sometimes}\n")
     assert "evaluation.throughput.marlin_atomics" in errors_of(tmp_path, bad)
     assert cli(["recipe", "validate", str(write(tmp_path, bad))]) == 2
+
+
+GGUF = """\
+model: {source: /models/smol}
+calibration: {dataset: calib.txt}
+evaluation: {dataset: eval.txt}
+variants:
+  - {name: q8, method: gguf, options: {quant_type: q8_0}}
+  - {name: q4, method: gguf, options: {quant_type: Q4_K_M, imatrix: auto}}
+publish:
+  mode: gguf-one-repo
+"""
+
+
+def test_gguf_one_repo(tmp_path: Path) -> None:
+    """One repo for every quant type: the default repo id has no {variant}; other formats and a second variant of
+    the same type are refused when the recipe is loaded, before any work."""
+    from llmopt.pipeline import repo_target
+
+    r = load_recipe(write(tmp_path, GGUF))
+    assert r.publish is not None and r.publish.repo_id == "{org}/{model_name}-GGUF"
+    assert {repo_target(r, v, "org") for v in r.variants} == {("org/smol-GGUF", None)}
+    per_variant = "mode: gguf-one-repo\n  repo_id: '{org}/x-{variant}'"
+    msg = errors_of(tmp_path, GGUF.replace("mode: gguf-one-repo", per_variant))
+    assert "drop {variant} from repo_id" in msg
+    msg = errors_of(tmp_path, GGUF.replace("variants:\n", "variants:\n  - {name: int8, method: bnb-int8}\n"))
+    assert "GGUF files only, and variant 'int8' is bnb-int8 (bnb-8bit)" in msg and "repo-per-variant" in msg
+    msg = errors_of(tmp_path, GGUF.replace("quant_type: q8_0", "quant_type: q4_k"))  # llama.cpp's alias of q4_k_m
+    assert "variants 'q8' and 'q4' are both Q4_K_M" in msg
+    # the same variants publish per repo when the mode says so
+    assert load_recipe(write(tmp_path, GGUF.replace("gguf-one-repo", "repo-per-variant"))).publish is not None

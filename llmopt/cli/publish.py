@@ -2,18 +2,54 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, QuietOpt, human_bytes, stdout
+from llmopt.errors import InputError
+
+if TYPE_CHECKING:
+    from llmopt.results import GGUFRepoPublish
+
+
+class Layout(StrEnum):
+    folder = "folder"
+    gguf_one_repo = "gguf-one-repo"
+
+
+def render_gguf_repo(result: GGUFRepoPublish) -> None:
+    where = result.repo_id + (f" (branch {result.revision})" if result.revision else "")
+    verb = "would upload" if result.dry_run else "uploaded"
+    stdout.print(f"{verb} {len(result.files)} files ({human_bytes(result.total_bytes)}) to {where} in one commit:")
+    for f in result.files:
+        stdout.print(f"  {f.path}  {human_bytes(f.size)}")
+    kept = [r for r in result.table if r.origin != "this commit"]
+    if kept:
+        stdout.print(f"kept in the repo and listed on the card: {', '.join(r.path for r in kept)}")
+    for lo in result.left_out:
+        stdout.print(f"[yellow]left out[/] {lo.variant}" + (f" ({lo.quant_type})" if lo.quant_type else "")
+                     + f": {lo.reason}")  # fmt: skip
+    for line in [*result.skipped, *result.notes]:
+        stdout.print(f"[yellow]note[/]: {line}")
+    if result.dry_run:
+        typer.echo("----- README.md (model card) -----")
+        typer.echo(result.card or "", nl=False)
+    else:
+        stdout.print(f"[green]✓[/] {result.commit_url or result.url}")
 
 
 def register(app: typer.Typer) -> None:
     @app.command("publish", cls=JsonCommand)
     def publish_cmd(
-        artifact: Annotated[Path, typer.Argument(help="Artifact folder (evaluated, gate passed).")],
+        artifact: Annotated[
+            Path,
+            typer.Argument(
+                help="Artifact folder (evaluated, gate passed); with --layout gguf-one-repo also a run folder."
+            ),
+        ],
         repo_id: Annotated[str, typer.Argument(help="Hub repo, ORG/NAME (created if missing).")],
         private: Annotated[bool, typer.Option("--private", help="Create the repo as private.")] = False,
         revision: Annotated[
@@ -31,6 +67,19 @@ def register(app: typer.Typer) -> None:
         ] = None,
         tag: Annotated[list[str] | None, typer.Option("--tag", help="Extra model card tag (repeatable).")] = None,
         message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
+        layout: Annotated[
+            Layout,
+            typer.Option(
+                "--layout",
+                help="folder: the artifact's files as the repo. gguf-one-repo: the GGUF artifacts of a run folder "
+                "(or one GGUF artifact), one .gguf file per quant type, into one repo with a card table of every "
+                "file; other quant types already there are kept.",
+            ),
+        ] = Layout.folder,
+        only: Annotated[
+            list[str] | None,
+            typer.Option("--only", help="With --layout gguf-one-repo: publish only this variant (repeatable)."),
+        ] = None,
         json_out: JsonOpt = False,
         json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
@@ -38,13 +87,37 @@ def register(app: typer.Typer) -> None:
         """Publish ARTIFACT to REPO_ID in one commit (files, llmopt.json, generated README.md model card).
 
         Refuses an artifact without a passing gate (exit 3) or whose files changed since it was evaluated
-        (exit 5). The token comes from HF_TOKEN or `hf auth login` and is never printed.
+        (exit 5). With --layout gguf-one-repo, ARTIFACT may be a run folder: each GGUF variant that passed its
+        gate becomes one NAME-QUANT.gguf file (failed ones are listed on the card; none passed: exit 3). The
+        token comes from HF_TOKEN or `hf auth login` and is never printed.
         """
         from llmopt.hub import publish
         from llmopt.progress import default_reporter
 
         out = JsonOutput(json_out, json_file)
         out.check(artifact)
+        if layout is Layout.gguf_one_repo:
+            from llmopt.gguf_repo import publish_gguf_repo
+
+            gguf = publish_gguf_repo(
+                artifact,
+                repo_id,
+                only=only,
+                private=private,
+                revision=revision,
+                dry_run=dry_run,
+                base_model=base_model,
+                license=license_,
+                tags=tag,
+                commit_message=message,
+                reporter=default_reporter(quiet or out.to_stdout),
+            )
+            out.emit(gguf)
+            if out.human:
+                render_gguf_repo(gguf)
+            return
+        if only:
+            raise InputError("--only picks variants for --layout gguf-one-repo.", "Leave it out, or add that layout.")
         result = publish(
             artifact,
             repo_id,

@@ -56,6 +56,7 @@ def render_run(report: RunReport) -> None:
         pub = v.publish
         if pub:
             rev = f" (branch {pub['revision']})" if pub.get("revision") else ""
+            rev += f" as {pub['file']}" if pub.get("file") else ""
             stdout.print(f"[green]published[/] {v.name} -> {pub.get('url') or pub.get('repo_id')}{rev}")
     for note in report.notes:
         stdout.print(f"[dim]note: {note}[/]")
