@@ -1,0 +1,180 @@
+"""``llmopt run`` with ``evaluation.serving``: each variant served under load after its evaluation, the SLO gate, and
+every way a server fails (cannot load the artifact, dies mid-run, port in use, saturates), each confined to its own
+variant. Real GGUF artifacts of SmolLM2 cut to two layers; llama.cpp's server is played by tests/servestub.py
+(LLMOPT_LLAMA_SERVER), a real HTTP server in a process of its own, told how to misbehave by the artifact's name."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import first_layers, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+RECIPE = """\
+model:
+  source: model
+evaluation:
+  dataset: eval.txt
+  context_length: 16
+  max_tokens: 32
+  device: cpu
+  kld: false
+  serving: {rates: [2, 4], requests: 6, warmup: 1, prompt_len: 16, output_len: 4, baseline: false}
+gates:
+  max_ppl_increase_pct: 50
+  slo: {ttft_p95_ms: 2000}
+  min_goodput: 0.5
+variants:
+  - name: broken
+    method: gguf
+    options: {quant_type: q8_0}
+  - name: good
+    method: gguf
+    options: {quant_type: q8_0}
+  - name: dies
+    method: gguf
+    options: {quant_type: q8_0}
+  - name: saturates
+    method: gguf
+    options: {quant_type: q8_0}
+"""
+
+# The stand-in server misbehaves by the artifact it is given (its path names the variant).
+WRAPPER = """\
+#!/bin/sh
+case "$*" in
+  */artifacts/broken/*) export STUB_MODE=exit-at-start ;;
+  */artifacts/dies/*) export STUB_MODE=die-after:9 ;;
+  */artifacts/saturates/*) export STUB_SERIALIZE=1 STUB_ITL=0.25 ;;
+esac
+exec "{python}" "{stub}" "$@"
+"""
+
+
+@pytest.fixture(scope="module")
+def work(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from llmopt.backends import get_backend
+    from llmopt.errors import LlmoptError
+
+    try:
+        get_backend("gguf", require_usable=True)
+    except LlmoptError as exc:
+        pytest.skip(f"gguf backend not usable here: {exc.message}")
+    folder = tmp_path_factory.mktemp("run-serving")
+    first_layers(assets["model"], folder / "model", 2)
+    (folder / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
+    (folder / "recipe.yaml").write_text(RECIPE)
+    exe = folder / "bin" / "llama-server"
+    exe.parent.mkdir()
+    exe.write_text(WRAPPER.format(python=sys.executable, stub=ROOT / "tests" / "servestub.py"))
+    exe.chmod(0o755)
+    env = {"LLMOPT_LLAMA_SERVER": str(exe), "STUB_TTFT": "0.02", "STUB_ITL": "0.005"}
+    r = run_cli(["run", "recipe.yaml", "-o", "out", "--json"], cwd=folder, env=env)
+    return {"folder": folder, "env": env, "first": r}
+
+
+def _variants(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in data["variants"]}
+
+
+def test_each_variant_is_served_and_each_failure_stays_its_own(work: dict[str, Any]) -> None:
+    r = work["first"]
+    assert r.returncode == 4, r.stderr  # the first error in recipe order: a server that cannot load its model
+    data = json.loads(r.stdout)
+    v = _variants(data)
+
+    broken = v["broken"]
+    assert broken["status"] == "error" and broken["error"]["stage"] == "serve" and broken["error"]["exit_code"] == 4
+    assert "failed to load model" in broken["error"]["message"]
+    assert broken["perplexity"] is not None  # its evaluation is kept
+
+    good = v["good"]
+    assert good["status"] == "passed", good.get("error") or good["gate"]
+    points = good["evaluation"]["serving"]["points"]
+    assert [p["value"] for p in points] == [2.0, 4.0] and all(p["ok"] == 6 for p in points)
+    assert good["evaluation"]["serving"]["server"]["kind"] == "llama.cpp"
+    names = [c["name"] for c in good["gate"]["checks"]]
+    assert "slo.ttft_p95_ms@2/s" in names and "slo.min_goodput@4/s" in names
+    assert len(points[0]["latencies"]) == 6  # what a later gate or the optimizer judges
+
+    dies = v["dies"]
+    assert dies["status"] == "error" and dies["error"]["stage"] == "serve" and dies["error"]["exit_code"] == 4
+    serving = dies["evaluation"]["serving"]
+    assert serving["failed"] and "measured until then" in serving["failed"]
+    assert serving["points"], "the points measured before the server died are kept"
+
+    sat = v["saturates"]
+    assert sat["status"] == "gate_failed", sat.get("error")
+    top = sat["evaluation"]["serving"]["points"][-1]
+    assert top["saturated"] and top["ttft_ms"] is None  # no meaningless percentile
+    failed = [c["message"] for c in sat["gate"]["checks"] if not c["passed"]]
+    assert any("saturated" in m for m in failed)
+
+    out = work["folder"] / "out"
+    md = (out / "report.md").read_text()
+    assert "## Serving under load" in md and "| good | 4 req/s | 6/6 |" in md
+    assert "serving failed" in md  # the dead server's error
+    assert (out / "plots" / "serve-latency.png").stat().st_size > 1000
+    assert (out / "plots" / "serve-throughput.png").is_file()
+    assert (out / "serving" / "good" / "server-model.log").is_file()
+    # the manifest keeps a finished measurement only
+    manifest = json.loads((out / "artifacts" / "good" / "llmopt.json").read_text())
+    assert manifest["evaluation"]["serving"]["points"][0]["ok"] == 6
+    assert "serving" not in (json.loads((out / "artifacts" / "dies" / "llmopt.json").read_text())["evaluation"] or {})
+
+
+def test_a_rerun_reuses_the_measurement_and_regates_a_new_slo(work: dict[str, Any]) -> None:
+    r = run_cli(
+        ["run", "recipe.yaml", "-o", "out", "--only", "good", "--set", "gates.slo.ttft_p95_ms=0.001", "--json"],
+        cwd=work["folder"],
+        env=work["env"],
+    )
+    assert r.returncode == 3, r.stderr
+    assert "good: serving measurement up to date, not serving again" in r.stderr
+    good = _variants(json.loads(r.stdout))["good"]
+    assert good["status"] == "gate_failed"
+    assert any(c["name"] == "slo.ttft_p95_ms@4/s" and not c["passed"] for c in good["gate"]["checks"])
+
+
+def test_the_optimizer_reads_the_run(work: dict[str, Any]) -> None:
+    r = run_cli(
+        ["estimate", "--report", "out/report.json", "--slo", "ttft_p95=2s", "--rate", "4", "--json"],
+        cwd=work["folder"],
+    )
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["recommended"]["variant"] == "good" and plan["recommended"]["source"] == "measured"
+    assert {o["variant"] for o in plan["options"]} >= {"good", "saturates", "dies"}
+
+
+def test_a_port_in_use_fails_serving_not_the_evaluations(work: dict[str, Any]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli(
+            [
+                "run",
+                "recipe.yaml",
+                "-o",
+                "out2",
+                "--only",
+                "good",
+                "--set",
+                f"evaluation.serving.port={port}",
+                "--json",
+            ],
+            cwd=work["folder"],
+            env=work["env"],
+        )
+    assert r.returncode == 2, r.stderr
+    good = _variants(json.loads(r.stdout))["good"]
+    assert good["error"]["stage"] == "serve" and f"port {port} on 127.0.0.1 is in use" in good["error"]["message"]
+    assert good["perplexity"] is not None
