@@ -529,6 +529,9 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> RunReport:
         notes=notes,
     )
     report.state = "incomplete" if any(v.status == "not_run" for v in report.variants) else "complete"
+    # the FP16 model served: the newest report's measurement (each job of a fleet serves it with the same trace)
+    served = [d.baseline_serving for _, d in sorted(loaded, key=lambda pd: str(pd[1].created_at or ""))]
+    report.baseline_serving = next((b for b in reversed(served) if b is not None), None)
     claim_run_folder(out_dir)
     write_report(report, out_dir)
     return report

@@ -178,3 +178,38 @@ def test_a_port_in_use_fails_serving_not_the_evaluations(work: dict[str, Any]) -
     good = _variants(json.loads(r.stdout))["good"]
     assert good["error"]["stage"] == "serve" and f"port {port} on 127.0.0.1 is in use" in good["error"]["message"]
     assert good["perplexity"] is not None
+
+
+BNB_RECIPE = """\
+model:
+  source: model
+evaluation:
+  dataset: eval.txt
+  context_length: 16
+  max_tokens: 32
+  device: cpu
+  kld: false
+  serving: {server: llama.cpp, rates: [2], requests: 4, prompt_len: 16, output_len: 4}
+gates:
+  max_ppl_increase_pct: 50
+variants:
+  - name: int8
+    method: bnb-int8
+"""
+
+
+def test_an_artifact_the_chosen_server_cannot_load(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`server: llama.cpp` for a bitsandbytes folder (and for the FP16 folder): the variant errors at its serve
+    stage (exit 2) with its evaluation kept; the baseline's failure is a note, not an error."""
+    first_layers(assets["model"], tmp_path / "model", 2)
+    (tmp_path / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
+    (tmp_path / "recipe.yaml").write_text(BNB_RECIPE)
+    r = run_cli(["run", "recipe.yaml", "-o", "out", "--json"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    data = json.loads(r.stdout)
+    row = data["variants"][0]
+    assert row["status"] == "error" and row["error"]["stage"] == "serve"
+    assert "llama.cpp's server loads .gguf files" in row["error"]["message"]
+    assert row["perplexity"] is not None and "serving" not in row["evaluation"]
+    assert any("the FP16 baseline could not be served" in n for n in data["notes"])
+    assert "baseline_serving" not in data
