@@ -115,8 +115,8 @@ def test_unknown_nested_key_points_at_its_line(tmp_path: Path) -> None:
     msg = errors_of(tmp_path, GOOD.replace("  context_length: 128", "  context_lenght: 128"))
     assert "r.yaml:10: unknown key 'context_lenght' in evaluation (did you mean 'context_length'?)" in msg
     assert (
-        "valid keys: add_bos, batch_size, context_length, dataset, device, kernel, kld, max_tokens, stride, throughput"
-        in msg
+        "valid keys: add_bos, batch_size, context_length, dataset, device, kernel, kld, max_tokens, serving, stride, "
+        "throughput" in msg
     )
 
 
