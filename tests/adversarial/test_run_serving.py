@@ -131,21 +131,26 @@ def test_each_variant_is_served_and_each_failure_stays_its_own(work: dict[str, A
 
 
 def test_a_rerun_reuses_the_measurement_and_regates_a_new_slo(work: dict[str, Any]) -> None:
+    before = _variants(json.loads(work["first"].stdout))["good"]["evaluation"]["serving"]
     r = run_cli(
-        ["run", "recipe.yaml", "-o", "out", "--only", "good", "--set", "gates.slo.ttft_p95_ms=0.001", "--json"],
+        ["run", "recipe.yaml", "-o", "out", "--only", "good", "--set", "gates.slo.ttft_p95_ms=0.001"],
         cwd=work["folder"],
         env=work["env"],
     )
     assert r.returncode == 3, r.stderr
     assert "good: serving measurement up to date, not serving again" in r.stderr
-    good = _variants(json.loads(r.stdout))["good"]
+    assert "serving (top rate)" in r.stdout and "TTFT p95" in r.stdout  # the table's serving column
+    good = _variants(json.loads((work["folder"] / "out" / "report.json").read_text()))["good"]
+    assert good["evaluation"]["serving"] == before  # the same measurement, judged against the new SLO
     assert good["status"] == "gate_failed"
     assert any(c["name"] == "slo.ttft_p95_ms@4/s" and not c["passed"] for c in good["gate"]["checks"])
 
 
 def test_the_optimizer_reads_the_run(work: dict[str, Any]) -> None:
+    # the first run's report.json (a later --only run rewrites the folder's with its variant alone)
+    (work["folder"] / "first-report.json").write_text(work["first"].stdout)
     r = run_cli(
-        ["estimate", "--report", "out/report.json", "--slo", "ttft_p95=2s", "--rate", "4", "--json"],
+        ["estimate", "--report", "first-report.json", "--slo", "ttft_p95=2s", "--rate", "4", "--json"],
         cwd=work["folder"],
     )
     assert r.returncode == 0, r.stderr
@@ -213,3 +218,47 @@ def test_an_artifact_the_chosen_server_cannot_load(assets: dict[str, Path], tmp_
     assert row["perplexity"] is not None and "serving" not in row["evaluation"]
     assert any("the FP16 baseline could not be served" in n for n in data["notes"])
     assert "baseline_serving" not in data
+
+
+REAL_RECIPE = """\
+model:
+  source: model
+evaluation:
+  dataset: eval.txt
+  context_length: 16
+  max_tokens: 32
+  device: cpu
+  kld: false
+  serving: {rates: [1, 2], requests: 4, warmup: 1, prompt_len: 16, output_len: 4, threads: 2, baseline: false}
+gates:
+  slo: {e2e_p95_s: 60}
+variants:
+  - name: q8
+    method: gguf
+    options: {quant_type: q8_0}
+"""
+
+
+@pytest.mark.e2e
+def test_real_llama_server_in_a_run(assets: dict[str, Path], tmp_path: Path) -> None:
+    """The real llama-server behind a GGUF variant of `llmopt run`: every request streams exactly output_len tokens
+    (ignore_eos), counted by the server, and the gate reads the SLO on it."""
+    from llmopt.errors import BackendUnavailableError
+    from llmopt.serving.servers import llama_server_binary
+
+    try:
+        llama_server_binary()
+    except BackendUnavailableError:
+        pytest.skip("llama-server is not built here (scripts/build_llamacpp.py, or LLMOPT_LLAMA_SERVER)")
+    first_layers(assets["model"], tmp_path / "model", 2)
+    (tmp_path / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
+    (tmp_path / "recipe.yaml").write_text(REAL_RECIPE)
+    r = run_cli(["run", "recipe.yaml", "-o", "out", "--json"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)["variants"][0]
+    serving = row["evaluation"]["serving"]
+    assert serving["server"]["kind"] == "llama.cpp" and "llama-server" in serving["server"]["command"][0]
+    for p in serving["points"]:
+        assert p["ok"] == 4 and p["tokens_from"] == "usage"
+        assert p["output_tokens_per_s"] == pytest.approx(4 * 4 / p["duration_s"])
+    assert row["gate"]["passed"] and any(c["name"].startswith("slo.e2e_p95_ms") for c in row["gate"]["checks"])
