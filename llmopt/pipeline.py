@@ -634,17 +634,33 @@ def _serve_baseline(ctx: _Context, spec: Any) -> None:
     if not spec.baseline or ctx.baseline_serving_tried:
         return
     ctx.baseline_serving_tried = True
+    from llmopt.atomic import write_json_atomic
     from llmopt.serving.measure import serve_model
 
+    folder = ctx.out / SERVING_DIR / "fp16-baseline"
+    stored_file = folder / "serving.json"
+    weights = sha256_json(ctx.source_weights)
+    stored = _stored_serving(stored_file)
+    if (
+        stored is not None
+        and stored.spec == spec.model_dump(mode="json")
+        and stored.device == ctx.device_label
+        and stored.model == ctx.model_arg
+        and stored.model_sha256 == weights
+        and not stored.failed
+    ):
+        ctx.reporter.info("FP16 baseline: serving measurement up to date, not serving again")
+        ctx.baseline_serving = stored
+        return
     ctx.reporter.info(f"FP16 baseline: serving under load ({_trace_text(spec)})")
     try:
         with ctx.reporter.step("FP16 baseline: serving"):
-            ctx.baseline_serving = serve_model(
+            served = serve_model(
                 ctx.model_arg,
                 spec,
                 role="baseline",
                 tokenizer=_serving_tokenizer(ctx),
-                work_dir=ctx.out / SERVING_DIR / "fp16-baseline",
+                work_dir=folder,
                 device=ctx.device_label,
                 log=ctx.reporter.info,
             )
@@ -653,8 +669,21 @@ def _serve_baseline(ctx: _Context, spec: Any) -> None:
         ctx.notes.append(note + (f"; {exc.hint}" if exc.hint else ""))
         ctx.reporter.info(note)
         return
-    if ctx.baseline_serving.failed:
-        ctx.notes.append(f"the FP16 baseline's server failed: {ctx.baseline_serving.failed}")
+    served.model_sha256 = weights
+    ctx.baseline_serving = served
+    if served.failed:
+        ctx.notes.append(f"the FP16 baseline's server failed: {served.failed}")
+    else:  # kept in the run folder: the next run of the same recipe reuses it, as it reuses the variants'
+        write_json_atomic(stored_file, served.to_json())
+
+
+def _stored_serving(path: Path) -> ServingReport | None:
+    import json
+
+    try:
+        return ServingReport.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def _trace_text(spec: Any) -> str:

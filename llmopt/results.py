@@ -217,6 +217,9 @@ class ServingReport(Result):
 
     schema_: str = Field(SERVING_SCHEMA, alias="schema")
     model: str | None = Field(None, description="What was served: the artifact folder, or the FP16 model.")
+    model_sha256: str | None = Field(
+        None, description="The FP16 model's weight hashes, digested (its stored measurement is reused only for them)."
+    )
     spec: dict[str, Any] = Field(default_factory=dict, description="ServingSpec it was measured with.")
     server: dict[str, Any] = Field(default_factory=dict, description="Kind, command line, startup time, notes.")
     machine: str | None = None

@@ -262,3 +262,50 @@ def test_real_llama_server_in_a_run(assets: dict[str, Path], tmp_path: Path) -> 
         assert p["ok"] == 4 and p["tokens_from"] == "usage"
         assert p["output_tokens_per_s"] == pytest.approx(4 * 4 / p["duration_s"])
     assert row["gate"]["passed"] and any(c["name"].startswith("slo.e2e_p95_ms") for c in row["gate"]["checks"])
+
+
+VLLM_RECIPE = """\
+model:
+  source: model
+evaluation:
+  dataset: eval.txt
+  context_length: 16
+  max_tokens: 32
+  device: cpu
+  kld: false
+  serving: {server: vllm, rates: [2, 4], requests: 4, warmup: 1, prompt_len: 16, output_len: 4}
+gates:
+  slo: {ttft_p95_ms: 5000}
+variants:
+  - name: int8
+    method: bnb-int8
+"""
+
+
+def test_the_fp16_baseline_is_served_once_and_reused(assets: dict[str, Path], tmp_path: Path) -> None:
+    """`server: vllm` (played by the stand-in as a `vllm` command on PATH): the FP16 model is served with the same
+    trace, shown next to the variant, and a second run reuses both measurements instead of serving again."""
+    import os
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    vllm = bin_dir / "vllm"
+    vllm.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "servestub.py"}" "$@"\n')
+    vllm.chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_TTFT": "0.02", "STUB_ITL": "0.005"}
+    first_layers(assets["model"], tmp_path / "model", 2)
+    (tmp_path / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
+    (tmp_path / "recipe.yaml").write_text(VLLM_RECIPE)
+    r = run_cli(["run", "recipe.yaml", "-o", "out"], cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    base = data["baseline_serving"]
+    assert base["server"]["kind"] == "vllm" and base["model"] == "model" and len(base["points"]) == 2
+    assert data["variants"][0]["evaluation"]["serving"]["server"]["kind"] == "vllm"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| FP16 baseline | 2 req/s | 4/4 |" in md and "| int8 | 4 req/s | 4/4 |" in md
+    again = run_cli(["run", "recipe.yaml", "-o", "out"], cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr
+    assert "FP16 baseline: serving measurement up to date" in again.stderr
+    assert "int8: serving measurement up to date" in again.stderr
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["baseline_serving"] == base
