@@ -108,9 +108,10 @@ def run_recipe(
     if not isinstance(recipe, Recipe):
         recipe_file = str(recipe)
         recipe = load_recipe(recipe)
-    # typed flags first (None = not given), then --set key.path=value (null clears a key)
-    recipe = apply_overrides(recipe, overrides or {})
-    recipe = apply_overrides(recipe, parse_set_flags(sets), keep_none=True)
+    # typed flags (None = not given), then --set key.path=value (null clears a key), validated together: a flag
+    # may need what a --set adds (--slo and --set evaluation.serving.rates=[...])
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    recipe = apply_overrides(recipe, {**given, **parse_set_flags(sets)}, keep_none=True)
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
     check_run_folder(out, overwrite)

@@ -263,3 +263,18 @@ def test_an_unknown_slo_key_in_the_recipe_is_refused_at_load() -> None:
         parse_recipe(_recipe(evaluation__serving={}, gates__slo={"latency": 5}))
     with pytest.raises(InputError):
         parse_slo("ttft_p95=fast")
+
+
+def test_run_slo_flag_is_checked_before_any_work(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model: {source: nowhere}\nevaluation: {dataset: t.txt}\n"
+        "variants:\n  - {name: q8, method: gguf, options: {quant_type: q8_0}}\n"
+    )
+    r = run_cli(["run", str(recipe), "--slo", "ttft_p95=soon"], cwd=tmp_path)
+    assert r.returncode == 2 and "is not a duration" in r.stderr
+    r = run_cli(["run", str(recipe), "--slo", "ttft_p95=500ms"], cwd=tmp_path)
+    assert r.returncode == 2 and "add evaluation.serving" in r.stderr
+    r = run_cli(["run", str(recipe), "--slo", "ttft_p95=500ms,at_rate=3", "--set", "evaluation.serving.rates=[1]"])
+    assert r.returncode == 2 and "slo_at_rate 3 is not among evaluation.serving.rates" in r.stderr
+    assert not (tmp_path / "llmopt-runs").exists()
