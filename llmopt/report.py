@@ -37,6 +37,8 @@ from llmopt import __version__
 from llmopt.atomic import write_atomic, write_json_atomic, write_text_atomic
 from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
 from llmopt.results import RUN_SCHEMA, RunReport, ServingReport, VariantOutcome
+from llmopt.serving.metrics import with_slo
+from llmopt.specs import GateSpec
 from llmopt.units import fmt_bytes
 
 PLOTS_DIR = "plots"
@@ -317,26 +319,31 @@ def _ms(stats: Any, pct: str) -> str:
 
 def _serving_markdown(report: RunReport) -> list[str]:
     """Per served model, a row per load point: latency percentiles, throughput, goodput, saturation."""
-    served = [("FP16 baseline", report.baseline_serving)] if report.baseline_serving else []
-    served += [(r.name, s) for r in report.variants if (s := _serving(r)) is not None]
+    served = [("FP16 baseline", report.baseline_serving, _recipe_gate(report))] if report.baseline_serving else []
+    served += [(r.name, s, r.gate.spec if r.gate else None) for r in report.variants if (s := _serving(r)) is not None]
     if not served:
         return []
     first = served[0][1]
     spec = first.spec
+    kinds = ", ".join(sorted({str(s.server.get("kind")) for _, s, _ in served}))
     lines = [
         "",
         "## Serving under load",
         "",
-        f"Each model behind its own server ({', '.join(sorted({str(s.server.get('kind')) for _, s in served}))}) "
+        f"Each model behind its own server ({kinds}) "
         f"on {first.machine or '?'}, the same seeded trace: {spec.get('requests')} requests per rate, prompts of "
         f"{spec.get('prompt_len')} tokens, {spec.get('output_len')} output tokens. Latencies in ms; "
-        "a saturated point (the server did not keep up) has no percentiles.",
+        "a saturated point (the server did not keep up) has no percentiles. Goodput and SLO: against each "
+        "model's gate (`slo`, `min_goodput`), where it has one.",
         "",
         "| model | load | ok | TTFT p50 | TTFT p95 | ITL p95 | E2E p95 | output tok/s | goodput/s | SLO | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, s in served:
+    for name, s, gate in served:
+        target = gate.serving_slo() if gate is not None else None
         for p in s.points:
+            if target is not None and (target.at_rate is None or (p.mode == "rate" and p.value == target.at_rate)):
+                p = with_slo(p, target)
             slo = "–" if p.slo_passed is None else ("pass" if p.slo_passed else "FAIL")
             note = (p.saturation_note or "saturated") if p.saturated else ""
             lines.append(
@@ -347,13 +354,25 @@ def _serving_markdown(report: RunReport) -> list[str]:
         if s.failed:
             lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | server failed: {s.failed} |")
     cost = [
-        (name, p) for name, s in served for p in s.points if p.cost_per_million_tokens is not None and not p.saturated
+        (name, p)
+        for name, s, _ in served
+        for p in s.points
+        if p.cost_per_million_tokens is not None and not p.saturated
     ]
     if cost:
         lines += ["", "Cost per million output tokens: " + "; ".join(
             f"{name} at {p.label} ${p.cost_per_million_tokens:.3f}" for name, p in cost
         )]  # fmt: skip
     return lines
+
+
+def _recipe_gate(report: RunReport) -> GateSpec | None:
+    """The recipe's default gate (what the FP16 model's serving is shown against)."""
+    gates = (report.recipe.get("resolved") or {}).get("gates")
+    try:
+        return GateSpec.model_validate(gates) if isinstance(gates, dict) else None
+    except ValidationError:
+        return None
 
 
 # --- plots -----------------------------------------------------------------------------------------

@@ -110,10 +110,11 @@ def _option(
     p = above[0]
     latency_only = slo.model_copy(update={"min_goodput": None, "at_rate": None})
     judged = with_slo(p, latency_only) if latency_only.limits else p.model_copy()
+    # a saturated point has no percentiles: the saturation is the one reason, not each missing value
     failures = [
-        f"{c.name} " + ("not reported (saturated)" if c.value is None else f"{c.value:,.1f} > {c.limit:g}")
+        f"{c.name} " + ("not measured" if c.value is None else f"{c.value:,.1f} > {c.limit:g}")
         for c in judged.slo_checks
-        if not c.passed
+        if not c.passed and not (p.saturated and c.value is None)
     ]
     ratios = [(c.value / c.limit) if c.value is not None else math.inf for c in judged.slo_checks if c.name != "errors"]
     if p.saturated:
