@@ -252,7 +252,8 @@ def _is_json_file(path: Path) -> bool:
 
 RUN_MARKER = ".llmopt-run"
 ARTIFACTS_DIR = "artifacts"
-_RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "report.json", "report.md", RUN_MARKER}
+# serving/: server logs and per-request records of evaluation.serving
+_RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "serving", "report.json", "report.md", RUN_MARKER}
 
 
 def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output") -> None:

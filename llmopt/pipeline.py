@@ -41,6 +41,7 @@ from llmopt.results import (
     QuantizeOutcome,
     RunReport,
     RunState,
+    ServingReport,
     VariantError,
     VariantOutcome,
 )
@@ -69,6 +70,9 @@ class _Context:
         self.versions: dict[str, str | None] = {}
         self.org: str | None = None
         self.baseline_speeds: dict[str, dict[str, Any]] = {}  # the FP16 speed, measured once per run
+        self.baseline_serving: ServingReport | None = None  # the FP16 model served, once per run
+        self.baseline_serving_tried = False
+        self.notes: list[str] = []  # for the run report (a baseline that could not be served, ...)
 
     def record(self, variant: VariantSpec) -> dict[str, Any]:
         """What goes into the artifact manifest's ``recipe`` field."""
@@ -104,9 +108,10 @@ def run_recipe(
     if not isinstance(recipe, Recipe):
         recipe_file = str(recipe)
         recipe = load_recipe(recipe)
-    # typed flags first (None = not given), then --set key.path=value (null clears a key)
-    recipe = apply_overrides(recipe, overrides or {})
-    recipe = apply_overrides(recipe, parse_set_flags(sets), keep_none=True)
+    # typed flags (None = not given), then --set key.path=value (null clears a key), validated together: a flag
+    # may need what a --set adds (--slo and --set evaluation.serving.rates=[...])
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    recipe = apply_overrides(recipe, {**given, **parse_set_flags(sets)}, keep_none=True)
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
     check_run_folder(out, overwrite)
@@ -123,8 +128,13 @@ def run_recipe(
     def report_of(outcomes: list[VariantOutcome], state: RunState) -> RunReport:
         rest = [not_run_outcome(v) for v in selected[len(outcomes) :]]
         report = build_run_report(
-            recipe=record, variants=[*outcomes, *rest], output=out, seconds=time.perf_counter() - started
+            recipe=record,
+            variants=[*outcomes, *rest],
+            output=out,
+            seconds=time.perf_counter() - started,
+            notes=ctx.notes,
         )
+        report.baseline_serving = ctx.baseline_serving
         report.state = state
         if state == "interrupted":
             report.exit_code = EXIT_INTERRUPTED
@@ -370,7 +380,14 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
         outcome.evaluation = report
         outcome.gate = report.gate
         outcome.status = "passed" if report.gate.passed else "gate_failed"
-        if outcome.status == "gate_failed":
+        if ctx.recipe.evaluation.serving is not None:
+            stage = "serve"
+            report = _served(ctx, variant, art, report, outcome)
+            assert report.gate is not None
+            outcome.evaluation = report
+            outcome.gate = report.gate
+            outcome.status = "passed" if report.gate.passed else "gate_failed"
+        if outcome.status == "gate_failed" and report.gate is not None:
             failed = [c.message for c in report.gate.failures()]
             ctx.reporter.info(f"{variant.name}: gate failed: {'; '.join(failed)}")
         if publish and outcome.status == "passed" and not _one_gguf_repo(ctx.recipe):
@@ -558,6 +575,131 @@ def regate(art: Artifact, evaluation: EvalReport, gate: GateSpec) -> EvalReport:
         art.manifest.gate = result
         art.save()
     return report
+
+
+# --- serve under load (or reuse) -------------------------------------------------------------------
+
+SERVING_DIR = "serving"
+
+
+def _serving_tokenizer(ctx: _Context) -> str | None:
+    """The FP16 model's tokenizer makes every model's prompts (the same token lengths for all of them)."""
+    from llmopt.serving.bench import default_tokenizer_source
+
+    return default_tokenizer_source(ctx.model_arg)
+
+
+def _served(
+    ctx: _Context, variant: VariantSpec, art: Artifact, report: EvalReport, outcome: VariantOutcome
+) -> EvalReport:
+    """Serve the variant under ``evaluation.serving`` (unless its manifest holds a measurement with these very
+    settings), put the result into its evaluation, apply the gate again (the SLO checks read it) and record both
+    in the manifest. A server that dies mid-run leaves what it measured in the outcome and raises (the variant
+    errors; the manifest keeps no partial measurement, so the next run measures again)."""
+    from llmopt.errors import BackendUnavailableError
+    from llmopt.serving.measure import serve_model
+
+    spec = ctx.recipe.evaluation.serving
+    assert spec is not None
+    gate = ctx.recipe.gate_for(variant)
+    _serve_baseline(ctx, spec)
+    stored = report.serving
+    wanted = spec.model_dump(mode="json")
+    if stored is not None and stored.spec == wanted and stored.device == ctx.device_label and not stored.failed:
+        ctx.reporter.info(f"{variant.name}: serving measurement up to date, not serving again")
+        serving = stored
+    else:
+        ctx.reporter.info(f"{variant.name}: serving under load ({_trace_text(spec)})")
+        with ctx.reporter.step(f"{variant.name}: serving"):
+            serving = serve_model(
+                art.path,
+                spec,
+                tokenizer=_serving_tokenizer(ctx),
+                work_dir=ctx.out / SERVING_DIR / variant.name,
+                device=ctx.device_label,
+                log=ctx.reporter.info,
+            )
+    evaluation = report.without_gate().model_copy(update={"serving": serving})
+    gated = evaluation.model_copy(update={"gate": apply_gate(gate, evaluation)})
+    if serving.failed:
+        outcome.evaluation = gated
+        outcome.gate = gated.gate
+        raise BackendUnavailableError(
+            f"serving failed: {serving.failed}.",
+            f"The points measured until then are in the report; see the server log in {SERVING_DIR}/{variant.name}/.",
+        )
+    if serving is not stored:
+        art.manifest.evaluation = evaluation
+        art.manifest.gate = gated.gate
+        art.save()
+    elif art.manifest.gate != gated.gate:
+        art.manifest.gate = gated.gate
+        art.save()
+    return gated
+
+
+def _serve_baseline(ctx: _Context, spec: Any) -> None:
+    """The FP16 model served with the same trace, once per run; a failure is a note, never a variant's error."""
+    if not spec.baseline or ctx.baseline_serving_tried:
+        return
+    ctx.baseline_serving_tried = True
+    from llmopt.atomic import write_json_atomic
+    from llmopt.serving.measure import serve_model
+
+    folder = ctx.out / SERVING_DIR / "fp16-baseline"
+    stored_file = folder / "serving.json"
+    weights = sha256_json(ctx.source_weights)
+    stored = _stored_serving(stored_file)
+    if (
+        stored is not None
+        and stored.spec == spec.model_dump(mode="json")
+        and stored.device == ctx.device_label
+        and stored.model == ctx.model_arg
+        and stored.model_sha256 == weights
+        and not stored.failed
+    ):
+        ctx.reporter.info("FP16 baseline: serving measurement up to date, not serving again")
+        ctx.baseline_serving = stored
+        return
+    ctx.reporter.info(f"FP16 baseline: serving under load ({_trace_text(spec)})")
+    try:
+        with ctx.reporter.step("FP16 baseline: serving"):
+            served = serve_model(
+                ctx.model_arg,
+                spec,
+                role="baseline",
+                tokenizer=_serving_tokenizer(ctx),
+                work_dir=folder,
+                device=ctx.device_label,
+                log=ctx.reporter.info,
+            )
+    except LlmoptError as exc:
+        note = f"the FP16 baseline could not be served ({exc.message.rstrip('.')}): no serving comparison"
+        ctx.notes.append(note + (f"; {exc.hint}" if exc.hint else ""))
+        ctx.reporter.info(note)
+        return
+    served.model_sha256 = weights
+    ctx.baseline_serving = served
+    if served.failed:
+        ctx.notes.append(f"the FP16 baseline's server failed: {served.failed}")
+    else:  # kept in the run folder: the next run of the same recipe reuses it, as it reuses the variants'
+        write_json_atomic(stored_file, served.to_json())
+
+
+def _stored_serving(path: Path) -> ServingReport | None:
+    import json
+
+    try:
+        return ServingReport.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def _trace_text(spec: Any) -> str:
+    where = (
+        f"{', '.join(f'{r:g}' for r in spec.rates)} req/s" if spec.rates else f"concurrency {spec.concurrency}"
+    )
+    return f"{where}, {spec.requests} requests each"
 
 
 # --- publish ---------------------------------------------------------------------------------------

@@ -227,6 +227,21 @@ class Recipe(_Strict):
                     )
         if self.publish is not None and self.publish.mode == "gguf-one-repo":
             self._check_gguf_one_repo()
+        serving = self.evaluation.serving
+        for v in self.variants:
+            gate = self.gate_for(v)
+            if gate.needs_serving() and serving is None:
+                raise _error(
+                    f"variant '{v.name}' gates on slo/min_goodput, which need serving measurements: "
+                    "add evaluation.serving (e.g. `serving: {rates: [1, 2]}`)"
+                )
+            at = gate.slo_at_rate
+            if at is not None and serving is not None and (serving.rates is None or at not in serving.rates):
+                swept = ", ".join(f"{r:g}" for r in serving.rates or []) or "none (concurrency mode)"
+                raise _error(
+                    f"variant '{v.name}': slo_at_rate {at:g} is not among evaluation.serving.rates ({swept}); "
+                    "add it there or pick one of them"
+                )
         if self.calibration.dataset is None:
             for v in self.variants:
                 if v.needs_calibration():

@@ -16,7 +16,8 @@ they are skipped and the report says so.
                 quantize: {reused, seconds, reason}, evaluation_reused,
                 perplexity, stderr, delta_pct, delta_pct_stderr, size_bytes, size_ratio,
                 decode_speedup, gate, publish, error: {stage, type, message, hint, exit_code},
-                evaluation: the full llmopt.eval/1 report}],
+                evaluation: the full llmopt.eval/1 report (its ``serving``: the variant served under load)}],
+    baseline_serving: the FP16 model served under load, once per run (evaluation.serving),
     counts: {passed, gate_failed, error, not_run}, exit_code (null while running, 130 interrupted),
     files: {json, markdown, plots}, notes, sources
 """
@@ -35,7 +36,9 @@ from pydantic import ValidationError
 from llmopt import __version__
 from llmopt.atomic import write_atomic, write_json_atomic, write_text_atomic
 from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
-from llmopt.results import RUN_SCHEMA, RunReport, VariantOutcome
+from llmopt.results import RUN_SCHEMA, RunReport, ServingReport, VariantOutcome
+from llmopt.serving.metrics import with_slo
+from llmopt.specs import GateSpec
 from llmopt.units import fmt_bytes
 
 PLOTS_DIR = "plots"
@@ -187,6 +190,35 @@ def _baseline_task_cell(report: RunReport, task: str, metric: str) -> str:
     if score is None:
         return "–"
     return f"{score.value:.3f}" + (f" ± {score.stderr:.3f}" if score.stderr is not None else "")
+def _serving(r: VariantOutcome) -> ServingReport | None:
+    return r.evaluation.serving if r.evaluation is not None else None
+
+
+def has_serving(report: RunReport) -> bool:
+    """Whether any variant was served under load (then the table shows a serving column)."""
+    return report.baseline_serving is not None or any(_serving(r) is not None for r in report.variants)
+
+
+SERVING_COLUMN = "serving (top rate)"
+
+
+def serving_text(serving: ServingReport | None) -> str:
+    """The table's compact serving cell: p95 TTFT and goodput at the highest rate swept, or where it saturated."""
+    if serving is None:
+        return "–"
+    points = serving.rate_points() or serving.points
+    if not points:
+        return "failed" if serving.failed else "–"
+    top = points[-1]
+    if top.saturated:
+        text = f"saturated at {top.label}"
+    elif top.ttft_ms is not None:
+        text = f"TTFT p95 {top.ttft_ms.p95:,.0f} ms at {top.label}"
+    else:
+        text = f"no TTFT at {top.label}"
+    if serving.failed:
+        text += " (server failed)"
+    return text
 
 
 def table_header(report: RunReport) -> list[str]:
@@ -194,7 +226,10 @@ def table_header(report: RunReport) -> list[str]:
     if has_distribution(report):
         head = [*head, "mean KLD", "top-1 agree"]
     head += [f"{task} {metric}" for task, metric in task_columns(report)]
-    return [*head, *TABLE_HEADER[4:]]
+    tail = TABLE_HEADER[4:]
+    if has_serving(report):
+        tail = [*tail[:-1], SERVING_COLUMN, tail[-1]]
+    return [*head, *tail]
 
 
 def table_rows(report: RunReport) -> list[list[str]]:
@@ -203,11 +238,20 @@ def table_rows(report: RunReport) -> list[list[str]]:
     base = report.baseline
     kld = has_distribution(report)
     tasks = task_columns(report)
+    serve = has_serving(report)
     if base:
         first = ["FP16 baseline", "–", f"{base.perplexity:.4f} ± {base.stderr:.4f}", "–"]
         first += ["0 (reference)", "100%"] if kld else []
         first += [_baseline_task_cell(report, t, m) for t, m in tasks]
-        rows.append([*first, fmt_bytes(base.size_bytes), "–", "–"])
+        rows.append(
+            [
+                *first,
+                fmt_bytes(base.size_bytes),
+                "–",
+                *([serving_text(report.baseline_serving)] if serve else []),
+                "–",
+            ]
+        )
     for r in report.variants:
         ppl = r.perplexity
         cells = [r.name, r.method, "–" if ppl is None else f"{ppl:.4f} ± {_num(r.stderr, '.4f')}", delta_text(r)]
@@ -217,7 +261,8 @@ def table_rows(report: RunReport) -> list[list[str]]:
                 [f"{d.kld_mean:.4f} ± {d.kld_stderr:.4f}", f"{100 * d.top1_agreement:.2f}%"] if d else ["–", "–"]
             )
         cells += [_task_cell(r, t, m) for t, m in tasks]
-        rows.append([*cells, fmt_bytes(r.size_bytes), quantize_text(r), gate_text(r)])
+        serving = [serving_text(_serving(r))] if serve else []
+        rows.append([*cells, fmt_bytes(r.size_bytes), quantize_text(r), *serving, gate_text(r)])
     return rows
 
 
@@ -285,6 +330,7 @@ def render_markdown(report: RunReport) -> str:
                 f"batch {b}: {float(v):.2f}x" for b, v in sorted(sp.items(), key=lambda kv: int(kv[0])) if v is not None
             )
             lines.append(f"- {name}: {parts}")
+    lines += _serving_markdown(report)
     for r in report.variants:
         if r.error is None:
             continue
@@ -311,6 +357,68 @@ def render_markdown(report: RunReport) -> str:
     if report.sources:
         lines += ["", "Merged from: " + ", ".join(f"`{src}`" for src in report.sources)]
     return "\n".join(lines) + "\n"
+
+
+def _ms(stats: Any, pct: str) -> str:
+    return "–" if stats is None else f"{getattr(stats, pct):,.0f}"
+
+
+def _serving_markdown(report: RunReport) -> list[str]:
+    """Per served model, a row per load point: latency percentiles, throughput, goodput, saturation."""
+    served = [("FP16 baseline", report.baseline_serving, _recipe_gate(report))] if report.baseline_serving else []
+    served += [(r.name, s, r.gate.spec if r.gate else None) for r in report.variants if (s := _serving(r)) is not None]
+    if not served:
+        return []
+    first = served[0][1]
+    spec = first.spec
+    kinds = ", ".join(sorted({str(s.server.get("kind")) for _, s, _ in served}))
+    lines = [
+        "",
+        "## Serving under load",
+        "",
+        f"Each model behind its own server ({kinds}) "
+        f"on {first.machine or '?'}, the same seeded trace: {spec.get('requests')} requests per rate, prompts of "
+        f"{spec.get('prompt_len')} tokens, {spec.get('output_len')} output tokens. Latencies in ms; "
+        "a saturated point (the server did not keep up) has no percentiles. Goodput and SLO: against each "
+        "model's gate (`slo`, `min_goodput`), where it has one.",
+        "",
+        "| model | load | ok | TTFT p50 | TTFT p95 | ITL p95 | E2E p95 | output tok/s | goodput/s | SLO | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s, gate in served:
+        target = gate.serving_slo() if gate is not None else None
+        for p in s.points:
+            if target is not None and (target.at_rate is None or (p.mode == "rate" and p.value == target.at_rate)):
+                p = with_slo(p, target)
+            slo = "–" if p.slo_passed is None else ("pass" if p.slo_passed else "FAIL")
+            note = (p.saturation_note or "saturated") if p.saturated else ""
+            lines.append(
+                f"| {name} | {p.label} | {p.ok}/{p.requests} | {_ms(p.ttft_ms, 'p50')} | {_ms(p.ttft_ms, 'p95')} | "
+                f"{_ms(p.itl_ms, 'p95')} | {_ms(p.e2e_ms, 'p95')} | {_num(p.output_tokens_per_s, ',.1f')} | "
+                f"{_num(p.goodput_per_s, '.2f')} | {slo} | {note.replace('|', '/')} |"
+            )
+        if s.failed:
+            lines.append(f"| {name} | – | – | – | – | – | – | – | – | – | server failed: {s.failed} |")
+    cost = [
+        (name, p)
+        for name, s, _ in served
+        for p in s.points
+        if p.cost_per_million_tokens is not None and not p.saturated
+    ]
+    if cost:
+        lines += ["", "Cost per million output tokens: " + "; ".join(
+            f"{name} at {p.label} ${p.cost_per_million_tokens:.3f}" for name, p in cost
+        )]  # fmt: skip
+    return lines
+
+
+def _recipe_gate(report: RunReport) -> GateSpec | None:
+    """The recipe's default gate (what the FP16 model's serving is shown against)."""
+    gates = (report.recipe.get("resolved") or {}).get("gates")
+    try:
+        return GateSpec.model_validate(gates) if isinstance(gates, dict) else None
+    except ValidationError:
+        return None
 
 
 # --- plots -----------------------------------------------------------------------------------------
@@ -377,6 +485,15 @@ def write_plots(report: RunReport, out: Path) -> tuple[list[str], list[str]]:
         plt.close(fig)
     else:
         notes.append("no decode-speed plot: no variant has throughput measurements")
+    series = [("FP16", report.baseline_serving.points)] if report.baseline_serving else []
+    series += [(r.name, s.points) for r in report.variants if (s := _serving(r)) is not None]
+    if series:
+        from llmopt.serving.plots import write_plots as serving_plots
+
+        drawn = serving_plots(series, out / PLOTS_DIR, save=lambda fig, name: _save_fig(fig, out, name))
+        plots += drawn
+        if not drawn:
+            notes.append("no serving plots: they need a sweep of two request rates or more")
     return plots, notes
 
 
@@ -477,6 +594,9 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> RunReport:
         notes=notes,
     )
     report.state = "incomplete" if any(v.status == "not_run" for v in report.variants) else "complete"
+    # the FP16 model served: the newest report's measurement (each job of a fleet serves it with the same trace)
+    served = [d.baseline_serving for _, d in sorted(loaded, key=lambda pd: str(pd[1].created_at or ""))]
+    report.baseline_serving = next((b for b in reversed(served) if b is not None), None)
     claim_run_folder(out_dir)
     write_report(report, out_dir)
     return report

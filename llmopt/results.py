@@ -1,8 +1,9 @@
 """What was measured: the typed results that flow evaluation -> gate -> manifest -> report / CLI / Hub card.
 
-Ground floor, like specs.py: nothing of llmopt above ``specs`` is imported here. Field names are the JSON
-keys (schemas ``llmopt.eval/1`` and ``llmopt.run/1``, documented in README.md), so ``model_dump(mode="json")``
-writes the same JSON the dict reports did, and every report written before still loads:
+Ground floor, like specs.py: nothing of llmopt above ``specs`` is imported here (but for serve-bench's
+per-load-point result, ``llmopt.serving.metrics.PointResult``, stdlib and pydantic like this module).
+Field names are the JSON keys (schemas ``llmopt.eval/1`` and ``llmopt.run/1``, documented in README.md), so
+``model_dump(mode="json")`` writes the same JSON the dict reports did, and every report written before still loads:
 
 - Results accept keys they do not know (``extra="allow"``) and write them back unchanged: a file from another
   llmopt version keeps what it carries (a key dropped since, a block a newer version adds), and a hand edit
@@ -20,10 +21,12 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
 
-from llmopt.specs import EvalSpec, GateSpec, ThroughputSpec
+from llmopt.serving.metrics import PointResult
+from llmopt.specs import EvalSpec, GateSpec, ServingSpec, ThroughputSpec
 
 EVAL_SCHEMA = "llmopt.eval/1"
 RUN_SCHEMA = "llmopt.run/1"
+SERVING_SCHEMA = "llmopt.serving/1"
 
 __all__ = [
     "EVAL_SCHEMA",
@@ -40,6 +43,7 @@ __all__ = [
     "QuantizeOutcome",
     "RunReport",
     "RunState",
+    "ServingReport",
     "SpeedReport",
     "TaskComparison",
     "TaskScore",
@@ -261,6 +265,41 @@ class SpeedReport(Result):
         return ThroughputSpec.model_validate(self.settings)
 
 
+class ServingReport(Result):
+    """One model served under load (``evaluation.serving`` of a recipe): serve-bench's load points for it.
+
+    ``points`` are serve-bench's own (``llmopt.serving.metrics.PointResult``), each with the latency of every
+    timed request, so the gate and ``llmopt estimate --slo`` can judge any SLO later. ``failed`` says why the
+    measurement ended early (the server died): the points until then are kept, and the run marks the variant
+    as errored."""
+
+    schema_: str = Field(SERVING_SCHEMA, alias="schema")
+    model: str | None = Field(None, description="What was served: the artifact folder, or the FP16 model.")
+    model_sha256: str | None = Field(
+        None, description="The FP16 model's weight hashes, digested (its stored measurement is reused only for them)."
+    )
+    spec: dict[str, Any] = Field(default_factory=dict, description="ServingSpec it was measured with.")
+    server: dict[str, Any] = Field(default_factory=dict, description="Kind, command line, startup time, notes.")
+    machine: str | None = None
+    device: str | None = None
+    tokenizer: str | None = None
+    created: str | None = None
+    points: list[PointResult] = Field(default_factory=list)
+    saturation: dict[str, Any] = Field(default_factory=dict)
+    failed: str | None = None
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    def serving_spec(self) -> ServingSpec | None:
+        """The settings it was measured with; None when they are not valid settings any more."""
+        try:
+            return ServingSpec.model_validate(self.spec)
+        except ValueError:
+            return None
+
+    def rate_points(self) -> list[PointResult]:
+        return sorted((p for p in self.points if p.mode == "rate"), key=lambda p: p.value)
+
+
 class GateCheck(Result):
     name: str
     value: float | None
@@ -299,6 +338,9 @@ class EvalReport(Result):
     throughput: SpeedReport | None = None
     task_recovery: list[TaskComparison] | None = Field(
         None, description="Each task metric of both models, with recovery = artifact / baseline (docs/tasks.md)."
+    )
+    serving: ServingReport | None = Field(
+        None, description="The artifact served under load (llmopt run with evaluation.serving)."
     )
     # The manifest keeps the gate apart (``Manifest.gate``); a report handed to callers carries it.
     gate: GateResult | None = None
@@ -432,6 +474,9 @@ class RunReport(Result):
     files: dict[str, Any] = Field(default_factory=dict)
     notes: list[str] = Field(default_factory=list)
     sources: list[str] | None = None
+    baseline_serving: ServingReport | None = Field(
+        None, description="The FP16 model served with the same trace, once per run (evaluation.serving.baseline)."
+    )
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
     _keep_none = frozenset({"seconds", "settings", "baseline", "environment", "exit_code"})
 

@@ -20,11 +20,17 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    field_serializer,
     field_validator,
     model_serializer,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from llmopt.errors import DataError, InputError
+from llmopt.errors import DataError, InputError, LlmoptError
+
+# The trace of a serving benchmark is serve-bench's own type (stdlib + pydantic only, like this module).
+from llmopt.serving.trace import LengthDist, TraceSpec
 
 __all__ = [
     "CPU_DEFAULTS",
@@ -33,6 +39,7 @@ __all__ = [
     "DecodeMode",
     "EvalSpec",
     "GateSpec",
+    "ServingSpec",
     "ThroughputSpec",
     "check_settings",
     "eval_spec",
@@ -109,6 +116,64 @@ class ThroughputSpec(_Strict):
         return self.prompt_lens[0]
 
 
+class ServingSpec(TraceSpec):
+    """Serving under load for every variant of ``llmopt run`` (the recipe's ``evaluation.serving``): serve-bench's
+    trace (rates, requests, lengths, ...) plus how the server is started. GGUF artifacts are served by llama.cpp's
+    server, model folders by `transformers serve`; the SLO itself is a gate (``gates.slo``, ``gates.min_goodput``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(default=16, ge=1, description="Timed requests per rate.")
+    warmup: int = Field(default=1, ge=0, description="Untimed requests before each rate (one at a time).")
+    server: Literal["auto", "llama.cpp", "transformers", "vllm"] = Field(
+        "auto", description="auto: GGUF -> llama.cpp's server, model folder -> transformers serve; or vllm."
+    )
+    baseline: bool = Field(
+        True, description="Also serve the FP16 model once per run with the same trace, for comparison."
+    )
+    port: int | None = Field(None, ge=1, le=65535, description="Port of the started server (default: a free one).")
+    parallel: int = Field(4, ge=1, description="llama.cpp slots (sequences decoded together).")
+    threads: int | None = Field(None, ge=1, description="llama.cpp CPU threads (default: its own).")
+    context: int = Field(2048, ge=16, description="Context tokens per sequence of the server.")
+    prefix_caching: bool | None = Field(None, description="The server's prefix caching (default: its own).")
+    ignore_eos: bool | None = Field(
+        None, description="Generate output_len tokens always (default: where the server supports it)."
+    )
+    server_args: list[str] = Field(default_factory=list, description="Extra command-line arguments of the server.")
+    startup_timeout: float = Field(300.0, gt=0, description="Seconds to wait for the server to be ready.")
+    request_timeout: float = Field(300.0, gt=0, description="Seconds before a request counts as failed.")
+    gpu_hourly_cost: float | None = Field(
+        None, gt=0, description="Price of the machine per hour: cost per million output tokens at each rate."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_rate(cls, data: Any) -> Any:
+        # `serving: {}` measures one rate, 1 request/s
+        if isinstance(data, dict) and data.get("rates") is None and data.get("concurrency") is None:
+            return {**data, "rates": [1.0]}
+        return data
+
+    @field_validator("prompt_len", "output_len", mode="before")
+    @classmethod
+    def _length(cls, value: Any) -> Any:
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            try:
+                return LengthDist.parse(value, "length")
+            except LlmoptError as exc:
+                text = f"{value!r} is not a length: {exc.hint}"
+                raise PydanticCustomError("length", "{text}", {"text": text}) from None
+        return value
+
+    @field_serializer("prompt_len", "output_len")
+    def _length_text(self, value: LengthDist) -> str:
+        return str(value)
+
+    def trace(self) -> TraceSpec:
+        """The trace part alone, as serve-bench takes it."""
+        return TraceSpec(**{name: getattr(self, name) for name in TraceSpec.model_fields})
+
+
 class CalibrationSpec(_Strict):
     dataset: str | None = Field(
         None, description="Calibration text: .txt/.jsonl/.parquet file or a named dataset (wikitext2, c4)."
@@ -156,6 +221,13 @@ class EvalSpec(_Strict):
     )
     task_limit: int | None = Field(
         None, ge=1, description="Examples per task (the first N, the same for both models); default: all."
+    )
+    serving: Annotated[
+        ServingSpec | None, NotMeasured("measured after the evaluation (llmopt run), reused by its own spec")
+    ] = Field(
+        None,
+        description="`llmopt run`: also serve each variant under load (serve-bench's trace: rates, requests, "
+        "prompt_len, output_len, ...), needed by the gates slo and min_goodput; docs/serving.md.",
     )
 
     @field_validator("tasks", mode="before")
@@ -244,6 +316,43 @@ class GateSpec(BaseModel):
         "acc_norm (else acc): e.g. 0.95.",
     )
     at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
+    slo: dict[str, float] | None = Field(
+        None,
+        description="Serving latency targets in ms on percentiles, e.g. {ttft_p95_ms: 500, itl_p95_ms: 50} "
+        "(ttft|itl|tpot|e2e, p50|p90|p95|p99; a _s suffix for seconds); needs evaluation.serving.",
+    )
+    min_goodput: float | None = Field(
+        None, ge=0, description="Smallest goodput (requests/s meeting every slo target); needs evaluation.serving."
+    )
+    slo_at_rate: float | None = Field(
+        None, gt=0, description="The swept request rate at which slo and min_goodput are read (default: every rate)."
+    )
+
+    @field_validator("slo")
+    @classmethod
+    def _slo_keys(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        from llmopt.serving.metrics import slo_from_limits
+
+        try:
+            if not value:
+                raise ValueError("slo gives no target: e.g. {ttft_p95_ms: 500}")
+            slo_from_limits(value)
+        except ValueError as exc:  # it names the bad key
+            raise PydanticCustomError("slo", "{text}", {"text": str(exc)}) from None
+        return value
+
+    def serving_slo(self) -> Any:
+        """The serving SLO these thresholds ask for (llmopt.serving.metrics.Slo), or None."""
+        if not self.needs_serving():
+            return None
+        from llmopt.serving.metrics import slo_from_limits
+
+        return slo_from_limits(self.slo or {}, min_goodput=self.min_goodput, at_rate=self.slo_at_rate)
+
+    def needs_serving(self) -> bool:
+        return self.slo is not None or self.min_goodput is not None
 
     def is_empty(self) -> bool:
         return all(
@@ -255,6 +364,8 @@ class GateSpec(BaseModel):
                 self.min_top1_pct,
                 self.min_decode_speedup,
                 self.min_recovery,
+                self.slo,
+                self.min_goodput,
             )
         )
 
@@ -263,7 +374,7 @@ class GateSpec(BaseModel):
         # Thresholds added with the KL divergence are written only when set: a gate record from before them
         # reads and writes back the same, and its recomputation (evaluate/gate.py) finds the same checks.
         data: dict[str, Any] = handler(self)
-        for key in ("max_kld", "min_top1_pct", "min_recovery"):
+        for key in ("max_kld", "min_top1_pct", "min_recovery", "slo", "min_goodput", "slo_at_rate"):
             if data.get(key) is None:
                 data.pop(key, None)
         return data

@@ -3,7 +3,8 @@ controllable delays, so measured TTFT and inter-token latency can be checked aga
 
 In a test: ``with StubServer(ttft=0.2, itl=0.03) as url: ...``. As a process (a stand-in ``llama-server``):
 ``python tests/servestub.py --port N [ignored llama-server options]``, behaviour from environment variables
-STUB_TTFT, STUB_ITL, STUB_MODE (ok | never-healthy | exit-at-start | die-after:N), STUB_PIDFILE.
+STUB_TTFT, STUB_ITL, STUB_MODE (ok | never-healthy | exit-at-start | die-after:N), STUB_PIDFILE, STUB_SERIALIZE=1
+(one request at a time).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main(argv: list[str]) -> None:
         itl=float(os.environ.get("STUB_ITL", "0.01")),
         healthy=mode != "never-healthy",
         die_after=int(mode.split(":")[1]) if mode.startswith("die-after:") else 0,
+        serialize=os.environ.get("STUB_SERIALIZE") == "1",
     )
     httpd = ThreadingHTTPServer(("127.0.0.1", port), make_handler(cfg))
     httpd.daemon_threads = True

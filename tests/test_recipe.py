@@ -115,7 +115,7 @@ def test_unknown_nested_key_points_at_its_line(tmp_path: Path) -> None:
     msg = errors_of(tmp_path, GOOD.replace("  context_length: 128", "  context_lenght: 128"))
     assert "r.yaml:10: unknown key 'context_lenght' in evaluation (did you mean 'context_length'?)" in msg
     assert (
-        "valid keys: add_bos, batch_size, context_length, dataset, device, kernel, kld, max_tokens, stride, "
+        "valid keys: add_bos, batch_size, context_length, dataset, device, kernel, kld, max_tokens, serving, stride, "
         "task_limit, tasks, throughput" in msg
     )
 

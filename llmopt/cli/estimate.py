@@ -1,4 +1,5 @@
-"""``llmopt estimate``: memory, KV cache, GPU count and cost from config.json alone."""
+"""``llmopt estimate``: memory, KV cache, GPU count and cost from config.json alone; with ``--slo`` and ``--rate``,
+the cheapest served variant x GPU count that meets the SLO, from a run's measured serving results."""
 
 from __future__ import annotations
 
@@ -10,17 +11,22 @@ from rich.markup import escape
 from rich.table import Table
 
 from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, human_bytes, stdout
+from llmopt.errors import EXIT_GATE, InputError
 
 if TYPE_CHECKING:
     from llmopt.estimate import Estimate
+    from llmopt.estimate.serving import ServingPlan
 
 
 def register(app: typer.Typer) -> None:
     @app.command("estimate", cls=JsonCommand)
     def estimate_cmd(
         model: Annotated[
-            str, typer.Argument(help="A Hugging Face model folder, the path of a config.json, or a Hub id.")
-        ],
+            str | None,
+            typer.Argument(
+                help="A Hugging Face model folder, the path of a config.json, or a Hub id (not with --slo)."
+            ),
+        ] = None,
         gpu: Annotated[
             str,
             typer.Option(help="GPU to plan for: T4, L4, A10G, A100-40GB, A100-80GB, H100-80GB, H200, B200."),
@@ -42,8 +48,22 @@ def register(app: typer.Typer) -> None:
         gpu_hourly_cost: Annotated[float | None, typer.Option(help="Price of one GPU-hour in USD.")] = None,
         report: Annotated[
             Path | None,
-            typer.Option(help="Report JSON with a `throughput` section: its measured decode speed prices tokens."),
+            typer.Option(
+                help="Report JSON with a `throughput` section: its measured decode speed prices tokens. With --slo: "
+                "a run's report.json (evaluation.serving) or serve-bench.json."
+            ),
         ] = None,
+        slo: Annotated[
+            str | None,
+            typer.Option(
+                help="Serving SLO, e.g. ttft_p95=500ms,itl_p95=50ms,min_goodput=2: recommend the cheapest measured "
+                "variant x GPU count meeting it at --rate (exit 3 when none does)."
+            ),
+        ] = None,
+        rate: Annotated[float | None, typer.Option(help="With --slo: the request rate to serve (requests/s).")] = None,
+        gpus: Annotated[
+            str, typer.Option(help="With --slo: GPU counts to consider (replicas of the measured server).")
+        ] = "1,2,4,8",
         gpu_catalog: Annotated[
             Path | None,
             typer.Option(help="YAML file adding GPUs to the built-in catalog (also: $LLMOPT_GPU_CATALOG)."),
@@ -51,9 +71,17 @@ def register(app: typer.Typer) -> None:
         json_out: JsonOpt = False,
         json_file: JsonFileOpt = None,
     ) -> None:
-        """Before downloading: parameters, weight and KV-cache memory, GPUs, cost; from config.json."""
+        """Before downloading: parameters, weight and KV-cache memory, GPUs, cost; from config.json.
+
+        With --slo and --rate (and --report RUN/report.json): which served variant on how many GPUs meets the SLO
+        at that rate, at what cost per million tokens, from the measured serving results."""
         from llmopt.estimate import estimate
 
+        if slo is not None or rate is not None:
+            _serving_plan(model, report, slo, rate, gpus, gpu_hourly_cost, json_out, json_file)
+            return
+        if model is None:
+            raise InputError("give a MODEL (or --slo and --rate with a run's --report).", "See llmopt estimate --help.")
         out = JsonOutput(json_out, json_file)
         out.check(model, report, gpu_catalog)
         result = estimate(
@@ -72,6 +100,84 @@ def register(app: typer.Typer) -> None:
         out.emit(result.model_dump(mode="json"))
         if out.human:
             _render(result)
+
+
+def _serving_plan(
+    model: str | None,
+    report: Path | None,
+    slo: str | None,
+    rate: float | None,
+    gpus: str,
+    gpu_hourly_cost: float | None,
+    json_out: bool,
+    json_file: str | None,
+) -> None:
+    from llmopt.estimate.serving import plan_serving
+    from llmopt.serving.metrics import parse_slo
+
+    if slo is None or rate is None or report is None:
+        raise InputError(
+            "--slo, --rate and --report go together.",
+            "E.g. llmopt estimate --report runs/x/report.json --slo ttft_p95=500ms --rate 4 --gpu-hourly-cost 2.5",
+        )
+    if model is not None:
+        raise InputError(
+            "with --slo, the variants come from --report, not from a MODEL argument.", "Leave MODEL out."
+        )
+    try:
+        counts = tuple(int(x) for x in gpus.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--gpus {gpus!r} is not a list of GPU counts.", "E.g. --gpus 1,2,4,8.") from None
+    slo_spec = parse_slo(slo)
+    assert slo_spec is not None  # parse_slo refuses an SLO without a target
+    out = JsonOutput(json_out, json_file)
+    out.check(report)
+    plan = plan_serving(report, slo_spec, rate, gpu_hourly_cost=gpu_hourly_cost, gpu_counts=counts)
+    out.emit(plan.model_dump(mode="json"))
+    if out.human:
+        _render_serving(plan)
+    if plan.recommended is None:
+        raise typer.Exit(EXIT_GATE)
+
+
+def _render_serving(plan: ServingPlan) -> None:
+    price = plan.gpu_hourly_cost
+    t = Table(title=f"Serving {plan.rate:g} req/s under {plan.slo} (from {plan.report})")
+    cols = ["variant", "GPUs", "source", "per GPU", "TTFT p95", "goodput/s", "out tok/s", "GPU-h / 1M tok"]
+    cols += ["$ / 1M tok"] if price is not None else []
+    cols += ["meets SLO"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("variant", "source", "meets SLO") else "right")
+    for o in plan.options:
+        mark = "[green]yes[/]" if o.meets else "[red]no[/]: " + escape("; ".join(o.failures))
+        if o is plan.recommended or o == plan.recommended:
+            mark += " [bold](cheapest)[/]"
+        row = [
+            o.variant,
+            str(o.gpus),
+            o.source,
+            f"{o.rate_per_gpu:g}/s",
+            "-" if o.ttft_p95_ms is None else f"{o.ttft_p95_ms:,.0f} ms",
+            "-" if o.goodput_per_s is None else f"{o.goodput_per_s:.2f}",
+            "-" if o.output_tokens_per_s is None else f"{o.output_tokens_per_s:,.1f}",
+            "-" if o.gpu_hours_per_million_tokens is None else f"{o.gpu_hours_per_million_tokens:,.3f}",
+        ]
+        if price is not None:
+            row.append("-" if o.usd_per_million_tokens is None else f"${o.usd_per_million_tokens:,.3f}")
+        t.add_row(*row, mark)
+    stdout.print(t)
+    r = plan.recommended
+    if r is not None:
+        cost = f", ${r.usd_per_million_tokens:,.3f} per million output tokens" if r.usd_per_million_tokens else ""
+        stdout.print(f"[green]Recommended[/]: {r.variant} on {r.gpus} GPU(s) ({r.source}: {escape(r.basis)}){cost}")
+    else:
+        c = plan.closest
+        closest = (
+            f" Closest: {c.variant} on {c.gpus} GPU(s), {escape('; '.join(c.failures))}." if c is not None else ""
+        )
+        stdout.print(f"[red]No variant x GPU count meets the SLO at {plan.rate:g} req/s.[/]{closest}")
+    for note in plan.notes:
+        stdout.print(f"[yellow]note:[/] {escape(note)}")
 
 
 def _gib(n: int) -> str:

@@ -42,6 +42,18 @@ def register(app: typer.Typer) -> None:
                 ", ".join(f"{k}={val}" for k, val in gate.items()) or "[yellow]none[/]",
             )
         stdout.print(table)
+        serving = recipe.evaluation.serving
+        if serving is not None:
+            load = (
+                f"rates {', '.join(f'{r:g}' for r in serving.rates)} req/s"
+                if serving.rates
+                else f"concurrency {serving.concurrency}"
+            )
+            stdout.print(
+                f"serving: each variant under load ({serving.server} server), {load}, {serving.requests} requests "
+                f"each, prompts {serving.prompt_len} / outputs {serving.output_len} tokens"
+                + ("; the FP16 model too" if serving.baseline else "")
+            )
 
     @recipe_app.command("schema", cls=JsonCommand)
     def schema_cmd(

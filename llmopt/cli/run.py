@@ -101,6 +101,13 @@ def register(app: typer.Typer) -> None:
         tasks: TasksOpt = None,
         task_limit: TaskLimitOpt = None,
         min_recovery: MinRecoveryOpt = None,
+        slo: Annotated[
+            str | None,
+            typer.Option(
+                help="Override gates.slo (and min_goodput, slo_at_rate) for every variant, e.g. "
+                "ttft_p95=500ms,itl_p95=50ms,min_goodput=2,at_rate=4; needs evaluation.serving."
+            ),
+        ] = None,
         overwrite: Annotated[
             bool,
             typer.Option(
@@ -138,6 +145,14 @@ def register(app: typer.Typer) -> None:
             "evaluation.task_limit": task_limit,
             "gates.min_recovery": min_recovery,
         }
+        if slo is not None:
+            from llmopt.serving.metrics import parse_slo
+
+            slo_spec = parse_slo(slo)
+            if slo_spec is not None:
+                overrides["gates.slo"] = slo_spec.limits or None
+                overrides["gates.min_goodput"] = slo_spec.min_goodput
+                overrides["gates.slo_at_rate"] = slo_spec.at_rate
         with stdout_is_ours():
             report = run_recipe(
                 recipe,

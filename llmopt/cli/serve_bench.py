@@ -323,7 +323,7 @@ def register(app: typer.Typer) -> None:
             from llmopt.serving.plots import write_plots
 
             write_json(data, str(out_dir / "serve-bench.json"))
-            write_plots(result, out_dir)
+            write_plots([(m.label, m.points) for m in result.models], out_dir)
         json_to.emit(data)
         if json_to.human:
             render(result)

@@ -57,6 +57,8 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
         checks.append(_check("min_decode_speedup", speedup, t, False, text, missing))
     if spec.min_recovery is not None:
         checks += _recovery_checks(spec.min_recovery, ev)
+    if spec.needs_serving():
+        checks += serving_checks(spec, ev)
     return GateResult(passed=all(c.passed for c in checks), checks=checks, spec=spec)
 
 
@@ -84,6 +86,57 @@ def _recovery_checks(threshold: float, ev: EvalReport) -> list[GateCheck]:
         )
         missing = f"{c.task} {c.metric}: FP16 scored 0, so no recovery can be read"
         checks.append(_check(f"min_recovery:{c.task}", rec, threshold, False, text, missing, ": short by {:.3f}"))
+    return checks
+
+
+_SLO_LABEL = {"ttft": "TTFT", "itl": "inter-token latency", "tpot": "time per output token", "e2e": "end-to-end"}
+
+
+def serving_checks(spec: GateSpec, ev: EvalReport) -> list[GateCheck]:
+    """The serving SLO (``spec.slo``, ``spec.min_goodput``) at ``spec.slo_at_rate``, or at every load point,
+    judged on the artifact's stored per-request latencies (so a changed SLO needs no new measurement)."""
+    from llmopt.serving.metrics import with_slo
+
+    slo = spec.serving_slo()
+    serving = ev.serving
+    if serving is None:
+        return [_check("slo", None, 0, True, "", "serving was not measured (add evaluation.serving to the recipe)")]
+    points = serving.points
+    if spec.slo_at_rate is not None:
+        points = [p for p in points if p.mode == "rate" and p.value == spec.slo_at_rate]
+    if not points:
+        at = f" at {spec.slo_at_rate:g} req/s" if spec.slo_at_rate is not None else ""
+        why = f"; serving stopped early: {serving.failed}" if serving.failed else ""
+        return [_check("slo", None, 0, True, "", f"serving was not measured{at}{why}")]
+    checks: list[GateCheck] = []
+    for point in points:
+        judged = with_slo(point, slo)
+        for c in judged.slo_checks:
+            name = f"slo.{c.name}@{point.label.replace(' req/s', '/s').replace(' ', '')}"
+            if c.name == "min_goodput":  # never unmeasured: apply_slo always computes a goodput
+                text = f"goodput {c.value or 0:.2f} req/s at {point.label} (needs {c.limit:g})"
+                if point.saturated:
+                    text += f"; saturated: {point.saturation_note}"
+                checks.append(_check(name, c.value, c.limit, False, text, "goodput was not measured"))
+                if point.saturated and checks[-1].passed:  # a saturated server's goodput is not sustained
+                    checks[-1] = checks[-1].model_copy(update={"passed": False})
+            elif c.name == "errors":
+                text = f"{c.value:g} of {point.requests} requests failed at {point.label}"
+                checks.append(_check(name, c.value, 0, True, text, "no requests"))
+            else:
+                metric, pct = c.name.split("_")[:2]
+                text = (
+                    f"{_SLO_LABEL[metric]} {pct} {c.value:,.1f} ms at {point.label} (limit {c.limit:g} ms)"
+                    if c.value is not None
+                    else ""
+                )
+                missing = (
+                    f"{_SLO_LABEL[metric]} {pct} not reported at {point.label}: the server saturated "
+                    f"({point.saturation_note})"
+                    if point.saturated
+                    else f"{_SLO_LABEL[metric]} {pct} was not measured at {point.label}"
+                )
+                checks.append(_check(name, c.value, c.limit, True, text, missing))
     return checks
 
 

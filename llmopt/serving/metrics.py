@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
 from typing import Any
@@ -116,6 +117,38 @@ def parse_slo(text: str | None) -> Slo | None:
     return slo
 
 
+def slo_from_limits(
+    limits: dict[str, float], *, min_goodput: float | None = None, at_rate: float | None = None
+) -> Slo:
+    """An Slo from the recipe's spelling (``{"ttft_p95_ms": 500, "itl_p95_ms": 50}``); ValueError names a bad key."""
+    out: dict[str, float] = {}
+    for key, value in limits.items():
+        m = _SLO_KEY.fullmatch(str(key).strip().lower())
+        if not m:
+            raise ValueError(
+                f"unknown SLO key {key!r}; keys are ttft|itl|tpot|e2e with _p50|_p90|_p95|_p99 and _ms or _s "
+                "(e.g. ttft_p95_ms)"
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"SLO {key} must be a positive number, not {value!r}")
+        out[f"{m[1]}_p{m[2]}"] = float(value) * (1000.0 if m[3] == "s" else 1.0)
+    if min_goodput is not None and not (math.isfinite(min_goodput) and min_goodput >= 0):
+        raise ValueError(f"min_goodput must be 0 or more, not {min_goodput!r}")
+    if at_rate is not None and not (math.isfinite(at_rate) and at_rate > 0):
+        raise ValueError(f"slo_at_rate must be a positive rate, not {at_rate!r}")
+    return Slo(limits=out, min_goodput=min_goodput, at_rate=at_rate)
+
+
+class RequestLatency(BaseModel):
+    """What goodput needs of one request, kept with its point so that any SLO can be applied later (the gate of a
+    later run with other limits, the cost optimizer) without the per-request records."""
+
+    ok: bool
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+    e2e_ms: float | None = None
+
+
 class SloCheck(BaseModel):
     name: str
     limit: float
@@ -152,6 +185,7 @@ class PointResult(BaseModel):
     slo_passed: bool | None = None
     cost_per_million_tokens: float | None = None
     interrupted: bool = False
+    latencies: list[RequestLatency] = []  # per timed request, in the order they were sent
 
     @property
     def label(self) -> str:
@@ -239,6 +273,10 @@ def summarize(
         saturated=saturated,
         saturation_note=note,
         interrupted=interrupted,
+        latencies=[
+            RequestLatency(ok=r.ok, ttft_ms=r.ttft_ms, tpot_ms=r.tpot_ms, e2e_ms=r.e2e_ms)
+            for r in sorted(records, key=lambda r: r.index)
+        ],
     )
     point.cost_per_million_tokens = cost_per_million_tokens(out_tps, gpu_hourly_cost)
     if slo is not None:
@@ -246,7 +284,7 @@ def summarize(
     return point
 
 
-def _meets(r: RequestRecord, limits: dict[str, float]) -> bool:
+def _meets(r: RequestRecord | RequestLatency, limits: dict[str, float]) -> bool:
     values: dict[str, float | None] = {"ttft": r.ttft_ms, "tpot": r.tpot_ms, "e2e": r.e2e_ms}
     for metric, limit in limits.items():
         v = values.get(metric)
@@ -258,7 +296,12 @@ def _meets(r: RequestRecord, limits: dict[str, float]) -> bool:
     return r.ok
 
 
-def apply_slo(point: PointResult, records: list[RequestRecord], slo: Slo) -> None:
+def apply_slo(
+    point: PointResult, records: list[RequestRecord] | list[RequestLatency] | None, slo: Slo
+) -> None:
+    """Goodput and the SLO checks of ``point``, from its requests (``records``, or its stored ``latencies``)."""
+    if records is None:
+        records = point.latencies
     limits = slo.request_limits()
     good = [r for r in records if _meets(r, limits)]
     point.goodput_per_s = len(good) / point.duration_s if point.duration_s else 0.0
@@ -282,6 +325,13 @@ def apply_slo(point: PointResult, records: list[RequestRecord], slo: Slo) -> Non
         checks.append(SloCheck(name="errors", limit=0, value=point.errors, passed=False))
     point.slo_checks = checks
     point.slo_passed = all(c.passed for c in checks)
+
+
+def with_slo(point: PointResult, slo: Slo) -> PointResult:
+    """A copy of a stored point judged against ``slo`` (its goodput recomputed from the kept latencies)."""
+    copy = point.model_copy(deep=True)
+    apply_slo(copy, None, slo)
+    return copy
 
 
 def saturation_point(points: list[PointResult]) -> dict[str, Any]:
