@@ -327,6 +327,11 @@ def evaluate(
             "the gate reads the KL divergence (--max-kld / --min-top1), which --no-kld turns off.",
             "Drop --no-kld, or the KL divergence thresholds.",
         )
+    if not spec.tasks and spec.task_limit is not None:
+        raise InputError(
+            "--task-limit picks the examples of --tasks, but no tasks were asked for.",
+            "Pass --tasks NAME[,NAME] (recipe evaluation.tasks), or drop --task-limit.",
+        )
     if not spec.tasks and gate is not None and gate.min_recovery is not None:
         raise InputError(
             "the gate reads task accuracy recovery (--min-recovery), but no tasks were asked for.",

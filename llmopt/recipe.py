@@ -218,6 +218,8 @@ class Recipe(_Strict):
                         f"variant '{v.name}' gates on min_decode_speedup, which needs speed measurements: "
                         "add evaluation.throughput (e.g. `throughput: {}`)"
                     )
+        if not self.evaluation.tasks and self.evaluation.task_limit is not None:
+            raise _error("evaluation.task_limit picks the examples of evaluation.tasks, but no tasks are given")
         if not self.evaluation.tasks:
             for v in self.variants:
                 if self.gate_for(v).min_recovery is not None:

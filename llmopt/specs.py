@@ -220,7 +220,11 @@ class EvalSpec(_Strict):
         "artifact (docs/tasks.md; needs the tasks extra; needed by the min_recovery gate).",
     )
     task_limit: int | None = Field(
-        None, ge=1, description="Examples per task (the first N, the same for both models); default: all."
+        None,
+        ge=1,
+        le=10_000_000,
+        strict=True,
+        description="Examples per task (the first N, the same for both models); default: all.",
     )
     serving: Annotated[
         ServingSpec | None, NotMeasured("measured after the evaluation (llmopt run), reused by its own spec")
@@ -312,6 +316,7 @@ class GateSpec(BaseModel):
     min_recovery: float | None = Field(
         None,
         gt=0,
+        strict=True,  # `true` or '0.9' in a recipe is a mistake, not 1.0 / 0.9
         description="Smallest allowed task accuracy recovery (artifact / FP16) of every --tasks task, read on its "
         "acc_norm (else acc): e.g. 0.95.",
     )
@@ -322,7 +327,10 @@ class GateSpec(BaseModel):
         "(ttft|itl|tpot|e2e, p50|p90|p95|p99; a _s suffix for seconds); needs evaluation.serving.",
     )
     min_goodput: float | None = Field(
-        None, ge=0, description="Smallest goodput (requests/s meeting every slo target); needs evaluation.serving."
+        None,
+        ge=0,
+        strict=True,
+        description="Smallest goodput (requests/s meeting every slo target); needs evaluation.serving.",
     )
     slo_at_rate: float | None = Field(
         None, gt=0, description="The swept request rate at which slo and min_goodput are read (default: every rate)."

@@ -141,7 +141,9 @@ def test_goodput_and_the_slo_gate() -> None:
         )
     t, lo = tight.models[0].points[0], loose.models[0].points[0]
     assert t.goodput_per_s == 0 and t.slo_passed is False and tight.gate["passed"] is False
-    assert lo.good_fraction == 1 and lo.goodput_per_s == pytest.approx(8 / lo.duration_s)
+    # good requests over the measured window, but never above the offered rate (8 requests at 4 req/s: 2 s)
+    assert lo.good_fraction == 1 and lo.goodput_per_s == pytest.approx(8 / max(lo.duration_s, 2.0))
+    assert lo.goodput_per_s <= 4.0 + 1e-9
     assert loose.gate["passed"] is True
     assert {c["name"] for c in loose.gate["checks"]} == {"ttft_p95_ms", "itl_p95_ms"}
 
@@ -364,3 +366,28 @@ def test_llama_server_is_found_in_a_build_that_is_not_the_active_one(
     monkeypatch.setenv("LLMOPT_LLAMACPP_DIR", str(tmp_path))
     monkeypatch.delenv("LLMOPT_LLAMA_SERVER", raising=False)
     assert llama_server_binary() == tool
+
+
+def test_goodput_of_a_burst_never_reads_above_the_offered_rate() -> None:
+    """Four Poisson arrivals at 0.5 req/s that happen to land within 1.6 s: good requests over that window would be
+    2.5 req/s "at 0.5 req/s" (a hostile tester's min_goodput gate passed on it). Goodput is capped by the offered
+    rate times the share of good requests; a concurrency point keeps its measured window."""
+    from llmopt.serving.metrics import PointResult, RequestLatency, apply_slo
+
+    def point(mode: str, value: float) -> PointResult:
+        return PointResult(
+            mode=mode, value=value, requests=4, ok=4, errors=0, duration_s=1.6, requests_per_s=2.5,
+            output_tokens_per_s=10.0, prompt_tokens_per_s=None, tokens_from="usage", ttft_ms=None, itl_ms=None,
+            tpot_ms=None, e2e_ms=None,
+            latencies=[RequestLatency(ok=True, ttft_ms=t, e2e_ms=2 * t) for t in (100.0, 120.0, 900.0, 130.0)],
+        )  # fmt: skip
+
+    slo = parse_slo("ttft_p95=500ms,min_goodput=2")
+    assert slo is not None
+    burst = point("rate", 0.5)
+    apply_slo(burst, None, slo)
+    assert burst.good_fraction == 0.75 and burst.goodput_per_s == pytest.approx(0.375)  # 0.5 x 3/4
+    assert not next(c for c in burst.slo_checks if c.name == "min_goodput").passed
+    clients = point("concurrency", 2)
+    apply_slo(clients, None, slo)
+    assert clients.goodput_per_s == pytest.approx(3 / 1.6)

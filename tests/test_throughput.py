@@ -304,14 +304,15 @@ def test_random_quantized_checkpoints_load_and_run(method: str, tmp_path: Path) 
     folder = writer(model, tmp_path / method, group_size=128)
     qcfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == method and qcfg["bits"] == 4 and qcfg["group_size"] == 128
-    # On CPU GPTQ is scored in fp32 (GPTQModel's auto pick), AWQ in fp16 through awq_torch.
+    # On CPU GPTQ is scored as its dequantized weights in float32 (no kernel named), AWQ asked through awq_torch.
     runner = HFRunner(folder, "cpu", loader="gptqmodel", kernel=None if method == "gptq" else "torch")
     try:
-        assert runner.kernel == ("auto" if method == "gptq" else "awq_torch")
+        dense = "dense float32 (dequantized 14 gptq_torch layers)"
+        assert runner.kernel == (dense if method == "gptq" else "awq_torch")
         with torch.no_grad():
             logits = runner.model(input_ids=torch.tensor([[1, 5, 9, 3]])).logits
         assert logits.shape == (1, 4, 512) and bool(torch.isfinite(logits).all())
-        assert runner.model.model.layers[0].self_attn.q_proj.__class__.__name__ != "Linear"
+        assert (runner.model.model.layers[0].self_attn.q_proj.__class__.__name__ == "Linear") == (method == "gptq")
     finally:
         runner.close()
 

@@ -3,6 +3,7 @@ the cheapest served variant x GPU count that meets the SLO, from a run's measure
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -129,7 +130,14 @@ def _serving_plan(
     except ValueError:
         raise InputError(f"--gpus {gpus!r} is not a list of GPU counts.", "E.g. --gpus 1,2,4,8.") from None
     slo_spec = parse_slo(slo)
-    assert slo_spec is not None  # parse_slo refuses an SLO without a target
+    if slo_spec is None:  # empty or blank
+        raise InputError("--slo gives no target.", "E.g. --slo ttft_p95=500ms,itl_p95=50ms")
+    if gpu_hourly_cost is not None and not math.isfinite(gpu_hourly_cost):
+        raise InputError(
+            f"--gpu-hourly-cost {gpu_hourly_cost} is not a price.", "Pass the price of one GPU-hour in USD."
+        )
+    if not math.isfinite(rate):
+        raise InputError(f"--rate {rate} is not a request rate.", "E.g. --rate 4 (requests per second).")
     out = JsonOutput(json_out, json_file)
     out.check(report)
     plan = plan_serving(report, slo_spec, rate, gpu_hourly_cost=gpu_hourly_cost, gpu_counts=counts)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from llmopt.cli._common import (
@@ -43,23 +44,24 @@ def render_run(report: RunReport) -> None:
         gate = row[-1]
         marks = {"pass": "[green]pass[/]", "FAIL": "[red]FAIL[/]", "not run": "[yellow]not run[/]"}
         style = marks.get(gate, f"[red]{gate}[/]" if "error" in gate else gate)
-        table.add_row(*row[:-1], style)
+        table.add_row(*(escape(cell) for cell in row[:-1]), style)
     stdout.print(table)
     for v in report.variants:
         err = v.error
         if err:
-            stderr.print(f"[red]{v.name}[/] ({err.stage}): {err.message}")
+            # messages quote install lines ('transformers[serving]') and paths: printed as text, not rich markup
+            stderr.print(f"[red]{v.name}[/] ({err.stage}): {escape(err.message)}")
             if err.hint:
-                stderr.print(f"  -> {err.hint}")
+                stderr.print(f"  -> {escape(err.hint)}")
         for c in v.gate.failures() if v.gate else []:
-            stderr.print(f"[red]{v.name} gate FAIL[/]: {c.message}")
+            stderr.print(f"[red]{v.name} gate FAIL[/]: {escape(c.message)}")
         pub = v.publish
         if pub:
             rev = f" (branch {pub['revision']})" if pub.get("revision") else ""
             rev += f" as {pub['file']}" if pub.get("file") else ""
-            stdout.print(f"[green]published[/] {v.name} -> {pub.get('url') or pub.get('repo_id')}{rev}")
+            stdout.print(f"[green]published[/] {v.name} -> {escape(str(pub.get('url') or pub.get('repo_id')))}{rev}")
     for note in report.notes:
-        stdout.print(f"[dim]note: {note}[/]")
+        stdout.print(f"[dim]note: {escape(note)}[/]")
     out = Path(report.output or ".")
     files = report.files
     if files:

@@ -120,9 +120,11 @@ def _option(
     if p.saturated:
         failures.append(f"saturated at {p.label}: {p.saturation_note}")
         ratios.append(math.inf)
-    # offered load is served when the server keeps up: rate x the output tokens a request got at the point read
+    # offered load is served when the server keeps up: rate x the output tokens a request got at the point read,
+    # for measured and estimated rows alike (a measured point's own tokens/s can read above its offered rate when
+    # its few Poisson arrivals came in a burst, and would price it cheaper than the same load estimated)
     per_request = (p.output_tokens_per_s / p.requests_per_s) if p.output_tokens_per_s and p.requests_per_s else None
-    tps = p.output_tokens_per_s if measured else (rate * per_request if per_request else None)
+    tps = rate * per_request if per_request else None
     good_fraction = (
         judged.good_fraction if judged.good_fraction is not None else (p.ok / p.requests if p.requests else 0)
     )

@@ -32,7 +32,7 @@ def apply_gate(spec: GateSpec, report: EvalReport | Mapping[str, Any]) -> GateRe
     checks: list[GateCheck] = []
     if spec.max_ppl_increase_pct is not None:
         t, delta = spec.max_ppl_increase_pct, ev.delta_pct
-        text = f"perplexity +{delta:.2f}% vs FP16 (limit +{t:g}%)" if delta is not None else ""
+        text = f"perplexity {delta:+.2f}% vs FP16 (limit +{t:g}%)" if delta is not None else ""
         checks.append(_check("max_ppl_increase_pct", delta, t, True, text, "perplexity delta was not measured",
                              ": over by {:.2f} points"))  # fmt: skip
     if spec.max_ppl is not None:

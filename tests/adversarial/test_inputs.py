@@ -468,7 +468,8 @@ def _bnb_cpu_dtypes(path: Path) -> tuple[Any, set[str], set[str]]:
         hooks = [
             m.register_forward_hook(lambda _m, i, o: seen.update({str(i[0].dtype), str(o.dtype)}))
             for m in runner.model.modules()
-            if type(m).__name__ in ("Linear8bitLt", "Linear4bit")
+            # scoring replaces 4-bit layers by dense float32 Linears (bitsandbytes' dequantized weights)
+            if type(m).__name__ in ("Linear8bitLt", "Linear4bit", "Linear")
         ]
         with torch.no_grad():
             runner.model(input_ids=torch.arange(100, 132).unsqueeze(0))
