@@ -80,7 +80,9 @@ def build_run_report(
         output=str(output),
         recipe=recipe,
         settings=first.settings if first else None,
-        baseline=first.baseline if first else None,
+        # FP16's row: a variant that ran the tasks carries FP16's task scores too (a GGUF first variant does not)
+        baseline=next((r.evaluation.baseline for r in rows if r.evaluation and r.evaluation.baseline.tasks), None)
+        or (first.baseline if first else None),
         environment=first.environment if first else None,
         state="complete",
         variants=rows,

@@ -226,6 +226,10 @@ def test_run_report_table_has_a_column_per_task(evaluated: dict[str, Any], tmp_p
     assert rows[2][col] == "not for gguf"
     md = render_markdown(run)
     assert "britannica_cloze acc_norm" in md and "recovery = variant / FP16" in md
+    # a GGUF variant first (its FP16 side ran no tasks): FP16's row still shows FP16's accuracy
+    gguf_eval.baseline = gguf_eval.baseline.model_copy(update={"tasks": None})
+    first_gguf = build_run_report(recipe={"name": "t"}, variants=[gguf, row], output=tmp_path)
+    assert table_rows(first_gguf)[0][col] == f"{base_score.value:.3f} ± {base_score.stderr:.3f}"
 
 
 @pytest.mark.e2e
