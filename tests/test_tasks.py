@@ -164,6 +164,27 @@ def test_edited_task_numbers_do_not_add_up(evaluated: dict[str, Any]) -> None:
     data = evaluated["report"].to_json()
     data["task_recovery"][0]["recovery"] = 5.0
     assert any("task_recovery" in w for w in evaluation_problems(data))
+    assert evaluation_problems(evaluated["report"].to_json()) == []  # lm-eval's own numbers add up
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda t, s: s.update(n=800), "n is 800"),  # the card would claim 800 examples
+        (lambda t, s: (s.update(n=800), t.update(limit=None)), "n is 800"),
+        (lambda t, s: s.update(stderr=0.001), "stderr is 0.001"),  # a flattering error bar
+        (lambda t, s: s.update(value=0.99), "value is 0.99"),
+    ],
+)
+def test_edited_task_scores_do_not_add_up(evaluated: dict[str, Any], edit: Any, says: str) -> None:
+    """A hostile tester raised n, dropped the limit and shrank a stderr in llmopt.json: the card printed them."""
+    from llmopt.evaluate.gate import evaluation_problems
+
+    data = evaluated["report"].to_json()
+    tasks = data["artifact"]["tasks"]
+    score = next(s for s in tasks["scores"] if s["metric"] == "acc_norm")
+    edit(tasks, score)
+    assert any(says in w for w in evaluation_problems(data)), evaluation_problems(data)
 
 
 @pytest.mark.e2e

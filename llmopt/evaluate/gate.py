@@ -254,6 +254,9 @@ def evaluation_problems(
         wrong += _speed_problems(ev.throughput)
     if ev.task_recovery is not None:
         wrong += _task_problems(ev)
+    for side, tasks in (("baseline", ev.baseline.tasks), ("artifact", ev.artifact.tasks)):
+        if tasks is not None:
+            wrong += _task_score_problems(side, tasks)
     if gate is not None:
         wrong += _gate_problems(ev, gate if isinstance(gate, GateResult) else GateResult.model_validate(gate))
     return wrong
@@ -311,6 +314,30 @@ def _task_problems(ev: EvalReport) -> list[str]:
             wrong.append(f"task_recovery {c.task} {c.metric} does not follow from the task scores")
     if len(again) != len(ev.task_recovery or []):
         wrong.append("task_recovery does not list the metrics both models were scored on")
+    return wrong
+
+
+def _task_score_problems(side: str, tasks: Any) -> list[str]:
+    """Each task score against its own per-example values: the mean, the count, and (acc, acc_norm: lm-eval's
+    mean_stderr, the sample standard deviation over sqrt(n)) the standard error the card prints."""
+    import statistics
+
+    wrong = []
+    for s in tasks.scores:
+        if s.examples is None:  # a corpus-level metric has no per-example values
+            continue
+        n = len(s.examples)
+        name = f"{side}.tasks {s.task} {s.metric}"
+        if s.n != n or (s.doc_ids is not None and len(s.doc_ids) != n):
+            wrong.append(f"{name}: n is {s.n!r}, it lists {n} examples")
+        elif tasks.limit is not None and n > tasks.limit:
+            wrong.append(f"{name}: {n} examples, more than its limit {tasks.limit}")
+        elif n and not _same(s.value, statistics.fmean(s.examples)):
+            wrong.append(f"{name}: value is {s.value!r}, its examples give {statistics.fmean(s.examples)!r}")
+        elif s.metric.split(",")[0] in ("acc", "acc_norm") and n > 1 and s.stderr is not None:
+            se = statistics.stdev(s.examples) / math.sqrt(n)
+            if not _same(s.stderr, se):
+                wrong.append(f"{name}: stderr is {s.stderr!r}, its examples give {se!r}")
     return wrong
 
 
