@@ -100,7 +100,9 @@ def serving_checks(spec: GateSpec, ev: EvalReport) -> list[GateCheck]:
     slo = spec.serving_slo()
     serving = ev.serving
     if serving is None:
-        return [_check("slo", None, 0, True, "", "serving was not measured (add evaluation.serving to the recipe)")]
+        # no result: the recipe has no evaluation.serving, or serving failed (the variant's error says why)
+        why = "serving was not measured (no evaluation.serving in the recipe, or serving failed: see its error)"
+        return [_check("slo", None, 0, True, "", why)]
     points = serving.points
     if spec.slo_at_rate is not None:
         points = [p for p in points if p.mode == "rate" and p.value == spec.slo_at_rate]
