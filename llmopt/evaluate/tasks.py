@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import io
 import logging
@@ -75,11 +76,20 @@ def is_local_task(entry: str) -> bool:
     return entry.lower().endswith(_YAML_SUFFIXES)
 
 
+@functools.lru_cache(maxsize=2)
+def _task_manager(include_defaults: bool) -> Any:
+    """lm-eval's task index, built once per process: indexing its ~10,000 task files takes 10-30 s, and `llmopt
+    run` plans the tasks before any work and again for each variant. Only built with the defaults when a task
+    name (not a local file) asks for them."""
+    from lm_eval.tasks import TaskManager
+
+    with _quiet():
+        return TaskManager(include_defaults=include_defaults)
+
+
 def plan_tasks(tasks: list[str], limit: int | None) -> TaskPlan:
     """Check ``tasks`` (lm-eval task names and local task YAML files) and load their examples once."""
     harness = f"lm-eval {lm_eval_version()}"
-    from lm_eval.tasks import TaskManager
-
     specs: list[str | dict[str, Any]] = []
     names: list[str] = []
     digest = hashlib.sha256()
@@ -96,9 +106,7 @@ def plan_tasks(tasks: list[str], limit: int | None) -> TaskPlan:
             specs.append(entry)
             names.append(entry)
     needs_index = any(isinstance(s, str) for s in specs)
-    with _quiet():
-        # Indexing lm-eval's ~10,000 task files takes seconds: only when a name asks for them.
-        manager = TaskManager(include_defaults=needs_index)
+    manager = _task_manager(needs_index)
     for spec in specs:
         if isinstance(spec, str) and spec not in manager.all_tasks:
             entry = spec
