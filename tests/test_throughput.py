@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -507,18 +507,20 @@ def test_int8_outlier_layers_are_measured_eagerly_without_a_doomed_capture() -> 
 class _SlowDecoder:
     """Stands in for StaticDecoder.run: each run takes ``seconds`` of wall time (counted, not slept)."""
 
-    def __init__(self, seconds: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(self, seconds: float, monkeypatch: pytest.MonkeyPatch, full: int = 4) -> None:
         import llmopt.runners.engine as engine
 
         self.runs = 0
+        self.lengths: list[int] = []
         self.clock = 0.0
-        self.seconds = seconds
+        self.step = seconds / full  # ``seconds`` is a run of ``full`` tokens
         monkeypatch.setattr(engine.time, "perf_counter", lambda: self.clock)
 
     def run(self, first: Any, position: int, steps: int) -> list[float]:
         self.runs += 1
-        self.clock += self.seconds
-        return [self.seconds / steps] * steps
+        self.lengths.append(steps)
+        self.clock += self.step * steps
+        return [self.step] * steps
 
 
 @pytest.mark.parametrize(
@@ -539,3 +541,93 @@ def test_slow_points_are_cut_to_the_time_budget(
     settings = ThroughputSettings(batch_sizes=[1], prompt_lens=[8], gen_len=4, warmup=warmup, repetitions=reps)
     per_step, rates, n = _timed_runs(dec, None, 8, 4, 1, settings)  # type: ignore[arg-type]
     assert (dec.runs, n, len(rates), len(per_step)) == (runs, timed, timed, timed * 4)
+
+
+@pytest.mark.parametrize(("seconds", "lengths"), [(17.0, [8, 128, 128]), (0.2, [8, 128, 128, 128, 128, 128, 128, 128])])
+def test_the_first_warm_up_is_a_short_probe_that_prices_a_run(
+    seconds: float, lengths: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An eager int8 point on the H200 (17 s a 128-token run): the old full warm-up cost as much as a timed run.
+    A fast point keeps its two full warm-ups (after the probe) and five repetitions."""
+    from llmopt.runners.engine import _timed_runs
+
+    dec = _SlowDecoder(seconds, monkeypatch, full=128)
+    settings = ThroughputSettings(batch_sizes=[1], prompt_lens=[8], gen_len=128, warmup=2, repetitions=5)
+    per_step, rates, n = _timed_runs(dec, None, 8, 128, 1, settings)  # type: ignore[arg-type]
+    assert dec.lengths == lengths
+    assert n == len(rates) == sum(1 for x in lengths if x == 128) - (2 if seconds < 1 else 0)
+    assert len(per_step) == 128 * n
+    if seconds > 1:
+        assert dec.clock == pytest.approx(17.0 * (2 + 8 / 128))  # was 3 x 17 s
+
+
+class _FakeDecoder:
+    """StaticDecoder's surface; ``prepare`` fails for the modes in ``failing`` as a failed CUDA-graph capture does."""
+
+    failing: ClassVar[tuple[str, ...]] = ()
+    prepared: ClassVar[list[str]] = []
+
+    def __init__(self, model: Any, device: str, batch: int, cache_len: int) -> None:
+        self.verified = True
+
+    def prefill(self, prompt: Any) -> Any:
+        return prompt[:, -1:]
+
+    def prepare(self, mode: str, first: Any, position: int) -> None:
+        type(self).prepared.append(mode)
+        if mode in self.failing:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def run(self, first: Any, position: int, steps: int) -> list[float]:
+        return [1e-3] * steps
+
+    def close(self) -> None:
+        pass
+
+
+def _tiny_llama() -> Any:
+    from transformers import LlamaConfig
+
+    return type("M", (), {"config": LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1, vocab_size=64)})()
+
+
+@pytest.mark.parametrize("asked", ["graph", "compile"])
+def test_an_explicit_decode_mode_that_cannot_capture_fails_with_its_cause_not_as_a_bug(
+    asked: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the H200 a recipe with decode_mode graph lost bnb-int8's speed to 'AcceleratorError ... please report
+    it' (exit 1). An explicit mode has nothing to fall back to: say so, and name auto/eager."""
+    import llmopt.runners.engine as engine
+    from llmopt.errors import BackendUnavailableError
+
+    monkeypatch.setattr(engine, "mode_chain", lambda requested, device: [requested])
+    monkeypatch.setattr(engine, "has_int8_outlier_path", lambda model: False)
+    monkeypatch.setattr(engine, "reset_compiler", lambda: None)
+    monkeypatch.setattr(engine, "teach_compiler_kernels", lambda: None)
+    monkeypatch.setattr(_FakeDecoder, "failing", (asked,))
+    monkeypatch.setattr(engine, "StaticDecoder", _FakeDecoder)
+    settings = ThroughputSettings(batch_sizes=[1], prompt_lens=[8], gen_len=4, decode_mode=asked)
+    with pytest.raises(BackendUnavailableError) as err:
+        engine.measure_decode(_tiny_llama(), "cpu", settings)
+    assert "previous error during capture" in err.value.message
+    assert "auto" in (err.value.hint or "") and "eager" in (err.value.hint or "")
+
+
+def test_int8_with_outliers_is_measured_eagerly_under_an_explicit_graph_mode_and_says_so(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A recipe's decode mode applies to every variant: bnb-int8 under decode_mode graph is measured eagerly with a
+    note naming the asked mode, instead of a doomed capture."""
+    import llmopt.runners.engine as engine
+
+    monkeypatch.setattr(engine, "mode_chain", lambda requested, device: [requested])
+    monkeypatch.setattr(engine, "has_int8_outlier_path", lambda model: True)
+    monkeypatch.setattr(_FakeDecoder, "failing", ("graph",))
+    monkeypatch.setattr(_FakeDecoder, "prepared", [])
+    monkeypatch.setattr(engine, "StaticDecoder", _FakeDecoder)
+    settings = ThroughputSettings(batch_sizes=[1, 2], prompt_lens=[8], gen_len=4, decode_mode="graph")
+    result = engine.measure_decode(_tiny_llama(), "cpu", settings)
+    assert _FakeDecoder.prepared == ["eager", "eager"]
+    assert result["decode_mode"] == "eager-static"
+    assert "decode mode graph was asked" in result["decode_mode_note"]

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from llmopt.errors import BackendUnavailableError
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.runners.decoder import (
     MODE_NAMES,
@@ -271,6 +272,8 @@ def measure_prefill(
     return out
 
 
+PROBE_STEPS = 8  # tokens of the first warm-up, which prices a whole run
+
 DecoderHook = Callable[[int, "StaticDecoder", Any, int], None]
 
 
@@ -279,15 +282,27 @@ def _timed_runs(
 ) -> tuple[list[float], list[float], int]:
     """Warm-up and timed decode runs of one point, within ``settings.max_seconds_per_point``.
 
-    A slow step (eager decoding, a CPU) would make 2 warm-ups + 5 repetitions of 128 tokens cost minutes:
-    after the first warm-up shows one run's time, the warm-ups stop at one and the repetitions at what the
-    budget holds, never below 2 (a spread needs two). Returns per-step seconds, tokens/s per run, runs.
+    A slow step (eager decoding, a CPU) would make 2 warm-ups + 5 repetitions of 128 tokens cost minutes.
+    The first warm-up is a short probe (``PROBE_STEPS`` tokens) that prices a whole run: a fast point then
+    gets its warm-ups and repetitions as asked; a slow one gets no more warm-ups (the probe was one) and the
+    repetitions the budget holds, never below 2 (a spread needs two). Returns per-step seconds, tokens/s per
+    run, runs.
     """
     budget = settings.max_seconds_per_point
     warmup, reps = settings.warmup, settings.repetitions
     per_step: list[float] = []
     rates: list[float] = []
-    done = 0  # runs made, warm-ups included
+    if warmup:
+        n = min(steps, PROBE_STEPS)
+        t0 = time.perf_counter()
+        dec.run(first, position, n)
+        probe = time.perf_counter() - t0
+        one = probe * steps / n  # a whole run, priced from the probe
+        if (warmup - 1 + reps) * one + probe > budget:
+            warmup, reps = 0, max(2, min(reps, int((budget - probe) / max(one, 1e-9))))
+        else:
+            warmup -= 1 if n == steps else 0  # a probe as long as a run counts as a warm-up
+    done = 0  # runs made after the probe, warm-ups included
     while done < warmup + reps:
         t0 = time.perf_counter()
         t = dec.run(first, position, steps)
@@ -296,10 +311,9 @@ def _timed_runs(
             per_step.extend(t)
             rates.append(batch * steps / sum(t))
         done += 1
-        if done == 1 and (warmup + reps) * one > budget:
-            # what is left of the plan, cut: one warm-up (this run, if it was one), repetitions that fit
-            fit = max(2, min(reps, int(budget / max(one, 1e-9)) - 1))
-            warmup, reps = min(warmup, 1), fit
+        if done == 1 and warmup == 0 and reps * one > budget:
+            # no warm-up asked: the first timed run prices the rest
+            reps = max(2, min(reps, 1 + int((budget - one) / max(one, 1e-9))))
     return per_step, rates, len(rates)
 
 
@@ -325,13 +339,16 @@ def measure_decode(
     results: dict[str, Any] = {}
     notes: list[str] = []
     failed: set[str] = set()
-    if settings.decode_mode == "auto" and chain != ["eager"] and has_int8_outlier_path(model):
+    if chain != ["eager"] and has_int8_outlier_path(model):
         # Measured on an H200: the capture fails ("operation failed due to a previous error during capture")
-        # after a compile that cost ~80 s of the measurement, every time.
+        # after a compile that cost ~80 s of the measurement, every time; with decode_mode graph as well. A
+        # recipe's decode mode applies to every variant, so an explicit one is not an error here: the result
+        # says which mode ran and why.
+        asked = "" if settings.decode_mode == "auto" else f" (decode mode {settings.decode_mode} was asked)"
         chain = ["eager"]
         notes.append(
             "bitsandbytes int8 with an outlier threshold finds outlier columns of data-dependent shape in every "
-            "matmul (a host synchronization), so no CUDA graph can capture its step: measured eagerly"
+            f"matmul (a host synchronization), so no CUDA graph can capture its step: measured eagerly{asked}"
         )
     if "compile" in chain:
         reset_compiler()
@@ -356,6 +373,12 @@ def measure_decode(
                             raise
                         except Exception as exc:
                             note = f"{MODE_NAMES[mode]} failed at batch {batch}: {short_error(exc)}"
+                            if mode == chain[-1] and mode != "eager":
+                                # an explicit --decode-mode compile/graph: no slower mode to fall back to
+                                raise BackendUnavailableError(
+                                    f"decode mode {mode} ({note}); nothing else was tried, since that mode was asked.",
+                                    "Use decode mode auto (it falls back to the next mode and says so) or eager.",
+                                ) from exc
                             if mode == chain[-1]:
                                 raise
                             notes.append(note)
