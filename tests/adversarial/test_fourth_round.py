@@ -1,0 +1,120 @@
+"""What a hostile tester found in the fourth round: one-window evaluations, run-wide checks that came after the first
+quantization, the Hub unreachable for lm-eval tasks, a local task shadowing a built-in one, unbounded or ignored
+estimate options, an empty publish tag, calibration text ignored in silence, third-party progress bars. Each case
+is refused with its exit code and one message naming the next step, or reported truthfully."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, DataError
+from tests.helpers import first_layers, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def small(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 2-layer SmolLM2 and its bitsandbytes int8 artifact (never evaluated); tests copy the artifact."""
+    pytest.importorskip("bitsandbytes")
+    from llmopt import api
+
+    root = tmp_path_factory.mktemp("fourth")
+    model = first_layers(assets["model"], root / "m2", 2)
+    art = api.quantize(str(model), "bnb-int8", root / "int8", device="cpu")
+    return {"model": model, "artifact": art.path, "text": assets["eval_text"]}
+
+
+def _copy_artifact(small: dict[str, Path], dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(small["artifact"], dest)
+    return dest
+
+
+# --- 1. a one-window evaluation ------------------------------------------------------------------------------
+
+
+def test_one_window_hint_names_only_what_helps() -> None:
+    """With exactly one window's worth of tokens, a smaller stride cuts no second window: only --context is named."""
+    from llmopt.evaluate.perplexity import make_windows, require_error_bar
+
+    exact = make_windows(range(128), 128, 64)
+    assert len(exact) == 1
+    with pytest.raises(DataError) as info:
+        require_error_bar(exact, 128, 128, 64)
+    assert "only one scoring window" in info.value.message and "two or more windows" in info.value.message
+    assert "lower --context (" in str(info.value.hint) and "--stride" not in str(info.value.hint)
+    longer = make_windows(range(130), 128, 128)  # 130 tokens: the second window is shifted back, two windows
+    require_error_bar(longer, 130, 128, 128)
+    one = make_windows(range(100), 64, 64, bos_id=0)  # 100 tokens, BOS: 63 + 37 -> two windows
+    require_error_bar(one, 100, 64, 64, add_bos=True)
+
+
+def test_one_window_evaluation_is_refused_before_scoring(small: dict[str, Path], tmp_path: Path) -> None:
+    """128 tokens at --context 128 make one window: its stderr was stored as NaN (null in the manifest), and publish
+    then refused the manifest, asking to evaluate again, which stored the same. Now refused first (exit 2), with the
+    way out; nothing is written into the manifest."""
+    art = _copy_artifact(small, tmp_path / "int8")
+    before = (art / "llmopt.json").read_text()
+    r = run_cli(["eval", str(art), "--baseline", str(small["model"]), "--dataset", str(small["text"]),
+                 "--max-tokens", "128", "--context", "128", "--device", "cpu", "--no-kld"], cwd=tmp_path)  # fmt: skip
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "only one scoring window (128 tokens, --context 128" in r.stderr and "Traceback" not in r.stderr
+    assert "lower --context" in r.stderr and "FP16 baseline" not in r.stderr  # refused before any scoring
+    assert (art / "llmopt.json").read_text() == before
+
+
+def test_a_stored_one_window_evaluation_at_publish(
+    small: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An artifact evaluated on one window by an older llmopt (stderr null in its manifest): publish says why it
+    cannot go (exit 5) and how to evaluate it so that it can; evaluating it again that way makes it publishable."""
+    from llmopt import api
+    from llmopt.evaluate import perplexity
+    from llmopt.specs import EvalSpec
+
+    art = _copy_artifact(small, tmp_path / "int8")
+    monkeypatch.setattr(perplexity, "require_error_bar", lambda *a, **k: None)  # what older versions did
+    spec = EvalSpec(dataset=str(small["text"]), max_tokens=128, context_length=128, device="cpu", kld=False)
+    api.evaluate(art, str(small["model"]), spec, use_cache=False)
+    monkeypatch.undo()
+    stored = json.loads((art / "llmopt.json").read_text())["evaluation"]
+    assert stored["settings"]["windows"] == 1 and stored["artifact"]["stderr"] is None
+
+    r = run_cli(["publish", str(art), "org/int8", "--dry-run"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == EXIT_ARTIFACT, r.stderr[-2000:]
+    assert "single window" in r.stderr and "no error bar" in r.stderr and "smaller --context" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    args = ["eval", str(art), "--baseline", str(small["model"]), "--dataset", str(small["text"]), "--device", "cpu",
+            "--no-kld", "--max-ppl-increase", "1000", "-q"]  # fmt: skip
+    again = run_cli([*args, "--max-tokens", "128", "--context", "128"], cwd=tmp_path)
+    assert again.returncode == EXIT_INPUT and "only one scoring window" in again.stderr  # no loop: the way out
+    fixed = run_cli([*args, "--max-tokens", "256", "--context", "128"], cwd=tmp_path)
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    r = run_cli(["publish", str(art), "org/int8", "--dry-run"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def _recipe(tmp_path: Path, model: Path, text: Path, extra_eval: str = "", variants: str = "") -> Path:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model:\n  source: {model}\nevaluation:\n  dataset: {text}\n  context_length: 64\n  device: cpu\n"
+        f"  kld: false\n{extra_eval}variants:\n"
+        + (variants or "  - name: int8\n    method: bnb-int8\n")
+    )
+    return recipe
+
+
+def test_a_one_window_recipe_stops_before_quantizing(small: dict[str, Path], tmp_path: Path) -> None:
+    """In `llmopt run` the window count is known from the model's tokenizer before any variant: exit 2 there."""
+    recipe = _recipe(tmp_path, small["model"], small["text"], "  max_tokens: 64\n")
+    r = run_cli(["run", str(recipe), "-o", str(tmp_path / "out")], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "only one scoring window (64 tokens, --context 64" in r.stderr and "Traceback" not in r.stderr
+    assert "evaluation.context_length" in r.stderr
+    assert not (tmp_path / "out" / "artifacts").exists()
