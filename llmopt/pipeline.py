@@ -220,6 +220,8 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
 
     ev = recipe.evaluation
     check_settings(ev.context_length, ev.stride, ev.batch_size, add_bos=ev.add_bos, max_tokens=ev.max_tokens)
+    if ev.serving is not None and ev.serving.prompts_file:
+        _check_prompts_file(ev.serving.prompts_file)
     with reporter.step("checking the evaluation text's windows"):
         _check_eval_windows(ctx, source.path, eval_text)
     _check_backends(selected)
@@ -291,6 +293,22 @@ def _check_eval_windows(ctx: _Context, model_path: Path, text: str) -> None:
     bos = 0 if ev.add_bos else None  # only the count matters here; api.evaluate checks the tokenizer has a BOS
     windows = make_windows(ids, ev.context_length, ev.resolved_stride(), bos_id=bos)
     require_error_bar(windows, len(ids), ev.context_length, ev.resolved_stride(), add_bos=ev.add_bos)
+
+
+def _check_prompts_file(path: str) -> None:
+    """``evaluation.serving.prompts_file`` exists, is readable and holds prompts: found here, not when the first
+    variant is served after it was quantized and evaluated."""
+    from llmopt.errors import DataError
+    from llmopt.serving.trace import read_prompts
+
+    try:
+        read_prompts(path)
+    except DataError as exc:
+        raise DataError(
+            f"evaluation.serving.prompts_file: {exc.message}",
+            f"{exc.hint} Fix the file, or point evaluation.serving.prompts_file at another one (or drop the key "
+            "for generated prompts).",
+        ) from None
 
 
 def _check_calibration(ctx: _Context, model_path: Path) -> None:

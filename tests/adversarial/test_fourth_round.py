@@ -118,3 +118,30 @@ def test_a_one_window_recipe_stops_before_quantizing(small: dict[str, Path], tmp
     assert "only one scoring window (64 tokens, --context 64" in r.stderr and "Traceback" not in r.stderr
     assert "evaluation.context_length" in r.stderr
     assert not (tmp_path / "out" / "artifacts").exists()
+
+
+# --- 2. a serving prompts file that cannot be used ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "content", "says"),
+    [
+        ("missing", None, "does not exist or is not a file"),
+        ("empty", b"\n  \n", "holds no prompts"),
+        ("not text", b"\xff\xfe\x00binary", "cannot be read as UTF-8 text"),
+    ],
+)
+def test_a_bad_serving_prompts_file_stops_the_run_before_quantizing(
+    small: dict[str, Path], tmp_path: Path, case: str, content: bytes | None, says: str
+) -> None:
+    """`evaluation.serving.prompts_file` missing, empty or unreadable was found only when the first variant was served,
+    after quantizing and evaluating it: now exit 2 in the run's checks, naming the key and the file."""
+    prompts = tmp_path / "prompts.txt"
+    if content is not None:
+        prompts.write_bytes(content)
+    serving = f"  serving: {{rates: [1], requests: 2, prompts_file: {prompts}}}\n"
+    recipe = _recipe(tmp_path, small["model"], small["text"], "  max_tokens: 256\n" + serving)
+    r = run_cli(["run", str(recipe), "-o", str(tmp_path / "out")], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT, (case, r.stderr[-2000:])
+    assert "evaluation.serving.prompts_file" in r.stderr and str(prompts) in r.stderr and says in r.stderr, case
+    assert "Traceback" not in r.stderr and not (tmp_path / "out" / "artifacts").exists()
