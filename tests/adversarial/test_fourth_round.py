@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, DataError
+from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, EXIT_UNAVAILABLE, DataError
 from tests.helpers import first_layers, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,3 +145,87 @@ def test_a_bad_serving_prompts_file_stops_the_run_before_quantizing(
     assert r.returncode == EXIT_INPUT, (case, r.stderr[-2000:])
     assert "evaluation.serving.prompts_file" in r.stderr and str(prompts) in r.stderr and says in r.stderr, case
     assert "Traceback" not in r.stderr and not (tmp_path / "out" / "artifacts").exists()
+
+
+# --- 3. lm-eval's own tasks with the Hub unreachable ----------------------------------------------------------
+
+
+def test_a_hub_task_with_the_hub_unreachable_fails_fast_with_the_network_code(
+    small: dict[str, Path], tmp_path: Path
+) -> None:
+    """With the Hub not answering, `--tasks arc_easy` printed ~25 s of datasets' "Retrying in 8s" lines and exited 2;
+    publish exits 4 for the same cause. Now one quick check of the Hub, the data read from the cache alone (offline
+    mode), and exit 4 naming the Hub, with no retries."""
+    pytest.importorskip("lm_eval", reason="needs the tasks extra: pip install -e '.[tasks]'")
+    import time
+
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9",  # the discard port: connection refused
+           "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}  # fmt: skip
+    start = time.monotonic()
+    r = run_cli(["eval", str(small["artifact"]), "--baseline", str(small["model"]), "--dataset", str(small["text"]),
+                 "--max-tokens", "256", "--context", "128", "--device", "cpu", "--no-kld", "--tasks", "arc_easy",
+                 "--task-limit", "4"], cwd=tmp_path, env=env)  # fmt: skip
+    took = time.monotonic() - start
+    assert r.returncode == EXIT_UNAVAILABLE, r.stderr[-2000:]
+    assert "the Hugging Face Hub (http://127.0.0.1:9) did not answer" in r.stderr and "local task file" in r.stderr
+    assert "Retrying" not in r.stderr and "Traceback" not in r.stderr
+    assert took < 90, took  # lm-eval's task index takes 10-30 s of it; the retries alone took ~25 s
+
+
+def test_a_hub_task_in_offline_mode_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE set by the user (as publish reads it: exit 2, "unset it"), and the data not cached."""
+    pytest.importorskip("lm_eval", reason="needs the tasks extra: pip install -e '.[tasks]'")
+    from llmopt.evaluate import tasks
+
+    monkeypatch.setattr(tasks, "_hub_reachable", lambda *_: pytest.fail("no request to the Hub in offline mode"))
+    with pytest.raises(DataError) as info:
+        tasks.plan_tasks(["arc_easy"], 4)
+    assert info.value.exit_code == EXIT_INPUT and "offline mode" in info.value.message
+    assert "Unset them" in str(info.value.hint) and "local task file" in str(info.value.hint)
+
+
+# --- 4. a local task under the name of one of lm-eval's own -----------------------------------------------------
+
+CLOZE_DIR = ROOT / "tests" / "data" / "britannica_cloze"
+
+
+def _local_task_named(folder: Path, name: str) -> Path:
+    import shutil
+
+    folder.mkdir(parents=True)
+    shutil.copy(CLOZE_DIR / "britannica_cloze.jsonl", folder / "britannica_cloze.jsonl")
+    text = (CLOZE_DIR / "britannica_cloze.yaml").read_text()
+    assert "task: britannica_cloze\n" in text
+    (folder / "t.yaml").write_text(text.replace("task: britannica_cloze\n", f"task: {name}\n"))
+    return folder / "t.yaml"
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_a_local_task_named_like_a_built_in_one_is_refused(tmp_path: Path, with_index: bool) -> None:
+    """A local task file saying `task: arc_easy` was scored and reported (and would be published) as lm-eval's
+    arc_easy. Refused (exit 2) with the reason and the rename, whether lm-eval's full index was built (a task name
+    was given too) or not (local files only: its task files are read for the names)."""
+    pytest.importorskip("lm_eval", reason="needs the tasks extra: pip install -e '.[tasks]'")
+    from llmopt.errors import InputError
+    from llmopt.evaluate.tasks import plan_tasks
+
+    local = _local_task_named(tmp_path / "mine", "arc_easy")
+    with pytest.raises(InputError) as info:
+        plan_tasks(["hellaswag", str(local)] if with_index else [str(local)], 4)
+    err = info.value
+    assert err.exit_code == EXIT_INPUT and f"--tasks {local}: its task name 'arc_easy'" in err.message
+    assert "lm-eval's own task" in err.message and "name a task's scores by its name alone" in err.message
+    assert "task: arc_easy_local" in str(err.hint)
+
+
+def test_two_local_tasks_of_one_name_are_refused(tmp_path: Path) -> None:
+    """Two local files with the same task name: one replaced the other's scores in the results."""
+    pytest.importorskip("lm_eval", reason="needs the tasks extra: pip install -e '.[tasks]'")
+    from llmopt.errors import InputError
+    from llmopt.evaluate.tasks import plan_tasks
+
+    a = _local_task_named(tmp_path / "a", "my_cloze")
+    b = _local_task_named(tmp_path / "b", "my_cloze")
+    with pytest.raises(InputError, match=f"is also the task of --tasks {a}"):
+        plan_tasks([str(a), str(b)], 4)
+    assert plan_tasks([str(a)], 4).names == ["my_cloze"]  # a name of its own is fine
