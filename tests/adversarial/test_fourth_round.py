@@ -104,8 +104,7 @@ def _recipe(tmp_path: Path, model: Path, text: Path, extra_eval: str = "", varia
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"model:\n  source: {model}\nevaluation:\n  dataset: {text}\n  context_length: 64\n  device: cpu\n"
-        f"  kld: false\n{extra_eval}variants:\n"
-        + (variants or "  - name: int8\n    method: bnb-int8\n")
+        f"  kld: false\n{extra_eval}variants:\n" + (variants or "  - name: int8\n    method: bnb-int8\n")
     )
     return recipe
 
@@ -229,3 +228,70 @@ def test_two_local_tasks_of_one_name_are_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=f"is also the task of --tasks {a}"):
         plan_tasks([str(a), str(b)], 4)
     assert plan_tasks([str(a)], 4).names == ["my_cloze"]  # a name of its own is fine
+
+
+# --- 5, 6. `llmopt estimate`: --gpus unbounded, at_rate in --slo ignored ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run report with serving measured at 1, 2 and 4 req/s on a stub server (fast: TTFT 50 ms)."""
+    from tests.servestub import StubServer
+    from tests.test_serving_recipe import _measure, _run_report
+
+    with StubServer(ttft=0.05, itl=0.01) as stub:
+        fast = _measure(stub, [1.0, 2.0, 4.0])
+    return _run_report(tmp_path_factory.mktemp("served"), fast, fast)
+
+
+def _estimate(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from llmopt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["estimate", *args])
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+@pytest.mark.parametrize(
+    ("gpus", "says"),
+    [
+        ("1e20", "is not a list of GPU counts"),
+        ("100000000000000000000", "a GPU count is a whole number from 1 to 4096"),
+        ("1,8192", "--gpus 8192: a GPU count is a whole number from 1 to 4096"),
+        ("0", "--gpus 0: a GPU count"),
+        ("-2", "--gpus -2: a GPU count"),
+        (" , ", "--gpus gives no GPU count"),
+    ],
+)
+def test_estimate_bounds_the_gpu_counts(served: Path, capsys: pytest.CaptureFixture[str], gpus: str, says: str) -> None:
+    """`--gpus 100000000000000000000` was planned for (replicas beyond any deployment): now 1 to 4096 each, exit 2."""
+    code, _, err = _estimate(["--report", str(served), "--slo", "ttft_p95=200ms", "--rate", "2",
+                              "--gpus", gpus], capsys)  # fmt: skip
+    assert code == EXIT_INPUT and says in err and "Traceback" not in err, err
+
+
+def test_estimate_of_a_model_refuses_gpus_it_would_ignore(capsys: pytest.CaptureFixture[str]) -> None:
+    """`llmopt estimate MODEL --gpus 1e20` exited 0: --gpus belongs to the serving plan and was silently ignored."""
+    config = ROOT / "tests" / "fixtures" / "configs" / "llama-3.1-8b.json"
+    code, _, err = _estimate([str(config), "--gpus", "1e20"], capsys)
+    assert code == EXIT_INPUT and "--gpus picks the GPU counts of a serving plan" in err, err
+
+
+def test_estimate_reads_at_rate_in_the_slo_as_the_rate(served: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--slo ...,at_rate=4` was ignored (the plan was for --rate alone): at_rate now stands for --rate, and the two
+    disagreeing, or at_rate empty or not a number, is exit 2."""
+    base = ["--report", str(served), "--json"]
+    code, out, err = _estimate([*base, "--slo", "ttft_p95=200ms,at_rate=4"], capsys)
+    assert code == 0, err
+    by_slo = json.loads(out)
+    code, out, _ = _estimate([*base, "--slo", "ttft_p95=200ms", "--rate", "4"], capsys)
+    assert code == 0 and by_slo["rate"] == 4.0 and by_slo["options"] == json.loads(out)["options"]
+    code, _, err = _estimate([*base, "--slo", "ttft_p95=200ms,at_rate=4", "--rate", "2"], capsys)
+    assert code == EXIT_INPUT and "at_rate=4 and --rate 2 name two different rates" in err, err
+    code, _, _ = _estimate([*base, "--slo", "ttft_p95=200ms,at_rate=2", "--rate", "2"], capsys)
+    assert code == 0  # the same rate twice
+    for bad, says in (("at_rate=", "is not a number"), ("at_rate=nan", "must be a positive number"),
+                      ("min_goodput=inf", "must be a positive number")):  # fmt: skip
+        code, _, err = _estimate([*base, "--slo", f"ttft_p95=200ms,{bad}", "--rate", "2"], capsys)
+        assert code == EXIT_INPUT and says in err, (bad, err)
