@@ -295,3 +295,55 @@ def test_estimate_reads_at_rate_in_the_slo_as_the_rate(served: Path, capsys: pyt
                       ("min_goodput=inf", "must be a positive number")):  # fmt: skip
         code, _, err = _estimate([*base, "--slo", f"ttft_p95=200ms,{bad}", "--rate", "2"], capsys)
         assert code == EXIT_INPUT and says in err, (bad, err)
+
+
+# --- 7. an empty publish tag ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["folder", "gguf-one-repo"])
+@pytest.mark.parametrize("tag", ["", "  ", "two\nlines"])
+def test_publish_refuses_an_empty_tag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layout: str, tag: str
+) -> None:
+    """`publish ... --tag ''` went into the card's metadata as an empty tag: exit 2 before anything is read."""
+    from tests.test_publish import make_artifact
+    from tests.test_publish import run_cli as publish_cli
+
+    art = make_artifact(tmp_path)
+    code = publish_cli(["publish", str(art), "org/smol-int8", "--dry-run", "--layout", layout, "--tag", "ok",
+                        "--tag", tag])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT and f"--tag {tag!r}" in err and "Traceback" not in err, err
+    assert publish_cli(["publish", str(art), "org/smol-int8", "--dry-run", "--tag", "my-tag"]) == 0
+    assert "- my-tag" in capsys.readouterr().out  # a real tag still goes onto the card
+
+
+def test_recipe_refuses_an_empty_publish_tag(tmp_path: Path) -> None:
+    from llmopt.recipe import RecipeError, load_recipe
+    from tests.test_recipe import GOOD
+
+    path = tmp_path / "r.yaml"
+    assert GOOD.endswith("  organization: test-org\n")
+    path.write_text(GOOD + "  tags: [good, '']\n")
+    with pytest.raises(RecipeError, match="tag '' is empty"):
+        load_recipe(path)
+
+
+# --- 10. gguf_repo reached into hub's private helpers -----------------------------------------------------------
+
+
+def test_no_module_uses_the_private_names_of_hub() -> None:
+    """gguf_repo.py imported `_hub_call`, `_endpoint` and called `hub._api()`, `hub._require_hub()`: what another module
+    uses is public (hub_call, hub_endpoint, hub_api, require_hub), so a rename inside hub.py cannot break it."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "llmopt").rglob("*.py")):
+        if path.name == "hub.py" and path.parent.name == "llmopt":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "llmopt.hub":
+                offenders += [f"{path.name}: from llmopt.hub import {a.name}" for a in node.names if a.name[0] == "_"]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "hub":
+                offenders += [f"{path.name}: hub.{node.attr}"] if node.attr.startswith("_") else []
+    assert offenders == []
