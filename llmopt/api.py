@@ -196,6 +196,8 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
+    if calibration and not backend.wants_calibration(opts):
+        raise InputError(*backend.unused_calibration(opts))  # never ignored in silence (the manifest has none)
     if backend.wants_calibration(opts) and not calibration:
         raise DataError(
             f"{method} needs calibration text.",

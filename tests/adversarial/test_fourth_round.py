@@ -347,3 +347,40 @@ def test_no_module_uses_the_private_names_of_hub() -> None:
             elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "hub":
                 offenders += [f"{path.name}: hub.{node.attr}"] if node.attr.startswith("_") else []
     assert offenders == []
+
+
+# --- 8. calibration text given to a method that reads none ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "says"),
+    [
+        ("hqq", {}, "hqq is calibration-free"),
+        ("bnb-int8", {}, "bnb-int8 is calibration-free"),
+        ("bnb-nf4", {}, "bnb-nf4 is calibration-free"),
+        ("gguf", {"quant_type": "q8_0"}, "gguf with imatrix=none reads no calibration text"),
+        ("llmc-fp8-dynamic", {}, "llmc-fp8-dynamic is calibration-free"),
+    ],
+)
+def test_calibration_text_for_a_calibration_free_method_is_refused(
+    tmp_path: Path, method: str, options: dict[str, str], says: str
+) -> None:
+    """`quantize -m hqq --calibration FILE` ignored the text in silence (so did bnb and gguf without an imatrix):
+    exit 2 saying it would be ignored, before any work; nothing is written."""
+    from llmopt import api
+    from llmopt.backends import get_backend
+    from llmopt.errors import InputError, LlmoptError
+    from tests.helpers import fake_model
+
+    try:
+        get_backend(method, require_usable=True)
+    except LlmoptError as exc:
+        pytest.skip(f"{method} not usable here: {exc.message}")
+    model = fake_model(tmp_path / "m")
+    (tmp_path / "calib.txt").write_text("Some calibration text. " * 200)
+    with pytest.raises(InputError) as info:
+        api.quantize(str(model), method, tmp_path / "out", options=options, calibration=str(tmp_path / "calib.txt"),
+                     device="cpu")  # fmt: skip
+    assert info.value.exit_code == EXIT_INPUT and says in info.value.message and "ignored" in info.value.message
+    assert "Drop --calibration" in str(info.value.hint)
+    assert not (tmp_path / "out").exists()
