@@ -384,3 +384,56 @@ def test_calibration_text_for_a_calibration_free_method_is_refused(
     assert info.value.exit_code == EXIT_INPUT and says in info.value.message and "ignored" in info.value.message
     assert "Drop --calibration" in str(info.value.hint)
     assert not (tmp_path / "out").exists()
+
+
+# --- 9. llm-compressor's progress bars ----------------------------------------------------------------------------
+
+
+def test_third_party_progress_bars_are_off_inside_quiet_progress_bars(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`quantize -m llmc-*` printed llm-compressor's tqdm bars ("(3/31): Calibrating", "Preparing cache") and
+    compressed-tensors' "Compressing model" through llmopt's output. llm-compressor pins another transformers, so its
+    calls are imitated: a class imported by name beforehand (as its modules do), tqdm.auto, datasets' subclass."""
+    from tqdm import tqdm as imported_before  # llmcompressor/pipelines/sequential/pipeline.py: from tqdm import tqdm
+    from tqdm.auto import tqdm as auto_tqdm
+
+    from llmopt._thirdparty import quiet_progress_bars
+
+    monkeypatch.delenv("LLMOPT_DEBUG", raising=False)
+    monkeypatch.delenv("LLMOPT_THIRD_PARTY_LOGS", raising=False)
+
+    def bars() -> list[int]:
+        got = list(imported_before(range(5), desc="(1/31): Calibrating", mininterval=0))
+        got += list(auto_tqdm(range(3), desc="Preparing cache", mininterval=0))
+        with imported_before(total=4, desc="Compressing model", mininterval=0) as bar:
+            bar.update(4)
+        try:
+            from datasets.utils.tqdm import tqdm as datasets_tqdm
+        except ImportError:
+            return got
+        return got + list(datasets_tqdm(range(2), desc="Map", mininterval=0))
+
+    with quiet_progress_bars() as quieted:
+        inside = bars()
+    assert quieted and inside[:8] == [0, 1, 2, 3, 4, 0, 1, 2]  # every item still goes through
+    assert capsys.readouterr().err == ""
+    bars()  # afterwards, and with third-party logs asked for, the bars are back
+    assert "Calibrating" in capsys.readouterr().err
+    monkeypatch.setenv("LLMOPT_THIRD_PARTY_LOGS", "1")
+    with quiet_progress_bars() as quieted:
+        bars()
+    assert not quieted and "Compressing model" in capsys.readouterr().err
+
+
+def test_llmc_quantize_runs_llm_compressor_inside_quiet_progress_bars() -> None:
+    """The llmc backend's oneshot and save_pretrained run inside the quieting (llm-compressor is not installable next
+    to this transformers, so its call site is read)."""
+    import inspect
+
+    from llmopt.backends import llmc
+
+    source = inspect.getsource(llmc._LlmcBackend.quantize)
+    assert source.count("quiet_progress_bars()") == 2
+    assert source.index("quiet_progress_bars()") < source.index("oneshot(model=")
+    assert source.rindex("quiet_progress_bars()") < source.index("save_pretrained(")
