@@ -2,9 +2,10 @@
 
 ``plan_tasks`` checks what ``--tasks`` names before any model is loaded: lm-eval installed (exit 4), every name a
 task lm-eval knows (exit 2, with the close names), every local task file a valid lm-eval task YAML whose data
-loads (exit 2). A local task is lm-eval's own YAML (``task:``, ``dataset_path: json``, ``dataset_kwargs.data_files``
-...); a relative data file is taken relative to the YAML's folder, so a task folder can travel. Names of lm-eval's
-own tasks load their data from the Hugging Face Hub (when it is reachable).
+loads, under a name that is not one of lm-eval's own (exit 2). A local task is lm-eval's own YAML (``task:``,
+``dataset_path: json``, ``dataset_kwargs.data_files`` ...); a relative data file is taken relative to the YAML's
+folder, so a task folder can travel. Names of lm-eval's own tasks load their data from the Hugging Face Hub; where it
+does not answer (one quick request), from the datasets cache alone, and data not cached there is exit 4.
 
 ``run_tasks`` scores one loaded transformers model (the runner's own ``nn.Module``, no second copy) on the plan's
 tasks with ``lm_eval.evaluator.evaluate``, the same examples for every model (``limit`` takes the first N of each
