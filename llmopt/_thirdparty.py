@@ -9,6 +9,11 @@ directory:", "Content of saved `config.json`:" and the whole JSON); those bare p
 dropped in the modules listed in ``_PRINTING_MODULES``. ``LLMOPT_THIRD_PARTY_LOGS=1`` (or
 ``LLMOPT_DEBUG=1``) keeps everything.
 
+``quiet_progress_bars`` turns tqdm's bars off for a block of third-party work that draws them unasked:
+llm-compressor's calibration ("Preparing cache", "(3/31): Calibrating", "Calibrating"), its AWQ smoothing and
+compressed-tensors' "Compressing model" while saving, datasets' ``map`` bars; in a CI log each is one line per
+update.
+
 ``quiet_console`` (called by the CLI before any command runs, importing nothing heavy) does the same for
 the rest of the stack: transformers' "Loading weights" / "Writing model shards" bars and huggingface_hub's
 bars (one line per update in a CI log; llmopt's own steps say what is loading), torchao's "Failed to load
@@ -19,8 +24,11 @@ torchao's enums. transformers' warnings (e.g. weights left uninitialised) are ke
 from __future__ import annotations
 
 import builtins
+import contextlib
+import functools
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 _done = False
@@ -126,3 +134,28 @@ def quiet_gptqmodel() -> bool:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"gptqmodel(\.|$)")
     _done = True
     return True
+
+
+@contextlib.contextmanager
+def quiet_progress_bars() -> Iterator[bool]:
+    """tqdm's progress bars off inside the block, unless third-party logs are wanted; yields whether it did.
+
+    Every tqdm bar (``tqdm.tqdm``, ``tqdm.auto.tqdm``, datasets' own subclass, a class imported by name before the
+    block) is built by ``tqdm.std.tqdm.__init__``: for the block it defaults to ``disable=True``, the way tqdm's own
+    ``TQDM_DISABLE`` works (which tqdm reads only when it is imported). A bar asked for with an explicit ``disable``
+    keeps it. Iterating a disabled bar still yields every item, and ``update``/``set_postfix`` still work.
+    """
+    if third_party_logs_wanted():
+        yield False
+        return
+    try:
+        from tqdm import std
+    except ImportError:  # no tqdm: no bars to quiet
+        yield False
+        return
+    saved = std.tqdm.__dict__["__init__"]
+    std.tqdm.__init__ = functools.partialmethod(saved, disable=True)
+    try:
+        yield True
+    finally:
+        std.tqdm.__init__ = saved

@@ -196,6 +196,8 @@ def quantize(
     backend.validate(opts, source, dev)
 
     calib = None
+    if calibration and not backend.wants_calibration(opts):
+        raise InputError(*backend.unused_calibration(opts))  # never ignored in silence (the manifest has none)
     if backend.wants_calibration(opts) and not calibration:
         raise DataError(
             f"{method} needs calibration text.",
@@ -313,7 +315,7 @@ def evaluate(
     from llmopt.data import load_text
     from llmopt.environment import device_name, environment
     from llmopt.evaluate import baseline as baseline_cache
-    from llmopt.evaluate.perplexity import make_windows, paired_delta
+    from llmopt.evaluate.perplexity import make_windows, paired_delta, require_error_bar
     from llmopt.placement import resolve_target
     from llmopt.source import check_remote_code, load_tokenizer, resolve
 
@@ -381,6 +383,7 @@ def evaluate(
     if spec.add_bos and bos_id is None:
         raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
     windows = make_windows(ids, spec.context_length, spec.resolved_stride(), bos_id=bos_id)
+    require_error_bar(windows, len(ids), spec.context_length, spec.resolved_stride(), add_bos=spec.add_bos)
     windows_tokens = [len(w.ids) - w.score_from for w in windows]
     target = resolve_target(spec.device)
     dev = target.primary

@@ -163,6 +163,13 @@ class Artifact:
             salvaged = _without_results(text, exc) if results_replaceable else None
             if salvaged is not None:
                 manifest, dropped = salvaged[0], _what_is_wrong(exc)
+            elif _only_results_damaged(exc) and _one_window_evaluation(text):
+                raise ArtifactError(
+                    f"{mpath}: its evaluation scored a single window of text, which gives no error bar (its stderr "
+                    "is empty), so the evaluation cannot be checked or published.",
+                    "Evaluate it again (`llmopt eval`) on longer text, or with a smaller --context or --stride, so "
+                    "that the text makes two or more windows.",
+                ) from None
             else:
                 raise ArtifactError(
                     f"{mpath} is not a valid manifest: {_what_is_wrong(exc)}",
@@ -217,6 +224,16 @@ class Artifact:
 def _only_results_damaged(exc: ValueError) -> bool:
     errors = exc.errors() if isinstance(exc, ValidationError) else []
     return bool(errors) and all(e["loc"] and e["loc"][0] in ("evaluation", "gate") for e in errors)
+
+
+def _one_window_evaluation(text: str) -> bool:
+    """Whether the stored evaluation scored one window (made by a version that did not refuse it): its stderrs were
+    NaN, which JSON stores as null."""
+    try:
+        evaluation = json.loads(text).get("evaluation")
+        return isinstance(evaluation, dict) and (evaluation.get("settings") or {}).get("windows") == 1
+    except (ValueError, AttributeError):
+        return False
 
 
 def _without_results(text: str, exc: ValueError) -> tuple[Manifest] | None:

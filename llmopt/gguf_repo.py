@@ -493,9 +493,9 @@ def render_card(
 def _read_repo(api: Any, repo_id: str, revision: str | None, keep: set[str]) -> _RepoState:
     """The repo's files at ``revision`` (sizes, LFS sha256, head commit) and the records of the ``.gguf`` files
     at its root that are not in ``keep`` (this commit's own files)."""
-    from llmopt.hub import _endpoint, _hub_call
+    from llmopt.hub import hub_call, hub_endpoint
 
-    info = _hub_call(
+    info = hub_call(
         f"read the files of {repo_id}", api.model_info, repo_id, revision=revision or "main", files_metadata=True
     )
     files = {
@@ -508,8 +508,8 @@ def _read_repo(api: Any, repo_id: str, revision: str | None, keep: set[str]) -> 
         record = record_path(path)
         if "/" in path or not path.lower().endswith(".gguf") or path in keep or record not in files:
             continue
-        records[record] = _hub_call(f"read {record} of {repo_id}", _download, repo_id, record, head or revision,
-                                    _endpoint())  # fmt: skip
+        records[record] = hub_call(f"read {record} of {repo_id}", _download, repo_id, record, head or revision,
+                                   hub_endpoint())  # fmt: skip
     return _RepoState(head=head, files=files, records=records)
 
 
@@ -562,6 +562,7 @@ def publish_gguf_repo(
     hub.check_repo_id(repo_id)
     if revision is not None:
         hub.check_branch(revision)
+    hub.check_tags(tags)
     if base_model is not None and not HUB_ID.match(base_model):
         raise InputError(f"base model '{base_model}' is not a Hub id.", "Give it as ORG/NAME, or leave it out.")
     with rep.step("checking each artifact's gate and hashes"):
@@ -605,15 +606,15 @@ def publish_gguf_repo(
         result.notes.append("dry run: the repo was not read, so the card lists only this commit's files")
         return result
 
-    hf = hub._require_hub()
-    api = hub._api()
+    hf = hub.require_hub()
+    api = hub.hub_api()
     with rep.step(f"creating {repo_id}" + (f" branch {revision}" if revision else "")):
-        repo_url = hub._hub_call(
+        repo_url = hub.hub_call(
             f"create the repo {repo_id}", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model"
         )
         if revision:
-            hub._hub_call(f"create the branch {revision} of {repo_id}", api.create_branch, repo_id, branch=revision,
-                          exist_ok=True)  # fmt: skip
+            hub.hub_call(f"create the branch {revision} of {repo_id}", api.create_branch, repo_id, branch=revision,
+                         exist_ok=True)  # fmt: skip
     keep = {c.repo_path for c in sel.candidates}
     types = ", ".join(c.quant_type for c in sel.candidates)
     message = commit_message or (
@@ -638,8 +639,8 @@ def publish_gguf_repo(
             operations.append(hf.CommitOperationAdd(path_in_repo=c.record, path_or_fileobj=hub.public_manifest(c.art)))
         operations.append(hf.CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card.encode()))
         with rep.step(f"uploading {len(operations)} files ({fmt_bytes(result.total_bytes)}) in one commit"):
-            info = hub._hub_call(f"commit to {repo_id}", _commit_unless_moved, api, repo_id, operations, message,
-                                 description, revision, state.head)  # fmt: skip
+            info = hub.hub_call(f"commit to {repo_id}", _commit_unless_moved, api, repo_id, operations, message,
+                                description, revision, state.head)  # fmt: skip
         if info is not None:
             break
         rep.info(f"{repo_id} changed while publishing: reading it again ({attempt}/{ATTEMPTS})")

@@ -106,10 +106,22 @@ def check_publishable(art: Artifact) -> dict[str, FileEntry]:
     return current
 
 
+def check_tags(tags: list[str] | None) -> None:
+    """Extra model card tags: each a non-empty line of text (an empty tag went into the card's metadata as '')."""
+    for tag in tags or []:
+        if not isinstance(tag, str) or not tag.strip():
+            raise InputError(f"--tag {tag!r} is empty.", "Give each --tag a name (e.g. --tag int8), or leave it out.")
+        if any(ch in tag for ch in "\r\n\t") or not tag.isprintable():
+            raise InputError(
+                f"--tag {tag!r} holds a line break or a control character.", "Give each --tag as one word or phrase."
+            )
+
+
 # --- publishing ------------------------------------------------------------------------------------
 
 
-def _require_hub() -> Any:
+def require_hub() -> Any:
+    """The huggingface_hub module, or exit 4 with the install line."""
     try:
         import huggingface_hub
     except ImportError:
@@ -120,21 +132,23 @@ def _require_hub() -> Any:
     return huggingface_hub
 
 
-def _endpoint() -> str | None:
+def hub_endpoint() -> str | None:
+    """The Hub llmopt talks to: ``HF_ENDPOINT`` when set, else None (huggingface_hub's default)."""
     return os.environ.get("HF_ENDPOINT") or None
 
 
-def _api() -> Any:
-    hf = _require_hub()
+def hub_api() -> Any:
+    """An ``HfApi`` for the endpoint, once a token is known (else bad input: no token)."""
+    hf = require_hub()
     if not hf.get_token():
         raise InputError(
             "no Hugging Face token found.",
             "Set HF_TOKEN to a token with write access, or run `hf auth login`.",
         )
-    return hf.HfApi(endpoint=_endpoint())
+    return hf.HfApi(endpoint=hub_endpoint())
 
 
-def _hub_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+def hub_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """Call huggingface_hub, turning HTTP and network failures into one clear line."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -171,14 +185,14 @@ def _hub_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     except Exception as exc:
         if _is_network(exc):
             raise HubError(
-                f"could not reach the Hub ({_endpoint() or 'huggingface.co'}) to {what}: {type(exc).__name__}.",
+                f"could not reach the Hub ({hub_endpoint() or 'huggingface.co'}) to {what}: {type(exc).__name__}.",
                 "Check the network (and HF_ENDPOINT if set), then publish again.",
             ) from None
         # huggingface_hub wraps a failed LFS transfer as RuntimeError("Error while uploading 'X' to the Hub.")
         cause = _network_cause(exc)
         if cause is not None:
             raise HubError(
-                f"the upload to the Hub ({_endpoint() or 'huggingface.co'}) broke off while trying to {what}: "
+                f"the upload to the Hub ({hub_endpoint() or 'huggingface.co'}) broke off while trying to {what}: "
                 f"{exc} ({type(cause).__name__}). Nothing was committed and the artifact is unchanged.",
                 "Check the network, then publish again (files already uploaded are not sent twice).",
             ) from None
@@ -209,10 +223,10 @@ def ensure_ready(organization: str | None = None) -> str | None:
 
     Returns the organization for repo ids: the one given, else the user the token belongs to.
     """
-    api = _api()
+    api = hub_api()
     if organization:
         return organization
-    who = _hub_call("read who the token belongs to", api.whoami)
+    who = hub_call("read who the token belongs to", api.whoami)
     return str(who.get("name")) if isinstance(who, dict) and who.get("name") else None
 
 
@@ -271,6 +285,7 @@ def publish(
     check_repo_id(repo_id)
     if revision is not None:
         check_branch(revision)
+    check_tags(tags)
     if base_model is not None and not HUB_ID.match(base_model):
         raise InputError(f"base model '{base_model}' is not a Hub id.", "Give it as ORG/NAME, or leave it out.")
     art = Artifact.open(artifact_path)
@@ -302,8 +317,8 @@ def publish(
     if dry_run:
         return result
 
-    hf = _require_hub()
-    api = _api()
+    hf = require_hub()
+    api = hub_api()
     ev = art.manifest.evaluation
     ppl = ev.artifact.perplexity if ev else float("nan")
     delta = ev.delta_pct if ev and ev.delta_pct is not None else float("nan")
@@ -316,7 +331,7 @@ def publish(
         f"Files digest (sha256 over the file table the evaluation saw): {files_digest(files)}"
     )
     with rep.step(f"creating {repo_id}" + (f" branch {revision}" if revision else "")):
-        repo_url = _hub_call(
+        repo_url = hub_call(
             f"create the repo {repo_id}",
             api.create_repo,
             repo_id,
@@ -325,7 +340,7 @@ def publish(
             repo_type="model",
         )
         if revision:
-            _hub_call(
+            hub_call(
                 f"create the branch {revision} of {repo_id}",
                 api.create_branch,
                 repo_id,
@@ -340,7 +355,7 @@ def publish(
     operations.append(hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=public_manifest(art)))
     operations.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
     with rep.step(f"uploading {len(operations)} files ({fmt_bytes(result['total_bytes'])}) in one commit"):
-        info = _hub_call(
+        info = hub_call(
             f"commit to {repo_id}",
             api.create_commit,
             repo_id,

@@ -204,7 +204,8 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
             # that revision; the Hub id and revision stay recorded in the manifest's recipe record.
             ctx.model_arg = str(source.path)
         ctx.source_weights = source.weights_sha256()
-        ctx.eval_text_sha256 = sha256_json(load_text(recipe.evaluation.dataset))
+        eval_text = load_text(recipe.evaluation.dataset)
+        ctx.eval_text_sha256 = sha256_json(eval_text)
         if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
             text = load_text(recipe.calibration.dataset, purpose="calibration")
             ctx.calib_text_sha256 = hashlib.sha256(text.encode()).hexdigest()
@@ -219,6 +220,10 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
 
     ev = recipe.evaluation
     check_settings(ev.context_length, ev.stride, ev.batch_size, add_bos=ev.add_bos, max_tokens=ev.max_tokens)
+    if ev.serving is not None and ev.serving.prompts_file:
+        _check_prompts_file(ev.serving.prompts_file)
+    with reporter.step("checking the evaluation text's windows"):
+        _check_eval_windows(ctx, source.path, eval_text)
     _check_backends(selected)
     if ev.tasks:
         from llmopt.evaluate.tasks import plan_tasks
@@ -272,6 +277,38 @@ def _check_backends(selected: list[VariantSpec]) -> None:
             "not every variant can run here: " + "; ".join(problems),
             "Install what is named above (see `llmopt backends`), or leave those variants out with --only.",
         )
+
+
+def _check_eval_windows(ctx: _Context, model_path: Path, text: str) -> None:
+    """The evaluation text makes two or more scoring windows (one has no error bar): found here, not after the
+    first variant is quantized (api.evaluate cuts the same windows from the same tokens)."""
+    from llmopt.evaluate.perplexity import make_windows, require_error_bar
+    from llmopt.source import has_tokenizer, load_tokenizer
+
+    if not has_tokenizer(model_path):
+        return  # each variant stops with the tokenizer's own clear error (source.load_tokenizer)
+    ev = ctx.recipe.evaluation
+    tokenizer = load_tokenizer(model_path, trust_remote_code=ctx.recipe.model.trust_remote_code)
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[: ev.max_tokens or None]
+    bos = 0 if ev.add_bos else None  # only the count matters here; api.evaluate checks the tokenizer has a BOS
+    windows = make_windows(ids, ev.context_length, ev.resolved_stride(), bos_id=bos)
+    require_error_bar(windows, len(ids), ev.context_length, ev.resolved_stride(), add_bos=ev.add_bos)
+
+
+def _check_prompts_file(path: str) -> None:
+    """``evaluation.serving.prompts_file`` exists, is readable and holds prompts: found here, not when the first
+    variant is served after it was quantized and evaluated."""
+    from llmopt.errors import DataError
+    from llmopt.serving.trace import read_prompts
+
+    try:
+        read_prompts(path)
+    except DataError as exc:
+        raise DataError(
+            f"evaluation.serving.prompts_file: {exc.message}",
+            f"{exc.hint} Fix the file, or point evaluation.serving.prompts_file at another one (or drop the key "
+            "for generated prompts).",
+        ) from None
 
 
 def _check_calibration(ctx: _Context, model_path: Path) -> None:

@@ -160,6 +160,18 @@ class PublishSpec(_Strict):
             raise _error(f"{value!r} cannot make a valid Hub repo id (e.g. {sample!r}): {_one_line(exc)}") from None
         return value
 
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: list[str]) -> list[str]:
+        from llmopt.hub import check_tags
+
+        for tag in value:
+            try:
+                check_tags([tag])
+            except LlmoptError:
+                raise _error(f"tag {tag!r} is empty or holds a line break; give each tag a name") from None
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _gguf_repo_name(cls, data: Any) -> Any:

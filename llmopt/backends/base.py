@@ -139,6 +139,13 @@ class Backend(ABC):
         """Whether quantizing with these options needs calibration samples (gguf: only for an imatrix)."""
         return self.needs_calibration
 
+    def unused_calibration(self, options: BaseModel) -> tuple[str, str]:
+        """Message and hint refusing calibration text that these options would not read."""
+        return (
+            f"{self.name} is calibration-free: it reads no calibration text, so --calibration would be ignored.",
+            "Drop --calibration (and --samples / --seq-len).",
+        )
+
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:  # noqa: B027
         """Cheap checks against the model's config and the device, run before any heavy work."""
 

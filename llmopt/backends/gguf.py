@@ -247,6 +247,14 @@ class GGUFBackend(Backend):
         assert isinstance(options, GGUFOptions)
         return options.imatrix == "auto"
 
+    def unused_calibration(self, options: BaseModel) -> tuple[str, str]:
+        assert isinstance(options, GGUFOptions)
+        return (
+            f"gguf with imatrix={options.imatrix} reads no calibration text (only --imatrix auto computes an "
+            "importance matrix from it), so --calibration would be ignored.",
+            "Drop --calibration, or pass --imatrix auto to compute the importance matrix from it.",
+        )
+
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, GGUFOptions)
         qt = QUANT_TYPES[options.quant_type]

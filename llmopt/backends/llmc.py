@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmopt._thirdparty import quiet_progress_bars, third_party_logs_wanted
 from llmopt.backends._shapes import check_group_size, group_size_problem
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.backends.format_card import FormatCard, transformers_snippet, vllm_snippet
@@ -231,12 +232,13 @@ class _LlmcBackend(Backend):
         label = f"llm-compressor {self.scheme_name}" + (
             f" on {kwargs['num_calibration_samples']} samples" if "num_calibration_samples" in kwargs else ""
         )
-        with inputs.reporter.step(label):
+        # its tqdm bars ("(3/31): Calibrating", compressed-tensors' "Compressing model"): the reporter's steps say it
+        with inputs.reporter.step(label), quiet_progress_bars():
             try:
                 oneshot(model=model, recipe=self.recipe(opts), **kwargs)
             except Exception as exc:
                 raise _explain(exc, opts) from exc
-        with inputs.reporter.step("saving compressed-tensors checkpoint"):
+        with inputs.reporter.step("saving compressed-tensors checkpoint"), quiet_progress_bars():
             if on_cpu and source_dtype in (torch.float16, torch.bfloat16):
                 model.to(source_dtype)
             model.save_pretrained(inputs.out_dir, save_compressed=True)
@@ -287,7 +289,7 @@ def _quiet_llmcompressor() -> None:
     Its records are disabled, not its logger's configuration: LLM_COMPRESSOR_LOG_DISABLED would also skip
     registering its METRIC level, and its GPTQ then fails logging a timing ("Level 'METRIC' does not exist").
     """
-    if os.environ.get("LLMOPT_DEBUG"):
+    if third_party_logs_wanted():
         return
     import llmcompressor  # noqa: F401 - configures its loguru levels first
     from loguru import logger

@@ -63,8 +63,12 @@ def register(app: typer.Typer) -> None:
         ] = None,
         rate: Annotated[float | None, typer.Option(help="With --slo: the request rate to serve (requests/s).")] = None,
         gpus: Annotated[
-            str, typer.Option(help="With --slo: GPU counts to consider (replicas of the measured server).")
-        ] = "1,2,4,8",
+            str | None,
+            typer.Option(
+                help="With --slo: GPU counts to consider (replicas of the measured server), 1 to 4096 each "
+                "(default 1,2,4,8)."
+            ),
+        ] = None,
         gpu_catalog: Annotated[
             Path | None,
             typer.Option(help="YAML file adding GPUs to the built-in catalog (also: $LLMOPT_GPU_CATALOG)."),
@@ -83,6 +87,12 @@ def register(app: typer.Typer) -> None:
             return
         if model is None:
             raise InputError("give a MODEL (or --slo and --rate with a run's --report).", "See llmopt estimate --help.")
+        if gpus is not None:
+            raise InputError(
+                "--gpus picks the GPU counts of a serving plan (--slo, --rate, --report); the estimate of a MODEL "
+                "lists the tensor-parallel sizes itself.",
+                "Drop --gpus, or add --slo and --rate with a run's --report.",
+            )
         out = JsonOutput(json_out, json_file)
         out.check(model, report, gpu_catalog)
         result = estimate(
@@ -108,30 +118,38 @@ def _serving_plan(
     report: Path | None,
     slo: str | None,
     rate: float | None,
-    gpus: str,
+    gpus: str | None,
     gpu_hourly_cost: float | None,
     json_out: bool,
     json_file: str | None,
 ) -> None:
-    from llmopt.estimate.serving import plan_serving
+    from llmopt.estimate.serving import DEFAULT_GPU_COUNTS, plan_serving
     from llmopt.serving.metrics import parse_slo
 
-    if slo is None or rate is None or report is None:
-        raise InputError(
-            "--slo, --rate and --report go together.",
-            "E.g. llmopt estimate --report runs/x/report.json --slo ttft_p95=500ms --rate 4 --gpu-hourly-cost 2.5",
-        )
+    together = InputError(
+        "--slo, --rate and --report go together.",
+        "E.g. llmopt estimate --report runs/x/report.json --slo ttft_p95=500ms --rate 4 --gpu-hourly-cost 2.5",
+    )
+    if slo is None or report is None:
+        raise together
     if model is not None:
         raise InputError(
             "with --slo, the variants come from --report, not from a MODEL argument.", "Leave MODEL out."
         )
-    try:
-        counts = tuple(int(x) for x in gpus.split(",") if x.strip())
-    except ValueError:
-        raise InputError(f"--gpus {gpus!r} is not a list of GPU counts.", "E.g. --gpus 1,2,4,8.") from None
+    counts = _gpu_counts(gpus) if gpus is not None else DEFAULT_GPU_COUNTS
     slo_spec = parse_slo(slo)
     if slo_spec is None:  # empty or blank
         raise InputError("--slo gives no target.", "E.g. --slo ttft_p95=500ms,itl_p95=50ms")
+    # `at_rate` in --slo is the rate the SLO must hold at: here that is --rate, so it stands for --rate
+    if slo_spec.at_rate is not None:
+        if rate is not None and rate != slo_spec.at_rate:
+            raise InputError(
+                f"--slo at_rate={slo_spec.at_rate:g} and --rate {rate:g} name two different rates to serve.",
+                "Give the rate once: --rate R (or at_rate=R in --slo).",
+            )
+        rate = slo_spec.at_rate
+    if rate is None:
+        raise together
     if gpu_hourly_cost is not None and not math.isfinite(gpu_hourly_cost):
         raise InputError(
             f"--gpu-hourly-cost {gpu_hourly_cost} is not a price.", "Pass the price of one GPU-hour in USD."
@@ -146,6 +164,17 @@ def _serving_plan(
         _render_serving(plan)
     if plan.recommended is None:
         raise typer.Exit(EXIT_GATE)
+
+
+def _gpu_counts(text: str) -> tuple[int, ...]:
+    """``--gpus 1,2,4,8``: whole numbers (their range is checked by plan_serving, for library callers too)."""
+    try:
+        counts = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--gpus {text!r} is not a list of GPU counts.", "E.g. --gpus 1,2,4,8.") from None
+    if not counts:
+        raise InputError("--gpus gives no GPU count.", "E.g. --gpus 1,2,4,8 (or leave it out for those).")
+    return counts
 
 
 def _render_serving(plan: ServingPlan) -> None:

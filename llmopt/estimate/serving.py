@@ -25,6 +25,7 @@ from llmopt.errors import InputError
 from llmopt.serving.metrics import PointResult, Slo, with_slo
 
 DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
+MAX_GPUS = 4096  # more replicas than any one deployment plans for: a larger count is a typo (or 1e20)
 _TOL = 1e-9
 
 
@@ -170,8 +171,13 @@ def plan_serving(
         raise InputError(f"--rate {rate:g} is not a request rate.", "Give requests per second, e.g. --rate 4.")
     if gpu_hourly_cost is not None and gpu_hourly_cost < 0:
         raise InputError("--gpu-hourly-cost cannot be negative.", "Pass the price of one GPU-hour in USD.")
-    if not gpu_counts or any(n < 1 for n in gpu_counts):
-        raise InputError("--gpus needs positive GPU counts.", "E.g. --gpus 1,2,4,8.")
+    if not gpu_counts:
+        raise InputError("--gpus gives no GPU count.", "E.g. --gpus 1,2,4,8.")
+    odd = [n for n in gpu_counts if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_GPUS]
+    if odd:
+        raise InputError(
+            f"--gpus {odd[0]!r}: a GPU count is a whole number from 1 to {MAX_GPUS}.", "E.g. --gpus 1,2,4,8."
+        )
     path = Path(report).expanduser()
     if not path.is_file():
         raise InputError(

@@ -82,6 +82,27 @@ def make_windows(
     return windows
 
 
+def require_error_bar(
+    windows: Sequence[Window], tokens: int, context_length: int, stride: int, *, add_bos: bool = False
+) -> None:
+    """Refuse, before any scoring, a text that makes fewer than two windows: a perplexity's standard error comes
+    from the spread of the per-window scores, and one window has none (it would be stored as NaN)."""
+    if len(windows) >= 2:
+        return
+    body = context_length - (1 if add_bos else 0)
+    # with exactly one window's worth of tokens a smaller stride cuts no second window: only --context helps
+    shorter = (
+        "lower --context or --stride (recipe: evaluation.context_length, evaluation.stride)"
+        if tokens > body
+        else "lower --context (recipe: evaluation.context_length)"
+    )
+    raise DataError(
+        f"the evaluation text makes only one scoring window ({tokens} tokens, --context {context_length}, "
+        f"--stride {stride}): the perplexity's error bar needs two or more windows.",
+        f"Give longer text (or a larger --max-tokens), or {shorter}, so that the text makes two or more windows.",
+    )
+
+
 def score(
     windows: list[Window],
     nll_fn: Callable[[list[list[int]], list[int]], list[list[float]]],

@@ -2,9 +2,10 @@
 
 ``plan_tasks`` checks what ``--tasks`` names before any model is loaded: lm-eval installed (exit 4), every name a
 task lm-eval knows (exit 2, with the close names), every local task file a valid lm-eval task YAML whose data
-loads (exit 2). A local task is lm-eval's own YAML (``task:``, ``dataset_path: json``, ``dataset_kwargs.data_files``
-...); a relative data file is taken relative to the YAML's folder, so a task folder can travel. Names of lm-eval's
-own tasks load their data from the Hugging Face Hub (when it is reachable).
+loads, under a name that is not one of lm-eval's own (exit 2). A local task is lm-eval's own YAML (``task:``,
+``dataset_path: json``, ``dataset_kwargs.data_files`` ...); a relative data file is taken relative to the YAML's
+folder, so a task folder can travel. Names of lm-eval's own tasks load their data from the Hugging Face Hub; where it
+does not answer (one quick request), from the datasets cache alone, and data not cached there is exit 4.
 
 ``run_tasks`` scores one loaded transformers model (the runner's own ``nn.Module``, no second copy) on the plan's
 tasks with ``lm_eval.evaluator.evaluate``, the same examples for every model (``limit`` takes the first N of each
@@ -21,6 +22,7 @@ import hashlib
 import io
 import logging
 import math
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,6 +63,9 @@ class TaskPlan:
     harness: str
     files_sha256: str | None  # of the local task files and their data (None: lm-eval's own tasks only)
     _manager: Any = field(default=None, repr=False)
+    # The Hub did not answer when the plan was made: its tasks load from the datasets cache alone, in offline mode,
+    # instead of each load retrying the Hub for ~25 s (and printing every retry).
+    hub_offline: bool = False
 
     def identity(self) -> dict[str, Any]:
         """What makes two plans measure the same (a cache key's part)."""
@@ -68,7 +73,7 @@ class TaskPlan:
 
     def load(self) -> dict[str, Any]:
         """Fresh lm-eval Task objects (lm-eval keeps each run's requests on them)."""
-        with _quiet():
+        with _quiet(), _hub_offline() if self.hub_offline else contextlib.nullcontext():
             return dict(self._manager.load(list(self.specs)))
 
 
@@ -107,6 +112,7 @@ def plan_tasks(tasks: list[str], limit: int | None) -> TaskPlan:
             names.append(entry)
     needs_index = any(isinstance(s, str) for s in specs)
     manager = _task_manager(needs_index)
+    _refuse_shadowing(tasks, specs, set(manager.all_tasks) if needs_index else _lm_eval_own_names())
     for spec in specs:
         if isinstance(spec, str) and spec not in manager.all_tasks:
             entry = spec
@@ -124,10 +130,62 @@ def plan_tasks(tasks: list[str], limit: int | None) -> TaskPlan:
         harness=harness,
         files_sha256=digest.hexdigest() if local else None,
         _manager=manager,
+        # lm-eval's own tasks read their data from the Hub: where it does not answer, from the cache alone
+        hub_offline=needs_index and not _offline_mode_set() and not _hub_reachable(_hub_endpoint()),
     )
     loaded = _load_checked(plan)
     plan.names = sorted(loaded["tasks"])  # a group or tag name stands for its tasks
     return plan
+
+
+# Top-level `task:`, `group:` and `tag:` lines of lm-eval's task YAML files: one name, an inline list, or a block list.
+_NAME_KEY = re.compile(
+    r"""^["']?(?:task|group|tag)["']?:[ \t]*(?P<inline>[^\n#]*)(?P<block>(?:\n[ \t]+-[^\n]*)*)""", re.M
+)
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_own_names() -> frozenset[str]:
+    """The names of lm-eval's own tasks, groups and tags, read from its task YAML files (~2 s for ~14,000 files; its
+    full index takes 10-30 s and is built only when a task name asks for it). A few names made by Python code are
+    not in those files: such a shadow goes unnoticed unless a task name also asked for the index."""
+    import lm_eval.tasks
+
+    names: set[str] = set()
+    # templates that tasks `include:` (their tags become the tasks') are often named like `_default_template_yaml`
+    for path in Path(lm_eval.tasks.__file__).parent.rglob("*y*ml*"):
+        if path.suffix in (".py", ".md", ".json") or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        for m in _NAME_KEY.finditer(text):
+            block = [line.strip()[1:].split("#")[0] for line in m["block"].splitlines() if line.strip()]
+            items = m["inline"].strip().strip("[]").split(",") + [b for b in block if ":" not in b]
+            names.update(v.strip().strip("'\"") for v in items)
+    return frozenset(names - {"", "null"})
+
+
+def _refuse_shadowing(requested: list[str], specs: list[str | dict[str, Any]], own: set[str] | frozenset[str]) -> None:
+    """A local task file under the name of one of lm-eval's own tasks (or of another requested task) is refused:
+    reports, the baseline cache and model cards name a task's scores by its name alone, so the local task would be
+    reported (and published) as lm-eval's benchmark of that name, or one of the two would silently replace the
+    other in the results."""
+    seen: dict[str, str] = {entry: entry for entry, spec in zip(requested, specs, strict=True) if isinstance(spec, str)}
+    for entry, spec in zip(requested, specs, strict=True):
+        if isinstance(spec, str):
+            continue
+        name = str(spec["task"])
+        if name in own or name in seen:
+            other = f"lm-eval's own task (or group) '{name}'" if name in own else f"the task of --tasks {seen[name]}"
+            raise InputError(
+                f"--tasks {entry}: its task name '{name}' is also {other}; refused, because reports and model "
+                "cards name a task's scores by its name alone, so the two could not be told apart.",
+                f"Rename the task in the YAML (e.g. `task: {name}_local`)"
+                + (f", or pass the name {name} to run lm-eval's own." if name in own else "."),
+            )
+        seen[name] = entry
 
 
 def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
@@ -198,20 +256,98 @@ def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
     return one(data_files)
 
 
+def _offline_mode_set() -> bool:
+    """Whether the user turned the Hub off (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, HF_DATASETS_OFFLINE)."""
+    try:
+        import datasets.config
+        import huggingface_hub.constants
+    except ImportError:
+        return False
+    return bool(huggingface_hub.constants.is_offline_mode() or datasets.config.HF_HUB_OFFLINE)
+
+
+def _hub_endpoint() -> str:
+    try:
+        import huggingface_hub.constants
+
+        return str(huggingface_hub.constants.ENDPOINT)
+    except ImportError:
+        return "https://huggingface.co"
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_reachable(endpoint: str, timeout: float = 5.0) -> bool:
+    """One quick request to the Hub (once per process): any HTTP answer, even an error status, means it is there;
+    no connection (refused, no route, no DNS, timeout) means it is not."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        request = urllib.request.Request(endpoint.rstrip("/") + "/api/status", method="HEAD")
+        with urllib.request.urlopen(request, timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # URLError, socket timeouts and resets are OSErrors; ValueError: a malformed URL
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """datasets and huggingface_hub in offline mode for a while (they read the switch at import, so their module
+    constants are set, and put back after): a dataset in the cache loads, any other fails at once, no retries."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = (
+        huggingface_hub.constants.HF_HUB_OFFLINE,
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+    )
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        (
+            huggingface_hub.constants.HF_HUB_OFFLINE,
+            datasets.config.HF_HUB_OFFLINE,
+            datasets.config.HF_DATASETS_OFFLINE,
+        ) = saved
+
+
 def _load_checked(plan: TaskPlan) -> dict[str, Any]:
     """Build the tasks once (reads their examples): a task lm-eval cannot build is bad input, before any model."""
     try:
         loaded = plan.load()
     except Exception as exc:
         where = ", ".join(plan.requested)
-        local = any(is_local_task(t) for t in plan.requested)
-        offline = "connect" in str(exc).lower() or "offline" in str(exc).lower() or "hub" in str(exc).lower()
+        text = str(exc).lower()
+        from_hub = any(isinstance(s, str) for s in plan.specs) and (
+            isinstance(exc, ConnectionError) or any(w in text for w in ("connect", "offline", "hub", "not cached"))
+        )
+        if from_hub and plan.hub_offline:  # the Hub did not answer (exit 4, as publish's "could not reach the Hub")
+            raise BackendUnavailableError(
+                f"--tasks {where}: the Hugging Face Hub ({_hub_endpoint()}) did not answer, and the task's data is "
+                f"not in the datasets cache ({type(exc).__name__}: {_first_line(exc)}).",
+                "Check the network (and HF_ENDPOINT if set) and run again, or use a local task file (lm-eval's YAML "
+                "+ a local data file, see docs/tasks.md).",
+            ) from None
+        if from_hub and _offline_mode_set():  # the user turned the Hub off (exit 2, as publish in offline mode)
+            raise DataError(
+                f"--tasks {where}: the Hub is off here (offline mode: HF_HUB_OFFLINE, HF_DATASETS_OFFLINE or "
+                f"TRANSFORMERS_OFFLINE is set) and the task's data is not in the datasets cache "
+                f"({type(exc).__name__}: {_first_line(exc)}).",
+                "Unset them where the Hub is reachable, or use a local task file (lm-eval's YAML + a local data "
+                "file, see docs/tasks.md).",
+            ) from None
         raise DataError(
             f"--tasks {where}: lm-eval could not build the task(s) ({type(exc).__name__}: {_first_line(exc)}).",
             (
                 "The Hugging Face Hub is not reachable for the task's dataset: use a local task file "
                 "(lm-eval's YAML + a local data file, see docs/tasks.md)."
-                if offline and not local
+                if from_hub
                 else "Check the task YAML and its data file (each line a JSON object with the fields the YAML "
                 "names); see docs/tasks.md."
             ),
@@ -236,11 +372,12 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """lm-eval's INFO lines, warnings and progress bars (and datasets' bars) off, unless logs are wanted."""
+    """lm-eval's INFO lines, warnings and progress bars (and datasets' bars, the Hub client's retries) off, unless
+    logs are wanted."""
     if third_party_logs_wanted():
         yield
         return
-    names = ("lm_eval", "lm-eval", "datasets", "evaluate")
+    names = ("lm_eval", "lm-eval", "datasets", "evaluate", "huggingface_hub")  # the Hub client's "Retrying in 1s"
     loggers = [logging.getLogger(n) for n in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:

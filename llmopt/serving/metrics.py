@@ -103,8 +103,8 @@ def parse_slo(text: str | None) -> Slo | None:
                 number = float(raw.strip().removesuffix("/s"))
             except ValueError:
                 raise InputError(f"--slo {key}={raw!r} is not a number.", f"E.g. {key}=2") from None
-            if number < 0 or (key == "at_rate" and number == 0):
-                raise InputError(f"--slo {key} must be positive.", f"E.g. {key}=2")
+            if not math.isfinite(number) or number < 0 or (key == "at_rate" and number == 0):
+                raise InputError(f"--slo {key}={raw.strip()!r} must be a positive number.", f"E.g. {key}=2")
             setattr(slo, key, number)
         else:
             raise InputError(

@@ -17,34 +17,37 @@ from tests.helpers import first_layers, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
-RECIPE = """\
-model:
-  source: model
-evaluation:
-  dataset: eval.txt
-  context_length: 16
-  max_tokens: 32
-  device: cpu
-  kld: false
-  serving: {rates: [2, 4], requests: 6, warmup: 1, prompt_len: 16, output_len: 4, baseline: false}
-gates:
-  max_ppl_increase_pct: 50
-  slo: {ttft_p95_ms: 2000}
-  min_goodput: 0.5
-variants:
-  - name: broken
-    method: gguf
-    options: {quant_type: q8_0}
-  - name: good
-    method: gguf
-    options: {quant_type: q8_0}
-  - name: dies
-    method: gguf
-    options: {quant_type: q8_0}
-  - name: saturates
-    method: gguf
-    options: {quant_type: q8_0}
-"""
+
+def recipe(serving: str, variants: list[str], gates: str) -> str:
+    """The recipe text every test here runs, in a folder made by ``workdir``: its 2-layer model scored on eval.txt in
+    two windows of 16 tokens (no KL divergence); ``serving`` and ``gates`` (YAML flow mappings) as evaluation.serving
+    and gates; one variant per entry of ``variants``: NAME (a GGUF q8_0) or NAME=METHOD."""
+    rows = []
+    for entry in variants:
+        name, _, method = entry.partition("=")
+        rows.append(f"  - {{name: {name}, method: {method}}}" if method else
+                    f"  - {{name: {name}, method: gguf, options: {{quant_type: q8_0}}}}")  # fmt: skip
+    return (
+        "model:\n  source: model\n"
+        "evaluation:\n  dataset: eval.txt\n  context_length: 16\n  max_tokens: 32\n  device: cpu\n  kld: false\n"
+        f"  serving: {serving}\ngates: {gates}\nvariants:\n" + "\n".join(rows) + "\n"
+    )
+
+
+def workdir(assets: dict[str, Path], folder: Path, recipe_text: str) -> Path:
+    """``folder`` as ``recipe`` expects it: model/ (SmolLM2 cut to 2 layers), eval.txt, and recipe.yaml."""
+    first_layers(assets["model"], folder / "model", 2)
+    (folder / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
+    (folder / "recipe.yaml").write_text(recipe_text)
+    return folder
+
+
+# Four GGUF variants, each served by a stand-in that misbehaves as its name says (WRAPPER below).
+RECIPE = recipe(
+    "{rates: [2, 4], requests: 6, warmup: 1, prompt_len: 16, output_len: 4, baseline: false}",
+    ["broken", "good", "dies", "saturates"],
+    gates="{max_ppl_increase_pct: 50, slo: {ttft_p95_ms: 2000}, min_goodput: 0.5}",
+)
 
 # The stand-in server misbehaves by the artifact it is given (its path names the variant).
 WRAPPER = """\
@@ -67,10 +70,7 @@ def work(assets: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> d
         get_backend("gguf", require_usable=True)
     except LlmoptError as exc:
         pytest.skip(f"gguf backend not usable here: {exc.message}")
-    folder = tmp_path_factory.mktemp("run-serving")
-    first_layers(assets["model"], folder / "model", 2)
-    (folder / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
-    (folder / "recipe.yaml").write_text(RECIPE)
+    folder = workdir(assets, tmp_path_factory.mktemp("run-serving"), RECIPE)
     exe = folder / "bin" / "llama-server"
     exe.parent.mkdir()
     exe.write_text(WRAPPER.format(python=sys.executable, stub=ROOT / "tests" / "servestub.py"))
@@ -164,51 +164,25 @@ def test_a_port_in_use_fails_serving_not_the_evaluations(work: dict[str, Any]) -
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = run_cli(
-            [
-                "run",
-                "recipe.yaml",
-                "-o",
-                "out2",
-                "--only",
-                "good",
-                "--set",
-                f"evaluation.serving.port={port}",
-                "--json",
-            ],
-            cwd=work["folder"],
-            env=work["env"],
-        )
+        args = ["run", "recipe.yaml", "-o", "out2", "--only", "good", "--set", f"evaluation.serving.port={port}"]
+        r = run_cli([*args, "--json"], cwd=work["folder"], env=work["env"])
     assert r.returncode == 2, r.stderr
     good = _variants(json.loads(r.stdout))["good"]
     assert good["error"]["stage"] == "serve" and f"port {port} on 127.0.0.1 is in use" in good["error"]["message"]
     assert good["perplexity"] is not None
 
 
-BNB_RECIPE = """\
-model:
-  source: model
-evaluation:
-  dataset: eval.txt
-  context_length: 16
-  max_tokens: 32
-  device: cpu
-  kld: false
-  serving: {server: llama.cpp, rates: [2], requests: 4, prompt_len: 16, output_len: 4}
-gates:
-  max_ppl_increase_pct: 50
-variants:
-  - name: int8
-    method: bnb-int8
-"""
+BNB_RECIPE = recipe(
+    "{server: llama.cpp, rates: [2], requests: 4, prompt_len: 16, output_len: 4}",
+    ["int8=bnb-int8"],
+    gates="{max_ppl_increase_pct: 50}",
+)
 
 
 def test_an_artifact_the_chosen_server_cannot_load(assets: dict[str, Path], tmp_path: Path) -> None:
     """`server: llama.cpp` for a bitsandbytes folder (and for the FP16 folder): the variant errors at its serve
     stage (exit 2) with its evaluation kept; the baseline's failure is a note, not an error."""
-    first_layers(assets["model"], tmp_path / "model", 2)
-    (tmp_path / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
-    (tmp_path / "recipe.yaml").write_text(BNB_RECIPE)
+    workdir(assets, tmp_path, BNB_RECIPE)
     r = run_cli(["run", "recipe.yaml", "-o", "out", "--json"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     data = json.loads(r.stdout)
@@ -220,23 +194,11 @@ def test_an_artifact_the_chosen_server_cannot_load(assets: dict[str, Path], tmp_
     assert "baseline_serving" not in data
 
 
-REAL_RECIPE = """\
-model:
-  source: model
-evaluation:
-  dataset: eval.txt
-  context_length: 16
-  max_tokens: 32
-  device: cpu
-  kld: false
-  serving: {rates: [1, 2], requests: 4, warmup: 1, prompt_len: 16, output_len: 4, threads: 2, baseline: false}
-gates:
-  slo: {e2e_p95_s: 60}
-variants:
-  - name: q8
-    method: gguf
-    options: {quant_type: q8_0}
-"""
+REAL_RECIPE = recipe(
+    "{rates: [1, 2], requests: 4, warmup: 1, prompt_len: 16, output_len: 4, threads: 2, baseline: false}",
+    ["q8"],
+    gates="{slo: {e2e_p95_s: 60}}",
+)
 
 
 @pytest.mark.e2e
@@ -250,9 +212,7 @@ def test_real_llama_server_in_a_run(assets: dict[str, Path], tmp_path: Path) -> 
         llama_server_binary()
     except BackendUnavailableError:
         pytest.skip("llama-server is not built here (scripts/build_llamacpp.py, or LLMOPT_LLAMA_SERVER)")
-    first_layers(assets["model"], tmp_path / "model", 2)
-    (tmp_path / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
-    (tmp_path / "recipe.yaml").write_text(REAL_RECIPE)
+    workdir(assets, tmp_path, REAL_RECIPE)
     r = run_cli(["run", "recipe.yaml", "-o", "out", "--json"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)["variants"][0]
@@ -264,22 +224,11 @@ def test_real_llama_server_in_a_run(assets: dict[str, Path], tmp_path: Path) -> 
     assert row["gate"]["passed"] and any(c["name"].startswith("slo.e2e_p95_ms") for c in row["gate"]["checks"])
 
 
-VLLM_RECIPE = """\
-model:
-  source: model
-evaluation:
-  dataset: eval.txt
-  context_length: 16
-  max_tokens: 32
-  device: cpu
-  kld: false
-  serving: {server: vllm, rates: [2, 4], requests: 4, warmup: 1, prompt_len: 16, output_len: 4}
-gates:
-  slo: {ttft_p95_ms: 5000}
-variants:
-  - name: int8
-    method: bnb-int8
-"""
+VLLM_RECIPE = recipe(
+    "{server: vllm, rates: [2, 4], requests: 4, warmup: 1, prompt_len: 16, output_len: 4}",
+    ["int8=bnb-int8"],
+    gates="{slo: {ttft_p95_ms: 5000}}",
+)
 
 
 def test_the_fp16_baseline_is_served_once_and_reused(assets: dict[str, Path], tmp_path: Path) -> None:
@@ -293,9 +242,7 @@ def test_the_fp16_baseline_is_served_once_and_reused(assets: dict[str, Path], tm
     vllm.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "servestub.py"}" "$@"\n')
     vllm.chmod(0o755)
     env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_TTFT": "0.02", "STUB_ITL": "0.005"}
-    first_layers(assets["model"], tmp_path / "model", 2)
-    (tmp_path / "eval.txt").write_text(assets["eval_text"].read_text()[:4000])
-    (tmp_path / "recipe.yaml").write_text(VLLM_RECIPE)
+    workdir(assets, tmp_path, VLLM_RECIPE)
     r = run_cli(["run", "recipe.yaml", "-o", "out"], cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     data = json.loads((tmp_path / "out" / "report.json").read_text())
