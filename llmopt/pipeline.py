@@ -299,6 +299,8 @@ def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str,
     arch = architecture_from_config(config)
     linear = sum(g.numel for g in tensors(arch) if g.role == "linear")
     other = sum(g.numel for g in tensors(arch) if g.role != "linear")
+    if options.get("quantize_lm_head") and arch.tie_word_embeddings:
+        other += arch.vocab_size * arch.hidden_size  # untied: a quantized head stored beside the embedding
     group = int(options.get("group_size") or 128)
     per = 1.0 / group if group > 0 else 0.0
     if method == "bnb-int8":
@@ -458,6 +460,17 @@ def _quantized(ctx: _Context, variant: VariantSpec) -> tuple[Artifact, bool, str
     return art, False, reason
 
 
+def _recorded_options(method: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """A manifest's options with the defaults of options added since it was written (an artifact made before
+    ``quantize_lm_head`` existed was made without it); None when they no longer validate."""
+    from llmopt.backends.base import describe_backend
+
+    try:
+        return describe_backend(method).parse_options(options).model_dump(mode="json")
+    except LlmoptError:
+        return None
+
+
 def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tuple[Artifact | None, str | None]:
     """The existing artifact if it matches the recipe and its files verify; else why not."""
     if not art_dir.exists():
@@ -473,7 +486,7 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if m.backend != variant.method:
         return None, f"method changed ({m.backend} -> {variant.method})"
     options = {k: v for k, v in m.options.items() if k != "_resolved"}
-    if options != variant.backend_options():
+    if options != variant.backend_options() and _recorded_options(m.backend, options) != variant.backend_options():
         return None, "options changed"
     if m.source.model != ctx.model_arg or (m.source.weights_sha256 or {}) != ctx.source_weights:
         return None, "the source model changed"
