@@ -299,10 +299,16 @@ def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str,
     arch = architecture_from_config(config)
     linear = sum(g.numel for g in tensors(arch) if g.role == "linear")
     other = sum(g.numel for g in tensors(arch) if g.role != "linear")
-    if options.get("quantize_lm_head") and arch.tie_word_embeddings:
-        other += arch.vocab_size * arch.hidden_size  # untied: a quantized head stored beside the embedding
     group = int(options.get("group_size") or 128)
     per = 1.0 / group if group > 0 else 0.0
+    head_bytes = 0.0
+    if method == "gptq" and options.get("quantize_lm_head"):
+        # the head at its own width; a tied one is untied, its quantized copy stored beside the 16-bit embedding
+        head = arch.vocab_size * arch.hidden_size
+        hb = float(options.get("lm_head_bits") or options.get("bits") or 4)
+        head_bytes = head * (hb + (16.0 + hb) * per + 32.0 / arch.hidden_size) / 8
+        if not arch.tie_word_embeddings:
+            other -= head  # no longer 16-bit
     if method == "bnb-int8":
         bits = 8.0 + 32.0 / arch.hidden_size  # int8 + an fp32 scale per row
     elif method in ("bnb-nf4", "bnb-fp4"):
@@ -317,7 +323,7 @@ def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str,
         return int((linear * bits / 8 + other * 4) * 1.05) + (16 << 20)
     else:
         bits = 16.0
-    return int((linear * bits / 8 + other * 2) * 1.05) + (16 << 20)
+    return int((linear * bits / 8 + head_bytes + other * 2) * 1.05) + (16 << 20)
 
 
 def _check_space(ctx: _Context, selected: list[VariantSpec], model_path: Path) -> None:
