@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +17,7 @@ from llmopt.data import CalibrationSet
 from llmopt.errors import EXIT_INPUT, InputError, OptionsError
 from llmopt.progress import SilentReporter
 from llmopt.source import SourceModel
-from tests.helpers import SMOLLM2_CONFIG, fake_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import SMOLLM2_CONFIG, fake_model, random_models
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -144,11 +141,8 @@ def test_format_card_says_the_head_is_quantized(options: dict[str, Any], bits: i
 
 def tiny_llama(tie: bool) -> Any:
     pytest.importorskip("torch")
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from random_models import build_fp16, llama_config
-
-    model = build_fp16(llama_config("tiny", tie_word_embeddings=tie), "cpu").float()
-    return model
+    rm = random_models()
+    return rm.build_fp16(rm.llama_config("tiny", tie_word_embeddings=tie), "cpu").float()
 
 
 class _Wrapper:
@@ -188,12 +182,13 @@ def test_tiny_tied_model_quantizes_with_its_head_and_loads_back(tmp_path: Path) 
     (what vLLM reads), and loads back through llmopt's runner with the head as a quantized layer."""
     pytest.importorskip("gptqmodel")
     import torch
-    from random_models import save_fp16  # type: ignore[import-not-found]  # scripts/, on sys.path via tiny_llama
     from safetensors import safe_open
 
     model = tiny_llama(tie=True)
-    src = save_fp16(model.half(), tmp_path / "src")
+    src = random_models().save_fp16(model.half(), tmp_path / "src")
     assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # tied: the head exists only as the embedding, as in SmolLM2
     backend = GPTQBackend()
     gen = torch.Generator().manual_seed(0)
     samples = [torch.randint(3, 500, (64,), generator=gen).tolist() for _ in range(4)]
