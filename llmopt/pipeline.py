@@ -338,6 +338,14 @@ def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str,
     other = sum(g.numel for g in tensors(arch) if g.role != "linear")
     group = int(options.get("group_size") or 128)
     per = 1.0 / group if group > 0 else 0.0
+    head_bytes = 0.0
+    if method == "gptq" and options.get("quantize_lm_head"):
+        # the head at its own width; a tied one is untied, its quantized copy stored beside the 16-bit embedding
+        head = arch.vocab_size * arch.hidden_size
+        hb = float(options.get("lm_head_bits") or options.get("bits") or 4)
+        head_bytes = head * (hb + (16.0 + hb) * per + 32.0 / arch.hidden_size) / 8
+        if not arch.tie_word_embeddings:
+            other -= head  # no longer 16-bit
     if method == "bnb-int8":
         bits = 8.0 + 32.0 / arch.hidden_size  # int8 + an fp32 scale per row
     elif method in ("bnb-nf4", "bnb-fp4"):
@@ -352,7 +360,7 @@ def artifact_bytes_bound(method: str, options: dict[str, Any], config: dict[str,
         return int((linear * bits / 8 + other * 4) * 1.05) + (16 << 20)
     else:
         bits = 16.0
-    return int((linear * bits / 8 + other * 2) * 1.05) + (16 << 20)
+    return int((linear * bits / 8 + head_bytes + other * 2) * 1.05) + (16 << 20)
 
 
 def _check_space(ctx: _Context, selected: list[VariantSpec], model_path: Path) -> None:
@@ -495,6 +503,17 @@ def _quantized(ctx: _Context, variant: VariantSpec) -> tuple[Artifact, bool, str
     return art, False, reason
 
 
+def _recorded_options(method: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """A manifest's options with the defaults of options added since it was written (an artifact made before
+    ``quantize_lm_head`` existed was made without it); None when they no longer validate."""
+    from llmopt.backends.base import describe_backend
+
+    try:
+        return describe_backend(method).parse_options(options).model_dump(mode="json")
+    except LlmoptError:
+        return None
+
+
 def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tuple[Artifact | None, str | None]:
     """The existing artifact if it matches the recipe and its files verify; else why not."""
     if not art_dir.exists():
@@ -510,7 +529,7 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if m.backend != variant.method:
         return None, f"method changed ({m.backend} -> {variant.method})"
     options = {k: v for k, v in m.options.items() if k != "_resolved"}
-    if options != variant.backend_options():
+    if options != variant.backend_options() and _recorded_options(m.backend, options) != variant.backend_options():
         return None, "options changed"
     if m.source.model != ctx.model_arg or (m.source.weights_sha256 or {}) != ctx.source_weights:
         return None, "the source model changed"

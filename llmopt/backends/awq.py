@@ -59,6 +59,9 @@ class AWQOptions(BaseModel):
         "float16", description="Dtype the search runs in and the checkpoint's scales and other tensors are stored in."
     )
     batch_size: int = Field(1, ge=1, description="Calibration batch size.")
+    quantize_lm_head: bool = Field(
+        False, description="Not supported: GPTQModel's AWQ cannot quantize the lm_head (use method gptq)."
+    )
 
 
 class AWQBackend(Backend):
@@ -94,6 +97,14 @@ class AWQBackend(Backend):
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, AWQOptions)
+        if options.quantize_lm_head:
+            # GPTQModel 7.6 with QuantizeConfig(quant_method=AWQ, lm_head=True), tried on a tiny Llama: every
+            # layer quantizes, then packing the head raises KeyError('q_zeros') (no AWQ result for it).
+            raise OptionsError(
+                "AWQ cannot quantize the lm_head: GPTQModel's AWQ searches scales inside decoder layers only and "
+                "fails when asked to pack the output head (lm_head=True).",
+                "Drop --quantize-lm-head for awq, or use --method gptq --quantize-lm-head.",
+            )
         sizes = GEMV_GROUP_SIZES if options.version == "gemv" else GROUP_SIZES
         if options.group_size not in sizes:
             raise OptionsError(

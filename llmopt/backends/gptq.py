@@ -16,7 +16,7 @@ from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import check_group_size
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
 from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
-from llmopt.errors import ModelError
+from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
 
 
@@ -34,6 +34,23 @@ class GPTQOptions(BaseModel):
     damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, fraction of the mean diagonal.")
     true_sequential: bool = Field(True, description="Quantize sub-layers in order inside each block.")
     batch_size: int = Field(1, ge=1, description="Calibration batch size.")
+    quantize_lm_head: bool = Field(
+        False,
+        description=(
+            "Quantize the output head (lm_head) too, at lm_head_bits and group_size; a model with tied embeddings "
+            "gets its own copy of the head (the embedding stays 16-bit)."
+        ),
+    )
+    lm_head_bits: Literal[2, 3, 4, 8] | None = Field(
+        None, description="Bits of the quantized lm_head (with quantize_lm_head); default: bits."
+    )
+
+    @property
+    def head_bits(self) -> int | None:
+        """Bits of the quantized lm_head, or None when it stays 16-bit."""
+        if not self.quantize_lm_head:
+            return None
+        return self.lm_head_bits if self.lm_head_bits is not None else self.bits
 
 
 class GPTQBackend(Backend):
@@ -51,12 +68,18 @@ class GPTQBackend(Backend):
 
     def format_card(self, options: dict[str, Any], repo_id: str, revision: str | None = None) -> FormatCard:
         bits = bits_of(self.format, options)
+        width = f"{bits}-bit" if bits else None
+        head = lm_head_bits_of(options)
+        if head is not None:
+            width = f"{width or 'GPTQ'}, lm_head {head}-bit"
+            if head != bits:
+                bits = None  # not every quantized weight has one width
         return FormatCard(
             format=self.format,
             library_name="transformers",
             tags=["gptq"],
             bits=bits,
-            bit_width=f"{bits}-bit" if bits else None,
+            bit_width=width,
             load=[
                 transformers_snippet(repo_id, revision, needs="gptqmodel optimum"),
                 vllm_snippet(repo_id, revision, "GPTQ is detected from `quantization_config`"),
@@ -65,6 +88,12 @@ class GPTQBackend(Backend):
 
     def validate(self, options: BaseModel, source: SourceModel, device: str) -> None:
         assert isinstance(options, GPTQOptions)
+        if options.lm_head_bits is not None and not options.quantize_lm_head:
+            raise OptionsError(
+                f"lm_head_bits={options.lm_head_bits} was given but the lm_head is not quantized.",
+                "Add --quantize-lm-head (or -O quantize_lm_head=true), or drop -O lm_head_bits.",
+            )
+        # the lm_head's input is hidden_size, which check_group_size covers with q/k/v
         check_group_size(source.config, options.group_size)
         validate_gptqmodel_architecture(source)
 
@@ -83,7 +112,9 @@ class GPTQBackend(Backend):
             sym=opts.sym,
             damp_percent=opts.damp_percent,
             true_sequential=opts.true_sequential,
+            **lm_head_config(opts),
         )
+        head_bits = opts.head_bits
         placement = gptqmodel_gpus(qcfg, inputs)
         import torch
 
@@ -98,8 +129,10 @@ class GPTQBackend(Backend):
                 dtype=dtype,
                 trust_remote_code=inputs.source.trust_remote_code,
             )
+        untied = head_bits is not None and untie_lm_head(model)
         calib = [{"input_ids": s, "attention_mask": [1] * len(s)} for s in inputs.calibration.samples]
-        with inputs.reporter.step(f"GPTQ {opts.bits}-bit g{opts.group_size} on {len(calib)} samples"):
+        head = f", lm_head {head_bits}-bit" if head_bits is not None else ""
+        with inputs.reporter.step(f"GPTQ {opts.bits}-bit g{opts.group_size}{head} on {len(calib)} samples"):
             model.quantize(calib, batch_size=opts.batch_size, calibration_sort=None)
         with inputs.reporter.step("saving GPTQ checkpoint"):
             model.save(str(inputs.out_dir))
@@ -107,7 +140,67 @@ class GPTQBackend(Backend):
                 store_fp16(inputs.out_dir)
             strip_machine_specific(inputs.out_dir)
             save_tokenizer(inputs)
-        return {"placement": placement} if placement else {}
+        resolved: dict[str, Any] = {"placement": placement} if placement else {}
+        if untied:
+            resolved["lm_head"] = (
+                "untied from the input embedding (tie_word_embeddings: false): the embedding stays 16-bit and the "
+                f"{head_bits}-bit head is stored beside it, so the files grow by the quantized head while each "
+                "decode step reads fewer bytes"
+            )
+        return resolved
+
+
+def lm_head_config(opts: GPTQOptions) -> dict[str, Any]:
+    """GPTQModel ``QuantizeConfig`` arguments that quantize the lm_head (none when it stays 16-bit).
+
+    GPTQModel's own lm_head default is 8-bit g32 (its module_looper); the head follows llmopt's options instead,
+    through ``dynamic``, the per-module overrides quantize_config.json carries and vLLM and GPTQModel read.
+    """
+    head_bits = opts.head_bits
+    if head_bits is None:
+        return {}
+    head = {"bits": head_bits, "group_size": opts.group_size, "sym": opts.sym}
+    return {"lm_head": True, "dynamic": {"lm_head": head}}
+
+
+def lm_head_bits_of(options: dict[str, Any]) -> int | None:
+    """Bits of the quantized lm_head from recorded options (a manifest's), or None when it stayed 16-bit."""
+    if not options.get("quantize_lm_head"):
+        return None
+    head = options.get("lm_head_bits")
+    if head is None:
+        head = options.get("bits", 4)
+    return int(head)
+
+
+def untie_lm_head(qmodel: Any) -> bool:
+    """Give a tied model's output head its own copy of the embedding matrix, so GPTQ can quantize the head alone.
+
+    ``qmodel``: GPTQModel's wrapper (``.model`` the transformers model, ``.lm_head`` the head's name). GPTQModel
+    refuses to quantize an lm_head tied to the input embedding ("tied_weights=True ... not supported"):
+    quantizing the shared matrix would quantize the embedding too. As GPTQModel itself does before rotation,
+    ``tie_word_embeddings`` becomes false (the saved config.json says so, so loaders read the head from its own
+    tensors) and the head's weight becomes a copy. GPTQModel loads weights lazily (still on the meta device
+    here), so the embedding is read from the checkpoint first. Returns whether the model was tied.
+    """
+    import torch
+
+    model = qmodel.model
+    configs = [model.config]
+    text_config = getattr(model.config, "text_config", None)
+    if text_config is not None and text_config is not model.config:
+        configs.append(text_config)
+    if not any(getattr(c, "tie_word_embeddings", False) for c in configs):
+        return False
+    embed = model.get_input_embeddings()
+    if embed.weight.is_meta:
+        embed = qmodel.shell_module_materialize(embed, device=torch.device("cpu"))
+    for c in configs:
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = False
+    head = model.get_submodule(getattr(qmodel, "lm_head", "lm_head"))
+    head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=False)
+    return True
 
 
 def _keep_gpus(keep: frozenset[int], devices: list[Any]) -> list[Any]:

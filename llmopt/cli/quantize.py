@@ -38,6 +38,7 @@ OPTION_FLAGS: dict[str, str] = {
     "version": "--version",
     "quant_type": "--quant-type",
     "imatrix": "--imatrix",
+    "quantize_lm_head": "--quantize-lm-head/--no-quantize-lm-head",
 }
 
 
@@ -95,6 +96,13 @@ def register(app: typer.Typer) -> None:
         imatrix: Annotated[
             str | None, backend_flag(help="gguf: importance matrix: none, auto (from --calibration) or a file.")
         ] = None,
+        quantize_lm_head: Annotated[
+            bool | None,
+            backend_flag(
+                "--quantize-lm-head/--no-quantize-lm-head",
+                help="gptq: quantize the output head too (tied embeddings get their own head); not awq.",
+            ),
+        ] = None,
         option: Annotated[
             list[str] | None,
             backend_flag(
@@ -136,6 +144,7 @@ def register(app: typer.Typer) -> None:
             "version": awq_version,
             "quant_type": quant_type,
             "imatrix": imatrix,
+            "quantize_lm_head": quantize_lm_head,
         }
         options = merge_options(flags, option, method)
         out = JsonOutput(json_out, json_file)

@@ -1,0 +1,268 @@
+"""GPTQ ``quantize_lm_head``: the option, untying a tied head, what the checkpoint and manifest say, AWQ's refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmopt.backends.awq import AWQBackend
+from llmopt.backends.base import QuantizeInputs, describe_backend, format_card
+from llmopt.backends.gptq import GPTQBackend, GPTQOptions, lm_head_bits_of, lm_head_config, untie_lm_head
+from llmopt.cli import main
+from llmopt.cli.quantize import merge_options
+from llmopt.data import CalibrationSet
+from llmopt.errors import EXIT_INPUT, InputError, OptionsError
+from llmopt.progress import SilentReporter
+from llmopt.source import SourceModel
+from tests.helpers import SMOLLM2_CONFIG, fake_model, random_models
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    _, err = capsys.readouterr()
+    return (exc.value.code if isinstance(exc.value.code, int) else 1), err
+
+
+def source(tmp_path: Path) -> SourceModel:
+    return SourceModel(spec="m", path=tmp_path, config=dict(SMOLLM2_CONFIG))
+
+
+# --- options -------------------------------------------------------------------------------------------
+
+
+def test_off_by_default_and_nothing_passed_to_gptqmodel() -> None:
+    opts = GPTQOptions()
+    assert opts.quantize_lm_head is False and opts.head_bits is None
+    assert lm_head_config(opts) == {}
+
+
+@pytest.mark.parametrize(
+    ("flags", "pairs"),
+    [
+        ({"quantize_lm_head": True}, None),  # --quantize-lm-head
+        ({}, ["quantize_lm_head=true"]),
+        ({}, ["quantize-lm-head=yes"]),
+        ({"quantize_lm_head": True}, ["quantize_lm_head=on"]),  # the same value twice is one value
+    ],
+)
+def test_flag_and_pair_give_the_option(flags: dict[str, Any], pairs: list[str] | None) -> None:
+    options = merge_options(flags, pairs, "gptq")
+    assert GPTQBackend().parse_options(options).quantize_lm_head is True
+
+
+def test_flag_and_pair_that_disagree_are_refused() -> None:
+    with pytest.raises(InputError, match="different values"):
+        merge_options({"quantize_lm_head": True}, ["quantize_lm_head=false"], "gptq")
+
+
+@pytest.mark.parametrize(
+    ("options", "head"),
+    [
+        ({"quantize_lm_head": True}, 4),
+        ({"quantize_lm_head": True, "bits": 8}, 8),
+        ({"quantize_lm_head": True, "lm_head_bits": 8}, 8),
+    ],
+)
+def test_the_head_follows_bits_and_group_size(options: dict[str, Any], head: int) -> None:
+    """GPTQModel's own lm_head default is 8-bit g32; llmopt's head uses bits (or lm_head_bits) and group_size,
+    written as a `dynamic` override (what vLLM and GPTQModel read per module)."""
+    opts = GPTQBackend().parse_options({"group_size": 64, **options})
+    assert isinstance(opts, GPTQOptions) and opts.head_bits == head
+    assert lm_head_config(opts) == {
+        "lm_head": True,
+        "dynamic": {"lm_head": {"bits": head, "group_size": 64, "sym": True}},
+    }
+    assert lm_head_bits_of(opts.model_dump(mode="json")) == head
+
+
+def test_lm_head_bits_without_quantize_lm_head_is_refused(tmp_path: Path) -> None:
+    backend = GPTQBackend()
+    with pytest.raises(OptionsError) as exc:
+        backend.validate(backend.parse_options({"group_size": 64, "lm_head_bits": 8}), source(tmp_path), "cpu")
+    assert "--quantize-lm-head" in str(exc.value) and exc.value.exit_code == EXIT_INPUT
+
+
+def test_the_schema_names_the_flag() -> None:
+    from llmopt.cli.quantize import OPTION_FLAGS
+
+    names = {o.name for o in describe_backend("gptq").option_schema()}
+    assert {"quantize_lm_head", "lm_head_bits"} <= names
+    assert OPTION_FLAGS["quantize_lm_head"] == "--quantize-lm-head/--no-quantize-lm-head"
+
+
+# --- AWQ refuses it ----------------------------------------------------------------------------------
+
+
+def test_awq_refuses_quantize_lm_head(tmp_path: Path) -> None:
+    backend = AWQBackend()
+    with pytest.raises(OptionsError) as exc:
+        backend.validate(backend.parse_options({"group_size": 64, "quantize_lm_head": True}), source(tmp_path), "cpu")
+    assert "lm_head" in str(exc.value) and "--method gptq" in str(exc.value)
+    assert exc.value.exit_code == EXIT_INPUT
+
+
+def test_cli_awq_with_the_flag_exits_2_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("transformers")
+    code, err = run_cli(
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "--group-size", "64", "--quantize-lm-head",
+         "--calibration", "x", "--device", "cpu", "-o", str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == EXIT_INPUT, err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "lm_head" in err and "  -> " in err and "--method gptq" in err
+    assert not (tmp_path / "o").exists()
+
+
+# --- what the card and manifest say -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "bits", "width"),
+    [
+        ({"bits": 4, "group_size": 64}, 4, "4-bit"),
+        ({"bits": 4, "quantize_lm_head": False}, 4, "4-bit"),
+        ({"bits": 4, "quantize_lm_head": True, "lm_head_bits": None}, 4, "4-bit, lm_head 4-bit"),
+        # two widths: no single `bits` for the card's metadata
+        ({"bits": 4, "quantize_lm_head": True, "lm_head_bits": 8}, None, "4-bit, lm_head 8-bit"),
+    ],
+)
+def test_format_card_says_the_head_is_quantized(options: dict[str, Any], bits: int | None, width: str) -> None:
+    facts = format_card("gptq", "gptq", options, "org/x")
+    assert (facts.bits, facts.bit_width) == (bits, width)
+
+
+# --- untying ------------------------------------------------------------------------------------------
+
+
+def tiny_llama(tie: bool) -> Any:
+    pytest.importorskip("torch")
+    rm = random_models()
+    return rm.build_fp16(rm.llama_config("tiny", tie_word_embeddings=tie), "cpu").float()
+
+
+class _Wrapper:
+    """What untie_lm_head reads of GPTQModel's model wrapper."""
+
+    lm_head = "lm_head"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+
+def test_untie_gives_the_head_its_own_copy() -> None:
+    import torch
+
+    model = tiny_llama(tie=True)
+    embed = model.get_input_embeddings().weight
+    assert model.lm_head.weight is embed
+    assert untie_lm_head(_Wrapper(model)) is True
+    assert model.config.tie_word_embeddings is False
+    assert model.lm_head.weight is not embed and model.lm_head.weight.data_ptr() != embed.data_ptr()
+    assert torch.equal(model.lm_head.weight, embed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0)  # what quantizing the head does to it must not reach the embedding
+    assert embed.abs().sum() > 0
+
+
+def test_untie_leaves_an_untied_model_alone() -> None:
+    model = tiny_llama(tie=False)
+    head = model.lm_head.weight
+    assert untie_lm_head(_Wrapper(model)) is False
+    assert model.lm_head.weight is head and model.config.tie_word_embeddings is False
+
+
+def test_tiny_tied_model_quantizes_with_its_head_and_loads_back(tmp_path: Path) -> None:
+    """The real path on a tiny tied Llama (hidden 128, vocab 512): GPTQModel would refuse the tied head; the
+    checkpoint has a quantized head beside the 16-bit embedding, says tie_word_embeddings false and lm_head true
+    (what vLLM reads), and loads back through llmopt's runner with the head as a quantized layer."""
+    pytest.importorskip("gptqmodel")
+    import torch
+    from safetensors import safe_open
+
+    model = tiny_llama(tie=True)
+    src = random_models().save_fp16(model.half(), tmp_path / "src")
+    assert json.loads((src / "config.json").read_text())["tie_word_embeddings"] is True
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in set(f.keys())  # tied: the head exists only as the embedding, as in SmolLM2
+    backend = GPTQBackend()
+    gen = torch.Generator().manual_seed(0)
+    samples = [torch.randint(3, 500, (64,), generator=gen).tolist() for _ in range(4)]
+    inputs = QuantizeInputs(
+        source=SourceModel(spec=str(src), path=src, config=json.loads((src / "config.json").read_text())),
+        options=backend.parse_options({"group_size": 64, "quantize_lm_head": True, "lm_head_bits": 8}),
+        calibration=CalibrationSet(samples=samples, dataset="r", seq_len=64, tokens_sha256="", text_sha256=""),
+        out_dir=tmp_path / "out",
+        reporter=SilentReporter(),
+        device="cpu",
+    )
+    (tmp_path / "out").mkdir()
+    resolved = backend.quantize(inputs)
+    assert "untied" in resolved["lm_head"]
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    for q in (qcfg, config["quantization_config"]):
+        assert q["lm_head"] is True and (q["bits"], q["group_size"]) == (4, 64)
+        assert q["dynamic"] == {"lm_head": {"bits": 8, "group_size": 64, "sym": True}}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert {"lm_head.qweight", "lm_head.scales", "lm_head.qzeros"} <= names and "lm_head.weight" not in names
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F16"
+        # 8-bit: 4 values per int32 along the 128 inputs
+        assert f.get_slice("lm_head.qweight").get_shape() == [32, 512]
+
+    from llmopt.runners.hf import HFRunner
+
+    runner = HFRunner(out, "cpu", loader="gptqmodel")
+    try:
+        # 14 decoder linears + the head, each dequantized for CPU scoring
+        assert runner.kernel == "dense float32 (dequantized 15 gptq_torch layers)"
+        ids = torch.tensor([samples[0]])
+        with torch.no_grad():
+            logits = runner.model(input_ids=ids).logits.float()
+            ref = model.float()(input_ids=ids).logits
+        assert torch.isfinite(logits).all()
+        assert ((logits - ref).norm() / ref.norm()).item() < 0.2
+    finally:
+        runner.close()
+
+
+# --- runs ---------------------------------------------------------------------------------------------
+
+
+def test_an_artifact_made_before_the_option_existed_is_still_reused() -> None:
+    """`llmopt run` reuses an artifact whose recorded options equal the variant's; one written before
+    quantize_lm_head existed lacks the key, and means the default (no quantized head), not "options changed"."""
+    from llmopt.pipeline import _recorded_options
+    from llmopt.recipe import VariantSpec
+
+    old = {k: v for k, v in GPTQOptions(group_size=64).model_dump(mode="json").items() if "lm_head" not in k}
+    plain = VariantSpec(name="g", method="gptq", options={"group_size": 64})
+    assert old != plain.backend_options() and _recorded_options("gptq", old) == plain.backend_options()
+    head = VariantSpec(name="g", method="gptq", options={"group_size": 64, "quantize_lm_head": True})
+    assert _recorded_options("gptq", old) != head.backend_options()
+    assert _recorded_options("gptq", {**old, "bits": 5}) is None  # no longer valid: not reused
+
+
+def test_size_bound_counts_an_untied_head() -> None:
+    """`llmopt run`'s disk check: a tied head, untied, adds its quantized copy; measured on SmolLM2 (docs/gptq.md):
+    GPTQ 4-bit g64 118.2 MB, with the 4-bit head 133.4 MB; the bound stays above and within 25%."""
+    from llmopt.pipeline import artifact_bytes_bound
+
+    assert SMOLLM2_CONFIG["tie_word_embeddings"] is True
+    plain = artifact_bytes_bound("gptq", {"bits": 4, "group_size": 64}, SMOLLM2_CONFIG)
+    head = artifact_bytes_bound("gptq", {"bits": 4, "group_size": 64, "quantize_lm_head": True}, SMOLLM2_CONFIG)
+    assert 133.4e6 < head < 1.25 * 133.4e6 and head - plain >= 49152 * 576 * 4 / 8
+    head8 = artifact_bytes_bound(
+        "gptq", {"bits": 4, "group_size": 64, "quantize_lm_head": True, "lm_head_bits": 8}, SMOLLM2_CONFIG
+    )
+    assert head8 - head >= 49152 * 576 * 4 / 8
+    untied = {**SMOLLM2_CONFIG, "tie_word_embeddings": False}
+    # an untied head was counted at 16 bits; quantized it is smaller
+    assert artifact_bytes_bound("gptq", {"quantize_lm_head": True}, untied) < artifact_bytes_bound("gptq", {}, untied)
