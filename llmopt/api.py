@@ -28,6 +28,7 @@ from llmopt.artifact import (
     hash_tree,
     sha256_json,
 )
+from llmopt.atomic import give_plain_modes
 from llmopt.errors import DataError, InputError, OutputPathError, TokenizerMismatchError
 from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
@@ -232,6 +233,7 @@ def quantize(
             extra = {**(extra or {}), "trust_remote_code": True}
         elapsed = time.perf_counter() - start
         interrupt.check()  # an interrupt swallowed inside the backend must not yield an artifact
+        give_plain_modes(staging)
         with rep.step("hashing files and writing llmopt.json"):
             env = environment(dev)
             env["packages"].update(backend.library_versions())

@@ -44,3 +44,15 @@ def write_text_atomic(path: Path, text: str) -> None:
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON (indented, keys in insertion order, unknown types as str) atomically."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def give_plain_modes(folder: Path) -> None:
+    """Files a library wrote into ``folder`` get the mode ``open()`` would give (0666 less the umask).
+
+    Some write through mkstemp (0600): GPTQModel's model.safetensors, for one, which a shared model folder
+    or a server running as another user then cannot read.
+    """
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
