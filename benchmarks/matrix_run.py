@@ -4,9 +4,10 @@
 Builds a random-weight Llama of a shape from ``scripts/random_models.py`` (``8b`` on the GPU machine, ``tiny``
 for a check on a CPU), a text of its made-up words for calibration and scoring, and a recipe with GPTQ 4-bit,
 AWQ 4-bit, bitsandbytes nf4 and int8 (the FP16 baseline comes with every run), perplexity, throughput and a
-gate; then runs ``llmopt run RECIPE -o OUT`` and ``llmopt publish ARTIFACT ORG/NAME --dry-run`` for each artifact as child processes and
-reports the wall time of each, with the per-stage "done in" lines of the run. The weights are random: the
-perplexities mean nothing (they are reported only as the run computed them); the times are what the issue asks.
+gate; then runs ``llmopt run RECIPE -o OUT`` and, for each artifact, ``llmopt publish ARTIFACT ORG/NAME
+--dry-run`` as child processes, and reports the wall time of each, with the per-stage "done in" lines of the
+run. The weights are random: the perplexities mean nothing (they are reported only as the run computed them);
+the times are what the issue asks.
 
 Usage (GPU machine, repo root, wheels installed as benchmarks/bench_gpu.sh does):
     python3 benchmarks/matrix_run.py --shape 8b --device cuda:0 --work /root/matrix
@@ -135,7 +136,11 @@ def main() -> int:
         "shape": args.shape,
         "device": args.device,
         "calibration": {"samples": args.samples, "seq_len": args.seq_len},
-        "seconds": {"build_model_and_texts": round(build_s, 1), "run": round(run_s, 1), "publish_dry_run": round(pub_s, 1)},
+        "seconds": {
+            "build_model_and_texts": round(build_s, 1),
+            "run": round(run_s, 1),
+            "publish_dry_run": round(pub_s, 1),
+        },
         "exit_codes": {"run": run_rc, "publish_dry_run": pub_rc},
         "stages": stages,
     }
