@@ -356,9 +356,11 @@ def evaluate(
         art.require_intact()
     check_remote_code(art.path, trust_remote_code, what="artifact")
     if spec.throughput is not None:
-        from llmopt.evaluate.throughput import refuse_decompressed_speed
+        from llmopt.evaluate.throughput import check_speed_settings, refuse_decompressed_speed
 
         refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
+        where = resolve_target(spec.device)
+        check_speed_settings(spec.throughput.resolved(where.primary), where.spec, art.path)
     task_plan, art_tasks = _task_plan(spec, art, tasks_unsupported, rep)
     base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(spec.dataset)

@@ -64,6 +64,7 @@ class _Context:
         self.eval_text_sha256 = ""
         self.calib_text_sha256: str | None = None
         self.device = ""
+        self.device_spec = ""  # the whole device, e.g. cuda:0,1 for a model split over GPUs
         self.device_label = ""
         self.placement_label = ""  # DeviceTarget.describe(): which GPUs a model may be split over
         self.multi_gpu = False
@@ -211,6 +212,7 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
             ctx.calib_text_sha256 = hashlib.sha256(text.encode()).hexdigest()
         target = resolve_target(recipe.evaluation.device)
         ctx.device = target.primary
+        ctx.device_spec = target.spec
         ctx.device_label = device_name(ctx.device)
         ctx.placement_label = target.describe()
         ctx.multi_gpu = target.multi_gpu
@@ -222,6 +224,10 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
     check_settings(ev.context_length, ev.stride, ev.batch_size, add_bos=ev.add_bos, max_tokens=ev.max_tokens)
     if ev.serving is not None and ev.serving.prompts_file:
         _check_prompts_file(ev.serving.prompts_file)
+    if ev.throughput is not None and ctx.device:
+        from llmopt.evaluate.throughput import check_speed_settings
+
+        check_speed_settings(ev.throughput.resolved(ctx.device), ctx.device_spec or ctx.device, source.path)
     with reporter.step("checking the evaluation text's windows"):
         _check_eval_windows(ctx, source.path, eval_text)
     _check_backends(selected)

@@ -383,8 +383,25 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
     lines: dict[tuple[Any, ...], int] = {}
     constructor = yaml.SafeLoader("")
 
+    active: set[int] = set()  # the nodes being built: an alias back to one of them is a cycle
+
     def build(n: yaml.Node, path: tuple[Any, ...]) -> Any:
         lines.setdefault(path, n.start_mark.line + 1)
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            if id(n) in active:
+                raise RecipeError(
+                    f"{source}:{n.start_mark.line + 1}: a YAML alias refers to the anchor that contains it "
+                    f"(at {_dotted(path)}): the value would be infinite.",
+                    "Replace the alias (*name) with the value it should have.",
+                )
+            active.add(id(n))
+            try:
+                return _build_collection(n, path)
+            finally:
+                active.discard(id(n))
+        return constructor.construct_object(n, deep=True)
+
+    def _build_collection(n: yaml.Node, path: tuple[Any, ...]) -> Any:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
@@ -397,9 +414,7 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
                 lines[(*path, key)] = key_node.start_mark.line + 1
                 out[key] = build(value_node, (*path, key))
             return out
-        if isinstance(n, yaml.SequenceNode):
-            return [build(item, (*path, i)) for i, item in enumerate(n.value)]
-        return constructor.construct_object(n, deep=True)
+        return [build(item, (*path, i)) for i, item in enumerate(n.value)]
 
     return build(node, ()), lines
 

@@ -143,6 +143,31 @@ def bench_model(
         runner.close()
 
 
+def check_speed_settings(settings: ThroughputSpec, device: str, model_path: Path | None = None) -> None:
+    """Before any work: the decode mode can run on ``device``, and the longest prompt plus the generated tokens fit
+    the model's positions. Found inside the measurement, both cost a whole evaluation first (a hostile tester's
+    `--decode-mode graph` on a CPU: 2 minutes of scoring, then exit 2; `--gen-len 100000000`: an allocation
+    of 77 GB and exit 1)."""
+    from llmopt.runners.decoder import mode_chain
+
+    mode_chain(settings.decode_mode, device)
+    if model_path is None or not settings.prompt_lens or not settings.gen_len:
+        return
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the loader says what is wrong with the folder
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    limit = text.get("max_position_embeddings") if isinstance(text, dict) else None
+    longest = max(settings.prompt_lens) + settings.gen_len + 1
+    if isinstance(limit, int) and longest > limit:
+        raise InputError(
+            f"the longest prompt ({max(settings.prompt_lens)} tokens) plus {settings.gen_len} generated tokens "
+            f"need {longest} positions; the model has {limit} (max_position_embeddings).",
+            "Use shorter --prompt-lens / --gen-len (recipe: evaluation.throughput.prompt_lens / gen_len).",
+        )
+
+
 class MeasurementError(LlmoptError):
     """A speed measurement's own process failed or died; ``exit_code`` says how (1 a bug, 4 a crash)."""
 
@@ -327,7 +352,8 @@ def _bench_in_child(
                 raise MeasurementError(err["message"], err.get("hint"), int(err.get("exit_code") or 1))
             raise MeasurementError(
                 f"the speed measurement of {label} failed: {err.get('type')}: {err.get('message')}",
-                "Unexpected: the traceback is in the report (run: report.json); please report it.",
+                "Unexpected: LLMOPT_DEBUG=1 shows the whole traceback (`llmopt run` also keeps it in report.json); "
+                "please report it.",
                 errors.EXIT_BUG,
                 detail=err.get("traceback"),
             )
@@ -439,6 +465,7 @@ def bench(
     dev = where.primary
     resolved = settings.resolved(dev)
     target = _local_folder(model, trust_remote_code)
+    check_speed_settings(resolved, where.spec, target)
     base_path = _local_folder(baseline, trust_remote_code) if baseline else None
     attn_list: list[str | None] = list(attn) if attn else [None]
     installed = available_attention()

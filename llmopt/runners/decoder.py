@@ -242,14 +242,15 @@ def mode_chain(requested: str, device: str) -> list[str]:
             raise InputError(
                 f"--decode-mode {requested} needs the model on one GPU (a CUDA graph is captured on one device), "
                 f"but it is split over {device}.",
-                "Use --decode-mode auto or eager, or a --device that keeps it on one GPU (cuda:N).",
+                "Use --decode-mode auto or eager (recipe: evaluation.throughput.decode_mode), or a --device that "
+                "keeps it on one GPU (cuda:N).",
             )
         return ["eager"]
     if not is_cuda(device):
         if requested in ("compile", "graph"):
             raise InputError(
                 f"--decode-mode {requested} needs a CUDA GPU (CUDA graphs).",
-                "Use --decode-mode eager or auto on CPU.",
+                "Use --decode-mode eager or auto on CPU (recipe: evaluation.throughput.decode_mode).",
             )
         return ["eager"]
     if requested == "auto":

@@ -437,3 +437,63 @@ def test_llmc_quantize_runs_llm_compressor_inside_quiet_progress_bars() -> None:
     assert source.count("quiet_progress_bars()") == 2
     assert source.index("quiet_progress_bars()") < source.index("oneshot(model=")
     assert source.rindex("quiet_progress_bars()") < source.index("save_pretrained(")
+
+
+@pytest.mark.parametrize("text", ["a: &a [*a]\n", "name: x\nb: &b {c: *b}\n"])
+def test_a_recursive_yaml_alias_is_one_clear_error(tmp_path: Path, text: str) -> None:
+    """`a: &a [*a]` gave ~3,000 lines of RecursionError traceback (exit 1)."""
+    from llmopt.errors import RecipeError
+    from llmopt.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match="alias refers to the anchor that contains it"):
+        load_recipe(path)
+
+
+def test_an_alias_used_twice_is_still_fine(tmp_path: Path) -> None:
+    from llmopt.recipe import _yaml_with_lines
+
+    data, _ = _yaml_with_lines("x: &o {a: 1}\ny: *o\nz: [*o, *o]\n", "r.yaml")
+    assert data == {"x": {"a": 1}, "y": {"a": 1}, "z": [{"a": 1}, {"a": 1}]}
+
+
+# --- speed settings that cannot work, found before any work (fifth round) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--decode-mode", "graph"], "--decode-mode graph needs a CUDA GPU"),
+        (["--decode-mode", "compile"], "--decode-mode compile needs a CUDA GPU"),
+        (["--gen-len", "100000000"], "the model has 8192 (max_position_embeddings)"),
+        (["--prompt-lens", "20000", "--gen-len", "4"], "the model has 8192"),
+    ],
+)
+def test_bench_refuses_speed_settings_that_cannot_run_before_loading(
+    small: dict[str, Path], tmp_path: Path, flags: list[str], says: str
+) -> None:
+    """A hostile tester's `bench --decode-mode graph` on a CPU measured for 105 s before exit 2, and
+    `--gen-len 100000000` tried to allocate 77 GB, then exit 1 pointing to a report.json that does not exist."""
+    r = run_cli(["bench", str(small["model"]), *flags, "--json-file", "b.json"], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert says in r.stderr and "Traceback" not in r.stderr
+    assert "throughput of" not in r.stderr  # no measurement process was started
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_eval_refuses_a_cpu_graph_mode_before_scoring(small: dict[str, Path], tmp_path: Path) -> None:
+    art = _copy_artifact(small, tmp_path / "int8")
+    r = run_cli(["eval", str(art), "--baseline", str(small["model"]), "--dataset", str(small["text"]),
+                 "--max-tokens", "256", "--context", "64", "--throughput", "--decode-mode", "graph"],
+                cwd=tmp_path)  # fmt: skip
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "needs a CUDA GPU" in r.stderr and "perplexity" not in r.stderr
+
+
+def test_a_recipe_with_a_cpu_graph_mode_stops_before_quantizing(small: dict[str, Path], tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, small["model"], small["text"], "  throughput: {decode_mode: graph}\n")
+    r = run_cli(["run", str(recipe), "-o", str(tmp_path / "out")], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "needs a CUDA GPU" in r.stderr and "evaluation.throughput.decode_mode" in r.stderr
+    assert not (tmp_path / "out" / "artifacts").exists()
