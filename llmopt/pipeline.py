@@ -32,7 +32,14 @@ from llmopt.errors import (
     LlmoptError,
 )
 from llmopt.evaluate.gate import apply_gate
-from llmopt.outputs import ARTIFACTS_DIR, check_run_folder, claim_run_folder
+from llmopt.outputs import (
+    ARTIFACTS_DIR,
+    check_run_folder,
+    claim_run_folder,
+    make_parents,
+    output_lock,
+    remove_empty,
+)
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
 from llmopt.results import (
@@ -116,7 +123,26 @@ def run_recipe(
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
     check_run_folder(out, overwrite)
+    # One run at a time in a folder: a second `llmopt run -o SAME` went on beside the first, and the last one
+    # to write report.json won (a hostile tester's finding).
+    created = make_parents(out.parent)
+    try:
+        with output_lock(out):
+            check_run_folder(out, overwrite)  # again: no other run can change it now
+            return _run_locked(recipe, recipe_file, selected, out, publish, rep)
+    except BaseException:
+        remove_empty(created)
+        raise
 
+
+def _run_locked(
+    recipe: Recipe,
+    recipe_file: str | None,
+    selected: list[VariantSpec],
+    out: Path,
+    publish: bool,
+    rep: Reporter,
+) -> RunReport:
     ctx = _Context(recipe, recipe_file, out, rep)
     started = time.perf_counter()
     _prepare(ctx, selected, publish)

@@ -497,3 +497,17 @@ def test_a_recipe_with_a_cpu_graph_mode_stops_before_quantizing(small: dict[str,
     assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
     assert "needs a CUDA GPU" in r.stderr and "evaluation.throughput.decode_mode" in r.stderr
     assert not (tmp_path / "out" / "artifacts").exists()
+
+
+def test_a_second_run_into_the_same_folder_is_refused_at_once(small: dict[str, Path], tmp_path: Path) -> None:
+    """Two `llmopt run -o conc` 3 s apart: the second went on beside the first and the last report.json written won."""
+    from llmopt.outputs import output_lock
+
+    recipe = _recipe(tmp_path, small["model"], small["text"])
+    out = tmp_path / "runs" / "conc"
+    out.parent.mkdir()
+    with output_lock(out):  # the first run, holding its folder
+        r = run_cli(["run", str(recipe), "-o", str(out)], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "another llmopt process" in r.stderr and "is writing" in r.stderr
+    assert not out.exists()  # nothing of the second run's
