@@ -362,7 +362,41 @@ def _load_checked(plan: TaskPlan) -> dict[str, Any]:
             ) from None
         if count == 0:
             raise DataError(f"--tasks: task '{name}' has no examples.", "Check its data file and test_split.")
+        _check_targets(name, task)
     return loaded
+
+
+def _check_targets(name: str, task: Any) -> None:
+    """A multiple-choice task whose answer is not one of its choices scores 0 for every model, silently (a
+    `doc_to_target` naming a field the data lacks reads as a literal text): refused on its first examples."""
+    config = getattr(task, "config", None)
+    if getattr(config, "output_type", None) != "multiple_choice":
+        return
+    docs = task.eval_docs
+    for i in range(min(3, len(docs))):
+        try:
+            doc = docs[i]
+            choices = list(task.doc_to_choice(doc))
+            target = task.doc_to_target(doc)
+        except Exception as exc:
+            raise DataError(
+                f"--tasks: task '{name}' cannot read example {i + 1} ({type(exc).__name__}: {_first_line(exc)}).",
+                "Check that doc_to_text, doc_to_choice and doc_to_target name fields of its data; see docs/tasks.md.",
+            ) from None
+        if isinstance(target, list):
+            continue  # several right answers: lm-eval's own rules
+        ok = (
+            0 <= target < len(choices)
+            if isinstance(target, int) and not isinstance(target, bool)
+            else isinstance(target, str) and target in choices
+        )
+        if not ok:
+            field = getattr(config, "doc_to_target", None)
+            raise DataError(
+                f"--tasks: task '{name}': the answer of example {i + 1} is {target!r}, which is not one of its "
+                f"{len(choices)} choices (doc_to_target: {field!r}); every model would score 0.",
+                "Make doc_to_target name the field holding the answer's index (or its text); see docs/tasks.md.",
+            )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -511,3 +511,18 @@ def test_a_second_run_into_the_same_folder_is_refused_at_once(small: dict[str, P
     assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
     assert "another llmopt process" in r.stderr and "is writing" in r.stderr
     assert not out.exists()  # nothing of the second run's
+
+
+def test_a_task_whose_answer_field_is_missing_is_refused_before_any_model(tmp_path: Path) -> None:
+    """`doc_to_target: labelz` (no such field) passed the checks and scored 0 for FP16 and the artifact, exit 0."""
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from llmopt.evaluate.tasks import plan_tasks
+
+    src = ROOT / "tests" / "data" / "britannica_cloze"
+    shutil.copy(src / "britannica_cloze.jsonl", tmp_path)
+    yaml_text = (src / "britannica_cloze.yaml").read_text().replace("doc_to_target: label", "doc_to_target: labelz")
+    (tmp_path / "bad.yaml").write_text(yaml_text)
+    with pytest.raises(DataError, match="'labelz', which is not one of its 4 choices"):
+        plan_tasks([str(tmp_path / "bad.yaml")], None)
