@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmopt.atomic import write_json_atomic
-from llmopt.errors import ArtifactError
+from llmopt.errors import ArtifactError, InputError
 from llmopt.results import EvalReport, GateResult
 
 MANIFEST_NAME = "llmopt.json"
@@ -142,12 +142,20 @@ class Artifact:
         ``evaluation``/``gate`` block is dropped instead of refusing the artifact; the files are still checked
         against their hashes, and ``dropped_results`` says what was dropped."""
         root = Path(path)
-        if not root.is_dir():
-            raise ArtifactError(
+        if not root.is_dir():  # a wrong path is bad input (exit 2), not an unfinished artifact
+            raise InputError(
                 f"{root} is not an artifact folder (it does not exist or is a file).",
                 "Give the folder that `llmopt quantize ... -o FOLDER` wrote.",
             )
         mpath = root / MANIFEST_NAME
+        if not mpath.is_file() and (root / "report.json").is_file() and (root / "artifacts").is_dir():
+            names = sorted(p.name for p in (root / "artifacts").iterdir() if (p / MANIFEST_NAME).is_file())
+            raise InputError(
+                f"{root} is the folder of a whole `llmopt run`, not one artifact.",
+                f"Give one of its artifacts: {root}/artifacts/NAME"
+                + (f" ({', '.join(names)})" if names else "")
+                + "; or publish the run's passing variants with `llmopt run RECIPE --publish`.",
+            )
         if not mpath.is_file():
             raise ArtifactError(
                 f"{root} has no {MANIFEST_NAME}: it is not an llmopt artifact, or its quantization did not finish.",

@@ -567,8 +567,14 @@ def publish_gguf_repo(
         raise InputError(f"base model '{base_model}' is not a Hub id.", "Give it as ORG/NAME, or leave it out.")
     with rep.step("checking each artifact's gate and hashes"):
         sel = select(path, only)
+    if not sel.candidates and not sel.left_out:  # nothing GGUF at all: a wrong folder, not a failed gate
+        raise InputError(
+            f"nothing to publish from {path}: it holds no GGUF artifact.",
+            "--layout gguf-one-repo publishes a run's GGUF variants; publish other artifacts one by one "
+            "(llmopt publish RUN/artifacts/NAME ORG/NAME).",
+        )
     if not sel.candidates:
-        listed = "; ".join(f"{lo.variant}: {lo.reason}" for lo in sel.left_out) or "no GGUF artifact found"
+        listed = "; ".join(f"{lo.variant}: {lo.reason}" for lo in sel.left_out)
         raise GateFailedError(
             f"nothing to publish from {path}: no GGUF artifact passed its gate ({listed}).",
             "Only artifacts that pass their gate are published; change the recipe or its gates and run it again.",

@@ -255,7 +255,8 @@ def test_no_passing_gate_refused(
 
 
 def test_not_an_artifact(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_cli(["publish", str(tmp_path / "nope"), "test-org/x", "--dry-run"]) == 5
+    """A wrong path is bad input (README: exit 2), not an unfinished artifact (5)."""
+    assert run_cli(["publish", str(tmp_path / "nope"), "test-org/x", "--dry-run"]) == 2
     assert "not an artifact folder" in capsys.readouterr().err
 
 

@@ -526,3 +526,20 @@ def test_a_task_whose_answer_field_is_missing_is_refused_before_any_model(tmp_pa
     (tmp_path / "bad.yaml").write_text(yaml_text)
     with pytest.raises(DataError, match="'labelz', which is not one of its 4 choices"):
         plan_tasks([str(tmp_path / "bad.yaml")], None)
+
+
+def test_paths_that_are_not_artifacts_are_bad_input(small: dict[str, Path], tmp_path: Path) -> None:
+    """README's exit codes: a wrong path is 2 (it was 5, "artifact unfinished or mismatched"); a run folder given
+    where one artifact is wanted names its artifacts; a run without GGUF variants under --layout gguf-one-repo is
+    2, not 3 ("gate failed": no gate failed)."""
+    run = tmp_path / "run"
+    _copy_artifact(small, run / "artifacts" / "int8")
+    (run / "report.json").write_text("{}")
+    r = run_cli(["eval", "nope", "--baseline", str(small["model"]), "--dataset", str(small["text"])], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT and "nope is not an artifact folder" in r.stderr, r.stderr[-2000:]
+    r = run_cli(["publish", str(run), "me/x", "--dry-run"], cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == EXIT_INPUT, r.stderr[-2000:]
+    assert "is the folder of a whole `llmopt run`" in r.stderr and "artifacts/NAME (int8)" in r.stderr
+    r = run_cli(["publish", str(run), "me/x", "--layout", "gguf-one-repo", "--dry-run"], cwd=tmp_path,
+                env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert r.returncode == EXIT_INPUT and "holds no GGUF artifact" in r.stderr, r.stderr[-2000:]
