@@ -87,6 +87,9 @@ def throughput_settings(
                 ("--gen-len", gen_len),
                 ("--gpu-hourly-cost", gpu_hourly_cost),
                 ("--no-marlin-atomics", None if marlin_atomics else False),
+                ("--decode-mode", None if decode_mode == "auto" else decode_mode),
+                ("--warmup", None if warmup == 2 else warmup),  # the options' defaults
+                ("--repetitions", None if repetitions == 5 else repetitions),
             )
             if value is not None
         ]

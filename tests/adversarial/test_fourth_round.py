@@ -543,3 +543,12 @@ def test_paths_that_are_not_artifacts_are_bad_input(small: dict[str, Path], tmp_
     r = run_cli(["publish", str(run), "me/x", "--layout", "gguf-one-repo", "--dry-run"], cwd=tmp_path,
                 env={"HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert r.returncode == EXIT_INPUT and "holds no GGUF artifact" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags", [["--decode-mode", "eager"], ["--repetitions", "3"], ["--warmup", "0"]])
+def test_speed_flags_without_throughput_are_refused_not_ignored(tmp_path: Path, flags: list[str]) -> None:
+    """`eval ... --decode-mode eager` without --throughput ran and ignored the flag (exit 0), where
+    `--min-decode-speedup` without it was refused."""
+    r = run_cli(["eval", "a", "--baseline", "b", "--dataset", "c", *flags], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT and "only apply to throughput" in r.stderr, r.stderr[-2000:]
+    assert flags[0] in r.stderr
