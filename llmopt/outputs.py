@@ -256,12 +256,19 @@ ARTIFACTS_DIR = "artifacts"
 _RUN_ENTRIES = {ARTIFACTS_DIR, "plots", "serving", "report.json", "report.md", RUN_MARKER}
 
 
-def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output") -> None:
+def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output", can_overwrite: bool = True) -> None:
     """A run writes into a new or empty folder, one an earlier run made, or, with ``overwrite``, any folder.
 
     Even with ``overwrite`` a run only writes its own names (``artifacts/VARIANT``, ``report.*``, ``plots/``)
-    and deletes nothing else; the filesystem root and the home folder are never run folders.
+    and deletes nothing else; the filesystem root and the home folder are never run folders. ``can_overwrite``:
+    whether the command has an --overwrite to offer (``report merge`` has none).
     """
+    offer = (
+        f"Choose a new {flag} folder, or pass --overwrite to write the run's files there "
+        "(report.json, report.md, plots/, artifacts/; nothing else is touched)."
+        if can_overwrite
+        else f"Choose a new {flag} folder (or an empty one)."
+    )
     resolved = out.resolve()
     if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
         what = "the filesystem root" if resolved == Path(resolved.anchor) else "your home folder"
@@ -281,15 +288,13 @@ def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output") -> N
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise OutputExistsError(
             f"{out} is not empty and was not made by llmopt run (it holds {shown}).",
-            f"Choose a new {flag} folder, or pass --overwrite to write the run's files there "
-            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
+            offer,
         )
     if any(out.iterdir()) and not ((out / "report.json").is_file() and _is_run_report(out / "report.json")):
         # report.md or plots/ alone prove nothing: they may be the user's own
         raise OutputExistsError(
             f"{out} is not empty and holds no report of llmopt run, so nothing shows that llmopt made it.",
-            f"Choose a new {flag} folder, or pass --overwrite to write the run's files there "
-            "(report.json, report.md, plots/, artifacts/; nothing else is touched).",
+            offer,
         )
 
 

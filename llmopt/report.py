@@ -548,8 +548,14 @@ def merge_reports(paths: list[str | Path], out: str | Path) -> RunReport:
         raise InputError("no reports to merge.", "Give one or more report.json files or run folders.")
     out_dir = Path(out)
     # the same rules as a run's folder: new, empty, or made by llmopt; never a folder of the user's
-    check_run_folder(out_dir, False, flag="-o")
+    check_run_folder(out_dir, False, flag="-o", can_overwrite=False)
     loaded = [load_report(p) for p in paths]
+    for path, _ in loaded:
+        if Path(path).resolve().parent == out_dir.resolve():
+            raise InputError(
+                f"-o {out} holds {Path(path).name}, one of the reports to merge: the merged report would replace it.",
+                "Write the merged report into a new folder, e.g. -o merged/.",
+            )
     notes: list[str] = []
     ref_path, ref_settings = None, None
     devices: set[str] = set()

@@ -552,3 +552,22 @@ def test_speed_flags_without_throughput_are_refused_not_ignored(tmp_path: Path, 
     r = run_cli(["eval", "a", "--baseline", "b", "--dataset", "c", *flags], cwd=tmp_path)
     assert r.returncode == EXIT_INPUT and "only apply to throughput" in r.stderr, r.stderr[-2000:]
     assert flags[0] in r.stderr
+
+
+def test_report_merge_never_replaces_its_input_and_offers_no_missing_option(tmp_path: Path) -> None:
+    """`report merge out/report.json -o out` replaced the run's own report; into a folder with other files, its
+    hint said to pass --overwrite, which `report merge` does not have."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ROOT / "docs" / "results" / "run-cpu-2" / "report.json", run / "report.json")
+    before = (run / "report.json").read_bytes()
+    r = run_cli(["report", "merge", str(run / "report.json"), "-o", str(run)], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT and "one of the reports to merge" in r.stderr, r.stderr[-2000:]
+    assert (run / "report.json").read_bytes() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    r = run_cli(["report", "merge", str(run / "report.json"), "-o", str(other)], cwd=tmp_path)
+    assert r.returncode == EXIT_INPUT and "--overwrite" not in r.stderr, r.stderr[-2000:]
