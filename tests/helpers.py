@@ -133,3 +133,22 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def cli_in_process(args: list[str], capsys: Any) -> tuple[int, str]:
+    """``llmopt ARGS`` in this process: (exit code, stderr)."""
+    import pytest
+
+    from llmopt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    _, err = capsys.readouterr()
+    return (exc.value.code if isinstance(exc.value.code, int) else 1), err
+
+
+def smollm2_source(tmp_path: Path) -> Any:
+    """A SourceModel with SmolLM2's config at ``tmp_path`` (no weights): for option checks."""
+    from llmopt.source import SourceModel
+
+    return SourceModel(spec="m", path=tmp_path, config=dict(SMOLLM2_CONFIG))

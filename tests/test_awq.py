@@ -10,24 +10,12 @@ import pytest
 
 from llmopt.backends.awq import AWQBackend, AWQOptions
 from llmopt.backends.base import QuantizeInputs
-from llmopt.cli import main
 from llmopt.data import CalibrationSet
 from llmopt.errors import EXIT_INPUT, EXIT_UNAVAILABLE, BackendUnavailableError, DataError, OptionsError
 from llmopt.progress import SilentReporter
-from llmopt.source import SourceModel
-from tests.helpers import SMOLLM2_CONFIG, dense_matches_the_kernel, fake_model, first_layers
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    _, err = capsys.readouterr()
-    return (exc.value.code if isinstance(exc.value.code, int) else 1), err
-
-
-def source(tmp_path: Path) -> SourceModel:
-    return SourceModel(spec="m", path=tmp_path, config=dict(SMOLLM2_CONFIG))
-
+from tests.helpers import cli_in_process as run_cli
+from tests.helpers import dense_matches_the_kernel, fake_model, first_layers
+from tests.helpers import smollm2_source as source
 
 # --- options ---------------------------------------------------------------------------------------
 

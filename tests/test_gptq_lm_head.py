@@ -11,25 +11,14 @@ import pytest
 from llmopt.backends.awq import AWQBackend
 from llmopt.backends.base import QuantizeInputs, describe_backend, format_card
 from llmopt.backends.gptq import GPTQBackend, GPTQOptions, lm_head_bits_of, lm_head_config, untie_lm_head
-from llmopt.cli import main
 from llmopt.cli.quantize import merge_options
 from llmopt.data import CalibrationSet
 from llmopt.errors import EXIT_INPUT, InputError, OptionsError
 from llmopt.progress import SilentReporter
 from llmopt.source import SourceModel
 from tests.helpers import SMOLLM2_CONFIG, fake_model, random_models
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    _, err = capsys.readouterr()
-    return (exc.value.code if isinstance(exc.value.code, int) else 1), err
-
-
-def source(tmp_path: Path) -> SourceModel:
-    return SourceModel(spec="m", path=tmp_path, config=dict(SMOLLM2_CONFIG))
-
+from tests.helpers import cli_in_process as run_cli
+from tests.helpers import smollm2_source as source
 
 # --- options -------------------------------------------------------------------------------------------
 
