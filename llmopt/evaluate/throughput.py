@@ -466,6 +466,11 @@ def bench(
     resolved = settings.resolved(dev)
     target = _local_folder(model, trust_remote_code)
     check_speed_settings(resolved, where.spec, target)
+    if (target / "llmopt.json").is_file():
+        from llmopt.artifact import Artifact
+
+        with rep.step("checking artifact hashes"):  # as eval does: a number is never of files it did not make
+            Artifact.open(target).require_intact()
     base_path = _local_folder(baseline, trust_remote_code) if baseline else None
     attn_list: list[str | None] = list(attn) if attn else [None]
     installed = available_attention()

@@ -571,3 +571,13 @@ def test_report_merge_never_replaces_its_input_and_offers_no_missing_option(tmp_
     (other / "notes.txt").write_text("mine")
     r = run_cli(["report", "merge", str(run / "report.json"), "-o", str(other)], cwd=tmp_path)
     assert r.returncode == EXIT_INPUT and "--overwrite" not in r.stderr, r.stderr[-2000:]
+
+
+def test_bench_checks_an_artifacts_hashes_first(small: dict[str, Path], tmp_path: Path) -> None:
+    """`bench` measured an artifact whose files no longer matched its manifest (exit 0); eval refuses it (exit 5)."""
+    art = _copy_artifact(small, tmp_path / "int8")
+    cfg = art / "config.json"
+    cfg.write_text(cfg.read_text().replace("{", '{"x": 1, ', 1))
+    r = run_cli(["bench", str(art), "--gen-len", "2", "--batch-sizes", "1", "--prompt-lens", "8"], cwd=tmp_path)
+    assert r.returncode == EXIT_ARTIFACT, r.stderr[-2000:]
+    assert "throughput of" not in r.stderr
