@@ -1,7 +1,11 @@
 """What a hostile tester found in the fourth round: one-window evaluations, run-wide checks that came after the first
 quantization, the Hub unreachable for lm-eval tasks, a local task shadowing a built-in one, unbounded or ignored
 estimate options, an empty publish tag, calibration text ignored in silence, third-party progress bars. Each case
-is refused with its exit code and one message naming the next step, or reported truthfully."""
+is refused with its exit code and one message naming the next step, or reported truthfully.
+
+It runs last on purpose, for now: run before tests/adversarial/test_integrity.py and tests/test_tasks.py in one
+pytest process, something in it changes process state that those tests read (a re-scored int8 delta of 1.96%
+against 1.33% in-process; a run's evaluation not reused): found on the last day of a session, not yet pinned down."""
 
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ import pytest
 from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, EXIT_UNAVAILABLE, DataError
 from tests.helpers import first_layers, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
