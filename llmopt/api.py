@@ -355,12 +355,12 @@ def evaluate(
     with rep.step("checking artifact hashes"):
         art.require_intact()
     check_remote_code(art.path, trust_remote_code, what="artifact")
+    target = resolve_target(spec.device)
     if spec.throughput is not None:
         from llmopt.evaluate.throughput import check_speed_settings, refuse_decompressed_speed
 
         refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
-        where = resolve_target(spec.device)
-        check_speed_settings(spec.throughput.resolved(where.primary), where.spec, art.path)
+        check_speed_settings(spec.throughput.resolved(target.primary), target.spec, art.path)
     task_plan, art_tasks = _task_plan(spec, art, tasks_unsupported, rep)
     base = resolve(baseline, trust_remote_code=trust_remote_code)
     text = load_text(spec.dataset)
@@ -389,7 +389,6 @@ def evaluate(
     windows = make_windows(ids, spec.context_length, spec.resolved_stride(), bos_id=bos_id)
     require_error_bar(windows, len(ids), spec.context_length, spec.resolved_stride(), add_bos=spec.add_bos)
     windows_tokens = [len(w.ids) - w.score_from for w in windows]
-    target = resolve_target(spec.device)
     dev = target.primary
 
     measured = EvalSettings.of(
@@ -435,6 +434,10 @@ def evaluate(
         if cached is not None and (not spec.kld or reference is not None):
             base_result = ModelScore.model_validate(cached["result"])
             base_result.cached = True
+            # the cache is keyed by the weights, not the path: the same model from another folder (a copy, a
+            # cut made again) hit the entry and reported, and stored, the folder that wrote it, so `llmopt run`
+            # never reused such an evaluation ("baseline changed")
+            base_result.model = baseline
             rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
             if task_plan is not None and base_tasks is None:
                 base_tasks = _tasks_alone(base.path, target.spec, task_plan, spec.batch_size, rep, trust_remote_code)

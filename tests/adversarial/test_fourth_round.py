@@ -1,11 +1,7 @@
 """What a hostile tester found in the fourth round: one-window evaluations, run-wide checks that came after the first
 quantization, the Hub unreachable for lm-eval tasks, a local task shadowing a built-in one, unbounded or ignored
 estimate options, an empty publish tag, calibration text ignored in silence, third-party progress bars. Each case
-is refused with its exit code and one message naming the next step, or reported truthfully.
-
-It runs last on purpose, for now: run before tests/adversarial/test_integrity.py and tests/test_tasks.py in one
-pytest process, something in it changes process state that those tests read (a re-scored int8 delta of 1.96%
-against 1.33% in-process; a run's evaluation not reused): found on the last day of a session, not yet pinned down."""
+is refused with its exit code and one message naming the next step, or reported truthfully."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ import pytest
 from llmopt.errors import EXIT_ARTIFACT, EXIT_INPUT, EXIT_UNAVAILABLE, DataError
 from tests.helpers import first_layers, run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -585,3 +581,25 @@ def test_bench_checks_an_artifacts_hashes_first(small: dict[str, Path], tmp_path
     r = run_cli(["bench", str(art), "--gen-len", "2", "--batch-sizes", "1", "--prompt-lens", "8"], cwd=tmp_path)
     assert r.returncode == EXIT_ARTIFACT, r.stderr[-2000:]
     assert "throughput of" not in r.stderr
+
+
+def test_a_cached_baseline_names_the_model_folder_of_this_evaluation(
+    small: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The FP16 cache is keyed by the weights: the same model from another folder hit the entry and reported the
+    folder that wrote it, so `llmopt run` with that folder never reused its evaluation ("baseline changed"); found
+    as a leak between two tests whose cut models were the same weights."""
+    import shutil
+
+    from llmopt import api
+    from llmopt.specs import EvalSpec
+
+    monkeypatch.setenv("LLMOPT_CACHE", str(tmp_path / "cache"))
+    other = tmp_path / "copy-of-model"
+    shutil.copytree(small["model"], other)
+    spec = EvalSpec(dataset=str(small["text"]), max_tokens=256, context_length=128, device="cpu", kld=False)
+    first = api.evaluate(_copy_artifact(small, tmp_path / "a"), str(small["model"]), spec)
+    second = api.evaluate(_copy_artifact(small, tmp_path / "b"), str(other), spec)
+    assert first.baseline.cached is False and second.baseline.cached is True
+    assert second.baseline.model == str(other)
+    assert second.baseline.perplexity == first.baseline.perplexity
