@@ -348,181 +348,192 @@ def evaluate(
     if write_manifest and not os.access(art.path, os.W_OK | os.X_OK):
         # found now, not after the whole evaluation, when recording the result in the manifest would fail
         raise OutputPathError(
-            f"the artifact folder {art.path} is not writable, so the evaluation cannot be recorded in its "
-            "llmopt.json.",
+            f"the artifact folder {art.path} is not writable, so the evaluation cannot be recorded in its llmopt.json.",
             "Make the folder writable (or copy the artifact somewhere you can write) and run eval again.",
         )
     with rep.step("checking artifact hashes"):
         art.require_intact()
     check_remote_code(art.path, trust_remote_code, what="artifact")
     target = resolve_target(spec.device)
+    ahead = contextlib.ExitStack()
     if spec.throughput is not None:
-        from llmopt.evaluate.throughput import check_speed_settings, refuse_decompressed_speed
+        from llmopt.evaluate.throughput import (
+            check_speed_settings,
+            measurement_processes_ahead,
+            refuse_decompressed_speed,
+        )
 
         refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
         check_speed_settings(spec.throughput.resolved(target.primary), target.spec, art.path)
-    task_plan, art_tasks = _task_plan(spec, art, tasks_unsupported, rep)
-    base = resolve(baseline, trust_remote_code=trust_remote_code)
-    text = load_text(spec.dataset)
+        # its process starts now, while this one scores: the measurement itself then starts at once
+        ahead.enter_context(measurement_processes_ahead(target.spec))
+    with ahead:
+        task_plan, art_tasks = _task_plan(spec, art, tasks_unsupported, rep)
+        base = resolve(baseline, trust_remote_code=trust_remote_code)
+        text = load_text(spec.dataset)
 
-    base_tok = load_tokenizer(base.path, trust_remote_code=trust_remote_code, what="baseline model folder")
-    ids_all = _tokenize(base_tok, text)
-    ids = ids_all[: spec.max_tokens] if spec.max_tokens else ids_all
-    try:
-        art_tok = load_tokenizer(art.path, trust_remote_code=trust_remote_code, what="artifact")
-    except Exception as exc:
-        raise TokenizerMismatchError(
-            f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
-            "Re-create the artifact with `llmopt quantize`, which saves the tokenizer.",
-        ) from None
-    sample = text[:20000]
-    if _tokenize(art_tok, sample) != _tokenize(base_tok, sample) or len(art_tok) != len(base_tok):
-        raise TokenizerMismatchError(
-            f"the artifact's tokenizer ({len(art_tok)} tokens) and the baseline's ({len(base_tok)} tokens) "
-            "split the evaluation text differently, so their perplexities are not comparable.",
-            "Use as --baseline the model the artifact was quantized from "
-            f"(its manifest says: {art.manifest.source.model}).",
+        base_tok = load_tokenizer(base.path, trust_remote_code=trust_remote_code, what="baseline model folder")
+        ids_all = _tokenize(base_tok, text)
+        ids = ids_all[: spec.max_tokens] if spec.max_tokens else ids_all
+        try:
+            art_tok = load_tokenizer(art.path, trust_remote_code=trust_remote_code, what="artifact")
+        except Exception as exc:
+            raise TokenizerMismatchError(
+                f"the artifact at {art.path} has no loadable tokenizer ({type(exc).__name__}).",
+                "Re-create the artifact with `llmopt quantize`, which saves the tokenizer.",
+            ) from None
+        sample = text[:20000]
+        if _tokenize(art_tok, sample) != _tokenize(base_tok, sample) or len(art_tok) != len(base_tok):
+            raise TokenizerMismatchError(
+                f"the artifact's tokenizer ({len(art_tok)} tokens) and the baseline's ({len(base_tok)} tokens) "
+                "split the evaluation text differently, so their perplexities are not comparable.",
+                "Use as --baseline the model the artifact was quantized from "
+                f"(its manifest says: {art.manifest.source.model}).",
+            )
+        bos_id = base_tok.bos_token_id if spec.add_bos else None
+        if spec.add_bos and bos_id is None:
+            raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
+        windows = make_windows(ids, spec.context_length, spec.resolved_stride(), bos_id=bos_id)
+        require_error_bar(windows, len(ids), spec.context_length, spec.resolved_stride(), add_bos=spec.add_bos)
+        windows_tokens = [len(w.ids) - w.score_from for w in windows]
+        dev = target.primary
+
+        measured = EvalSettings.of(
+            spec,
+            text_sha256=sha256_json(text),
+            tokens_sha256=sha256_json(ids),
+            tokens_total=len(ids),
+            tokens_scored=sum(windows_tokens),
+            windows=len(windows),
+            device=device_name(dev),
+            placement=target.describe(),
         )
-    bos_id = base_tok.bos_token_id if spec.add_bos else None
-    if spec.add_bos and bos_id is None:
-        raise InputError("--add-bos was given but the tokenizer has no BOS token.", "Leave out --add-bos.")
-    windows = make_windows(ids, spec.context_length, spec.resolved_stride(), bos_id=bos_id)
-    require_error_bar(windows, len(ids), spec.context_length, spec.resolved_stride(), add_bos=spec.add_bos)
-    windows_tokens = [len(w.ids) - w.score_from for w in windows]
-    dev = target.primary
 
-    measured = EvalSettings.of(
-        spec,
-        text_sha256=sha256_json(text),
-        tokens_sha256=sha256_json(ids),
-        tokens_total=len(ids),
-        tokens_scored=sum(windows_tokens),
-        windows=len(windows),
-        device=device_name(dev),
-        placement=target.describe(),
-    )
+        env = environment(dev)
+        key_parts: dict[str, Any] = {
+            "weights": base.weights_sha256(),
+            "settings": measured.model_dump(
+                mode="json", include={"tokens_sha256", "context_length", "stride", "add_bos"}
+            ),
+            "device": measured.device,
+            "versions": {k: env["packages"].get(k) for k in ("torch", "transformers")},
+        }
+        if target.multi_gpu:
+            # Keys of one-device results stay as they were; a possible split is cached apart from them.
+            key_parts["placement"] = {"spec": target.spec, "devices": device_name(target.spec)}
+        key = baseline_cache.cache_key(key_parts)
+        with contextlib.ExitStack() as stack:
+            reference = None
+            ref_folder = None
+            if spec.kld:
+                from llmopt.evaluate import kld as kld_mod
 
-    env = environment(dev)
-    key_parts: dict[str, Any] = {
-        "weights": base.weights_sha256(),
-        "settings": measured.model_dump(mode="json", include={"tokens_sha256", "context_length", "stride", "add_bos"}),
-        "device": measured.device,
-        "versions": {k: env["packages"].get(k) for k in ("torch", "transformers")},
-    }
-    if target.multi_gpu:
-        # Keys of one-device results stay as they were; a possible split is cached apart from them.
-        key_parts["placement"] = {"spec": target.spec, "devices": device_name(target.spec)}
-    key = baseline_cache.cache_key(key_parts)
-    with contextlib.ExitStack() as stack:
-        reference = None
-        ref_folder = None
-        if spec.kld:
-            from llmopt.evaluate import kld as kld_mod
+                ref_folder = stack.enter_context(kld_mod.reference_folder(key, use_cache))
+                reference = kld_mod.load_reference(ref_folder, windows_tokens, key)
+            base_tasks: TasksReport | None = None
+            task_key = None
+            if task_plan is not None:
+                task_key = baseline_cache.cache_key({**key_parts, "tasks": task_plan.identity()})
+                stored = baseline_cache.load_cached_tasks(task_key) if use_cache else None
+                if stored is not None:
+                    base_tasks = TasksReport.model_validate(stored["tasks"])
+                    base_tasks.cached = True
+                    rep.info("FP16 baseline task scores from cache")
+            cached = baseline_cache.load_cached(key) if use_cache else None
+            if cached is not None and (not spec.kld or reference is not None):
+                base_result = ModelScore.model_validate(cached["result"])
+                base_result.cached = True
+                # the cache is keyed by the weights, not the path: the same model from another folder (a copy, a
+                # cut made again) hit the entry and reported, and stored, the folder that wrote it, so `llmopt run`
+                # never reused such an evaluation ("baseline changed")
+                base_result.model = baseline
+                rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
+                if task_plan is not None and base_tasks is None:
+                    base_tasks = _tasks_alone(
+                        base.path, target.spec, task_plan, spec.batch_size, rep, trust_remote_code
+                    )
+            else:
+                base_result, reference = _score_model(
+                    "hf",
+                    base.path,
+                    windows,
+                    target.spec,
+                    spec.batch_size,
+                    spec.kernel,
+                    rep,
+                    "FP16 baseline",
+                    trust_remote_code,
+                    build_reference=(ref_folder, key) if ref_folder is not None else None,
+                    tasks=task_plan if base_tasks is None else None,
+                )
+                if base_result.tasks is not None:
+                    base_tasks = base_result.tasks
+                base_result.size_bytes = base.size_bytes()
+                base_result.model = baseline
+                if use_cache:
+                    stored_score = base_result.model_copy(update={"tasks": None})  # task scores are cached apart
+                    problem = baseline_cache.store(key, {"result": stored_score.to_json()})
+                    if problem:
+                        rep.info(f"warning: {problem}")
+                base_result.cached = False
+            if base_tasks is not None and not base_tasks.cached:
+                base_tasks.cached = False
+                if use_cache and task_key is not None:
+                    problem = baseline_cache.store(task_key, {"tasks": base_tasks.to_json()})
+                    if problem:
+                        rep.info(f"warning: {problem}")
+            base_result.tasks = base_tasks
 
-            ref_folder = stack.enter_context(kld_mod.reference_folder(key, use_cache))
-            reference = kld_mod.load_reference(ref_folder, windows_tokens, key)
-        base_tasks: TasksReport | None = None
-        task_key = None
-        if task_plan is not None:
-            task_key = baseline_cache.cache_key({**key_parts, "tasks": task_plan.identity()})
-            stored = baseline_cache.load_cached_tasks(task_key) if use_cache else None
-            if stored is not None:
-                base_tasks = TasksReport.model_validate(stored["tasks"])
-                base_tasks.cached = True
-                rep.info("FP16 baseline task scores from cache")
-        cached = baseline_cache.load_cached(key) if use_cache else None
-        if cached is not None and (not spec.kld or reference is not None):
-            base_result = ModelScore.model_validate(cached["result"])
-            base_result.cached = True
-            # the cache is keyed by the weights, not the path: the same model from another folder (a copy, a
-            # cut made again) hit the entry and reported, and stored, the folder that wrote it, so `llmopt run`
-            # never reused such an evaluation ("baseline changed")
-            base_result.model = baseline
-            rep.info(f"FP16 baseline from cache (perplexity {base_result.perplexity:.4f})")
-            if task_plan is not None and base_tasks is None:
-                base_tasks = _tasks_alone(base.path, target.spec, task_plan, spec.batch_size, rep, trust_remote_code)
-        else:
-            base_result, reference = _score_model(
-                "hf",
-                base.path,
+            art_result, _ = _score_model(
+                art.manifest.runner,
+                art.path,
                 windows,
                 target.spec,
                 spec.batch_size,
                 spec.kernel,
                 rep,
-                "FP16 baseline",
+                f"artifact ({art.manifest.backend})",
                 trust_remote_code,
-                build_reference=(ref_folder, key) if ref_folder is not None else None,
-                tasks=task_plan if base_tasks is None else None,
+                against=reference,
+                tasks=task_plan,
             )
-            if base_result.tasks is not None:
-                base_tasks = base_result.tasks
-            base_result.size_bytes = base.size_bytes()
-            base_result.model = baseline
-            if use_cache:
-                stored_score = base_result.model_copy(update={"tasks": None})  # task scores are cached apart
-                problem = baseline_cache.store(key, {"result": stored_score.to_json()})
-                if problem:
-                    rep.info(f"warning: {problem}")
-            base_result.cached = False
-        if base_tasks is not None and not base_tasks.cached:
-            base_tasks.cached = False
-            if use_cache and task_key is not None:
-                problem = baseline_cache.store(task_key, {"tasks": base_tasks.to_json()})
-                if problem:
-                    rep.info(f"warning: {problem}")
-        base_result.tasks = base_tasks
+        if art_tasks is not None:
+            art_result.tasks = art_tasks
+        art_result.size_bytes = art.size_bytes()
+        art_result.path = str(art.path)
+        art_result.backend = art.manifest.backend
+        art_result.format = art.manifest.format
+        # The artifact's dtype heads the report; each side keeps what it really computed in (``dtype``, and
+        # ``compute`` where one dtype does not say it all, e.g. bitsandbytes), since the two can differ.
+        measured.dtype = art_result.dtype
 
-        art_result, _ = _score_model(
-            art.manifest.runner,
-            art.path,
-            windows,
-            target.spec,
-            spec.batch_size,
-            spec.kernel,
-            rep,
-            f"artifact ({art.manifest.backend})",
-            trust_remote_code,
-            against=reference,
-            tasks=task_plan,
+        assert art_result.window_nll is not None and base_result.window_nll is not None
+        delta_pct, delta_stderr = paired_delta(art_result.window_nll, base_result.window_nll, windows_tokens)
+        report = EvalReport(
+            settings=measured,
+            baseline=base_result,
+            artifact=art_result,
+            delta_pct=delta_pct,
+            delta_pct_stderr=delta_stderr,
+            size_ratio=art_result.size_bytes / base_result.size_bytes if base_result.size_bytes else None,
+            environment=env,
+            artifact_files_sha256=files_digest(art.manifest.files),
         )
-    if art_tasks is not None:
-        art_result.tasks = art_tasks
-    art_result.size_bytes = art.size_bytes()
-    art_result.path = str(art.path)
-    art_result.backend = art.manifest.backend
-    art_result.format = art.manifest.format
-    # The artifact's dtype heads the report; each side keeps what it really computed in (``dtype``, and
-    # ``compute`` where one dtype does not say it all, e.g. bitsandbytes), since the two can differ.
-    measured.dtype = art_result.dtype
+        if base_tasks is not None and art_result.tasks is not None:
+            from llmopt.evaluate.tasks import compare
 
-    assert art_result.window_nll is not None and base_result.window_nll is not None
-    delta_pct, delta_stderr = paired_delta(art_result.window_nll, base_result.window_nll, windows_tokens)
-    report = EvalReport(
-        settings=measured,
-        baseline=base_result,
-        artifact=art_result,
-        delta_pct=delta_pct,
-        delta_pct_stderr=delta_stderr,
-        size_ratio=art_result.size_bytes / base_result.size_bytes if base_result.size_bytes else None,
-        environment=env,
-        artifact_files_sha256=files_digest(art.manifest.files),
-    )
-    if base_tasks is not None and art_result.tasks is not None:
-        from llmopt.evaluate.tasks import compare
+            report.task_recovery = compare(base_tasks, art_result.tasks)
+        if spec.throughput is not None:
+            report.throughput = _measure_speed(
+                spec, art, base.path, target.spec, dev, rep, trust_remote_code, baseline_speeds
+            )
+        report.gate = apply_gate(gate or GateSpec(), report)
 
-        report.task_recovery = compare(base_tasks, art_result.tasks)
-    if spec.throughput is not None:
-        report.throughput = _measure_speed(
-            spec, art, base.path, target.spec, dev, rep, trust_remote_code, baseline_speeds
-        )
-    report.gate = apply_gate(gate or GateSpec(), report)
-
-    if write_manifest:
-        art.manifest.evaluation = report.without_gate()
-        art.manifest.gate = report.gate
-        art.save()
-    return report
+        if write_manifest:
+            art.manifest.evaluation = report.without_gate()
+            art.manifest.gate = report.gate
+            art.save()
+        return report
 
 
 def _measure_speed(

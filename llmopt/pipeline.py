@@ -16,6 +16,7 @@ service unavailable, 5 artifact mismatch, 1 unexpected error); otherwise 3 (a ga
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import time
@@ -81,6 +82,8 @@ class _Context:
         self.baseline_serving: ServingReport | None = None  # the FP16 model served, once per run
         self.baseline_serving_tried = False
         self.notes: list[str] = []  # for the run report (a baseline that could not be served, ...)
+        # the speed measurement's process started ahead (llmopt/evaluate/bench_process.py), for the whole run
+        self.ahead = contextlib.ExitStack()
 
     def record(self, variant: VariantSpec) -> dict[str, Any]:
         """What goes into the artifact manifest's ``recipe`` field."""
@@ -144,6 +147,18 @@ def _run_locked(
     rep: Reporter,
 ) -> RunReport:
     ctx = _Context(recipe, recipe_file, out, rep)
+    with ctx.ahead:
+        return _run_prepared(ctx, selected, out, publish, rep)
+
+
+def _run_prepared(
+    ctx: _Context,
+    selected: list[VariantSpec],
+    out: Path,
+    publish: bool,
+    rep: Reporter,
+) -> RunReport:
+    recipe, recipe_file = ctx.recipe, ctx.recipe_file
     started = time.perf_counter()
     _prepare(ctx, selected, publish)
     claim_run_folder(out)
@@ -254,6 +269,11 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         from llmopt.evaluate.throughput import check_speed_settings
 
         check_speed_settings(ev.throughput.resolved(ctx.device), ctx.device_spec or ctx.device, source.path)
+        from llmopt.evaluate.throughput import measurement_processes_ahead
+
+        # the first measurement's process imports and sets up CUDA while the checks below and the first
+        # variants run
+        ctx.ahead.enter_context(measurement_processes_ahead(ctx.device_spec or ctx.device))
     with reporter.step("checking the evaluation text's windows"):
         _check_eval_windows(ctx, source.path, eval_text)
     _check_backends(selected)

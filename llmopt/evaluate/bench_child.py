@@ -7,12 +7,18 @@ library) ends with the process and cannot change the next model's outcome. REQUE
 latter with llmopt's error type, message, hint and exit code, or the type, first line and traceback of an
 unexpected exception. A child that writes nothing died: the parent reports its exit code or signal and
 the last lines it printed.
+
+``python -m llmopt.evaluate.bench_child --wait DEVICE`` is the same, started ahead of its measurement
+(bench_process.py): it imports the model stack and sets up CUDA on a CUDA device, then reads one line of JSON
+from its input, ``{"request": REQUEST, "result": RESULT}``, and measures; at end of input it exits.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -24,8 +30,18 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     write_json_atomic(path, data)
 
 
+def _get_ready(device: str) -> None:
+    """What every measurement does first: import torch and transformers' model code, and set up CUDA."""
+    import torch
+    import transformers.modeling_utils  # noqa: F401  (the bulk of from_pretrained's imports)
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        with contextlib.suppress(Exception):  # the measurement itself reports what is wrong with the device
+            torch.empty(1, device=device)  # creates the CUDA context
+
+
 def main(argv: list[str]) -> int:
-    request_path, result_path = Path(argv[0]), Path(argv[1])
+    started = time.perf_counter()
     from llmopt._thirdparty import quiet_console
 
     quiet_console()  # before throughput.py imports the model stack
@@ -33,6 +49,21 @@ def main(argv: list[str]) -> int:
     from llmopt.evaluate.throughput import ThroughputSettings, bench_model
     from llmopt.progress import LineReporter
 
+    if argv[:1] == ["--wait"]:
+        try:
+            _get_ready(argv[1] if len(argv) > 1 else "cpu")
+            ready = time.perf_counter()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+        if not line.strip():
+            return 0  # not needed after all
+        handed = json.loads(line)
+        request_path, result_path = Path(handed["request"]), Path(handed["result"])
+        startup = ready - started
+    else:
+        request_path, result_path = Path(argv[0]), Path(argv[1])
+        startup = None
     req = json.loads(request_path.read_text())
     # GPTQModel is quieted where it is loaded (runners/hf.py), for the models that need it: importing it here
     # cost every FP16 and bitsandbytes measurement ~4 s more (2-core CPU; torch + transformers ~9 s).
@@ -66,6 +97,8 @@ def main(argv: list[str]) -> int:
         traceback.print_exc()
         _write(result_path, {"error": error})
         return 0
+    if startup is not None:
+        result["startup_seconds"] = round(startup, 2)
     _write(result_path, {"result": result})
     return 0
 

@@ -288,12 +288,7 @@ def _bench_in_child(
     reporter: Reporter | None,
     trust_remote_code: bool = False,
 ) -> dict[str, Any]:
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
-    from llmopt import errors, interrupt
+    from llmopt import interrupt
 
     rep: Any = reporter or SilentReporter()
     notice = one_time_build_notice(runner_kind or runner_kind_for(Path(path)), device, kernel)
@@ -311,65 +306,93 @@ def _bench_in_child(
     }
     # Everything the child prints (its progress, third-party logs) goes to a file whose last lines explain a
     # crash; with LLMOPT_DEBUG=1 it goes to the terminal as well as it happens.
-    show = os.environ.get("LLMOPT_DEBUG") == "1"
-    with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
-        req, res, log = Path(tmp) / "request.json", Path(tmp) / "result.json", Path(tmp) / "output.log"
-        req.write_text(json.dumps(request))
-        with open(log, "w") as log_file, rep.step(f"throughput of {label} (own process)"):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "llmopt.evaluate.bench_child", str(req), str(res)],
-                stdin=subprocess.DEVNULL,
-                # never the parent's stdout: that carries --json output
-                stdout=sys.__stderr__ if show else log_file,
-                stderr=None if show else log_file,
-                env=_child_env(),
-            )
+    from llmopt.evaluate.bench_process import measurement_env, measurement_over, take_measurement_process
+
+    show = _show_child()
+    env = measurement_env(_child_env())
+    child = take_measurement_process(device, env, show)
+    try:
+        with rep.step(f"throughput of {label} (own process)"):
+            sent = child.send(request)
             try:
-                returncode = proc.wait()
+                returncode = child.proc.wait()
             except BaseException:  # Ctrl-C / SIGTERM (raised here by llmopt's handler): the child stops too
-                _stop_child(proc)
+                _stop_child(child.proc)
                 raise
         interrupt.check()
-        data: dict[str, Any] | None = None
-        if res.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                data = json.loads(res.read_text())
-        if data is not None and "result" in data:
-            result = dict(data["result"])
-            line = where_time_went(result)
-            if line:
-                rep.info(f"{label}: {line}")
-            return result
-        if data is not None and isinstance(data.get("error"), dict):
-            err = data["error"]
-            if err.get("kind") == "llmopt":
-                cls = getattr(errors, str(err.get("type")), None)
-                if isinstance(cls, type) and issubclass(cls, LlmoptError) and cls is not LlmoptError:
-                    try:
-                        raise cls(err["message"], err.get("hint"))
-                    except TypeError:
-                        pass
-                raise MeasurementError(err["message"], err.get("hint"), int(err.get("exit_code") or 1))
-            raise MeasurementError(
-                f"the speed measurement of {label} failed: {err.get('type')}: {err.get('message')}",
-                "Unexpected: LLMOPT_DEBUG=1 shows the whole traceback (`llmopt run` also keeps it in report.json); "
-                "please report it.",
-                errors.EXIT_BUG,
-                detail=err.get("traceback"),
-            )
-        if returncode == errors.EXIT_INTERRUPTED:
-            raise errors.InterruptedRunError(
-                "interrupted: nothing was written (partial output removed).", "Run the command again to redo the work."
-            )
-        last = "" if show else _tail(log)
+        return _child_outcome(child.result, child.log, returncode, label, rep, show, child.started_early, sent)
+    finally:
+        child.stop()
+        if not interrupt.requested():
+            measurement_over(device, env, show)
+
+
+def measurement_processes_ahead(device: str) -> contextlib.AbstractContextManager[None]:
+    """Within this block each speed measurement's process is started ahead, during the work before it (on a CUDA
+    device; llmopt/evaluate/bench_process.py)."""
+    from llmopt.evaluate.bench_process import measurement_process_ahead
+
+    return measurement_process_ahead(device, _child_env(), show=_show_child())
+
+
+def _show_child() -> bool:
+    import os
+
+    return os.environ.get("LLMOPT_DEBUG") == "1"
+
+
+def _child_outcome(
+    res: Path, log: Path, returncode: int, label: str, rep: Reporter, show: bool, started_early: bool, sent: bool
+) -> dict[str, Any]:
+    """The measurement's result, or its error raised with the real cause."""
+    from llmopt import errors
+
+    data: dict[str, Any] | None = None
+    if res.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            data = json.loads(res.read_text())
+    if data is not None and "result" in data:
+        result = dict(data["result"])
+        startup = result.pop("startup_seconds", None)
+        line = where_time_went(result)
+        if isinstance(startup, (int, float)):
+            ahead = " (while the run went on: started ahead)" if started_early else ""
+            line = f"process start-up {startup:.1f} s{ahead}" + (f", {line}" if line else "")
+        if line:
+            rep.info(f"{label}: {line}")
+        return result
+    if data is not None and isinstance(data.get("error"), dict):
+        err = data["error"]
+        if err.get("kind") == "llmopt":
+            cls = getattr(errors, str(err.get("type")), None)
+            if isinstance(cls, type) and issubclass(cls, LlmoptError) and cls is not LlmoptError:
+                try:
+                    raise cls(err["message"], err.get("hint"))
+                except TypeError:
+                    pass
+            raise MeasurementError(err["message"], err.get("hint"), int(err.get("exit_code") or 1))
         raise MeasurementError(
-            f"the speed measurement of {label} {_how_it_ended(returncode)}"
-            + (f"; its last output: {last}" if last else "")
-            + ". It ran in its own process, so the rest of this run is not affected.",
-            "Run it again; a crash in a kernel library or a CUDA error ends the process like this. "
-            "LLMOPT_DEBUG=1 shows the measurement's whole output as it runs.",
-            errors.EXIT_UNAVAILABLE,
+            f"the speed measurement of {label} failed: {err.get('type')}: {err.get('message')}",
+            "Unexpected: LLMOPT_DEBUG=1 shows the whole traceback (`llmopt run` also keeps it in report.json); "
+            "please report it.",
+            errors.EXIT_BUG,
+            detail=err.get("traceback"),
         )
+    if returncode == errors.EXIT_INTERRUPTED:
+        raise errors.InterruptedRunError(
+            "interrupted: nothing was written (partial output removed).", "Run the command again to redo the work."
+        )
+    last = "" if show else _tail(log)
+    if not sent and returncode == 0:
+        returncode = -1  # it ended before it could take the request: say so as a crash
+    raise MeasurementError(
+        f"the speed measurement of {label} {_how_it_ended(returncode)}"
+        + (f"; its last output: {last}" if last else "")
+        + ". It ran in its own process, so the rest of this run is not affected.",
+        "Run it again; a crash in a kernel library or a CUDA error ends the process like this. "
+        "LLMOPT_DEBUG=1 shows the measurement's whole output as it runs.",
+        errors.EXIT_UNAVAILABLE,
+    )
 
 
 def _set_attention(model: Any, impl: str) -> None:
