@@ -315,3 +315,18 @@ def test_interrupt_during_speed_keeps_the_finished_scores(
     (row,) = again.variants
     assert row.status == "passed" and not row.evaluation_reused and row.incomplete is None
     assert row.evaluation is not None and row.evaluation.throughput is not None and calls
+
+
+def test_backend_counts_take_the_same_rule(tmp_path: Path) -> None:
+    """A backend's whole-number options follow the recipe's rule: `group_size: true` quantized with groups of 1
+    (pydantic read true as 1); now refused, while a quoted '64' is 64."""
+    from llmopt.recipe import load_recipe
+
+    gptq = (
+        RECIPE.format(model="m", text="t.txt")
+        + "  - name: g\n    method: gptq\n    options: {group_size: GROUP}\ncalibration:\n  dataset: c.txt\n"
+    )
+    err = _load(tmp_path, gptq.replace("GROUP", "true"))
+    assert "group_size: Input should be a whole number" in err.message, err.message
+    (tmp_path / "ok.yaml").write_text(gptq.replace("GROUP", "'64'"))
+    assert load_recipe(tmp_path / "ok.yaml").variants[2].backend_options()["group_size"] == 64
