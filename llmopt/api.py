@@ -29,7 +29,7 @@ from llmopt.artifact import (
     sha256_json,
 )
 from llmopt.atomic import give_plain_modes
-from llmopt.errors import DataError, InputError, OutputPathError, TokenizerMismatchError
+from llmopt.errors import DataError, InputError, InterruptedRunError, OutputPathError, TokenizerMismatchError
 from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
     check_output,
@@ -524,9 +524,24 @@ def evaluate(
 
             report.task_recovery = compare(base_tasks, art_result.tasks)
         if spec.throughput is not None:
-            report.throughput = _measure_speed(
-                spec, art, base.path, target.spec, dev, rep, trust_remote_code, baseline_speeds
-            )
+            try:
+                report.throughput = _measure_speed(
+                    spec, art, base.path, target.spec, dev, rep, trust_remote_code, baseline_speeds
+                )
+            except BaseException as exc:
+                if not (isinstance(exc, KeyboardInterrupt | InterruptedRunError) or interrupt.requested()):
+                    raise
+                # The scores are whole, the evaluation is not: nothing goes into the manifest (a later evaluation
+                # must not reuse it as complete), but the caller may show what was measured (llmopt run's report).
+                stopped = InterruptedRunError(
+                    "interrupted while measuring speed: the perplexity"
+                    + (" and KL divergence" if spec.kld else "")
+                    + " measured before it are not recorded in llmopt.json (an evaluation without its speed is not "
+                    "whole).",
+                    "Run the command again to redo the evaluation (the FP16 baseline's scores are cached).",
+                )
+                stopped.partial = report
+                raise stopped from None
         report.gate = apply_gate(gate or GateSpec(), report)
 
         if write_manifest:

@@ -19,6 +19,8 @@ Exit codes (documented in README.md):
 
 from __future__ import annotations
 
+from typing import Any
+
 EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_INPUT = 2
@@ -106,6 +108,10 @@ class GateFailedError(LlmoptError):
 
 
 class InterruptedRunError(LlmoptError):
-    """Ctrl-C or SIGTERM during a run; the partial output was removed."""
+    """Ctrl-C or SIGTERM during a run; the partial output was removed.
+
+    ``partial``: what was measured before the interrupt and is worth showing, never recorded as a whole result
+    (an evaluation whose speed measurement was interrupted: ``api.evaluate``)."""
 
     exit_code = EXIT_INTERRUPTED
+    partial: Any = None

@@ -197,6 +197,27 @@ def _check_replaceable(real: Path, output: str | Path, overwrite: bool, flag: st
         )
 
 
+def unreplaceable_artifact(folder: str | Path) -> str | None:
+    """Why ``check_output`` would refuse to replace the existing artifact folder ``folder`` even with
+    ``overwrite`` (said after the folder's name), or None when it is missing, empty or a whole llmopt artifact."""
+    real = _real(absolute(folder))
+    if not real.exists():
+        return None
+    if not real.is_dir():
+        return "is a file, not an artifact folder"
+    if not any(real.iterdir()):
+        return None
+    if not (real / MANIFEST_NAME).is_file():
+        return f"holds files but no {MANIFEST_NAME}"
+    foreign = _foreign_files(real)
+    if foreign is None:
+        return f"has a {MANIFEST_NAME} that is not a valid llmopt manifest (edited or damaged)"
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        return f"holds files its {MANIFEST_NAME} does not list ({shown})"
+    return None
+
+
 def check_report_file(path: str | Path, inputs: Iterable[str | Path | None] = (), *, flag: str = "--json") -> None:
     """Refuse a report file path before any work: a folder, a file inside an artifact (it would break the
     artifact's hashes, or be its manifest), one of the ``inputs``, an existing file that is not JSON, or a

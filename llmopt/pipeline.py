@@ -21,6 +21,7 @@ import hashlib
 import re
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,9 @@ class _Context:
         self.notes: list[str] = []  # for the run report (a baseline that could not be served, ...)
         # the speed measurement's process started ahead (llmopt/evaluate/bench_process.py), for the whole run
         self.ahead = contextlib.ExitStack()
+        self.overwrite = False  # --overwrite: also replace a variant's artifact folder that cannot be reused
+        self.replace_artifacts: set[str] = set()  # the variants whose artifact folder is replaced as a whole
+        self.interrupted: VariantOutcome | None = None  # the variant an interrupt stopped, with what it finished
 
     def record(self, variant: VariantSpec) -> dict[str, Any]:
         """What goes into the artifact manifest's ``recipe`` field."""
@@ -115,14 +119,7 @@ def run_recipe(
     ``InterruptedRunError``.
     """
     rep = reporter if reporter is not None else SilentReporter()
-    recipe_file: str | None = None
-    if not isinstance(recipe, Recipe):
-        recipe_file = str(recipe)
-        recipe = load_recipe(recipe)
-    # typed flags (None = not given), then --set key.path=value (null clears a key), validated together: a flag
-    # may need what a --set adds (--slo and --set evaluation.serving.rates=[...])
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    recipe = apply_overrides(recipe, {**given, **parse_set_flags(sets)}, keep_none=True)
+    recipe, recipe_file = resolve_recipe(recipe, overrides, sets)
     selected = _select(recipe, only)
     out = Path(output or recipe.output or Path("llmopt-runs") / (recipe.name or "recipe")).expanduser()
     check_run_folder(out, overwrite)
@@ -132,10 +129,24 @@ def run_recipe(
     try:
         with output_lock(out):
             check_run_folder(out, overwrite)  # again: no other run can change it now
-            return _run_locked(recipe, recipe_file, selected, out, publish, rep)
+            return _run_locked(recipe, recipe_file, selected, out, publish, rep, overwrite)
     except BaseException:
         remove_empty(created)
         raise
+
+
+def resolve_recipe(
+    recipe: Recipe | str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
+) -> tuple[Recipe, str | None]:
+    """The recipe as a run runs it (loaded if a path, overrides applied) and its file (None if given loaded)."""
+    recipe_file: str | None = None
+    if not isinstance(recipe, Recipe):
+        recipe_file = str(recipe)
+        recipe = load_recipe(recipe)
+    # typed flags (None = not given), then --set key.path=value (null clears a key), validated together: a flag
+    # may need what a --set adds (--slo and --set evaluation.serving.rates=[...])
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    return apply_overrides(recipe, {**given, **parse_set_flags(sets)}, keep_none=True), recipe_file
 
 
 def _run_locked(
@@ -145,8 +156,10 @@ def _run_locked(
     out: Path,
     publish: bool,
     rep: Reporter,
+    overwrite: bool = False,
 ) -> RunReport:
     ctx = _Context(recipe, recipe_file, out, rep)
+    ctx.overwrite = overwrite
     with ctx.ahead:
         return _run_prepared(ctx, selected, out, publish, rep)
 
@@ -198,8 +211,10 @@ def _run_prepared(
         if publish and _one_gguf_repo(recipe):
             _publish_gguf_repo(ctx, outcomes)
     except (KeyboardInterrupt, InterruptedRunError):
-        write_report(report_of(outcomes, "interrupted"), out, plots=False)
         done = len(outcomes)
+        if ctx.interrupted is not None:
+            outcomes.append(ctx.interrupted)  # not finished (not_run), but with the scores it has
+        write_report(report_of(outcomes, "interrupted"), out, plots=False)
         current = selected[done].name if done < len(selected) else None
         raise InterruptedRunError(
             f"interrupted{f' during {current}' if current else ''}: {done} of {len(selected)} variant(s) "
@@ -216,8 +231,6 @@ def not_run_outcome(variant: VariantSpec) -> VariantOutcome:
     return VariantOutcome(
         name=variant.name, method=variant.method, status="not_run", artifact=f"{ARTIFACTS_DIR}/{variant.name}"
     )
-
-
 
 
 def _select(recipe: Recipe, only: list[str] | None) -> list[VariantSpec]:
@@ -240,16 +253,21 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
 
         ctx.org = hub.ensure_ready(recipe.publish.organization if recipe.publish else None)
     with reporter.step("checking the model and the texts"):
-        source = resolve(recipe.model.source, recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+        with _read_from_here(ctx, "model.source", recipe.model.source):
+            source = resolve(
+                recipe.model.source, recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code
+            )
         if recipe.model.revision is not None:
             # api.quantize/evaluate take a model spec without a revision: hand them the snapshot folder of
             # that revision; the Hub id and revision stay recorded in the manifest's recipe record.
             ctx.model_arg = str(source.path)
         ctx.source_weights = source.weights_sha256()
-        eval_text = load_text(recipe.evaluation.dataset)
+        with _read_from_here(ctx, "evaluation.dataset", recipe.evaluation.dataset):
+            eval_text = load_text(recipe.evaluation.dataset)
         ctx.eval_text_sha256 = sha256_json(eval_text)
         if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
-            text = load_text(recipe.calibration.dataset, purpose="calibration")
+            with _read_from_here(ctx, "calibration.dataset", recipe.calibration.dataset):
+                text = load_text(recipe.calibration.dataset, purpose="calibration")
             ctx.calib_text_sha256 = hashlib.sha256(text.encode()).hexdigest()
         target = resolve_target(recipe.evaluation.device)
         ctx.device = target.primary
@@ -258,13 +276,15 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         ctx.placement_label = target.describe()
         ctx.multi_gpu = target.multi_gpu
         ctx.versions = {k: package_versions((k,)).get(k) for k in ("torch", "transformers")}
-    _check_output_outside_inputs(ctx, source.path)
+    _check_output_outside_inputs(ctx, selected, source.path)
+    _check_artifact_folders(ctx, selected)
     from llmopt.evaluate.perplexity import check_settings
 
     ev = recipe.evaluation
     check_settings(ev.context_length, ev.stride, ev.batch_size, add_bos=ev.add_bos, max_tokens=ev.max_tokens)
     if ev.serving is not None and ev.serving.prompts_file:
-        _check_prompts_file(ev.serving.prompts_file)
+        with _read_from_here(ctx, "evaluation.serving.prompts_file", ev.serving.prompts_file):
+            _check_prompts_file(ev.serving.prompts_file)
     if ev.throughput is not None and ctx.device:
         from llmopt.evaluate.throughput import check_speed_settings
 
@@ -278,27 +298,115 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         _check_eval_windows(ctx, source.path, eval_text)
     _check_backends(selected)
     if ev.tasks:
-        from llmopt.evaluate.tasks import plan_tasks
+        from llmopt.evaluate.tasks import is_local_task, plan_tasks
 
         with reporter.step(f"checking tasks {', '.join(ev.tasks)}"):
-            plan_tasks(list(ev.tasks), ev.task_limit)  # an unknown task or a broken task file: before any work
+            local = [t for t in ev.tasks if is_local_task(t)]
+            with _read_from_here(ctx, "evaluation.tasks", *local):
+                plan_tasks(list(ev.tasks), ev.task_limit)  # an unknown task or a broken task file: before any work
     if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
         with reporter.step("checking the calibration text"):
             _check_calibration(ctx, source.path)
     _check_space(ctx, selected, source.path)
 
 
-def _check_output_outside_inputs(ctx: _Context, model_path: Path) -> None:
-    """The run folder is neither an input (model folder, texts) nor inside one: checked before the run writes
-    anything there (report files, its marker)."""
+@contextlib.contextmanager
+def _read_from_here(ctx: _Context, key: str, *specs: str) -> Iterator[None]:
+    """An error about a relative path of the recipe that is not there says where it was looked for: in the current
+    folder, not the recipe's (and, when the recipe's folder holds it, says so)."""
+    try:
+        yield
+    except InterruptedRunError:
+        raise
+    except LlmoptError as exc:
+        note = _relative_note(ctx, key, [s for s in specs if s])
+        if note is None:
+            raise
+        raise type(exc)(f"{exc.message.rstrip('.')} ({note}).", exc.hint) from None
+
+
+def _relative_note(ctx: _Context, key: str, specs: list[str]) -> str | None:
+    from llmopt.data import NAMED_DATASETS
+    from llmopt.outputs import absolute
+
+    for spec in specs:
+        if spec in NAMED_DATASETS or Path(spec).expanduser().is_absolute():
+            continue
+        tried = absolute(spec)
+        if tried.exists():
+            continue
+        note = (
+            f"{key} {spec} is a relative path, and relative paths in a recipe are read from the current folder "
+            f"({Path.cwd()}), not from the recipe's folder: tried {tried}"
+        )
+        if ctx.recipe_file:
+            folder = absolute(Path(ctx.recipe_file).expanduser().parent)
+            if (folder / spec).exists():
+                note += (
+                    f"; it is in the recipe's folder, {folder / spec}: run llmopt from {folder}, or write the path "
+                    "absolute (or from a ${VAR})"
+                )
+        return note
+    return None
+
+
+def recipe_inputs(
+    recipe: Recipe, recipe_file: str | None, selected: list[VariantSpec], model_path: Path | None = None
+) -> list[tuple[str, str | Path]]:
+    """(what, path) of every file a run of ``recipe`` reads that may be the user's own: names and Hub ids are among
+    them, and are skipped by the callers since nothing exists at their path."""
+    from llmopt.evaluate.tasks import is_local_task
+
+    ev = recipe.evaluation
+    found: list[tuple[str, str | Path | None]] = [
+        ("model.source", model_path),
+        ("model.source", recipe.model.source),
+        ("evaluation.dataset", ev.dataset),
+        ("calibration.dataset", recipe.calibration.dataset),
+        ("evaluation.serving.prompts_file", ev.serving.prompts_file if ev.serving else None),
+        ("the recipe", recipe_file),
+    ]
+    found += [("evaluation.tasks", t) for t in ev.tasks or [] if is_local_task(t)]
+    for v in selected:
+        imatrix = v.options.get("imatrix")
+        if isinstance(imatrix, str) and imatrix not in ("none", "auto"):
+            found.append((f"variant '{v.name}' options.imatrix", imatrix))
+    return [(what, spec) for what, spec in found if spec]
+
+
+def _run_writes(ctx: _Context, selected: list[VariantSpec], rel: Path) -> str | None:
+    """What the run does to a path ``rel`` inside its folder, if anything: it writes (or replaces) only its own
+    names there (outputs.check_run_folder)."""
+    from llmopt.outputs import RUN_MARKER
+
+    if not rel.parts:
+        return "is the run folder"
+    top = rel.parts[0].casefold()
+    if (len(rel.parts) == 1 and top in ("report.json", "report.md", RUN_MARKER.casefold())) or top.startswith(
+        ".report."
+    ):
+        return f"would be overwritten by the run's {rel.parts[0]}"
+    if top == "plots":
+        return "is in plots/, where the run writes its plots"
+    if top == SERVING_DIR:
+        return f"is in {SERVING_DIR}/, where the run keeps its servers' logs and measurements"
+    if top == ARTIFACTS_DIR and len(rel.parts) > 1:
+        # case-folded: on a case-insensitive file system artifacts/Int8 is artifacts/int8
+        named = {v.name.casefold(): v.name for v in selected}
+        if rel.parts[1].casefold() in named:
+            return f"is in {ARTIFACTS_DIR}/{named[rel.parts[1].casefold()]}, the artifact folder the run replaces"
+    return None
+
+
+def _check_output_outside_inputs(ctx: _Context, selected: list[VariantSpec], model_path: Path) -> None:
+    """The run folder is neither an input (model folder, texts, prompts, task files) nor inside one, and no input is
+    among the names the run writes in its folder (report files, plots/, serving/, its variants' artifact folders):
+    checked before the run writes anything there, --overwrite or not."""
     from llmopt.errors import OutputPathError
     from llmopt.outputs import absolute
 
     out = absolute(ctx.out).resolve()
-    recipe = ctx.recipe
-    for spec in (model_path, recipe.model.source, recipe.evaluation.dataset, recipe.calibration.dataset):
-        if not spec:
-            continue
+    for what, spec in recipe_inputs(ctx.recipe, ctx.recipe_file, selected, model_path):
         path = absolute(spec)
         if not path.exists():
             continue
@@ -310,6 +418,44 @@ def _check_output_outside_inputs(ctx: _Context, model_path: Path) -> None:
                 "artifacts among its files.",
                 "Choose an --output folder outside the model folder and the texts, e.g. llmopt-runs/NAME.",
             )
+        if out in real.parents:
+            fate = _run_writes(ctx, selected, real.relative_to(out))
+            if fate is not None:
+                raise OutputPathError(
+                    f"the input {spec} ({what}) {fate}: a run in {ctx.out} would overwrite or delete it.",
+                    f"Move {spec} out of {ctx.out}, or choose another --output folder.",
+                )
+
+
+def _check_artifact_folders(ctx: _Context, selected: list[VariantSpec]) -> None:
+    """A variant's artifact folder from an earlier run that can be neither reused nor replaced (its llmopt.json edited
+    into invalid JSON or damaged, files added beside the artifact's): found before the first variant, not when that
+    variant's turn comes after the others ran. With --overwrite such a folder is replaced when its variant runs."""
+    from llmopt.errors import ArtifactError
+    from llmopt.outputs import unreplaceable_artifact
+
+    problems: list[tuple[VariantSpec, Path, str]] = []
+    for v in selected:
+        folder = ctx.out / ARTIFACTS_DIR / v.name
+        if not (folder / MANIFEST_NAME).is_file():
+            continue  # no artifact (or an unfinished one without its manifest): the variant's quantize decides
+        why = unreplaceable_artifact(folder)
+        if why is not None:
+            problems.append((v, folder, why))
+    if not problems:
+        return
+    if ctx.overwrite:
+        for v, folder, why in problems:
+            ctx.reporter.info(f"{v.name}: {folder} {why}: --overwrite replaces it")
+            ctx.replace_artifacts.add(v.name)
+        return
+    said = "; ".join(f"variant '{v.name}': {folder} {why}" for v, folder, why in problems)
+    folders = " ".join(str(folder) for _, folder, _ in problems)
+    raise ArtifactError(
+        f"{said}. The run can neither reuse such an artifact folder nor replace it on its own.",
+        f"Pass --overwrite to quantize {'it' if len(problems) == 1 else 'them'} again (the folder is replaced as a "
+        f"whole), or delete it yourself (rm -r {folders}) and run again.",
+    )
 
 
 def _check_backends(selected: list[VariantSpec]) -> None:
@@ -490,7 +636,9 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
         if publish and outcome.status == "passed" and not _one_gguf_repo(ctx.recipe):
             stage = "publish"
             outcome.publish = _publish(ctx, variant, art)
-    except InterruptedRunError:
+    except InterruptedRunError as exc:
+        if exc.partial is not None and stage == "evaluate":
+            _keep_interrupted(ctx, outcome, exc.partial)
         raise
     except LlmoptError as exc:
         if interrupt.requested():
@@ -523,6 +671,23 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
     return outcome
 
 
+def _keep_interrupted(ctx: _Context, outcome: VariantOutcome, partial: EvalReport) -> None:
+    """An interrupt during the speed measurement: the report keeps the variant's finished scores, not run (no gate,
+    nothing in its manifest), so a rerun evaluates it again, speed included, and a merge never prefers it."""
+    outcome.status = "not_run"
+    outcome.error = None
+    outcome.gate = None
+    outcome.evaluation = partial.without_gate()
+    outcome.evaluation_reused = False
+    outcome.incomplete = "speed not measured: interrupted"
+    ctx.interrupted = outcome
+    ctx.notes.append(
+        f"{outcome.name}: interrupted while measuring speed; its perplexity"
+        + (" and KL divergence are" if partial.artifact.distribution is not None else " is")
+        + " shown, not gated and not stored (a rerun evaluates it again)"
+    )
+
+
 # --- quantize (or reuse) ---------------------------------------------------------------------------
 
 
@@ -536,6 +701,8 @@ def _quantized(ctx: _Context, variant: VariantSpec) -> tuple[Artifact, bool, str
         return art, True, None
     if reason:
         ctx.reporter.info(f"{variant.name}: quantizing ({reason})")
+    if variant.name in ctx.replace_artifacts:
+        _remove_artifact_folder(art_dir)
     cal = ctx.recipe.calibration
     art = api.quantize(
         ctx.model_arg,
@@ -553,6 +720,16 @@ def _quantized(ctx: _Context, variant: VariantSpec) -> tuple[Artifact, bool, str
         trust_remote_code=ctx.recipe.model.trust_remote_code,
     )
     return art, False, reason
+
+
+def _remove_artifact_folder(folder: Path) -> None:
+    """--overwrite: the run's own artifacts/VARIANT goes (a link there goes, never what it points to)."""
+    import shutil
+
+    if folder.is_symlink() or folder.is_file():
+        folder.unlink()
+    elif folder.is_dir():
+        shutil.rmtree(folder)
 
 
 def _recorded_options(method: str, options: dict[str, Any]) -> dict[str, Any] | None:

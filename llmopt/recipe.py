@@ -42,9 +42,12 @@ PUBLISH_FIELDS = ("org", "model_name", "variant", "method")
 GGUF_REPO_ID = "{org}/{model_name}-GGUF"
 
 
-def _error(text: str) -> PydanticCustomError:
-    """A validation error whose message is exactly ``text`` (pydantic would prefix 'Value error, ')."""
-    return PydanticCustomError("recipe", "{text}", {"text": text})
+def _error(text: str, at: tuple[Any, ...] = ()) -> PydanticCustomError:
+    """A validation error whose message is exactly ``text`` (pydantic would prefix 'Value error, ').
+
+    ``at``: where below the failing model the problem is (e.g. ``("variants", 2, "name")``), so a check made on the
+    whole recipe still names the line it is about rather than the recipe's first line."""
+    return PydanticCustomError("recipe", "{text}", {"text": text, "at": at})
 
 
 def _one_line(exc: LlmoptError) -> str:
@@ -218,48 +221,66 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        seen: set[str] = set()
-        for v in self.variants:
-            if v.name in seen:
-                raise _error(f"variant name '{v.name}' is used twice")
-            seen.add(v.name)
+        seen: dict[str, str] = {}
+        for i, v in enumerate(self.variants):
+            # artifacts/NAME and the Hub repo NAME: on a case-insensitive file system (macOS, Windows) and on the
+            # Hub, int8 and Int8 are one folder, one repo
+            first = seen.get(v.name.casefold())
+            if first == v.name:
+                raise _error(
+                    f"variant name '{v.name}' is used twice; give each variant its own name", ("variants", i, "name")
+                )
+            if first is not None:
+                raise _error(
+                    f"variant names '{first}' and '{v.name}' differ only by case: their artifact folders (and Hub "
+                    "repos) would be one on a case-insensitive file system; rename one",
+                    ("variants", i, "name"),
+                )
+            seen[v.name.casefold()] = v.name
         if self.evaluation.throughput is None:
-            for v in self.variants:
+            for i, v in enumerate(self.variants):
                 if self.gate_for(v).min_decode_speedup is not None:
                     raise _error(
                         f"variant '{v.name}' gates on min_decode_speedup, which needs speed measurements: "
-                        "add evaluation.throughput (e.g. `throughput: {}`)"
+                        "add evaluation.throughput (e.g. `throughput: {}`)",
+                        ("variants", i),
                     )
         if not self.evaluation.tasks and self.evaluation.task_limit is not None:
             raise _error("evaluation.task_limit picks the examples of evaluation.tasks, but no tasks are given")
         if not self.evaluation.tasks:
-            for v in self.variants:
+            for i, v in enumerate(self.variants):
                 if self.gate_for(v).min_recovery is not None:
                     raise _error(
                         f"variant '{v.name}' gates on min_recovery, which needs task accuracies: "
-                        "add evaluation.tasks (e.g. `tasks: [arc_easy]`, or a local task file)"
+                        "add evaluation.tasks (e.g. `tasks: [arc_easy]`, or a local task file)",
+                        ("variants", i),
                     )
         if self.publish is not None and self.publish.mode == "gguf-one-repo":
             self._check_gguf_one_repo()
         serving = self.evaluation.serving
-        for v in self.variants:
+        for i, v in enumerate(self.variants):
             gate = self.gate_for(v)
             if gate.needs_serving() and serving is None:
                 raise _error(
                     f"variant '{v.name}' gates on slo/min_goodput, which need serving measurements: "
-                    "add evaluation.serving (e.g. `serving: {rates: [1, 2]}`)"
+                    "add evaluation.serving (e.g. `serving: {rates: [1, 2]}`)",
+                    ("variants", i),
                 )
             at = gate.slo_at_rate
             if at is not None and serving is not None and (serving.rates is None or at not in serving.rates):
                 swept = ", ".join(f"{r:g}" for r in serving.rates or []) or "none (concurrency mode)"
                 raise _error(
                     f"variant '{v.name}': slo_at_rate {at:g} is not among evaluation.serving.rates ({swept}); "
-                    "add it there or pick one of them"
+                    "add it there or pick one of them",
+                    ("variants", i),
                 )
         if self.calibration.dataset is None:
-            for v in self.variants:
+            for i, v in enumerate(self.variants):
                 if v.needs_calibration():
-                    raise _error(f"variant '{v.name}' ({v.method}) needs calibration text: set calibration.dataset")
+                    raise _error(
+                        f"variant '{v.name}' ({v.method}) needs calibration text: set calibration.dataset",
+                        ("variants", i),
+                    )
         return self
 
     def _check_gguf_one_repo(self) -> None:
@@ -267,18 +288,20 @@ class Recipe(_Strict):
         from llmopt.backends.base import describe_backend
 
         seen: dict[str, str] = {}
-        for v in self.variants:
+        for i, v in enumerate(self.variants):
             fmt = describe_backend(v.method).format
             if fmt != "gguf":
                 raise _error(
                     f"publish.mode gguf-one-repo publishes GGUF files only, and variant '{v.name}' is {v.method} "
-                    f"({fmt}): put it in a recipe of its own, or use mode repo-per-variant or branch-per-variant"
+                    f"({fmt}): put it in a recipe of its own, or use mode repo-per-variant or branch-per-variant",
+                    ("variants", i),
                 )
             quant = str(v.backend_options().get("quant_type", "")).upper()
             if quant in seen:
                 raise _error(
                     f"variants '{seen[quant]}' and '{v.name}' are both {quant}, and publish.mode gguf-one-repo "
-                    "holds one file per quant type: drop one, or publish it from another recipe"
+                    "holds one file per quant type: drop one, or publish it from another recipe",
+                    ("variants", i),
                 )
             seen[quant] = v.name
 
@@ -441,9 +464,39 @@ def _unwrap(annotation: Any) -> Any:
     return annotation
 
 
+_INT_ERRORS = ("int_type", "int_parsing", "int_from_float", "int_parsing_size")
+_FLOAT_ERRORS = ("float_type", "float_parsing", "finite_number")
+
+
+def _key_of(loc: tuple[Any, ...]) -> str:
+    """The name of the key at ``loc`` (for a list item, its list's key)."""
+    return next((str(part) for part in reversed(loc) if not isinstance(part, int)), "value")
+
+
+def _type_message(err: Any, loc: tuple[Any, ...]) -> str | None:
+    """A wrong type, said as the type expected and how to write it in YAML; None for every other error."""
+    kind, given = err["type"], err.get("input")
+    key = _key_of(loc)
+    got = ("true" if given else "false") if isinstance(given, bool) else repr(given)
+    if kind == "list_type" and isinstance(given, str | int | float) and not isinstance(given, bool):
+        # '1,8' or '1 8' or 8: written as one value where a YAML list is expected
+        items = [p for p in re.split(r"[,\s]+", str(given).strip("[] ")) if p]
+        shown = ", ".join(items) if items and all(re.fullmatch(r"[+-]?\d+(\.\d*)?", p) for p in items) else "1, 8"
+        return f"expected a YAML list, got {got}: write e.g. `{key}: [{shown}]`"
+    if kind in _INT_ERRORS:
+        quoted = " ('16', quoted, is read as 16 too)" if isinstance(given, str) else ""
+        return f"expected a whole number, got {got}: write e.g. `{key}: 16`{quoted}"
+    if kind in _FLOAT_ERRORS:
+        return f"expected a number, got {got}: write e.g. `{key}: 0.5`"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"expected true or false, got {got}: write e.g. `{key}: true`"
+    return None
+
+
 def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: Any) -> str:
     loc = tuple(err["loc"])
-    where = _where(source, lines, loc)
+    at = (err.get("ctx") or {}).get("at") or ()
+    where = _where(source, lines, (*loc, *at))
     if err["type"] == "extra_forbidden":
         owner = _model_at(loc)
         parent = _dotted(loc[:-1]) if loc[:-1] else "the recipe's top level"
@@ -461,8 +514,8 @@ def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: An
     if len(loc) >= 2 and loc[0] == "variants" and isinstance(loc[1], int):
         with contextlib.suppress(KeyError, IndexError, TypeError):
             label = f"variant '{data['variants'][loc[1]]['name']}'" + (f" {_dotted(loc[2:])}" if loc[2:] else "")
-    msg = err["msg"]
-    return f"{where}{label}: {msg}"
+    msg = _type_message(err, loc) or err["msg"]
+    return f"{where}{label}: {msg}" if loc else f"{where}{msg}"
 
 
 def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:

@@ -424,6 +424,8 @@ class VariantOutcome(Result):
     gate: GateResult | None = None
     publish: dict[str, Any] | None = None
     error: VariantError | None = None
+    # an interrupted variant's finished scores, shown but not gated nor stored (status not_run): what is missing
+    incomplete: str | None = None
     perplexity: float | None = None
     stderr: float | None = None
     delta_pct: float | None = None

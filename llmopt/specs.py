@@ -31,6 +31,7 @@ from llmopt.errors import DataError, InputError, LlmoptError
 
 # The trace of a serving benchmark is serve-bench's own type (stdlib + pydantic only, like this module).
 from llmopt.serving.trace import LengthDist, TraceSpec
+from llmopt.units import WholeNumber
 
 __all__ = [
     "CPU_DEFAULTS",
@@ -67,16 +68,20 @@ class NotMeasured:
 class ThroughputSpec(_Strict):
     """What to measure of serving speed. Unset grids take the device's defaults (see ``resolved``)."""
 
-    batch_sizes: list[int] | None = Field(default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4).")
-    prompt_lens: list[int] | None = Field(
+    batch_sizes: list[WholeNumber] | None = Field(
+        default=None, description="Decode batch sizes (default GPU 1,8,32; CPU 1,4)."
+    )
+    prompt_lens: list[WholeNumber] | None = Field(
         default=None,
         description="Prefill prompt lengths; decoding starts after the first (default GPU 128,512,2048).",
     )
-    gen_len: int | None = Field(
+    gen_len: WholeNumber | None = Field(
         default=None, ge=2, description="Tokens generated per timed decode run (GPU default 128)."
     )
-    warmup: int = Field(default=2, ge=0, description="Untimed runs before timing each point.")
-    repetitions: int = Field(default=5, ge=1, description="Timed runs per point; medians and spread are over these.")
+    warmup: WholeNumber = Field(default=2, ge=0, description="Untimed runs before timing each point.")
+    repetitions: WholeNumber = Field(
+        default=5, ge=1, description="Timed runs per point; medians and spread are over these."
+    )
     max_seconds_per_point: float = Field(
         default=30.0,
         gt=0,
@@ -87,7 +92,7 @@ class ThroughputSpec(_Strict):
     gpu_hourly_cost: float | None = Field(
         default=None, gt=0, description="Price of the device per hour, for $/1M tokens."
     )
-    seed: int = Field(default=0, description="Seed of the random prompt token ids.")
+    seed: WholeNumber = Field(default=0, description="Seed of the random prompt token ids.")
     marlin_atomics: bool = Field(
         default=True,
         description="GPTQ-Marlin: atomicAdd split-K reduction on narrow-output layers while measuring speed "
@@ -123,18 +128,20 @@ class ServingSpec(TraceSpec):
 
     model_config = ConfigDict(extra="forbid")
 
-    requests: int = Field(default=16, ge=1, description="Timed requests per rate.")
-    warmup: int = Field(default=1, ge=0, description="Untimed requests before each rate (one at a time).")
+    requests: WholeNumber = Field(default=16, ge=1, description="Timed requests per rate.")
+    warmup: WholeNumber = Field(default=1, ge=0, description="Untimed requests before each rate (one at a time).")
     server: Literal["auto", "llama.cpp", "transformers", "vllm"] = Field(
         "auto", description="auto: GGUF -> llama.cpp's server, model folder -> transformers serve; or vllm."
     )
     baseline: bool = Field(
         True, description="Also serve the FP16 model once per run with the same trace, for comparison."
     )
-    port: int | None = Field(None, ge=1, le=65535, description="Port of the started server (default: a free one).")
-    parallel: int = Field(4, ge=1, description="llama.cpp slots (sequences decoded together).")
-    threads: int | None = Field(None, ge=1, description="llama.cpp CPU threads (default: its own).")
-    context: int = Field(2048, ge=16, description="Context tokens per sequence of the server.")
+    port: WholeNumber | None = Field(
+        None, ge=1, le=65535, description="Port of the started server (default: a free one)."
+    )
+    parallel: WholeNumber = Field(4, ge=1, description="llama.cpp slots (sequences decoded together).")
+    threads: WholeNumber | None = Field(None, ge=1, description="llama.cpp CPU threads (default: its own).")
+    context: WholeNumber = Field(2048, ge=16, description="Context tokens per sequence of the server.")
     prefix_caching: bool | None = Field(None, description="The server's prefix caching (default: its own).")
     ignore_eos: bool | None = Field(
         None, description="Generate output_len tokens always (default: where the server supports it)."
@@ -178,20 +185,22 @@ class CalibrationSpec(_Strict):
     dataset: str | None = Field(
         None, description="Calibration text: .txt/.jsonl/.parquet file or a named dataset (wikitext2, c4)."
     )
-    samples: int = Field(128, ge=1, description="Number of calibration samples.")
-    seq_len: int = Field(512, ge=8, description="Tokens per calibration sample.")
-    seed: int = Field(0, description="Seed for picking the samples.")
+    samples: WholeNumber = Field(128, ge=1, description="Number of calibration samples.")
+    seq_len: WholeNumber = Field(512, ge=8, description="Tokens per calibration sample.")
+    seed: WholeNumber = Field(0, description="Seed for picking the samples.")
 
 
 class EvalSpec(_Strict):
     """How an artifact is evaluated against its FP16 baseline (the recipe's ``evaluation`` section)."""
 
     dataset: str = Field(description="Evaluation text: .txt/.jsonl/.parquet file or a named dataset.")
-    context_length: int = Field(512, ge=2, description="Tokens per window.")
-    stride: int | None = Field(None, ge=1, description="Tokens between window starts (default: context_length).")
-    max_tokens: int | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
+    context_length: WholeNumber = Field(512, ge=2, description="Tokens per window.")
+    stride: WholeNumber | None = Field(
+        None, ge=1, description="Tokens between window starts (default: context_length)."
+    )
+    max_tokens: WholeNumber | None = Field(None, ge=2, description="Score only the first N tokens of the text.")
     add_bos: bool = Field(False, description="Put BOS before each window.")
-    batch_size: Annotated[int, NotMeasured("the same windows are scored, however many per pass")] = Field(
+    batch_size: Annotated[WholeNumber, NotMeasured("the same windows are scored, however many per pass")] = Field(
         1, ge=1, description="Windows per forward pass."
     )
     # "auto" names different hardware on different machines: what it resolved to is compared instead
@@ -219,11 +228,10 @@ class EvalSpec(_Strict):
         description="Downstream accuracy: lm-eval task names or local task YAML files, run on the baseline and the "
         "artifact (docs/tasks.md; needs the tasks extra; needed by the min_recovery gate).",
     )
-    task_limit: int | None = Field(
+    task_limit: WholeNumber | None = Field(
         None,
         ge=1,
         le=10_000_000,
-        strict=True,
         description="Examples per task (the first N, the same for both models); default: all.",
     )
     serving: Annotated[
@@ -320,7 +328,7 @@ class GateSpec(BaseModel):
         description="Smallest allowed task accuracy recovery (artifact / FP16) of every --tasks task, read on its "
         "acc_norm (else acc): e.g. 0.95.",
     )
-    at_batch: int = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
+    at_batch: WholeNumber = Field(1, ge=1, description="Batch size at which the decode speedup is read.")
     slo: dict[str, float] | None = Field(
         None,
         description="Serving latency targets in ms on percentiles, e.g. {ttft_p95_ms: 500, itl_p95_ms: 50} "

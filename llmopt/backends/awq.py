@@ -39,6 +39,7 @@ from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippe
 from llmopt.backends.gptq import strip_machine_specific, validate_gptqmodel_architecture
 from llmopt.errors import BackendUnavailableError, DataError, OptionsError
 from llmopt.source import SourceModel
+from llmopt.units import WholeNumber
 
 # Group sizes GPTQModel's AWQ kernels take (and vLLM's AWQ-Marlin serves); -1 = one group per row.
 GROUP_SIZES = (32, 64, 128, -1)
@@ -50,7 +51,9 @@ class AWQOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     bits: Literal[4] = Field(4, description="Bits per weight (AWQ checkpoints are 4-bit).")
-    group_size: int = Field(128, description="Weights sharing one scale and zero point; -1 = one group per row.")
+    group_size: WholeNumber = Field(
+        128, description="Weights sharing one scale and zero point; -1 = one group per row."
+    )
     zero_point: bool = Field(True, description="Asymmetric quantization with a zero point per group.")
     version: Literal["gemm", "gemv"] = Field(
         "gemm", description="Packing: gemm (served everywhere) or gemv (CUDA only, faster at batch 1)."
@@ -58,7 +61,7 @@ class AWQOptions(BaseModel):
     dtype: Literal["float16", "bfloat16"] = Field(
         "float16", description="Dtype the search runs in and the checkpoint's scales and other tensors are stored in."
     )
-    batch_size: int = Field(1, ge=1, description="Calibration batch size.")
+    batch_size: WholeNumber = Field(1, ge=1, description="Calibration batch size.")
     quantize_lm_head: bool = Field(
         False, description="Not supported: GPTQModel's AWQ cannot quantize the lm_head (use method gptq)."
     )

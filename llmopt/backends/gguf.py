@@ -55,6 +55,7 @@ from llmopt.backends.gguf_toolchain import (
 from llmopt.environment import cpu_count
 from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
 from llmopt.source import SourceModel
+from llmopt.units import WholeNumber
 
 IMATRIX_NAME = "imatrix.gguf"
 
@@ -157,7 +158,7 @@ class GGUFOptions(BaseModel):
         description="Importance matrix: none, auto (computed from --calibration text), or a path to an "
         "imatrix file (llama-imatrix's .gguf or legacy .dat).",
     )
-    threads: int | None = Field(None, ge=1, description="CPU threads for converting/quantizing (default: all).")
+    threads: WholeNumber | None = Field(None, ge=1, description="CPU threads for converting/quantizing (default: all).")
     pure: bool = Field(False, description="Every tensor in the base type (no k-quant mix).")
 
     @field_validator("quant_type")

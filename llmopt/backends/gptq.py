@@ -18,6 +18,7 @@ from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_toke
 from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
+from llmopt.units import WholeNumber
 
 
 class GPTQOptions(BaseModel):
@@ -25,7 +26,7 @@ class GPTQOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     bits: Literal[2, 3, 4, 8] = Field(4, description="Bits per weight.")
-    group_size: int = Field(128, description="Weights sharing one scale; -1 = one group per output row.")
+    group_size: WholeNumber = Field(128, description="Weights sharing one scale; -1 = one group per output row.")
     desc_act: bool = Field(False, description="Quantize columns in order of decreasing activation (act-order).")
     act_group_aware: bool | None = Field(
         None, description="GPTQModel's group-aware reordering (its default: on unless desc_act)."
@@ -33,7 +34,7 @@ class GPTQOptions(BaseModel):
     sym: bool = Field(True, description="Symmetric quantization (no zero point).")
     damp_percent: float = Field(0.05, gt=0, lt=1, description="Hessian dampening, fraction of the mean diagonal.")
     true_sequential: bool = Field(True, description="Quantize sub-layers in order inside each block.")
-    batch_size: int = Field(1, ge=1, description="Calibration batch size.")
+    batch_size: WholeNumber = Field(1, ge=1, description="Calibration batch size.")
     quantize_lm_head: bool = Field(
         False,
         description=(

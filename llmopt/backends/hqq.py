@@ -37,6 +37,7 @@ from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippe
 from llmopt.backends.gptq import validate_gptqmodel_architecture
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
+from llmopt.units import WholeNumber
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +55,12 @@ class HQQOptions(BaseModel):
     bits: Literal[4] = Field(
         4, description="Bits per weight (the AWQ GEMM container vLLM and GPTQModel serve with zero points is 4-bit)."
     )
-    group_size: int = Field(
+    group_size: WholeNumber = Field(
         64,
         description="Weights sharing one scale and zero point; -1 = one group per row "
         "(64, not 128: 128 does not divide some models' widths, e.g. SmolLM2's 576).",
     )
-    iterations: int = Field(
+    iterations: WholeNumber = Field(
         20, ge=1, le=1000, description="Most iterations of hqq's solver, and of the scale re-fit (hqq's default: 20)."
     )
     lp_norm: float = Field(

@@ -36,6 +36,7 @@ from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_toke
 from llmopt.backends.format_card import FormatCard, transformers_snippet, vllm_snippet
 from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
 from llmopt.source import SourceModel
+from llmopt.units import WholeNumber
 
 INSTALL = "pip install 'llmopt[llmc]'"
 FORMAT = "compressed-tensors"
@@ -142,7 +143,7 @@ class W8A8Int8Options(_LlmcOptions):
 
 
 class W4A16Options(_LlmcOptions):
-    group_size: int = Field(128, description="Weights sharing one scale; -1 = one scale per output channel.")
+    group_size: WholeNumber = Field(128, description="Weights sharing one scale; -1 = one scale per output channel.")
     sym: bool = Field(True, description="Symmetric int4 (W4A16); --no-sym: with zero points (W4A16_ASYM).")
     actorder: Literal["static", "group", "weight"] | None = Field(
         None, description="GPTQ activation ordering; default: llm-compressor's."

@@ -6,7 +6,7 @@ stays the one place that says what is valid.
 from __future__ import annotations
 
 from types import NoneType, UnionType
-from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -28,6 +28,8 @@ class OptionInfo(BaseModel):
 
 def _type_text(annotation: Any) -> str:
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:  # a type with its validator (units.WholeNumber) inside a union: the type is what counts
+        return _type_text(args[0])
     if origin is Literal:
         return "|".join(str(a) for a in args)
     if origin in (Union, UnionType):
@@ -51,6 +53,8 @@ def read_option(options: type[BaseModel] | None, key: str, text: str) -> Any:
 
 def _read_typed(annotation: Any, text: str) -> Any:
     origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _read_typed(args[0], text)
     if origin is Literal:
         # the choice whose spelling this is; otherwise the text, which validation refuses naming the choices
         return next((a for a in args if str(a) == text.strip()), text)

@@ -235,7 +235,8 @@ def register(app: typer.Typer) -> None:
             task_limit=task_limit,
         )
         out = JsonOutput(json_out, json_file)
-        out.check(dataset, baseline)
+        # a local task file is an input too: --json-file must not replace it
+        out.check(dataset, baseline, *(spec.tasks or []))
         with stdout_is_ours():
             report = evaluate(
                 artifact,

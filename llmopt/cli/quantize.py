@@ -148,7 +148,9 @@ def register(app: typer.Typer) -> None:
         }
         options = merge_options(flags, option, method)
         out = JsonOutput(json_out, json_file)
-        out.check(model, calibration, creates=output)
+        imatrix = options.get("imatrix")
+        imatrix_file = imatrix if isinstance(imatrix, str) and imatrix not in ("none", "auto") else None
+        out.check(model, calibration, imatrix_file, creates=output)
         with stdout_is_ours():
             artifact = quantize(
                 model,

@@ -114,7 +114,8 @@ def register(app: typer.Typer) -> None:
             bool,
             typer.Option(
                 help="Write into an existing folder llmopt run did not make (only report.json, report.md, "
-                "plots/ and artifacts/ are written; nothing else is deleted)."
+                "plots/ and artifacts/ are written; nothing else is deleted); also replace a variant's artifact "
+                "folder whose llmopt.json is damaged or that holds files it does not list."
             ),
         ] = False,
         json_out: JsonOpt = False,
@@ -155,6 +156,13 @@ def register(app: typer.Typer) -> None:
                 overrides["gates.slo"] = slo_spec.limits or None
                 overrides["gates.min_goodput"] = slo_spec.min_goodput
                 overrides["gates.slo_at_rate"] = slo_spec.at_rate
+        if out.to_file:
+            # the JSON is written after the run: not onto one of the files the run reads (a one-line .jsonl text
+            # parses as JSON, so check_report_file's "not a JSON file" would let it be replaced)
+            from llmopt.pipeline import recipe_inputs, resolve_recipe
+
+            loaded, _ = resolve_recipe(recipe, overrides, set_)
+            out.check(*(path for _, path in recipe_inputs(loaded, str(recipe), loaded.variants)), creates=output)
         with stdout_is_ours():
             report = run_recipe(
                 recipe,

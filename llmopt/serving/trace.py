@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from llmopt.errors import DataError, InputError
+from llmopt.units import WholeNumber
 
 
 class Tokenizer(Protocol):
@@ -77,15 +78,15 @@ class TraceSpec(BaseModel):
     clients each sending its next request when the last one finished."""
 
     rates: list[float] | None = None
-    concurrency: int | None = Field(default=None, ge=1)
-    requests: int = Field(default=32, ge=1)
-    warmup: int = Field(default=2, ge=0)
+    concurrency: WholeNumber | None = Field(default=None, ge=1)
+    requests: WholeNumber = Field(default=32, ge=1)
+    warmup: WholeNumber = Field(default=2, ge=0)
     prompt_len: LengthDist = LengthDist(kind="fixed", a=128)
     output_len: LengthDist = LengthDist(kind="fixed", a=64)
-    prefix_len: int = Field(default=0, ge=0)
+    prefix_len: WholeNumber = Field(default=0, ge=0)
     prefix_share: float = Field(default=0.0, ge=0.0, le=1.0)
     prompts_file: str | None = None
-    seed: int = 0
+    seed: WholeNumber = 0
 
     @field_validator("rates")
     @classmethod
