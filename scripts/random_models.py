@@ -57,11 +57,12 @@ def build_fp16(config: Any, device: str, seed: int = 0) -> Any:
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over ``vocab_size`` made-up words (the loaders want one; speed ignores it)."""
+    """A word-level tokenizer with a made-up word for every id (the loaders want one; a served model's generated
+    ids must decode to text, or an OpenAI-compatible stream carries no text to time)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, min(vocab_size, 4096))}}
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
