@@ -30,6 +30,7 @@ class StubConfig:
         healthy: bool = True,
         die_after: int = 0,
         serialize: bool = False,
+        token_text: str = " tok",
     ) -> None:
         self.ttft = ttft
         self.itl = itl
@@ -39,6 +40,7 @@ class StubConfig:
         self.healthy = healthy
         self.die_after = die_after  # the process exits after N completions started (process mode)
         self.serialize = serialize  # one request at a time: the server saturates at 1/e2e requests/s
+        self.token_text = token_text  # what each streamed token decodes to ("": ids with no text)
         self.count = 0
         self.lock = threading.Lock()
         self.busy = threading.Lock()
@@ -105,7 +107,7 @@ def make_handler(cfg: StubConfig) -> type[BaseHTTPRequestHandler]:
                 if sent:
                     time.sleep(cfg.itl * cfg.tokens_per_chunk)
                 k = min(cfg.tokens_per_chunk, max_tokens - sent)
-                chunk = {"choices": [{"index": 0, "text": " tok" * k, "finish_reason": None}]}
+                chunk = {"choices": [{"index": 0, "text": cfg.token_text * k, "finish_reason": None}]}
                 self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 self.wfile.flush()
                 sent += k

@@ -157,6 +157,17 @@ def test_failed_requests_are_counted_with_their_error() -> None:
     assert point.saturated  # a quarter failed: not a load the server serves
 
 
+def test_tokens_that_decode_to_no_text_are_named_as_the_cause() -> None:
+    """On the GPU machine a random model's generated ids decoded to nothing (its tokenizer stopped at 4,096 words):
+    every request failed with "the stream ended without any generated text". The error now says the server did
+    generate, by its own count."""
+    with StubServer(ttft=0.01, itl=0.005, token_text="") as stub:
+        result = _url_bench(stub.url, warmup=0)
+    point = result.models[0].points[0]
+    assert point.ok == 0 and point.errors == 12
+    assert any("counted 8 generated tokens but streamed no text" in e for e in point.error_samples)
+
+
 def test_fixed_concurrency_keeps_that_many_in_flight() -> None:
     with StubServer(ttft=0.05, itl=0.01) as stub:
         result = serve_bench(

@@ -185,6 +185,12 @@ def stream_completion(
         record.text = "".join(parts)
         if record.ttft_ms is None:
             record.error = "the stream ended without any generated text"
+            if record.output_tokens:
+                record.error = (
+                    f"the server counted {record.output_tokens} generated tokens but streamed no text for them "
+                    "(they decode to nothing, e.g. ids a random-weight model's tokenizer lacks), so no latency "
+                    "can be timed"
+                )
             return record
         if not done and record.tokens_from is None:
             record.error = "the stream was cut before it finished (no [DONE], no usage)"
