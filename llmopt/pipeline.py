@@ -743,6 +743,20 @@ def _recorded_options(method: str, options: dict[str, Any]) -> dict[str, Any] | 
         return None
 
 
+def _same_options(method: str, recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether an artifact made with ``recorded`` options is what ``wanted`` would make: options added since it was
+    made read as their defaults, and options that only change the speed of making it (AWQ's batch_size) are left
+    out."""
+    from llmopt.backends.base import describe_backend
+
+    speed_only = describe_backend(method).speed_only_options
+
+    def result(options: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if options is None else {k: v for k, v in options.items() if k not in speed_only}
+
+    return result(recorded) == result(wanted) or result(_recorded_options(method, recorded)) == result(wanted)
+
+
 def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tuple[Artifact | None, str | None]:
     """The existing artifact if it matches the recipe and its files verify; else why not."""
     if not art_dir.exists():
@@ -758,7 +772,7 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     if m.backend != variant.method:
         return None, f"method changed ({m.backend} -> {variant.method})"
     options = {k: v for k, v in m.options.items() if k != "_resolved"}
-    if options != variant.backend_options() and _recorded_options(m.backend, options) != variant.backend_options():
+    if not _same_options(m.backend, options, variant.backend_options()):
         return None, "options changed"
     if m.source.model != ctx.model_arg or (m.source.weights_sha256 or {}) != ctx.source_weights:
         return None, "the source model changed"

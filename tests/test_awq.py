@@ -217,6 +217,34 @@ def test_awq_on_the_first_two_layers_through_the_cli(
     assert report["artifact"]["kernel"] == "dense float32 (dequantized 14 awq_torch layers)"
     dense_matches_the_kernel(out)
 
+    # The default batch (all 4 samples in one forward) makes the same artifact as one sample at a time, bit for
+    # bit: batch_size is a speed setting, and `llmopt run` reuses artifacts across it.
+    one_by_one = tmp_path / "awq-batch-1"
+    code, err = run_cli(
+        ["quantize", str(model), "-m", "awq", "--group-size", "64", "--calibration",
+         str(assets["calibration_text"]), "--samples", "4", "--seq-len", "64", "--device", "cpu", "-O",
+         "batch_size=1", "-o", str(one_by_one)],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    from safetensors.numpy import load_file
+
+    batched, single = load_file(str(out / "model.safetensors")), load_file(str(one_by_one / "model.safetensors"))
+    assert batched.keys() == single.keys()
+    assert all((batched[k] == single[k]).all() for k in batched)
+
+
+def test_batch_size_is_a_speed_setting_for_reuse() -> None:
+    from llmopt.backends.base import describe_backend
+    from llmopt.pipeline import _same_options
+
+    awq = describe_backend("awq").parse_options({}).model_dump(mode="json")
+    assert awq["batch_size"] is None
+    assert _same_options("awq", {**awq, "batch_size": 1}, awq)  # made before the default changed
+    assert not _same_options("awq", {**awq, "group_size": 64}, {**awq, "group_size": 128})
+    gptq = describe_backend("gptq").parse_options({}).model_dump(mode="json")
+    assert not _same_options("gptq", {**gptq, "batch_size": 4}, gptq)  # GPTQ's Hessian sums in another order
+
 
 
 @pytest.mark.e2e

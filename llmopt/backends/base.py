@@ -94,6 +94,9 @@ class Backend(ABC):
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]]
     requirements: ClassVar[tuple[Requirement, ...]] = ()
+    # options that change how fast an artifact is made, never what is made: `llmopt run` reuses an artifact made
+    # with other values of these
+    speed_only_options: ClassVar[frozenset[str]] = frozenset()
     note: str | None = None  # what check() learned that the listing shows (gguf: whether llama.cpp decodes here)
 
     def check(self) -> list[str]:
