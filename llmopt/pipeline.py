@@ -406,6 +406,11 @@ def _check_output_outside_inputs(ctx: _Context, selected: list[VariantSpec], mod
     from llmopt.outputs import absolute
 
     out = absolute(ctx.out).resolve()
+    # where the run's own folders really are: a link on the way (artifacts/ -> another folder) leads elsewhere, and
+    # an input there was deleted with an artifact folder that --overwrite replaced (report files are replaced as
+    # files: a link there is replaced, not what it points to)
+    own = ["plots", SERVING_DIR, *(f"{ARTIFACTS_DIR}/{v.name}" for v in selected)]
+    targets = [(Path(rel), (out / rel).resolve()) for rel in own]
     for what, spec in recipe_inputs(ctx.recipe, ctx.recipe_file, selected, model_path):
         path = absolute(spec)
         if not path.exists():
@@ -418,13 +423,15 @@ def _check_output_outside_inputs(ctx: _Context, selected: list[VariantSpec], mod
                 "artifacts among its files.",
                 "Choose an --output folder outside the model folder and the texts, e.g. llmopt-runs/NAME.",
             )
-        if out in real.parents:
-            fate = _run_writes(ctx, selected, real.relative_to(out))
-            if fate is not None:
-                raise OutputPathError(
-                    f"the input {spec} ({what}) {fate}: a run in {ctx.out} would overwrite or delete it.",
-                    f"Move {spec} out of {ctx.out}, or choose another --output folder.",
-                )
+        fate = _run_writes(ctx, selected, real.relative_to(out)) if out in real.parents else None
+        for rel, target in targets:
+            if fate is None and (real == target or target in real.parents) and target.parent != out:
+                fate = f"{_run_writes(ctx, selected, rel)} (through a link, at {target})"
+        if fate is not None:
+            raise OutputPathError(
+                f"the input {spec} ({what}) {fate}: a run in {ctx.out} would overwrite or delete it.",
+                f"Move {spec} out of {ctx.out}, or choose another --output folder.",
+            )
 
 
 def _check_artifact_folders(ctx: _Context, selected: list[VariantSpec]) -> None:

@@ -123,6 +123,37 @@ def test_input_behind_link_dotdot_under_a_name_the_run_writes_is_refused(tmp_pat
     assert not (tmp_path / "deep" / "r" / ".llmopt-run").exists()
 
 
+def test_input_behind_a_linked_artifacts_folder_is_refused(tmp_path: Path) -> None:
+    """out/artifacts a link to another folder, the evaluation text in its a/ beside a damaged llmopt.json, and
+    `--overwrite`: the check compared the text's real path with the run folder's, found it outside, and the run
+    deleted a/ (the text with it) to quantize a again. Refused now (exit 2), naming the link's target."""
+    from llmopt.pipeline import run_recipe
+
+    model = fake_model(tmp_path / "model")
+    elsewhere = tmp_path / "elsewhere" / "a"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "llmopt.json").write_text("{broken")
+    text = elsewhere / "eval.txt"
+    text.write_text("The quick brown fox. " * 50)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "artifacts").symlink_to(tmp_path / "elsewhere")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{source: {model}}}\nevaluation: {{dataset: {text}, device: cpu}}\n"
+        "variants:\n  - {name: a, method: bnb-int8}\n  - {name: b, method: bnb-int8}\n"
+    )
+    with pytest.raises(OutputPathError) as info:
+        run_recipe(recipe, output=out, overwrite=True)
+    assert info.value.exit_code == EXIT_INPUT
+    assert "artifacts/a" in info.value.message and "through a link" in info.value.message, info.value.message
+    assert text.read_text().startswith("The quick brown fox.")
+    text.rename(tmp_path / "elsewhere" / "eval.txt")  # beside the artifact folders, in none of them: not refused
+    recipe.write_text(recipe.read_text().replace(str(text), str(tmp_path / "elsewhere" / "eval.txt")))
+    report = run_recipe(recipe, output=out, overwrite=True, only=["b"])  # the fake model then fails b on its own
+    assert [v.name for v in report.variants] == ["b"]
+
+
 # --- 3. a manifest whose file table points outside the artifact -----------------------------------------------------
 
 
