@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     folder = options.get("--folder")
     _watch_parent(parent, folder)  # first: before the seconds of importing below
     try:
-        return _main(argv)
+        return _main(argv, folder)
     finally:
         # a parent that died while this one finished (or at end of input, which a killed parent also gives): nobody
         # is left to remove the folder
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], folder: str | None) -> int:
     started = time.perf_counter()
     from llmopt._thirdparty import quiet_console
 
@@ -106,9 +106,10 @@ def _main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         if not line.strip():
-            # not needed after all; or the parent was killed, which closes this input too, maybe just before
-            # this process is handed to its new parent: wait that moment out so that the folder is removed
-            time.sleep(0.2)
+            # not needed after all, or the parent was killed (which closes this input too, maybe just before this
+            # process is handed to its new parent): either way nothing is left to read in the folder
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
             return 0
         handed = json.loads(line)
         request_path, result_path = Path(handed["request"]), Path(handed["result"])
