@@ -71,6 +71,22 @@ def test_a_measurement_process_ends_with_its_killed_parent_and_removes_its_folde
             os.kill(child, signal.SIGKILL)
 
 
+def test_a_process_started_ahead_and_not_needed_removes_its_own_folder() -> None:
+    """At end of input (not needed, or llmopt ended at once on a third Ctrl-C/SIGTERM before stopping it) the
+    waiting process exits and removes its folder itself: llmopt's own clean-up may never come."""
+    from llmopt.evaluate.bench_process import start_measurement_process
+    from llmopt.evaluate.throughput import _child_env
+
+    child = start_measurement_process("cpu", _child_env(), False)
+    try:
+        assert child.proc.stdin is not None
+        child.proc.stdin.close()
+        assert child.proc.wait(timeout=120) == 0
+        assert not Path(child.folder.name).exists()
+    finally:
+        child.stop()
+
+
 def test_bench_child_reads_its_watch_options() -> None:
     from llmopt.evaluate.bench_child import _options
 
