@@ -590,6 +590,9 @@ def _measure_speed(
         speed,
         runner_kind=art.manifest.runner,
         kernel=spec.kernel,
+        # its progress lines and errors name it as the scoring does (they said "model": "the speed measurement of
+        # model was killed by SIGKILL" in a run's report)
+        label=f"artifact ({art.manifest.backend})",
         reporter=rep,
         trust_remote_code=trust_remote_code,
     )

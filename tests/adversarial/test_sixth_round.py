@@ -226,3 +226,34 @@ def test_an_oserror_during_the_evaluation_is_not_turned_into_a_generator_error()
 
     with pytest.raises(OSError, match=r"no file named model\.safetensors"), reference_folder("k6", use_cache=True):
         raise OSError("Error no file named model.safetensors found in directory x.")
+
+
+# --- 5. the artifact's speed measurement said "model" --------------------------------------------------------------
+
+
+def test_the_artifacts_speed_measurement_is_named_as_its_scoring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its progress lines and errors said "model" ("throughput of model (own process)", "the speed measurement of
+    model was killed by SIGKILL" in a run's report) where the scoring says "artifact (bnb-int8)"."""
+    from types import SimpleNamespace
+
+    from llmopt import api
+    from llmopt.evaluate import throughput
+    from llmopt.progress import SilentReporter
+    from llmopt.specs import EvalSpec, ThroughputSpec
+
+    labels: list[str] = []
+
+    def measured(path: Path, device: str, settings: object, **kwargs: object) -> dict[str, object]:
+        labels.append(str(kwargs.get("label")))
+        if len(labels) > 1:
+            raise RuntimeError("stop here")
+        return {}
+
+    monkeypatch.setattr(throughput, "bench_model", measured)
+    art = SimpleNamespace(path=tmp_path, manifest=SimpleNamespace(runner="hf", backend="bnb-int8"))
+    spec = EvalSpec(dataset="x.txt", device="cpu", throughput=ThroughputSpec(batch_sizes=[1], prompt_lens=[8]))
+    with pytest.raises(RuntimeError, match="stop here"):
+        api._measure_speed(spec, art, tmp_path, "cpu", "cpu", SilentReporter(), False, None)  # type: ignore[arg-type]
+    assert labels == ["FP16 baseline", "artifact (bnb-int8)"]
