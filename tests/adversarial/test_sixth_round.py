@@ -257,3 +257,34 @@ def test_the_artifacts_speed_measurement_is_named_as_its_scoring(
     with pytest.raises(RuntimeError, match="stop here"):
         api._measure_speed(spec, art, tmp_path, "cpu", "cpu", SilentReporter(), False, None)  # type: ignore[arg-type]
     assert labels == ["FP16 baseline", "artifact (bnb-int8)"]
+
+
+# --- 6. whole numbers: other scripts' digits, and the hint for a list item ------------------------------------------
+
+
+def _recipe_error(tmp_path: Path, extra: str) -> str:
+    from llmopt.errors import RecipeError
+    from llmopt.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "model: {source: m}\nevaluation:\n  dataset: t.txt\n" + extra + "variants:\n  - {name: a, method: bnb-int8}\n"
+    )
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    return info.value.message
+
+
+@pytest.mark.parametrize("digits", ["\u0661\u0666", "\uff11\uff16"])
+def test_a_quoted_number_in_another_scripts_digits_is_not_a_whole_number(tmp_path: Path, digits: str) -> None:
+    """`context_length: '١٦'` (Arabic-Indic digits) or full-width '１６' ran as 16: Python's int() reads any
+    script's digits. A recipe's quoted whole number is ASCII digits, as `${VAR}` expansion makes them."""
+    message = _recipe_error(tmp_path, f"  context_length: '{digits}'\n")
+    assert "context_length: expected a whole number" in message, message
+
+
+def test_a_wrong_item_of_a_list_of_counts_is_shown_as_a_list(tmp_path: Path) -> None:
+    """`batch_sizes: [1, true]` said "write e.g. `batch_sizes: 16`", which is itself refused (a list is expected)."""
+    message = _recipe_error(tmp_path, "  throughput: {batch_sizes: [1, true]}\n")
+    assert "batch_sizes[1]" in message and "`batch_sizes: [1, 8]`" in message, message
+    assert "`batch_sizes: 16`" not in message
