@@ -79,7 +79,10 @@ def main(argv: list[str]) -> int:
     except ValueError:
         parent = os.getppid()
     folder = options.get("--folder")
-    _watch_parent(parent, folder)  # first: before the seconds of importing below
+    if os.name == "posix":
+        # first: before the seconds of importing below. POSIX only: Windows keeps a dead parent's id as the parent,
+        # and a venv's python.exe there is a launcher that starts the real interpreter as its own child
+        _watch_parent(parent, folder)
     try:
         return _main(argv, folder)
     finally:
