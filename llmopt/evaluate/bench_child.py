@@ -88,7 +88,7 @@ def main(argv: list[str]) -> int:
     finally:
         # a parent that died while this one finished (or at end of input, which a killed parent also gives): nobody
         # is left to remove the folder
-        if folder and os.getppid() != parent:
+        if folder and os.name == "posix" and os.getppid() != parent:
             shutil.rmtree(folder, ignore_errors=True)
 
 
