@@ -29,7 +29,14 @@ from llmopt.artifact import (
     sha256_json,
 )
 from llmopt.atomic import give_plain_modes
-from llmopt.errors import DataError, InputError, InterruptedRunError, OutputPathError, TokenizerMismatchError
+from llmopt.errors import (
+    DataError,
+    InputError,
+    InterruptedRunError,
+    LlmoptError,
+    OutputPathError,
+    TokenizerMismatchError,
+)
 from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
     check_output,
@@ -530,6 +537,10 @@ def evaluate(
                 )
             except BaseException as exc:
                 if not (isinstance(exc, KeyboardInterrupt | InterruptedRunError) or interrupt.requested()):
+                    if isinstance(exc, LlmoptError):
+                        # a failed measurement (its process crashed, the kernel is missing): the scores are whole
+                        # and worth showing, the evaluation is not (llmopt run's report shows them, not gated)
+                        exc.partial = report
                     raise
                 # The scores are whole, the evaluation is not: nothing goes into the manifest (a later evaluation
                 # must not reuse it as complete), but the caller may show what was measured (llmopt run's report).

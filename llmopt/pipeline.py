@@ -661,6 +661,8 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
             traceback=getattr(exc, "detail", None) or None,
         )
         ctx.reporter.info(f"{variant.name}: {stage} failed: {exc.message}")
+        if stage == "evaluate" and isinstance(exc.partial, EvalReport):
+            _keep_scores(ctx, outcome, exc.partial, "failed")
     except Exception as exc:  # a bug or a library failure in one variant must not stop the others
         if interrupt.requested():
             # a library turned our KeyboardInterrupt into its own error: still an interrupt
@@ -683,13 +685,20 @@ def _keep_interrupted(ctx: _Context, outcome: VariantOutcome, partial: EvalRepor
     nothing in its manifest), so a rerun evaluates it again, speed included, and a merge never prefers it."""
     outcome.status = "not_run"
     outcome.error = None
+    _keep_scores(ctx, outcome, partial, "interrupted")
+    ctx.interrupted = outcome
+
+
+def _keep_scores(ctx: _Context, outcome: VariantOutcome, partial: EvalReport, why: str) -> None:
+    """The variant's finished scores in the report when its speed measurement was interrupted or failed: not gated,
+    nothing in its manifest (a rerun evaluates it again, speed included)."""
     outcome.gate = None
     outcome.evaluation = partial.without_gate()
     outcome.evaluation_reused = False
-    outcome.incomplete = "speed not measured: interrupted"
-    ctx.interrupted = outcome
+    outcome.incomplete = f"speed not measured: {why}"
+    what = "interrupted while measuring speed" if why == "interrupted" else "its speed measurement failed"
     ctx.notes.append(
-        f"{outcome.name}: interrupted while measuring speed; its perplexity"
+        f"{outcome.name}: {what}; its perplexity"
         + (" and KL divergence are" if partial.artifact.distribution is not None else " is")
         + " shown, not gated and not stored (a rerun evaluates it again)"
     )

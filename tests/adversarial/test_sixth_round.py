@@ -288,3 +288,45 @@ def test_a_wrong_item_of_a_list_of_counts_is_shown_as_a_list(tmp_path: Path) -> 
     message = _recipe_error(tmp_path, "  throughput: {batch_sizes: [1, true]}\n")
     assert "batch_sizes[1]" in message and "`batch_sizes: [1, 8]`" in message, message
     assert "`batch_sizes: 16`" not in message
+
+
+# --- 7. a failed speed measurement lost the variant's finished scores ------------------------------------------------
+
+
+def test_a_failed_speed_measurement_keeps_the_finished_scores(
+    int8: dict[str, Path], assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The speed measurement's process killed (or crashed) after the variant's perplexity and KL divergence were
+    scored: the variant was an error (exit 4) with nothing else in report.json, while an interrupt at the same point
+    kept the scores. Now a failure keeps them too: still an error, not gated, nothing in its manifest (a rerun
+    evaluates it again), the scores shown and marked "speed not measured: failed"."""
+    from llmopt.evaluate import throughput
+    from llmopt.evaluate.throughput import MeasurementError
+    from llmopt.pipeline import run_recipe
+
+    text = tmp_path / "eval.txt"
+    text.write_text(assets["eval_text"].read_text()[:4000])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {{source: {int8['model']}}}\n"
+        f"evaluation:\n  dataset: {text}\n  context_length: 16\n  max_tokens: 32\n  device: cpu\n"
+        "  throughput: {batch_sizes: [1], prompt_lens: [8], gen_len: 2, warmup: 0, repetitions: 1}\n"
+        "gates: {max_ppl_increase_pct: 50}\n"
+        "variants:\n  - {name: a, method: bnb-int8}\n"
+    )
+
+    def crashed(*args: object, **kwargs: object) -> dict[str, object]:
+        raise MeasurementError("the speed measurement of FP16 baseline was killed by SIGKILL (signal 9).", None, 4)
+
+    monkeypatch.setattr(throughput, "bench_model", crashed)
+    out = tmp_path / "out"
+    report = run_recipe(recipe, output=out)
+    assert report.exit_code == 4
+    data = json.loads((out / "report.json").read_text())
+    (a,) = data["variants"]
+    assert a["status"] == "error" and a["error"]["exit_code"] == 4 and "SIGKILL" in a["error"]["message"]
+    assert a["incomplete"] == "speed not measured: failed" and a.get("gate") is None
+    assert a["perplexity"] > 0 and a["evaluation"]["artifact"]["distribution"]["kld_mean"] >= 0
+    assert a["evaluation"].get("throughput") is None
+    assert any("a: its speed measurement failed" in n for n in data["notes"]), data["notes"]
+    assert json.loads((out / "artifacts" / "a" / "llmopt.json").read_text()).get("evaluation") is None
