@@ -29,7 +29,14 @@ from llmopt.artifact import (
     sha256_json,
 )
 from llmopt.atomic import give_plain_modes
-from llmopt.errors import DataError, InputError, InterruptedRunError, OutputPathError, TokenizerMismatchError
+from llmopt.errors import (
+    DataError,
+    InputError,
+    InterruptedRunError,
+    LlmoptError,
+    OutputPathError,
+    TokenizerMismatchError,
+)
 from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
     check_output,
@@ -530,6 +537,10 @@ def evaluate(
                 )
             except BaseException as exc:
                 if not (isinstance(exc, KeyboardInterrupt | InterruptedRunError) or interrupt.requested()):
+                    if isinstance(exc, LlmoptError):
+                        # a failed measurement (its process crashed, the kernel is missing): the scores are whole
+                        # and worth showing, the evaluation is not (llmopt run's report shows them, not gated)
+                        exc.partial = report
                     raise
                 # The scores are whole, the evaluation is not: nothing goes into the manifest (a later evaluation
                 # must not reuse it as complete), but the caller may show what was measured (llmopt run's report).
@@ -590,6 +601,9 @@ def _measure_speed(
         speed,
         runner_kind=art.manifest.runner,
         kernel=spec.kernel,
+        # its progress lines and errors name it as the scoring does (they said "model": "the speed measurement of
+        # model was killed by SIGKILL" in a run's report)
+        label=f"artifact ({art.manifest.backend})",
         reporter=rep,
         trust_remote_code=trust_remote_code,
     )

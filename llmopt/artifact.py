@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmopt.atomic import write_json_atomic
 from llmopt.errors import ArtifactError, InputError
@@ -96,6 +96,27 @@ class Manifest(BaseModel):
     recipe: dict[str, Any] | None = None
     evaluation: EvalReport | None = Field(None, description="The last evaluation (without its gate).")
     gate: GateResult | None = Field(None, description="The gate applied to that evaluation, with its thresholds.")
+
+    @field_validator("files")
+    @classmethod
+    def _files_inside(cls, files: dict[str, FileEntry]) -> dict[str, FileEntry]:
+        """Every listed file is a file of this folder, named as ``hash_tree`` names it: a table edited to list
+        ``../model/model.safetensors`` or an absolute path had files outside the artifact hashed in as its own, and
+        such an artifact passed ``verify`` (a run reused it, "up to date") without the weights it loads."""
+        for rel in files:
+            parts = rel.split("/")
+            if (
+                not rel
+                or rel.startswith("/")
+                or "\\" in rel
+                or any(part in ("", ".", "..") for part in parts)
+                or rel == MANIFEST_NAME
+            ):
+                raise ValueError(
+                    f"'{rel}' is not a file of the artifact folder (the file table lists files inside it, by their "
+                    "relative path)"
+                )
+        return files
 
 
 def _refuse_newer_schema(mpath: Path, text: str) -> None:

@@ -34,6 +34,9 @@ class LlmoptError(Exception):
     """Base of every error whose message is meant for the user."""
 
     exit_code: int = EXIT_INPUT
+    # what was measured before the error and is worth showing, never recorded as a whole result (an evaluation
+    # whose speed measurement failed or was interrupted: ``api.evaluate``; ``llmopt run`` shows it in its report)
+    partial: Any = None
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)

@@ -406,6 +406,11 @@ def _check_output_outside_inputs(ctx: _Context, selected: list[VariantSpec], mod
     from llmopt.outputs import absolute
 
     out = absolute(ctx.out).resolve()
+    # where the run's own folders really are: a link on the way (artifacts/ -> another folder) leads elsewhere, and
+    # an input there was deleted with an artifact folder that --overwrite replaced (report files are replaced as
+    # files: a link there is replaced, not what it points to)
+    own = ["plots", SERVING_DIR, *(f"{ARTIFACTS_DIR}/{v.name}" for v in selected)]
+    targets = [(Path(rel), (out / rel).resolve()) for rel in own]
     for what, spec in recipe_inputs(ctx.recipe, ctx.recipe_file, selected, model_path):
         path = absolute(spec)
         if not path.exists():
@@ -418,13 +423,15 @@ def _check_output_outside_inputs(ctx: _Context, selected: list[VariantSpec], mod
                 "artifacts among its files.",
                 "Choose an --output folder outside the model folder and the texts, e.g. llmopt-runs/NAME.",
             )
-        if out in real.parents:
-            fate = _run_writes(ctx, selected, real.relative_to(out))
-            if fate is not None:
-                raise OutputPathError(
-                    f"the input {spec} ({what}) {fate}: a run in {ctx.out} would overwrite or delete it.",
-                    f"Move {spec} out of {ctx.out}, or choose another --output folder.",
-                )
+        fate = _run_writes(ctx, selected, real.relative_to(out)) if out in real.parents else None
+        for rel, target in targets:
+            if fate is None and (real == target or target in real.parents) and target.parent != out:
+                fate = f"{_run_writes(ctx, selected, rel)} (through a link, at {target})"
+        if fate is not None:
+            raise OutputPathError(
+                f"the input {spec} ({what}) {fate}: a run in {ctx.out} would overwrite or delete it.",
+                f"Move {spec} out of {ctx.out}, or choose another --output folder.",
+            )
 
 
 def _check_artifact_folders(ctx: _Context, selected: list[VariantSpec]) -> None:
@@ -654,6 +661,8 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
             traceback=getattr(exc, "detail", None) or None,
         )
         ctx.reporter.info(f"{variant.name}: {stage} failed: {exc.message}")
+        if stage == "evaluate" and isinstance(exc.partial, EvalReport):
+            _keep_scores(ctx, outcome, exc.partial, "failed")
     except Exception as exc:  # a bug or a library failure in one variant must not stop the others
         if interrupt.requested():
             # a library turned our KeyboardInterrupt into its own error: still an interrupt
@@ -676,13 +685,20 @@ def _keep_interrupted(ctx: _Context, outcome: VariantOutcome, partial: EvalRepor
     nothing in its manifest), so a rerun evaluates it again, speed included, and a merge never prefers it."""
     outcome.status = "not_run"
     outcome.error = None
+    _keep_scores(ctx, outcome, partial, "interrupted")
+    ctx.interrupted = outcome
+
+
+def _keep_scores(ctx: _Context, outcome: VariantOutcome, partial: EvalReport, why: str) -> None:
+    """The variant's finished scores in the report when its speed measurement was interrupted or failed: not gated,
+    nothing in its manifest (a rerun evaluates it again, speed included)."""
     outcome.gate = None
     outcome.evaluation = partial.without_gate()
     outcome.evaluation_reused = False
-    outcome.incomplete = "speed not measured: interrupted"
-    ctx.interrupted = outcome
+    outcome.incomplete = f"speed not measured: {why}"
+    what = "interrupted while measuring speed" if why == "interrupted" else "its speed measurement failed"
     ctx.notes.append(
-        f"{outcome.name}: interrupted while measuring speed; its perplexity"
+        f"{outcome.name}: {what}; its perplexity"
         + (" and KL divergence are" if partial.artifact.distribution is not None else " is")
         + " shown, not gated and not stored (a rerun evaluates it again)"
     )

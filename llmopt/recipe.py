@@ -485,7 +485,9 @@ def _type_message(err: Any, loc: tuple[Any, ...]) -> str | None:
         return f"expected a YAML list, got {got}: write e.g. `{key}: [{shown}]`"
     if kind in _INT_ERRORS:
         quoted = " ('16', quoted, is read as 16 too)" if isinstance(given, str) else ""
-        return f"expected a whole number, got {got}: write e.g. `{key}: 16`{quoted}"
+        # an item of a list of counts (batch_sizes[1]): the example is a list, not `batch_sizes: 16`
+        example = "[1, 8]" if loc and isinstance(loc[-1], int) else "16"
+        return f"expected a whole number, got {got}: write e.g. `{key}: {example}`{quoted}"
     if kind in _FLOAT_ERRORS:
         return f"expected a number, got {got}: write e.g. `{key}: 0.5`"
     if kind in ("bool_type", "bool_parsing"):

@@ -424,7 +424,8 @@ class VariantOutcome(Result):
     gate: GateResult | None = None
     publish: dict[str, Any] | None = None
     error: VariantError | None = None
-    # an interrupted variant's finished scores, shown but not gated nor stored (status not_run): what is missing
+    # a variant's finished scores when its speed measurement was interrupted (status not_run) or failed (error),
+    # shown but not gated nor stored: what is missing
     incomplete: str | None = None
     perplexity: float | None = None
     stderr: float | None = None

@@ -24,7 +24,8 @@ def _whole_number(value: Any) -> Any:
     if isinstance(value, bool | float):
         raise PydanticCustomError("int_type", "Input should be a whole number")
     if isinstance(value, str):
-        if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        # ASCII digits only: int() also reads '١٦' (Arabic-Indic) and '１６' (full-width) as 16
+        if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
             raise PydanticCustomError("int_parsing", "Input should be a whole number")
         return int(value)
     return value

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -40,7 +43,56 @@ def _get_ready(device: str) -> None:
             torch.empty(1, device=device)  # creates the CUDA context
 
 
+def _options(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Positional arguments, and the values of ``--parent`` / ``--folder``."""
+    rest: list[str] = []
+    options: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--parent", "--folder") and i + 1 < len(argv):
+            options[argv[i]] = argv[i + 1]
+            i += 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, options
+
+
+def _watch_parent(parent: int, folder: str | None, interval: float = 0.5) -> None:
+    """End this process (removing ``folder``) once ``parent`` is no longer its parent: it died."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                if folder:
+                    shutil.rmtree(folder, ignore_errors=True)
+                os._exit(130)  # EXIT_INTERRUPTED; nobody is left to read it
+
+    threading.Thread(target=watch, name="llmopt-parent-watch", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
+    argv, options = _options(argv)
+    try:
+        parent = int(options.get("--parent") or os.getppid())
+    except ValueError:
+        parent = os.getppid()
+    folder = options.get("--folder")
+    if os.name == "posix":
+        # first: before the seconds of importing below. POSIX only: Windows keeps a dead parent's id as the parent,
+        # and a venv's python.exe there is a launcher that starts the real interpreter as its own child
+        _watch_parent(parent, folder)
+    try:
+        return _main(argv, folder)
+    finally:
+        # a parent that died while this one finished (or at end of input, which a killed parent also gives): nobody
+        # is left to remove the folder
+        if folder and os.name == "posix" and os.getppid() != parent:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _main(argv: list[str], folder: str | None) -> int:
     started = time.perf_counter()
     from llmopt._thirdparty import quiet_console
 
@@ -57,7 +109,11 @@ def main(argv: list[str]) -> int:
         except KeyboardInterrupt:
             return EXIT_INTERRUPTED
         if not line.strip():
-            return 0  # not needed after all
+            # not needed after all, or the parent was killed (which closes this input too, maybe just before this
+            # process is handed to its new parent): either way nothing is left to read in the folder
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+            return 0
         handed = json.loads(line)
         request_path, result_path = Path(handed["request"]), Path(handed["result"])
         startup = ready - started

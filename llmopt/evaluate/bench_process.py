@@ -96,7 +96,18 @@ def start_measurement_process(device: str, env: dict[str, str], show: bool) -> M
     folder = tempfile.TemporaryDirectory(prefix="llmopt-bench-")
     log_file = open(Path(folder.name) / "output.log", "w")  # noqa: SIM115 (closed by stop())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llmopt.evaluate.bench_child", "--wait", device],
+        # --parent/--folder: it ends, and removes its folder, if this process is killed (SIGKILL) before stopping it
+        [
+            sys.executable,
+            "-m",
+            "llmopt.evaluate.bench_child",
+            "--wait",
+            device,
+            "--parent",
+            str(os.getpid()),
+            "--folder",
+            folder.name,
+        ],
         stdin=subprocess.PIPE,
         # never the parent's stdout: that carries --json output
         stdout=sys.__stderr__ if show else log_file,

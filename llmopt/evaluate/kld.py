@@ -301,11 +301,15 @@ def reference_folder(key: str, use_cache: bool) -> Iterator[Path]:
         path = reference_path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if os.access(path.parent, os.W_OK | os.X_OK):
-                yield path
-                return
+            usable = os.access(path.parent, os.W_OK | os.X_OK)
         except OSError:
-            pass
+            usable = False
+        # the yield stays outside the try: an OSError of the evaluation inside the block (weights missing, disk
+        # full) was caught here and the generator yielded again, so the run reported "RuntimeError: generator
+        # didn't stop after throw()" (exit 1) instead of it
+        if usable:
+            yield path
+            return
     tmp = Path(tempfile.mkdtemp(prefix="llmopt-kld-"))
     try:
         yield tmp / "reference"
