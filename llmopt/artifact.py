@@ -265,6 +265,17 @@ def _one_window_evaluation(text: str) -> bool:
         return False
 
 
+def manifest_without_damaged_results(text: str) -> Manifest | None:
+    """The manifest in ``text``, read as ``Artifact.open(..., results_replaceable=True)`` reads it: a damaged stored
+    evaluation or gate is dropped (the files table and the rest still have to be valid); None when it does not
+    parse even so."""
+    try:
+        return Manifest.model_validate_json(text)
+    except ValueError as exc:
+        salvaged = _without_results(text, exc)
+        return salvaged[0] if salvaged is not None else None
+
+
 def _without_results(text: str, exc: ValueError) -> tuple[Manifest] | None:
     """The manifest without its ``evaluation`` and ``gate`` when only those fail validation (a hand edit of the
     stored results); None when anything else is wrong too."""

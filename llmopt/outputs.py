@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from llmopt.artifact import MANIFEST_NAME, Manifest
+from llmopt.artifact import MANIFEST_NAME, manifest_without_damaged_results
 from llmopt.errors import NoSpaceError, OutputExistsError, OutputPathError
 
 _NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -103,8 +103,13 @@ def _read_only_fs(path: Path) -> bool:
 def _foreign_files(folder: Path) -> list[str] | None:
     """Files in an artifact folder that its manifest does not list (None: the manifest does not parse)."""
     try:
-        manifest = Manifest.model_validate_json((folder / MANIFEST_NAME).read_text())
+        text = (folder / MANIFEST_NAME).read_text()
     except (OSError, ValueError):
+        return None
+    # a damaged stored evaluation does not make the folder someone else's: `llmopt run` reuses it and evaluates
+    # again, `llmopt eval` replaces the evaluation
+    manifest = manifest_without_damaged_results(text)
+    if manifest is None:
         return None
     ours = set(manifest.files) | {MANIFEST_NAME}
     present = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
