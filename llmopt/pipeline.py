@@ -632,6 +632,9 @@ def _run_variant(ctx: _Context, variant: VariantSpec, publish: bool) -> VariantO
         outcome.status = "passed" if report.gate.passed else "gate_failed"
         if ctx.recipe.evaluation.serving is not None:
             stage = "serve"
+            from llmopt.evaluate.bench_process import stop_waiting
+
+            stop_waiting()  # a server gets the GPU's memory without idle measurement processes' CUDA contexts
             report = _served(ctx, variant, art, report, outcome)
             assert report.gate is not None
             outcome.evaluation = report

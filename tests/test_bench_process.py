@@ -182,3 +182,16 @@ def test_a_process_killed_as_it_takes_the_request_fails_that_measurement_only(
         assert "rest of this run is not affected" in info.value.message
         monkeypatch.setattr(bench_process, "take_measurement_process", real_take)
         assert _measure(tiny, rep)["decode"]["1"]["tokens_per_s"]["median"] > 0
+
+
+def test_waiting_processes_can_be_stopped_before_other_gpu_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`llmopt run` with evaluation.serving stops them before it starts a server: their CUDA contexts (about
+    0.5 GB each on the GPU machine) would sit beside it."""
+    from llmopt.evaluate.bench_process import stop_waiting
+
+    monkeypatch.setenv("LLMOPT_BENCH_AHEAD", "1")
+    with measurement_processes_ahead("cpu"):
+        waiting = list(bench_process._AHEAD.waiting)
+        assert len(waiting) == 2
+        stop_waiting()
+        assert bench_process._AHEAD.waiting == [] and all(p.proc.poll() is not None for p in waiting)

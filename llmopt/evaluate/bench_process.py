@@ -145,6 +145,14 @@ def take_measurement_process(device: str, env: dict[str, str], show: bool) -> Me
     return start_measurement_process(device, env, show)
 
 
+def stop_waiting() -> None:
+    """Stop the processes waiting for a measurement (before work that wants the GPU to itself, e.g. a server); the
+    next measurement starts its own."""
+    waiting, _AHEAD.waiting = _AHEAD.waiting, []
+    for process in waiting:
+        process.stop()
+
+
 def measurement_over(device: str, env: dict[str, str], show: bool) -> None:
     """After a measurement: inside ``measurement_process_ahead``, start the next one's process now (unless one is
     still waiting)."""
