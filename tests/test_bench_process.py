@@ -72,6 +72,10 @@ def test_on_by_default_only_where_the_cpu_is_idle(monkeypatch: pytest.MonkeyPatc
     assert ahead_enabled_by_default("cpu")
     monkeypatch.setenv("LLMOPT_BENCH_AHEAD", "0")
     assert not ahead_enabled_by_default("cuda:0")
+    monkeypatch.setenv("LLMOPT_BENCH_AHEAD", "True")
+    assert ahead_enabled_by_default("cpu")
+    monkeypatch.setenv("LLMOPT_BENCH_AHEAD", "off")
+    assert not ahead_enabled_by_default("cuda:0")
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")

@@ -163,10 +163,12 @@ def measurement_over(device: str, env: dict[str, str], show: bool) -> None:
 def ahead_enabled_by_default(device: str) -> bool:
     """On a CUDA device the CPU is mostly idle while the GPU quantizes or scores, so a process importing beside it
     costs nothing; on a CPU it would take cores from the work it waits beside (2 cores in CI). ``LLMOPT_BENCH_AHEAD``
-    = 1 or 0 overrides."""
-    setting = os.environ.get("LLMOPT_BENCH_AHEAD")
-    if setting in ("0", "1"):
-        return setting == "1"
+    = 1/true/yes/on or 0/false/no/off overrides (anything else: the default)."""
+    setting = (os.environ.get("LLMOPT_BENCH_AHEAD") or "").strip().lower()
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    if setting in ("0", "false", "no", "off"):
+        return False
     return device.startswith("cuda")
 
 
