@@ -46,6 +46,16 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def give_plain_folder(folder: Path) -> None:
+    """``give_plain_modes`` for the files, and the mode ``mkdir`` would give (0777 less the umask) for ``folder`` and
+    the folders in it: a folder made with ``tempfile.mkdtemp`` is 0700, so only its owner could read it."""
+    give_plain_modes(folder)
+    mode = 0o777 & ~_umask()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_dir() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+
+
 def give_plain_modes(folder: Path) -> None:
     """Files a library wrote into ``folder`` get the mode ``open()`` would give (0666 less the umask).
 

@@ -392,6 +392,9 @@ def dequantize_gguf(gguf_file: Path, out: Path) -> None:
         del loaded
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from llmopt.atomic import give_plain_folder
+
+        give_plain_folder(tmp)  # mkdtemp made it 0700, transformers' safetensors writer 0600
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

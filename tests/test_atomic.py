@@ -105,3 +105,18 @@ def test_give_plain_modes_follows_the_umask(tmp_path: Path, umask: int) -> None:
     finally:
         os.umask(old)
     assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("a", "sub/b")} == {0o666 & ~umask}
+
+
+def test_a_dequantized_gguf_folder_gets_plain_modes(assets: dict[str, Path], tmp_path: Path) -> None:
+    """prepare_assets (and a .gguf given as a model) wrote the folder 0700 and model.safetensors 0600: another user
+    of a shared cache, or a server running as one, could not read it."""
+    from llmopt.source import dequantize_gguf
+
+    old = os.umask(0o022)
+    try:
+        dequantize_gguf(assets["gguf"], tmp_path / "model")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "model").stat().st_mode) == 0o755
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "model").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o644}, modes
