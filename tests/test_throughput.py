@@ -543,22 +543,43 @@ def test_slow_points_are_cut_to_the_time_budget(
     assert (dec.runs, n, len(rates), len(per_step)) == (runs, timed, timed, timed * 4)
 
 
-@pytest.mark.parametrize(("seconds", "lengths"), [(17.0, [8, 128, 128]), (0.2, [8, 128, 128, 128, 128, 128, 128, 128])])
+@pytest.mark.parametrize(
+    ("seconds", "lengths"), [(17.0, [8, 108, 108]), (0.2, [8, 128, 128, 128, 128, 128, 128, 128])]
+)
 def test_the_first_warm_up_is_a_short_probe_that_prices_a_run(
     seconds: float, lengths: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An eager int8 point on the H200 (17 s a 128-token run): the old full warm-up cost as much as a timed run.
-    A fast point keeps its two full warm-ups (after the probe) and five repetitions."""
+    """An eager int8 point on the H200 (17 s a 128-token run): the old full warm-up cost as much as a timed run,
+    and two whole runs would overrun the 30 s budget, so the two timed runs are shortened to fit (108 tokens).
+    A fast point keeps its two full warm-ups (after the probe) and five repetitions of the whole length."""
     from llmopt.runners.engine import _timed_runs
 
     dec = _SlowDecoder(seconds, monkeypatch, full=128)
     settings = ThroughputSettings(batch_sizes=[1], prompt_lens=[8], gen_len=128, warmup=2, repetitions=5)
     per_step, rates, n = _timed_runs(dec, None, 8, 128, 1, settings)  # type: ignore[arg-type]
     assert dec.lengths == lengths
-    assert n == len(rates) == sum(1 for x in lengths if x == 128) - (2 if seconds < 1 else 0)
-    assert len(per_step) == 128 * n
+    timed = lengths[-1]
+    assert n == len(rates) == (2 if seconds > 1 else 5)
+    assert len(per_step) == timed * n
+    assert rates == [pytest.approx(128 / seconds)] * n  # the same tokens/s, whatever the run's length
     if seconds > 1:
-        assert dec.clock == pytest.approx(17.0 * (2 + 8 / 128))  # was 3 x 17 s
+        assert dec.clock == pytest.approx(17.0 * (8 + 2 * 108) / 128) and dec.clock <= 30  # was 3 x 17 s
+
+
+@pytest.mark.parametrize(("budget", "timed"), [(10.0, 33), (4.0, 32), (60.0, 128)])
+def test_shortened_runs_never_go_below_32_tokens(
+    budget: float, timed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 10 s budget for that int8 point gives runs of 33 tokens; a 4 s one would give ~11: the floor is 32
+    (a per-token rate over fewer steps is mostly the first steps). A budget that holds two whole runs keeps them."""
+    from llmopt.runners.engine import _timed_runs
+
+    dec = _SlowDecoder(17.0, monkeypatch, full=128)
+    settings = ThroughputSettings(
+        batch_sizes=[1], prompt_lens=[8], gen_len=128, warmup=2, repetitions=5, max_seconds_per_point=budget
+    )
+    _, _, n = _timed_runs(dec, None, 8, 128, 1, settings)  # type: ignore[arg-type]
+    assert dec.lengths[1:] == [timed] * n and n == (3 if budget == 60.0 else 2)
 
 
 class _FakeDecoder:

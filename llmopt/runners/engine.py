@@ -273,6 +273,7 @@ def measure_prefill(
 
 
 PROBE_STEPS = 8  # tokens of the first warm-up, which prices a whole run
+MIN_RUN_STEPS = 32  # a timed run is never cut shorter than this to fit a point's time budget
 
 DecoderHook = Callable[[int, "StaticDecoder", Any, int], None]
 
@@ -285,8 +286,9 @@ def _timed_runs(
     A slow step (eager decoding, a CPU) would make 2 warm-ups + 5 repetitions of 128 tokens cost minutes.
     The first warm-up is a short probe (``PROBE_STEPS`` tokens) that prices a whole run: a fast point then
     gets its warm-ups and repetitions as asked; a slow one gets no more warm-ups (the probe was one) and the
-    repetitions the budget holds, never below 2 (a spread needs two). Returns per-step seconds, tokens/s per
-    run, runs.
+    repetitions the budget holds, never below 2 (a spread needs two); when even two whole runs would overrun
+    it, the runs are shortened to fit (never below ``MIN_RUN_STEPS`` tokens). Returns per-step seconds, tokens/s
+    per run, runs (the tokens of a run: per-step seconds / runs).
     """
     budget = settings.max_seconds_per_point
     warmup, reps = settings.warmup, settings.repetitions
@@ -300,6 +302,11 @@ def _timed_runs(
         one = probe * steps / n  # a whole run, priced from the probe
         if (warmup - 1 + reps) * one + probe > budget:
             warmup, reps = 0, max(2, min(reps, int((budget - probe) / max(one, 1e-9))))
+            if reps * one + probe > budget and steps > MIN_RUN_STEPS:
+                # even two whole runs overrun the budget (eager int8 on a GPU: 11 s a 128-token run): shorter
+                # runs, never under MIN_RUN_STEPS tokens; the result says how long they were
+                per_token = probe / n
+                steps = max(MIN_RUN_STEPS, min(steps, int((budget - probe) / reps / max(per_token, 1e-12))))
         else:
             warmup -= 1 if n == steps else 0  # a probe as long as a run counts as a warm-up
     done = 0  # runs made after the probe, warm-ups included
@@ -390,9 +397,11 @@ def measure_decode(
                         notes.append(f"batch {batch}: graph not checked against eager (logits not finite)")
                     prepared_at = time.perf_counter()
                     per_step, rates, runs = _timed_runs(dec, first, ctx, steps, batch, settings)
-                    if runs < settings.repetitions:
+                    run_tokens = len(per_step) // max(runs, 1)
+                    if runs < settings.repetitions or run_tokens < steps:
+                        shorter = f" of {run_tokens} tokens instead of {steps}" if run_tokens < steps else ""
                         notes.append(
-                            f"batch {batch}: {runs} timed runs of {settings.repetitions} "
+                            f"batch {batch}: {runs} timed runs{shorter} of {settings.repetitions} asked "
                             f"(one run took {sum(per_step) / runs:.1f} s; budget {settings.max_seconds_per_point:g} s "
                             "a point)"
                         )
@@ -414,6 +423,7 @@ def measure_decode(
                 "decode_mode": MODE_NAMES[mode_used],
                 "kv_cache_bytes": kv_cache_bytes(model, batch, ctx + steps + 1),
                 "repetitions": len(rates),
+                "tokens_per_run": len(per_step) // max(len(rates), 1),
                 # where a point's wall time went: prompt + compile + capture + replay check, then the timed runs
                 "seconds": {"prepare": round(prepared_at - started, 2), "timed": round(timed_at - prepared_at, 2)},
             }
