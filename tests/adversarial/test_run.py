@@ -244,6 +244,24 @@ def test_a_dying_speed_measurement_costs_one_variant_only(small: Path) -> None:
     assert b["evaluation"]["throughput"]["baseline"] == c["evaluation"]["throughput"]["baseline"]
 
 
+def test_a_run_measures_in_processes_started_ahead_when_asked(small: Path) -> None:
+    """`llmopt run` with throughput and LLMOPT_BENCH_AHEAD=1 (the GPU default, here on a CPU): the FP16 baseline and
+    the first variant are measured by the two processes started with the run, the next variants by one started
+    after the measurement before them; the results are the same kind as without."""
+    recipe = _speed_recipe(small)
+    r = run_cli(["run", recipe, "-o", "out-ahead", "--only", "a", "--only", "b"], cwd=small,
+                env={"LLMOPT_BENCH_AHEAD": "1"})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    startups = [line for line in r.stderr.splitlines() if "process start-up" in line]
+    assert len(startups) == 3, r.stderr[-3000:]  # FP16 once, a, b
+    assert all("started ahead" in line for line in startups), startups
+    report = _report(small / "out-ahead")
+    assert report is not None
+    for v in report["variants"]:
+        assert v["status"] == "passed", v.get("error")
+        assert v["evaluation"]["throughput"]["artifact"]["decode"]["1"]["tokens_per_s"]["median"] > 0
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the measurement process through /proc")
 def test_sigterm_reaches_the_speed_measurement(small: Path) -> None:
     """SIGTERM to `llmopt run` while a speed measurement runs in its own process stops that process too, and
