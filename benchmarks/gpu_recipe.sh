@@ -9,14 +9,7 @@
 set -euo pipefail
 out=$(realpath -m "${1:?usage: gpu_recipe.sh OUT_DIR}")
 mkdir -p "$out"
-wheels=${LLMOPT_WHEELS:-.whl}
-if compgen -G "$wheels/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/llmopt-site "$wheels"/*.whl
-  export PYTHONPATH=/tmp/llmopt-site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+source "$(dirname "$0")/gpu_env.sh"
 assets=${LLMOPT_ASSETS:-$HOME/.cache/llmopt/assets}
 rand="$out/random"
 python3 - "$rand" <<'PY'

@@ -286,11 +286,9 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         with _read_from_here(ctx, "evaluation.serving.prompts_file", ev.serving.prompts_file):
             _check_prompts_file(ev.serving.prompts_file)
     if ev.throughput is not None and ctx.device:
-        from llmopt.evaluate.throughput import check_speed_settings
+        from llmopt.evaluate.throughput import check_speed_settings, measurement_processes_ahead
 
         check_speed_settings(ev.throughput.resolved(ctx.device), ctx.device_spec or ctx.device, source.path)
-        from llmopt.evaluate.throughput import measurement_processes_ahead
-
         # the first measurement's process imports and sets up CUDA while the checks below and the first
         # variants run
         ctx.ahead.enter_context(measurement_processes_ahead(ctx.device_spec or ctx.device))

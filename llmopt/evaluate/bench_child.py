@@ -1,16 +1,14 @@
-"""One speed measurement in a process of its own: ``python -m llmopt.evaluate.bench_child REQUEST RESULT``.
+"""One speed measurement in a process of its own: ``python -m llmopt.evaluate.bench_child --wait DEVICE``.
 
-``throughput.bench_model`` starts this so that whatever a measurement leaves behind (a failed CUDA-graph
-capture poisons the CUDA context and the RNG's graph state; torch.compile's caches; a crash in a kernel
-library) ends with the process and cannot change the next model's outcome. REQUEST is a JSON file with
-``bench_model``'s arguments; the child writes RESULT (JSON) with either ``result`` or ``error``, the
-latter with llmopt's error type, message, hint and exit code, or the type, first line and traceback of an
-unexpected exception. A child that writes nothing died: the parent reports its exit code or signal and
-the last lines it printed.
-
-``python -m llmopt.evaluate.bench_child --wait DEVICE`` is the same, started ahead of its measurement
-(bench_process.py): it imports the model stack and sets up CUDA on a CUDA device, then reads one line of JSON
-from its input, ``{"request": REQUEST, "result": RESULT}``, and measures; at end of input it exits.
+``throughput.bench_model`` starts this (through bench_process.py) so that whatever a measurement leaves behind
+(a failed CUDA-graph capture poisons the CUDA context and the RNG's graph state; torch.compile's caches; a crash
+in a kernel library) ends with the process and cannot change the next model's outcome. The process imports the
+model stack and sets up CUDA on a CUDA device, then reads one line of JSON from its input, ``{"request":
+REQUEST, "result": RESULT}`` (at end of input it exits): REQUEST is a JSON file with ``bench_model``'s
+arguments; the child writes RESULT (JSON) with either ``result`` or ``error``, the latter with llmopt's error
+type, message, hint and exit code, or the type, first line and traceback of an unexpected exception. A child
+that writes nothing died: the parent reports its exit code or signal and the last lines it printed. It may be
+started ahead of its measurement (bench_process.py), so its start-up is reported apart.
 """
 
 from __future__ import annotations
@@ -101,25 +99,25 @@ def _main(argv: list[str], folder: str | None) -> int:
     from llmopt.evaluate.throughput import ThroughputSettings, bench_model
     from llmopt.progress import LineReporter
 
-    if argv[:1] == ["--wait"]:
-        try:
-            _get_ready(argv[1] if len(argv) > 1 else "cpu")
-            ready = time.perf_counter()
-            line = sys.stdin.readline()
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
-        if not line.strip():
-            # not needed after all, or the parent was killed (which closes this input too, maybe just before this
-            # process is handed to its new parent): either way nothing is left to read in the folder
-            if folder:
-                shutil.rmtree(folder, ignore_errors=True)
-            return 0
-        handed = json.loads(line)
-        request_path, result_path = Path(handed["request"]), Path(handed["result"])
-        startup = ready - started
-    else:
-        request_path, result_path = Path(argv[0]), Path(argv[1])
-        startup = None
+    if argv[:1] != ["--wait"]:
+        usage = "usage: python -m llmopt.evaluate.bench_child --wait DEVICE [--parent PID] [--folder DIR]"
+        print(usage, file=sys.stderr)
+        return 2
+    try:
+        _get_ready(argv[1] if len(argv) > 1 else "cpu")
+        ready = time.perf_counter()
+        line = sys.stdin.readline()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if not line.strip():
+        # not needed after all, or the parent was killed (which closes this input too, maybe just before this
+        # process is handed to its new parent): either way nothing is left to read in the folder
+        if folder:
+            shutil.rmtree(folder, ignore_errors=True)
+        return 0
+    handed = json.loads(line)
+    request_path, result_path = Path(handed["request"]), Path(handed["result"])
+    startup = ready - started
     req = json.loads(request_path.read_text())
     # GPTQModel is quieted where it is loaded (runners/hf.py), for the models that need it: importing it here
     # cost every FP16 and bitsandbytes measurement ~4 s more (2-core CPU; torch + transformers ~9 s).
@@ -153,8 +151,7 @@ def _main(argv: list[str], folder: str | None) -> int:
         traceback.print_exc()
         _write(result_path, {"error": error})
         return 0
-    if startup is not None:
-        result["startup_seconds"] = round(startup, 2)
+    result["startup_seconds"] = round(startup, 2)
     _write(result_path, {"result": result})
     return 0
 
