@@ -135,6 +135,22 @@ def test_cli_bits_3_exits_2_with_one_message(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(("value", "says"), [("0", "greater than or equal to 1"), ("all", "whole number")])
+def test_cli_bad_batch_size_exits_2_before_any_work(
+    value: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """batch_size now defaults to 'all samples' (None): a value meaning that, or nonsense, is still refused."""
+    code, err = run_cli(
+        ["quantize", str(fake_model(tmp_path / "m")), "-m", "awq", "-O", f"batch_size={value}", "-o",
+         str(tmp_path / "o")],
+        capsys,
+    )  # fmt: skip
+    assert code == EXIT_INPUT
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert "batch_size" in err and says in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_group_size_128_names_the_layer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("transformers")
     code, err = run_cli(
