@@ -109,6 +109,28 @@ def test_packing_is_what_gptqmodel_unpacks() -> None:
     assert torch.allclose(unpacked, (result.codes.float() - zeros) * scales)
 
 
+def test_awq_packing_layout_is_the_formats() -> None:
+    """Eight codes 0..7 land in one word in AWQ's interleaved order, the first in the lowest nibble; codes of 15
+    fill the sign bit; the packer equals GPTQModel's own pack_awq where the installed GPTQModel has one (7.6; 7.3
+    has none, which broke -m hqq there)."""
+    import torch
+
+    from llmopt.backends.hqq import pack_awq_4bit
+
+    words = pack_awq_4bit(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7], [15] * 8]))
+    assert words.dtype == torch.int32 and words.shape == (2, 1)
+    assert words[0, 0].item() == 0x75316420
+    assert words[1, 0].item() == -1  # 0xFFFFFFFF
+    with pytest.raises(ValueError, match="multiple of 8"):
+        pack_awq_4bit(torch.zeros(2, 12, dtype=torch.int32))
+    packing_utils = pytest.importorskip("gptqmodel.quantization.awq.utils.packing_utils")
+    if not hasattr(packing_utils, "pack_awq"):
+        pytest.skip("this GPTQModel has no pack_awq to compare with")
+    codes = torch.randint(0, 16, (96, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    theirs, _ = packing_utils.pack_awq(codes, codes[:3], 4)
+    assert torch.equal(pack_awq_4bit(codes), theirs)
+
+
 # --- options and fast checks ---------------------------------------------------------------------------
 
 

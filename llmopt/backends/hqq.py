@@ -18,7 +18,7 @@ and the scale, the variable left free, is re-fitted (least squares on the codes,
 better of that and round-to-nearest. ``solve`` has the details;
 docs/hqq.md measures what the rounding costs against hqq's float zero points (the manifest records it per artifact).
 
-Packing is GPTQModel's (``pack_awq``, what its AWQ layers pack with), so the layout is the one its loaders read;
+Packing is AWQ's GEMM layout (``pack_awq_4bit``: what GPTQModel's ``pack_awq`` writes and its AWQ layers read);
 the quantization config is AutoAWQ's (``quant_method: awq``, ``version: gemm``, ``zero_point: true``), which
 transformers (through GPTQModel) and vLLM detect.
 """
@@ -284,16 +284,38 @@ def _packed_linear_class() -> Any:
     return _PackedAWQLinear
 
 
+# AWQ's GEMM layout interleaves each 8 output columns in this order inside one int32 (AutoAWQ's and GPTQModel's
+# AWQ_ORDER), the first of them in the lowest 4 bits.
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_awq_4bit(codes: Any) -> Any:
+    """Pack 4-bit codes [rows, cols] (cols a multiple of 8) into AWQ's GEMM int32 words [rows, cols / 8].
+
+    Written here rather than imported: GPTQModel moved its ``pack_awq`` between releases (7.3 has none), and the
+    layout is the format's, not the library's (``tests/test_hqq.py`` checks it against GPTQModel's unpacking)."""
+    import torch
+
+    rows, cols = codes.shape
+    if cols % 8:
+        raise ValueError(f"AWQ 4-bit packing needs a multiple of 8 columns, got {cols}")
+    nibbles = (codes.to(torch.int64) & 0xF).view(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (nibbles << shifts).sum(dim=-1)  # the nibbles do not overlap: the sum is their bitwise or
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
 class PackedAWQLinear:
-    """Build the saved form of one layer with GPTQModel's AWQ packing (``pack_awq``)."""
+    """Build the saved form of one layer in AWQ's GEMM layout (``pack_awq_4bit``)."""
 
     @staticmethod
     def from_solution(linear: Any, result: Solution, bits: int, group_size: int) -> Any:
-        from gptqmodel.quantization.awq.utils.packing_utils import pack_awq
-
+        if bits != 4:
+            raise ValueError(f"HQQ writes 4-bit AWQ checkpoints only, got bits={bits}")
         module = _packed_linear_class()(linear.in_features, linear.out_features)
         # AWQ's layout is [in, out]: codes per input row, one zero/scale row per group of input rows.
-        qweight, qzeros = pack_awq(result.codes.t().contiguous().cpu(), result.zeros.t().contiguous().cpu(), bits)
+        qweight = pack_awq_4bit(result.codes.t().contiguous().cpu())
+        qzeros = pack_awq_4bit(result.zeros.t().contiguous().cpu())
         module.register_buffer("qweight", qweight.contiguous())
         module.register_buffer("qzeros", qzeros.contiguous())
         module.register_buffer("scales", result.scales.t().contiguous().cpu())
