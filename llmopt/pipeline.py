@@ -290,8 +290,10 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
 
         check_speed_settings(ev.throughput.resolved(ctx.device), ctx.device_spec or ctx.device, source.path)
         # the first measurement's process imports and sets up CUDA while the checks below and the first
-        # variants run
-        ctx.ahead.enter_context(measurement_processes_ahead(ctx.device_spec or ctx.device))
+        # variants run; at most FP16's and one per variant, so none is started after the last
+        ctx.ahead.enter_context(
+            measurement_processes_ahead(ctx.device_spec or ctx.device, measurements=1 + len(selected))
+        )
     with reporter.step("checking the evaluation text's windows"):
         _check_eval_windows(ctx, source.path, eval_text)
     _check_backends(selected)

@@ -101,6 +101,25 @@ def test_each_measurement_takes_a_process_started_ahead_and_none_is_left(
         assert "startup_seconds" not in result and result["decode"]["1"]["tokens_per_s"]["median"] > 0
 
 
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the processes through /proc")
+def test_no_process_is_started_after_the_last_measurement(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block told how many measurements it makes (a run: FP16's and one per variant; `eval`: two) starts no
+    process after the last one: it would import torch and set up CUDA only to be stopped unused."""
+    monkeypatch.setenv("LLMOPT_BENCH_AHEAD", "1")
+    rep = Lines()
+    with measurement_processes_ahead("cpu", measurements=3):
+        assert len(_children()) == 2
+        _measure(tiny, rep)
+        _measure(tiny, rep)
+        assert len(_children()) == 1  # the third's, started when the second was over
+        _measure(tiny, rep)
+        assert bench_process._AHEAD.waiting == [] and _children() == []  # none after the third
+    with measurement_processes_ahead("cpu", measurements=1):
+        assert len(bench_process._AHEAD.waiting) == 1  # one started at once, not two
+    ahead = [line for line in rep.lines if "process start-up" in line]
+    assert len(ahead) == 3 and all("started ahead" in line for line in ahead), rep.lines
+
+
 def test_without_the_block_or_when_off_a_measurement_starts_its_own(
     tiny: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -124,6 +124,7 @@ class _Ahead:
     device: str | None = None
     env: dict[str, str] | None = None  # the environment of the block's start, for every measurement in it
     waiting: list[MeasurementProcess] = field(default_factory=list)
+    left: int | None = None  # measurements the block may still make (None: not known), so none is started past them
 
 
 _AHEAD = _Ahead()
@@ -136,6 +137,8 @@ def measurement_env(env: dict[str, str]) -> dict[str, str]:
 
 def take_measurement_process(device: str, env: dict[str, str], show: bool) -> MeasurementProcess:
     """A process started ahead for this measurement if one matches and is alive, else a new one."""
+    if _AHEAD.depth > 0 and _AHEAD.left is not None:
+        _AHEAD.left = max(0, _AHEAD.left - 1)
     while _AHEAD.waiting:
         waiting = _AHEAD.waiting.pop(0)
         if waiting.device == device and waiting.env == env and waiting.show == show and waiting.proc.poll() is None:
@@ -155,8 +158,9 @@ def stop_waiting() -> None:
 
 def measurement_over(device: str, env: dict[str, str], show: bool) -> None:
     """After a measurement: inside ``measurement_process_ahead``, start the next one's process now (unless one is
-    still waiting)."""
-    if _AHEAD.depth > 0 and _AHEAD.enabled and not _AHEAD.waiting and _AHEAD.device == device:
+    still waiting, or the block has made all the measurements it said it would)."""
+    more = _AHEAD.left is None or _AHEAD.left > 0
+    if _AHEAD.depth > 0 and _AHEAD.enabled and not _AHEAD.waiting and _AHEAD.device == device and more:
         _AHEAD.waiting.append(start_measurement_process(device, env, show))
 
 
@@ -174,27 +178,35 @@ def ahead_enabled_by_default(device: str) -> bool:
 
 @contextlib.contextmanager
 def measurement_process_ahead(
-    device: str, env: dict[str, str] | None = None, *, show: bool = False, first: int = 2
+    device: str,
+    env: dict[str, str] | None = None,
+    *,
+    show: bool = False,
+    first: int = 2,
+    measurements: int | None = None,
 ) -> Iterator[None]:
     """Within this block, keep one measurement process started ahead on ``device`` (see the module's docstring).
 
     Nested blocks share the outer one's processes; the outermost stops the unused ones when it ends (also on
     errors and interrupts). ``env``: the environment every measurement in the block gets (and the processes
-    started at once, ``first`` of them)."""
+    started at once, ``first`` of them). ``measurements``: at most how many the block will make (a run: the
+    baseline and one per variant), so that no process is started after the last one."""
     outer = _AHEAD.depth == 0
     if outer:
         _AHEAD.enabled = ahead_enabled_by_default(device)
         _AHEAD.device = device
         _AHEAD.env = dict(env) if env is not None else None
+        _AHEAD.left = None if measurements is None else max(0, measurements)
     _AHEAD.depth += 1
     try:
         if outer and _AHEAD.enabled and env is not None:
-            _AHEAD.waiting.extend(start_measurement_process(device, dict(env), show) for _ in range(first))
+            count = first if _AHEAD.left is None else min(first, _AHEAD.left)
+            _AHEAD.waiting.extend(start_measurement_process(device, dict(env), show) for _ in range(count))
         yield
     finally:
         _AHEAD.depth -= 1
         if _AHEAD.depth == 0:
             waiting, _AHEAD.waiting = _AHEAD.waiting, []
-            _AHEAD.enabled, _AHEAD.device, _AHEAD.env = False, None, None
+            _AHEAD.enabled, _AHEAD.device, _AHEAD.env, _AHEAD.left = False, None, None, None
             for process in waiting:
                 process.stop()

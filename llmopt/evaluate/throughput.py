@@ -327,12 +327,15 @@ def _bench_in_child(
             measurement_over(device, env, show)
 
 
-def measurement_processes_ahead(device: str) -> contextlib.AbstractContextManager[None]:
+def measurement_processes_ahead(
+    device: str, measurements: int | None = None
+) -> contextlib.AbstractContextManager[None]:
     """Within this block each speed measurement's process is started ahead, during the work before it (on a CUDA
-    device; llmopt/evaluate/bench_process.py)."""
+    device; llmopt/evaluate/bench_process.py). ``measurements``: at most how many the block makes (none is
+    started after the last)."""
     from llmopt.evaluate.bench_process import measurement_process_ahead
 
-    return measurement_process_ahead(device, _child_env(), show=_show_child())
+    return measurement_process_ahead(device, _child_env(), show=_show_child(), measurements=measurements)
 
 
 def _show_child() -> bool:
