@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import time
 import traceback
@@ -722,6 +723,11 @@ def _quantized(ctx: _Context, variant: VariantSpec) -> tuple[Artifact, bool, str
         ctx.reporter.info(f"{variant.name}: quantizing ({reason})")
     if variant.name in ctx.replace_artifacts:
         _remove_artifact_folder(art_dir)
+    elif art_dir.is_symlink():
+        # a link to an artifact elsewhere (another run's) that cannot be reused: the new artifact takes the link's
+        # place; what it pointed to is left as it was, never quantized over
+        ctx.reporter.info(f"{variant.name}: {art_dir} is a link to {os.path.realpath(art_dir)}: replacing the link")
+        art_dir.unlink()
     cal = ctx.recipe.calibration
     art = api.quantize(
         ctx.model_arg,

@@ -365,3 +365,23 @@ def test_gptqmodel_debug_dumps_stay_out_of_a_run(small: Path, assets: dict[str, 
     assert r.returncode in (0, 3), r.stderr[-3000:]
     for stream in (r.stdout, r.stderr):
         assert "Files in directory:" not in stream and "Content of saved" not in stream
+
+
+def test_a_linked_variant_folder_that_cannot_be_reused_is_replaced_not_written_through(small: Path) -> None:
+    """artifacts/b of one run a link to another run's artifact made with other options: b is quantized again, and
+    the new artifact takes the link's place; the other run's artifact (and its manifest) stays as it was."""
+    r = run_cli(["run", "recipe.yaml", "-o", "first", "--only", "a"], cwd=small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    theirs = small / "first" / "artifacts" / "a"
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()}
+    r = run_cli(["run", "recipe.yaml", "-o", "second", "--only", "a"], cwd=small)  # a run folder of its own
+    assert r.returncode == 0, r.stderr[-3000:]
+    link = small / "second" / "artifacts" / "b"
+    link.symlink_to(theirs)
+    r = run_cli(["run", "recipe.yaml", "-o", "second", "--only", "b"], cwd=small)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()} == before
+    assert not link.is_symlink() and (link / "llmopt.json").is_file()
+    manifest = json.loads((link / "llmopt.json").read_text())
+    assert manifest["options"]["llm_int8_threshold"] == 5.0
+    assert "link" in r.stderr + r.stdout
