@@ -370,7 +370,7 @@ def evaluate(
             refuse_decompressed_speed,
         )
 
-        refuse_decompressed_speed(art.path)  # before any scoring: its speed cannot be measured here
+        refuse_decompressed_speed(art.path, target.spec)  # before any scoring: its speed cannot be measured here
         check_speed_settings(spec.throughput.resolved(target.primary), target.spec, art.path)
         # its process starts now, while this one scores: the measurement itself then starts at once
         ahead.enter_context(measurement_processes_ahead(target.spec, measurements=2))  # FP16's, the artifact's

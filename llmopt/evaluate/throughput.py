@@ -55,22 +55,32 @@ def runner_kind_for(path: Path) -> str:
 
 
 # Formats transformers can only run by decompressing their weights to 16-bit at load: a timing through it would
-# be FP16's speed with the format's name on it.
+# be FP16's speed with the format's name on it. compressed-tensors' FP8 dynamic and W4A16 are timed through real
+# kernels on a GPU instead (llmopt/runners/compressed.py); its other schemes, and any on a CPU, are refused.
 _DECOMPRESSED_ON_LOAD = {"compressed-tensors": "vLLM (`vllm serve`), then `llmopt serve-bench --url`"}
 
 
-def refuse_decompressed_speed(path: Path) -> None:
+def refuse_decompressed_speed(path: Path, device: str | None = None) -> None:
+    """Refuse a speed measurement that could only time decompressed 16-bit weights (``device``: where it would
+    run; None refuses every compressed-tensors folder)."""
     from llmopt.errors import BackendUnavailableError
+    from llmopt.runners.compressed import refusal
     from llmopt.runners.hf import quant_method
 
     method = (quant_method(path) or "").lower()
-    if method in _DECOMPRESSED_ON_LOAD:
-        raise BackendUnavailableError(
-            f"speed not measured for {path.name}: transformers decompresses {method} weights to 16-bit when it "
-            "loads them, so the number would be FP16's speed, not the format's.",
-            f"Measure it where its kernels run: {_DECOMPRESSED_ON_LOAD[method]}. Perplexity (llmopt eval without "
-            "--throughput) is measured as usual.",
-        )
+    if method not in _DECOMPRESSED_ON_LOAD:
+        return
+    why = refusal(path, device) if device is not None else "no device was named"
+    if why is None:
+        return
+    raise BackendUnavailableError(
+        f"speed not measured for {path.name}: transformers decompresses {method} weights to 16-bit when it "
+        f"loads them, so the number would be FP16's speed, not the format's, and llmopt's own kernels cannot "
+        f"time it here: {why}.",
+        f"Measure it where its kernels run: {_DECOMPRESSED_ON_LOAD[method]}, or on an NVIDIA GPU for FP8 dynamic "
+        "(FP8 units: Ada, Hopper, Blackwell) and W4A16. Perplexity (llmopt eval without --throughput) is measured "
+        "as usual.",
+    )
 
 
 def weights_size(path: Path) -> int:
@@ -99,7 +109,7 @@ def bench_model(
     CUDA-graph capture, the compiler's state or a crash stays with this one measurement; the result, or
     the error with its real cause, comes back. ``isolate=False`` measures in this process.
     """
-    refuse_decompressed_speed(path)
+    refuse_decompressed_speed(path, device)
     if isolate:
         return _bench_in_child(
             path,
@@ -113,11 +123,31 @@ def bench_model(
             trust_remote_code=trust_remote_code,
         )
     from llmopt.runners import load_runner
+    from llmopt.runners.compressed import gptq_copy, install_fp8, speed_scheme
 
     rep: Any = reporter or SilentReporter()
     kind = runner_kind or runner_kind_for(path)
-    with rep.step(f"loading {label}"):
-        runner = load_runner(kind, path, device, kernel=kernel, for_speed=True, trust_remote_code=trust_remote_code)
+    scheme = speed_scheme(path)
+    with contextlib.ExitStack() as copies:
+        load_path = path
+        if scheme is not None and scheme.kind == "w4a16":
+            # the same codes and scales in GPTQ's layout, through GPTQModel's Marlin kernel (vLLM's for W4A16)
+            with rep.step(f"rewriting {label} in GPTQ's layout for Marlin"):
+                load_path = copies.enter_context(gptq_copy(path))
+            kind = "gptqmodel"
+        with rep.step(f"loading {label}"):
+            runner = load_runner(
+                kind, load_path, device, kernel=kernel, for_speed=True, trust_remote_code=trust_remote_code
+            )
+    if scheme is not None and scheme.kind == "fp8-dynamic":
+        try:
+            replaced = install_fp8(runner.causal_lm(), path)
+        except BaseException:
+            runner.close()
+            raise
+        runner.kernel = f"{scheme.kernel}, {replaced} layers"
+    elif scheme is not None and scheme.kind == "w4a16":
+        runner.kernel = f"{runner.kernel} ({scheme.kernel})" if runner.kernel else scheme.kernel
     try:
         if attn_implementation:
             _set_attention(runner.model, attn_implementation)  # type: ignore[attr-defined]

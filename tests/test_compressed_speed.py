@@ -1,0 +1,232 @@
+"""compressed-tensors artifacts timed through real kernels (llmopt/runners/compressed.py), checked on CPU.
+
+The kernels themselves run on the GPU machine; here: which schemes are timed and which refused (with the reason,
+before any work), the FP8 layer's arithmetic against a float32 reference (``torch._scaled_mm`` runs on CPU too),
+and the W4A16 -> GPTQ rewrite bit for bit: a hand-packed compressed-tensors checkpoint of a tiny Llama, rewritten,
+loaded through GPTQModel, gives back every layer's code x scale exactly."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from llmopt.errors import BackendUnavailableError
+from llmopt.runners.compressed import refusal, speed_scheme
+from tests.helpers import random_models
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs torch")
+
+FP8 = {
+    "quant_method": "compressed-tensors",
+    "format": "float-quantized",
+    "ignore": ["lm_head"],
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True},
+            "format": "float-quantized",
+        }
+    },
+}
+
+
+def w4a16(group_size: int = 32) -> dict[str, Any]:
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": group_size,
+                            "symmetric": True, "dynamic": False},
+                "input_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+    }
+
+
+def folder_with(tmp: Path, qc: dict[str, Any]) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+    return tmp
+
+
+def test_fp8_dynamic_and_w4a16_are_timed_the_rest_refused_with_the_reason(tmp_path: Path) -> None:
+    assert speed_scheme(folder_with(tmp_path / "fp8", FP8)).kind == "fp8-dynamic"  # type: ignore[union-attr]
+    scheme = speed_scheme(folder_with(tmp_path / "w4", w4a16(64)))
+    assert scheme is not None and scheme.kind == "w4a16" and scheme.group_size == 64
+    int8 = json.loads(json.dumps(FP8))
+    group = int8["config_groups"]["group_0"]
+    group["weights"]["type"] = group["input_activations"]["type"] = "int"
+    group["format"] = int8["format"] = "int-quantized"
+    w8a8 = speed_scheme(folder_with(tmp_path / "w8a8", int8))
+    assert w8a8 is not None and w8a8.kind is None and "int-quantized, 8-bit int weights" in w8a8.reason
+    asym = w4a16()
+    asym["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    assert speed_scheme(folder_with(tmp_path / "asym", asym)).kind is None  # type: ignore[union-attr]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert speed_scheme(plain) is None and refusal(plain, "cpu") is None
+
+
+def test_on_a_cpu_nothing_compressed_is_timed(tmp_path: Path) -> None:
+    from llmopt.evaluate.throughput import refuse_decompressed_speed
+
+    for name, qc in (("fp8", FP8), ("w4", w4a16())):
+        folder = folder_with(tmp_path / name, qc)
+        assert "NVIDIA GPUs only" in (refusal(folder, "cpu") or "")
+        with pytest.raises(BackendUnavailableError) as info:
+            refuse_decompressed_speed(folder, "cpu")
+        assert "FP16's speed" in info.value.message and "NVIDIA GPUs only" in info.value.message
+        assert info.value.exit_code == 4
+        assert "several" in (refusal(folder, "cuda:0,1") or "")
+
+
+def test_the_fp8_layer_is_the_quantized_product(tmp_path: Path) -> None:
+    """Per-token input codes times per-channel weight codes, with both scales: what the layer computes, to the
+    rounding of the 16-bit output."""
+    import torch
+
+    from llmopt.runners.compressed import FP8_MAX, _fp8_linear_class
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 64, generator=gen)
+    w_scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    w_codes = (w / w_scale).to(torch.float8_e4m3fn)
+    bias = torch.randn(48, generator=gen)
+    layer = _fp8_linear_class()(w_codes, w_scale, bias)
+    x = torch.randn(2, 5, 64, generator=gen)
+    x[0, 0] = 0.0  # an all-zero row: scale 1, codes 0, output = bias
+    with torch.no_grad():
+        y = layer(x.to(torch.bfloat16)).float()
+    flat = x.to(torch.bfloat16).float().reshape(-1, 64)  # what the layer was given
+    x_scale = flat.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
+    x_deq = (flat / x_scale).to(torch.float8_e4m3fn).float() * x_scale
+    ref = (x_deq @ (w_codes.float() * w_scale).t() + bias).reshape(2, 5, 48)
+    assert y.shape == (2, 5, 48)
+    assert torch.allclose(y, ref, rtol=2e-2, atol=2e-2), (y - ref).abs().max()
+    assert torch.allclose(y[0, 0], bias, atol=1e-2)
+    # against the unquantized product: FP8's rounding only
+    assert ((y - (x @ w.t() + bias)).norm() / (x @ w.t() + bias).norm()).item() < 0.1
+
+
+def pack_int4_rows(codes: Any) -> Any:
+    """compressed-tensors' pack_to_int32 for 4 bits, written out: signed codes + 8, eight to an int32 along each
+    row, the first in the lowest bits."""
+    import torch
+
+    unsigned = (codes.to(torch.int64) + 8).view(codes.shape[0], -1, 8)
+    words = (unsigned << torch.arange(0, 32, 4, dtype=torch.int64)).sum(dim=-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_our_packing_is_compressed_tensors_own() -> None:
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    import torch
+
+    codes = torch.randint(-8, 8, (16, 64), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    assert torch.equal(pack_int4_rows(codes), helpers.pack_to_int32(codes, 4))
+
+
+def test_w4a16_rewritten_for_marlin_keeps_every_code_and_scale(tmp_path: Path) -> None:
+    """Each layer of the rewritten checkpoint, dequantized by GPTQModel (its torch kernel, on CPU), is exactly
+    code x scale of the compressed-tensors checkpoint: the rewrite loses nothing."""
+    pytest.importorskip("gptqmodel")
+    import torch
+    from safetensors.torch import save_file
+
+    from llmopt.runners.compressed import w4a16_as_gptq
+    from llmopt.runners.hf import HFRunner
+
+    rm = random_models()
+    model = rm.build_fp16(rm.llama_config("tiny"), "cpu").to(torch.float16)
+    src = tmp_path / "w4a16"
+    rm.save_fp16(model, src)
+    gen = torch.Generator().manual_seed(0)
+    tensors: dict[str, Any] = {}
+    expected: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in rm.QUANTIZED and name.startswith("model.layers."):
+            out_f, in_f = module.weight.shape
+            codes = torch.randint(-8, 8, (out_f, in_f), generator=gen, dtype=torch.int8)
+            scales = (torch.rand(out_f, in_f // 32, generator=gen) * 1e-2 + 1e-3).to(torch.float16)
+            tensors[f"{name}.weight_packed"] = pack_int4_rows(codes)
+            tensors[f"{name}.weight_scale"] = scales
+            tensors[f"{name}.weight_shape"] = torch.tensor([out_f, in_f])
+            expected[name] = codes.float() * scales.float().repeat_interleave(32, dim=1)
+    for name, tensor in model.state_dict().items():
+        if not any(name.startswith(f"{q}.") for q in expected):
+            tensors[name] = tensor.contiguous()
+    for old in src.glob("*.safetensors"):
+        old.unlink()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = w4a16(32)
+    (src / "config.json").write_text(json.dumps(config))
+
+    dst = tmp_path / "gptq"
+    assert w4a16_as_gptq(src, dst) == len(expected)
+    qcfg = json.loads((dst / "config.json").read_text())["quantization_config"]
+    assert (qcfg["quant_method"], qcfg["bits"], qcfg["group_size"], qcfg["sym"]) == ("gptq", 4, 32, True)
+    runner = HFRunner(dst, "cpu", loader="gptqmodel")
+    try:
+        assert runner.kernel is not None and "dense float32" in runner.kernel
+        modules = dict(runner.model.named_modules())
+        for name, weight in expected.items():
+            got = modules[name].weight.detach().float()
+            assert torch.equal(got, weight), name
+    finally:
+        runner.close()
+
+
+def test_a_checkpoint_that_is_not_w4a16_is_not_rewritten(tmp_path: Path) -> None:
+    from llmopt.runners.compressed import w4a16_as_gptq
+
+    with pytest.raises(ValueError, match="no W4A16"):
+        w4a16_as_gptq(folder_with(tmp_path / "fp8", FP8), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_install_fp8_replaces_the_stored_fp8_layers_of_a_loaded_model(tmp_path: Path) -> None:
+    """What a speed measurement does after transformers loaded the checkpoint decompressed: every linear layer
+    stored in FP8 becomes an Fp8Linear with the stored codes and scales; the rest (the head) stays."""
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+
+    from llmopt.runners.compressed import FP8_MAX, install_fp8
+
+    rm = random_models()
+    model = rm.build_fp16(rm.llama_config("tiny"), "cpu").to(torch.bfloat16)
+    tensors: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in rm.QUANTIZED and name.startswith("model.layers."):
+            w = module.weight.detach().float()
+            scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+            codes = (w / scale).to(torch.float8_e4m3fn)
+            tensors[f"{name}.weight"] = codes
+            tensors[f"{name}.weight_scale"] = scale.to(torch.bfloat16)
+            with torch.no_grad():  # what transformers' decompression leaves in the model
+                module.weight.copy_((codes.float() * scale).to(torch.bfloat16))
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    reference = copy.deepcopy(model)
+    replaced = install_fp8(model, tmp_path)
+    assert replaced == len(tensors) // 2
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Fp8Linear"
+    assert isinstance(model.lm_head, torch.nn.Linear)
+    ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+        ref = reference(input_ids=ids).logits.float()
+    # the same weights; only the inputs' per-token FP8 rounding differs
+    assert ((got - ref).norm() / ref.norm()).item() < 0.1
