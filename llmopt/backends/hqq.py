@@ -306,9 +306,7 @@ def pack_awq_4bit(codes: Any) -> Any:
     if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
         raise ValueError(f"AWQ 4-bit packing takes integer codes, got {codes.dtype}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
-        raise ValueError(
-            f"AWQ 4-bit codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}"
-        )
+        raise ValueError(f"AWQ 4-bit codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}")
     nibbles = codes.to(torch.int64).reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
     shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
     words = (nibbles << shifts).sum(dim=-1)  # the nibbles do not overlap: the sum is their bitwise or
