@@ -332,3 +332,22 @@ def test_an_answer_past_the_choices_further_down_is_refused(tmp_path: Path, monk
     yaml_file, data = edited_task(tmp_path, monkeypatch)
     edit(data, 5, choices={"text": ["one", "two"], "label": ["A", "B", "C"]}, answerKey="C")
     assert f"the answer of example 6 of {data} is 2, which is not one of its 2 choices" in refusal(yaml_file)
+
+
+@pytest.mark.parametrize("value", [None, "", "~/assets", "/opt/assets"])
+def test_both_scripts_read_llmopt_assets_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    """scripts/prepare_assets.py took a quoted `LLMOPT_ASSETS=~/assets` as a folder named `~` in the current one,
+    where prepare_tasks.py (and the shell) read the home folder: the tasks and the model ended up apart."""
+    spec = importlib.util.spec_from_file_location("prepare_assets", ROOT / "scripts" / "prepare_assets.py")
+    assert spec and spec.loader
+    assets_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assets_script)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if value is None:
+        monkeypatch.delenv("LLMOPT_ASSETS", raising=False)
+    else:
+        monkeypatch.setenv("LLMOPT_ASSETS", value)
+    assert load_script().default_out() == assets_script.default_cache() / "tasks"
+    assert assets_script.default_cache().is_absolute()
