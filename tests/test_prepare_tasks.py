@@ -351,3 +351,16 @@ def test_both_scripts_read_llmopt_assets_alike(
         monkeypatch.setenv("LLMOPT_ASSETS", value)
     assert load_script().default_out() == assets_script.default_cache() / "tasks"
     assert assets_script.default_cache().is_absolute()
+
+
+def test_what_lm_eval_reads_is_not_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The data file check is no stricter than lm-eval: a byte-order mark and CRLF lines (a Windows editor's save),
+    and one JSON array of records in the .jsonl (datasets' fallback), load as before."""
+    from llmopt.evaluate.tasks import plan_tasks
+
+    yaml_file, data = edited_task(tmp_path, monkeypatch)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_text().replace("\n", "\r\n").encode())
+    assert plan_tasks([str(yaml_file)], None).names == ["arc_easy_local"]
+    data.write_text(json.dumps(records, indent=2))
+    assert len(plan_tasks([str(yaml_file)], None).load()["tasks"]["arc_easy_local"].eval_docs) == 6

@@ -264,7 +264,8 @@ def _check_data_file(path: Path, task_file: Path) -> None:
     neither the file nor the line."""
     hint = "Fix or rebuild the data file (each line one JSON object with the fields the YAML names); see docs/tasks.md."
     try:
-        text = path.read_text(encoding="utf-8") if path.suffix.lower() == ".jsonl" else None
+        # utf-8-sig: a byte-order mark (a file saved by some Windows editors) loads in lm-eval, so here too
+        text = path.read_text(encoding="utf-8-sig") if path.suffix.lower() == ".jsonl" else None
         empty = not text.strip() if text is not None else path.stat().st_size == 0
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(
@@ -280,16 +281,28 @@ def _check_data_file(path: Path, task_file: Path) -> None:
         try:
             record = json.loads(line)
         except ValueError as exc:
+            if _json_array_of_objects(text):  # datasets' json loader falls back to one JSON array for the file
+                return
             raise DataError(
                 f"--tasks {task_file}: line {number} of its data file {path} is not valid JSON ({_first_line(exc)}).",
                 hint,
             ) from None
         if not isinstance(record, dict):
+            if _json_array_of_objects(text):
+                return
             raise DataError(
                 f"--tasks {task_file}: line {number} of its data file {path} is a JSON {type(record).__name__}, "
                 "not an object.",
                 hint,
             )
+
+
+def _json_array_of_objects(text: str) -> bool:
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(whole, list) and bool(whole) and all(isinstance(r, dict) for r in whole)
 
 
 def _offline_mode_set() -> bool:
