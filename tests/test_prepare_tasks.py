@@ -415,3 +415,21 @@ def test_pip_failing_or_giving_no_wheel_exits_4(
     assert script.cli(["--wheel", "/dev/null", "--out", str(tmp_path / "out")]) == 2
     assert "--wheel /dev/null: not a regular file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hand_edited_copy_is_replaced_and_said_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Running the script again over a task whose YAML was edited (num_fewshot added) replaced it silently."""
+    script, wheel = ready(tmp_path, monkeypatch)
+    args = ["--wheel", str(wheel), "--out", str(tmp_path / "t"), "--tasks", "arc_easy"]
+    assert script.cli(args) == 0
+    yaml_file = tmp_path / "t" / "arc_easy_local" / "arc_easy_local.yaml"
+    written = yaml_file.read_text()
+    assert "differed" not in capsys.readouterr().err
+    assert script.cli(args) == 0  # the same again: nothing to say
+    assert "differed" not in capsys.readouterr().err
+    yaml_file.write_text(written + "num_fewshot: 5\n")
+    assert script.cli(args) == 0
+    assert f"note: {yaml_file} differed from what this script writes" in capsys.readouterr().err
+    assert yaml_file.read_text() == written
