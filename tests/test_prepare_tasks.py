@@ -460,3 +460,20 @@ def test_a_task_folder_with_a_comma_is_one_task(tmp_path: Path, monkeypatch: pyt
         "x.yaml",
     ]
     assert EvalSpec(dataset="t.txt", tasks="a,b").tasks == ["a", "b"]  # no such file: the commas split
+
+
+def test_a_line_without_a_field_the_prompt_reads_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A question deleted from one line: datasets filled it with None and the model was asked "Question: None",
+    silently. A field no template reads may be left out."""
+    from llmopt.evaluate.tasks import plan_tasks
+
+    yaml_file, data = edited_task(tmp_path, monkeypatch)
+    lines = data.read_text().splitlines()
+    record = json.loads(lines[4])
+    del record["question"]
+    data.write_text("\n".join([*lines[:4], json.dumps(record), *lines[5:]]) + "\n")
+    assert f"line 5 of its data file {data} has no 'question'" in refusal(yaml_file)
+    record = json.loads(lines[4])
+    del record["id"]  # no template reads it
+    data.write_text("\n".join([*lines[:4], json.dumps(record), *lines[5:]]) + "\n")
+    assert plan_tasks([str(yaml_file)], None).names == ["arc_easy_local"]

@@ -213,7 +213,7 @@ def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
     kwargs: dict[str, Any] = given if isinstance(given, dict) else {}
     data_files = kwargs.get("data_files")
     if data_files is not None:
-        resolved = _resolve_data_files(data_files, path.resolve().parent, path)
+        resolved = _resolve_data_files(data_files, path.resolve().parent, path, _template_fields(config))
         # datasets reads data_files as glob patterns: a folder named like `tasks [v2]` matched nothing
         # ("StopIteration"), and one named `run*` could match other folders' files too. These are exact files: escaped.
         config["dataset_kwargs"] = {**kwargs, "data_files": _map_paths(resolved, glob.escape)}
@@ -251,7 +251,28 @@ def _read_task_yaml(path: Path) -> dict[str, Any]:
     return dict(load_yaml(path, resolve_func=True))
 
 
-def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
+def _template_fields(config: dict[str, Any]) -> frozenset[str]:
+    """The names the task's prompt, choices and answer templates read (a plain field name, or a Jinja template's
+    variables); none when a ``process_docs`` function makes the examples (it may make those fields itself)."""
+    if config.get("process_docs") is not None:
+        return frozenset()
+    import jinja2
+    import jinja2.meta
+
+    names: set[str] = set()
+    for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
+        template = config.get(key)
+        if not isinstance(template, str):
+            continue
+        if "{{" in template or "{%" in template:
+            with contextlib.suppress(jinja2.TemplateError):
+                names |= jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+        else:
+            names.add(template.strip())
+    return frozenset(names)
+
+
+def _resolve_data_files(data_files: Any, folder: Path, task_file: Path, fields: frozenset[str] = frozenset()) -> Any:
     def one(value: Any) -> str:
         if not isinstance(value, str):
             raise DataError(
@@ -264,7 +285,7 @@ def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
                 f"--tasks {task_file}: its data file {value} is not there ({full}).",
                 "Put the data file next to the YAML, or fix dataset_kwargs.data_files.",
             )
-        _check_data_file(full, task_file)
+        _check_data_file(full, task_file, fields)
         return str(full)
 
     if isinstance(data_files, dict):
@@ -274,10 +295,11 @@ def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
     return one(data_files)
 
 
-def _check_data_file(path: Path, task_file: Path) -> None:
+def _check_data_file(path: Path, task_file: Path, fields: frozenset[str] = frozenset()) -> None:
     """A data file that is empty, or a JSON-lines file with a line that is not a JSON object, named with its line:
     lm-eval's own messages for them ("StopIteration", "An error occurred while generating the dataset") name
-    neither the file nor the line."""
+    neither the file nor the line. And a line without a field the templates read (``fields``) that other lines
+    have: datasets fills it with None, and the prompt reads "Question: None", silently."""
     hint = "Fix or rebuild the data file (each line one JSON object with the fields the YAML names); see docs/tasks.md."
     try:
         # utf-8-sig: a byte-order mark (a file saved by some Windows editors) loads in lm-eval, so here too
@@ -291,6 +313,7 @@ def _check_data_file(path: Path, task_file: Path) -> None:
         raise DataError(f"--tasks {task_file}: its data file {path} is empty (no examples).", hint)
     if text is None:
         return
+    records: list[tuple[int, dict[str, Any]]] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -309,6 +332,17 @@ def _check_data_file(path: Path, task_file: Path) -> None:
             raise DataError(
                 f"--tasks {task_file}: line {number} of its data file {path} is a JSON {type(record).__name__}, "
                 "not an object.",
+                hint,
+            )
+        records.append((number, record))
+    columns = set().union(*(r.keys() for _, r in records))
+    needed = sorted(fields & columns)
+    for number, record in records:
+        missing = [f for f in needed if f not in record]
+        if missing:
+            raise DataError(
+                f"--tasks {task_file}: line {number} of its data file {path} has no {missing[0]!r}, which the task's "
+                f"templates read (other lines have it); the example would read it as None.",
                 hint,
             )
 
