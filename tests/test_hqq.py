@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,35 @@ def test_awq_packing_layout_is_the_formats() -> None:
     codes = torch.randint(0, 16, (96, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
     theirs, _ = packing_utils.pack_awq(codes, codes[:3], 4)
     assert torch.equal(pack_awq_4bit(codes), theirs)
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ([[16, 0, 0, 0, 0, 0, 0, 0]], "must lie in 0..15, got 0..16"),  # would have packed as 0
+        ([[-1, 0, 0, 0, 0, 0, 0, 0]], "must lie in 0..15, got -1..0"),  # would have packed as 15
+        ([[1.7, 0, 0, 0, 0, 0, 0, 0]], "integer codes, got torch.float32"),  # would have packed as 1
+        ([0, 1, 2, 3, 4, 5, 6, 7], "2-D tensor"),
+        ([[[0] * 8]], "2-D tensor"),
+    ],
+)
+def test_awq_packing_refuses_codes_it_would_cut(codes: Any, expected: str) -> None:
+    """A code that is not a 4-bit integer is refused, not cut to its low 4 bits (another weight, silently)."""
+    import torch
+
+    from llmopt.backends.hqq import pack_awq_4bit
+
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        pack_awq_4bit(torch.tensor(codes))
+
+
+def test_awq_packing_of_a_transposed_view_is_its_copys() -> None:
+    import torch
+
+    from llmopt.backends.hqq import pack_awq_4bit
+
+    codes = torch.randint(0, 16, (16, 24), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    assert torch.equal(pack_awq_4bit(codes.t()), pack_awq_4bit(codes.t().contiguous()))
 
 
 # --- options and fast checks ---------------------------------------------------------------------------

@@ -290,17 +290,25 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 def pack_awq_4bit(codes: Any) -> Any:
-    """Pack 4-bit codes [rows, cols] (cols a multiple of 8) into AWQ's GEMM int32 words [rows, cols / 8].
+    """Pack 4-bit codes [rows, cols] (integers in 0..15, cols a multiple of 8) into AWQ's GEMM int32 words
+    [rows, cols / 8]; anything else is a ValueError (never cut to 4 bits).
 
     Written here rather than imported: GPTQModel moved its ``pack_awq`` between releases (7.3 has none), and the
     layout is the format's, not the library's (``tests/test_hqq.py`` checks it against GPTQModel's unpacking)."""
     import torch
 
+    if codes.dim() != 2:
+        raise ValueError(f"AWQ 4-bit packing takes a 2-D tensor [rows, cols], got shape {tuple(codes.shape)}")
     rows, cols = codes.shape
     if cols % 8:
         raise ValueError(f"AWQ 4-bit packing needs a multiple of 8 columns, got {cols}")
-    nibbles = (codes.to(torch.int64) & 0xF).view(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    # A code outside 0..15 (or a fraction) would be cut to its low 4 bits: another weight, silently.
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise ValueError(f"AWQ 4-bit packing takes integer codes, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError(f"AWQ 4-bit codes must lie in 0..15, got {int(codes.min())}..{int(codes.max())}")
+    nibbles = codes.to(torch.int64).reshape(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
     words = (nibbles << shifts).sum(dim=-1)  # the nibbles do not overlap: the sum is their bitwise or
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import glob
 import hashlib
 import io
+import json
 import logging
 import math
 import re
@@ -211,11 +213,26 @@ def _local_task(path: Path) -> tuple[dict[str, Any], list[Path]]:
     kwargs: dict[str, Any] = given if isinstance(given, dict) else {}
     data_files = kwargs.get("data_files")
     if data_files is not None:
-        resolved = _resolve_data_files(data_files, path.resolve().parent, path)
-        config["dataset_kwargs"] = {**kwargs, "data_files": resolved}
+        resolved = _resolve_data_files(data_files, path.resolve().parent, path, _template_fields(config))
+        # datasets reads data_files as glob patterns: a folder named like `tasks [v2]` matched nothing
+        # ("StopIteration"), and one named `run*` could match other folders' files too. These are exact files: escaped.
+        config["dataset_kwargs"] = {**kwargs, "data_files": _map_paths(resolved, glob.escape)}
         for value in resolved.values() if isinstance(resolved, dict) else [resolved]:
             files += [Path(v) for v in (value if isinstance(value, list) else [value])]
     return config, files
+
+
+def _map_paths(data_files: Any, fn: Any) -> Any:
+    """``fn`` applied to every path of a resolved ``data_files`` (a path, a list, or a mapping of split -> either)."""
+    if isinstance(data_files, dict):
+        return {k: _map_paths(v, fn) for k, v in data_files.items()}
+    if isinstance(data_files, list):
+        return [fn(v) for v in data_files]
+    return fn(data_files)
+
+
+def _unescape_glob(pattern: str) -> str:
+    return re.sub(r"\[([*?\[])\]", r"\1", pattern)
 
 
 def _read_task_yaml(path: Path) -> dict[str, Any]:
@@ -234,7 +251,28 @@ def _read_task_yaml(path: Path) -> dict[str, Any]:
     return dict(load_yaml(path, resolve_func=True))
 
 
-def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
+def _template_fields(config: dict[str, Any]) -> frozenset[str]:
+    """The names the task's prompt, choices and answer templates read (a plain field name, or a Jinja template's
+    variables); none when a ``process_docs`` function makes the examples (it may make those fields itself)."""
+    if config.get("process_docs") is not None:
+        return frozenset()
+    import jinja2
+    import jinja2.meta
+
+    names: set[str] = set()
+    for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
+        template = config.get(key)
+        if not isinstance(template, str):
+            continue
+        if "{{" in template or "{%" in template:
+            with contextlib.suppress(jinja2.TemplateError):
+                names |= jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template))
+        else:
+            names.add(template.strip())
+    return frozenset(names)
+
+
+def _resolve_data_files(data_files: Any, folder: Path, task_file: Path, fields: frozenset[str] = frozenset()) -> Any:
     def one(value: Any) -> str:
         if not isinstance(value, str):
             raise DataError(
@@ -247,6 +285,7 @@ def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
                 f"--tasks {task_file}: its data file {value} is not there ({full}).",
                 "Put the data file next to the YAML, or fix dataset_kwargs.data_files.",
             )
+        _check_data_file(full, task_file, fields)
         return str(full)
 
     if isinstance(data_files, dict):
@@ -254,6 +293,66 @@ def _resolve_data_files(data_files: Any, folder: Path, task_file: Path) -> Any:
     if isinstance(data_files, list):
         return [one(v) for v in data_files]
     return one(data_files)
+
+
+def _check_data_file(path: Path, task_file: Path, fields: frozenset[str] = frozenset()) -> None:
+    """A data file that is empty, or a JSON-lines file with a line that is not a JSON object, named with its line:
+    lm-eval's own messages for them ("StopIteration", "An error occurred while generating the dataset") name
+    neither the file nor the line. And a line without a field the templates read (``fields``) that other lines
+    have: datasets fills it with None, and the prompt reads "Question: None", silently."""
+    hint = "Fix or rebuild the data file (each line one JSON object with the fields the YAML names); see docs/tasks.md."
+    try:
+        # utf-8-sig: a byte-order mark (a file saved by some Windows editors) loads in lm-eval, so here too
+        text = path.read_text(encoding="utf-8-sig") if path.suffix.lower() == ".jsonl" else None
+        empty = not text.strip() if text is not None else path.stat().st_size == 0
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"--tasks {task_file}: its data file {path} cannot be read ({_first_line(exc)}).", hint
+        ) from None
+    if empty:
+        raise DataError(f"--tasks {task_file}: its data file {path} is empty (no examples).", hint)
+    if text is None:
+        return
+    records: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if _json_array_of_objects(text):  # datasets' json loader falls back to one JSON array for the file
+                return
+            raise DataError(
+                f"--tasks {task_file}: line {number} of its data file {path} is not valid JSON ({_first_line(exc)}).",
+                hint,
+            ) from None
+        if not isinstance(record, dict):
+            if _json_array_of_objects(text):
+                return
+            raise DataError(
+                f"--tasks {task_file}: line {number} of its data file {path} is a JSON {type(record).__name__}, "
+                "not an object.",
+                hint,
+            )
+        records.append((number, record))
+    columns = set().union(*(r.keys() for _, r in records))
+    needed = sorted(fields & columns)
+    for number, record in records:
+        missing = [f for f in needed if f not in record]
+        if missing:
+            raise DataError(
+                f"--tasks {task_file}: line {number} of its data file {path} has no {missing[0]!r}, which the task's "
+                f"templates read (other lines have it); the example would read it as None.",
+                hint,
+            )
+
+
+def _json_array_of_objects(text: str) -> bool:
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(whole, list) and bool(whole) and all(isinstance(r, dict) for r in whole)
 
 
 def _offline_mode_set() -> bool:
@@ -362,26 +461,59 @@ def _load_checked(plan: TaskPlan) -> dict[str, Any]:
             ) from None
         if count == 0:
             raise DataError(f"--tasks: task '{name}' has no examples.", "Check its data file and test_split.")
-        _check_targets(name, task)
+        # A local task's data is the user's (hand-edited, rebuilt): every example the run scores is checked, since
+        # a bad one further down stops lm-eval mid-evaluation with a traceback, or scores 0 silently. lm-eval's own
+        # tasks: their first examples (their data is lm-eval's, and some have tens of thousands).
+        local = _local_data_files(plan, name)
+        scored = count if plan.limit is None else min(count, plan.limit)
+        key = (name, plan.files_sha256, scored)  # `llmopt run` plans again for each variant: the same files
+        if local is None or key not in _CHECKED_LOCAL:
+            _check_targets(name, task, scored if local is not None else min(3, count), local)
+            if local is not None:
+                _CHECKED_LOCAL.add(key)
     return loaded
 
 
-def _check_targets(name: str, task: Any) -> None:
+# Local tasks whose every scored example passed _check_targets: (task name, sha256 of the plan's files, examples).
+_CHECKED_LOCAL: set[tuple[str, str | None, int]] = set()
+
+
+def _local_data_files(plan: TaskPlan, name: str) -> str | None:
+    """The data file(s) of the plan's local task ``name`` (None: not a local task)."""
+    for spec in plan.specs:
+        if isinstance(spec, dict) and spec.get("task") == name:
+            kwargs = spec.get("dataset_kwargs")
+            files = kwargs.get("data_files") if isinstance(kwargs, dict) else None
+            flat = [
+                _unescape_glob(str(v))
+                for vs in (files.values() if isinstance(files, dict) else [files] if files is not None else [])
+                for v in (vs if isinstance(vs, list) else [vs])
+            ]
+            return ", ".join(flat) or str(spec.get("dataset_path", ""))
+    return None
+
+
+def _check_targets(name: str, task: Any, n: int = 3, data: str | None = None) -> None:
     """A multiple-choice task whose answer is not one of its choices scores 0 for every model, silently (a
-    `doc_to_target` naming a field the data lacks reads as a literal text): refused on its first examples."""
+    `doc_to_target` naming a field the data lacks reads as a literal text); an example whose prompt, choices or
+    answer lm-eval cannot render stops the evaluation with a traceback: refused on its first ``n`` examples."""
     config = getattr(task, "config", None)
     if getattr(config, "output_type", None) != "multiple_choice":
         return
     docs = task.eval_docs
-    for i in range(min(3, len(docs))):
+    where = f" of {data}" if data else ""
+    for i in range(min(n, len(docs))):
         try:
             doc = docs[i]
+            task.doc_to_text(doc)
             choices = list(task.doc_to_choice(doc))
             target = task.doc_to_target(doc)
         except Exception as exc:
             raise DataError(
-                f"--tasks: task '{name}' cannot read example {i + 1} ({type(exc).__name__}: {_first_line(exc)}).",
-                "Check that doc_to_text, doc_to_choice and doc_to_target name fields of its data; see docs/tasks.md.",
+                f"--tasks: task '{name}' cannot read example {i + 1}{where} "
+                f"({type(exc).__name__}: {_first_line(exc)}).",
+                "Check that doc_to_text, doc_to_choice and doc_to_target name fields of its data, and that example's "
+                "values; see docs/tasks.md.",
             ) from None
         if isinstance(target, list):
             continue  # several right answers: lm-eval's own rules
@@ -393,8 +525,8 @@ def _check_targets(name: str, task: Any) -> None:
         if not ok:
             field = getattr(config, "doc_to_target", None)
             raise DataError(
-                f"--tasks: task '{name}': the answer of example {i + 1} is {target!r}, which is not one of its "
-                f"{len(choices)} choices (doc_to_target: {field!r}); every model would score 0.",
+                f"--tasks: task '{name}': the answer of example {i + 1}{where} is {target!r}, which is not one of "
+                f"its {len(choices)} choices (doc_to_target: {field!r}); every model would score 0 on it.",
                 "Make doc_to_target name the field holding the answer's index (or its text); see docs/tasks.md.",
             )
 

@@ -71,10 +71,11 @@ GOOD_YAML = (CLOZE_DIR / "britannica_cloze.yaml").read_text().replace("britannic
         ("YAML syntax", "task: [broken\n", None, "not a valid lm-eval task file"),
         ("no task name", "dataset_path: json\noutput_type: multiple_choice\n", None, "has no 'task:' name"),
         ("data file missing", GOOD_YAML, None, "its data file t.jsonl is not there"),
-        ("data not JSON lines", GOOD_YAML, '{"context": "a", "choices": ["b"\nnot json\n', "could not build"),
+        ("data not JSON lines", GOOD_YAML, '{"context": "a", "choices": ["b"\nnot json\n',
+         "line 1 of its data file"),
         ("unknown key", GOOD_YAML + "no_such_option: 1\n", (CLOZE_DIR / "britannica_cloze.jsonl").read_text(),
          "could not build"),
-        ("no examples", GOOD_YAML, "", "could not build"),
+        ("no examples", GOOD_YAML, "", "t.jsonl is empty"),
     ],
 )  # fmt: skip
 def test_malformed_local_task_file(
