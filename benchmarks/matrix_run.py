@@ -32,7 +32,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-GPU_THROUGHPUT = {"batch_sizes": [1, 8, 32], "prompt_lens": [128, 2048], "decode_mode": "compile"}
+# CUDA graphs without torch.compile (the GPU recipe's mode): set-up under a second a point instead of ~100 s of
+# compiling per model; --decode-mode compile for numbers to quote. bnb-int8 decodes eagerly (its outlier path
+# cannot be captured): 10 s a point keeps its three batch sizes from taking minutes.
+GPU_THROUGHPUT = {
+    "batch_sizes": [1, 8, 32],
+    "prompt_lens": [128, 2048],
+    "decode_mode": "graph",
+    "max_seconds_per_point": 10,
+}
 CPU_THROUGHPUT = {"batch_sizes": [1], "prompt_lens": [16], "gen_len": 8, "decode_mode": "eager"}
 
 
@@ -57,10 +65,14 @@ def write_text(path: Path, words: int, vocab: int, seed: int) -> Path:
     return path
 
 
-def write_recipe(work: Path, model: Path, shape: str, device: str, samples: int, seq_len: int) -> Path:
+def write_recipe(
+    work: Path, model: Path, shape: str, device: str, samples: int, seq_len: int, decode_mode: str | None = None
+) -> Path:
     gpu = device.startswith("cuda")
     group = 128 if shape != "tiny" else 64
-    throughput = GPU_THROUGHPUT if gpu else CPU_THROUGHPUT
+    throughput = dict(GPU_THROUGHPUT if gpu else CPU_THROUGHPUT)
+    if decode_mode:
+        throughput["decode_mode"] = decode_mode
     recipe = {
         "name": f"matrix-{shape}",
         "description": f"Random-weight Llama ({shape} shape): wall time per stage of the whole matrix.",
@@ -107,6 +119,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, required=True, help="folder for the model, texts, recipe, run")
     ap.add_argument("--samples", type=int, default=32, help="calibration samples (GPTQ, AWQ)")
     ap.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample")
+    ap.add_argument("--decode-mode", default=None, help="speed's decode mode (default: graph on a GPU, eager on CPU)")
     args = ap.parse_args()
 
     work = args.work.resolve()
@@ -116,7 +129,7 @@ def main() -> int:
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     write_text(work / "calib.txt", 2 * args.samples * args.seq_len, vocab, seed=1)
     write_text(work / "eval.txt", 40000 if args.device.startswith("cuda") else 2000, vocab, seed=2)
-    recipe = write_recipe(work, model, args.shape, args.device, args.samples, args.seq_len)
+    recipe = write_recipe(work, model, args.shape, args.device, args.samples, args.seq_len, args.decode_mode)
     build_s = time.perf_counter() - t0
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
