@@ -103,6 +103,31 @@ def configure_gptqmodel_env() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(1, os.cpu_count() or 1)))
 
 
+@contextlib.contextmanager
+def quiet_git_probe() -> Iterator[None]:
+    """Inside the block, ``subprocess.check_output(["git", ...])`` sends git's stderr to /dev/null.
+
+    GPTQModel 7.3.x (the newest that runs on torch < 2.14.1) asks ``git rev-parse`` for a commit at import, with
+    git's stderr left open: outside a git work tree every run's log gains "fatal: not a git repository". Its
+    failure is already ignored there (an empty suffix); only the line is dropped. Other calls are untouched.
+    """
+    import subprocess
+
+    saved = subprocess.check_output
+
+    def check_output(*args: Any, **kwargs: Any) -> Any:
+        argv = args[0] if args else kwargs.get("args")
+        if isinstance(argv, (list, tuple)) and argv[:1] == ["git"] and "stderr" not in kwargs:
+            kwargs["stderr"] = subprocess.DEVNULL
+        return saved(*args, **kwargs)
+
+    subprocess.check_output = check_output
+    try:
+        yield
+    finally:
+        subprocess.check_output = saved
+
+
 def quiet_gptqmodel() -> bool:
     """Quiet GPTQModel's console output (see the module docstring); returns whether it did.
 
@@ -120,7 +145,8 @@ def quiet_gptqmodel() -> bool:
         # Python >= 3.13.3t", "Calibration dataset size should be more than 256", Marlin padding a layer) printed
         # into every run's log; llmopt says what the user needs itself (calibration size, kernel used).
         LogBar.shared().setLevel("ERROR")
-        from gptqmodel.utils import logger
+        with quiet_git_probe():
+            from gptqmodel.utils import logger
     except Exception:  # not installed, or another version's layout: leave it as it is
         return False
     if callable(getattr(logger, "_suppress_live_renderables", None)):
