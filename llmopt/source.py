@@ -26,15 +26,16 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
-# (resolved path, st_dev, st_ino, st_size, st_mtime_ns) -> sha256 of a source weight file hashed by this process.
-# Only source provenance uses it; an artifact's integrity check (Artifact.verify) always reads every byte.
-_SOURCE_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+# (resolved path, st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) -> sha256 of a source weight file hashed by
+# this process. Only source provenance uses it; an artifact's integrity check (Artifact.verify) always reads every byte.
+_SOURCE_HASHES: dict[tuple[str, int, int, int, int, int], str] = {}
 
 
 def _source_file_sha256(path: Path) -> str:
-    def key() -> tuple[str, int, int, int, int]:
+    def key() -> tuple[str, int, int, int, int, int]:
         st = path.stat()
-        return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        # ctime too: writing the file or setting its mtime back (touch -d) changes it, and nobody can set it
+        return (str(path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     before = key()
     known = _SOURCE_HASHES.get(before)
@@ -70,7 +71,7 @@ class SourceModel:
 
     def weights_sha256(self) -> dict[str, str]:
         """sha256 of each weight file, for the manifest's provenance record. A run resolves its source once per
-        variant: a file this process already hashed, unchanged since (same device, inode, size and mtime), is
+        variant: a file this process already hashed, unchanged since (same device, inode, size, mtime and ctime), is
         not read again (an 8B model's 16 GB took ~13 s a variant)."""
         if self._weights_sha256 is None:
             self._weights_sha256 = {p.name: _source_file_sha256(p) for p in self.weight_files}
