@@ -320,6 +320,7 @@ def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output", can_
         return
     if not out.is_dir():
         raise OutputExistsError(f"{out} exists and is a file.", f"Choose another {flag} folder.")
+    _check_run_entries(out, flag)
     if overwrite or (out / RUN_MARKER).is_file():
         return
     foreign = sorted(p.name for p in out.iterdir() if p.name not in _RUN_ENTRIES and not p.name.startswith(".report."))
@@ -334,6 +335,24 @@ def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output", can_
         raise OutputExistsError(
             f"{out} is not empty and holds no report of llmopt run, so nothing shows that llmopt made it.",
             offer,
+        )
+
+
+# What a run writes under these names: a folder (artifacts/, plots/, serving/) or a file (report.json, report.md).
+_RUN_FOLDERS = (ARTIFACTS_DIR, "plots", "serving")
+_RUN_FILES = ("report.json", "report.md")
+
+
+def _check_run_entries(out: Path, flag: str) -> None:
+    """The run's own names in ``out`` are of the kind it writes: a file named ``plots`` or a folder named
+    ``report.json`` made every variant fail, or the run crash after the last one with its report left half done."""
+    wrong = [f"{name} is a file" for name in _RUN_FOLDERS if (out / name).exists() and not (out / name).is_dir()]
+    wrong += [f"{name} is a folder" for name in _RUN_FILES if (out / name).is_dir()]
+    if wrong:
+        raise OutputExistsError(
+            f"cannot write the run's files in {out}: {', '.join(wrong)} "
+            "(a run writes artifacts/, plots/ and serving/ as folders, report.json and report.md as files).",
+            f"Move those away, or choose another {flag} folder.",
         )
 
 
@@ -359,7 +378,10 @@ def claim_run_folder(out: Path) -> None:
 
 
 def lock_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.llmopt-lock"
+    """The lock file of ``out``: beside the folder it really is (through symbolic links), so that two spellings of
+    one folder (a link to it, ``a/../out``) share one lock."""
+    real = out.resolve()
+    return real.parent / f".{real.name}.llmopt-lock"
 
 
 @contextlib.contextmanager

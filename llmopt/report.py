@@ -105,7 +105,10 @@ def write_report(report: RunReport, out: Path, *, plots: bool = True) -> RunRepo
     out.mkdir(parents=True, exist_ok=True)
     plot_files: list[str] = []
     if plots:
-        plot_files, plot_notes = write_plots(report, out)
+        try:
+            plot_files, plot_notes = write_plots(report, out)
+        except OSError as exc:  # the plots are a view of the report: never lose the report to them
+            plot_files, plot_notes = [], [f"plots not written: {exc.strerror or exc} ({out / PLOTS_DIR})"]
         report.notes.extend(n for n in plot_notes if n not in report.notes)
     report.files = {"json": "report.json", "markdown": "report.md", "plots": plot_files}
     write_text_atomic(out / "report.md", render_markdown(report))

@@ -1,0 +1,92 @@
+"""The eighth hostile round (issue "A stranger's first hour"): the run's own names in its output folder, and one
+lock per folder however it is spelled."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+
+from llmopt.errors import EXIT_INPUT, OutputExistsError, OutputPathError
+from llmopt.outputs import check_run_folder, lock_path, output_lock
+from llmopt.report import write_report
+from llmopt.results import RunReport, VariantOutcome
+from tests.helpers import run_cli
+
+
+def _run_folder(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".llmopt-run").write_text("")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("plots", "file"), ("artifacts", "file"), ("serving", "file"), ("report.json", "folder"), ("report.md", "folder")],
+)
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_run_name_of_the_wrong_kind_is_refused_before_any_work(
+    tmp_path: Path, name: str, kind: str, overwrite: bool
+) -> None:
+    out = _run_folder(tmp_path)
+    if kind == "file":
+        (out / name).write_text("x")
+    else:
+        (out / name).mkdir()
+        (out / name / "x").write_text("x")
+    with pytest.raises(OutputExistsError) as caught:
+        check_run_folder(out, overwrite)
+    assert f"{name} is a {kind}" in caught.value.message
+    assert (out / name).exists()  # nothing was removed
+
+
+def test_the_cli_says_so_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    out = _run_folder(tmp_path)
+    (out / "plots").write_text("x")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: r\nmodel: {source: no-such-model-folder}\nevaluation: {dataset: no-such.txt}\n"
+        "variants: [{name: a, method: bnb-int8}]\n"
+    )
+    r = run_cli(["run", str(recipe), "-o", str(out)], cwd=tmp_path, timeout=300)
+    assert r.returncode == EXIT_INPUT, r.stderr
+    assert "plots is a file" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == [".llmopt-run", "plots"]
+
+
+def test_plots_that_cannot_be_written_do_not_lose_the_report(tmp_path: Path) -> None:
+    """A plots/ that turned into a file mid-run (the check runs before): the report is still written whole."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "plots").write_text("x")
+    pytest.importorskip("matplotlib")
+    measured = VariantOutcome(
+        name="a", method="bnb-int8", status="passed", perplexity=30.0, stderr=1.0, size_bytes=10**8
+    )
+    report = RunReport(recipe={"name": "r"}, variants=[measured])
+    written = write_report(report, out)
+    assert (out / "report.json").is_file() and (out / "report.md").is_file()
+    assert written.files["plots"] == []
+    assert any(note.startswith("plots not written:") for note in written.notes), written.notes
+
+
+def test_a_link_to_the_folder_shares_its_lock(tmp_path: Path) -> None:
+    real = tmp_path / "out"
+    real.mkdir()
+    (tmp_path / "t").mkdir()
+    link = tmp_path / "t" / "alias"
+    link.symlink_to(real)
+    assert lock_path(link) == lock_path(real) == lock_path(tmp_path / "t" / ".." / "out")
+    with output_lock(real):
+        fd = os.open(lock_path(real), os.O_RDWR)
+        try:
+            with pytest.raises(OSError):  # held: the link's spelling finds the same lock file, and it is taken
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
+        with pytest.raises(OutputPathError) as caught, output_lock(link):
+            pass
+        assert f"PID {os.getpid()}" in caught.value.message
