@@ -123,6 +123,20 @@ def check_calibration_settings(samples: int, seq_len: int) -> None:
         raise DataError(f"--seq-len {seq_len} must be at least 8 tokens.", "Pass --seq-len 8 or more (default 512).")
 
 
+def calibration_size_hint(tokens: int, samples: int, seq_len: int) -> str:
+    """What to change when ``tokens`` cannot give ``samples`` slices of ``seq_len``: only what would help, named as
+    a flag (quantize) and as a recipe key (run)."""
+    available = tokens // seq_len
+    more = f"give a text of at least {samples * seq_len:,} tokens"
+    if tokens < 8:  # nothing to slice: no setting helps
+        return f"The text is empty or nearly ({tokens} tokens): {more}."
+    if available >= 1:
+        fewer = f"lower --samples (recipe: calibration.samples) to {available}"
+    else:
+        fewer = f"lower --seq-len (recipe: calibration.seq_len) to {max(8, tokens // samples)} or less"
+    return f"{fewer[0].upper()}{fewer[1:]}, or {more}."
+
+
 def calibration_set(
     tokenizer: Any, spec: str, *, samples: int, seq_len: int, seed: int = 0
 ) -> CalibrationSet:
@@ -135,7 +149,7 @@ def calibration_set(
         raise DataError(
             f"calibration text '{spec}' has {len(ids):,} tokens: {available} samples of {seq_len} tokens, "
             f"{samples} asked.",
-            f"Lower --samples to {max(available, 1)} or --seq-len, or give more text.",
+            calibration_size_hint(len(ids), samples, seq_len),
         )
     starts = sorted(random.Random(seed).sample(range(available), samples))
     chosen = [ids[s * seq_len : (s + 1) * seq_len] for s in starts]

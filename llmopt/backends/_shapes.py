@@ -70,4 +70,6 @@ def check_group_size(config: dict[str, Any], group_size: int) -> None:
         )
     problem = group_size_problem(config, group_size)
     if problem:
-        raise OptionsError(problem, "Pass --group-size with one of the sizes named above.")
+        raise OptionsError(
+            problem, "Pass --group-size (recipe: the variant's options.group_size) with one of the sizes named above."
+        )

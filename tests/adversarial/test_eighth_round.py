@@ -90,3 +90,33 @@ def test_a_link_to_the_folder_shares_its_lock(tmp_path: Path) -> None:
         with pytest.raises(OutputPathError) as caught, output_lock(link):
             pass
         assert f"PID {os.getpid()}" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("tokens", "samples", "seq_len", "says", "not_says"),
+    [
+        (0, 1, 128, "empty or nearly (0 tokens): give a text of at least 128 tokens", "lower"),
+        (300, 4, 128, "Lower --samples (recipe: calibration.samples) to 2", "--seq-len"),
+        (100, 1, 128, "Lower --seq-len (recipe: calibration.seq_len) to 100 or less", "--samples"),
+        (100, 4, 128, "Lower --seq-len (recipe: calibration.seq_len) to 25 or less", "--samples"),
+    ],
+)
+def test_a_short_calibration_text_gets_a_hint_that_would_work(
+    tokens: int, samples: int, seq_len: int, says: str, not_says: str
+) -> None:
+    """An empty text was told 'Lower --samples to 1' with --samples 1 already, and `llmopt run` has no such flag."""
+    from llmopt.data import calibration_size_hint
+
+    hint = calibration_size_hint(tokens, samples, seq_len)
+    assert says in hint and not_says not in hint
+    assert f"at least {samples * seq_len:,} tokens" in hint
+
+
+def test_the_group_size_hint_names_the_recipe_key() -> None:
+    from llmopt.backends._shapes import check_group_size
+    from llmopt.errors import OptionsError
+
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3}
+    with pytest.raises(OptionsError) as caught:
+        check_group_size(config, 128)
+    assert "options.group_size" in caught.value.hint and "--group-size" in caught.value.hint
