@@ -203,6 +203,29 @@ class PublishSpec(_Strict):
         return self
 
 
+def _name_clashes(names: list[Any]) -> list[tuple[str, int]]:
+    """(message, index) of each variant whose name repeats an earlier one, exactly or but for case: artifacts/NAME
+    and the Hub repo NAME are one folder, one repo, on a case-insensitive file system (macOS, Windows) and on the
+    Hub. Names that are not strings are left to the field checks."""
+    seen: dict[str, str] = {}
+    found: list[tuple[str, int]] = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            continue
+        first = seen.setdefault(name.casefold(), name)
+        if first == name and i != names.index(name):
+            found.append((f"variant name '{name}' is used twice; give each variant its own name", i))
+        elif first != name:
+            found.append(
+                (
+                    f"variant names '{first}' and '{name}' differ only by case: their artifact folders (and Hub "
+                    "repos) would be one on a case-insensitive file system; rename one",
+                    i,
+                )
+            )
+    return found
+
+
 class Recipe(_Strict):
     """Schema of a recipe file (``llmopt.recipe/1``)."""
 
@@ -221,22 +244,10 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
-        seen: dict[str, str] = {}
-        for i, v in enumerate(self.variants):
-            # artifacts/NAME and the Hub repo NAME: on a case-insensitive file system (macOS, Windows) and on the
-            # Hub, int8 and Int8 are one folder, one repo
-            first = seen.get(v.name.casefold())
-            if first == v.name:
-                raise _error(
-                    f"variant name '{v.name}' is used twice; give each variant its own name", ("variants", i, "name")
-                )
-            if first is not None:
-                raise _error(
-                    f"variant names '{first}' and '{v.name}' differ only by case: their artifact folders (and Hub "
-                    "repos) would be one on a case-insensitive file system; rename one",
-                    ("variants", i, "name"),
-                )
-            seen[v.name.casefold()] = v.name
+        clashes = _name_clashes([v.name for v in self.variants])
+        if clashes:
+            text, i = clashes[0]  # the rest are added where the errors are shown (parse_recipe): all at once
+            raise _error(text, ("variants", i, "name"))
         if self.evaluation.throughput is None:
             for i, v in enumerate(self.variants):
                 if self.gate_for(v).min_decode_speedup is not None:
@@ -532,7 +543,17 @@ def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ..
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_describe(e, source, lines, data) for e in exc.errors()]
+        errors = exc.errors()
+        problems = [_describe(e, source, lines, data) for e in errors]
+        # Every name clash too, not only the first, nor only once the fields are right: the whole-recipe check that
+        # finds them runs after the fields pass, and stops at one.
+        shown = {(*e["loc"], *((e.get("ctx") or {}).get("at") or ())) for e in errors}
+        variants = data.get("variants")
+        names = [v.get("name") if isinstance(v, dict) else None for v in variants] if isinstance(variants, list) else []
+        for text, i in _name_clashes(names):
+            if ("variants", i, "name") not in shown:
+                err = {"type": "recipe", "loc": (), "msg": text, "ctx": {"text": text, "at": ("variants", i, "name")}}
+                problems.append(_describe(err, source, lines, data))
         head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
         raise RecipeError(head, "Fix the recipe; `llmopt recipe schema` prints every key with its meaning.") from None
 

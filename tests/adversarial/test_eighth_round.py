@@ -120,3 +120,31 @@ def test_the_group_size_hint_names_the_recipe_key() -> None:
     with pytest.raises(OptionsError) as caught:
         check_group_size(config, 128)
     assert "options.group_size" in caught.value.hint and "--group-size" in caught.value.hint
+
+
+def test_every_name_clash_is_shown_with_the_field_errors(tmp_path: Path) -> None:
+    """`recipe validate` showed an option error alone, then after that was fixed one name clash, then the next."""
+    from llmopt.errors import RecipeError
+    from llmopt.recipe import load_recipe
+
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text(
+        "name: dup\nmodel: {source: m}\nevaluation: {dataset: e.txt}\nvariants:\n"
+        "  - {name: bnb-int8, method: bnb-int8}\n"  # line 5
+        "  - {name: BNB-int8, method: bnb-int8}\n"  # line 6: differs only by case
+        "  - {name: bnb-int8, method: bnb-int8}\n"  # line 7: the same name again
+        "  - {name: g, method: gptq, options: {bitz: 3}}\n"  # line 8: a field error
+    )
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    text = caught.value.message
+    assert "3 problems" in text
+    assert "dup.yaml:8:" in text and "'bitz' is not an option" in text
+    assert "dup.yaml:6: variant names 'bnb-int8' and 'BNB-int8' differ only by case" in text
+    assert "dup.yaml:7: variant name 'bnb-int8' is used twice" in text
+
+    recipe.write_text(recipe.read_text().replace("bitz", "bits"))  # fields right: both clashes still, at once
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(recipe)
+    assert "2 problems" in caught.value.message and "dup.yaml:6:" in caught.value.message
+    assert "dup.yaml:7:" in caught.value.message
