@@ -28,7 +28,7 @@ from llmopt.artifact import (
     hash_tree,
     sha256_json,
 )
-from llmopt.atomic import give_plain_modes
+from llmopt.atomic import give_plain_modes, pid_alive
 from llmopt.errors import (
     DataError,
     InputError,
@@ -69,14 +69,6 @@ __all__ = [
 ]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def sweep_stale_partials(out: Path) -> list[Path]:
@@ -91,7 +83,7 @@ def sweep_stale_partials(out: Path) -> list[Path]:
             if not pid_text.isdigit() or not path.is_dir():
                 continue
             pid = int(pid_text)
-            if pid == os.getpid() or _pid_alive(pid):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
             shutil.rmtree(path, ignore_errors=True)
             if not path.exists():

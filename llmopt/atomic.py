@@ -17,6 +17,17 @@ def _umask() -> int:
     return mask
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (someone else's included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def write_atomic(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``fill(file)`` on a temp file next to it and an atomic rename.
 

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from llmopt.atomic import pid_alive
 from llmopt.errors import InputError, NoSpaceError
 
 TOP_K = 256
@@ -239,6 +240,14 @@ def check_space(folder: Path, needed: int) -> None:
         )
 
 
+def _sweep_dead_partials(final: Path) -> None:
+    """Remove ``.NAME.partial-PID-*`` staging folders of ``final`` whose process is gone (killed mid-write)."""
+    for path in final.parent.glob(f".{final.name}.partial-*-*"):
+        pid_text = path.name[len(f".{final.name}.partial-") :].split("-", 1)[0]
+        if path.is_dir() and pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 class ReferenceWriter:
     """Writes a reference window by window into a staging folder; ``finish`` moves it into place."""
 
@@ -251,7 +260,9 @@ class ReferenceWriter:
         self.offsets = _offsets(window_tokens)
         check_space(final.parent, reference_bytes(self.tokens, self.k))
         final.parent.mkdir(parents=True, exist_ok=True)
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+        _sweep_dead_partials(final)
+        # the PID in the name: a folder left by a killed process is found and removed by the next writer
+        self.staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{os.getpid()}-", dir=final.parent))
         shapes = {
             "top_ids": ((self.tokens, self.k), "int32"),
             "top_lp": ((self.tokens, self.k), "float32"),

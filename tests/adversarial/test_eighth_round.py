@@ -148,3 +148,28 @@ def test_every_name_clash_is_shown_with_the_field_errors(tmp_path: Path) -> None
         load_recipe(recipe)
     assert "2 problems" in caught.value.message and "dup.yaml:6:" in caught.value.message
     assert "dup.yaml:7:" in caught.value.message
+
+
+def test_a_kld_reference_left_half_written_by_a_killed_process_is_removed(tmp_path: Path) -> None:
+    """A SIGKILL while FP16's KLD reference was being written left `.NAME.partial-*` in the cache for good."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("numpy")
+    from llmopt.evaluate.kld import ReferenceWriter
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its PID names no process now (reuse within the test is vanishingly rare)
+    final = tmp_path / "baselines" / "abc.kld-top256"
+    final.parent.mkdir()
+    stale = final.parent / f".{final.name}.partial-{dead_pid}-x1y2"
+    stale.mkdir()
+    (stale / "top_ids.npy").write_bytes(b"\0" * 64)
+    live = final.parent / f".{final.name}.partial-{os.getppid()}-z3"  # pytest's parent: alive
+    live.mkdir()
+    old_style = final.parent / f".{final.name}.partial-k2j3h4"  # no PID in the name: not ours to judge
+    old_style.mkdir()
+
+    writer = ReferenceWriter(final, "key", [4, 4], vocab=16, k=4)
+    assert not stale.exists() and live.is_dir() and old_style.is_dir()
+    assert writer.staging.name.startswith(f".{final.name}.partial-{os.getpid()}-")
