@@ -215,13 +215,15 @@ def _run_prepared(
         done = len(outcomes)
         if ctx.interrupted is not None:
             outcomes.append(ctx.interrupted)  # not finished (not_run), but with the scores it has
-        write_report(report_of(outcomes, "interrupted"), out, plots=False)
+        written = write_report(report_of(outcomes, "interrupted"), out, plots=False)
         current = selected[done].name if done < len(selected) else None
-        raise InterruptedRunError(
+        stopped = InterruptedRunError(
             f"interrupted{f' during {current}' if current else ''}: {done} of {len(selected)} variant(s) "
             f"finished and are in {out / 'report.json'}; nothing half-written was left.",
             "Run the same command again: finished variants are reused, the rest run.",
-        ) from None
+        )
+        stopped.partial = written  # the report as written (state interrupted), for --json
+        raise stopped from None
     report = report_of(outcomes, "complete")
     write_report(report, out)
     return report

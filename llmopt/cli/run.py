@@ -129,8 +129,10 @@ def register(app: typer.Typer) -> None:
         130 interrupted (Ctrl-C/SIGTERM stop the whole run; the report lists what finished, a rerun resumes).
         The output folder must be new, one an earlier run made, or given with --overwrite.
         """
+        from llmopt.errors import InterruptedRunError
         from llmopt.pipeline import run_recipe
         from llmopt.progress import default_reporter
+        from llmopt.results import RunReport
 
         out = JsonOutput(json_out, json_file)
         # the run folder only holds what the run writes (a later run or --overwrite check reads its entries)
@@ -163,17 +165,23 @@ def register(app: typer.Typer) -> None:
 
             loaded, _ = resolve_recipe(recipe, overrides, set_)
             out.check(*(path for _, path in recipe_inputs(loaded, str(recipe), loaded.variants)), creates=output)
-        with stdout_is_ours():
-            report = run_recipe(
-                recipe,
-                only=only,
-                output=output,
-                publish=publish,
-                overwrite=overwrite,
-                overrides=overrides,
-                sets=set_,
-                reporter=default_reporter(quiet or out.to_stdout),
-            )
+        try:
+            with stdout_is_ours():
+                report = run_recipe(
+                    recipe,
+                    only=only,
+                    output=output,
+                    publish=publish,
+                    overwrite=overwrite,
+                    overrides=overrides,
+                    sets=set_,
+                    reporter=default_reporter(quiet or out.to_stdout),
+                )
+        except InterruptedRunError as exc:
+            # a CI job stopped by its timeout still gets the report of what finished, as report.json has it
+            if isinstance(exc.partial, RunReport):
+                out.emit(exc.partial)
+            raise
         out.emit(report)
         if out.human:
             render_run(report)

@@ -97,7 +97,7 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     variant), report.json/.md list variant a as done and b, c as not run; no half-written artifact; a rerun
     reuses a and finishes b and c."""
     out = f"out-{sig.name}"
-    proc = _popen(["run", "recipe.yaml", "-o", out], small)
+    proc = _popen(["run", "recipe.yaml", "-o", out, "--json"], small)
     running = _wait_finished(proc, small / out, 1)
     assert running["state"] == "running" and running["exit_code"] is None
     assert [v["status"] for v in running["variants"]] == ["passed", "not_run", "not_run"]
@@ -106,7 +106,7 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     time.sleep(0.3)  # into variant b's work
     proc.send_signal(sig)
     try:
-        _, err = proc.communicate(timeout=120)
+        printed, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError("the run did not stop after the signal") from None
@@ -114,6 +114,8 @@ def test_signal_stops_the_whole_run_and_keeps_the_report(small: Path, sig: signa
     assert "interrupted" in err and "Traceback" not in err
     report = _report(small / out)
     assert report is not None and report["state"] == "interrupted" and report["exit_code"] == 130
+    # --json: the report as written, on stdout (it printed nothing before)
+    assert json.loads(printed) == report
     statuses = [v["status"] for v in report["variants"]]
     # the signal lands in b (on a slow machine) or, rarely, just after it: c never runs
     assert statuses in (["passed", "not_run", "not_run"], ["passed", "passed", "not_run"]), statuses
