@@ -304,7 +304,7 @@ def check_run_folder(out: Path, overwrite: bool, *, flag: str = "--output", can_
     """
     offer = (
         f"Choose a new {flag} folder, or pass --overwrite to write the run's files there "
-        "(report.json, report.md, plots/, artifacts/; nothing else is touched)."
+        "(report.json, report.md, plots/, artifacts/, serving/; nothing else is touched)."
         if can_overwrite
         else f"Choose a new {flag} folder (or an empty one)."
     )
@@ -348,6 +348,11 @@ def _check_run_entries(out: Path, flag: str) -> None:
     ``report.json`` made every variant fail, or the run crash after the last one with its report left half done."""
     wrong = [f"{name} is a file" for name in _RUN_FOLDERS if (out / name).exists() and not (out / name).is_dir()]
     wrong += [f"{name} is a folder" for name in _RUN_FILES if (out / name).is_dir()]
+    wrong += [
+        f"{name} is a link to nothing"
+        for name in (*_RUN_FOLDERS, *_RUN_FILES)
+        if (out / name).is_symlink() and not (out / name).exists()
+    ]
     if wrong:
         raise OutputExistsError(
             f"cannot write the run's files in {out}: {', '.join(wrong)} "
@@ -382,6 +387,28 @@ def lock_path(out: Path) -> Path:
     one folder (a link to it, ``a/../out``) share one lock."""
     real = out.resolve()
     return real.parent / f".{real.name}.llmopt-lock"
+
+
+def _held_by_another(lock: Path) -> str | None:
+    """The holder's PID (text, maybe empty) if a process other than this one holds ``lock`` now; else None."""
+    import fcntl
+
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:  # no such lock: nobody writes there
+        return None
+    try:
+        holder = os.read(fd, 32).decode(errors="replace").strip()
+        if holder == str(os.getpid()):
+            return None  # this process: a run writing its own artifact
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return holder
+        fcntl.flock(fd, fcntl.LOCK_UN)  # a lock file left unlocked (its process was killed): nobody
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -424,6 +451,19 @@ def output_lock(out: Path, *, flag: str = "-o") -> Iterator[None]:
         if same:
             break
         os.close(fd)
+    # A folder inside one another process is writing (`quantize -o RUN/artifacts/VARIANT` beside `run -o RUN`) is
+    # that process's too: its lock sits beside RUN, not beside the subfolder.
+    for parent in out.resolve().parents:
+        writer = _held_by_another(lock_path(parent)) if parent != parent.parent else None
+        if writer is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            os.close(fd)
+            who = f"PID {writer}" if writer.isdigit() else "another process"
+            raise OutputPathError(
+                f"another llmopt process ({who}) is writing {parent}, which holds {out}, right now.",
+                f"Wait for it to finish, or choose an {flag} folder outside it.",
+            )
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

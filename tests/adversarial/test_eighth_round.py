@@ -173,3 +173,59 @@ def test_a_kld_reference_left_half_written_by_a_killed_process_is_removed(tmp_pa
     writer = ReferenceWriter(final, "key", [4, 4], vocab=16, k=4)
     assert not stale.exists() and live.is_dir() and old_style.is_dir()
     assert writer.staging.name.startswith(f".{final.name}.partial-{os.getpid()}-")
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from llmopt.outputs import output_lock
+with output_lock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_folder_inside_one_another_process_writes_is_refused(tmp_path: Path) -> None:
+    """`quantize -o RUN/artifacts/VARIANT --overwrite` went ahead beside the `run -o RUN` that was scoring it."""
+    import subprocess
+    import sys
+
+    run_folder = tmp_path / "run"
+    (run_folder / "artifacts" / "v").mkdir(parents=True)
+    (run_folder / "artifacts" / "new").mkdir()  # the lock's folder exists (the commands make it first)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_folder)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        for inner in (run_folder / "artifacts" / "v", run_folder / "artifacts" / "new" / "deeper"):
+            with pytest.raises(OutputPathError) as caught, output_lock(inner):
+                pass
+            assert f"PID {holder.pid}" in caught.value.message and str(run_folder) in caught.value.message
+            assert not lock_path(inner).exists()  # nothing of the refused one is left
+        with output_lock(tmp_path / "elsewhere"):  # a folder beside it is free
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_lock(run_folder / "artifacts" / "v"):  # the holder is gone (killed): free again
+        pass
+
+
+def test_this_process_may_write_inside_the_folder_it_holds(tmp_path: Path) -> None:
+    """A run holds its folder and locks each artifact it writes: that is not 'another process'."""
+    (tmp_path / "run" / "artifacts").mkdir(parents=True)
+    with output_lock(tmp_path / "run"), output_lock(tmp_path / "run" / "artifacts" / "v"):
+        pass
+
+
+@pytest.mark.parametrize("name", ["artifacts", "plots", "serving", "report.json"])
+def test_a_link_to_nothing_with_a_run_name_is_refused_before_any_work(tmp_path: Path, name: str) -> None:
+    out = _run_folder(tmp_path)
+    (out / name).symlink_to(tmp_path / "nowhere")
+    with pytest.raises(OutputExistsError) as caught:
+        check_run_folder(out, overwrite=True)
+    assert f"{name} is a link to nothing" in caught.value.message
+    assert (out / name).is_symlink()
