@@ -26,6 +26,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import functools
+import io
 import os
 import sys
 from collections.abc import Iterator
@@ -55,6 +56,16 @@ _PRINTING_MODULES = (
     "gptqmodel.quantization.gptq",
     "gptqmodel.looper.awq_processor",
 )
+
+
+class _Discarding(io.TextIOBase):
+    """A text stream that drops what is written to it (kept alive: logbar holds only a weak reference)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+
+_DISCARD = _Discarding()
 
 
 def _stdout_print_dropped(*args: Any, **kwargs: Any) -> None:
@@ -139,12 +150,16 @@ def quiet_gptqmodel() -> bool:
     if third_party_logs_wanted():
         return False
     try:
-        from logbar import LogBar
+        # logbar's first shared logger (made when logbar is imported) prints an empty line to stdout "to clear space
+        # from previous logs": one blank line in every GPTQ run's output. Let it go nowhere.
+        with contextlib.redirect_stdout(_DISCARD):
+            from logbar import LogBar
 
+            shared = LogBar.shared()
         # ERROR, not WARN: its warnings are advice about its own set-up ("Python GIL is enabled ... We recommend
         # Python >= 3.13.3t", "Calibration dataset size should be more than 256", Marlin padding a layer) printed
         # into every run's log; llmopt says what the user needs itself (calibration size, kernel used).
-        LogBar.shared().setLevel("ERROR")
+        shared.setLevel("ERROR")
         with quiet_git_probe():
             from gptqmodel.utils import logger
     except Exception:  # not installed, or another version's layout: leave it as it is

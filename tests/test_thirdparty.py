@@ -37,6 +37,15 @@ def test_gptqmodel_banner_and_bars_are_off_by_default() -> None:
     assert "GPT-QModel" not in out  # the import banner (an INFO log)
 
 
+def test_importing_gptqmodel_prints_nothing_on_stdout() -> None:
+    """logbar's first shared logger printed one empty line to stdout (a blank line in every GPTQ run's output)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "LLMOPT_DEBUG")}
+    probe = "from llmopt._thirdparty import quiet_gptqmodel\nimport time\nquiet_gptqmodel()\ntime.sleep(0.5)\n"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""
+
+
 def test_third_party_logs_can_be_kept() -> None:
     out = _run({"LLMOPT_THIRD_PARTY_LOGS": "1"})
     assert "quieted: False" in out and "GPT-QModel" in out
