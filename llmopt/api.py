@@ -69,8 +69,6 @@ __all__ = [
 ]
 
 
-
-
 def sweep_stale_partials(out: Path) -> list[Path]:
     """Remove hidden ``.NAME.llmopt-partial-PID`` / ``-old-PID`` folders next to ``out`` left by a process that
     no longer runs (a library caller killed by a signal, a crash). Folders of live processes are kept."""
