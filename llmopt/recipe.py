@@ -207,13 +207,14 @@ def _name_clashes(names: list[Any]) -> list[tuple[str, int]]:
     """(message, index) of each variant whose name repeats an earlier one, exactly or but for case: artifacts/NAME
     and the Hub repo NAME are one folder, one repo, on a case-insensitive file system (macOS, Windows) and on the
     Hub. Names that are not strings are left to the field checks."""
-    seen: dict[str, str] = {}
+    exact: set[str] = set()
+    folded: dict[str, str] = {}  # casefold -> the first name written so
     found: list[tuple[str, int]] = []
     for i, name in enumerate(names):
         if not isinstance(name, str):
             continue
-        first = seen.setdefault(name.casefold(), name)
-        if first == name and i != names.index(name):
+        first = folded.setdefault(name.casefold(), name)
+        if name in exact:
             found.append((f"variant name '{name}' is used twice; give each variant its own name", i))
         elif first != name:
             found.append(
@@ -223,6 +224,7 @@ def _name_clashes(names: list[Any]) -> list[tuple[str, int]]:
                     i,
                 )
             )
+        exact.add(name)
     return found
 
 
