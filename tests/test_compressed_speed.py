@@ -196,18 +196,17 @@ def test_a_checkpoint_that_is_not_w4a16_is_not_rewritten(tmp_path: Path) -> None
     assert not (tmp_path / "out").exists()
 
 
-def test_install_fp8_replaces_the_stored_fp8_layers_of_a_loaded_model(tmp_path: Path) -> None:
-    """What a speed measurement does after transformers loaded the checkpoint decompressed: every linear layer
-    stored in FP8 becomes an Fp8Linear with the stored codes and scales; the rest (the head) stays."""
-    import copy
-
+def _fp8_checkpoint(tmp_path: Path, bias: bool = False) -> tuple[Any, Any]:
+    """A tiny random Llama whose decoder linear layers are stored in FP8 in tmp_path (codes and scales, as
+    llm-compressor writes them), and the model as transformers' decompression leaves it (16-bit weights equal to
+    code x scale)."""
     import torch
     from safetensors.torch import save_file
 
-    from llmopt.runners.compressed import FP8_MAX, install_fp8
+    from llmopt.runners.compressed import FP8_MAX
 
     rm = random_models()
-    model = rm.build_fp16(rm.llama_config("tiny"), "cpu").to(torch.bfloat16)
+    model = rm.build_fp16(rm.llama_config("tiny", attention_bias=bias), "cpu").to(torch.bfloat16)
     tensors: dict[str, Any] = {}
     for name, module in model.named_modules():
         if name.rsplit(".", 1)[-1] in rm.QUANTIZED and name.startswith("model.layers."):
@@ -219,14 +218,109 @@ def test_install_fp8_replaces_the_stored_fp8_layers_of_a_loaded_model(tmp_path: 
             with torch.no_grad():  # what transformers' decompression leaves in the model
                 module.weight.copy_((codes.float() * scale).to(torch.bfloat16))
     save_file(tensors, str(tmp_path / "model.safetensors"))
+    return model, tensors
+
+
+def test_install_fp8_replaces_the_stored_fp8_layers_of_a_loaded_model(tmp_path: Path) -> None:
+    """What a speed measurement does after transformers loaded the checkpoint: every linear layer stored in FP8
+    becomes an FP8 layer with the stored codes and scales (q/k/v and gate/up merged); the rest (the head) stays."""
+    import copy
+
+    import torch
+
+    from llmopt.runners.compressed import install_fp8
+
+    model, tensors = _fp8_checkpoint(tmp_path)
     reference = copy.deepcopy(model)
-    replaced = install_fp8(model, tmp_path)
-    assert replaced == len(tensors) // 2
-    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Fp8Linear"
+    installed = install_fp8(model, tmp_path)
+    layers = len(model.model.layers)
+    assert installed.replaced == len(tensors) // 2 == 7 * layers
+    assert installed.merged == 5 * layers
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Fp8SiblingLinear"
+    assert type(model.model.layers[0].self_attn.o_proj).__name__ == "Fp8Linear"
     assert isinstance(model.lm_head, torch.nn.Linear)
+    # the merged weights are stored once: 7 linear layers' codes a decoder layer, not more
+    fp8_bytes = sum(b.numel() for b in model.buffers() if b.dtype == torch.float8_e4m3fn)
+    assert fp8_bytes == sum(t.numel() for n, t in tensors.items() if n.endswith(".weight"))
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         got = model(input_ids=ids).logits.float()
         ref = reference(input_ids=ids).logits.float()
     # the same weights; only the inputs' per-token FP8 rounding differs
     assert ((got - ref).norm() / ref.norm()).item() < 0.1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_merged_siblings_compute_what_separate_layers_do(tmp_path: Path, bias: bool) -> None:
+    """One merged product for q/k/v (and gate/up) gives each layer exactly its separate product: the same codes
+    of the same input, the same weight rows; with biases too (Qwen2's q/k/v have them)."""
+    import copy
+
+    import torch
+
+    from llmopt.runners.compressed import install_fp8
+
+    model, _ = _fp8_checkpoint(tmp_path, bias=bias)
+    separate = copy.deepcopy(model)
+    assert install_fp8(model, tmp_path).merged > 0
+    assert install_fp8(separate, tmp_path, merge=False).merged == 0
+    assert type(separate.model.layers[0].self_attn.q_proj).__name__ == "Fp8Linear"
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, separate(input_ids=ids).logits)
+        # a sibling called alone, on an input no sibling has seen, multiplies with its own rows
+        attn, attn_sep = model.model.layers[0].self_attn, separate.model.layers[0].self_attn
+        x = torch.randn(3, attn.k_proj.in_features, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+        assert torch.equal(attn.v_proj(x), attn_sep.v_proj(x))
+        assert torch.equal(attn.k_proj(x), attn_sep.k_proj(x))
+        assert attn.q_proj.shared.x is not None  # k's product left q and v theirs: v took its own, q's waits
+        y = torch.randn(3, attn.k_proj.in_features).to(torch.bfloat16)
+        assert torch.equal(attn.q_proj(y), attn_sep.q_proj(y))  # another input: not the waiting slice
+
+
+def test_install_fp8_removes_the_decompression_hook(tmp_path: Path) -> None:
+    """compressed-tensors leaves a forward pre-hook that decompresses its layers at the first call; once they are
+    replaced it has nothing to do but re-dispatch the model, so it goes."""
+    from llmopt.runners.compressed import install_fp8
+
+    model, _ = _fp8_checkpoint(tmp_path)
+    calls: list[int] = []
+
+    def ct_decompress_hook(module: Any, args: Any) -> None:
+        calls.append(1)
+
+    def other_hook(module: Any, args: Any) -> None:
+        calls.append(2)
+
+    model.register_forward_pre_hook(ct_decompress_hook)
+    model.register_forward_pre_hook(other_hook)
+    install_fp8(model, tmp_path)
+    import torch
+
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert calls == [2]
+
+
+@pytest.mark.gpu
+def test_the_triton_quantization_is_torchs_bit_for_bit() -> None:
+    """On a CUDA GPU the per-token quantization is one Triton launch; its codes and scales equal torch's ops'
+    exactly, for the widths of real layers (4096, 14336), odd widths, rows of zeros and large values."""
+    import torch
+
+    from llmopt.runners.compressed import _quant_kernel, quantize_rows, quantize_rows_torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    assert _quant_kernel() is not None
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for rows, cols in [(1, 4096), (8, 14336), (33, 576), (5, 100), (2, 1)]:
+        for dtype in (torch.float16, torch.bfloat16):
+            x = (torch.randn(rows, cols, generator=gen, device="cuda") * 3).to(dtype)
+            x[0, :] = 0
+            if cols > 3:
+                x[-1, 3] = 60000 if dtype == torch.float16 else 1e30
+            codes, scale = quantize_rows(x)
+            ref_codes, ref_scale = quantize_rows_torch(x)
+            assert torch.equal(scale, ref_scale), (rows, cols, dtype)
+            assert torch.equal(codes.view(torch.uint8), ref_codes.view(torch.uint8)), (rows, cols, dtype)

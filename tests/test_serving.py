@@ -402,3 +402,29 @@ def test_goodput_of_a_burst_never_reads_above_the_offered_rate() -> None:
     clients = point("concurrency", 2)
     apply_slo(clients, None, slo)
     assert clients.goodput_per_s == pytest.approx(3 / 1.6)
+
+
+def test_llama_server_is_placed_where_the_evaluation_runs() -> None:
+    """A run on cuda:0 serves its GGUF with every layer on that GPU (llama-server's own default may keep them on
+    the CPU); cpu puts none there; auto, or placement arguments of the user's own, add nothing."""
+    from llmopt.serving.servers import llama_cpp_placement
+
+    assert llama_cpp_placement("cuda:0", []) == ["-ngl", "999", "--device", "CUDA0"]
+    assert llama_cpp_placement("cuda:3", ["--no-mmap"]) == ["-ngl", "999", "--device", "CUDA3"]
+    assert llama_cpp_placement("cuda", []) == ["-ngl", "999"]
+    assert llama_cpp_placement("cpu", []) == ["-ngl", "0"]
+    assert llama_cpp_placement("auto", []) == []
+    assert llama_cpp_placement("cuda:0", ["-ngl", "20"]) == []
+    assert llama_cpp_placement("cuda:0", ["--n-gpu-layers=20"]) == []
+    assert llama_cpp_placement("cpu", ["--device", "none"]) == []
+
+
+def test_the_run_passes_its_device_to_the_server(tmp_path: Path) -> None:
+    from llmopt.serving.measure import server_options
+    from llmopt.specs import ServingSpec
+
+    spec = ServingSpec(rates=[1.0])
+    assert server_options(spec, "cuda:1").device == "cuda:1"
+    assert server_options(spec, "cpu").device == "cpu"
+    assert server_options(spec, None).device == "auto"
+    assert server_options(spec, "cuda:0,1").device == "auto"  # a split model: the server's own default

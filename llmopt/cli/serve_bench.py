@@ -214,7 +214,13 @@ def register(app: typer.Typer) -> None:
         continuous_batching: Annotated[
             bool, typer.Option("--continuous-batching/--no-continuous-batching", help="transformers serve.")
         ] = True,
-        device: Annotated[str, typer.Option(help="transformers serve --device.")] = "auto",
+        device: Annotated[
+            str,
+            typer.Option(
+                help="Where the started server runs the model: auto (the server's default), cpu, cuda, cuda:N "
+                "(transformers serve --device; llama.cpp: every layer on that GPU, none for cpu)."
+            ),
+        ] = "auto",
         dtype: Annotated[
             str | None, typer.Option(help="transformers serve --dtype (default: float32 on CPU, else the model's).")
         ] = None,

@@ -141,11 +141,11 @@ def bench_model(
             )
     if scheme is not None and scheme.kind == "fp8-dynamic":
         try:
-            replaced = install_fp8(runner.causal_lm(), path)
+            installed = install_fp8(runner.causal_lm(), path)
         except BaseException:
             runner.close()
             raise
-        runner.kernel = f"{scheme.kernel}, {replaced} layers"
+        runner.kernel = f"{scheme.kernel}, {installed.describe()}"
     elif scheme is not None and scheme.kind == "w4a16":
         runner.kernel = f"{runner.kernel} ({scheme.kernel})" if runner.kernel else scheme.kernel
     try:

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn value
 GPTQ_ZERO_V1 = 0x77777777  # GPTQ's v1 layout stores the symmetric zero point 8 as 7, eight 4-bit fields per int32
@@ -124,7 +124,109 @@ def refusal(path: Path, device: str) -> str | None:
     return None
 
 
-# --- FP8 dynamic ----------------------------------------------------------------------------------------------
+# --- FP8 dynamic ---------------------------------------------------------------------------------------------
+
+# Linear layers that read the same input, multiplied as one FP8 GEMM on one quantized input (what vLLM's
+# QKVParallelLinear and MergedColumnParallelLinear do): per step, 4 quantizations and 4 GEMMs a Llama layer,
+# not 7.
+SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+_QUANT_KERNEL: list[Any] = []  # [kernel or None], built on first use
+
+
+def quantize_rows_torch(flat: Any) -> tuple[Any, Any]:
+    """Each row of ``flat`` [M, K] as float8 e4m3 codes with its own float32 scale (amax / 448; 1 for a row of
+    zeros), with torch's element-wise ops: about eight kernels."""
+    import torch
+
+    amax = flat.abs().amax(dim=-1, keepdim=True).to(torch.float32)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    codes = (flat.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes, scale
+
+
+def _quant_kernel() -> Any | None:
+    """A Triton kernel doing ``quantize_rows_torch`` in one launch (one program a row: its largest magnitude,
+    then its codes), or None where Triton or a CUDA device is missing. The divisions are IEEE-rounded and the
+    float8 cast rounds to nearest even, as torch's are: the codes and scales are the same, bit for bit
+    (tests/test_compressed_speed.py, on a GPU)."""
+    if _QUANT_KERNEL:
+        return _QUANT_KERNEL[0]
+    kernel = None
+    try:
+        import torch
+        import triton
+        import triton.language as tl
+
+        if torch.cuda.is_available():
+
+            @triton.jit
+            def _rows_to_fp8(x_ptr, q_ptr, s_ptr, n_cols, x_stride, BLOCK: tl.constexpr):
+                row = tl.program_id(0).to(tl.int64)
+                offs = tl.arange(0, BLOCK)
+                x_row = x_ptr + row * x_stride
+                q_row = q_ptr + row * n_cols
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + offs
+                    v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+                    acc = tl.maximum(acc, tl.abs(v))
+                amax = tl.max(acc, axis=0)
+                scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([], 448.0, tl.float32)), 1.0)
+                tl.store(s_ptr + row, scale)
+                for start in range(0, n_cols, BLOCK):
+                    cols = start + offs
+                    mask = cols < n_cols
+                    v = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
+                    q = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -448.0), 448.0)
+                    tl.store(q_row + cols, q.to(tl.float8e4nv), mask=mask)
+
+            kernel = _rows_to_fp8
+    except Exception:  # no Triton, or one too old for these calls: torch's ops instead
+        kernel = None
+    _QUANT_KERNEL.append(kernel)
+    return kernel
+
+
+def quantize_rows(flat: Any) -> tuple[Any, Any]:
+    """``quantize_rows_torch`` in one Triton launch on a CUDA device (not while torch.compile traces: its
+    compiler fuses torch's ops itself), else torch's ops."""
+    import torch
+
+    kernel = _quant_kernel() if flat.is_cuda and not torch.compiler.is_compiling() else None
+    if kernel is None or flat.stride(-1) != 1:
+        return quantize_rows_torch(flat)
+    rows, cols = int(flat.shape[0]), int(flat.shape[1])
+    codes = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=flat.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=flat.device)
+    if rows:
+        block = 1024 if cols >= 1024 else max(16, 1 << (cols - 1).bit_length())
+        kernel[(rows,)](flat, codes, scale, cols, flat.stride(0), BLOCK=block, num_warps=4)
+    return codes, scale
+
+
+_OUT_DTYPE_OK: dict[str, bool] = {}  # does _scaled_mm give float16 with row-wise scales here (per device)?
+
+
+def fp8_matmul(flat: Any, weight: Any, weight_scale: Any, bias: Any | None, dtype: Any) -> Any:
+    """flat [M, K] (16-bit) times ``weight`` [N, K] (float8, ``weight_scale`` [1, N]) transposed, + bias: the
+    input quantized per token, multiplied by ``torch._scaled_mm``."""
+    import torch
+
+    codes, scale = quantize_rows(flat)
+    key = str(flat.device)
+    out_dtype = dtype if _OUT_DTYPE_OK.get(key, True) else torch.bfloat16
+    # _scaled_mm wants the second operand column-major: W^T of a row-major W is
+    try:
+        y = torch._scaled_mm(codes, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=out_dtype)
+    except RuntimeError:
+        if out_dtype == torch.bfloat16:
+            raise
+        # row-wise scaling with a float16 output is not built into every torch: bfloat16 then a cast
+        _OUT_DTYPE_OK[key] = False
+        y = torch._scaled_mm(codes, weight.t(), scale_a=scale, scale_b=weight_scale, out_dtype=torch.bfloat16)
+    y = y.to(dtype)
+    return y if bias is None else y + bias
 
 
 def _fp8_linear_class() -> Any:
@@ -134,13 +236,9 @@ def _fp8_linear_class() -> Any:
         """y = x W^T + b with W in float8 e4m3 (a scale per output channel) and x quantized per token at run time,
         multiplied by ``torch._scaled_mm``. Rows of x whose largest magnitude is 0 get scale 1 (their codes are 0)."""
 
-        # does _scaled_mm give float16 with row-wise scales here (per device)?
-        out_dtype_ok: ClassVar[dict[str, bool]] = {}
-
         def __init__(self, weight: Any, weight_scale: Any, bias: Any | None) -> None:
             super().__init__()
             self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
-            # _scaled_mm wants the second operand column-major: W^T of a row-major W is
             self.register_buffer("weight", weight.contiguous())
             self.register_buffer("weight_scale", weight_scale.reshape(1, -1).to(torch.float32).contiguous())
             self.register_buffer("bias", None if bias is None else bias.detach().clone())
@@ -148,28 +246,66 @@ def _fp8_linear_class() -> Any:
         def forward(self, x: Any) -> Any:
             shape = x.shape
             flat = x.reshape(-1, self.in_features)
-            amax = flat.abs().amax(dim=-1, keepdim=True).to(torch.float32)
-            scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-            codes = (flat.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            key = str(x.device)
-            out_dtype = x.dtype if Fp8Linear.out_dtype_ok.get(key, True) else torch.bfloat16
-            weight_t: Any = self.weight.t()  # type: ignore[operator]
-            weight_scale: Any = self.weight_scale
-            try:
-                y = torch._scaled_mm(codes, weight_t, scale_a=scale, scale_b=weight_scale, out_dtype=out_dtype)
-            except RuntimeError:
-                if out_dtype == torch.bfloat16:
-                    raise
-                # row-wise scaling with a float16 output is not built into every torch: bfloat16 then a cast
-                Fp8Linear.out_dtype_ok[key] = False
-                y = torch._scaled_mm(codes, weight_t, scale_a=scale, scale_b=weight_scale, out_dtype=torch.bfloat16)
-            y = y.to(x.dtype)
-            bias: Any = self.bias
-            if bias is not None:
-                y = y + bias
+            y = fp8_matmul(flat, self.weight, self.weight_scale, self.bias, x.dtype)
             return y.reshape(*shape[:-1], self.out_features)
 
     return Fp8Linear
+
+
+class _Shared:
+    """What the layers of one sibling set share: the merged FP8 weights, and the outputs of the last merged product
+    that the other siblings have yet to take (keyed by sibling index, for the input ``x`` they were computed on)."""
+
+    def __init__(self, weight: Any, weight_scale: Any, bias: Any | None, sizes: list[int]) -> None:
+        self.weight, self.weight_scale, self.bias, self.sizes = weight, weight_scale, bias, sizes
+        self.x: Any = None
+        self.pending: dict[int, Any] = {}
+
+
+def _fp8_sibling_class() -> Any:
+    import torch
+
+    class Fp8SiblingLinear(torch.nn.Module):
+        """One of the linear layers of a sibling set (q/k/v, gate/up) in FP8, whose weights are stored once,
+        merged (held as buffers by the set's first layer). The first sibling called with an input computes the
+        merged product and leaves the others their slices; a sibling called with another input, or while
+        torch.compile traces, multiplies with its own rows of the merged weights."""
+
+        def __init__(self, shared: _Shared, index: int, leader: bool) -> None:
+            super().__init__()
+            self.index = index
+            self.in_features = int(shared.weight.shape[1])
+            start = sum(shared.sizes[:index])
+            self.out_features = shared.sizes[index]
+            self.rows = (start, start + self.out_features)
+            object.__setattr__(self, "shared", shared)  # not a submodule: its tensors are counted once
+            if leader:
+                self.register_buffer("weight", shared.weight)
+                self.register_buffer("weight_scale", shared.weight_scale)
+                self.register_buffer("bias", shared.bias)
+            self.own_scale = shared.weight_scale[:, start : start + self.out_features].contiguous()
+
+        def forward(self, x: Any) -> Any:
+            shared: _Shared = self.shared  # type: ignore[assignment]
+            shape = x.shape
+            flat = x.reshape(-1, self.in_features)
+            a, b = self.rows
+            if torch.compiler.is_compiling():
+                bias = None if shared.bias is None else shared.bias[a:b]
+                y = fp8_matmul(flat, shared.weight[a:b], self.own_scale, bias, x.dtype)
+                return y.reshape(*shape[:-1], self.out_features)
+            if shared.x is x and self.index in shared.pending:
+                y = shared.pending.pop(self.index)
+                if not shared.pending:
+                    shared.x = None
+                return y
+            full = fp8_matmul(flat, shared.weight, shared.weight_scale, shared.bias, x.dtype)
+            outs = [part.reshape(*shape[:-1], part.shape[-1]) for part in full.split(shared.sizes, dim=-1)]
+            shared.pending = {i: out for i, out in enumerate(outs) if i != self.index}
+            shared.x = x if shared.pending else None
+            return outs[self.index]
+
+    return Fp8SiblingLinear
 
 
 def _tensors(path: Path, suffixes: tuple[str, ...]) -> dict[str, Any]:
@@ -185,15 +321,30 @@ def _tensors(path: Path, suffixes: tuple[str, ...]) -> dict[str, Any]:
     return found
 
 
-def install_fp8(model: Any, path: Path) -> int:
-    """Replace every linear layer stored in FP8 in ``path`` by an ``Fp8Linear`` holding the stored float8 weights
-    and scales (transformers loaded them decompressed to 16-bit). Returns how many were replaced."""
+@dataclass(frozen=True)
+class Fp8Install:
+    """What ``install_fp8`` did: layers replaced, and how many of them are multiplied merged with siblings."""
+
+    replaced: int
+    merged: int
+
+    def describe(self) -> str:
+        text = f"{self.replaced} layers"
+        return text + (f", {self.merged} of them merged with their siblings (q/k/v, gate/up)" if self.merged else "")
+
+
+def install_fp8(model: Any, path: Path, merge: bool = True) -> Fp8Install:
+    """Replace every linear layer stored in FP8 in ``path`` by an FP8 layer holding the stored float8 weights and
+    scales (transformers loaded them as it does; they are dropped). With ``merge``, the sibling layers of a set
+    (q/k/v, gate/up: same input, all in FP8, biases all or none) share one merged weight and one product.
+    compressed-tensors' hook that would decompress the replaced layers at the first forward is removed."""
+    import gc
+
     import torch
 
     stored = _tensors(path, (".weight", ".weight_scale"))
-    cls = _fp8_linear_class()
-    replaced = 0
-    for name, module in list(model.named_modules()):
+    found: dict[str, tuple[Any, Any, Any]] = {}
+    for name, module in model.named_modules():
         weight = stored.get(f"{name}.weight")
         scale = stored.get(f"{name}.weight_scale")
         if weight is None or scale is None or weight.dtype != torch.float8_e4m3fn:
@@ -201,11 +352,49 @@ def install_fp8(model: Any, path: Path) -> int:
         if not isinstance(module, torch.nn.Linear):
             continue
         device = module.weight.device
-        new = cls(weight.to(device), scale.to(device), module.bias)
+        found[name] = (weight.to(device), scale.reshape(1, -1).to(device=device, dtype=torch.float32), module.bias)
+    del stored
+    single = _fp8_linear_class()
+    sibling = _fp8_sibling_class()
+    done: set[str] = set()
+    merged = 0
+
+    def put(name: str, new: Any) -> None:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-        replaced += 1
-    return replaced
+        done.add(name)
+
+    if merge:
+        parents = {name.rpartition(".")[0] for name in found}
+        for parent in sorted(parents):
+            for names in SIBLINGS:
+                full = [f"{parent}.{n}" if parent else n for n in names]
+                if not all(n in found for n in full):
+                    continue
+                parts = [found[n] for n in full]
+                if len({p[0].shape[1] for p in parts}) != 1 or len({p[0].device for p in parts}) != 1:
+                    continue
+                biases = [p[2] for p in parts]
+                if any(b is None for b in biases) and not all(b is None for b in biases):
+                    continue
+                weight = torch.cat([p[0] for p in parts], dim=0).contiguous()
+                scale = torch.cat([p[1] for p in parts], dim=1).contiguous()
+                bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).contiguous()
+                shared = _Shared(weight, scale, bias, [int(p[0].shape[0]) for p in parts])
+                for i, n in enumerate(full):
+                    put(n, sibling(shared, i, leader=(i == 0)))
+                merged += len(full)
+    for name, (weight, scale, bias) in found.items():
+        if name not in done:
+            put(name, single(weight, scale, bias))
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if getattr(hook, "__name__", "") == "ct_decompress_hook":  # compressed-tensors' decompress-on-first-call
+            del model._forward_pre_hooks[key]
+    found.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return Fp8Install(len(done), merged)
 
 
 # --- W4A16 -> GPTQ --------------------------------------------------------------------------------------------

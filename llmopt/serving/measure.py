@@ -13,8 +13,11 @@ from llmopt.serving.servers import ServerOptions
 from llmopt.specs import ServingSpec
 
 
-def server_options(spec: ServingSpec) -> ServerOptions:
+def server_options(spec: ServingSpec, device: str | None = None) -> ServerOptions:
+    """The server's options from the recipe's ``evaluation.serving``; ``device`` (the evaluation's) places the model:
+    transformers serve's --device, llama.cpp's GPU layers."""
     return ServerOptions(
+        device=device if device and "," not in device else "auto",
         port=spec.port,
         threads=spec.threads,
         parallel=spec.parallel,
@@ -45,7 +48,7 @@ def serve_model(
     result = serve_bench(
         [Target(role=role, model=str(model), url=None, server=spec.server)],
         spec.trace(),
-        server_options=server_options(spec),
+        server_options=server_options(spec, device),
         tokenizer=tokenizer,
         out_dir=work_dir,
         ignore_eos=spec.ignore_eos,

@@ -39,7 +39,7 @@ class ServerOptions(BaseModel):
     context: int = 2048  # tokens per slot (llama.cpp) / max model length (vLLM)
     prefix_caching: bool | None = None  # None: the server's default
     continuous_batching: bool = True  # transformers serve
-    device: str = "auto"  # transformers serve
+    device: str = "auto"  # transformers serve --device; llama.cpp: cuda[:N] puts every layer there, cpu none
     dtype: str | None = None  # transformers serve; None: float32 on CPU, the checkpoint's dtype on a GPU
     startup_timeout: float = 300.0
     extra_args: list[str] = []
@@ -146,6 +146,24 @@ def llama_server_binary() -> Path:
     )
 
 
+GPU_LAYER_FLAGS = ("-ngl", "--gpu-layers", "--n-gpu-layers", "--device", "-dev")
+
+
+def llama_cpp_placement(device: str, extra_args: list[str]) -> list[str]:
+    """llama-server arguments that place the model as ``device`` says: ``cuda`` every layer on the GPU(s), ``cuda:N``
+    every layer on GPU N only, ``cpu`` none; ``auto`` (or arguments of the user's own that place it) adds nothing:
+    the server's default then holds."""
+    if any(arg.split("=", 1)[0] in GPU_LAYER_FLAGS for arg in extra_args):
+        return []
+    if device == "cpu":
+        return ["-ngl", "0"]
+    if device == "cuda":
+        return ["-ngl", "999"]
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return ["-ngl", "999", "--device", f"CUDA{int(device[5:])}"]
+    return []
+
+
 def llama_cpp_spec(model: str, port: int, opts: ServerOptions) -> ServerSpec:
     gguf = gguf_file(model)
     if gguf is None:
@@ -159,6 +177,10 @@ def llama_cpp_spec(model: str, port: int, opts: ServerOptions) -> ServerSpec:
     if opts.threads:
         argv += ["-t", str(opts.threads)]
     notes = [f"{opts.parallel} slots of {opts.context} tokens, continuous batching"]
+    placement = llama_cpp_placement(opts.device, opts.extra_args)
+    if placement:
+        argv += placement
+        notes.append("every layer on " + opts.device if "999" in placement else "no layer on a GPU")
     if opts.prefix_caching is not None:
         argv.append("--cache-prompt" if opts.prefix_caching else "--no-cache-prompt")
         notes.append("prefix caching " + ("on" if opts.prefix_caching else "off"))
