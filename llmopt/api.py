@@ -28,7 +28,7 @@ from llmopt.artifact import (
     hash_tree,
     sha256_json,
 )
-from llmopt.atomic import give_plain_modes, pid_alive
+from llmopt.atomic import give_plain_modes, sweep_dead_writers
 from llmopt.errors import (
     DataError,
     InputError,
@@ -73,19 +73,8 @@ def sweep_stale_partials(out: Path) -> list[Path]:
     """Remove hidden ``.NAME.llmopt-partial-PID`` / ``-old-PID`` folders next to ``out`` left by a process that
     no longer runs (a library caller killed by a signal, a crash). Folders of live processes are kept."""
     removed: list[Path] = []
-    if not out.parent.is_dir():
-        return removed
     for kind in ("partial", "old"):
-        for path in out.parent.glob(f".{out.name}.llmopt-{kind}-*"):
-            pid_text = path.name.rsplit("-", 1)[-1]
-            if not pid_text.isdigit() or not path.is_dir():
-                continue
-            pid = int(pid_text)
-            if pid == os.getpid() or pid_alive(pid):
-                continue
-            shutil.rmtree(path, ignore_errors=True)
-            if not path.exists():
-                removed.append(path)
+        removed += sweep_dead_writers(out.parent, f".{out.name}.llmopt-{kind}-*", lambda name: name.rsplit("-", 1)[-1])
     return removed
 
 

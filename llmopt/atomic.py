@@ -28,6 +28,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def sweep_dead_writers(folder: Path, pattern: str, pid_of: Callable[[str], str]) -> list[Path]:
+    """Remove the folders in ``folder`` matching the glob ``pattern`` whose writer is gone: the process whose PID
+    ``pid_of(name)`` reads from the folder's name no longer runs (killed mid-write, a crash). This process's own
+    folders and those of live processes are kept. Returns what was removed."""
+    import shutil
+
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(pattern):
+        pid_text = pid_of(path.name)
+        if not pid_text.isdigit() or not path.is_dir():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            removed.append(path)
+    return removed
+
+
 def write_atomic(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
     """Write ``path`` through ``fill(file)`` on a temp file next to it and an atomic rename.
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmopt.atomic import pid_alive
+from llmopt.atomic import sweep_dead_writers
 from llmopt.errors import InputError, NoSpaceError
 
 TOP_K = 256
@@ -242,10 +242,8 @@ def check_space(folder: Path, needed: int) -> None:
 
 def _sweep_dead_partials(final: Path) -> None:
     """Remove ``.NAME.partial-PID-*`` staging folders of ``final`` whose process is gone (killed mid-write)."""
-    for path in final.parent.glob(f".{final.name}.partial-*-*"):
-        pid_text = path.name[len(f".{final.name}.partial-") :].split("-", 1)[0]
-        if path.is_dir() and pid_text.isdigit() and int(pid_text) != os.getpid() and not pid_alive(int(pid_text)):
-            shutil.rmtree(path, ignore_errors=True)
+    prefix = f".{final.name}.partial-"
+    sweep_dead_writers(final.parent, f"{prefix}*-*", lambda name: name[len(prefix) :].split("-", 1)[0])
 
 
 class ReferenceWriter:
