@@ -132,8 +132,13 @@ def calibration_size_hint(tokens: int, samples: int, seq_len: int) -> str:
         return f"The text is empty or nearly ({tokens} tokens): {more}."
     if available >= 1:
         fewer = f"lower --samples (recipe: calibration.samples) to {available}"
-    else:
-        fewer = f"lower --seq-len (recipe: calibration.seq_len) to {max(8, tokens // samples)} or less"
+    elif tokens // samples >= 8:
+        fewer = f"lower --seq-len (recipe: calibration.seq_len) to {tokens // samples} or less"
+    else:  # even the shortest slices (8 tokens) are too few for that many samples: both must come down
+        fewer = (
+            f"lower --seq-len (recipe: calibration.seq_len) to 8 and --samples (recipe: calibration.samples) "
+            f"to {tokens // 8}"
+        )
     return f"{fewer[0].upper()}{fewer[1:]}, or {more}."
 
 

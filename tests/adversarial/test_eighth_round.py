@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,9 @@ def test_a_link_to_the_folder_shares_its_lock(tmp_path: Path) -> None:
         (300, 4, 128, "Lower --samples (recipe: calibration.samples) to 2", "--seq-len"),
         (100, 1, 128, "Lower --seq-len (recipe: calibration.seq_len) to 100 or less", "--samples"),
         (100, 4, 128, "Lower --seq-len (recipe: calibration.seq_len) to 25 or less", "--samples"),
+        # 20 tokens for 16 samples: slices of 8 give 2, so --seq-len alone cannot do it
+        (20, 16, 128, "Lower --seq-len (recipe: calibration.seq_len) to 8 and --samples (recipe: "
+         "calibration.samples) to 2", "or less"),
     ],
 )
 def test_a_short_calibration_text_gets_a_hint_that_would_work(
@@ -110,6 +114,13 @@ def test_a_short_calibration_text_gets_a_hint_that_would_work(
     hint = calibration_size_hint(tokens, samples, seq_len)
     assert says in hint and not_says not in hint
     assert f"at least {samples * seq_len:,} tokens" in hint
+    # what the hint asks for would work: that many slices of that length fit the text
+    m = re.search(r"--seq-len \(recipe: calibration.seq_len\) to (\d+)", hint)
+    n = re.search(r"--samples \(recipe: calibration.samples\) to (\d+)", hint)
+    if m or n:
+        new_len = int(m.group(1)) if m else seq_len
+        new_samples = int(n.group(1)) if n else samples
+        assert new_len >= 8 and new_samples >= 1 and tokens // new_len >= new_samples
 
 
 def test_the_group_size_hint_names_the_recipe_key() -> None:
