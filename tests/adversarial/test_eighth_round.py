@@ -74,6 +74,29 @@ def test_plots_that_cannot_be_written_do_not_lose_the_report(tmp_path: Path) -> 
     assert any(note.startswith("plots not written:") for note in written.notes), written.notes
 
 
+def test_the_plots_note_names_the_file_in_the_way(tmp_path: Path) -> None:
+    """A file where a plot goes (a folder named like the plot, say): the note names that file, not just plots/."""
+    pytest.importorskip("matplotlib")
+    from llmopt.report import PLOTS_DIR
+
+    out = tmp_path / "out"
+    measured = VariantOutcome(
+        name="a", method="bnb-int8", status="passed", perplexity=30.0, stderr=1.0, size_bytes=10**8
+    )
+    report = RunReport(recipe={"name": "r"}, variants=[measured])
+    first = write_report(report.model_copy(deep=True), out)
+    assert first.files["plots"], first.notes
+    blocked = out / first.files["plots"][0]
+    blocked.unlink()
+    blocked.mkdir()  # a folder where the plot's file goes
+    (blocked / "x").write_text("x")
+    written = write_report(report.model_copy(deep=True), out)
+    notes = [n for n in written.notes if n.startswith("plots not written:")]
+    assert notes and blocked.name in notes[0], written.notes
+    assert (out / "report.json").is_file()
+    assert (out / PLOTS_DIR).is_dir()
+
+
 def test_a_link_to_the_folder_shares_its_lock(tmp_path: Path) -> None:
     real = tmp_path / "out"
     real.mkdir()
