@@ -533,6 +533,13 @@ def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: An
     return f"{where}{label}: {msg}" if loc else f"{where}{msg}"
 
 
+def _line_of(problem: str, source: str) -> int:
+    """The line a problem names (``SOURCE:LINE: ...``); 0 for one about the whole recipe."""
+    head = problem[len(source) + 1 :] if problem.startswith(f"{source}:") else ""
+    number = head.split(":", 1)[0]
+    return int(number) if number.isdigit() else 0
+
+
 def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:
     """Validate an already-loaded recipe mapping (env expansion included)."""
     lines = lines or {}
@@ -556,6 +563,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ..
             if ("variants", i, "name") not in shown:
                 err = {"type": "recipe", "loc": (), "msg": text, "ctx": {"text": text, "at": ("variants", i, "name")}}
                 problems.append(_describe(err, source, lines, data))
+        problems.sort(key=lambda text: _line_of(text, source))  # top to bottom of the file, as an editor shows it
         head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
         raise RecipeError(head, "Fix the recipe; `llmopt recipe schema` prints every key with its meaning.") from None
 

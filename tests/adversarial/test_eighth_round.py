@@ -176,6 +176,8 @@ def test_every_name_clash_is_shown_with_the_field_errors(tmp_path: Path) -> None
     assert "dup.yaml:8:" in text and "'bitz' is not an option" in text
     assert "dup.yaml:6: variant names 'bnb-int8' and 'BNB-int8' differ only by case" in text
     assert "dup.yaml:7: variant name 'bnb-int8' is used twice" in text
+    # listed top to bottom, as the file reads (the field error on line 8 was found first)
+    assert text.index("dup.yaml:6:") < text.index("dup.yaml:7:") < text.index("dup.yaml:8:")
 
     recipe.write_text(recipe.read_text().replace("bitz", "bits"))  # fields right: both clashes still, at once
     with pytest.raises(RecipeError) as caught:
