@@ -48,7 +48,9 @@ def main() -> int:
         compressed._QUANT_KERNEL[:] = [None if config == "torch-ops" else kernel]
         memory: dict[str, Any] = {}
 
-        def install(model: Any, path: Path, merge: bool = True, config: str = config) -> Any:
+        def install(
+            model: Any, path: Path, merge: bool = True, config: str = config, memory: dict[str, Any] = memory
+        ) -> Any:
             before = torch.cuda.memory_allocated()
             done = original(model, path, merge=config == "triton-merged")
             gc.collect()
