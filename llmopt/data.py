@@ -115,12 +115,20 @@ def _named(name: str, purpose: str) -> str:
     return "\n\n".join(t for t in ds["text"] if t)
 
 
+# The shortest calibration sample: GPTQModel drops samples of 10 tokens or fewer and then divides by how many are
+# left (a ZeroDivisionError when none are); 16 keeps every method clear of that.
+MIN_SEQ_LEN = 16
+
+
 def check_calibration_settings(samples: int, seq_len: int) -> None:
     """Refuse calibration sizes that cannot work, before the model or the text is read."""
     if samples < 1:
         raise DataError(f"--samples {samples} must be at least 1.", "Pass --samples 1 or more (default 128).")
-    if seq_len < 8:
-        raise DataError(f"--seq-len {seq_len} must be at least 8 tokens.", "Pass --seq-len 8 or more (default 512).")
+    if seq_len < MIN_SEQ_LEN:
+        raise DataError(
+            f"--seq-len {seq_len} must be at least {MIN_SEQ_LEN} tokens.",
+            f"Pass --seq-len {MIN_SEQ_LEN} or more (default 512; recipe: calibration.seq_len).",
+        )
 
 
 def calibration_size_hint(tokens: int, samples: int, seq_len: int) -> str:
@@ -128,16 +136,16 @@ def calibration_size_hint(tokens: int, samples: int, seq_len: int) -> str:
     a flag (quantize) and as a recipe key (run)."""
     available = tokens // seq_len
     more = f"give a text of at least {samples * seq_len:,} tokens"
-    if tokens < 8:  # nothing to slice: no setting helps
+    if tokens < MIN_SEQ_LEN:  # nothing to slice: no setting helps
         return f"The text is empty or nearly ({tokens} tokens): {more}."
     if available >= 1:
         fewer = f"lower --samples (recipe: calibration.samples) to {available}"
-    elif tokens // samples >= 8:
+    elif tokens // samples >= MIN_SEQ_LEN:
         fewer = f"lower --seq-len (recipe: calibration.seq_len) to {tokens // samples} or less"
-    else:  # even the shortest slices (8 tokens) are too few for that many samples: both must come down
+    else:  # even the shortest slices are too few for that many samples: both must come down
         fewer = (
-            f"lower --seq-len (recipe: calibration.seq_len) to 8 and --samples (recipe: calibration.samples) "
-            f"to {tokens // 8}"
+            f"lower --seq-len (recipe: calibration.seq_len) to {MIN_SEQ_LEN} and --samples (recipe: "
+            f"calibration.samples) to {tokens // MIN_SEQ_LEN}"
         )
     return f"{fewer[0].upper()}{fewer[1:]}, or {more}."
 

@@ -943,6 +943,7 @@ def _served(
                 tokenizer=_serving_tokenizer(ctx),
                 work_dir=ctx.out / SERVING_DIR / variant.name,
                 device=ctx.device_label,
+                server_device=ctx.device,
                 log=ctx.reporter.info,
             )
     evaluation = report.without_gate().model_copy(update={"serving": serving})
@@ -997,6 +998,7 @@ def _serve_baseline(ctx: _Context, spec: Any) -> None:
                 tokenizer=_serving_tokenizer(ctx),
                 work_dir=folder,
                 device=ctx.device_label,
+                server_device=ctx.device,
                 log=ctx.reporter.info,
             )
     except LlmoptError as exc:

@@ -440,19 +440,45 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
     def _build_collection(n: yaml.Node, path: tuple[Any, ...]) -> Any:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
+            # YAML merge keys (`<<: *defaults`): the merged mappings' keys first, the explicit keys over them
             for key_node, value_node in n.value:
+                if key_node.tag != "tag:yaml.org,2002:merge":
+                    continue
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for src in sources:
+                    if not isinstance(src, yaml.MappingNode):
+                        raise RecipeError(
+                            f"{source}:{key_node.start_mark.line + 1}: a YAML merge key (<<) takes a mapping or a "
+                            "list of mappings.",
+                            "Point it at a mapping's anchor (<<: *defaults), or write the keys out.",
+                        )
+                    for k, v in build(src, path).items():
+                        out.setdefault(k, v)  # of several merged mappings, the first holds
+            explicit: set[Any] = set()
+            for key_node, value_node in n.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
                 key = constructor.construct_object(key_node, deep=True)
-                if key in out:
+                if key in explicit:
                     raise RecipeError(
                         f"{source}:{key_node.start_mark.line + 1}: key '{key}' appears twice in {_dotted(path)}.",
                         "Keep one of them.",
                     )
+                explicit.add(key)
                 lines[(*path, key)] = key_node.start_mark.line + 1
                 out[key] = build(value_node, (*path, key))
             return out
         return [build(item, (*path, i)) for i, item in enumerate(n.value)]
 
-    return build(node, ()), lines
+    try:
+        return build(node, ()), lines
+    except yaml.MarkedYAMLError as exc:  # a value YAML cannot construct (an unknown tag, say)
+        mark = exc.problem_mark or exc.context_mark
+        at = f"{source}:{mark.line + 1}: " if mark else f"{source}: "
+        raise RecipeError(
+            f"{at}not a value a recipe can hold: {exc.problem or exc.context}",
+            "Write plain YAML values (strings, numbers, lists, mappings); no tags.",
+        ) from None
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -108,7 +108,8 @@ def write_report(report: RunReport, out: Path, *, plots: bool = True) -> RunRepo
         try:
             plot_files, plot_notes = write_plots(report, out)
         except OSError as exc:  # the plots are a view of the report: never lose the report to them
-            where = exc.filename or out / PLOTS_DIR  # the file in the way, where the OS named it
+            # the file in the way: an atomic write's rename names it second (the first is its temp file)
+            where = exc.filename2 or exc.filename or out / PLOTS_DIR
             plot_files, plot_notes = [], [f"plots not written: {exc.strerror or exc} ({where})"]
         report.notes.extend(n for n in plot_notes if n not in report.notes)
     report.files = {"json": "report.json", "markdown": "report.md", "plots": plot_files}

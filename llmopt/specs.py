@@ -205,7 +205,7 @@ class CalibrationSpec(_Strict):
         None, description="Calibration text: .txt/.jsonl/.parquet file or a named dataset (wikitext2, c4)."
     )
     samples: WholeNumber = Field(128, ge=1, description="Number of calibration samples.")
-    seq_len: WholeNumber = Field(512, ge=8, description="Tokens per calibration sample.")
+    seq_len: WholeNumber = Field(512, ge=16, description="Tokens per calibration sample (16 or more).")
     seed: WholeNumber = Field(0, description="Seed for picking the samples.")
 
 

@@ -278,6 +278,39 @@ def test_merged_siblings_compute_what_separate_layers_do(tmp_path: Path, bias: b
         assert torch.equal(attn.q_proj(y), attn_sep.q_proj(y))  # another input: not the waiting slice
 
 
+def test_a_sibling_never_returns_a_stale_product(tmp_path: Path) -> None:
+    """A waiting slice belongs to the input it was computed on as it was then: an input changed in place since,
+    or a buffer refilled, is multiplied again (found by a hostile tester: q(x); x.mul_(2); k(x) gave k's output of
+    the old x). The weights are read from the leader's buffers, so whatever moves or replaces them is seen."""
+    import copy
+
+    import torch
+
+    from llmopt.runners.compressed import install_fp8
+
+    model, _ = _fp8_checkpoint(tmp_path)
+    separate = copy.deepcopy(model)
+    install_fp8(model, tmp_path)
+    install_fp8(separate, tmp_path, merge=False)
+    attn, ref = model.model.layers[0].self_attn, separate.model.layers[0].self_attn
+    mlp, ref_mlp = model.model.layers[0].mlp, separate.model.layers[0].mlp
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        x = torch.randn(2, 5, attn.q_proj.in_features, generator=gen).to(torch.bfloat16)
+        assert torch.equal(attn.q_proj(x), ref.q_proj(x))
+        x.mul_(2)
+        assert torch.equal(attn.k_proj(x), ref.k_proj(x))
+        buf = torch.randn(4, mlp.gate_proj.in_features, generator=gen).to(torch.bfloat16)
+        mlp.gate_proj(buf)
+        buf.copy_(torch.randn(4, mlp.gate_proj.in_features, generator=gen).to(torch.bfloat16))
+        assert torch.equal(mlp.up_proj(buf), ref_mlp.up_proj(buf))
+        # the merged weights live in the leader's buffers: replace them and every sibling uses the new ones
+        leader = attn.q_proj
+        leader.weight = torch.zeros_like(leader.weight)
+        y = torch.randn(3, attn.q_proj.in_features, generator=gen).to(torch.bfloat16)
+        assert torch.count_nonzero(attn.v_proj(y)) == 0
+
+
 def test_install_fp8_removes_the_decompression_hook(tmp_path: Path) -> None:
     """compressed-tensors leaves a forward pre-hook that decompresses its layers at the first call; once they are
     replaced it has nothing to do but re-dispatch the model, so it goes."""

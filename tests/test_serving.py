@@ -428,3 +428,60 @@ def test_the_run_passes_its_device_to_the_server(tmp_path: Path) -> None:
     assert server_options(spec, "cpu").device == "cpu"
     assert server_options(spec, None).device == "auto"
     assert server_options(spec, "cuda:0,1").device == "auto"  # a split model: the server's own default
+
+
+@pytest.mark.parametrize(
+    ("device", "code"),
+    [("cuda:abc", 2), ("cuda:-1", 2), ("mps", 2), ("", 2), ("cuda: 0", 2)],
+)
+def test_serve_bench_refuses_a_device_it_does_not_know(tmp_path: Path, device: str, code: int) -> None:
+    """Was: any unknown --device silently meant 'auto' (CPU was served when CPU, in capitals, was asked)."""
+    from tests.helpers import run_cli
+
+    r = run_cli(["serve-bench", str(tmp_path / "m.gguf"), "--device", device, "--rates", "1"], timeout=120)
+    assert r.returncode == code, r.stderr
+    assert "not a device llmopt knows" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_serve_bench_device_is_normalized_and_a_missing_gpu_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmopt.placement as placement
+    from llmopt.errors import BackendUnavailableError
+    from llmopt.serving.servers import check_server_device
+
+    assert check_server_device(" CPU ") == "cpu"
+    assert check_server_device("Auto") == "auto"
+    monkeypatch.setattr(placement, "visible_gpu_count", lambda: 0)
+    with pytest.raises(BackendUnavailableError):
+        check_server_device("cuda:0")
+    monkeypatch.setattr(placement, "visible_gpu_count", lambda: 2)
+    assert check_server_device("CUDA:1") == "cuda:1"
+    with pytest.raises(InputError, match="several"):
+        check_server_device("cuda:0,1")
+    with pytest.raises(InputError, match="only 2 GPU"):
+        check_server_device("cuda:2")
+
+
+def test_a_run_places_its_servers_on_its_device_not_its_label(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`llmopt run` handed the machine's label ('cpu (x86_64)') to the server as its device: transformers serve
+    died with `--device cpu (x86_64)` and llama-server got no placement. The label goes to the report, the device
+    to the server."""
+    import llmopt.serving.measure as measure
+    from llmopt.specs import ServingSpec
+
+    seen: dict[str, object] = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_serve_bench(targets: object, trace: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(measure, "serve_bench", fake_serve_bench)
+    with pytest.raises(Stop):
+        measure.serve_model(
+            tmp_path, ServingSpec(rates=[1.0]), work_dir=tmp_path, device="cpu (x86_64)", server_device="cpu"
+        )
+    assert seen["server_options"].device == "cpu"  # type: ignore[attr-defined]

@@ -246,7 +246,7 @@ def register(app: typer.Typer) -> None:
 
         from llmopt.serving.bench import Target, serve_bench
         from llmopt.serving.metrics import parse_slo
-        from llmopt.serving.servers import ServerOptions
+        from llmopt.serving.servers import ServerOptions, check_server_device
         from llmopt.serving.trace import LengthDist, TraceSpec
 
         if model is None and url is None:
@@ -293,13 +293,13 @@ def register(app: typer.Typer) -> None:
         json_to = JsonOutput(json_out, json_file)
         json_to.check(model, baseline)
         opts = ServerOptions(
+            device=check_server_device(device),
             port=port,
             threads=threads,
             parallel=parallel,
             context=context,
             prefix_caching=prefix_caching,
             continuous_batching=continuous_batching,
-            device=device,
             dtype=dtype,
             startup_timeout=startup_timeout,
             extra_args=server_arg or [],

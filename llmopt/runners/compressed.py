@@ -147,8 +147,9 @@ def quantize_rows_torch(flat: Any) -> tuple[Any, Any]:
 
 def _quant_kernel() -> Any | None:
     """A Triton kernel doing ``quantize_rows_torch`` in one launch (one program a row: its largest magnitude,
-    then its codes), or None where Triton or a CUDA device is missing. The divisions are IEEE-rounded and the
-    float8 cast rounds to nearest even, as torch's are: the codes and scales are the same, bit for bit
+    then its codes), or None where Triton or a CUDA device is missing. The scale is amax times the float32
+    reciprocal of 448 (what torch's division by a number does), the codes an IEEE-rounded division, and the float8
+    cast rounds to nearest even, as torch's do: the codes and scales are the same, bit for bit
     (tests/test_compressed_speed.py, on a GPU)."""
     if _QUANT_KERNEL:
         return _QUANT_KERNEL[0]
@@ -161,7 +162,7 @@ def _quant_kernel() -> Any | None:
         if torch.cuda.is_available():
 
             @triton.jit
-            def _rows_to_fp8(x_ptr, q_ptr, s_ptr, n_cols, x_stride, BLOCK: tl.constexpr):
+            def _rows_to_fp8(x_ptr, q_ptr, s_ptr, n_cols, x_stride, INV_MAX: tl.constexpr, BLOCK: tl.constexpr):
                 row = tl.program_id(0).to(tl.int64)
                 offs = tl.arange(0, BLOCK)
                 x_row = x_ptr + row * x_stride
@@ -172,7 +173,8 @@ def _quant_kernel() -> Any | None:
                     v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
                     acc = tl.maximum(acc, tl.abs(v))
                 amax = tl.max(acc, axis=0)
-                scale = tl.where(amax > 0, tl.math.div_rn(amax, tl.full([], 448.0, tl.float32)), 1.0)
+                # torch divides by a Python number as a product with its float32 reciprocal: the same here
+                scale = tl.where(amax > 0, amax * INV_MAX, 1.0)
                 tl.store(s_ptr + row, scale)
                 for start in range(0, n_cols, BLOCK):
                     cols = start + offs
@@ -201,7 +203,7 @@ def quantize_rows(flat: Any) -> tuple[Any, Any]:
     scale = torch.empty((rows, 1), dtype=torch.float32, device=flat.device)
     if rows:
         block = 1024 if cols >= 1024 else max(16, 1 << (cols - 1).bit_length())
-        kernel[(rows,)](flat, codes, scale, cols, flat.stride(0), BLOCK=block, num_warps=4)
+        kernel[(rows,)](flat, codes, scale, cols, flat.stride(0), INV_MAX=1.0 / FP8_MAX, BLOCK=block, num_warps=4)
     return codes, scale
 
 
@@ -253,13 +255,31 @@ def _fp8_linear_class() -> Any:
 
 
 class _Shared:
-    """What the layers of one sibling set share: the merged FP8 weights, and the outputs of the last merged product
-    that the other siblings have yet to take (keyed by sibling index, for the input ``x`` they were computed on)."""
+    """What the layers of one sibling set share: their sizes, the layer holding the merged FP8 weights (the set's
+    first: its buffers move with ``model.to``), and the outputs of the last merged product that the other siblings
+    have yet to take (keyed by sibling index), for the input they were computed on (that tensor and its version:
+    an input changed in place since is multiplied again)."""
 
-    def __init__(self, weight: Any, weight_scale: Any, bias: Any | None, sizes: list[int]) -> None:
-        self.weight, self.weight_scale, self.bias, self.sizes = weight, weight_scale, bias, sizes
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.leader: Any = None
         self.x: Any = None
+        self.x_version = -1
         self.pending: dict[int, Any] = {}
+
+    def take(self, index: int, x: Any) -> Any | None:
+        """The waiting output of sibling ``index`` for this very ``x``, unchanged since; else None."""
+        if self.x is not x or self.x_version != x._version or index not in self.pending:
+            return None
+        y = self.pending.pop(index)
+        if not self.pending:
+            self.x = None
+        return y
+
+    def leave(self, x: Any, outputs: dict[int, Any]) -> None:
+        self.pending = outputs
+        self.x = x if outputs else None
+        self.x_version = x._version
 
 
 def _fp8_sibling_class() -> Any:
@@ -267,42 +287,47 @@ def _fp8_sibling_class() -> Any:
 
     class Fp8SiblingLinear(torch.nn.Module):
         """One of the linear layers of a sibling set (q/k/v, gate/up) in FP8, whose weights are stored once,
-        merged (held as buffers by the set's first layer). The first sibling called with an input computes the
-        merged product and leaves the others their slices; a sibling called with another input, or while
-        torch.compile traces, multiplies with its own rows of the merged weights."""
+        merged, as buffers of the set's first layer (``weight`` [sum of outputs, in], ``weight_scale``, ``bias``;
+        the others hold only their scale slice: such a model's state_dict is no checkpoint, it exists to be timed).
+        The first sibling called with an input computes the merged product and leaves the others their slices; a
+        sibling called with another input (or one changed in place), or while torch.compile traces, multiplies
+        with its own rows of the merged weights."""
 
-        def __init__(self, shared: _Shared, index: int, leader: bool) -> None:
+        def __init__(
+            self, shared: _Shared, index: int, weight: Any = None, scale: Any = None, bias: Any = None
+        ) -> None:
             super().__init__()
             self.index = index
-            self.in_features = int(shared.weight.shape[1])
             start = sum(shared.sizes[:index])
             self.out_features = shared.sizes[index]
             self.rows = (start, start + self.out_features)
-            object.__setattr__(self, "shared", shared)  # not a submodule: its tensors are counted once
-            if leader:
-                self.register_buffer("weight", shared.weight)
-                self.register_buffer("weight_scale", shared.weight_scale)
-                self.register_buffer("bias", shared.bias)
-            self.own_scale = shared.weight_scale[:, start : start + self.out_features].contiguous()
+            object.__setattr__(self, "shared", shared)  # not a submodule: the leader's tensors are counted once
+            if weight is not None:  # the leader
+                self.register_buffer("weight", weight)
+                self.register_buffer("weight_scale", scale)
+                self.register_buffer("bias", bias)
+                shared.leader = self
+            leader = shared.leader
+            self.in_features = int(leader.weight.shape[1])
+            own = leader.weight_scale[:, start : start + self.out_features].contiguous()
+            self.register_buffer("own_scale", own, persistent=False)
 
         def forward(self, x: Any) -> Any:
             shared: _Shared = self.shared  # type: ignore[assignment]
+            leader = shared.leader
             shape = x.shape
             flat = x.reshape(-1, self.in_features)
             a, b = self.rows
             if torch.compiler.is_compiling():
-                bias = None if shared.bias is None else shared.bias[a:b]
-                y = fp8_matmul(flat, shared.weight[a:b], self.own_scale, bias, x.dtype)
+                bias = None if leader.bias is None else leader.bias[a:b]
+                y = fp8_matmul(flat, leader.weight[a:b], self.own_scale, bias, x.dtype)
                 return y.reshape(*shape[:-1], self.out_features)
-            if shared.x is x and self.index in shared.pending:
-                y = shared.pending.pop(self.index)
-                if not shared.pending:
-                    shared.x = None
-                return y
-            full = fp8_matmul(flat, shared.weight, shared.weight_scale, shared.bias, x.dtype)
+            waiting = shared.take(self.index, x)
+            if waiting is not None:
+                return waiting
+            full = fp8_matmul(flat, leader.weight, leader.weight_scale, leader.bias, x.dtype)
             outs = [part.reshape(*shape[:-1], part.shape[-1]) for part in full.split(shared.sizes, dim=-1)]
-            shared.pending = {i: out for i, out in enumerate(outs) if i != self.index}
-            shared.x = x if shared.pending else None
+            shared.leave(x, {i: out for i, out in enumerate(outs) if i != self.index})
             return outs[self.index]
 
     return Fp8SiblingLinear
@@ -380,9 +405,9 @@ def install_fp8(model: Any, path: Path, merge: bool = True) -> Fp8Install:
                 weight = torch.cat([p[0] for p in parts], dim=0).contiguous()
                 scale = torch.cat([p[1] for p in parts], dim=1).contiguous()
                 bias = None if biases[0] is None else torch.cat([b.detach() for b in biases]).contiguous()
-                shared = _Shared(weight, scale, bias, [int(p[0].shape[0]) for p in parts])
+                shared = _Shared([int(p[0].shape[0]) for p in parts])
                 for i, n in enumerate(full):
-                    put(n, sibling(shared, i, leader=(i == 0)))
+                    put(n, sibling(shared, i, weight, scale, bias) if i == 0 else sibling(shared, i))
                 merged += len(full)
     for name, (weight, scale, bias) in found.items():
         if name not in done:

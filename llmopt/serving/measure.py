@@ -36,6 +36,7 @@ def serve_model(
     tokenizer: str | None = None,
     work_dir: Path,
     device: str | None = None,
+    server_device: str | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> ServingReport:
     """Start ``model``'s server (llama.cpp for GGUF, transformers serve for a folder, or ``spec.server``), replay
@@ -44,11 +45,13 @@ def serve_model(
     Raises what serve-bench raises before anything is measured (the server cannot be started or cannot load the
     model: exit 4 or 2; every request failed: exit 4). A server that dies mid-run returns the points measured
     until then with ``failed`` set. The same ``spec.seed`` gives every model the same prompts at the same times.
+    ``device`` is the machine's label the report records; ``server_device`` (``cpu``, ``cuda:0``) places the model
+    in the server.
     """
     result = serve_bench(
         [Target(role=role, model=str(model), url=None, server=spec.server)],
         spec.trace(),
-        server_options=server_options(spec, device),
+        server_options=server_options(spec, server_device),
         tokenizer=tokenizer,
         out_dir=work_dir,
         ignore_eos=spec.ignore_eos,

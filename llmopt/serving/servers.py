@@ -146,6 +146,24 @@ def llama_server_binary() -> Path:
     )
 
 
+def check_server_device(device: str) -> str:
+    """``--device`` of a started server, checked before anything starts: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
+    (any case, spaces around ignored), returned lower-case. A malformed value, a GPU that is not there or several
+    GPUs are bad input (exit 2); a GPU asked for where none is visible, exit 4 (as ``--device`` elsewhere)."""
+    text = device.strip().lower()
+    if text == "auto":
+        return text
+    from llmopt.placement import parse_device, visible_gpu_count
+
+    parse_device(text, 0 if text == "cpu" else visible_gpu_count())
+    if "," in text:
+        raise InputError(
+            f"a started server runs on one device; '{device}' names several.",
+            "Use --device cuda (the server's own use of every GPU) or cuda:N.",
+        )
+    return text
+
+
 GPU_LAYER_FLAGS = ("-ngl", "--gpu-layers", "--n-gpu-layers", "--device", "-dev")
 
 
