@@ -398,6 +398,13 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return out or "recipe"
 
 
+def _marked(exc: Any, source: str, what: str, hint: str) -> RecipeError:
+    """A YAML error with its place (``SOURCE:LINE:COLUMN: what: problem``)."""
+    mark = exc.problem_mark or exc.context_mark
+    at = f"{source}:{mark.line + 1}:{mark.column + 1}: " if mark else f"{source}: "
+    return RecipeError(f"{at}{what}: {exc.problem or exc.context}", hint)
+
+
 def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...], int]]:
     """Parse YAML keeping the line of every key and item, and refusing duplicate keys."""
     import yaml
@@ -405,10 +412,10 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        at = f"{source}:{mark.line + 1}:{mark.column + 1}: " if mark else f"{source}: "
-        raise RecipeError(
-            f"{at}not valid YAML: {exc.problem or exc.context}",
+        raise _marked(
+            exc,
+            source,
+            "not valid YAML",
             "Fix the YAML syntax at that line (indentation, quotes, a ':' after each key).",
         ) from None
     except yaml.YAMLError as exc:
@@ -473,10 +480,10 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
     try:
         return build(node, ()), lines
     except yaml.MarkedYAMLError as exc:  # a value YAML cannot construct (an unknown tag, say)
-        mark = exc.problem_mark or exc.context_mark
-        at = f"{source}:{mark.line + 1}: " if mark else f"{source}: "
-        raise RecipeError(
-            f"{at}not a value a recipe can hold: {exc.problem or exc.context}",
+        raise _marked(
+            exc,
+            source,
+            "not a value a recipe can hold",
             "Write plain YAML values (strings, numbers, lists, mappings); no tags.",
         ) from None
 
