@@ -943,7 +943,7 @@ def _served(
                 tokenizer=_serving_tokenizer(ctx),
                 work_dir=ctx.out / SERVING_DIR / variant.name,
                 device=ctx.device_label,
-                server_device=ctx.device,
+                server_device=ctx.device_spec or ctx.device,  # a model split over GPUs: the server's own
                 log=ctx.reporter.info,
             )
     evaluation = report.without_gate().model_copy(update={"serving": serving})
@@ -998,7 +998,7 @@ def _serve_baseline(ctx: _Context, spec: Any) -> None:
                 tokenizer=_serving_tokenizer(ctx),
                 work_dir=folder,
                 device=ctx.device_label,
-                server_device=ctx.device,
+                server_device=ctx.device_spec or ctx.device,  # a model split over GPUs: the server's own
                 log=ctx.reporter.info,
             )
     except LlmoptError as exc:

@@ -398,6 +398,19 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return out or "recipe"
 
 
+MAX_RECIPE_VALUES = 100_000
+
+
+def _expanded_size(value: Any, memo: dict[int, int]) -> int:
+    """How many values ``value`` holds once every alias is written out (shared pieces counted once each)."""
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in memo:
+        items = value.values() if isinstance(value, dict) else value
+        memo[id(value)] = 1 + sum(_expanded_size(v, memo) for v in items)
+    return memo[id(value)]
+
+
 def _marked(exc: Any, source: str, what: str, hint: str) -> RecipeError:
     """A YAML error with its place (``SOURCE:LINE:COLUMN: what: problem``)."""
     mark = exc.problem_mark or exc.context_mark
@@ -427,6 +440,7 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
     constructor = yaml.SafeLoader("")
 
     active: set[int] = set()  # the nodes being built: an alias back to one of them is a cycle
+    built: dict[int, Any] = {}  # collection nodes already built, by identity
 
     def build(n: yaml.Node, path: tuple[Any, ...]) -> Any:
         lines.setdefault(path, n.start_mark.line + 1)
@@ -437,9 +451,12 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
                     f"(at {_dotted(path)}): the value would be infinite.",
                     "Replace the alias (*name) with the value it should have.",
                 )
+            if id(n) in built:  # an alias of a collection built before: the same value, not built again
+                return built[id(n)]  # (rebuilding made nested aliases grow exponentially: 5.8 GB for 8 levels)
             active.add(id(n))
             try:
-                return _build_collection(n, path)
+                built[id(n)] = _build_collection(n, path)
+                return built[id(n)]
             finally:
                 active.discard(id(n))
         return constructor.construct_object(n, deep=True)
@@ -452,20 +469,24 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
                 if key_node.tag != "tag:yaml.org,2002:merge":
                     continue
                 sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                for src in sources:
+                for src in reversed(sources):  # of several merged mappings the first holds: built last
                     if not isinstance(src, yaml.MappingNode):
                         raise RecipeError(
                             f"{source}:{key_node.start_mark.line + 1}: a YAML merge key (<<) takes a mapping or a "
                             "list of mappings.",
                             "Point it at a mapping's anchor (<<: *defaults), or write the keys out.",
                         )
-                    for k, v in build(src, path).items():
-                        out.setdefault(k, v)  # of several merged mappings, the first holds
+                    out.update(build(src, path))
             explicit: set[Any] = set()
             for key_node, value_node in n.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
                 key = constructor.construct_object(key_node, deep=True)
+                if isinstance(key, list | dict | set):
+                    raise RecipeError(
+                        f"{source}:{key_node.start_mark.line + 1}: a key of {_dotted(path)} is a list or a mapping.",
+                        "Write keys as plain names (key: value).",
+                    )
                 if key in explicit:
                     raise RecipeError(
                         f"{source}:{key_node.start_mark.line + 1}: key '{key}' appears twice in {_dotted(path)}.",
@@ -478,7 +499,7 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
         return [build(item, (*path, i)) for i, item in enumerate(n.value)]
 
     try:
-        return build(node, ()), lines
+        data = build(node, ()), lines
     except yaml.MarkedYAMLError as exc:  # a value YAML cannot construct (an unknown tag, say)
         raise _marked(
             exc,
@@ -486,6 +507,13 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
             "not a value a recipe can hold",
             "Write plain YAML values (strings, numbers, lists, mappings); no tags.",
         ) from None
+    values = _expanded_size(data[0], {})
+    if values > MAX_RECIPE_VALUES:
+        raise RecipeError(
+            f"{source}: its aliases expand to {values:,} values (a recipe holds a few hundred).",
+            "Write the values out, or use fewer nested aliases (*name).",
+        )
+    return data
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -687,5 +715,12 @@ def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:
                 f"--set '{pair}' is not of the form key.path=value.",
                 "Write e.g. --set evaluation.max_tokens=512",
             )
-        out[key.strip()] = yaml.safe_load(raw)
+        try:
+            out[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise RecipeError(
+                f"--set '{pair}': the value is not valid YAML ({problem}).",
+                "Quote it as a string (--set 'key=\"text\"'), or write a number, true/false, or a [list].",
+            ) from None
     return out

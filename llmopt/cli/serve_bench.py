@@ -293,7 +293,8 @@ def register(app: typer.Typer) -> None:
         json_to = JsonOutput(json_out, json_file)
         json_to.check(model, baseline)
         opts = ServerOptions(
-            device=check_server_device(device),
+            # a --url run starts no server: its device has nothing to say
+            device=check_server_device(device) if any(not t.url for t in targets) else "auto",
             port=port,
             threads=threads,
             parallel=parallel,

@@ -291,3 +291,28 @@ def test_yaml_merge_keys_work_and_unknown_tags_are_refused(tmp_path: Path) -> No
     recipe.write_text("name: m\nmodel: {source: m}\nevaluation: {dataset: e.txt}\nvariants:\n  - <<: 3\n    name: a\n")
     with pytest.raises(RecipeError, match=r"merge.yaml:5: a YAML merge key"):
         load_recipe(recipe)
+
+
+def test_odd_yaml_is_bad_input_not_a_traceback(tmp_path: Path) -> None:
+    """A second hostile round: a list as a key (TypeError), a --set value that is not YAML (ComposerError), and
+    nested aliases that made validation take gigabytes (each alias was rebuilt from scratch)."""
+    import time
+
+    from llmopt.errors import RecipeError
+    from llmopt.recipe import load_recipe, parse_set_flags
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: m\nmodel: {source: m}\nevaluation: {dataset: e.txt}\nvariants:\n  - {[x, y]: 1}\n")
+    with pytest.raises(RecipeError, match=r"r.yaml:5: a key of variants\[0\] is a list or a mapping"):
+        load_recipe(recipe)
+    for bad in ("evaluation.max_tokens=*foo", "x=[1", "x=!!python/name:os.system"):
+        with pytest.raises(RecipeError, match="is not valid YAML"):
+            parse_set_flags([bad])
+    levels = ["a0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    head = "name: m\nmodel: {source: m}\nevaluation: {dataset: e.txt}\nextra:\n  "
+    recipe.write_text(head + "\n  ".join(levels) + "\n")
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="aliases expand to"):
+        load_recipe(recipe)
+    assert time.perf_counter() - start < 20
