@@ -453,6 +453,8 @@ def test_serve_bench_device_is_normalized_and_a_missing_gpu_refused(monkeypatch:
     monkeypatch.setattr(placement, "visible_gpu_count", lambda: 0)
     with pytest.raises(BackendUnavailableError):
         check_server_device("cuda:0")
+    with pytest.raises(InputError, match="several"):  # bad input on a machine without GPUs too
+        check_server_device("cuda:0,1")
     monkeypatch.setattr(placement, "visible_gpu_count", lambda: 2)
     assert check_server_device("CUDA:1") == "cuda:1"
     with pytest.raises(InputError, match="several"):

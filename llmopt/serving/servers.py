@@ -155,12 +155,12 @@ def check_server_device(device: str) -> str:
         return text
     from llmopt.placement import parse_device, visible_gpu_count
 
-    parse_device(text, 0 if text == "cpu" else visible_gpu_count())
-    if "," in text:
+    if "," in text:  # bad input wherever it runs: said before looking for GPUs
         raise InputError(
             f"a started server runs on one device; '{device}' names several.",
             "Use --device cuda (the server's own use of every GPU) or cuda:N.",
         )
+    parse_device(text, 0 if text == "cpu" else visible_gpu_count())
     return text
 
 
