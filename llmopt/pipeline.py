@@ -140,14 +140,14 @@ def resolve_recipe(
     recipe: Recipe | str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
 ) -> tuple[Recipe, str | None]:
     """The recipe as a run runs it (loaded if a path, overrides applied) and its file (None if given loaded)."""
-    recipe_file: str | None = None
-    if not isinstance(recipe, Recipe):
-        recipe_file = str(recipe)
-        recipe = load_recipe(recipe)
     # typed flags (None = not given), then --set key.path=value (null clears a key), validated together: a flag
-    # may need what a --set adds (--slo and --set evaluation.serving.rates=[...])
+    # may need what a --set adds (--slo and --set evaluation.serving.rates=[...]); a file's recipe is validated
+    # once, with them applied, so that a flag can fix a value the file has wrong
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    return apply_overrides(recipe, {**given, **parse_set_flags(sets)}, keep_none=True), recipe_file
+    merged = {**given, **parse_set_flags(sets)}
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, merged), str(recipe)
+    return apply_overrides(recipe, merged, keep_none=True), None
 
 
 def _run_locked(
@@ -1146,7 +1146,7 @@ def plan_jobs(
     """
     import shlex
 
-    recipe = apply_overrides(load_recipe(recipe_path), parse_set_flags(sets), keep_none=True)
+    recipe = load_recipe(recipe_path, parse_set_flags(sets))
     jobs = []
     for v in recipe.variants:
         out = f"{str(output_root).rstrip('/')}/{v.name}"

@@ -384,11 +384,22 @@ def _expand_tree(data: Any, lines: dict[tuple[Any, ...], int], source: str, path
     return data
 
 
-def _where(source: str, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> str:
+def _line_at(lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    """The line of ``loc`` or of the nearest key above it; 0 for the command line, None for nowhere."""
     for n in range(len(loc), -1, -1):
         if loc[:n] in lines:
-            return f"{source}:{lines[loc[:n]]}: "
-    return f"{source}: "
+            return lines[loc[:n]]
+    return None
+
+
+def _where(source: str, lines: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> str:
+    line = _line_at(lines, loc)
+    if line is None:
+        return f"{source}: "
+    return f"{source}:{line}: " if line else f"{COMMAND_LINE}: "
+
+
+COMMAND_LINE = "command line"  # where a value given by a flag or --set is said to be (its "line" is 0)
 
 
 def _dotted(loc: tuple[Any, ...]) -> str:
@@ -464,6 +475,12 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
     def _build_collection(n: yaml.Node, path: tuple[Any, ...]) -> Any:
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
+            merges = [k for k, _ in n.value if k.tag == "tag:yaml.org,2002:merge"]
+            if len(merges) > 1:
+                raise RecipeError(
+                    f"{source}:{merges[1].start_mark.line + 1}: key '<<' appears twice in {_dotted(path)}.",
+                    "Merge several mappings with one key: <<: [*first, *second] (the first wins).",
+                )
             # YAML merge keys (`<<: *defaults`): the merged mappings' keys first, the explicit keys over them
             for key_node, value_node in n.value:
                 if key_node.tag != "tag:yaml.org,2002:merge":
@@ -481,12 +498,14 @@ def _yaml_with_lines(text: str, source: str) -> tuple[Any, dict[tuple[Any, ...],
             for key_node, value_node in n.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = constructor.construct_object(key_node, deep=True)
-                if isinstance(key, list | dict | set):
+                if not isinstance(key_node, yaml.ScalarNode):
                     raise RecipeError(
                         f"{source}:{key_node.start_mark.line + 1}: a key of {_dotted(path)} is a list or a mapping.",
                         "Write keys as plain names (key: value).",
                     )
+                key = constructor.construct_object(key_node, deep=True)
+                if not isinstance(key, str):  # `1:`, `true:`, `null:` are names as written (1 == True in Python)
+                    key = key_node.value
                 if key in explicit:
                     raise RecipeError(
                         f"{source}:{key_node.start_mark.line + 1}: key '{key}' appears twice in {_dotted(path)}.",
@@ -594,13 +613,6 @@ def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: An
     return f"{where}{label}: {msg}" if loc else f"{where}{msg}"
 
 
-def _line_of(problem: str, source: str) -> int:
-    """The line a problem names (``SOURCE:LINE: ...``); 0 for one about the whole recipe."""
-    head = problem[len(source) + 1 :] if problem.startswith(f"{source}:") else ""
-    number = head.split(":", 1)[0]
-    return int(number) if number.isdigit() else 0
-
-
 def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:
     """Validate an already-loaded recipe mapping (env expansion included)."""
     lines = lines or {}
@@ -614,7 +626,11 @@ def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ..
         return Recipe.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
-        problems = [_describe(e, source, lines, data) for e in errors]
+
+        def place(err: Any) -> int:  # the line a problem is on, for sorting (0: the command line or no line)
+            return _line_at(lines, (*err["loc"], *((err.get("ctx") or {}).get("at") or ()))) or 0
+
+        found = [(place(e), _describe(e, source, lines, data)) for e in errors]
         # Every name clash too, not only the first, nor only once the fields are right: the whole-recipe check that
         # finds them runs after the fields pass, and stops at one.
         shown = {(*e["loc"], *((e.get("ctx") or {}).get("at") or ())) for e in errors}
@@ -623,14 +639,19 @@ def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ..
         for text, i in _name_clashes(names):
             if ("variants", i, "name") not in shown:
                 err = {"type": "recipe", "loc": (), "msg": text, "ctx": {"text": text, "at": ("variants", i, "name")}}
-                problems.append(_describe(err, source, lines, data))
-        problems.sort(key=lambda text: _line_of(text, source))  # top to bottom of the file, as an editor shows it
+                found.append((place(err), _describe(err, source, lines, data)))
+        found.sort(key=lambda item: item[0])  # top to bottom of the file, as an editor shows it
+        problems = [text for _, text in found]
         head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
         raise RecipeError(head, "Fix the recipe; `llmopt recipe schema` prints every key with its meaning.") from None
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a recipe file; errors name the file and line."""
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and validate a recipe file; errors name the file and line.
+
+    ``overrides`` (dotted keys, as ``--set`` gives them; None clears a key) are applied to the file's values
+    before they are validated, so that a flag can fix a value the file has wrong; a problem with an overridden
+    value is said to be on the command line."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise RecipeError(
@@ -642,6 +663,13 @@ def load_recipe(path: str | Path) -> Recipe:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read {p}: {exc}", "Check the file's permissions and encoding (UTF-8).") from None
     data, lines = _yaml_with_lines(text, str(path))
+    if overrides and isinstance(data, dict):
+        data = _unshared(data)  # an alias's value is one object in every place it is used: set only the one named
+        for dotted, value in overrides.items():
+            at = _set_path(data, dotted, value)
+            for loc in [loc for loc in lines if loc[: len(at)] == at]:
+                del lines[loc]  # the file's lines for what the command line replaced
+            lines[at] = 0
     recipe = parse_recipe(data, source=str(path), lines=lines)
     if recipe.name is None:
         recipe.name = re.sub(r"[^A-Za-z0-9._-]", "-", p.stem) or "recipe"
@@ -670,9 +698,20 @@ def apply_overrides(
     return new
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+def _unshared(value: Any) -> Any:
+    """A copy in which no list or mapping appears twice (aliases were expanded to the same objects)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> tuple[Any, ...]:
+    """Set ``dotted`` (list items by name or index) in ``data``; the path it resolved to (indices for items)."""
     parts = dotted.split(".")
     node: Any = data
+    at: list[Any] = []
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
@@ -688,6 +727,7 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
                     f"--set {dotted}: no item '{part}' in {'.'.join(parts[:i])}.",
                     f"Name one of: {', '.join(str(n) for n in names)}",
                 )
+            at.append(idx)
             if last:
                 node[idx] = value
             else:
@@ -695,12 +735,14 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
             continue
         if not isinstance(node, dict):
             raise RecipeError(f"--set {dotted}: {'.'.join(parts[:i])} is not a mapping.", "Check the key path.")
+        at.append(part)
         if last:
             node[part] = value
         else:
             if node.get(part) is None:
                 node[part] = {}
             node = node[part]
+    return tuple(at)
 
 
 def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:

@@ -288,3 +288,58 @@ def test_gguf_one_repo(tmp_path: Path) -> None:
     assert "variants 'q8' and 'q4' are both Q4_K_M" in msg
     # the same variants publish per repo when the mode says so
     assert load_recipe(write(tmp_path, GGUF.replace("gguf-one-repo", "repo-per-variant"))).publish is not None
+
+
+def test_keys_are_names_as_written(tmp_path: Path) -> None:
+    # `1:` and `true:` are one key to Python (1 == True); to the reader they are two unknown keys, each named
+    msg = errors_of(tmp_path, GOOD.replace("  max_ppl: 100\n", "  max_ppl: 100\n  1: a\n  true: b\n"))
+    assert "appears twice" not in msg
+    assert "unknown key '1' in gates" in msg and "unknown key 'true' in gates" in msg
+
+
+def test_two_merge_keys_in_one_mapping_are_refused(tmp_path: Path) -> None:
+    text = GOOD.replace("gates:\n", "x-a: &a {max_ppl: 50}\nx-b: &b {max_ppl: 60}\ngates:\n  <<: *a\n  <<: *b\n", 1)
+    msg = errors_of(tmp_path, text)
+    assert "key '<<' appears twice in gates" in msg and "<<: [*first, *second]" in msg
+
+
+def test_set_fixes_a_value_the_file_has_wrong(tmp_path: Path) -> None:
+    bad = write(tmp_path, GOOD.replace("  seq_len: 64", "  seq_len: 12"))
+    with pytest.raises(RecipeError, match=r"r.yaml:7: calibration.seq_len"):
+        load_recipe(bad)
+    fixed = load_recipe(bad, parse_set_flags(["calibration.seq_len=64"]))
+    assert fixed.calibration is not None and fixed.calibration.seq_len == 64
+    # a wrong value given on the command line is said to be there, not at the file's line it replaced
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD), parse_set_flags(["calibration.seq_len=12"]))
+    assert str(info.value).startswith("command line: calibration.seq_len") and "r.yaml:7" not in str(info.value)
+
+
+def test_set_on_one_variant_leaves_an_alias_sharing_its_options(tmp_path: Path) -> None:
+    text = GOOD.replace("    options: {bits: 4, group_size: 64}", "    options: &o {bits: 4, group_size: 64}")
+    text = text.replace("publish:\n", "  - name: g2\n    method: gptq\n    options: *o\npublish:\n")
+    r = load_recipe(write(tmp_path, text), parse_set_flags(["variants.gptq4.options.bits=8"]))
+    bits = {v.name: v.options["bits"] for v in r.variants if v.method == "gptq"}
+    assert bits == {"g2": 4, "gptq4": 8}
+
+
+def test_run_and_plan_take_set_before_the_file_is_validated(tmp_path: Path) -> None:
+    from llmopt.pipeline import plan_jobs, resolve_recipe
+
+    bad = write(tmp_path, GOOD.replace("  seq_len: 64", "  seq_len: 12"))
+    recipe, source = resolve_recipe(bad, {"evaluation.max_tokens": 256}, ["calibration.seq_len=32"])
+    assert source == str(bad) and recipe.calibration is not None and recipe.calibration.seq_len == 32
+    assert recipe.evaluation.max_tokens == 256 and recipe.name == "tiny"
+    jobs = plan_jobs(bad, output_root=tmp_path / "out", sets=["calibration.seq_len=32"])
+    assert [j["variant"] for j in jobs] == ["int8", "gptq4"]
+
+
+def test_problems_are_listed_top_to_bottom_with_the_command_line_first(tmp_path: Path) -> None:
+    text = GOOD.replace("  max_ppl: 100\n", "  max_ppl: 100\n  bogus: 1\n").replace("  seq_len: 64", "  seq_len: 12")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text), parse_set_flags(["evaluation.context_length=-1"]))
+    lines = str(info.value).splitlines()
+    assert "3 problems" in lines[0]
+    assert lines[1].strip().startswith("command line: evaluation.context_length")
+    assert lines[2].strip().endswith("r.yaml:7: calibration.seq_len: Input should be greater than or equal to 16")
+    assert "r.yaml:16: unknown key 'bogus' in gates" in lines[3]
