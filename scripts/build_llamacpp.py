@@ -36,6 +36,9 @@ Usage:
     python scripts/build_llamacpp.py --no-tools       # skip llama-imatrix/llama-quantize (no i-quants)
     python scripts/build_llamacpp.py --print-dir      # where the backend will look
 The build runs under `nice`; -j defaults to the CPU count ($CMAKE_BUILD_PARALLEL_LEVEL overrides).
+Before building, the C++ compiler ($CXX, else c++) is asked to build a tiny shared library: one that links
+libstdc++ statically is refused in a second (the build would crash on every model load), with the fix
+(CC=gcc CXX=g++); --skip-compiler-check builds anyway.
 """
 
 from __future__ import annotations
@@ -323,6 +326,39 @@ def static_libstdcxx(lib_dir: Path) -> list[str]:
     return found
 
 
+def compiler_problem() -> str | None:
+    """Why the C++ compiler CMake will use ($CXX, else c++) must not build llama.cpp; None if it may.
+
+    Checked before a build of minutes: a compiler that links libstdc++ statically into shared libraries
+    (static_libstdcxx above) makes every llama.cpp library carry its own copy, and the build then crashes on
+    every model load. A tiny shared library is compiled with it and its NEEDED entries read. A compiler that
+    cannot be run or cannot build that library is left to CMake, which says why.
+    """
+    import shlex
+    import tempfile
+
+    cxx = shlex.split(os.environ.get("CXX") or "") or ["c++"]
+    if shutil.which(cxx[0]) is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="llmopt-cxx-") as tmp:
+        src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "libprobe.so"
+        src.write_text('#include <string>\nstd::string probe(const char* s) { return std::string(s) + "!"; }\n')
+        try:
+            proc = subprocess.run([*cxx, "-shared", "-fPIC", "-o", str(lib), str(src)],
+                                  capture_output=True, timeout=120, check=False)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode != 0 or not lib.is_file() or not static_libstdcxx(Path(tmp)):
+            return None
+    where = "CXX=" + os.environ["CXX"] if os.environ.get("CXX") else "the default C++ compiler (c++)"
+    return (
+        f"{where} links libstdc++ statically into shared libraries, so every llama.cpp library would carry its own "
+        "copy and the build would crash on every model load (seen: std::regex in the tokenizer).\n"
+        "  -> Build with a compiler that links libstdc++ dynamically, e.g. the system's: "
+        "CC=gcc CXX=g++ python scripts/build_llamacpp.py (or --skip-compiler-check to build anyway)"
+    )
+
+
 def _installed_lib_dir() -> Path | None:
     code = "import importlib.util, os; s = importlib.util.find_spec('llama_cpp'); print(os.path.dirname(s.origin))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -361,6 +397,11 @@ def main() -> None:
     parser.add_argument("--keep-build", action="store_true", help="keep the source and CMake build tree")
     parser.add_argument("--print-dir", action="store_true", help="print the version folder and exit")
     parser.add_argument("-j", "--jobs", type=int, default=None)
+    parser.add_argument(
+        "--skip-compiler-check",
+        action="store_true",
+        help="build even with a C++ compiler that links libstdc++ statically (the smoke check still runs)",
+    )
     args = parser.parse_args()
 
     root = args.dir or default_dir()
@@ -387,6 +428,10 @@ def main() -> None:
     log(f"llama-cpp-python {args.version}, CMAKE_ARGS='{flags}' (key {key}), folder {vdir}")
 
     build_seconds = None
+    if (need_wheel or need_tools) and not args.skip_compiler_check:
+        problem = compiler_problem()
+        if problem:
+            raise SystemExit(f"error: {problem}")
     if need_wheel or need_tools or need_converter:
         sdist = fetch_sdist(args.version, vdir)
         # Source and CMake build tree persist until success, so an interrupted build resumes.

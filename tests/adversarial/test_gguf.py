@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -487,3 +488,37 @@ def test_statically_linked_libstdcxx_is_named_after_a_failed_smoke_check(tmp_pat
     assert build.static_libstdcxx(libs) == []
     (libs / "libggml.so").write_bytes(b"\x7fELF...libc.so.6\0_ZNSt7codecvtIDsc11__mbstate_tE10do_unshift")
     assert build.static_libstdcxx(libs) == ["libggml.so"]
+
+
+def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU machine's CXX linked libstdc++ statically: the build took minutes and then crashed on every model
+    load. The real compiler is asked, with and without -static-libstdc++, before anything is fetched or built."""
+    bs = build_script()
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ here")
+    monkeypatch.setenv("CXX", "g++")
+    assert bs.compiler_problem() is None  # the system's g++ links it dynamically
+    monkeypatch.setenv("CXX", "g++ -static-libstdc++")
+    problem = bs.compiler_problem()
+    if problem is None:
+        pytest.skip("this g++ cannot link libstdc++ statically (no libstdc++.a)")
+    assert "CXX=g++ -static-libstdc++ links libstdc++ statically" in problem
+    assert "CC=gcc CXX=g++ python scripts/build_llamacpp.py" in problem
+
+    def no_fetch(*_: Any) -> Path:
+        raise AssertionError("fetched the sdist despite the compiler check")
+
+    monkeypatch.setattr(bs, "fetch_sdist", no_fetch)
+    monkeypatch.setattr(sys, "argv", ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc")])
+    with pytest.raises(SystemExit) as exc:
+        bs.main()
+    assert "links libstdc++ statically" in str(exc.value) and "--skip-compiler-check" in str(exc.value)
+    # with the check skipped it goes on to fetch (where this test stops it)
+    monkeypatch.setattr(sys, "argv", [*sys.argv, "--skip-compiler-check"])
+    with pytest.raises(AssertionError, match="fetched the sdist"):
+        bs.main()
+    # a compiler that cannot build the probe is left to CMake
+    monkeypatch.setenv("CXX", "false")
+    assert bs.compiler_problem() is None
