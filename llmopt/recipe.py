@@ -643,7 +643,9 @@ def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ..
         found.sort(key=lambda item: item[0])  # top to bottom of the file, as an editor shows it
         problems = [text for _, text in found]
         head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
-        raise RecipeError(head, "Fix the recipe; `llmopt recipe schema` prints every key with its meaning.") from None
+        flagged = any(text.startswith(f"{COMMAND_LINE}: ") for _, text in found)
+        what = "the recipe or the flag (--set and the like)" if flagged else "the recipe"
+        raise RecipeError(head, f"Fix {what}; `llmopt recipe schema` prints every key with its meaning.") from None
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -669,7 +671,8 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             at = _set_path(data, dotted, value)
             for loc in [loc for loc in lines if loc[: len(at)] == at]:
                 del lines[loc]  # the file's lines for what the command line replaced
-            lines[at] = 0
+            for n in range(1, len(at) + 1):
+                lines.setdefault(at[:n], 0)  # keys the command line added are its own, not the file's
     recipe = parse_recipe(data, source=str(path), lines=lines)
     if recipe.name is None:
         recipe.name = re.sub(r"[^A-Za-z0-9._-]", "-", p.stem) or "recipe"
@@ -708,27 +711,34 @@ def _unshared(value: Any) -> Any:
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> tuple[Any, ...]:
-    """Set ``dotted`` (list items by name or index) in ``data``; the path it resolved to (indices for items)."""
+    """Set ``dotted`` (list items by name, even a name with dots, or by index) in ``data``; the path it resolved to
+    (indices for items)."""
     parts = dotted.split(".")
     node: Any = data
     at: list[Any] = []
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
+    i = 0
+    while i < len(parts):
+        part = parts[i]
         if isinstance(node, list):
-            idx = next(
-                (j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part),
-                None,
-            )
+            names = [item.get("name") if isinstance(item, dict) else None for item in node]
+            idx, used = None, 1
+            for k in range(len(parts), i, -1):  # the longest name that matches: `int8.v1` before `int8`
+                name = ".".join(parts[i:k])
+                if name in names:
+                    idx, used = names.index(name), k - i
+                    break
             if idx is None and part.isdigit() and int(part) < len(node):
                 idx = int(part)
             if idx is None:
-                names = [item.get("name") for item in node if isinstance(item, dict)]
                 raise RecipeError(
                     f"--set {dotted}: no item '{part}' in {'.'.join(parts[:i])}.",
-                    f"Name one of: {', '.join(str(n) for n in names)}",
+                    "Name one of: "
+                    + ", ".join(str(n) for n in names if n is not None)
+                    + (f"; or an index 0-{len(node) - 1}" if node else ""),
                 )
             at.append(idx)
-            if last:
+            i += used
+            if i == len(parts):
                 node[idx] = value
             else:
                 node = node[idx]
@@ -736,7 +746,8 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> tuple[Any, ...]:
         if not isinstance(node, dict):
             raise RecipeError(f"--set {dotted}: {'.'.join(parts[:i])} is not a mapping.", "Check the key path.")
         at.append(part)
-        if last:
+        i += 1
+        if i == len(parts):
             node[part] = value
         else:
             if node.get(part) is None:
@@ -746,23 +757,44 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> tuple[Any, ...]:
 
 
 def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:
-    """``--set key.path=value`` flags; values are read as YAML scalars (numbers, booleans, lists)."""
+    """``--set key.path=value`` flags, in order (a key given twice takes its last value, applied last); values are
+    read as YAML (numbers, booleans, lists, mappings), without anchors or aliases."""
     import yaml
 
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise RecipeError(
                 f"--set '{pair}' is not of the form key.path=value.",
                 "Write e.g. --set evaluation.max_tokens=512",
             )
+        if any(not part.strip() for part in key.split(".")):
+            raise RecipeError(
+                f"--set '{pair}': the key path '{key}' has an empty part.",
+                "Write the keys between the dots, e.g. --set evaluation.max_tokens=512",
+            )
         try:
-            out[key.strip()] = yaml.safe_load(raw)
+            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(raw, Loader=yaml.SafeLoader)):
+                raise RecipeError(
+                    f"--set '{_short(pair)}': the value uses a YAML alias (*name).",
+                    "Write the value out in full; anchors and aliases belong in the recipe file.",
+                )
+            value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise RecipeError(
-                f"--set '{pair}': the value is not valid YAML ({problem}).",
+                f"--set '{_short(pair)}': the value is not valid YAML ({problem}).",
                 "Quote it as a string (--set 'key=\"text\"'), or write a number, true/false, or a [list].",
             ) from None
+        text = raw.strip()
+        if "#" in text and isinstance(value, str | None) and not text.startswith(("'", '"', "[", "{")):
+            value = text  # `a/my model #2` is a path, not a value and a YAML comment
+        out.pop(key, None)  # given again: the last one wins, applied after the others
+        out[key] = value
     return out
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

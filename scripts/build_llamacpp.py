@@ -36,14 +36,16 @@ Usage:
     python scripts/build_llamacpp.py --no-tools       # skip llama-imatrix/llama-quantize (no i-quants)
     python scripts/build_llamacpp.py --print-dir      # where the backend will look
 The build runs under `nice`; -j defaults to the CPU count ($CMAKE_BUILD_PARALLEL_LEVEL overrides).
-Before building, the C++ compiler ($CXX, else c++) is asked to build a tiny shared library: one that links
-libstdc++ statically is refused in a second (the build would crash on every model load), with the fix
-(CC=gcc CXX=g++); --skip-compiler-check builds anyway.
+Before building, the C++ compiler (-DCMAKE_CXX_COMPILER in CMAKE_ARGS, else $CXX, else c++, with the flags CMake
+would add) is asked to build a tiny shared library: one that does not link the shared libstdc++ is refused in about
+a second (the build would crash on every model load), with the fix (CC=gcc CXX=g++); --skip-compiler-check builds
+anyway.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -60,6 +62,7 @@ DEFAULT_VERSION = "0.3.36"
 CPU_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
 CUDA_FLAGS = "-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_BLAS=OFF"
 STAMP = "llmopt-llamacpp.json"
+COMPILER_TIMEOUT = 60.0  # seconds the compiler check waits for a two-line library
 # Always added: llmopt needs no multimodal (mtmd) library, and skipping it saves ~30% of the build.
 FIXED_ARGS = "-DLLAVA_BUILD=OFF"
 # llama-perplexity: the reference for llmopt's KL divergence (docs/kld.md); llama-server: serving load tests.
@@ -326,34 +329,79 @@ def static_libstdcxx(lib_dir: Path) -> list[str]:
     return found
 
 
-def compiler_problem() -> str | None:
-    """Why the C++ compiler CMake will use ($CXX, else c++) must not build llama.cpp; None if it may.
+def _cmake_defines(args: str) -> dict[str, str]:
+    """``-DNAME=VALUE`` / ``-DNAME:TYPE=VALUE`` definitions in a CMAKE_ARGS string."""
+    import shlex
 
-    Checked before a build of minutes: a compiler that links libstdc++ statically into shared libraries
+    try:
+        words = shlex.split(args)
+    except ValueError:
+        words = args.split()
+    out = {}
+    for word in words:
+        if word.startswith("-D") and "=" in word:
+            name, value = word[2:].split("=", 1)
+            out[name.split(":", 1)[0]] = value
+    return out
+
+
+def compiler_problem(flags: str = "") -> str | None:
+    """Why the C++ compiler the build will use must not build llama.cpp; None if it may (or cannot be asked).
+
+    Checked before a build of minutes: a compiler that does not link the shared libstdc++ into shared libraries
     (static_libstdcxx above) makes every llama.cpp library carry its own copy, and the build then crashes on
-    every model load. A tiny shared library is compiled with it and its NEEDED entries read. A compiler that
-    cannot be run or cannot build that library is left to CMake, which says why.
+    every model load. A tiny shared library is compiled the way CMake will compile and link llama.cpp's (its
+    compiler from ``-DCMAKE_CXX_COMPILER`` in ``flags``, else $CXX, else c++; $CXXFLAGS, $LDFLAGS,
+    ``-DCMAKE_CXX_FLAGS`` and ``-DCMAKE_SHARED_LINKER_FLAGS``) and its NEEDED entries read. A compiler that cannot
+    be run, or fails or hangs on that library, is left to CMake, which says why.
     """
     import shlex
     import tempfile
 
-    cxx = shlex.split(os.environ.get("CXX") or "") or ["c++"]
-    if shutil.which(cxx[0]) is None:
+    defines = _cmake_defines(flags)
+    try:
+        if defines.get("CMAKE_CXX_COMPILER"):
+            cxx, named = [defines["CMAKE_CXX_COMPILER"]], f"CMAKE_CXX_COMPILER={defines['CMAKE_CXX_COMPILER']}"
+        elif (os.environ.get("CXX") or "").strip():
+            cxx, named = shlex.split(os.environ["CXX"]), f"CXX={os.environ['CXX']}"
+        else:
+            cxx, named = ["c++"], "the default C++ compiler (c++)"
+        extra = [
+            *shlex.split(os.environ.get("CXXFLAGS", "")),
+            *shlex.split(defines.get("CMAKE_CXX_FLAGS", "")),
+            *shlex.split(os.environ.get("LDFLAGS", "")),
+            *shlex.split(defines.get("CMAKE_SHARED_LINKER_FLAGS", "")),
+        ]
+    except ValueError as exc:  # an unbalanced quote: CMake will not make sense of it either
+        log(f"compiler check skipped: cannot split the compiler settings ({exc})")
         return None
+    if shutil.which(cxx[0]) is None:
+        log(f"compiler check skipped: {cxx[0]} is not a command here (CMake will say more)")
+        return None
+    log(f"checking the C++ compiler ({' '.join(cxx)}) links libstdc++ as a shared library ...")
     with tempfile.TemporaryDirectory(prefix="llmopt-cxx-") as tmp:
         src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "libprobe.so"
         src.write_text('#include <string>\nstd::string probe(const char* s) { return std::string(s) + "!"; }\n')
         try:
-            proc = subprocess.run([*cxx, "-shared", "-fPIC", "-o", str(lib), str(src)],
-                                  capture_output=True, timeout=120, check=False)  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired):
+            proc = subprocess.Popen([*cxx, *extra, "-shared", "-fPIC", "-o", str(lib), str(src)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)  # fmt: skip
+        except OSError:
+            return None
+        try:
+            proc.wait(timeout=COMPILER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the compiler and whatever it started
+            proc.wait()
+            log(f"compiler check skipped: {' '.join(cxx)} took over {COMPILER_TIMEOUT:g} s on a two-line library")
             return None
         if proc.returncode != 0 or not lib.is_file() or not static_libstdcxx(Path(tmp)):
             return None
-    where = "CXX=" + os.environ["CXX"] if os.environ.get("CXX") else "the default C++ compiler (c++)"
     return (
-        f"{where} links libstdc++ statically into shared libraries, so every llama.cpp library would carry its own "
-        "copy and the build would crash on every model load (seen: std::regex in the tokenizer).\n"
+        f"{named} does not link the shared libstdc++ into shared libraries (it links it statically, or not at all "
+        "as gcc does for C++), so every llama.cpp library would carry its own copy or none, and the build would "
+        "crash on every model load (seen: std::regex in the tokenizer).\n"
         "  -> Build with a compiler that links libstdc++ dynamically, e.g. the system's: "
         "CC=gcc CXX=g++ python scripts/build_llamacpp.py (or --skip-compiler-check to build anyway)"
     )
@@ -429,7 +477,7 @@ def main() -> None:
 
     build_seconds = None
     if (need_wheel or need_tools) and not args.skip_compiler_check:
-        problem = compiler_problem()
+        problem = compiler_problem(flags)
         if problem:
             raise SystemExit(f"error: {problem}")
     if need_wheel or need_tools or need_converter:
@@ -510,4 +558,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except subprocess.CalledProcessError as exc:  # the command's own output, above, says why
+        cmd = " ".join(str(c) for c in exc.cmd) if isinstance(exc.cmd, list) else str(exc.cmd)
+        raise SystemExit(
+            f"error: `{cmd}` failed (exit {exc.returncode}); its output is above.\n"
+            "  -> For a download: check the network and --version; for a build: the compiler's first error above."
+        ) from None

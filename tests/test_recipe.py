@@ -343,3 +343,47 @@ def test_problems_are_listed_top_to_bottom_with_the_command_line_first(tmp_path:
     assert lines[1].strip().startswith("command line: evaluation.context_length")
     assert lines[2].strip().endswith("r.yaml:7: calibration.seq_len: Input should be greater than or equal to 16")
     assert "r.yaml:16: unknown key 'bogus' in gates" in lines[3]
+
+
+def test_set_values_hold_no_aliases(tmp_path: Path) -> None:
+    # a cycle was a RecursionError traceback; nested aliases grew without the file's 100,000-value limit
+    with pytest.raises(RecipeError, match=r"uses a YAML alias \(\*name\)"):
+        parse_set_flags(["evaluation.max_tokens=&a [*a]"])
+    bomb = "[&a0 [1,1,1,1,1,1,1,1,1,1], &a1 [*a0,*a0,*a0,*a0,*a0,*a0,*a0,*a0,*a0,*a0], [*a1,*a1,*a1,*a1,*a1]]"
+    with pytest.raises(RecipeError, match="alias"):
+        parse_set_flags([f"evaluation.tasks={bomb}"])
+
+
+def test_set_keys_and_values_as_the_user_means_them(tmp_path: Path) -> None:
+    for bad in (".=3", "a..b=3", "evaluation.=3"):
+        with pytest.raises(RecipeError, match="has an empty part"):
+            parse_set_flags([bad])
+    # the last flag wins, also over a whole mapping set between
+    flags = parse_set_flags(["a.bits=8", "a={bits: 3}", "a.bits=2"])
+    assert list(flags.items()) == [("a", {"bits": 3}), ("a.bits", 2)]
+    # '#' in a plain value is part of it (YAML would cut a comment there); quoted and numbers as YAML says
+    assert parse_set_flags(["m=/tmp/x/my model #2", "d=#tag", "n=5", "q='a #b'"]) == {
+        "m": "/tmp/x/my model #2",
+        "d": "#tag",
+        "n": 5,
+        "q": "a #b",
+    }
+
+
+def test_set_reaches_a_variant_whose_name_has_dots(tmp_path: Path) -> None:
+    text = GOOD.replace("name: gptq4", "name: gptq4.v1")
+    r = load_recipe(write(tmp_path, text), parse_set_flags(["variants.gptq4.v1.options.bits=8"]))
+    assert r.variants[1].name == "gptq4.v1" and r.variants[1].options["bits"] == 8
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, text), parse_set_flags(["variants.nope.options.bits=8"]))
+    assert "no item 'nope'" in str(info.value) and "int8, gptq4.v1; or an index 0-1" in (info.value.hint or "")
+
+
+def test_what_set_adds_is_the_command_lines_problem(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD), parse_set_flags(["nonexist.key=3"]))
+    assert str(info.value).startswith("command line: unknown key 'nonexist'")
+    assert "Fix the recipe or the flag" in (info.value.hint or "")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD.replace("  max_ppl: 100\n", "  max_ppl: 100\n  bogus: 1\n")))
+    assert (info.value.hint or "").startswith("Fix the recipe;")

@@ -504,8 +504,20 @@ def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
     problem = bs.compiler_problem()
     if problem is None:
         pytest.skip("this g++ cannot link libstdc++ statically (no libstdc++.a)")
-    assert "CXX=g++ -static-libstdc++ links libstdc++ statically" in problem
+    assert "CXX=g++ -static-libstdc++ does not link the shared libstdc++" in problem
     assert "CC=gcc CXX=g++ python scripts/build_llamacpp.py" in problem
+    # the compiler CMake is told to use, and the flags CMake adds, are what is checked
+    monkeypatch.setenv("CXX", "g++")
+    assert bs.compiler_problem("-DCMAKE_CXX_COMPILER=g++") is None
+    monkeypatch.setenv("LDFLAGS", "-static-libstdc++")
+    assert "CXX=g++ does not link" in (bs.compiler_problem() or "")
+    monkeypatch.delenv("LDFLAGS")
+    assert bs.compiler_problem("-DCMAKE_SHARED_LINKER_FLAGS=-static-libstdc++") is not None
+    wrapper = tmp_path / "static-g++"
+    wrapper.write_text('#!/bin/sh\nexec g++ -static-libstdc++ "$@"\n')
+    wrapper.chmod(0o755)
+    assert "CMAKE_CXX_COMPILER=" in (bs.compiler_problem(f"-DCMAKE_CXX_COMPILER:FILEPATH={wrapper}") or "")
+    monkeypatch.setenv("CXX", "g++ -static-libstdc++")
 
     def no_fetch(*_: Any) -> Path:
         raise AssertionError("fetched the sdist despite the compiler check")
@@ -514,11 +526,20 @@ def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
     monkeypatch.setattr(sys, "argv", ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc")])
     with pytest.raises(SystemExit) as exc:
         bs.main()
-    assert "links libstdc++ statically" in str(exc.value) and "--skip-compiler-check" in str(exc.value)
+    assert "does not link the shared libstdc++" in str(exc.value) and "--skip-compiler-check" in str(exc.value)
     # with the check skipped it goes on to fetch (where this test stops it)
     monkeypatch.setattr(sys, "argv", [*sys.argv, "--skip-compiler-check"])
     with pytest.raises(AssertionError, match="fetched the sdist"):
         bs.main()
-    # a compiler that cannot build the probe is left to CMake
-    monkeypatch.setenv("CXX", "false")
+    # a compiler that cannot build the probe, is not there, is not a command line, or hangs is left to CMake
+    for cxx in ("false", "/nonexistent/g++", 'g++ "'):
+        monkeypatch.setenv("CXX", cxx)
+        assert bs.compiler_problem() is None
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nsleep 600\n")
+    hang.chmod(0o755)
+    monkeypatch.setenv("CXX", str(hang))
+    monkeypatch.setattr(bs, "COMPILER_TIMEOUT", 1.0)
     assert bs.compiler_problem() is None
+    left = subprocess.run(["pgrep", "-f", f"{hang}"], capture_output=True, text=True, check=False).stdout.split()
+    assert left == []  # the hung compiler and its children are stopped
