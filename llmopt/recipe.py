@@ -12,6 +12,7 @@ unset (None) never overrides the file.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import difflib
 import os
 import re
@@ -571,6 +572,8 @@ def _type_message(err: Any, loc: tuple[Any, ...]) -> str | None:
     kind, given = err["type"], err.get("input")
     key = _key_of(loc)
     got = ("true" if given else "false") if isinstance(given, bool) else repr(given)
+    if isinstance(given, datetime.date):
+        got = given.isoformat()
     if kind == "list_type" and isinstance(given, str | int | float) and not isinstance(given, bool):
         # '1,8' or '1 8' or 8: written as one value where a YAML list is expected
         items = [p for p in re.split(r"[,\s]+", str(given).strip("[] ")) if p]
@@ -585,6 +588,10 @@ def _type_message(err: Any, loc: tuple[Any, ...]) -> str | None:
         return f"expected a number, got {got}: write e.g. `{key}: 0.5`"
     if kind in ("bool_type", "bool_parsing"):
         return f"expected true or false, got {got}: write e.g. `{key}: true`"
+    if kind == "string_type" and isinstance(given, bool | int | float | datetime.date):
+        # YAML read unquoted text as another type: `no`/`off` are false, 2024-01-01 a date, 1e3 a number
+        example = "'no'" if isinstance(given, bool) else f"'{given}'"
+        return f"expected text, got {got} (YAML's reading of the unquoted value): quote it, e.g. `{key}: {example}`"
     return None
 
 
@@ -608,7 +615,9 @@ def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: An
     label = _dotted(loc)
     if len(loc) >= 2 and loc[0] == "variants" and isinstance(loc[1], int):
         with contextlib.suppress(KeyError, IndexError, TypeError):
-            label = f"variant '{data['variants'][loc[1]]['name']}'" + (f" {_dotted(loc[2:])}" if loc[2:] else "")
+            name = data["variants"][loc[1]]["name"]
+            if isinstance(name, str):  # (a name YAML read as false or a date is said by its place)
+                label = f"variant '{name}'" + (f" {_dotted(loc[2:])}" if loc[2:] else "")
     msg = _type_message(err, loc) or err["msg"]
     return f"{where}{label}: {msg}" if loc else f"{where}{msg}"
 

@@ -387,3 +387,12 @@ def test_what_set_adds_is_the_command_lines_problem(tmp_path: Path) -> None:
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, GOOD.replace("  max_ppl: 100\n", "  max_ppl: 100\n  bogus: 1\n")))
     assert (info.value.hint or "").startswith("Fix the recipe;")
+
+
+def test_text_yaml_reads_as_another_type_says_to_quote_it(tmp_path: Path) -> None:
+    msg = errors_of(tmp_path, GOOD.replace("  - name: int8\n", "  - name: no\n"))
+    assert "variants[0].name: expected text, got false" in msg and "quote it, e.g. `name: 'no'`" in msg
+    assert "variant 'False'" not in msg
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD), parse_set_flags(["model.source=2024-01-01"]))
+    assert "command line: model.source: expected text, got 2024-01-01" in str(info.value)
