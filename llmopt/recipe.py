@@ -624,7 +624,14 @@ def _describe(err: Any, source: str, lines: dict[tuple[Any, ...], int], data: An
 
 def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ...], int] | None = None) -> Recipe:
     """Validate an already-loaded recipe mapping (env expansion included)."""
-    lines = lines or {}
+    checked = _check(data, source, lines or {})
+    if isinstance(checked, Recipe):
+        return checked
+    _refuse(checked, source)
+
+
+def _check(data: Any, source: str, lines: dict[tuple[Any, ...], int]) -> Recipe | list[tuple[int, str]]:
+    """The recipe, or its problems as (line, text) (line 0: the command line's, or no line)."""
     if not isinstance(data, dict):
         raise RecipeError(
             f"{source}: a recipe is a YAML mapping (model:, evaluation:, variants: ...), not a {type(data).__name__}.",
@@ -636,25 +643,35 @@ def parse_recipe(data: Any, *, source: str = "recipe", lines: dict[tuple[Any, ..
     except ValidationError as exc:
         errors = exc.errors()
 
-        def place(err: Any) -> int:  # the line a problem is on, for sorting (0: the command line or no line)
-            return _line_at(lines, (*err["loc"], *((err.get("ctx") or {}).get("at") or ()))) or 0
+    def place(err: Any) -> int:
+        return _line_at(lines, (*err["loc"], *((err.get("ctx") or {}).get("at") or ()))) or 0
 
-        found = [(place(e), _describe(e, source, lines, data)) for e in errors]
-        # Every name clash too, not only the first, nor only once the fields are right: the whole-recipe check that
-        # finds them runs after the fields pass, and stops at one.
-        shown = {(*e["loc"], *((e.get("ctx") or {}).get("at") or ())) for e in errors}
-        variants = data.get("variants")
-        names = [v.get("name") if isinstance(v, dict) else None for v in variants] if isinstance(variants, list) else []
-        for text, i in _name_clashes(names):
-            if ("variants", i, "name") not in shown:
-                err = {"type": "recipe", "loc": (), "msg": text, "ctx": {"text": text, "at": ("variants", i, "name")}}
-                found.append((place(err), _describe(err, source, lines, data)))
-        found.sort(key=lambda item: item[0])  # top to bottom of the file, as an editor shows it
-        problems = [text for _, text in found]
-        head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
-        flagged = any(text.startswith(f"{COMMAND_LINE}: ") for _, text in found)
-        what = "the recipe or the flag (--set and the like)" if flagged else "the recipe"
-        raise RecipeError(head, f"Fix {what}; `llmopt recipe schema` prints every key with its meaning.") from None
+    found = [(place(e), _describe(e, source, lines, data)) for e in errors]
+    # Every name clash too, not only the first, nor only once the fields are right: the whole-recipe check that
+    # finds them runs after the fields pass, and stops at one.
+    shown = {(*e["loc"], *((e.get("ctx") or {}).get("at") or ())) for e in errors}
+    variants = data.get("variants")
+    names = [v.get("name") if isinstance(v, dict) else None for v in variants] if isinstance(variants, list) else []
+    for text, i in _name_clashes(names):
+        if ("variants", i, "name") not in shown:
+            err = {"type": "recipe", "loc": (), "msg": text, "ctx": {"text": text, "at": ("variants", i, "name")}}
+            found.append((place(err), _describe(err, source, lines, data)))
+    return found
+
+
+def _refuse(found: list[tuple[int, str]], source: str) -> typing.NoReturn:
+    found = sorted(found, key=lambda item: item[0])  # top to bottom of the file, as an editor shows it
+    problems = [text for _, text in found]
+    head = problems[0] if len(problems) == 1 else f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems)
+    flagged = any(text.startswith(f"{COMMAND_LINE}: ") for text in problems)
+    what = "the recipe or the flag (--set and the like)" if flagged else "the recipe"
+    raise RecipeError(head, f"Fix {what}; `llmopt recipe schema` prints every key with its meaning.")
+
+
+def _on_command_line(text: str, source: str) -> str:
+    """A problem's text said to be on the command line instead of at a place in ``source``."""
+    rest = re.sub(rf"^{re.escape(source)}(:\d+)?: ", "", text, count=1)
+    return rest if rest.startswith(f"{COMMAND_LINE}: ") else f"{COMMAND_LINE}: {rest}"
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -674,15 +691,32 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read {p}: {exc}", "Check the file's permissions and encoding (UTF-8).") from None
     data, lines = _yaml_with_lines(text, str(path))
-    if overrides and isinstance(data, dict):
+    source = str(path)
+    if not (overrides and isinstance(data, dict)):
+        recipe = parse_recipe(data, source=source, lines=lines)
+    else:
+        given, given_lines = data, dict(lines)
         data = _unshared(data)  # an alias's value is one object in every place it is used: set only the one named
         for dotted, value in overrides.items():
             at = _set_path(data, dotted, value)
+            owner = _model_at(at)
+            if value is None and owner is not None and at[-1] not in owner.model_fields:
+                _pop_path(data, at)  # null clears a key; one the recipe does not know (a typo) goes
             for loc in [loc for loc in lines if loc[: len(at)] == at]:
                 del lines[loc]  # the file's lines for what the command line replaced
             for n in range(1, len(at) + 1):
                 lines.setdefault(at[:n], 0)  # keys the command line added are its own, not the file's
-    recipe = parse_recipe(data, source=str(path), lines=lines)
+        checked = _check(data, source, lines)
+        if not isinstance(checked, Recipe):
+            # a problem the file alone does not have is the flags' doing, wherever pydantic puts it (an option
+            # set by --set is reported at its variant's `options`, a line of the file)
+            try:
+                alone = _check(given, source, given_lines)
+            except RecipeError:
+                alone = []
+            own = {text for _, text in alone} if isinstance(alone, list) else set()
+            _refuse([(ln, t) if t in own else (0, _on_command_line(t, source)) for ln, t in checked], source)
+        recipe = checked
     if recipe.name is None:
         recipe.name = re.sub(r"[^A-Za-z0-9._-]", "-", p.stem) or "recipe"
     return recipe
@@ -708,6 +742,15 @@ def apply_overrides(
         _set_path(data, dotted, value)
     new = parse_recipe(data, source=source)
     return new
+
+
+def _pop_path(data: Any, at: tuple[Any, ...]) -> None:
+    """Remove the key at ``at`` (a path _set_path resolved)."""
+    node = data
+    for part in at[:-1]:
+        node = node[part]
+    if isinstance(node, dict):
+        node.pop(at[-1], None)
 
 
 def _unshared(value: Any) -> Any:
@@ -736,14 +779,18 @@ def _set_path(data: dict[str, Any], dotted: str, value: Any) -> tuple[Any, ...]:
                 if name in names:
                     idx, used = names.index(name), k - i
                     break
-            if idx is None and part.isdigit() and int(part) < len(node):
+            if idx is None and re.fullmatch(r"[0-9]+", part) and int(part) < len(node):
                 idx = int(part)
             if idx is None:
+                named = [n for n in names if isinstance(n, str)]  # (a name YAML read as false cannot be given)
                 raise RecipeError(
-                    f"--set {dotted}: no item '{part}' in {'.'.join(parts[:i])}.",
-                    "Name one of: "
-                    + ", ".join(str(n) for n in names if n is not None)
-                    + (f"; or an index 0-{len(node) - 1}" if node else ""),
+                    f"--set {dotted}: no item '{part}' in {'.'.join(parts[:i])}"
+                    + ("" if node else " (it is empty)")
+                    + ".",
+                    ("Name one of: " + ", ".join(named) + "; or an index" if named else "Give an index")
+                    + f" 0-{len(node) - 1}"
+                    if node
+                    else "Set the whole list first, e.g. --set 'evaluation.tasks=[a, b]'.",
                 )
             at.append(idx)
             i += used
@@ -785,9 +832,10 @@ def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:
                 "Write the keys between the dots, e.g. --set evaluation.max_tokens=512",
             )
         try:
-            if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(raw, Loader=yaml.SafeLoader)):
+            events = list(yaml.parse(raw, Loader=yaml.SafeLoader))
+            if any(isinstance(e, yaml.AliasEvent) or getattr(e, "anchor", None) for e in events):
                 raise RecipeError(
-                    f"--set '{_short(pair)}': the value uses a YAML alias (*name).",
+                    f"--set '{_short(pair)}': the value uses a YAML anchor or alias (&name, *name).",
                     "Write the value out in full; anchors and aliases belong in the recipe file.",
                 )
             value = yaml.safe_load(raw)
@@ -798,7 +846,8 @@ def parse_set_flags(pairs: list[str] | None) -> dict[str, Any]:
                 "Quote it as a string (--set 'key=\"text\"'), or write a number, true/false, or a [list].",
             ) from None
         text = raw.strip()
-        if "#" in text and isinstance(value, str | None) and not text.startswith(("'", '"', "[", "{")):
+        plain = not text.startswith(("'", '"', "[", "{", "!"))
+        if "#" in text and plain and (isinstance(value, str) or (value is None and text.startswith("#"))):
             value = text  # `a/my model #2` is a path, not a value and a YAML comment
         out.pop(key, None)  # given again: the last one wins, applied after the others
         out[key] = value

@@ -98,8 +98,12 @@ def fetch_sdist(version: str, vdir: Path) -> Path:
     tmp = vdir / "download.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
-         f"llama-cpp-python=={version}"])  # fmt: skip
+    try:
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
+             f"llama-cpp-python=={version}"])  # fmt: skip
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     found = list(tmp.glob("llama_cpp_python-*.tar.gz"))
     if not found:
         raise SystemExit(f"pip download produced no sdist in {tmp}")
@@ -338,7 +342,9 @@ def _cmake_defines(args: str) -> dict[str, str]:
     except ValueError:
         words = args.split()
     out = {}
-    for word in words:
+    for i, word in enumerate(words):
+        if word == "-D" and i + 1 < len(words):  # `-D NAME=VALUE`, as CMake also takes it
+            word = "-D" + words[i + 1]
         if word.startswith("-D") and "=" in word:
             name, value = word[2:].split("=", 1)
             out[name.split(":", 1)[0]] = value
@@ -356,7 +362,6 @@ def compiler_problem(flags: str = "") -> str | None:
     be run, or fails or hangs on that library, is left to CMake, which says why.
     """
     import shlex
-    import tempfile
 
     defines = _cmake_defines(flags)
     try:
@@ -379,6 +384,30 @@ def compiler_problem(flags: str = "") -> str | None:
         log(f"compiler check skipped: {cxx[0]} is not a command here (CMake will say more)")
         return None
     log(f"checking the C++ compiler ({' '.join(cxx)}) links libstdc++ as a shared library ...")
+    if not _links_static(cxx, extra):
+        return None
+    if extra and not _links_static(cxx, []):
+        shown = " ".join(extra)
+        return (
+            f"the build flags ({shown}; from CXXFLAGS, LDFLAGS or CMAKE_ARGS) make {' '.join(cxx)} link libstdc++ "
+            "statically into shared libraries, so every llama.cpp library would carry its own copy and the build "
+            "would crash on every model load (seen: std::regex in the tokenizer).\n"
+            "  -> Take -static-libstdc++ (or -static) out of those flags, or pass --skip-compiler-check to build anyway"
+        )
+    return (
+        f"{named} does not link the shared libstdc++ into shared libraries (it links it statically, or not at all "
+        "as gcc does for C++), so every llama.cpp library would carry its own copy or none, and the build would "
+        "crash on every model load (seen: std::regex in the tokenizer).\n"
+        "  -> Build with a compiler that links libstdc++ dynamically, e.g. the system's: "
+        "CC=gcc CXX=g++ python scripts/build_llamacpp.py (or --skip-compiler-check to build anyway)"
+    )
+
+
+def _links_static(cxx: list[str], extra: list[str]) -> bool:
+    """Whether a two-line shared library built by ``cxx`` with ``extra`` lacks a NEEDED libstdc++ (False when it
+    cannot be built, or the compiler hangs: CMake will say more)."""
+    import tempfile
+
     with tempfile.TemporaryDirectory(prefix="llmopt-cxx-") as tmp:
         src, lib = Path(tmp) / "probe.cpp", Path(tmp) / "libprobe.so"
         src.write_text('#include <string>\nstd::string probe(const char* s) { return std::string(s) + "!"; }\n')
@@ -387,24 +416,18 @@ def compiler_problem(flags: str = "") -> str | None:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                     start_new_session=True)  # fmt: skip
         except OSError:
-            return None
+            return False
         try:
             proc.wait(timeout=COMPILER_TIMEOUT)
-        except subprocess.TimeoutExpired:
+        except BaseException as exc:  # a hang, or Ctrl-C: the compiler and whatever it started go too
             with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the compiler and whatever it started
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            if not isinstance(exc, subprocess.TimeoutExpired):
+                raise
             log(f"compiler check skipped: {' '.join(cxx)} took over {COMPILER_TIMEOUT:g} s on a two-line library")
-            return None
-        if proc.returncode != 0 or not lib.is_file() or not static_libstdcxx(Path(tmp)):
-            return None
-    return (
-        f"{named} does not link the shared libstdc++ into shared libraries (it links it statically, or not at all "
-        "as gcc does for C++), so every llama.cpp library would carry its own copy or none, and the build would "
-        "crash on every model load (seen: std::regex in the tokenizer).\n"
-        "  -> Build with a compiler that links libstdc++ dynamically, e.g. the system's: "
-        "CC=gcc CXX=g++ python scripts/build_llamacpp.py (or --skip-compiler-check to build anyway)"
-    )
+            return False
+        return proc.returncode == 0 and lib.is_file() and bool(static_libstdcxx(Path(tmp)))
 
 
 def _installed_lib_dir() -> Path | None:
@@ -462,7 +485,6 @@ def main() -> None:
     cpu = _worker_module().cpu_identity()
     key = cache_key(flags, cpu)
     jobs = args.jobs or int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or os.cpu_count() or 1)
-    vdir.mkdir(parents=True, exist_ok=True)
     wheel_dir, bin_dir, conv_dir = vdir / "wheels" / key, vdir / "bin" / key, vdir / "converter"
     stamp_path = vdir / STAMP
     stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
@@ -475,11 +497,13 @@ def main() -> None:
     need_converter = args.rebuild or not (conv_dir / "convert_hf_to_gguf.py").is_file()
     log(f"llama-cpp-python {args.version}, CMAKE_ARGS='{flags}' (key {key}), folder {vdir}")
 
-    build_seconds = None
     if (need_wheel or need_tools) and not args.skip_compiler_check:
         problem = compiler_problem(flags)
-        if problem:
-            raise SystemExit(f"error: {problem}")
+        if problem:  # bad input, before anything is made or fetched
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
+    vdir.mkdir(parents=True, exist_ok=True)
+    build_seconds = None
     if need_wheel or need_tools or need_converter:
         sdist = fetch_sdist(args.version, vdir)
         # Source and CMake build tree persist until success, so an interrupted build resumes.
@@ -560,6 +584,9 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
+    except KeyboardInterrupt:
+        print("\n[build_llamacpp] interrupted; run it again to resume", file=sys.stderr)
+        raise SystemExit(130) from None
     except subprocess.CalledProcessError as exc:  # the command's own output, above, says why
         cmd = " ".join(str(c) for c in exc.cmd) if isinstance(exc.cmd, list) else str(exc.cmd)
         raise SystemExit(

@@ -347,7 +347,7 @@ def test_problems_are_listed_top_to_bottom_with_the_command_line_first(tmp_path:
 
 def test_set_values_hold_no_aliases(tmp_path: Path) -> None:
     # a cycle was a RecursionError traceback; nested aliases grew without the file's 100,000-value limit
-    with pytest.raises(RecipeError, match=r"uses a YAML alias \(\*name\)"):
+    with pytest.raises(RecipeError, match=r"uses a YAML anchor or alias"):
         parse_set_flags(["evaluation.max_tokens=&a [*a]"])
     bomb = "[&a0 [1,1,1,1,1,1,1,1,1,1], &a1 [*a0,*a0,*a0,*a0,*a0,*a0,*a0,*a0,*a0,*a0], [*a1,*a1,*a1,*a1,*a1]]"
     with pytest.raises(RecipeError, match="alias"):
@@ -396,3 +396,29 @@ def test_text_yaml_reads_as_another_type_says_to_quote_it(tmp_path: Path) -> Non
     with pytest.raises(RecipeError) as info:
         load_recipe(write(tmp_path, GOOD), parse_set_flags(["model.source=2024-01-01"]))
     assert "command line: model.source: expected text, got 2024-01-01" in str(info.value)
+
+
+def test_a_problem_the_file_alone_does_not_have_is_the_flags(tmp_path: Path) -> None:
+    # pydantic reports a bad option at the variant's `options`, a line of the file: the file alone is fine there
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD), parse_set_flags(["variants.gptq4.options.bits=abc"]))
+    assert str(info.value).startswith("command line: variant 'gptq4' options") and "r.yaml" not in str(info.value)
+    # a file's own problem stays at its line beside one of the flag's
+    bad = GOOD.replace("  max_ppl: 100\n", "  max_ppl: 100\n  bogus: 1\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, bad), parse_set_flags(["variants.gptq4.options.bitz=4"]))
+    text = str(info.value)
+    assert "command line: variant 'gptq4' options" in text and "r.yaml:16: unknown key 'bogus' in gates" in text
+
+
+def test_null_removes_a_key_the_recipe_does_not_know(tmp_path: Path) -> None:
+    typo = GOOD.replace("  device: cpu\n", "  device: cpu\n  add_boss: false\n")
+    with pytest.raises(RecipeError, match="unknown key 'add_boss'"):
+        load_recipe(write(tmp_path, typo))
+    r = load_recipe(write(tmp_path, typo), parse_set_flags(["evaluation.add_boss=null", "gates.max_ppl=null"]))
+    assert r.gates.max_ppl is None  # a known key is set to null, as before
+    with pytest.raises(RecipeError, match=r"no item '²'"):  # a digit that int() cannot read is no index
+        load_recipe(write(tmp_path, GOOD), parse_set_flags(["variants.².name=x"]))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write(tmp_path, GOOD), parse_set_flags(["evaluation.tasks=[]", "evaluation.tasks.0=a"]))
+    assert "(it is empty)" in str(info.value) and "Set the whole list first" in (info.value.hint or "")

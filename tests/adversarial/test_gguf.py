@@ -491,7 +491,7 @@ def test_statically_linked_libstdcxx_is_named_after_a_failed_smoke_check(tmp_pat
 
 
 def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The GPU machine's CXX linked libstdc++ statically: the build took minutes and then crashed on every model
     load. The real compiler is asked, with and without -static-libstdc++, before anything is fetched or built."""
@@ -509,14 +509,15 @@ def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
     # the compiler CMake is told to use, and the flags CMake adds, are what is checked
     monkeypatch.setenv("CXX", "g++")
     assert bs.compiler_problem("-DCMAKE_CXX_COMPILER=g++") is None
-    monkeypatch.setenv("LDFLAGS", "-static-libstdc++")
-    assert "CXX=g++ does not link" in (bs.compiler_problem() or "")
+    monkeypatch.setenv("LDFLAGS", "-static-libstdc++")  # the flags, not the compiler: said so, and what to drop
+    assert "the build flags (-static-libstdc++; from CXXFLAGS" in (bs.compiler_problem() or "")
     monkeypatch.delenv("LDFLAGS")
     assert bs.compiler_problem("-DCMAKE_SHARED_LINKER_FLAGS=-static-libstdc++") is not None
     wrapper = tmp_path / "static-g++"
     wrapper.write_text('#!/bin/sh\nexec g++ -static-libstdc++ "$@"\n')
     wrapper.chmod(0o755)
     assert "CMAKE_CXX_COMPILER=" in (bs.compiler_problem(f"-DCMAKE_CXX_COMPILER:FILEPATH={wrapper}") or "")
+    assert "CMAKE_CXX_COMPILER=" in (bs.compiler_problem(f"-D CMAKE_CXX_COMPILER={wrapper}") or "")
     monkeypatch.setenv("CXX", "g++ -static-libstdc++")
 
     def no_fetch(*_: Any) -> Path:
@@ -526,7 +527,9 @@ def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
     monkeypatch.setattr(sys, "argv", ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc")])
     with pytest.raises(SystemExit) as exc:
         bs.main()
-    assert "does not link the shared libstdc++" in str(exc.value) and "--skip-compiler-check" in str(exc.value)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "does not link the shared libstdc++" in err and "--skip-compiler-check" in err
+    assert not (tmp_path / "llc").exists()  # nothing made before the refusal
     # with the check skipped it goes on to fetch (where this test stops it)
     monkeypatch.setattr(sys, "argv", [*sys.argv, "--skip-compiler-check"])
     with pytest.raises(AssertionError, match="fetched the sdist"):
@@ -543,3 +546,30 @@ def test_a_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
     assert bs.compiler_problem() is None
     left = subprocess.run(["pgrep", "-f", f"{hang}"], capture_output=True, text=True, check=False).stdout.split()
     assert left == []  # the hung compiler and its children are stopped
+
+
+def test_ctrl_c_during_the_compiler_check_stops_the_compiler(tmp_path: Path) -> None:
+    """The probe compiler runs in its own session (so a hang can be killed as a group): Ctrl-C must stop it too."""
+    import signal
+    import time
+
+    hang = tmp_path / "hangxx"
+    hang.write_text("#!/bin/sh\nsleep 300 &\nsleep 300\n")
+    hang.chmod(0o755)
+    env = dict(os.environ, CXX=str(hang))
+    env.pop("CMAKE_ARGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--dir", str(tmp_path / "llc"), "--version", "9.9.9"],
+        env=env, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if subprocess.run(["pgrep", "-f", str(hang)], capture_output=True, check=False).stdout:
+            break
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the script's process group
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    time.sleep(0.3)
+    left = subprocess.run(["pgrep", "-f", str(hang)], capture_output=True, text=True, check=False).stdout.split()
+    assert left == []
