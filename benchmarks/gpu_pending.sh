@@ -6,9 +6,9 @@
 #   2. SmolLM2: `llmopt run recipes/smollm2-135m-gpu.yaml` for the FP8-dynamic and W4A16 variants with ARC-Easy;
 #   3. llama.cpp built for CUDA (with the system compiler: the machine's default CXX links libstdc++ statically),
 #      then `recipes/smollm2-135m-gguf.yaml --device cuda:0` and `llmopt serve-bench` of its q4_k_m against f16
-#      through llama-server on the GPU at four rates, and prefix caching on vs off;
+#      through llama-server on the GPU (16 slots) at four rates, and prefix caching on vs off;
 #   4. `llmopt serve-bench` through transformers serve (continuous batching), FP16 vs nf4, four rates to saturation.
-# GPTQModel's one-time kernel builds and the llama.cpp build run on the CPU beside steps 1-2.
+# GPTQModel's one-time Marlin build and the llama.cpp build run on the CPU beside steps 1-2.
 #
 # Not run yet (written after the session that needed it lost its GPU time).
 # Usage (repo root, `python scripts/prepare_assets.py` and `python scripts/prepare_tasks.py` done, the wheels the
@@ -31,12 +31,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu
 
 if want llamacpp; then
   ( CC=gcc CXX=g++ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_METAL=OFF \
-      -DGGML_VULKAN=OFF -DGGML_BLAS=OFF" python3 scripts/build_llamacpp.py -j "${LLAMACPP_JOBS:-8}" \
+      -DGGML_VULKAN=OFF -DGGML_BLAS=OFF" python3 scripts/build_llamacpp.py -j "${LLAMACPP_JOBS:-10}" \
       > "$out/llamacpp-build.log" 2>&1
     echo $? > "$out/llamacpp-build.rc"; t "llama.cpp CUDA build rc=$(cat "$out/llamacpp-build.rc")" ) &
 fi
 
-# GPTQModel's one-time builds: Marlin (a tiny random GPTQ model through `llmopt bench`) and its AWQ extension
+# GPTQModel's one-time build of its Marlin kernels (a tiny random GPTQ model through `llmopt bench`); its AWQ
+# extension is not built: no step below scores an AWQ artifact
 rand=$out/random
 python3 - "$rand" > "$out/random.log" 2>&1 <<'PY'
 import random
@@ -57,10 +58,8 @@ words = [" ".join(f"w{random.randrange(3, 128000)}" for _ in range(300)) for _ i
 (root / "words.txt").write_text("\n".join(words) + "\n")
 PY
 ( "${L[@]}" bench "$rand/gptq" --device cuda:0 --batch-sizes 1 --prompt-lens 16 --gen-len 8 --warmup 1 \
-    --repetitions 1 --decode-mode eager -q > "$out/build-marlin.log" 2>&1 &
-  "${L[@]}" quantize "$rand/fp16" -m awq --group-size 64 --calibration "$assets/text/britannica-calib.txt" \
-    --samples 8 --seq-len 128 -o "$rand/awq" --overwrite --device cuda:0 -q > "$out/build-awq.log" 2>&1 &
-  wait; t "GPTQModel one-time builds done" ) &
+    --repetitions 1 --decode-mode eager -q > "$out/build-marlin.log" 2>&1
+  t "GPTQModel's Marlin build rc=$?" ) &
 builds=$!
 
 if want 8b; then  # the 8B model and its W4A16 artifact (GPU, no timing) beside step 2
@@ -108,11 +107,11 @@ if want llamacpp; then
       --json-file "$out/gguf.json" > "$out/gguf.log" 2>&1
     t "GGUF recipe on cuda:0 rc=$?"
     "${L[@]}" quantize "$model" -m gguf --quant-type f16 -o "$out/gguf-f16" --overwrite -q > "$out/gguf-f16.log" 2>&1
-    "${L[@]}" serve-bench "$out/gguf/artifacts/q4_k_m" --baseline "$out/gguf-f16" --device cuda:0 \
+    "${L[@]}" serve-bench "$out/gguf/artifacts/q4_k_m" --baseline "$out/gguf-f16" --device cuda:0 --parallel 16 \
       --rates 4,16,64,256 --requests 48 --out "$out/serve-llamacpp" > "$out/serve-llamacpp.log" 2>&1
     t "llama-server sweep on cuda:0 rc=$?"
     for pc in prefix-caching no-prefix-caching; do
-      "${L[@]}" serve-bench "$out/gguf/artifacts/q4_k_m" --device cuda:0 --rates 16 --requests 48 --prefix-len 512 \
+      "${L[@]}" serve-bench "$out/gguf/artifacts/q4_k_m" --device cuda:0 --parallel 16 --rates 16 --requests 48 --prefix-len 512 \
         --prefix-share 1 "--$pc" --out "$out/serve-llamacpp-$pc" > "$out/serve-llamacpp-$pc.log" 2>&1
       t "llama-server --$pc rc=$?"
     done
@@ -121,7 +120,7 @@ fi
 
 if want serve; then
   "${L[@]}" quantize "$model" -m bnb-nf4 -o "$out/nf4" --overwrite --device cuda:0 -q > "$out/nf4.log" 2>&1
-  "${L[@]}" serve-bench "$out/nf4" --baseline "$model" --rates 4,16,64,256 --requests 48 \
+  "${L[@]}" serve-bench "$out/nf4" --baseline "$model" --device cuda:0 --rates 4,16,64,256 --requests 48 \
     --out "$out/serve-transformers" > "$out/serve-transformers.log" 2>&1
   t "transformers serve sweep rc=$?"
 fi
