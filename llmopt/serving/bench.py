@@ -141,6 +141,11 @@ def serve_bench(
             f"--slo at_rate={slo.at_rate:g} is not among --rates {','.join(f'{r:g}' for r in trace.rates)}.",
             "Add it to --rates, or pick at_rate from them.",
         )
+    for target in targets:
+        # a model no server loads (a folder with two model .gguf files, a missing path) is refused now, not after
+        # the baseline's server has been started and measured
+        if not target.url and target.model is not None:
+            choose_server(target.model, target.server)
     tok_source = tokenizer or default_tokenizer_source(*(t.model for t in targets))
     tok = load_tokenizer(tok_source)
     points = trace.points()

@@ -84,14 +84,121 @@ def check_port_free(port: int) -> None:
 
 
 def gguf_file(model: str) -> Path | None:
-    """The .gguf a model argument names: the file itself, or the one .gguf in a folder (a GGUF artifact)."""
+    """The .gguf a model argument names: the file itself, or a folder's one model .gguf (a GGUF artifact).
+
+    In a folder, the artifact manifest's record of its model file (``options._resolved.gguf_file`` in
+    ``llmopt.json``) decides; without one, the folder's .gguf files less importance matrices (the ``imatrix.gguf``
+    a GGUF artifact keeps, or any GGUF whose ``general.type`` is ``imatrix``) must be exactly one. None: no model
+    .gguf here (or a Hugging Face folder, config.json, without a manifest naming one); more than one: refused.
+    """
     p = Path(model).expanduser()
     if p.is_file() and p.suffix.lower() == ".gguf":
         return p.resolve()
-    if p.is_dir():
-        files = sorted(p.glob("*.gguf"))
-        if len(files) == 1 and not (p / "config.json").is_file():
-            return files[0].resolve()
+    if not p.is_dir():
+        return None
+    recorded = _manifest_gguf(p)
+    if recorded is not None:
+        return recorded.resolve()
+    if (p / "config.json").is_file():
+        return None
+    files = _model_ggufs(p)
+    if len(files) > 1:
+        raise ModelError(
+            f"{model} holds {len(files)} GGUF model files ({', '.join(f.name for f in files)}), "
+            "and no llmopt.json naming the model file among them.",
+            f"Pass the file itself, e.g. {p / files[0].name}.",
+        )
+    return files[0].resolve() if files else None
+
+
+def _manifest_gguf(folder: Path) -> Path | None:
+    """The model file a GGUF artifact's ``llmopt.json`` records, when it records one this folder holds."""
+    manifest = folder / "llmopt.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    options = data.get("options") if isinstance(data, dict) else None
+    resolved = options.get("_resolved") if isinstance(options, dict) else None
+    name = resolved.get("gguf_file") if isinstance(resolved, dict) else None
+    # a plain name of this folder: a manifest edited to point elsewhere is not followed
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        return None
+    path = folder / name
+    return path if path.is_file() else None
+
+
+def _model_ggufs(folder: Path) -> list[Path]:
+    """The folder's .gguf files that are not importance matrices."""
+    from llmopt.backends.gguf import IMATRIX_NAME
+
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() == ".gguf" and f.is_file())
+    return [f for f in files if f.name.lower() != IMATRIX_NAME and _gguf_type(f) != "imatrix"]
+
+
+_GGUF_STRING = 8
+_GGUF_ARRAY = 9
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _gguf_type(path: Path, max_keys: int = 4096) -> str | None:
+    """``general.type`` from a GGUF header ("model", "imatrix", "adapter", ...); None when absent or unreadable.
+
+    Read with ``struct``, key by key until it is found (llama.cpp writes the ``general.*`` keys first), so a
+    multi-gigabyte model costs a few reads and no optional package."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+
+            def take(fmt: str) -> tuple[Any, ...]:
+                size = struct.calcsize(fmt)
+                data = f.read(size)
+                if len(data) != size:
+                    raise ValueError("truncated")
+                return struct.unpack(fmt, data)
+
+            def text() -> bytes:
+                (n,) = take("<Q")
+                if n > 1 << 20:
+                    raise ValueError("implausible string")
+                data = f.read(n)
+                if len(data) != n:
+                    raise ValueError("truncated")
+                return data
+
+            def skip(kind: int) -> None:
+                if kind == _GGUF_STRING:
+                    (n,) = take("<Q")
+                    f.seek(n, 1)
+                elif kind == _GGUF_ARRAY:
+                    item, count = take("<IQ")
+                    if item in _GGUF_SCALAR_SIZES:
+                        f.seek(_GGUF_SCALAR_SIZES[item] * count, 1)
+                    elif item == _GGUF_STRING:
+                        for _ in range(count):
+                            skip(_GGUF_STRING)
+                    else:
+                        raise ValueError("unknown array type")
+                elif kind in _GGUF_SCALAR_SIZES:
+                    f.seek(_GGUF_SCALAR_SIZES[kind], 1)
+                else:
+                    raise ValueError("unknown value type")
+
+            magic, version = take("<4sI")
+            if magic != b"GGUF" or version < 2:
+                return None
+            _n_tensors, n_kv = take("<QQ")
+            for _ in range(min(n_kv, max_keys)):
+                key = text()
+                (kind,) = take("<I")
+                if key == b"general.type" and kind == _GGUF_STRING:
+                    return text().decode("utf-8", "replace")
+                skip(kind)
+    except (OSError, ValueError, struct.error):
+        return None
     return None
 
 
@@ -186,7 +293,7 @@ def llama_cpp_spec(model: str, port: int, opts: ServerOptions) -> ServerSpec:
     gguf = gguf_file(model)
     if gguf is None:
         raise ModelError(
-            f"llama.cpp's server loads .gguf files; {model} is not one (nor a folder with exactly one).",
+            f"llama.cpp's server loads .gguf files; {model} is not one (nor a folder with exactly one model .gguf).",
             "Quantize with `llmopt quantize MODEL gguf-...`, or use --server transformers for a model folder.",
         )
     binary = llama_server_binary()

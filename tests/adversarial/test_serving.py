@@ -232,6 +232,44 @@ def test_bad_input_is_refused_before_any_server_starts(fake_llama: dict, args: l
     assert (fake_llama["work"] / "full" / "keep.txt").read_text() == "mine"
 
 
+def _gguf_artifact(folder: Path, *names: str, manifest: str | None = None) -> Path:
+    """A GGUF artifact folder as `llmopt quantize -m gguf` leaves it (tokenizer.json left out: no real one here)."""
+    folder.mkdir()
+    for name in names:
+        (folder / name).write_bytes(b"GGUF" + b"\0" * 64)
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    if manifest is not None:
+        resolved = {"gguf_file": manifest, "imatrix": {"file": "imatrix.gguf"}}
+        (folder / "llmopt.json").write_text(json.dumps({"format": "gguf", "options": {"_resolved": resolved}}))
+    return folder
+
+
+def test_an_artifact_made_with_an_importance_matrix_serves_its_model_file(fake_llama: dict) -> None:
+    """`quantize -m gguf --imatrix auto` keeps imatrix.gguf beside the model file: the model file is served."""
+    model = "smollm2-135m-instruct-Q4_K_M.gguf"
+    _gguf_artifact(fake_llama["work"] / "q4_k_m", model, "imatrix.gguf", manifest=model)
+    r = run_cli(["serve-bench", "q4_k_m", *FAST, "--json"], cwd=fake_llama["work"], env=fake_llama["env"])
+    assert r.returncode == 0, r.stderr
+    server = json.loads(r.stdout)["models"][0]["server"]
+    assert server["kind"] == "llama.cpp"
+    assert server["command"][2] == str(fake_llama["work"] / "q4_k_m" / model)
+    assert _gone(int(fake_llama["pidfile"].read_text()))
+
+
+def test_a_folder_with_two_model_files_is_refused_before_any_server_starts(fake_llama: dict) -> None:
+    """Two model .gguf files and no manifest naming one: exit 2 with both names and what to pass instead, before
+    even the baseline's server starts."""
+    _gguf_artifact(fake_llama["work"] / "two", "m-Q4_K_M.gguf", "m-Q8_0.gguf", "imatrix.gguf")
+    r = run_cli(
+        ["serve-bench", "two", "--baseline", "model.gguf", *FAST], cwd=fake_llama["work"], env=fake_llama["env"]
+    )
+    assert r.returncode == 2, r.stderr
+    assert "two holds 2 GGUF model files (m-Q4_K_M.gguf, m-Q8_0.gguf)" in r.stderr
+    assert "Pass the file itself" in r.stderr
+    assert "neither a .gguf file" not in r.stderr and "Traceback" not in r.stderr
+    assert not fake_llama["pidfile"].exists()
+
+
 def test_transformers_serve_without_its_serving_extra(assets: dict[str, Path], tmp_path: Path) -> None:
     """A plain transformers install has `transformers serve` but not fastapi/uvicorn/openai: exit 4, the install
     command, before any server starts."""
