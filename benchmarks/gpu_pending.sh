@@ -4,7 +4,8 @@
 #   1. 8B shape (random weights): `llmopt bench` of FP16, llm-compressor W4A16 g128 (Marlin, after the fix that
 #      gives it GPTQ-Marlin's atomicAdd setting) and a GPTQ 4-bit g128 checkpoint, one after the other;
 #   2. SmolLM2: `llmopt run recipes/smollm2-135m-gpu.yaml` for the FP8-dynamic and W4A16 variants with ARC-Easy;
-#   3. llama.cpp built for CUDA (with the system compiler: the machine's default CXX links libstdc++ statically),
+#   3. llama.cpp built for CUDA (with the system compiler, also as CUDA host compiler: the machine's default CXX
+#      and CUDAHOSTCXX link libstdc++ statically),
 #      then `recipes/smollm2-135m-gguf.yaml --device cuda:0` and `llmopt serve-bench` of its q4_k_m against f16
 #      through llama-server on the GPU (16 slots) at four rates, and prefix caching on vs off;
 #   4. `llmopt serve-bench` through transformers serve (continuous batching), FP16 vs nf4, four rates to saturation.
@@ -30,7 +31,7 @@ t "start: $steps"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1
 
 if want llamacpp; then
-  ( CC=gcc CXX=g++ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_METAL=OFF \
+  ( CC=gcc CXX=g++ CUDAHOSTCXX=g++ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_METAL=OFF \
       -DGGML_VULKAN=OFF -DGGML_BLAS=OFF" python3 scripts/build_llamacpp.py -j "${LLAMACPP_JOBS:-10}" \
       > "$out/llamacpp-build.log" 2>&1
     echo $? > "$out/llamacpp-build.rc"; t "llama.cpp CUDA build rc=$(cat "$out/llamacpp-build.rc")" ) &

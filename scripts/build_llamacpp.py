@@ -38,8 +38,9 @@ Usage:
 The build runs under `nice`; -j defaults to the CPU count ($CMAKE_BUILD_PARALLEL_LEVEL overrides).
 Before building, the C++ compiler (-DCMAKE_CXX_COMPILER in CMAKE_ARGS, else $CXX, else c++, with the flags CMake
 would add) is asked to build a tiny shared library: one that does not link the shared libstdc++ is refused in about
-a second (the build would crash on every model load), with the fix (CC=gcc CXX=g++); --skip-compiler-check builds
-anyway.
+a second (the build would crash on every model load), with the fix (CC=gcc CXX=g++). With CUDA on, the CUDA host
+compiler nvcc compiles and links libggml-cuda.so with (-DCMAKE_CUDA_HOST_COMPILER in CMAKE_ARGS, else $CUDAHOSTCXX)
+is asked the same, with its fix (CUDAHOSTCXX=g++); --skip-compiler-check builds anyway.
 """
 
 from __future__ import annotations
@@ -352,25 +353,73 @@ def _cmake_defines(args: str) -> dict[str, str]:
 
 
 def compiler_problem(flags: str = "") -> str | None:
-    """Why the C++ compiler the build will use must not build llama.cpp; None if it may (or cannot be asked).
+    """Why a compiler the build will use must not build llama.cpp; None if it may (or cannot be asked).
 
     Checked before a build of minutes: a compiler that does not link the shared libstdc++ into shared libraries
     (static_libstdcxx above) makes every llama.cpp library carry its own copy, and the build then crashes on
     every model load. A tiny shared library is compiled the way CMake will compile and link llama.cpp's (its
     compiler from ``-DCMAKE_CXX_COMPILER`` in ``flags``, else $CXX, else c++; $CXXFLAGS, $LDFLAGS,
-    ``-DCMAKE_CXX_FLAGS`` and ``-DCMAKE_SHARED_LINKER_FLAGS``) and its NEEDED entries read. A compiler that cannot
-    be run, or fails or hangs on that library, is left to CMake, which says why.
+    ``-DCMAKE_CXX_FLAGS`` and ``-DCMAKE_SHARED_LINKER_FLAGS``) and its NEEDED entries read. When ``flags`` turn
+    CUDA on, the CUDA host compiler is asked too (``-DCMAKE_CUDA_HOST_COMPILER`` in ``flags``, else
+    $CUDAHOSTCXX; neither: CMake's default, the C++ compiler already asked): nvcc compiles and links
+    libggml-cuda.so with it. A compiler that cannot be run, or fails or hangs on that library, is left to CMake,
+    which says why.
+    """
+    defines = _cmake_defines(flags)
+    problems = [_cxx_problem(defines), _cuda_host_problem(defines) if _cuda_on(defines) else None]
+    return "\n".join(p for p in problems if p) or None  # both, when both are wrong: one run, not two
+
+
+def _cxx_compiler(defines: dict[str, str]) -> tuple[list[str], str]:
+    """The C++ compiler CMake will use (its command line, and how to name it); ValueError if $CXX cannot be split."""
+    import shlex
+
+    if defines.get("CMAKE_CXX_COMPILER"):
+        return [defines["CMAKE_CXX_COMPILER"]], f"CMAKE_CXX_COMPILER={defines['CMAKE_CXX_COMPILER']}"
+    if (os.environ.get("CXX") or "").strip():
+        return shlex.split(os.environ["CXX"]), f"CXX={os.environ['CXX']}"
+    return ["c++"], "the default C++ compiler (c++)"
+
+
+def _cuda_on(defines: dict[str, str]) -> bool:
+    """Whether the CMake definitions build ggml's CUDA backend (GGML_CUDA, or llama.cpp's old LLAMA_CUDA)."""
+    value = defines.get("GGML_CUDA", defines.get("LLAMA_CUDA", "")).strip().upper()
+    if value.lstrip("+-").isdigit():  # CMake: a non-zero number is true
+        return int(value) != 0
+    return value in ("ON", "YES", "TRUE", "Y")
+
+
+def _cuda_host_compiler(defines: dict[str, str]) -> tuple[list[str], str, str] | None:
+    """The CUDA host compiler set for CMake (command line, name, where it was set), or None for CMake's default.
+
+    ``-DCMAKE_CUDA_HOST_COMPILER`` wins over $CUDAHOSTCXX, as in CMake; ValueError if $CUDAHOSTCXX cannot be split.
     """
     import shlex
 
-    defines = _cmake_defines(flags)
+    if defines.get("CMAKE_CUDA_HOST_COMPILER"):
+        value = defines["CMAKE_CUDA_HOST_COMPILER"]
+        return [value], f"CMAKE_CUDA_HOST_COMPILER={value}", "-DCMAKE_CUDA_HOST_COMPILER in CMAKE_ARGS"
+    if (os.environ.get("CUDAHOSTCXX") or "").strip():
+        value = os.environ["CUDAHOSTCXX"]
+        return shlex.split(value), f"CUDAHOSTCXX={value}", "the CUDAHOSTCXX environment variable"
+    return None
+
+
+def _same_command(a: list[str], b: list[str]) -> bool:
+    """Whether two compiler command lines run the same program with the same arguments."""
+
+    def resolve(word: str) -> str:
+        found = shutil.which(word)
+        return os.path.realpath(found) if found else word
+
+    return len(a) == len(b) and bool(a) and resolve(a[0]) == resolve(b[0]) and a[1:] == b[1:]
+
+
+def _cxx_problem(defines: dict[str, str]) -> str | None:
+    import shlex
+
     try:
-        if defines.get("CMAKE_CXX_COMPILER"):
-            cxx, named = [defines["CMAKE_CXX_COMPILER"]], f"CMAKE_CXX_COMPILER={defines['CMAKE_CXX_COMPILER']}"
-        elif (os.environ.get("CXX") or "").strip():
-            cxx, named = shlex.split(os.environ["CXX"]), f"CXX={os.environ['CXX']}"
-        else:
-            cxx, named = ["c++"], "the default C++ compiler (c++)"
+        cxx, named = _cxx_compiler(defines)
         extra = [
             *shlex.split(os.environ.get("CXXFLAGS", "")),
             *shlex.split(defines.get("CMAKE_CXX_FLAGS", "")),
@@ -400,6 +449,44 @@ def compiler_problem(flags: str = "") -> str | None:
         "crash on every model load (seen: std::regex in the tokenizer).\n"
         "  -> Build with a compiler that links libstdc++ dynamically, e.g. the system's: "
         "CC=gcc CXX=g++ python scripts/build_llamacpp.py (or --skip-compiler-check to build anyway)"
+    )
+
+
+def _cuda_host_problem(defines: dict[str, str]) -> str | None:
+    """The CUDA host compiler's problem, as _cxx_problem's; None when it is CMake's default (the C++ compiler)."""
+    try:
+        host = _cuda_host_compiler(defines)
+        cxx = _cxx_compiler(defines)[0]
+    except ValueError as exc:
+        log(f"CUDA host compiler check skipped: cannot split the compiler settings ({exc})")
+        return None
+    if host is None:
+        return None
+    hostcxx, named, source = host
+    if _same_command(hostcxx, cxx):  # the C++ compiler, already asked
+        return None
+    if shutil.which(hostcxx[0]) is None:
+        log(f"CUDA host compiler check skipped: {hostcxx[0]} is not a command here (CMake will say more)")
+        return None
+    log(f"checking the CUDA host compiler ({' '.join(hostcxx)}) links libstdc++ as a shared library ...")
+    if not _links_static(hostcxx, []):
+        return None
+    if source.startswith("-D"):
+        fix = (
+            "Set -DCMAKE_CUDA_HOST_COMPILER in CMAKE_ARGS to a compiler that links libstdc++ dynamically, e.g. the "
+            "system's: -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ (or pass --skip-compiler-check to build anyway)"
+        )
+    else:
+        fix = (
+            "Point CUDAHOSTCXX at a compiler that links libstdc++ dynamically, e.g. the system's: "
+            "CUDAHOSTCXX=g++ python scripts/build_llamacpp.py --cuda (or put -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ "
+            "in CMAKE_ARGS, or pass --skip-compiler-check to build anyway)"
+        )
+    return (
+        f"{named} (the CUDA host compiler, from {source}: nvcc compiles and links libggml-cuda.so with it) does "
+        "not link the shared libstdc++ into shared libraries (it links it statically, or not at all), so "
+        "libggml-cuda.so would carry its own copy or none, and the build would crash on every model load.\n"
+        f"  -> {fix}"
     )
 
 
@@ -437,18 +524,47 @@ def _installed_lib_dir() -> Path | None:
     return path if path is not None and path.is_dir() else None
 
 
-def failure_hint() -> str:
-    """The next step after a failed smoke check, from what can be seen of the build."""
+def failure_hint(flags: str = "") -> str:
+    """The next step after a failed smoke check, from what can be seen of the build (and its ``flags``).
+
+    A statically linked libggml-cuda.so is the CUDA host compiler's doing (nvcc links it with that compiler:
+    -DCMAKE_CUDA_HOST_COMPILER, else $CUDAHOSTCXX, else CMake's default); the other libraries are CXX's.
+    """
     lib_dir = _installed_lib_dir()
     static = static_libstdcxx(lib_dir) if lib_dir else []
-    if static:
-        cxx = os.environ.get("CXX") or "the default C++ compiler"
-        return (
-            f": {', '.join(static)} link libstdc++ statically ({cxx} does that), so each library carries its own copy "
-            "and they clash when a model loads.\n  -> Build with a compiler that links libstdc++ dynamically, e.g. "
-            "the system's: CC=gcc CXX=g++ python scripts/build_llamacpp.py --rebuild"
+    if not static:
+        return "\n  -> Build it portable (the default flags: -DGGML_NATIVE=OFF; check CMAKE_ARGS) with --rebuild."
+    defines = _cmake_defines(flags)
+    cuda = [name for name in static if name.startswith("libggml-cuda")]
+    other = [name for name in static if name not in cuda]
+    try:
+        cxx_named = _cxx_compiler(defines)[1]
+        host = _cuda_host_compiler(defines)
+    except ValueError:
+        cxx_named, host = "the C++ compiler", None
+    causes, env, cmake_args = [], [], ""
+    if other:
+        causes.append(f"{', '.join(other)} link libstdc++ statically ({cxx_named} does that)")
+        env.append("CC=gcc CXX=g++")
+    if cuda:
+        if host is None:
+            host_named = f"CMake's default, as {cxx_named}"
+            env.append("CUDAHOSTCXX=g++")
+        elif host[2].startswith("-D"):
+            host_named = host[1]
+            cmake_args = " and -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ in CMAKE_ARGS"
+        else:
+            host_named = host[1]
+            env.append("CUDAHOSTCXX=g++")
+        causes.append(
+            f"{', '.join(cuda)} links libstdc++ statically (nvcc links it with the CUDA host compiler, {host_named}, "
+            "which does that)"
         )
-    return "\n  -> Build it portable (the default flags: -DGGML_NATIVE=OFF; check CMAKE_ARGS) with --rebuild."
+    return (
+        f": {'; '.join(causes)}, so each library carries its own copy and they clash when a model loads.\n"
+        "  -> Build with compilers that link libstdc++ dynamically, e.g. the system's: "
+        f"{' '.join([*env, 'python scripts/build_llamacpp.py --rebuild'])}{cmake_args}"
+    )
 
 
 def install_wheel(wheel: Path) -> None:
@@ -576,7 +692,7 @@ def main() -> None:
         raise SystemExit(
             "error: this llama.cpp build does not decode correctly on this CPU, so it is not made active"
             + (f" (the previous build {active} is reinstalled)" if active else "")
-            + failure_hint()
+            + failure_hint(flags)
         )
     log(f"done in {time.perf_counter() - start:.0f} s; llmopt's gguf backend reads {stamp_path}")
 

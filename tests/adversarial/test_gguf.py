@@ -573,3 +573,171 @@ def test_ctrl_c_during_the_compiler_check_stops_the_compiler(tmp_path: Path) -> 
     time.sleep(0.3)
     left = subprocess.run(["pgrep", "-f", str(hang)], capture_output=True, text=True, check=False).stdout.split()
     assert left == []
+
+
+def _static_wrapper(tmp_path: Path, name: str = "static-g++") -> Path:
+    """A g++ that links libstdc++ statically, as a GPU machine's CUDAHOSTCXX did (skips where g++ cannot)."""
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ here")
+    wrapper = tmp_path / name
+    wrapper.write_text('#!/bin/sh\nexec g++ -static-libstdc++ "$@"\n')
+    wrapper.chmod(0o755)
+    if not build_script()._links_static([str(wrapper)], []):
+        pytest.skip("this g++ cannot link libstdc++ statically (no libstdc++.a)")
+    return wrapper
+
+
+def test_a_cuda_host_compiler_that_links_libstdcxx_statically_is_refused_before_the_build(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seen on a GPU machine: CC=gcc CXX=g++ passed the check, but its environment's CUDAHOSTCXX (a g++ that links
+    libstdc++ statically) was nvcc's host compiler and linker: libggml-cuda.so needed no libstdc++.so and the smoke
+    check crashed. With CUDA on, the CUDA host compiler CMake will use is asked too, and named with its fix."""
+    bs = build_script()
+    wrapper = _static_wrapper(tmp_path)
+    for name in ("CMAKE_ARGS", "CXXFLAGS", "LDFLAGS", "CUDAHOSTCXX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CXX", "g++")
+    assert bs.compiler_problem(bs.CUDA_FLAGS) is None  # CMake's default host compiler: the C++ compiler, fine here
+    monkeypatch.setenv("CUDAHOSTCXX", str(wrapper))
+    problem = bs.compiler_problem(bs.CUDA_FLAGS) or ""
+    assert problem.startswith(
+        f"CUDAHOSTCXX={wrapper} (the CUDA host compiler, from the CUDAHOSTCXX environment variable: nvcc compiles "
+        "and links libggml-cuda.so with it) does not link the shared libstdc++"
+    ), problem
+    assert "CXX=g++ does not" not in problem  # the C++ compiler is not blamed
+    assert "CUDAHOSTCXX=g++ python scripts/build_llamacpp.py --cuda" in problem
+    assert "-DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++" in problem and "--skip-compiler-check" in problem
+    # CUDA spelled as CMake reads a boolean, or off
+    for on in ("-DGGML_CUDA=1", "-DGGML_CUDA:BOOL=on", "-D GGML_CUDA=ON", "-DGGML_CUDA=OFF -DGGML_CUDA=yes"):
+        assert (bs.compiler_problem(on) or "").startswith(f"CUDAHOSTCXX={wrapper}"), on
+    for off in ("", bs.CPU_FLAGS, "-DGGML_CUDA=0", "-DGGML_CUDA=ON -DGGML_CUDA=OFF", "-DGGML_CUDA_F16=ON"):
+        assert bs.compiler_problem(off) is None, off  # a static CUDAHOSTCXX is not used without CUDA
+    # -DCMAKE_CUDA_HOST_COMPILER wins over CUDAHOSTCXX, as in CMake
+    system_gxx = shutil.which("g++")
+    assert bs.compiler_problem(f"{bs.CUDA_FLAGS} -DCMAKE_CUDA_HOST_COMPILER={system_gxx}") is None
+    monkeypatch.setenv("CUDAHOSTCXX", "g++")
+    assert bs.compiler_problem(bs.CUDA_FLAGS) is None
+    for define in (f"-DCMAKE_CUDA_HOST_COMPILER={wrapper}", f"-DCMAKE_CUDA_HOST_COMPILER:FILEPATH={wrapper}"):
+        problem = bs.compiler_problem(f"{bs.CUDA_FLAGS} {define}") or ""
+        assert problem.startswith(
+            f"CMAKE_CUDA_HOST_COMPILER={wrapper} (the CUDA host compiler, from -DCMAKE_CUDA_HOST_COMPILER in "
+            "CMAKE_ARGS: nvcc compiles and links libggml-cuda.so with it)"
+        ), problem
+        assert "e.g. the system's: -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++" in problem
+        assert "CUDAHOSTCXX=g++" not in problem
+    # both compilers wrong: both said in one run
+    monkeypatch.setenv("CXX", "g++ -static-libstdc++")
+    monkeypatch.setenv("CUDAHOSTCXX", str(wrapper))
+    problem = bs.compiler_problem(bs.CUDA_FLAGS) or ""
+    assert "CXX=g++ -static-libstdc++ does not link" in problem and f"\nCUDAHOSTCXX={wrapper} (the CUDA" in problem
+    monkeypatch.setenv("CUDAHOSTCXX", "/nonexistent/nvcc-host-g++")  # not a command: left to CMake
+    assert bs.compiler_problem(bs.CUDA_FLAGS) == bs.compiler_problem(bs.CPU_FLAGS)
+    monkeypatch.setenv("CXX", "g++")
+    assert bs.compiler_problem(bs.CUDA_FLAGS) is None
+
+    # the script: --cuda (or CMAKE_ARGS with CUDA on) is refused with exit 2 before anything is made
+    def no_fetch(*_: Any) -> Path:
+        raise AssertionError("fetched the sdist despite the compiler check")
+
+    monkeypatch.setenv("CUDAHOSTCXX", str(wrapper))
+    monkeypatch.setattr(bs, "fetch_sdist", no_fetch)
+    argv = ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc")]
+    for cmake_args, extra in ((None, ["--cuda"]), ("-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90", [])):
+        if cmake_args:
+            monkeypatch.setenv("CMAKE_ARGS", cmake_args)
+        monkeypatch.setattr(sys, "argv", [*argv, *extra])
+        with pytest.raises(SystemExit) as exc:
+            bs.main()
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"error: CUDAHOSTCXX={wrapper} (the CUDA host compiler" in err
+        assert not (tmp_path / "llc").exists()
+    # CUDA off, or the check skipped: it goes on to fetch (where this test stops it)
+    monkeypatch.delenv("CMAKE_ARGS")
+    for extra in ([], ["--cuda", "--skip-compiler-check"]):
+        monkeypatch.setattr(sys, "argv", [*argv, *extra])
+        with pytest.raises(AssertionError, match="fetched the sdist"):
+            bs.main()
+
+
+def test_a_static_libggml_cuda_is_blamed_on_the_cuda_host_compiler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a failed smoke check, a libggml-cuda.so without a NEEDED libstdc++ is the CUDA host compiler's doing (nvcc
+    links it): the hint used to blame CXX ("g++"), whose libraries were fine, and send the user back with it."""
+    bs = build_script()
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    dynamic = b"\x7fELF...libstdc++.so.6\0_ZNSt6vectorIiE"
+    static = b"\x7fELF...libc.so.6\0_ZNSt7codecvtIDsc11__mbstate_tE10do_unshift"
+    (libs / "libllama.so").write_bytes(dynamic)
+    (libs / "libggml.so").write_bytes(dynamic)
+    (libs / "libggml-cuda.so").write_bytes(static)
+    monkeypatch.setattr(bs, "_installed_lib_dir", lambda: libs)
+    monkeypatch.setenv("CXX", "g++")
+    monkeypatch.setenv("CUDAHOSTCXX", "/opt/gcc/bin/g++")
+    hint = bs.failure_hint(bs.CUDA_FLAGS)
+    assert hint.startswith(
+        ": libggml-cuda.so links libstdc++ statically (nvcc links it with the CUDA host compiler, "
+        "CUDAHOSTCXX=/opt/gcc/bin/g++, which does that)"
+    ), hint
+    assert hint.endswith("e.g. the system's: CUDAHOSTCXX=g++ python scripts/build_llamacpp.py --rebuild"), hint
+    assert "CXX=g++ does that" not in hint and "CC=gcc" not in hint
+    # the -D flag wins, and is what to change
+    hint = bs.failure_hint(f"{bs.CUDA_FLAGS} -DCMAKE_CUDA_HOST_COMPILER=/opt/gcc/bin/g++")
+    assert "with the CUDA host compiler, CMAKE_CUDA_HOST_COMPILER=/opt/gcc/bin/g++, which" in hint, hint
+    assert hint.endswith(
+        "python scripts/build_llamacpp.py --rebuild and -DCMAKE_CUDA_HOST_COMPILER=/usr/bin/g++ in CMAKE_ARGS"
+    ), hint
+    assert "CUDAHOSTCXX" not in hint
+    # no host compiler set: CMake's default, named as such, and set explicitly in the fix
+    monkeypatch.delenv("CUDAHOSTCXX")
+    hint = bs.failure_hint(bs.CUDA_FLAGS)
+    assert "with the CUDA host compiler, CMake's default, as CXX=g++, which does that" in hint, hint
+    assert hint.endswith("CUDAHOSTCXX=g++ python scripts/build_llamacpp.py --rebuild"), hint
+    # the other libraries are CXX's: each compiler named for its own libraries, both fixed in one command
+    monkeypatch.setenv("CXX", "/opt/gcc/bin/g++")
+    monkeypatch.setenv("CUDAHOSTCXX", "/opt/gcc/bin/g++")
+    (libs / "libggml.so").write_bytes(static)
+    hint = bs.failure_hint(bs.CUDA_FLAGS)
+    assert hint.startswith(": libggml.so link libstdc++ statically (CXX=/opt/gcc/bin/g++ does that); libggml-cuda.so")
+    assert hint.endswith("CC=gcc CXX=g++ CUDAHOSTCXX=g++ python scripts/build_llamacpp.py --rebuild"), hint
+    # a CPU build's static libraries: CXX only, as before
+    (libs / "libggml-cuda.so").unlink()
+    hint = bs.failure_hint(bs.CPU_FLAGS)
+    assert hint.startswith(": libggml.so link libstdc++ statically (CXX=/opt/gcc/bin/g++ does that), so each")
+    assert (
+        hint.endswith("the system's: CC=gcc CXX=g++ python scripts/build_llamacpp.py --rebuild") and "CUDA" not in hint
+    )
+
+
+def test_the_failed_smoke_check_hint_reads_the_build_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """main() hands the build's flags to the hint, so a -DCMAKE_CUDA_HOST_COMPILER in CMAKE_ARGS is what it names."""
+    bs = build_script()
+    _crashing_llama_cpp(tmp_path, monkeypatch)
+    libs = tmp_path / "lib"
+    libs.mkdir()
+    (libs / "libggml-cuda.so").write_bytes(b"\x7fELF...libc.so.6\0_ZNSt7codecvtIDsc11__mbstate_tE10do_unshift")
+    monkeypatch.setattr(bs, "_installed_lib_dir", lambda: libs)
+    monkeypatch.setattr(bs, "install_wheel", lambda _: None)
+
+    def no_build(*_: Any) -> Path:
+        raise AssertionError("fetched or built despite the kept wheel")
+
+    monkeypatch.setattr(bs, "fetch_sdist", no_build)
+    monkeypatch.setattr(bs, "compiler_problem", no_build)
+    monkeypatch.delenv("CUDAHOSTCXX", raising=False)
+    cmake_args = f"{bs.CUDA_FLAGS} -DCMAKE_CUDA_HOST_COMPILER=/opt/gcc/bin/g++"  # portable: its key holds no CPU
+    monkeypatch.setenv("CMAKE_ARGS", cmake_args)
+    vdir = tmp_path / "llc" / "9.9.9"
+    key = bs.cache_key(f"{cmake_args} {bs.FIXED_ARGS}", {})
+    (vdir / "wheels" / key).mkdir(parents=True)
+    (vdir / "wheels" / key / "llama_cpp_python-9.9.9-cp311-cp311-linux_x86_64.whl").write_bytes(b"")
+    (vdir / "converter").mkdir()
+    (vdir / "converter" / "convert_hf_to_gguf.py").write_text("# converter\n")
+    monkeypatch.setattr(
+        sys, "argv", ["build_llamacpp.py", "--version", "9.9.9", "--dir", str(tmp_path / "llc"), "--no-tools"]
+    )
+    with pytest.raises(SystemExit) as exc:
+        bs.main()
+    assert "with the CUDA host compiler, CMAKE_CUDA_HOST_COMPILER=/opt/gcc/bin/g++, which does that" in str(exc.value)
