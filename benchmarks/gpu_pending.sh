@@ -11,7 +11,8 @@
 #   4. `llmopt serve-bench` through transformers serve (continuous batching), FP16 vs nf4, four rates to saturation.
 # GPTQModel's one-time Marlin build and the llama.cpp build run on the CPU beside steps 1-2.
 #
-# Not run yet (written after the session that needed it lost its GPU time).
+# Run on 2026-12-03 (docs/results/gpu-pending-h200/README.md says what needed a hand there, fixed since: the CUDA
+# host compiler, the tokenizer flag, imatrix artifact folders; transformers serve needs its serving extra).
 # Usage (repo root, `python scripts/prepare_assets.py` and `python scripts/prepare_tasks.py` done, the wheels the
 # machine lacks in ./.whl or $LLMOPT_WHEELS, llama-cpp-python's sdist reachable by pip or already in
 # $LLMOPT_LLAMACPP_DIR/<version>/):
