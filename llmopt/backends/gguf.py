@@ -8,6 +8,10 @@
   ``gguf-py`` (PyPI ``gguf`` lags behind it), taken from the llama-cpp-python sdist of the installed
   version by ``scripts/build_llamacpp.py``, which also builds that wheel and llama.cpp's
   ``llama-imatrix`` tool from the same source. Nothing is downloaded at run time.
+- Right after converting, llama.cpp (vocabulary only, in a child process) must tokenize a few texts
+  exactly like the source's HF tokenizer (``gguf_vocab.py``): a converted vocabulary that llama.cpp
+  cannot use (llama-server, llama-imatrix, ... would fail on every request) stops the variant there,
+  with the first difference and the fix, before anything is quantized or kept.
 - Quantization calls llama.cpp's ``llama_model_quantize`` through llama-cpp-python, in a child
   process: llama.cpp aborts the process on some errors, and the artifact staging folder must still
   be cleaned up. An importance matrix file (llama.cpp's GGUF or legacy ``.dat`` format) is read here
@@ -52,6 +56,7 @@ from llmopt.backends.gguf_toolchain import (
 from llmopt.backends.gguf_toolchain import (
     converter_architectures as converter_architectures,
 )
+from llmopt.backends.gguf_vocab import check_gguf_vocab
 from llmopt.environment import cpu_count
 from llmopt.errors import BackendUnavailableError, ModelError, OptionsError
 from llmopt.source import SourceModel
@@ -301,10 +306,12 @@ class GGUFBackend(Backend):
             if qt.is_float:
                 with inputs.reporter.step(f"converting to GGUF {qt.file_tag} with llama.cpp's converter"):
                     extra["convert_seconds"] = _convert(chain, inputs.source, qt.name, final)
+                extra["vocab_check"] = _check_vocab(inputs, final)
             else:
                 intermediate = work / f"{stem}-convert.gguf"
                 with inputs.reporter.step("converting to GGUF (16-bit) with llama.cpp's converter"):
                     extra["convert_seconds"] = _convert(chain, inputs.source, "auto", intermediate)
+                extra["vocab_check"] = _check_vocab(inputs, intermediate)
                 imatrix_file: Path | None = None
                 if opts.imatrix == "auto":
                     assert inputs.calibration is not None
@@ -365,6 +372,27 @@ def _convert(chain: Toolchain, source: SourceModel, outtype: str, out: Path) -> 
             f"the command was: {' '.join(cmd)}",
         )
     return round(time.perf_counter() - start, 2)
+
+
+def _check_vocab(inputs: QuantizeInputs, converted: Path) -> dict[str, Any]:
+    """llama.cpp must tokenize the converted file like the source's HF tokenizer (ModelError if not)."""
+    with inputs.reporter.step("checking that llama.cpp tokenizes like the source model"):
+        try:
+            result = check_gguf_vocab(
+                converted,
+                inputs.source.path,
+                trust_remote_code=inputs.source.trust_remote_code,
+                calibration=inputs.calibration.samples if inputs.calibration is not None else None,
+            )
+        except BaseException:
+            converted.unlink(missing_ok=True)  # an f16/bf16 result sits in the staging folder: never keep it
+            raise
+    if result.get("calibration_tokens_differing"):
+        inputs.reporter.info(
+            f"llama.cpp splits {result['calibration_tokens_differing']} calibration tokens differently from the HF "
+            f"tokenizer (within tolerance); first: {result['first_calibration_difference']}"
+        )
+    return result
 
 
 def _run_quantize_worker(
