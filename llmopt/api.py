@@ -297,7 +297,7 @@ def evaluate(
     (``llmopt eval``) makes that bad input before any scoring, ``"record"`` (``llmopt run``) records
     "not for gguf" in ``artifact.tasks.not_run``, never a number.
 
-    Returns the report (schema ``llmopt.eval/1``, documented in README.md). The report is also
+    Returns the report (schema ``llmopt.eval/2``, documented in README.md). The report is also
     written into the artifact's manifest, together with the hash of the files it saw.
     """
     from llmopt.data import load_text

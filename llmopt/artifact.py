@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from llmopt.atomic import write_json_atomic
 from llmopt.errors import ArtifactError, InputError
-from llmopt.results import EvalReport, GateResult
+from llmopt.results import EVAL_SCHEMAS_READ, EvalReport, GateResult, newer_eval_schema
 
 MANIFEST_NAME = "llmopt.json"
 SCHEMA_VERSION = 1
@@ -121,14 +121,23 @@ class Manifest(BaseModel):
 
 def _refuse_newer_schema(mpath: Path, text: str) -> None:
     """A manifest written by a newer llmopt: its fields may mean something this version does not know, so it is
-    refused by name (upgrade), not read as schema 1 nor reported as damaged (re-create)."""
+    refused by name (upgrade), not read as schema 1 nor reported as damaged (re-create). So is a manifest whose
+    stored evaluation is of a newer ``llmopt.eval/N``: neither dropped as damaged (``eval``) nor re-scored."""
     try:
-        version = int(json.loads(text).get("schema_version", SCHEMA_VERSION))
+        data = json.loads(text)
+        version = int(data.get("schema_version", SCHEMA_VERSION))
     except (ValueError, TypeError, AttributeError):
         return  # not JSON, not an object, not a number: the model's validation says what is wrong
     if version > SCHEMA_VERSION:
         raise ArtifactError(
             f"{mpath} has manifest schema {version}; this llmopt reads schema {SCHEMA_VERSION} and older.",
+            "Upgrade llmopt (pip install -U llmopt) to read this artifact.",
+        )
+    evaluation = data.get("evaluation")
+    schema = evaluation.get("schema") if isinstance(evaluation, dict) else None
+    if newer_eval_schema(schema):
+        raise ArtifactError(
+            f"{mpath} holds an evaluation of schema {schema}; this llmopt reads {' and '.join(EVAL_SCHEMAS_READ)}.",
             "Upgrade llmopt (pip install -U llmopt) to read this artifact.",
         )
 

@@ -8,6 +8,7 @@ hashes must not change.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
 from llmopt.backends.base import format_card
 from llmopt.backends.format_card import FormatCard
-from llmopt.results import EvalReport, ModelScore
+from llmopt.results import Distribution, EvalReport, ModelScore
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 
@@ -213,7 +214,12 @@ def render_card(
         lines += [scored_base["note"], ""]
     speed = ev.throughput.decode_speedup if ev and ev.throughput else {}
     speed_col = bool(speed)
-    header = ["model", "scored in", "perplexity", "± stderr", "Δ vs FP16", "size on disk", "in memory"]
+    # the token-distribution comparison, when measured (an evaluation from before it, or --no-kld, has none)
+    dist = a.distribution if a else None
+    header = ["model", "scored in", "perplexity", "± stderr", "Δ vs FP16"]
+    if dist is not None:
+        header += ["mean KLD ± stderr", "p99 KLD", "top-1 agreement"]
+    header += ["size on disk", "in memory"]
     if speed_col:
         header.append("decode speedup")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -224,6 +230,7 @@ def render_card(
             f"{b.perplexity:.4f}",
             f"{b.stderr:.4f}",
             "–",
+            *(["0 (reference)", "0", "100%"] if dist is not None else []),
             fmt_bytes(b.size_bytes),
             fmt_bytes(b.footprint_bytes),
         ]
@@ -238,6 +245,7 @@ def render_card(
             f"{a.perplexity:.4f}",
             f"{a.stderr:.4f}",
             ("–" if delta is None else f"{delta:+.2f}%") + (f" ± {dse:.2f}" if dse is not None else ""),
+            *(_distribution_cells(dist) if dist is not None else []),
             fmt_bytes(a.size_bytes),
             fmt_bytes(a.footprint_bytes),
         ]
@@ -250,6 +258,8 @@ def render_card(
                 )
             )
         lines.append("| " + " | ".join(row) + " |")
+    if dist is not None:
+        lines += ["", _distribution_note(dist)]
     if ev is not None:
         lines += _task_lines(ev)
     if gate and gate.checks:
@@ -475,6 +485,38 @@ def eval_results(evaluation: EvalReport | None) -> list[Any]:
                 )
             )
     return results + task_eval_results(evaluation)
+
+
+def _kld_decimals(value: float) -> int:
+    """Decimals that show about three significant digits of a KL divergence (0.274, 0.00431), at least three."""
+    if not math.isfinite(value) or value <= 0:
+        return 3
+    return max(3, 2 - math.floor(math.log10(value)))
+
+
+def _distribution_cells(dist: Distribution) -> list[str]:
+    """This model's cells of the card's KLD columns: mean KLD ± stderr, p99 KLD, top-1 agreement ± stderr."""
+    places = _kld_decimals(dist.kld_mean)
+    return [
+        f"{dist.kld_mean:.{places}f} ± {dist.kld_stderr:.{places}f}",
+        _kld(dist.kld_p99),
+        f"{100 * dist.top1_agreement:.2f}% ± {100 * dist.top1_agreement_stderr:.2f}",
+    ]
+
+
+def _distribution_note(dist: Distribution) -> str:
+    """What the KLD columns measure, under the table."""
+    return (
+        f"KLD: KL(FP16 ‖ this model) between the next-token distributions on the same {dist.tokens:,} tokens, "
+        f"in nats per token, over FP16's top {dist.top_k} tokens plus the rest's mass (a lower bound of the full "
+        "vocabulary's): mean ± stderr over the windows; p99, its 99th percentile over the tokens (median "
+        f"{_kld(dist.kld_median)}, p90 {_kld(dist.kld_p90)}, p99.9 {_kld(dist.kld_p999)}, max {_kld(dist.kld_max)}). "
+        "Top-1 agreement: the share of tokens whose most likely next token is the same for both models."
+    )
+
+
+def _kld(value: float) -> str:
+    return f"{value:.{_kld_decimals(value)}f}"
 
 
 def _task_lines(ev: EvalReport) -> list[str]:

@@ -46,7 +46,7 @@ from llmopt.outputs import (
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.recipe import Recipe, VariantSpec, apply_overrides, load_recipe, parse_set_flags
 from llmopt.results import (
-    EVAL_SCHEMA,
+    EVAL_SCHEMAS_READ,
     EvalReport,
     QuantizeOutcome,
     RunReport,
@@ -865,7 +865,9 @@ def reusable_evaluation(ctx: _Context, art: Artifact) -> EvalReport | None:
     from llmopt.evaluate.gate import evaluation_problems
 
     ev = art.manifest.evaluation
-    if ev is None or ev.schema_ != EVAL_SCHEMA:
+    # a /1 evaluation (written before the bump) is reused like a /2 one when it answers the same measurement:
+    # the checks below compare what it measured, and a /1 report without KLD or tasks asked for does not match
+    if ev is None or ev.schema_ not in EVAL_SCHEMAS_READ:
         return None
     stored = ev.spec()
     s = ev.settings

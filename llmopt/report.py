@@ -16,7 +16,8 @@ they are skipped and the report says so.
                 quantize: {reused, seconds, reason}, evaluation_reused,
                 perplexity, stderr, delta_pct, delta_pct_stderr, size_bytes, size_ratio,
                 decode_speedup, gate, publish, error: {stage, type, message, hint, exit_code},
-                evaluation: the full llmopt.eval/1 report (its ``serving``: the variant served under load)}],
+                evaluation: the full llmopt.eval/2 report (/1 when reused from before; its ``serving``: the
+                variant served under load)}],
     baseline_serving: the FP16 model served under load, once per run (evaluation.serving),
     counts: {passed, gate_failed, error, not_run}, exit_code (null while running, 130 interrupted),
     files: {json, markdown, plots}, notes, sources
@@ -25,6 +26,7 @@ they are skipped and the report says so.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -36,7 +38,7 @@ from pydantic import ValidationError
 from llmopt import __version__
 from llmopt.atomic import write_atomic, write_json_atomic, write_text_atomic
 from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
-from llmopt.results import RUN_SCHEMA, RunReport, ServingReport, VariantOutcome
+from llmopt.results import RUN_SCHEMA, Distribution, RunReport, ServingReport, VariantOutcome
 from llmopt.serving.metrics import with_slo
 from llmopt.specs import GateSpec
 from llmopt.units import fmt_bytes
@@ -154,7 +156,7 @@ def quantize_text(row: VariantOutcome) -> str:
     return f"{q.seconds:.1f} s" + (" (reused)" if q.reused else "")
 
 
-def _distribution(r: VariantOutcome) -> Any:
+def _distribution(r: VariantOutcome) -> Distribution | None:
     ev = r.evaluation
     return ev.artifact.distribution if ev is not None and ev.artifact is not None else None
 
@@ -472,6 +474,14 @@ def write_plots(report: RunReport, out: Path) -> tuple[list[str], list[str]]:
     plots.append(_save_fig(fig, out, "perplexity_vs_size.png"))
     plt.close(fig)
 
+    dists = [(r, d) for r in measured if (d := _distribution(r)) is not None]
+    if dists:
+        fig = _kld_figure(plt, dists, display_dataset(dataset))
+        plots.append(_save_fig(fig, out, KLD_PLOT))
+        plt.close(fig)
+    else:
+        notes.append("no KLD plot: no variant has KL-divergence measurements")
+
     speed = [(r.name, r.decode_speedup) for r in measured if r.decode_speedup]
     if speed:
         batches = sorted({int(b) for _, sp in speed for b in sp})
@@ -502,6 +512,72 @@ def write_plots(report: RunReport, out: Path) -> tuple[list[str], list[str]]:
         if not drawn:
             notes.append("no serving plots: they need a sweep of two request rates or more")
     return plots, notes
+
+
+KLD_PLOT = "kld_distribution.png"
+# the per-token statistics a Distribution keeps (per-token values are not stored), drawn left to right
+_KLD_MARKS = (
+    ("kld_median", "median", "o"),
+    ("kld_p90", "p90", "s"),
+    ("kld_p99", "p99", "D"),
+    ("kld_p999", "p99.9", "^"),
+    ("kld_max", "max", "x"),
+)
+
+
+def _kld_figure(plt: Any, dists: list[tuple[VariantOutcome, Distribution]], dataset: str) -> Any:
+    """One row per variant: its per-token KL divergence against FP16 from the stored statistics (median, p90,
+    p99, p99.9, max, joined by a line) and the mean ± stderr, on a log axis (a linear one when every value is 0).
+    A variant whose values are all 0 (the same distributions as FP16) is said so in words: a log axis has no 0."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter
+    from matplotlib.transforms import blended_transform_factory
+
+    fig, ax = plt.subplots(figsize=(7, max(2.6, 1.4 + 0.55 * len(dists))), dpi=120)
+    positive = [v for _, d in dists for v in (d.kld_mean, *(getattr(d, k) for k, _, _ in _KLD_MARKS)) if v > 0]
+    log = bool(positive)
+    colors = {"passed": "tab:green", "gate_failed": "tab:red"}
+    text_at = blended_transform_factory(ax.transAxes, ax.transData)
+    for y, (r, d) in enumerate(dists):
+        color = colors.get(r.status, "tab:gray")
+        marks = [(getattr(d, key), label, marker) for key, label, marker in _KLD_MARKS]
+        shown = [(v, label, marker) for v, label, marker in marks if v > 0 or not log]
+        if not shown:
+            ax.text(0.02, y, "0 at every token (the same as FP16)", transform=text_at, va="center", fontsize=8)
+            continue
+        ax.plot([v for v, _, _ in shown], [y] * len(shown), color=color, linewidth=1.5, zorder=1)
+        for v, _, marker in shown:
+            ax.scatter([v], [y], marker=marker, s=36, color=color, zorder=2)
+        if d.kld_mean > 0 or not log:
+            # on a log axis the error bar stops short of 0
+            low = min(d.kld_stderr, 0.99 * d.kld_mean) if log else d.kld_stderr
+            ax.errorbar(
+                [d.kld_mean], [y], xerr=[[max(low, 0.0)], [d.kld_stderr]], fmt="*", markersize=11, color="black",
+                capsize=3, zorder=3,
+            )  # fmt: skip
+    if log:
+        ax.set_xscale("log")
+        # whole decades: a labelled tick at each, none between (minor labels of a short span overlap)
+        low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+        ax.set_xlim(10.0**low / 1.25, 10.0 ** max(high, low + 1) * 1.25)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_yticks(range(len(dists)))
+    ax.set_yticklabels([r.name for r, _ in dists], fontsize=8)
+    ax.set_ylim(len(dists) - 0.5, -0.5)  # the first variant on top, as in the table
+    top_k = sorted({d.top_k for _, d in dists})
+    ax.set_xlabel(
+        "KL(FP16 ‖ variant) per token, nats" + (" (log scale)" if log else "")
+        + f"; FP16's top {'/'.join(map(str, top_k))} tokens + the rest"
+    )  # fmt: skip
+    ax.set_title(f"KL divergence vs FP16 per token · {dataset} · green: gate passed, red: failed", pad=20)
+    ax.title.set_fontsize(9)
+    ax.xaxis.label.set_fontsize(8)
+    ax.grid(axis="x", alpha=0.3, which="both" if log else "major")
+    legend = [Line2D([], [], linestyle="", marker=m, color="dimgray", label=label) for _, label, m in _KLD_MARKS]
+    legend.append(Line2D([], [], linestyle="", marker="*", markersize=9, color="black", label="mean ± stderr"))
+    # between the title and the axis: a legend inside would cover a row
+    ax.legend(handles=legend, fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=6, frameon=False)
+    return fig
 
 
 def _save_fig(fig: Any, out: Path, name: str) -> str:

@@ -2,7 +2,7 @@
 
 Ground floor, like specs.py: nothing of llmopt above ``specs`` is imported here (but for serve-bench's
 per-load-point result, ``llmopt.serving.metrics.PointResult``, stdlib and pydantic like this module).
-Field names are the JSON keys (schemas ``llmopt.eval/1`` and ``llmopt.run/1``, documented in README.md), so
+Field names are the JSON keys (schemas ``llmopt.eval/2`` and ``llmopt.run/1``, documented in README.md), so
 ``model_dump(mode="json")`` writes the same JSON the dict reports did, and every report written before still loads:
 
 - Results accept keys they do not know (``extra="allow"``) and write them back unchanged: a file from another
@@ -19,17 +19,33 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializationInfo, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 from llmopt.serving.metrics import PointResult
 from llmopt.specs import EvalSpec, GateSpec, ServingSpec, ThroughputSpec
 
-EVAL_SCHEMA = "llmopt.eval/1"
+# llmopt.eval/2: the blocks added to /1 while it was current are part of the documented schema: the artifact's
+# ``distribution`` (KL divergence, top-1 agreement, Δp against FP16), each side's lm-eval ``tasks`` and
+# ``task_recovery``. A /1 report has the same keys where it has them (older ones lack those blocks) and reads as
+# it is; a report of a later version is refused (its fields may mean what this version does not know).
+EVAL_SCHEMA = "llmopt.eval/2"
+EVAL_SCHEMAS_READ = ("llmopt.eval/1", EVAL_SCHEMA)
+# The run report and the manifest keep their versions: they embed evaluation reports whole, each with its own
+# ``schema``, and gained no key of their own (a run may hold /1 evaluations it reused next to /2 ones).
 RUN_SCHEMA = "llmopt.run/1"
 SERVING_SCHEMA = "llmopt.serving/1"
 
 __all__ = [
     "EVAL_SCHEMA",
+    "EVAL_SCHEMAS_READ",
     "RUN_SCHEMA",
     "Distribution",
     "EvalReport",
@@ -51,7 +67,33 @@ __all__ = [
     "UploadedFile",
     "VariantError",
     "VariantOutcome",
+    "eval_schema_problem",
+    "newer_eval_schema",
 ]
+
+
+def _eval_version(schema: object) -> int | None:
+    """N of ``llmopt.eval/N``; None for anything else."""
+    prefix = "llmopt.eval/"
+    if isinstance(schema, str) and schema.startswith(prefix) and schema[len(prefix) :].isdigit():
+        return int(schema[len(prefix) :])
+    return None
+
+
+def newer_eval_schema(schema: object) -> bool:
+    """Whether ``schema`` is an evaluation report's of a later version than this llmopt writes."""
+    version = _eval_version(schema)
+    return version is not None and version > (_eval_version(EVAL_SCHEMA) or 0)
+
+
+def eval_schema_problem(schema: object) -> str | None:
+    """Why this llmopt does not read an evaluation report of ``schema``; None when it does."""
+    if schema in EVAL_SCHEMAS_READ:
+        return None
+    reads = " and ".join(EVAL_SCHEMAS_READ)
+    if newer_eval_schema(schema):
+        return f"schema {schema} was written by a newer llmopt (this one reads {reads}): upgrade llmopt to read it"
+    return f"schema {schema!r} is not an evaluation report's (this llmopt reads {reads})"
 
 
 class Result(BaseModel):
@@ -324,7 +366,7 @@ class GateResult(Result):
 
 
 class EvalReport(Result):
-    """An artifact against its FP16 baseline on the same token ids (schema ``llmopt.eval/1``)."""
+    """An artifact against its FP16 baseline on the same token ids (schema ``llmopt.eval/2``; ``/1`` still reads)."""
 
     schema_: str = Field(EVAL_SCHEMA, alias="schema")
     settings: EvalSettings
@@ -346,6 +388,14 @@ class EvalReport(Result):
     gate: GateResult | None = None
     model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
     _keep_none = frozenset({"size_ratio"})
+
+    @field_validator("schema_")
+    @classmethod
+    def _readable_schema(cls, value: str) -> str:
+        problem = eval_schema_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     def decode_speedup(self, batch: int) -> float | None:
         return self.throughput.speedup_at(batch) if self.throughput else None

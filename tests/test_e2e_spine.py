@@ -154,7 +154,7 @@ def test_cli_eval_json_schema_and_gate_exit_code(
     err = capsys.readouterr().err
     assert "gate failed" in err and "limit +0.01%" in err
     report = json.loads(out.read_text())
-    assert report["schema"] == "llmopt.eval/1"
+    assert report["schema"] == "llmopt.eval/2"
     assert set(report["settings"]) >= {"dataset", "context_length", "stride", "add_bos", "tokens_scored"}
     assert set(report["baseline"]) >= {"perplexity", "stderr"}
     assert set(report["artifact"]) >= {"perplexity", "stderr", "size_bytes"}

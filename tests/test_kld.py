@@ -220,3 +220,64 @@ def test_run_table_shows_kld_columns_only_when_measured() -> None:
     assert rows["bnb-int8"]["top-1 agree"] == f"{100 * d.top1_agreement:.2f}%"
     assert rows["FP16 baseline"]["mean KLD"] == "0 (reference)"
     assert "| mean KLD | top-1 agree |" in render_markdown(with_kld)
+
+
+def _written(report: Any, out: Path) -> Any:
+    from llmopt.report import write_report
+
+    return write_report(report, out)
+
+
+def test_kld_plot_next_to_perplexity_vs_size_and_linked_from_report_md(tmp_path: Path) -> None:
+    """Issue 14, item 5: a run whose variants carry KL divergence gets a KLD distribution plot (one row per variant,
+    from the stored percentiles), written after perplexity_vs_size.png and linked from report.md like it; a run
+    without KLD gets none and a note saying why. Real numbers: docs/results/run-cpu-kld and run-cpu."""
+    pytest.importorskip("matplotlib")
+    from llmopt.report import KLD_PLOT, load_report
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results"
+    _, with_kld = load_report(root / "run-cpu-kld" / "report.json")
+    written = _written(with_kld, tmp_path / "kld")
+    assert written.files["plots"][:2] == ["plots/perplexity_vs_size.png", f"plots/{KLD_PLOT}"]
+    assert (tmp_path / "kld" / "plots" / KLD_PLOT).stat().st_size > 1000
+    assert f"![kld distribution](plots/{KLD_PLOT})" in (tmp_path / "kld" / "report.md").read_text()
+    assert not any("KLD plot" in n for n in written.notes)
+
+    _, without = load_report(root / "run-cpu" / "report.json")
+    written = _written(without, tmp_path / "plain")
+    assert (
+        f"plots/{KLD_PLOT}" not in written.files["plots"] and "plots/perplexity_vs_size.png" in written.files["plots"]
+    )
+    assert not (tmp_path / "plain" / "plots" / KLD_PLOT).exists()
+    note = "no KLD plot: no variant has KL-divergence measurements"
+    assert note in written.notes and f"- {note}" in (tmp_path / "plain" / "report.md").read_text()
+
+
+def test_kld_plot_of_a_variant_equal_to_fp16_and_one_without_kld(tmp_path: Path) -> None:
+    """A variant whose KL divergence is 0 at every token (a log axis has no 0: said in words) next to a real one,
+    and a variant evaluated with --no-kld (no row): the plot is still drawn; so it is for the 0 variant alone."""
+    pytest.importorskip("matplotlib")
+    from llmopt.report import KLD_PLOT, build_run_report
+    from tests.evaldata import distribution, scored
+
+    def evaluation(delta: float, kld: float | None) -> dict[str, Any]:
+        ev = scored(delta)
+        ev["artifact"].update(size_bytes=100)
+        if kld is not None:
+            dist = distribution(kld, ev["settings"])
+            if kld == 0:
+                dist.update({k: 0.0 for k in dist if k.startswith("kld_")}, window_kld=[0.0] * len(dist["window_kld"]))
+            ev["artifact"]["distribution"] = dist
+        return ev
+
+    rows = [
+        {"name": n, "method": "bnb-int8", "status": s, "evaluation": evaluation(d, k)}
+        for n, s, d, k in (("same", "passed", 0.0, 0.0), ("nf4", "gate_failed", 9.0, 0.3), ("off", "passed", 1.0, None))
+    ]
+    report = build_run_report(recipe={"name": "r"}, variants=rows, output=tmp_path)
+    written = _written(report, tmp_path)
+    assert f"plots/{KLD_PLOT}" in written.files["plots"]
+    assert (tmp_path / "plots" / KLD_PLOT).stat().st_size > 1000
+    # nothing above 0 at all: a linear axis
+    alone = build_run_report(recipe={"name": "r"}, variants=rows[:1], output=tmp_path / "alone")
+    assert f"plots/{KLD_PLOT}" in _written(alone, tmp_path / "alone").files["plots"]

@@ -148,3 +148,61 @@ def test_a_perplexity_that_is_no_number_is_not_a_result(tmp_path: Path) -> None:
     art = with_evaluation(make_artifact(tmp_path), lambda ev: ev["artifact"].update(perplexity=float("inf")))
     card = render_card(art, "org/smol-x")
     assert "model-index" not in card and hf.ModelCard(card).data.eval_results is None
+
+
+def _card_table(card: str) -> dict[str, dict[str, str]]:
+    """The evaluation table of the card body: each row (by its first cell's first word) as {column: cell}."""
+    lines = card.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| model | scored in |"))
+    head = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows["baseline" if cells[0].startswith("FP16") else "artifact"] = dict(zip(head, cells, strict=True))
+    return rows
+
+
+def test_card_text_shows_kld_and_top1_when_measured(tmp_path: Path) -> None:
+    """Issue 14, item 5: the card's text keeps the distribution numbers next to perplexity (not only in model-index):
+    mean KLD ± stderr, p99 KLD and top-1 agreement ± stderr of this model, FP16's row as the reference, and a
+    line saying what they measure with the other percentiles."""
+    from llmopt.model_card import render_card
+    from tests.evaldata import distribution
+
+    art = with_evaluation(
+        make_artifact(tmp_path),
+        lambda ev: ev["artifact"].update(distribution=distribution(0.004309, ev["settings"], top1=0.953)),
+    )
+    dist = art.manifest.evaluation.artifact.distribution  # type: ignore[union-attr]
+    assert dist is not None
+    card = render_card(art, "org/smol-x")
+    rows = _card_table(card)
+    this, fp16 = rows["artifact"], rows["baseline"]
+    assert this["mean KLD ± stderr"] == f"{dist.kld_mean:.5f} ± {dist.kld_stderr:.5f}"  # 3 significant digits
+    assert this["p99 KLD"] == f"{dist.kld_p99:.4f}"
+    assert this["top-1 agreement"] == f"{100 * dist.top1_agreement:.2f}% ± {100 * dist.top1_agreement_stderr:.2f}"
+    assert (fp16["mean KLD ± stderr"], fp16["p99 KLD"], fp16["top-1 agreement"]) == ("0 (reference)", "0", "100%")
+    assert this["perplexity"] and this["Δ vs FP16"].startswith("+1.80%")  # perplexity and Δ stay
+    note = next(line for line in card.splitlines() if line.startswith("KLD: "))
+    assert f"{dist.tokens:,} tokens" in note and f"top {dist.top_k} tokens" in note
+    assert f"p99.9 {dist.kld_p999:.4f}" in note and f"max {dist.kld_max:.3f}" in note
+    # and the same numbers where the Hub reads them
+    metrics = {r.metric_type: r.metric_value for r in hf.ModelCard(card).data.eval_results}
+    assert metrics["kl_divergence"] == round(dist.kld_mean, 6)
+    assert metrics["top1_agreement"] == round(dist.top1_agreement, 6)
+
+
+def test_card_text_of_an_evaluation_without_kld_keeps_its_columns(tmp_path: Path) -> None:
+    """An evaluation from before KL divergence was measured (schema llmopt.eval/1, no ``distribution``), or one
+    made with --no-kld, renders as before: no KLD columns, no KLD line, no KLD results."""
+    card, art = card_of(tmp_path)
+    ev = art.manifest.evaluation
+    assert ev is not None and ev.schema_ == "llmopt.eval/1" and ev.artifact.distribution is None
+    rows = _card_table(card)
+    assert list(rows["artifact"]) == [
+        "model", "scored in", "perplexity", "± stderr", "Δ vs FP16", "size on disk", "in memory"
+    ]  # fmt: skip
+    assert "KLD" not in card.split("## Evaluation against FP16")[1].split("## How to use")[0]
+    assert {r.metric_type for r in hf.ModelCard(card).data.eval_results} == {"perplexity", "perplexity_increase_pct"}

@@ -34,7 +34,7 @@ def test_schema_1_run_report_reads_and_writes_back_the_same() -> None:
     report = RunReport.model_validate(data)
     assert report.schema_ == "llmopt.run/1" and report.variants[0].evaluation is not None
     ev = report.variants[0].evaluation
-    assert ev.schema_ == EVAL_SCHEMA and ev.settings.context_length == data["settings"]["context_length"]
+    assert ev.schema_ == "llmopt.eval/1" and ev.settings.context_length == data["settings"]["context_length"]
     assert ev.artifact.perplexity == data["variants"][0]["evaluation"]["artifact"]["perplexity"]
     out = report.to_json()
     assert out == data
@@ -90,6 +90,102 @@ def test_unknown_keys_survive_and_none_blocks_stay_out() -> None:
     # callers written against the dict reports still read them by key
     assert report["artifact"]["perplexity"] == report.artifact.perplexity and report["schema"] == EVAL_SCHEMA
     assert report.get("throughput") is None and "throughput" not in report
+
+
+# A run report whose evaluations carry KL divergence, written while the schema was still llmopt.eval/1.
+KLD_RUN = ROOT / "docs" / "results" / "run-cpu-kld" / "report.json"
+
+
+def _kld_evaluation() -> dict[str, Any]:
+    variant = json.loads(KLD_RUN.read_text())["variants"][0]
+    return {k: v for k, v in variant["evaluation"].items() if k != "gate"}
+
+
+def test_evaluations_are_written_as_schema_2() -> None:
+    """Issue 14, item 6: the distribution and task blocks are part of a bumped, documented schema; what llmopt
+    writes now says llmopt.eval/2, and a report from the current output reads back as it was written."""
+    assert EVAL_SCHEMA == "llmopt.eval/2"
+    numbers = scored(1.0)
+    fresh = EvalReport(
+        settings=EvalSettings.model_validate(numbers["settings"]),
+        baseline=ModelScore.model_validate(numbers["baseline"]),
+        artifact=ModelScore.model_validate(numbers["artifact"]),
+    )
+    assert fresh.to_json()["schema"] == "llmopt.eval/2"
+    current = {**_kld_evaluation(), "schema": EVAL_SCHEMA}
+    report = EvalReport.model_validate(current)
+    assert report.schema_ == EVAL_SCHEMA and report.artifact.distribution is not None
+    assert report.to_json() == current
+
+
+def test_a_schema_1_report_without_kld_still_reads_typed(tmp_path: Path) -> None:
+    """A /1 evaluation from before the KL divergence (the current output with the version string set back and the
+    blocks /2 documents removed) is a typed EvalReport: its numbers add up, it says it measured no KLD, it writes
+    back as /1 (never relabelled), and an artifact holding it opens."""
+    old = _kld_evaluation()
+    old["schema"] = "llmopt.eval/1"
+    del old["artifact"]["distribution"]
+    assert not {"tasks", "task_recovery"} & (set(old) | set(old["artifact"]) | set(old["baseline"]))
+    report = EvalReport.model_validate(old)
+    assert isinstance(report, EvalReport) and report.schema_ == "llmopt.eval/1"
+    assert report.artifact.distribution is None and report.artifact.tasks is None and report.task_recovery is None
+    assert report.artifact.perplexity == old["artifact"]["perplexity"]
+    assert evaluation_problems(report) == []
+    spec = report.spec()
+    assert spec is not None and spec.kld is False
+    assert report.to_json() == old
+    manifest = {
+        "llmopt_version": "0.1.0",
+        "backend": "bnb-int8",
+        "format": "bnb-8bit",
+        "runner": "hf",
+        "options": {},
+        "source": {"model": "m", "resolved_path": "/m"},
+        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
+        "files": {},
+        "evaluation": old,
+    }
+    (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
+    ev = Artifact.open(tmp_path).manifest.evaluation
+    assert ev is not None and ev.schema_ == "llmopt.eval/1" and ev.delta_pct == old["delta_pct"]
+
+
+@pytest.mark.parametrize("schema", ["llmopt.eval/3", "llmopt.eval/10"])
+def test_a_newer_evaluation_schema_is_refused_by_name(tmp_path: Path, schema: str) -> None:
+    """An evaluation a later llmopt wrote may mean what this one does not know: refused with "upgrade", as a
+    newer manifest schema is — as a report, inside an artifact (not dropped as damaged by `eval`, exit 5) and in
+    a run report given to `report merge` (exit 2); a schema that is no evaluation's is refused too."""
+    from pydantic import ValidationError
+
+    from llmopt.errors import ArtifactError
+    from llmopt.report import load_report
+
+    newer = {**_kld_evaluation(), "schema": schema}
+    with pytest.raises(ValidationError, match="newer llmopt"):
+        EvalReport.model_validate(newer)
+    with pytest.raises(ValidationError, match="not an evaluation report's"):
+        EvalReport.model_validate({**newer, "schema": "llmopt.run/1"})
+    manifest = {
+        "llmopt_version": "9.0.0",
+        "backend": "bnb-int8",
+        "format": "bnb-8bit",
+        "runner": "hf",
+        "options": {},
+        "source": {"model": "m", "resolved_path": "/m"},
+        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
+        "files": {},
+        "evaluation": newer,
+    }
+    (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
+    for replaceable in (False, True):
+        with pytest.raises(ArtifactError, match=f"evaluation of schema {schema}") as err:
+            Artifact.open(tmp_path, results_replaceable=replaceable)
+        assert "Upgrade llmopt" in (err.value.hint or "")
+    run = json.loads(KLD_RUN.read_text())
+    run["variants"][0]["evaluation"]["schema"] = schema
+    (tmp_path / "report.json").write_text(json.dumps(run))
+    with pytest.raises(InputError, match="newer llmopt"):
+        load_report(tmp_path / "report.json")
 
 
 def test_a_hand_edited_type_names_where(tmp_path: Path) -> None:
@@ -289,3 +385,55 @@ def test_how_it_is_measured_does_not_refuse_reuse(field: str, value: Any) -> Non
     resolved to (the caller's job: settings.device and settings.placement)."""
     assert field not in EvalSpec.measurement_fields()
     assert reused(BASE, BASE.model_copy(update={field: value}))
+
+
+def test_a_schema_1_evaluation_of_the_same_measurement_is_reused_by_a_run(tmp_path: Path) -> None:
+    """After the bump to llmopt.eval/2, a run's artifacts evaluated under /1 are not scored again for the bump alone:
+    a /1 evaluation with KLD is reused when it answers the same measurement (and kept as /1); one without KLD is
+    not, when the recipe asks for KLD (the default), as before the bump."""
+    from types import SimpleNamespace
+
+    from llmopt.artifact import files_digest
+    from llmopt.pipeline import _Context, reusable_evaluation
+    from llmopt.progress import SilentReporter
+    from tests.evaldata import distribution
+
+    recipe = parse_recipe(
+        {
+            "model": {"source": "m"},
+            "evaluation": {"dataset": "eval.txt", "context_length": 128, "device": "cpu"},
+            "variants": [{"name": "a", "method": "bnb-int8"}],
+        }
+    )
+    ctx = _Context(recipe, None, tmp_path, SilentReporter())
+    ctx.device = ctx.device_label = ctx.placement_label = "cpu"
+    ctx.eval_text_sha256 = "cd" * 32
+    numbers = scored(1.0, context_length=128, stride=recipe.evaluation.resolved_stride())
+    settings = EvalSettings.of(
+        recipe.evaluation,
+        text_sha256="cd" * 32,
+        **{k: numbers["settings"][k] for k in ("tokens_total", "tokens_scored", "windows")},
+        device="cpu",
+        placement="cpu",
+    )
+    made = EvalReport(
+        settings=settings,
+        baseline=ModelScore.model_validate({**numbers["baseline"], "model": "m"}),
+        artifact=ModelScore.model_validate(
+            {**numbers["artifact"], "distribution": distribution(0.02, numbers["settings"])}
+        ),
+        delta_pct=numbers["delta_pct"],
+        delta_pct_stderr=numbers["delta_pct_stderr"],
+        artifact_files_sha256=files_digest({}),
+    )
+
+    def reused(ev: EvalReport) -> EvalReport | None:
+        return reusable_evaluation(ctx, SimpleNamespace(manifest=SimpleNamespace(evaluation=ev, files={})))  # type: ignore[arg-type]
+
+    assert reused(made) is not None  # /2, as written now
+    old = EvalReport.model_validate({**made.to_json(), "schema": "llmopt.eval/1"})
+    again = reused(old)
+    assert again is not None and again.schema_ == "llmopt.eval/1"
+    no_kld = made.to_json()
+    del no_kld["artifact"]["distribution"]
+    assert reused(EvalReport.model_validate({**no_kld, "schema": "llmopt.eval/1"})) is None

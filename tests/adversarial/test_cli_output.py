@@ -83,7 +83,7 @@ def test_quantize_json_file_keeps_the_human_output(work: Path) -> None:
 def test_eval_json_is_stdout_and_json_file_is_a_file(work: Path) -> None:
     r = run_cli(["eval", "int8", *EVAL, "--json"], cwd=work)
     report = only_json(r)
-    assert report["schema"] == "llmopt.eval/1" and DEPRECATED not in r.stderr
+    assert report["schema"] == "llmopt.eval/2" and DEPRECATED not in r.stderr
     r = run_cli(["eval", "int8", *EVAL, "--json-file", "eval-report.json"], cwd=work)
     assert r.returncode == EXIT_OK, r.stderr
     assert "perplexity on" in r.stdout  # the table stays on stdout
@@ -95,19 +95,19 @@ def test_eval_old_spellings_still_work_with_a_note(work: Path) -> None:
     """`eval --json FILE` writes the file (as before the convention), `--json -` prints to stdout."""
     r = run_cli(["eval", "int8", *EVAL, "--json", "old-report.json"], cwd=work)
     assert r.returncode == EXIT_OK, r.stderr
-    assert json.loads((work / "old-report.json").read_text())["schema"] == "llmopt.eval/1"
+    assert json.loads((work / "old-report.json").read_text())["schema"] == "llmopt.eval/2"
     assert "perplexity on" in r.stdout
     notes = [line for line in r.stderr.splitlines() if DEPRECATED in line]
     assert len(notes) == 1 and "--json-file old-report.json" in notes[0]
     r = run_cli(["eval", "int8", *EVAL, "--json", "-"], cwd=work)
-    assert only_json(r)["schema"] == "llmopt.eval/1"
+    assert only_json(r)["schema"] == "llmopt.eval/2"
     assert "write `--json`" in r.stderr
 
 
 def test_eval_json_switch_before_the_artifact(work: Path) -> None:
     """`eval --json ARTIFACT ...`: the word after the switch is the artifact, not a report file."""
     r = run_cli(["eval", "--json", "int8", *EVAL], cwd=work)
-    assert only_json(r)["schema"] == "llmopt.eval/1"
+    assert only_json(r)["schema"] == "llmopt.eval/2"
     assert DEPRECATED not in r.stderr
     assert not (work / "int8" / "int8").exists()
 
