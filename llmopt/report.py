@@ -39,7 +39,7 @@ from llmopt import __version__
 from llmopt.atomic import write_atomic, write_json_atomic, write_text_atomic
 from llmopt.errors import EXIT_BUG, EXIT_GATE, EXIT_OK, InputError
 from llmopt.results import RUN_SCHEMA, Distribution, RunReport, ServingReport, VariantOutcome
-from llmopt.serving.metrics import with_slo
+from llmopt.serving.metrics import capacity_text, with_slo
 from llmopt.specs import GateSpec
 from llmopt.units import fmt_bytes
 
@@ -221,6 +221,8 @@ def serving_text(serving: ServingReport | None) -> str:
     top = points[-1]
     if top.saturated:
         text = f"saturated at {top.label}"
+    elif top.at_capacity and top.capacity_since is not None:
+        text = f"at capacity from {top.capacity_since:g} req/s"
     elif top.ttft_ms is not None:
         text = f"TTFT p95 {top.ttft_ms.p95:,.0f} ms at {top.label}"
     else:
@@ -400,7 +402,9 @@ def _serving_markdown(report: RunReport) -> list[str]:
             if target is not None and (target.at_rate is None or (p.mode == "rate" and p.value == target.at_rate)):
                 p = with_slo(p, target)
             slo = "–" if p.slo_passed is None else ("pass" if p.slo_passed else "FAIL")
-            note = (p.saturation_note or "saturated") if p.saturated else ""
+            note = "; ".join(
+                t for t in ((p.saturation_note or "saturated") if p.saturated else "", capacity_text(p)) if t
+            )
             lines.append(
                 f"| {name} | {p.label} | {p.ok}/{p.requests} | {_ms(p.ttft_ms, 'p50')} | {_ms(p.ttft_ms, 'p95')} | "
                 f"{_ms(p.itl_ms, 'p95')} | {_ms(p.e2e_ms, 'p95')} | {_num(p.output_tokens_per_s, ',.1f')} | "

@@ -46,6 +46,8 @@ def _ms(stats: LatencyStats | None, *pcts: str) -> str:
 
 
 def render(result: ServeBenchResult) -> None:
+    from llmopt.serving.metrics import capacity_text, sweep_verdict
+
     labels = list(dict.fromkeys(p.label for m in result.models for p in m.points))
     for label in labels:
         table = Table(title=f"{label}: {result.trace['requests']} requests")
@@ -82,13 +84,13 @@ def render(result: ServeBenchResult) -> None:
                 "-" if p.output_tokens_per_s is None else f"{p.output_tokens_per_s:,.1f}",
             ]
             if p.saturated:
-                row += ["saturated", "", "", ""]
+                row += ["saturated", "", "", capacity_text(p)]
             else:
                 row += [
                     _ms(p.ttft_ms, "p50", "p95", "p99"),
                     _ms(p.itl_ms, "p50", "p95"),
                     _ms(p.tpot_ms, "p50"),
-                    _ms(p.e2e_ms, "p50", "p95"),
+                    _ms(p.e2e_ms, "p50", "p95") + (f" [yellow]{capacity_text(p)}[/]" if p.at_capacity else ""),
                 ]
             if has_cache:
                 row.append("-" if p.prefix_cache_hit is None else f"{100 * p.prefix_cache_hit:.0f}%")
@@ -110,13 +112,11 @@ def render(result: ServeBenchResult) -> None:
                 stdout.print(f"[red]{m.label} at {p.label}[/]: {err}")
             if p.cost_per_million_tokens is not None:
                 stdout.print(f"{m.label} at {p.label}: ${p.cost_per_million_tokens:.3f} per million output tokens")
-        sat = m.saturation
-        if sat.get("saturated_at") is not None:
-            up_to = sat.get("sustained_up_to")
-            stdout.print(
-                f"{m.label}: saturates at {sat['saturated_at']:g} req/s"
-                + (f" (keeps up at {up_to:g})" if up_to is not None else " (the lowest rate swept)")
-            )
+            if p.at_capacity:
+                stdout.print(f"[yellow]{m.label} at {p.label}[/]: {p.capacity_note}")
+        verdict = sweep_verdict(m.saturation)
+        if verdict is not None:
+            stdout.print(f"{m.label}: {verdict}")
         elif any(p.mode == "rate" for p in m.points):
             stdout.print(f"{m.label}: kept up at every rate swept")
         if m.failed:

@@ -18,7 +18,15 @@ from pydantic import BaseModel
 from llmopt.errors import BackendUnavailableError, InputError
 from llmopt.serving.client import Endpoint, RequestRecord, check_reachable, served_model
 from llmopt.serving.load import PointRun
-from llmopt.serving.metrics import PointResult, Slo, saturation_point, summarize
+from llmopt.serving.metrics import (
+    PointResult,
+    Slo,
+    capacity_text,
+    mark_capacity,
+    saturation_point,
+    summarize,
+    sweep_verdict,
+)
 from llmopt.serving.servers import RunningServer, ServerOptions, choose_server, server_spec
 from llmopt.serving.trace import TraceRequest, TraceSpec, build_trace
 
@@ -218,7 +226,9 @@ def serve_bench(
                                 records, mode, value, slo, gpu_hourly_cost=gpu_hourly_cost, unloaded_ttft_ms=unloaded
                             )
                             point.unloaded_ttft_ms = unloaded
+                            point.unloaded_tpot_ms = min(run.warmup_tpot_ms) if run.warmup_tpot_ms else None
                             entry.points.append(point)
+                            mark_capacity(entry.points)  # across the points so far (a later one may revise it)
                             log(f"    {_point_line(point)} ({time.monotonic() - started:.0f} s)")
                             if run.stopped:
                                 desc = server.exit_description() if server else ""
@@ -228,7 +238,10 @@ def serve_bench(
             except BackendUnavailableError:
                 keep = True
                 raise
+            mark_capacity(entry.points)
             entry.saturation = saturation_point(entry.points)
+            if verdict := sweep_verdict(entry.saturation):
+                log(f"  {verdict}")
             if entry.failed:
                 break
     finally:
@@ -246,11 +259,12 @@ def _write_records(out: Any, mode: str, value: float, records: list[RequestRecor
 
 
 def _point_line(p: PointResult) -> str:
+    capacity = f"; {capacity_text(p)}" if p.at_capacity else ""
     if p.saturated:
-        return f"saturated: {p.saturation_note}; {p.ok}/{p.requests} ok"
+        return f"saturated: {p.saturation_note}; {p.ok}/{p.requests} ok{capacity}"
     ttft = f"TTFT p50 {p.ttft_ms.p50:,.0f} ms p95 {p.ttft_ms.p95:,.0f} ms" if p.ttft_ms else "no TTFT"
     tps = f", {p.output_tokens_per_s:,.1f} tok/s" if p.output_tokens_per_s else ""
-    return f"{p.ok}/{p.requests} ok, {ttft}{tps}"
+    return f"{p.ok}/{p.requests} ok, {ttft}{tps}{capacity}"
 
 
 def gate(result: ServeBenchResult, slo: Slo) -> dict[str, Any]:
@@ -265,6 +279,11 @@ def gate(result: ServeBenchResult, slo: Slo) -> dict[str, Any]:
     out: dict[str, Any] = {"slo": str(slo), "passed": passed, "checks": checks}
     if saturated:
         out["saturated_at"] = saturated
+    # informational: such a point fails only where its numbers do (its goodput under min_goodput, its percentiles
+    # over their limits); the server's ceiling is already in its goodput
+    at_capacity = [p.label for p in points if p.at_capacity]
+    if at_capacity:
+        out["at_capacity"] = at_capacity
     if model.failed:
         out["why"] = model.failed
     return out

@@ -55,6 +55,7 @@ class PointRun:
         self.stopped: str | None = None
         self.warmup_errors: list[str] = []
         self.warmup_ttft_ms: list[float] = []  # one request alone on the server: the unloaded TTFT
+        self.warmup_tpot_ms: list[float] = []  # and its time per output token
 
     def _one(self, req: TraceRequest, record: RequestRecord, t0: float) -> None:
         stream_completion(self.endpoint, payload(req, self.model, self.extra), record, t0=t0, timeout=self.timeout)
@@ -94,8 +95,11 @@ class PointRun:
             stream_completion(self.endpoint, payload(req, self.model, self.extra), rec, t0=0.0, timeout=self.timeout)
             if not rec.ok:
                 self.warmup_errors.append(rec.error or "failed")
-            elif rec.ttft_ms is not None:
-                self.warmup_ttft_ms.append(rec.ttft_ms)
+            else:
+                if rec.ttft_ms is not None:
+                    self.warmup_ttft_ms.append(rec.ttft_ms)
+                if rec.tpot_ms is not None:
+                    self.warmup_tpot_ms.append(rec.tpot_ms)
         timed = [r for r in self.requests if not r.warmup]
         records = [self._record(r) for r in timed]
         threads: list[threading.Thread] = []

@@ -179,8 +179,14 @@ class PointResult(BaseModel):
     goodput_per_s: float | None = None
     good_fraction: float | None = None
     unloaded_ttft_ms: float | None = None  # the fastest warm-up request's TTFT (sent alone)
+    unloaded_tpot_ms: float | None = None  # the fastest warm-up request's time per output token
     saturated: bool = False
     saturation_note: str | None = None
+    # set across the points of a rate sweep (``mark_capacity``): offered at least CAPACITY_RATE_STEP x a lower swept
+    # rate, the server delivered no more than there; its percentiles stand (nothing queued), unlike a saturated one's
+    at_capacity: bool = False
+    capacity_since: float | None = None  # the lower rate (req/s) whose throughput this point did not exceed
+    capacity_note: str | None = None
     slo_checks: list[SloCheck] = []
     slo_passed: bool | None = None
     cost_per_million_tokens: float | None = None
@@ -340,13 +346,155 @@ def with_slo(point: PointResult, slo: Slo) -> PointResult:
     return copy
 
 
+# Capacity: a rule across the points of a rate sweep. Queueing within one point (``_saturation``) misses a server
+# that admits every request into its batch at once and slows every step instead (transformers serve's continuous
+# batching): nothing waits, but offering more gives no more throughput.
+CAPACITY_RATE_STEP = 2.0  # the higher rate offers at least this many times the lower one ...
+CAPACITY_GROWTH = 0.10  # ... and delivers less than this share more: "no more" (a few % either way is noise)
+CAPACITY_SLOWDOWN = 1.5  # evidence that the server was loaded: TTFT or time per output token this many x alone's
+
+
+def _grew(low: PointResult, high: PointResult) -> bool:
+    """``high`` delivered at least CAPACITY_GROWTH more than ``low``: completed requests/s, or output tokens/s where
+    both points know them. Either counts, so "no more" needs both flat: each point draws its own trace, and a server
+    that stops at EOS answers at its own length, so one measure can move without the other."""
+    factor = 1 + CAPACITY_GROWTH
+    if high.requests_per_s >= factor * low.requests_per_s:
+        return True
+    lo, hi = low.output_tokens_per_s, high.output_tokens_per_s
+    return lo is not None and hi is not None and hi >= factor * lo
+
+
+def _loaded(p: PointResult) -> bool:
+    """Whether ``p``'s requests were slowed by the load: queueing (saturated), or a median TTFT or time per output
+    token CAPACITY_SLOWDOWN x a request's alone (the warm-up). A trace whose requests all arrive within one request's
+    time shows no more than requests / end-to-end time however fast the server is: flat throughput at requests that
+    ran as fast as one alone is that bound, not the server's. Without a request alone to compare (no warm-up, a
+    point stored before llmopt kept its time per token) the throughput is the only evidence."""
+    if p.saturated:
+        return True
+    ok = [r for r in p.latencies if r.ok]
+    known = False
+    for unloaded, values in (
+        (p.unloaded_ttft_ms, [r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        (p.unloaded_tpot_ms, [r.tpot_ms for r in ok if r.tpot_ms is not None]),
+    ):
+        if unloaded is None or not values:
+            continue
+        known = True
+        if statistics.median(values) >= CAPACITY_SLOWDOWN * unloaded:
+            return True
+    return not known
+
+
+def _rate_sweep(points: list[PointResult]) -> list[PointResult]:
+    """The points the capacity rule reads, by rate: offered rates (a concurrency is not an offered load: its clients
+    wait for their answers, so the server is never offered more than it delivers) of whole runs that completed
+    something."""
+    return sorted((p for p in points if p.mode == "rate" and p.ok > 0 and not p.interrupted), key=lambda p: p.value)
+
+
+def capacity_pairs(points: list[PointResult]) -> list[tuple[PointResult, PointResult]]:
+    """(point, reference) for every rate point at capacity, in any order of ``points``: it offered at least
+    CAPACITY_RATE_STEP x the reference's rate, the server was loaded there (``_loaded``), and no swept rate above the
+    reference delivered CAPACITY_GROWTH more than the reference did (the plateau holds to the end of the sweep: one
+    that grows again later was not the server's limit). The reference is the lowest such rate: where the plateau
+    was reached."""
+    sweep = _rate_sweep(points)
+    starts = [a for a in sweep if not any(_grew(a, c) for c in sweep if c.value > a.value)]
+    pairs = []
+    for b in sweep:
+        ref = next((a for a in starts if a.value * CAPACITY_RATE_STEP <= b.value), None)
+        if ref is not None and _loaded(b):
+            pairs.append((b, ref))
+    return pairs
+
+
+def _throughput(p: PointResult) -> str:
+    done = f"{p.requests_per_s:,.2f} req/s"
+    return done if p.output_tokens_per_s is None else f"{p.output_tokens_per_s:,.0f} tok/s ({done})"
+
+
+def mark_capacity(points: list[PointResult]) -> None:
+    """Set ``at_capacity``, ``capacity_since`` and ``capacity_note`` on the points of a sweep (cleared elsewhere):
+    a judgement across points, so it is made again whenever a point is added."""
+    for p in points:
+        p.at_capacity, p.capacity_since, p.capacity_note = False, None, None
+    for b, a in capacity_pairs(points):
+        b.at_capacity = True
+        b.capacity_since = a.value
+        b.capacity_note = (
+            f"{b.value:g} req/s offered ({b.value / a.value:.3g}x {a.value:g}) delivered {_throughput(b)}, against "
+            f"{_throughput(a)} at {a.value:g} req/s: less than {CAPACITY_GROWTH:.0%} more"
+        )
+
+
+def capacity_text(p: PointResult) -> str:
+    """A table cell's words for a point at capacity: ``at capacity (399 tok/s since 16 req/s)``; "" otherwise."""
+    if not p.at_capacity or p.capacity_since is None:
+        return ""
+    done = f"{p.requests_per_s:,.2f} req/s" if p.output_tokens_per_s is None else f"{p.output_tokens_per_s:,.0f} tok/s"
+    return f"at capacity ({done} since {p.capacity_since:g} req/s)"
+
+
 def saturation_point(points: list[PointResult]) -> dict[str, Any]:
-    """The lowest swept rate where the server no longer keeps up, and the highest below it that it sustained."""
+    """Where a rate sweep stops being served, in any order of ``points``:
+
+    - ``saturated_at``: the lowest rate where requests queue (``_saturation``), with its ``note``;
+    - ``capacity_from``: the lowest rate that already delivered the throughput plateau (``capacity_pairs``), with
+      the plateau (``capacity_requests_per_s``, ``capacity_tokens_per_s``: the most delivered from that rate on) and
+      ``at_capacity``, the rates offered CAPACITY_RATE_STEP x more or beyond that delivered no more;
+    - ``sustained_up_to``: the highest rate neither saturated nor at capacity, below the first rate that is either,
+      and not above the plateau's requests/s (by more than CAPACITY_GROWTH): a server that completes at most C
+      requests/s however much is offered does not sustain more than C, however short the trace's queue.
+    """
     rates = sorted((p for p in points if p.mode == "rate"), key=lambda p: p.value)
     first = next((p for p in rates if p.saturated), None)
-    sustained = [p.value for p in rates if not p.saturated and (first is None or p.value < first.value)]
+    pairs = capacity_pairs(points)
+    at_capacity = sorted({b.value for b, _ in pairs})
+    since = min((a.value for _, a in pairs), default=None)
+    cap_requests = cap_tokens = None
+    if since is not None:
+        plateau = [p for p in _rate_sweep(points) if p.value >= since]
+        cap_requests = max(p.requests_per_s for p in plateau)
+        tokens = [t for p in plateau if (t := p.output_tokens_per_s) is not None]
+        cap_tokens = max(tokens) if tokens else None
+    # below the first rate that is saturated or at capacity
+    limit = min(([first.value] if first else []) + at_capacity[:1], default=None)
+    sustained = [
+        p.value
+        for p in rates
+        if not p.saturated
+        and (limit is None or p.value < limit)
+        and (cap_requests is None or p.value <= cap_requests * (1 + CAPACITY_GROWTH))
+    ]
     return {
         "saturated_at": first.value if first else None,
         "sustained_up_to": max(sustained) if sustained else None,
         "note": first.saturation_note if first else None,
+        "capacity_from": since,
+        "capacity_requests_per_s": cap_requests,
+        "capacity_tokens_per_s": cap_tokens,
+        "at_capacity": at_capacity,
     }
+
+
+def sweep_verdict(saturation: dict[str, Any]) -> str | None:
+    """One line on a sweep's ``saturation_point``: where it queues, its capacity, what it sustained; None when the
+    sweep kept up at every rate."""
+    parts = []
+    if saturation.get("saturated_at") is not None:
+        parts.append(f"saturates at {saturation['saturated_at']:g} req/s")
+    if saturation.get("capacity_from") is not None:
+        tokens = saturation.get("capacity_tokens_per_s")
+        plateau = (f"{tokens:,.0f} tok/s, " if tokens is not None else "") + (
+            f"{saturation['capacity_requests_per_s']:,.2f} req/s"
+        )
+        higher = ", ".join(f"{r:g}" for r in saturation.get("at_capacity") or [])
+        since = saturation["capacity_from"]
+        parts.append(f"capacity {plateau}, reached at {since:g} req/s (no more at {higher} req/s)")
+    if not parts:
+        return None
+    up_to = saturation.get("sustained_up_to")
+    parts.append(f"keeps up at {up_to:g} req/s" if up_to is not None else "no rate swept sustained")
+    return "; ".join(parts)
