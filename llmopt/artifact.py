@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmopt.atomic import write_json_atomic
-from llmopt.errors import ArtifactError, InputError
+from llmopt.errors import ArtifactError, InputError, NewerArtifactError
 from llmopt.results import EVAL_SCHEMAS_READ, EvalReport, GateResult, newer_eval_schema
 
 MANIFEST_NAME = "llmopt.json"
@@ -126,17 +126,17 @@ def _refuse_newer_schema(mpath: Path, text: str) -> None:
     try:
         data = json.loads(text)
         version = int(data.get("schema_version", SCHEMA_VERSION))
-    except (ValueError, TypeError, AttributeError):
+    except (ValueError, TypeError, AttributeError, OverflowError):
         return  # not JSON, not an object, not a number: the model's validation says what is wrong
     if version > SCHEMA_VERSION:
-        raise ArtifactError(
+        raise NewerArtifactError(
             f"{mpath} has manifest schema {version}; this llmopt reads schema {SCHEMA_VERSION} and older.",
             "Upgrade llmopt (pip install -U llmopt) to read this artifact.",
         )
     evaluation = data.get("evaluation")
     schema = evaluation.get("schema") if isinstance(evaluation, dict) else None
     if newer_eval_schema(schema):
-        raise ArtifactError(
+        raise NewerArtifactError(
             f"{mpath} holds an evaluation of schema {schema}; this llmopt reads {' and '.join(EVAL_SCHEMAS_READ)}.",
             "Upgrade llmopt (pip install -U llmopt) to read this artifact.",
         )

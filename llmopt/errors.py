@@ -104,6 +104,10 @@ class ArtifactError(LlmoptError):
     exit_code = EXIT_ARTIFACT
 
 
+class NewerArtifactError(ArtifactError):
+    """An artifact written by a newer llmopt (manifest or evaluation schema): never re-made or overwritten here."""
+
+
 class GateFailedError(LlmoptError):
     """Raised by callers that want a failed gate to stop the flow (publish)."""
 

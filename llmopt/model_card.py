@@ -488,17 +488,17 @@ def eval_results(evaluation: EvalReport | None) -> list[Any]:
 
 
 def _kld_decimals(value: float) -> int:
-    """Decimals that show about three significant digits of a KL divergence (0.274, 0.00431), at least three."""
+    """Decimals that show about three significant digits of a KL divergence (0.274, 0.00431), three to seven."""
     if not math.isfinite(value) or value <= 0:
         return 3
-    return max(3, 2 - math.floor(math.log10(value)))
+    return min(7, max(3, 2 - math.floor(math.log10(value))))
 
 
 def _distribution_cells(dist: Distribution) -> list[str]:
     """This model's cells of the card's KLD columns: mean KLD ± stderr, p99 KLD, top-1 agreement ± stderr."""
     places = _kld_decimals(dist.kld_mean)
     return [
-        f"{dist.kld_mean:.{places}f} ± {dist.kld_stderr:.{places}f}",
+        f"{_kld(dist.kld_mean, places)} ± {_kld(dist.kld_stderr, places)}",
         _kld(dist.kld_p99),
         f"{100 * dist.top1_agreement:.2f}% ± {100 * dist.top1_agreement_stderr:.2f}",
     ]
@@ -515,8 +515,15 @@ def _distribution_note(dist: Distribution) -> str:
     )
 
 
-def _kld(value: float) -> str:
-    return f"{value:.{_kld_decimals(value)}f}"
+def _kld(value: float, places: int | None = None) -> str:
+    """A KL divergence for the card: "–" when not a number, 0 for the float rounding below it (KLD is never
+    negative), beyond 1,000 without decimals."""
+    if not math.isfinite(value):
+        return "–"
+    value = max(value, 0.0)
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{_kld_decimals(value) if places is None else places}f}"
 
 
 def _task_lines(ev: EvalReport) -> list[str]:

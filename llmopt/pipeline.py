@@ -33,6 +33,7 @@ from llmopt.errors import (
     EXIT_INTERRUPTED,
     InterruptedRunError,
     LlmoptError,
+    NewerArtifactError,
 )
 from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
@@ -793,6 +794,8 @@ def reusable_artifact(ctx: _Context, variant: VariantSpec, art_dir: Path) -> tup
     try:
         # a damaged stored evaluation does not make the files unusable: they are verified below, evaluated again
         art = Artifact.open(art_dir, results_replaceable=True)
+    except NewerArtifactError:
+        raise  # a newer llmopt's artifact: upgrade, never re-made (overwritten) by this one
     except LlmoptError:
         return None, "its manifest is unreadable"
     m = art.manifest

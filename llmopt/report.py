@@ -480,9 +480,13 @@ def write_plots(report: RunReport, out: Path) -> tuple[list[str], list[str]]:
 
     dists = [(r, d) for r in measured if (d := _distribution(r)) is not None]
     if dists:
-        fig = _kld_figure(plt, dists, display_dataset(dataset))
-        plots.append(_save_fig(fig, out, KLD_PLOT))
-        plt.close(fig)
+        try:
+            fig = _kld_figure(plt, dists, display_dataset(dataset))
+        except (ValueError, OverflowError, ArithmeticError) as exc:  # hand-edited numbers: the report still counts
+            notes.append(f"no KLD plot: the recorded KL divergences cannot be drawn ({exc})")
+        else:
+            plots.append(_save_fig(fig, out, KLD_PLOT))
+            plt.close(fig)
     else:
         notes.append("no KLD plot: no variant has KL-divergence measurements")
 
@@ -537,26 +541,32 @@ def _kld_figure(plt: Any, dists: list[tuple[VariantOutcome, Distribution]], data
     from matplotlib.ticker import NullFormatter
     from matplotlib.transforms import blended_transform_factory
 
+    def drawable(v: float) -> bool:  # a log axis reaches 1e-12 at most; inf, nan and subnormals are not drawn
+        return math.isfinite(v) and (v == 0 or 1e-12 <= abs(v) <= 1e12)
+
     fig, ax = plt.subplots(figsize=(7, max(2.6, 1.4 + 0.55 * len(dists))), dpi=120)
-    positive = [v for _, d in dists for v in (d.kld_mean, *(getattr(d, k) for k, _, _ in _KLD_MARKS)) if v > 0]
+    positive = [
+        v for _, d in dists for v in (d.kld_mean, *(getattr(d, k) for k, _, _ in _KLD_MARKS)) if v > 0 and drawable(v)
+    ]
     log = bool(positive)
     colors = {"passed": "tab:green", "gate_failed": "tab:red"}
     text_at = blended_transform_factory(ax.transAxes, ax.transData)
     for y, (r, d) in enumerate(dists):
         color = colors.get(r.status, "tab:gray")
-        marks = [(getattr(d, key), label, marker) for key, label, marker in _KLD_MARKS]
-        shown = [(v, label, marker) for v, label, marker in marks if v > 0 or not log]
+        marks = [(max(getattr(d, key), 0.0), label, marker) for key, label, marker in _KLD_MARKS]
+        shown = [(v, label, marker) for v, label, marker in marks if drawable(v) and (v > 0 or not log)]
         if not shown:
             ax.text(0.02, y, "0 at every token (the same as FP16)", transform=text_at, va="center", fontsize=8)
             continue
         ax.plot([v for v, _, _ in shown], [y] * len(shown), color=color, linewidth=1.5, zorder=1)
         for v, _, marker in shown:
             ax.scatter([v], [y], marker=marker, s=36, color=color, zorder=2)
-        if d.kld_mean > 0 or not log:
+        stderr = d.kld_stderr if math.isfinite(d.kld_stderr) and d.kld_stderr > 0 else 0.0
+        if drawable(d.kld_mean) and d.kld_mean >= 0 and (d.kld_mean > 0 or not log):
             # on a log axis the error bar stops short of 0
-            low = min(d.kld_stderr, 0.99 * d.kld_mean) if log else d.kld_stderr
+            low = min(stderr, 0.99 * d.kld_mean) if log else stderr
             ax.errorbar(
-                [d.kld_mean], [y], xerr=[[max(low, 0.0)], [d.kld_stderr]], fmt="*", markersize=11, color="black",
+                [d.kld_mean], [y], xerr=[[max(low, 0.0)], [stderr]], fmt="*", markersize=11, color="black",
                 capsize=3, zorder=3,
             )  # fmt: skip
     if log:
@@ -566,7 +576,7 @@ def _kld_figure(plt: Any, dists: list[tuple[VariantOutcome, Distribution]], data
         ax.set_xlim(10.0**low / 1.25, 10.0 ** max(high, low + 1) * 1.25)
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_yticks(range(len(dists)))
-    ax.set_yticklabels([r.name for r, _ in dists], fontsize=8)
+    ax.set_yticklabels([r.name if len(r.name) <= 32 else r.name[:31] + "…" for r, _ in dists], fontsize=8)
     ax.set_ylim(len(dists) - 0.5, -0.5)  # the first variant on top, as in the table
     top_k = sorted({d.top_k for _, d in dists})
     ax.set_xlabel(
@@ -616,8 +626,11 @@ def load_report(path: str | Path) -> tuple[Path, RunReport]:
     except ValueError as exc:
         first = exc.errors()[0] if isinstance(exc, ValidationError) and exc.errors() else None
         where = ".".join(str(x) for x in first["loc"]) + ": " + first["msg"] if first else str(exc)
+        newer = "newer llmopt" in where
         raise InputError(
-            f"{p} is not a valid run report: {where}.", "Give report.json files written by `llmopt run`."
+            f"{p} is not a valid run report: {where}.",
+            "Upgrade llmopt (pip install -U llmopt) to read it." if newer else "Give report.json files written by "
+            "`llmopt run`.",
         ) from None
 
 

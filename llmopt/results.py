@@ -17,6 +17,7 @@ Field names are the JSON keys (schemas ``llmopt.eval/2`` and ``llmopt.run/1``, d
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
@@ -72,12 +73,13 @@ __all__ = [
 ]
 
 
+_EVAL_SCHEMA_RE = re.compile(r"llmopt\.eval/([1-9][0-9]{0,8})")
+
+
 def _eval_version(schema: object) -> int | None:
-    """N of ``llmopt.eval/N``; None for anything else."""
-    prefix = "llmopt.eval/"
-    if isinstance(schema, str) and schema.startswith(prefix) and schema[len(prefix) :].isdigit():
-        return int(schema[len(prefix) :])
-    return None
+    """N of ``llmopt.eval/N`` (ASCII digits, no leading zero); None for anything else."""
+    match = _EVAL_SCHEMA_RE.fullmatch(schema) if isinstance(schema, str) else None
+    return int(match.group(1)) if match else None
 
 
 def newer_eval_schema(schema: object) -> bool:

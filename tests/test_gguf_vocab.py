@@ -126,11 +126,11 @@ def test_calibration_texts_tolerate_a_few_differing_tokens_only() -> None:
     few = [{"meta": {}}, {"ids": [1, 2], "pieces": ["Hello", " world"]}, {"ids": [1, 3, 4] + [5] * 198, "pieces": []}]
     few[2]["pieces"] = ["Hello", " wor", "ld"] + ["x"] * 198
     verdict = V.compare(["Hello world", "calib"], [[1, 2], want], few, 0, "", _decode, strict=1)
-    assert verdict.problem is None and (verdict.differing, verdict.compared) == (1, 200)
+    assert verdict.problem is None and (verdict.differing, verdict.compared) == (2, 200)  # " world" -> " wor", "ld"
     assert verdict.first_tolerated is not None and "calibration text 1 of 1" in verdict.first_tolerated
     many = [few[0], few[1], {"ids": [1, 3, 4] + [6] * 198, "pieces": ["Hello", " wor", "ld"] + ["y"] * 198}]
     verdict = V.compare(["Hello world", "calib"], [[1, 2], want], many, 0, "", _decode, strict=1)
-    assert verdict.problem is not None and verdict.problem.startswith("199 of 200 calibration tokens differ")
+    assert verdict.problem is not None and verdict.problem.startswith("200 of 200 calibration tokens differ")
     strict = V.compare(["Hello world", "calib"], [[1, 2], want], few, 0, "", _decode, strict=2)
     assert strict.problem is not None and "sample text 2 of 2" in strict.problem
 
@@ -295,3 +295,22 @@ def test_byte_fallback_vocab_fails_the_variant_and_keeps_nothing(assets: dict[st
     assert '"byte_fallback": false' in hint and str(folder / "tokenizer.json") in hint
     assert not out.exists(), "no artifact"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smol-bf"], "no staging or work folder left"
+
+
+def test_tokens_llama_cpp_adds_count_against_the_tolerance() -> None:
+    """Every HF token found in llama.cpp's answer, but twice as many tokens there: 100 differ, not 0."""
+    want = list(range(1, 101))
+    got = [t for i in want for t in (i, 999)]
+    answers = [{"meta": {}}, {"ids": got, "pieces": ["p"] * len(got)}]
+    verdict = V.compare(["t" * 100], [want], answers, 0, "", lambda ids: "x" * len(ids), strict=0)
+    assert verdict.differing == 100 and verdict.problem is not None and "100 of 100" in verdict.problem
+
+
+def test_vocab_meta_of_a_corrupt_header_is_empty_not_an_exception(tmp_path: Path) -> None:
+    import struct
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 2**64 - 1) + b"abc")
+    assert V.read_gguf_vocab_meta(bad) == {}
+    (tmp_path / "short.gguf").write_bytes(b"GGUF\x03")
+    assert V.read_gguf_vocab_meta(tmp_path / "short.gguf") == {}

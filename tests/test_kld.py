@@ -281,3 +281,29 @@ def test_kld_plot_of_a_variant_equal_to_fp16_and_one_without_kld(tmp_path: Path)
     # nothing above 0 at all: a linear axis
     alone = build_run_report(recipe={"name": "r"}, variants=rows[:1], output=tmp_path / "alone")
     assert f"plots/{KLD_PLOT}" in _written(alone, tmp_path / "alone").files["plots"]
+
+
+def test_kld_plot_of_hand_edited_numbers_never_costs_the_report(tmp_path: Path) -> None:
+    """Percentiles are trusted as recorded, so a hand-edited report may hold inf, a negative stderr or a subnormal:
+    the plot skips what it cannot draw (or is left out with a note), and report.json is always written."""
+    pytest.importorskip("matplotlib")
+    from llmopt.report import KLD_PLOT, build_run_report
+    from tests.evaldata import distribution, scored
+
+    def evaluation(**edits: float) -> dict[str, Any]:
+        ev = scored(5.0)
+        ev["artifact"].update(size_bytes=100)
+        dist = distribution(0.2, ev["settings"])
+        dist.update(edits)
+        ev["artifact"]["distribution"] = dist
+        return ev
+
+    rows = [
+        {"name": "inf-max", "method": "bnb-nf4", "status": "passed", "evaluation": evaluation(kld_max=float("inf"))},
+        {"name": "neg-stderr", "method": "bnb-nf4", "status": "passed", "evaluation": evaluation(kld_stderr=-1e-4)},
+        {"name": "x" * 80, "method": "bnb-nf4", "status": "passed", "evaluation": evaluation(kld_median=5e-324)},
+    ]
+    report = build_run_report(recipe={"name": "r"}, variants=rows, output=tmp_path)
+    written = _written(report, tmp_path)
+    assert f"plots/{KLD_PLOT}" in written.files["plots"]
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "report.md").is_file()

@@ -206,3 +206,20 @@ def test_card_text_of_an_evaluation_without_kld_keeps_its_columns(tmp_path: Path
     ]  # fmt: skip
     assert "KLD" not in card.split("## Evaluation against FP16")[1].split("## How to use")[0]
     assert {r.metric_type for r in hf.ModelCard(card).data.eval_results} == {"perplexity", "perplexity_increase_pct"}
+
+
+def test_card_kld_cells_of_odd_recorded_numbers(tmp_path: Path) -> None:
+    """A rounding-negative mean reads 0, an infinite maximum "–", a vanishing one at most 7 decimals: the card
+    stays readable (the integrity check recomputes the mean, the percentiles are trusted as recorded)."""
+    from llmopt.model_card import _distribution_note, _kld, render_card
+    from tests.evaldata import distribution
+
+    assert _kld(-1e-9) == "0.000" and _kld(float("inf")) == "–" and _kld(float("nan")) == "–"
+    assert _kld(1e-12) == "0.0000000" and _kld(2.5e7) == "25,000,000"
+    art = with_evaluation(
+        make_artifact(tmp_path),
+        lambda ev: ev["artifact"].update(distribution={**distribution(0.004, ev["settings"]), "kld_max": float("inf")}),
+    )
+    dist = art.manifest.evaluation.artifact.distribution  # type: ignore[union-attr]
+    assert dist is not None and "max –" in _distribution_note(dist)
+    assert "inf" not in render_card(art, "org/smol-x").split("## Evaluation against FP16")[1]

@@ -184,8 +184,9 @@ def test_a_newer_evaluation_schema_is_refused_by_name(tmp_path: Path, schema: st
     run = json.loads(KLD_RUN.read_text())
     run["variants"][0]["evaluation"]["schema"] = schema
     (tmp_path / "report.json").write_text(json.dumps(run))
-    with pytest.raises(InputError, match="newer llmopt"):
+    with pytest.raises(InputError, match="newer llmopt") as refused:
         load_report(tmp_path / "report.json")
+    assert "Upgrade llmopt" in (refused.value.hint or "")
 
 
 def test_a_hand_edited_type_names_where(tmp_path: Path) -> None:
@@ -437,3 +438,60 @@ def test_a_schema_1_evaluation_of_the_same_measurement_is_reused_by_a_run(tmp_pa
     no_kld = made.to_json()
     del no_kld["artifact"]["distribution"]
     assert reused(EvalReport.model_validate({**no_kld, "schema": "llmopt.eval/1"})) is None
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["llmopt.eval/\u00b2", "llmopt.eval/\uff13", "llmopt.eval/03", "llmopt.eval/" + "9" * 5000, "llmopt.eval/0"],
+)
+def test_odd_evaluation_schemas_are_no_evaluation_reports(schema: str) -> None:
+    """Superscript or fullwidth digits (str.isdigit accepts them, int() does not), a leading zero, 5,000 digits:
+    refused as no evaluation report's, never a traceback nor a request to upgrade."""
+    from pydantic import ValidationError
+
+    from llmopt.results import eval_schema_problem, newer_eval_schema
+
+    assert not newer_eval_schema(schema)
+    assert "is not an evaluation report's" in (eval_schema_problem(schema) or "")
+    with pytest.raises(ValidationError, match="not an evaluation report's"):
+        EvalReport.model_validate({**_kld_evaluation(), "schema": schema})
+
+
+def test_a_newer_artifact_stops_a_run_instead_of_being_quantized_again(tmp_path: Path) -> None:
+    """An older llmopt run must not treat a newer llmopt's artifact as unreadable and quantize over it."""
+    from llmopt.errors import NewerArtifactError
+    from llmopt.pipeline import _Context, reusable_artifact
+    from llmopt.progress import SilentReporter
+
+    recipe = parse_recipe(
+        {
+            "model": {"source": "m"},
+            "evaluation": {"dataset": "eval.txt", "context_length": 128, "device": "cpu"},
+            "variants": [{"name": "a", "method": "bnb-int8"}],
+        }
+    )
+    ctx = _Context(recipe, None, tmp_path, SilentReporter())
+    art = tmp_path / "a"
+    art.mkdir()
+    manifest = {
+        "llmopt_version": "9.0.0",
+        "backend": "bnb-int8",
+        "format": "bnb-8bit",
+        "runner": "hf",
+        "options": {},
+        "source": {"model": "m", "resolved_path": "/m"},
+        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
+        "files": {},
+        "evaluation": {**_kld_evaluation(), "schema": "llmopt.eval/3"},
+    }
+    (art / "llmopt.json").write_text(json.dumps(manifest))
+    with pytest.raises(NewerArtifactError, match=r"evaluation of schema llmopt\.eval/3"):
+        reusable_artifact(ctx, recipe.variants[0], art)
+    del manifest["evaluation"]
+    manifest["schema_version"] = 2
+    (art / "llmopt.json").write_text(json.dumps(manifest))
+    with pytest.raises(NewerArtifactError, match="manifest schema 2"):
+        reusable_artifact(ctx, recipe.variants[0], art)
+    # a number too large for an int is a damaged manifest (re-made), not a traceback
+    (art / "llmopt.json").write_text(json.dumps(manifest).replace('"schema_version": 2', '"schema_version": 1e400'))
+    assert reusable_artifact(ctx, recipe.variants[0], art) == (None, "its manifest is unreadable")
