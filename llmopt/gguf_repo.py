@@ -19,6 +19,8 @@ FP16 ± stderr, mean KL divergence, gate) and how to run it with llama.cpp. Ever
   at the same time cannot drop each other's rows.
 - ``dry_run`` sends nothing: it lists this commit's files and renders the card from them alone (a note says the
   repo's other files were not read).
+- No Hub benchmark results (``.eval_results/``, ``hub.publish``'s ``benchmarks``): the Hub keeps one score per
+  benchmark task per repo, and this repo holds several models (``BENCHMARKS_REFUSED``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ from llmopt.units import fmt_bytes
 GGUF_FORMAT = "gguf"
 RECORD_DIR = "llmopt"
 ATTEMPTS = 3  # reads and commits when another commit lands in between
+BENCHMARKS_REFUSED = (
+    "benchmark results (.eval_results/) are not published with the GGUF one-repo layout: the Hub keeps one score "
+    "per benchmark task per repo, and this repo holds one file per quant type, each with its own score"
+)
 
 
 @dataclass

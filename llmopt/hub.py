@@ -5,6 +5,10 @@ ones its evaluation saw (exit 5). The upload is one commit: the artifact's files
 and a ``README.md`` model card (model_card.py; the card is never written into the artifact folder,
 whose file hashes must not change). ``dry_run`` renders the card and lists the files without any network call.
 
+``benchmarks`` (opt-in, ``--benchmark TASK=DATASET_ID:TASK_ID``) adds, to the same commit, one
+``.eval_results/TASK.yaml`` per lm-eval task the user maps to a Hub benchmark
+(https://huggingface.co/docs/hub/eval-results): the artifact's score of the task's primary metric, in %.
+
 The uploaded ``llmopt.json`` is the artifact's manifest with the user's local paths (model folder, texts,
 recipe, artifact folder) cut to their last component under ``<local>/``: a public repo never shows the
 publisher's home folder. The numbers, hashes and gate are unchanged.
@@ -18,20 +22,35 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PureWindowsPath
 from typing import Any
+from urllib.parse import quote
 
 from llmopt import __version__
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest, hash_tree
 from llmopt.errors import ArtifactError, BackendUnavailableError, GateFailedError, InputError
 from llmopt.evaluate.gate import require_consistent
-from llmopt.model_card import CARD_NAME, base_model_of, license_of, render_card
+from llmopt.model_card import (
+    CARD_NAME,
+    Benchmark,
+    base_model_of,
+    benchmark_result,
+    eval_results_yaml,
+    license_of,
+    render_card,
+    task_hub_dataset,
+)
 from llmopt.progress import Reporter, SilentReporter
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 
 _REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 _BRANCH = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+# an lm-eval task name as reports and the card name it; also the file name under .eval_results/
+_TASK = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+BENCHMARK_SYNTAX = "TASK=DATASET_ID:TASK_ID"
+_BENCHMARK_EXAMPLE = "e.g. arc_easy=allenai/ai2_arc:ARC-Easy"
 
 
 class HubError(BackendUnavailableError):
@@ -115,6 +134,69 @@ def check_tags(tags: list[str] | None) -> None:
             raise InputError(
                 f"--tag {tag!r} holds a line break or a control character.", "Give each --tag as one word or phrase."
             )
+
+
+def parse_benchmark(entry: str) -> Benchmark:
+    """One ``TASK=DATASET_ID:TASK_ID`` mapping: an lm-eval task to a Hub benchmark dataset and its task id.
+
+    Only the form is checked (a valid Hub repo id, a task id of one line): whether the dataset is registered as a
+    Benchmark and defines that task, only the Hub knows."""
+    task, eq, target = entry.partition("=")
+    task, target = task.strip(), target.strip()
+    if not eq:
+        raise InputError(
+            f"benchmark mapping {entry!r} has no '='.", f"Write it as {BENCHMARK_SYNTAX} ({_BENCHMARK_EXAMPLE})."
+        )
+    dataset_id, colon, task_id = target.partition(":")
+    dataset_id, task_id = dataset_id.strip(), task_id.strip()
+    if not colon or not task_id:
+        raise InputError(
+            f"benchmark mapping {entry!r} names no task id of the benchmark (the part after ':').",
+            f"Write it as {BENCHMARK_SYNTAX} ({_BENCHMARK_EXAMPLE}); the task id is one of the benchmark "
+            "dataset's eval.yaml.",
+        )
+    if not _TASK.match(task):
+        raise InputError(
+            f"benchmark mapping {entry!r}: {task!r} is not an lm-eval task name.",
+            f"Start it with the task as the evaluation ran it ({_BENCHMARK_EXAMPLE}).",
+        )
+    try:
+        check_repo_id(dataset_id)
+    except InputError as exc:
+        raise InputError(f"benchmark mapping {entry!r}: {exc.message}", exc.hint) from None
+    if not task_id.isprintable():
+        raise InputError(
+            f"benchmark mapping {entry!r}: the task id holds a control character.",
+            "Give the task id as the benchmark's eval.yaml spells it.",
+        )
+    return Benchmark(task=task, dataset_id=dataset_id, task_id=task_id)
+
+
+def parse_benchmarks(mappings: Sequence[str] | Mapping[str, str] | None) -> list[Benchmark]:
+    """``--benchmark`` values (or a recipe's ``publish.benchmarks``, task -> ``DATASET_ID:TASK_ID``), checked;
+    a task mapped twice is refused (the repo holds one result file per task)."""
+    if isinstance(mappings, Mapping):
+        entries = [f"{task}={target}" for task, target in mappings.items()]
+    else:
+        entries = list(mappings or [])
+    out: list[Benchmark] = []
+    for entry in entries:
+        b = parse_benchmark(entry)
+        twice = next((o for o in out if o.task == b.task), None)
+        if twice is not None:
+            raise InputError(
+                f"task '{b.task}' is mapped twice ({twice.dataset_id}:{twice.task_id} and "
+                f"{b.dataset_id}:{b.task_id}); the repo holds one result file per task.",
+                "Keep one mapping per task.",
+            )
+        out.append(b)
+    return out
+
+
+def record_url(repo_id: str, revision: str | None) -> str:
+    """The address of the published ``llmopt.json`` (the per-example scores behind a benchmark result)."""
+    base = (hub_endpoint() or "https://huggingface.co").rstrip("/")
+    return f"{base}/{repo_id}/blob/{quote(revision or 'main', safe='')}/{MANIFEST_NAME}"
 
 
 # --- publishing ------------------------------------------------------------------------------------
@@ -274,27 +356,50 @@ def publish(
     license: str | None = None,
     tags: list[str] | None = None,
     commit_message: str | None = None,
+    benchmarks: Sequence[str] | Mapping[str, str] | None = None,
+    benchmark_local_data: bool = False,
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
     """Upload a gated artifact and its model card to ``repo_id`` (on branch ``revision``) in one commit.
 
+    ``benchmarks``: lm-eval tasks of the stored evaluation mapped to Hub benchmarks (``TASK=DATASET_ID:TASK_ID``,
+    or a mapping task -> ``DATASET_ID:TASK_ID``), each published as ``.eval_results/TASK.yaml`` in the same commit;
+    ``benchmark_local_data``: the user states that a mapped local task's data is the benchmark's own.
+
     Returns what was (or, with ``dry_run``, would be) uploaded: repo id, branch, files with sizes, the
-    card, and the commit's URL and id.
+    card, the benchmark results, and the commit's URL and id.
     """
     rep = reporter if reporter is not None else SilentReporter()
     check_repo_id(repo_id)
     if revision is not None:
         check_branch(revision)
     check_tags(tags)
+    mapped = parse_benchmarks(benchmarks)
     if base_model is not None and not HUB_ID.match(base_model):
         raise InputError(f"base model '{base_model}' is not a Hub id.", "Give it as ORG/NAME, or leave it out.")
     art = Artifact.open(artifact_path)
     with rep.step("checking the gate and the artifact's hashes"):
         files = check_publishable(art)
-    card = render_card(art, repo_id, revision=revision, base_model=base_model, license=license, tags=tags, files=files)
-    items = upload_list(art, files)
+    source_url = record_url(repo_id, revision)
+    results = {b.path: benchmark_result(art, b, local_data=benchmark_local_data, source_url=source_url) for b in mapped}
+    card = render_card(
+        art,
+        repo_id,
+        revision=revision,
+        base_model=base_model,
+        license=license,
+        tags=tags,
+        files=files,
+        benchmarks=mapped,
+    )
+    items = [i for i in upload_list(art, files) if i["path"] not in results]
     items.append({"path": CARD_NAME, "size": len(card.encode()), "source": "generated model card"})
+    items += [
+        {"path": path, "size": len(eval_results_yaml(e)), "source": "benchmark result"} for path, e in results.items()
+    ]
     notes: list[str] = []
+    notes += [f"the artifact's own {path} is replaced by the benchmark result" for path in results if path in files]
+    notes += _benchmark_notes(art, mapped)
     if CARD_NAME in files:
         notes.append(f"the artifact's own {CARD_NAME} is replaced by the generated model card")
     if not license_of(art, license):
@@ -309,6 +414,7 @@ def publish(
         "files": [{"path": i["path"], "size": i["size"]} for i in items],
         "total_bytes": sum(i["size"] for i in items),
         "card": card,
+        "eval_results": [{"path": path, "entry": e} for path, e in results.items()],
         "notes": notes,
         "url": None,
         "commit_url": None,
@@ -354,6 +460,9 @@ def publish(
     ]
     operations.append(hf.CommitOperationAdd(path_in_repo=MANIFEST_NAME, path_or_fileobj=public_manifest(art)))
     operations.append(hf.CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
+    operations += [
+        hf.CommitOperationAdd(path_in_repo=path, path_or_fileobj=eval_results_yaml(e)) for path, e in results.items()
+    ]
     with rep.step(f"uploading {len(operations)} files ({fmt_bytes(result['total_bytes'])}) in one commit"):
         info = hub_call(
             f"commit to {repo_id}",
@@ -370,3 +479,16 @@ def publish(
     result["commit_oid"] = getattr(info, "oid", None)
     result["commit_message"] = message
     return result
+
+
+def _benchmark_notes(art: Artifact, mapped: list[Benchmark]) -> list[str]:
+    """A mapped Hub task whose data lm-eval read from another dataset than the benchmark's: said, not refused
+    (a benchmark may be registered under another repo than the one lm-eval reads), since the claim is the user's."""
+    ev = art.manifest.evaluation
+    scores = ev.artifact.tasks.scores if ev and ev.artifact.tasks else []
+    notes = []
+    for b in mapped:
+        read = next((task_hub_dataset(s) for s in scores if s.task == b.task), None)
+        if read and read != b.dataset_id:
+            notes.append(f"lm-eval read {b.task}'s data from {read}, which is not the benchmark {b.dataset_id}")
+    return notes

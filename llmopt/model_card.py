@@ -2,7 +2,8 @@
 
 Rendered from the artifact's manifest alone: YAML metadata for the Hub, the evaluation against FP16,
 the recipe, provenance and how to load the model. Never written into the artifact folder, whose file
-hashes must not change.
+hashes must not change. Also the ``.eval_results/`` files of the tasks a user maps to Hub benchmarks
+(``benchmark_result``; https://huggingface.co/docs/hub/eval-results).
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmopt.artifact import MANIFEST_NAME, Artifact, FileEntry, files_digest
 from llmopt.backends.base import format_card
 from llmopt.backends.format_card import FormatCard
-from llmopt.results import Distribution, EvalReport, ModelScore
+from llmopt.errors import InputError
+from llmopt.results import Distribution, EvalReport, ModelScore, TaskScore
 from llmopt.source import HUB_ID
 from llmopt.units import fmt_bytes
 
@@ -159,8 +163,12 @@ def render_card(
     license: str | None = None,
     tags: list[str] | None = None,
     files: dict[str, FileEntry] | None = None,
+    benchmarks: Sequence[Benchmark] | None = None,
 ) -> str:
-    """The model card (README.md): YAML metadata, evaluation against FP16, recipe, provenance, usage."""
+    """The model card (README.md): YAML metadata, evaluation against FP16, recipe, provenance, usage.
+
+    ``benchmarks``: the tasks also published as Hub benchmark results (``.eval_results/``), named under the task
+    table."""
     import yaml
 
     m = art.manifest
@@ -261,7 +269,7 @@ def render_card(
     if dist is not None:
         lines += ["", _distribution_note(dist)]
     if ev is not None:
-        lines += _task_lines(ev)
+        lines += _task_lines(ev, benchmarks or ())
     if gate and gate.checks:
         lines += ["", "**Gate** (all must pass to publish):", ""]
         lines += [f"- {'✅' if c.passed else '❌'} {c.message}" for c in gate.checks]
@@ -526,8 +534,9 @@ def _kld(value: float, places: int | None = None) -> str:
     return f"{value:.{_kld_decimals(value) if places is None else places}f}"
 
 
-def _task_lines(ev: EvalReport) -> list[str]:
-    """The downstream accuracy table of the card body (nothing when no tasks were run)."""
+def _task_lines(ev: EvalReport, benchmarks: Sequence[Benchmark] = ()) -> list[str]:
+    """The downstream accuracy table of the card body (nothing when no tasks were run), and the line saying which
+    of its tasks are also published as Hub benchmark results."""
     tasks = ev.artifact.tasks
     if tasks is None:
         return []
@@ -552,6 +561,15 @@ def _task_lines(ev: EvalReport) -> list[str]:
             _with_error(c.recovery, c.recovery_stderr),
         ]
         out.append("| " + " | ".join(cells) + " |")
+    if benchmarks:
+        primary = {c.task: c.metric for c in ev.task_recovery or [] if c.primary}
+        mapped = ", ".join(
+            " ".join(w for w in (b.task, primary.get(b.task)) if w)
+            + f" as [{b.dataset_id}](https://huggingface.co/datasets/{b.dataset_id}) task `{b.task_id}`"
+            for b in benchmarks
+        )
+        doc = f"[Hub benchmark results]({HUB_EVAL_RESULTS_DOC})"
+        out += ["", f"Also published as {doc} (`{EVAL_RESULTS_DIR}/`, in %): {mapped}."]
     return out
 
 
@@ -621,3 +639,142 @@ def task_eval_results(evaluation: EvalReport) -> list[Any]:
 
 def _rounded(value: Any, digits: int = 4) -> float | None:
     return round(float(value), digits) if isinstance(value, int | float) and value == value else None
+
+
+# --- Hub benchmark results (.eval_results/) ---------------------------------------------------------------
+
+EVAL_RESULTS_DIR = ".eval_results"
+HUB_EVAL_RESULTS_DOC = "https://huggingface.co/docs/hub/eval-results"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """An lm-eval task the evaluation ran, mapped by the user to a Hub benchmark: a dataset registered as a
+    Benchmark and a task of its ``eval.yaml``. llmopt cannot check either offline, so the mapping is the user's."""
+
+    task: str
+    dataset_id: str
+    task_id: str
+
+    @property
+    def path(self) -> str:
+        """Where its result goes in the model repo."""
+        return f"{EVAL_RESULTS_DIR}/{self.task}.yaml"
+
+
+def task_hub_dataset(score: TaskScore) -> str | None:
+    """The Hub dataset lm-eval read a task's data from; None for a local task (or one that did not record it)."""
+    return score.dataset if score.dataset and score.dataset not in _LOCAL_LOADERS else None
+
+
+def _refuse(b: Benchmark, why: str, hint: str) -> InputError:
+    return InputError(f"cannot publish task '{b.task}' as a result of the Hub benchmark {b.dataset_id}: {why}.", hint)
+
+
+def _quantization_words(art: Artifact) -> str:
+    """The quantization in a few words, from what the backend says about its format: '4-bit gptq g128'."""
+    m = art.manifest
+    options = {k: v for k, v in m.options.items() if k != "_resolved"}
+    facts = format_card(m.backend, m.format, options, "org/name", None)
+    width = facts.bit_width or (f"{facts.bits}-bit" if facts.bits else None)
+    group = options.get("group_size")
+    words = [width, m.backend, facts.quant_type]
+    if isinstance(group, int) and not isinstance(group, bool) and group > 0:
+        words.append(f"g{group}")
+    return " ".join(w for w in words if w)
+
+
+def benchmark_result(
+    art: Artifact, benchmark: Benchmark, *, local_data: bool = False, source_url: str | None = None
+) -> dict[str, Any]:
+    """The ``.eval_results/`` entry of one mapped task (https://huggingface.co/docs/hub/eval-results).
+
+    ``value``: this artifact's score of the task's primary metric (the one its recovery and gate read), in %.
+    No ``revision`` and no ``date``: llmopt records neither the task data's Hub revision nor when the evaluation
+    ran (the Hub then dates the result by its commit). No ``verifyToken``: only the Hub's own evaluators make one.
+    ``source_url``: where the per-example scores behind the value are (the repo's ``llmopt.json``).
+
+    Raises InputError (nothing is published) when the evaluation did not run the task, has no score of it for
+    this artifact, scored a subset (``--task-limit``), or its metric is no share to give in %; and for a local
+    task (the user's own copy of the data) unless ``local_data`` says that copy is the benchmark's data.
+    """
+    ev = art.manifest.evaluation
+    tasks = ev.artifact.tasks if ev else None
+    if ev is None or tasks is None:
+        raise _refuse(
+            benchmark,
+            "its stored evaluation ran no lm-eval tasks",
+            f"Evaluate it again with --tasks {benchmark.task}, or leave the mapping out.",
+        )
+    if tasks.not_run:
+        raise _refuse(
+            benchmark,
+            f"the evaluation has no task score for this artifact ({tasks.not_run})",
+            "Publish it without benchmark mappings: .eval_results/ takes only a score measured on this artifact.",
+        )
+    ran = sorted({s.task for s in tasks.scores})
+    if benchmark.task not in ran:
+        raise _refuse(
+            benchmark,
+            f"the stored evaluation did not run that task; it ran: {', '.join(ran) or 'none'}",
+            f"Map one of those tasks, or evaluate again with --tasks {benchmark.task}.",
+        )
+    c = next((c for c in ev.task_recovery or [] if c.task == benchmark.task and c.primary), None)
+    score = next((s for s in tasks.scores if c and s.task == c.task and s.metric == c.metric), None)
+    if c is None or score is None:
+        raise _refuse(
+            benchmark,
+            "the evaluation holds no FP16 comparison of that task (the metric its recovery reads)",
+            "Evaluate it again with --baseline and --tasks, so both models are scored on the same examples.",
+        )
+    if tasks.limit is not None and score.n >= tasks.limit:
+        raise _refuse(
+            benchmark,
+            f"it was scored on the first {tasks.limit} examples only (--task-limit), and a leaderboard compares "
+            "scores over the whole benchmark",
+            "Evaluate it again without --task-limit, or leave the mapping out.",
+        )
+    shares = score.examples is not None and all(0.0 <= v <= 1.0 for v in score.examples)
+    if not (shares and 0.0 <= score.value <= 1.0):
+        raise _refuse(
+            benchmark,
+            f"its metric {c.metric} is not a mean of per-example scores between 0 and 1, so it cannot be given "
+            "as the percentage a benchmark reports",
+            "Leave the mapping out; the card's model-index still lists the score.",
+        )
+    hub_data = task_hub_dataset(score)
+    if hub_data is None and not local_data:
+        raise _refuse(
+            benchmark,
+            "it is a local task (lm-eval read its data from your file"
+            + (f", task files sha256 {tasks.files_sha256}" if tasks.files_sha256 else "")
+            + "), not from the Hub",
+            "If that file is the benchmark's own data, say so with --benchmark-local-data (recipe: "
+            "publish.benchmark_local_data: true); else leave the mapping out.",
+        )
+    data = (
+        f"data {hub_data}" + (f" ({score.dataset_config})" if score.dataset_config else "")
+        if hub_data
+        else "data a local copy" + (f" (task files sha256 {tasks.files_sha256})" if tasks.files_sha256 else "")
+    )
+    recovery = f"recovery {c.recovery:.3f}" if c.recovery is not None else "no recovery: FP16 scored 0"
+    notes = (
+        f"{tasks.harness or 'lm-eval'} {c.task} {c.metric}, n={score.n}, {data}; {_quantization_words(art)} "
+        f"quantized by llmopt {art.manifest.llmopt_version}; FP16 baseline {100 * c.baseline:.2f} ({recovery})"
+    )
+    entry: dict[str, Any] = {
+        "dataset": {"id": benchmark.dataset_id, "task_id": benchmark.task_id},
+        "value": round(100 * score.value, 2),
+    }
+    if source_url:
+        entry["source"] = {"url": source_url, "name": f"llmopt evaluation record ({MANIFEST_NAME})"}
+    entry["notes"] = notes
+    return entry
+
+
+def eval_results_yaml(entry: dict[str, Any]) -> bytes:
+    """One ``.eval_results/`` file: a YAML list holding the entry."""
+    import yaml
+
+    # no line folding: the notes stay one line in the file too
+    return yaml.safe_dump([entry], sort_keys=False, allow_unicode=True, width=math.inf).encode()

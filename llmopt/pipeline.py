@@ -34,6 +34,7 @@ from llmopt.errors import (
     InterruptedRunError,
     LlmoptError,
     NewerArtifactError,
+    RecipeError,
 )
 from llmopt.evaluate.gate import apply_gate
 from llmopt.outputs import (
@@ -307,7 +308,15 @@ def _prepare(ctx: _Context, selected: list[VariantSpec], publish: bool) -> None:
         with reporter.step(f"checking tasks {', '.join(ev.tasks)}"):
             local = [t for t in ev.tasks if is_local_task(t)]
             with _read_from_here(ctx, "evaluation.tasks", *local):
-                plan_tasks(list(ev.tasks), ev.task_limit)  # an unknown task or a broken task file: before any work
+                plan = plan_tasks(list(ev.tasks), ev.task_limit)  # an unknown task or a broken file: before any work
+        mapped = sorted(recipe.publish.benchmarks) if publish and recipe.publish else []
+        missing = [t for t in mapped if t not in plan.names]
+        if missing:  # found after all the work, at publish time, it would fail every passing variant
+            raise RecipeError(
+                f"publish.benchmarks maps {', '.join(missing)}, which evaluation.tasks does not run "
+                f"(it runs: {', '.join(plan.names)}).",
+                "Map tasks that evaluation.tasks runs (a group stands for its tasks), or add the task there.",
+            )
     if recipe.calibration.dataset and any(v.needs_calibration() for v in selected):
         with reporter.step("checking the calibration text"):
             _check_calibration(ctx, source.path)
@@ -1078,6 +1087,8 @@ def _publish(ctx: _Context, variant: VariantSpec, art: Artifact) -> dict[str, An
         base_model=spec.base_model if spec else None,
         license=spec.license if spec else None,
         tags=spec.tags if spec else None,
+        benchmarks=spec.benchmarks if spec else None,
+        benchmark_local_data=spec.benchmark_local_data if spec else False,
         reporter=ctx.reporter,
     )
     result.pop("card", None)  # it is on the Hub; the run report keeps where and which commit

@@ -137,6 +137,15 @@ class PublishSpec(_Strict):
     )
     license: str | None = Field(None, description="License for the model card (default: read from the source).")
     tags: list[str] = Field(default_factory=list, description="Extra model card tags.")
+    benchmarks: dict[str, str] = Field(
+        default_factory=dict,
+        description="lm-eval task -> Hub benchmark 'DATASET_ID:TASK_ID' (e.g. arc_easy: 'allenai/ai2_arc:ARC-Easy'): "
+        "the task's score also goes up as .eval_results/TASK.yaml (docs/publish.md). Opt-in: only you can say the "
+        "dataset is a registered Hub benchmark with that task.",
+    )
+    benchmark_local_data: bool = Field(
+        False, description="Let benchmarks map a local task: you state its data file is the benchmark's own data."
+    )
 
     @field_validator("repo_id")
     @classmethod
@@ -176,6 +185,17 @@ class PublishSpec(_Strict):
                 raise _error(f"tag {tag!r} is empty or holds a line break; give each tag a name") from None
         return value
 
+    @field_validator("benchmarks")
+    @classmethod
+    def _benchmarks(cls, value: dict[str, str]) -> dict[str, str]:
+        from llmopt.hub import parse_benchmarks
+
+        try:
+            parse_benchmarks(value)
+        except LlmoptError as exc:
+            raise _error(_one_line(exc)) from None
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _gguf_repo_name(cls, data: Any) -> Any:
@@ -201,6 +221,10 @@ class PublishSpec(_Strict):
             raise _error(
                 "mode branch-per-variant puts each variant on its own branch of one repo: drop {variant} from repo_id"
             )
+        if self.mode == "gguf-one-repo" and self.benchmarks:
+            from llmopt.gguf_repo import BENCHMARKS_REFUSED
+
+            raise _error(f"benchmarks: {BENCHMARKS_REFUSED}; drop benchmarks, or use another mode")
         return self
 
 
@@ -261,6 +285,18 @@ class Recipe(_Strict):
                     )
         if not self.evaluation.tasks and self.evaluation.task_limit is not None:
             raise _error("evaluation.task_limit picks the examples of evaluation.tasks, but no tasks are given")
+        if self.publish is not None and self.publish.benchmarks and not self.evaluation.tasks:
+            raise _error(
+                "publish.benchmarks maps lm-eval tasks to Hub benchmarks, but evaluation.tasks runs none: "
+                "add them there (e.g. `tasks: [arc_easy]`)",
+                ("publish", "benchmarks"),
+            )
+        if self.publish is not None and self.publish.benchmarks and self.evaluation.task_limit is not None:
+            raise _error(
+                "publish.benchmarks publishes scores over whole benchmarks, and evaluation.task_limit scores only the "
+                "first examples of each task: drop task_limit (or the benchmarks)",
+                ("publish", "benchmarks"),
+            )
         if not self.evaluation.tasks:
             for i, v in enumerate(self.variants):
                 if self.gate_for(v).min_recovery is not None:

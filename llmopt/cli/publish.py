@@ -80,6 +80,24 @@ def register(app: typer.Typer) -> None:
             list[str] | None,
             typer.Option("--only", help="With --layout gguf-one-repo: publish only this variant (repeatable)."),
         ] = None,
+        benchmark: Annotated[
+            list[str] | None,
+            typer.Option(
+                "--benchmark",
+                metavar="TASK=DATASET_ID:TASK_ID",
+                help="Also publish this lm-eval task's score as a result of a Hub benchmark, in "
+                ".eval_results/TASK.yaml (repeatable; e.g. arc_easy=allenai/ai2_arc:ARC-Easy). The dataset must be "
+                "registered as a Benchmark on the Hub and define TASK_ID; llmopt cannot check that.",
+            ),
+        ] = None,
+        benchmark_local_data: Annotated[
+            bool,
+            typer.Option(
+                "--benchmark-local-data",
+                help="Allow --benchmark to map a local task: you state that its data file is the benchmark's "
+                "own data (the result's notes name the file's hash).",
+            ),
+        ] = False,
         json_out: JsonOpt = False,
         json_file: JsonFileOpt = None,
         quiet: QuietOpt = False,
@@ -89,7 +107,9 @@ def register(app: typer.Typer) -> None:
         Refuses an artifact without a passing gate (exit 3) or whose files changed since it was evaluated
         (exit 5). With --layout gguf-one-repo, ARTIFACT may be a run folder: each GGUF variant that passed its
         gate becomes one NAME-QUANT.gguf file (failed ones are listed on the card; none passed: exit 3). The
-        token comes from HF_TOKEN or `hf auth login` and is never printed.
+        token comes from HF_TOKEN or `hf auth login` and is never printed. --benchmark adds a task's score as a Hub
+        benchmark result (.eval_results/TASK.yaml) to the same commit; opt-in, since only you can say that the
+        task is that benchmark's.
         """
         from llmopt.hub import publish
         from llmopt.progress import default_reporter
@@ -97,7 +117,10 @@ def register(app: typer.Typer) -> None:
         out = JsonOutput(json_out, json_file)
         out.check(artifact)
         if layout is Layout.gguf_one_repo:
-            from llmopt.gguf_repo import publish_gguf_repo
+            from llmopt.gguf_repo import BENCHMARKS_REFUSED, publish_gguf_repo
+
+            if benchmark or benchmark_local_data:
+                raise InputError(f"--benchmark: {BENCHMARKS_REFUSED}", "Leave --benchmark out with this layout.")
 
             gguf = publish_gguf_repo(
                 artifact,
@@ -128,6 +151,8 @@ def register(app: typer.Typer) -> None:
             license=license_,
             tags=tag,
             commit_message=message,
+            benchmarks=benchmark,
+            benchmark_local_data=benchmark_local_data,
             reporter=default_reporter(quiet or out.to_stdout),
         )
         out.emit(result)
@@ -140,6 +165,11 @@ def register(app: typer.Typer) -> None:
         )
         for f in result["files"]:
             stdout.print(f"  {f['path']}  {human_bytes(f['size'])}")
+        for r in result["eval_results"]:
+            e = r["entry"]
+            stdout.print(
+                f"benchmark result {r['path']}: {e['dataset']['id']} task {e['dataset']['task_id']} = {e['value']}"
+            )
         for note in result["notes"]:
             stdout.print(f"[yellow]note[/]: {note}")
         if dry_run:
