@@ -147,6 +147,11 @@ def parse_benchmark(entry: str) -> Benchmark:
         raise InputError(
             f"benchmark mapping {entry!r} has no '='.", f"Write it as {BENCHMARK_SYNTAX} ({_BENCHMARK_EXAMPLE})."
         )
+    if "://" in target or target.lower().startswith(("http:", "https:", "hf:")):
+        raise InputError(
+            f"benchmark mapping {entry!r} gives an address, not a Hub dataset id.",
+            f"Give the dataset as owner/name ({_BENCHMARK_EXAMPLE}).",
+        )
     dataset_id, colon, task_id = target.partition(":")
     dataset_id, task_id = dataset_id.strip(), task_id.strip()
     if not colon or not task_id:

@@ -734,7 +734,13 @@ def benchmark_result(
             "scores over the whole benchmark",
             "Evaluate it again without --task-limit, or leave the mapping out.",
         )
-    shares = score.examples is not None and all(0.0 <= v <= 1.0 for v in score.examples)
+    if score.examples is None:
+        raise _refuse(
+            benchmark,
+            "its stored evaluation kept no per-example scores, so the value cannot be checked against them",
+            f"Evaluate it again with --tasks {benchmark.task} (llmopt keeps every example's score now).",
+        )
+    shares = all(0.0 <= v <= 1.0 for v in score.examples)
     if not (shares and 0.0 <= score.value <= 1.0):
         raise _refuse(
             benchmark,

@@ -203,6 +203,8 @@ def _refused(capsys: pytest.CaptureFixture[str], hub: HubServer, code: int, *nee
         (["=allenai/ai2_arc:ARC-Easy"], ["is not an lm-eval task name"]),
         (["../x=allenai/ai2_arc:ARC-Easy"], ["is not an lm-eval task name"]),
         ([ARC, "arc_easy=allenai/ai2_arc:ARC-Challenge"], ["task 'arc_easy' is mapped twice"]),
+        (["arc_easy=https://huggingface.co/datasets/allenai/ai2_arc:ARC-Easy"], ["an address, not a Hub dataset id"]),
+        (["arc_easy=hf://allenai/ai2_arc:ARC-Easy"], ["an address, not a Hub dataset id"]),
     ],
 )
 def test_refusals_send_nothing(
@@ -339,3 +341,12 @@ def test_recipe_gguf_one_repo_refuses_benchmarks() -> None:
             {"mode": "gguf-one-repo", "benchmarks": {"arc_easy": "allenai/ai2_arc:ARC-Easy"}}
         )
     assert PublishSpec.model_validate({"mode": "gguf-one-repo"}).benchmarks == {}
+
+
+def test_a_task_id_with_markup_is_printed_as_given(
+    tmp_path: Path, hub: HubServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The terminal shows what goes up: brackets in a task id are text, not markup (was a crash after uploading)."""
+    art = make_task_artifact(tmp_path)
+    assert run_cli(["publish", str(art), REPO, "--dry-run", "--benchmark", "arc_easy=allenai/ai2_arc:[bold]X[/]"]) == 0
+    assert "task [bold]X[/] =" in capsys.readouterr().out

@@ -320,3 +320,38 @@ def test_the_terminal_table_and_the_run_report_say_at_capacity(capsys: pytest.Ca
     assert "kept up at every rate swept" not in out
     report = ServingReport.model_validate({"schema": "llmopt.serving/1", "points": points, "saturation": saturation})
     assert serving_text(report) == "at capacity from 64 req/s"
+
+
+def test_a_partial_point_of_a_server_that_died_is_not_read() -> None:
+    """A point cut short (the server exited) never makes a capacity, nor counts as sustained."""
+    points = sweep([(4.0, 3.9, 125.0), (16.0, 3.9, 124.0)])
+    points[1].interrupted = True
+    assert marked(points) == {}
+    assert saturation_point(points)["sustained_up_to"] == 4.0
+
+
+def test_a_server_that_falls_over_is_named_so() -> None:
+    points = sweep([(1.0, 1.0, 32.0), (2.0, 2.0, 64.0), (4.0, 3.9, 125.0), (8.0, 0.4, 12.0)])
+    mark_capacity(points)
+    note = points[-1].capacity_note or ""
+    assert points[-1].at_capacity and "90% fewer requests completed" in note and "less than" not in note
+
+
+def test_zero_throughput_on_both_sides_is_flat_not_growth() -> None:
+    points = sweep([(4.0, 3.0, 0.0), (16.0, 3.0, 0.0)])
+    assert marked(points) == {16.0: 4.0}
+
+
+def test_estimate_never_recommends_a_rate_past_the_capacity() -> None:
+    """`estimate --slo --rate 256` on a sweep at capacity from 64 (6.4 req/s at most): one GPU does not meet 256 req/s,
+    nor 4 GPUs at 64 req/s each."""
+    from llmopt.estimate.serving import _option
+
+    points = sweep(GPU_FP16)
+    mark_capacity(points)
+    slo = parse_slo("ttft_p95=500ms")
+    one = _option("fp16", points, 1, 256.0, slo, 3.0)
+    assert not one.meets and any("above the server's capacity" in f for f in one.failures)
+    four = _option("fp16", points, 4, 256.0, slo, 3.0)
+    assert not four.meets and any("at most 6.40 req/s" in f for f in four.failures)
+    assert _option("fp16", points, 1, 4.0, slo, 3.0).meets  # what it does sustain

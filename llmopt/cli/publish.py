@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
 from llmopt.cli._common import JsonCommand, JsonFileOpt, JsonOpt, JsonOutput, QuietOpt, human_bytes, stdout
 from llmopt.errors import InputError
@@ -164,14 +165,16 @@ def register(app: typer.Typer) -> None:
             f"{verb} {len(result['files'])} files ({human_bytes(result['total_bytes'])}) to {where} in one commit:"
         )
         for f in result["files"]:
-            stdout.print(f"  {f['path']}  {human_bytes(f['size'])}")
+            stdout.print(escape(f"  {f['path']}  {human_bytes(f['size'])}"))
         for r in result["eval_results"]:
             e = r["entry"]
             stdout.print(
-                f"benchmark result {r['path']}: {e['dataset']['id']} task {e['dataset']['task_id']} = {e['value']}"
+                escape(
+                    f"benchmark result {r['path']}: {e['dataset']['id']} task {e['dataset']['task_id']} = {e['value']}"
+                )
             )
         for note in result["notes"]:
-            stdout.print(f"[yellow]note[/]: {note}")
+            stdout.print(f"[yellow]note[/]: {escape(note)}")
         if dry_run:
             # raw, not through rich: the card must come out exactly as it would be uploaded
             typer.echo("----- README.md (model card) -----")

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmopt.errors import InputError
-from llmopt.serving.metrics import PointResult, Slo, with_slo
+from llmopt.serving.metrics import CAPACITY_GROWTH, PointResult, Slo, saturation_point, with_slo
 
 DEFAULT_GPU_COUNTS = (1, 2, 4, 8)
 MAX_GPUS = 4096  # more replicas than any one deployment plans for: a larger count is a typo (or 1e20)
@@ -121,6 +121,16 @@ def _option(
     if p.saturated:
         failures.append(f"saturated at {p.label}: {p.saturation_note}")
         ratios.append(math.inf)
+    # a server at capacity (offered more, delivered no more) completes at most its plateau's requests/s, however
+    # short the trace's queue: a rate per GPU above that is not served (serve-bench's sustained_up_to reads the same)
+    sweep = saturation_point(points)
+    capacity = sweep.get("capacity_requests_per_s")
+    if capacity is not None and per > capacity * (1 + CAPACITY_GROWTH):
+        failures.append(
+            f"{per:g} req/s per GPU is above the server's capacity: at most {capacity:.2f} req/s completed from "
+            f"{sweep['capacity_from']:g} req/s on"
+        )
+        ratios.append(per / capacity if capacity else math.inf)
     # offered load is served when the server keeps up: rate x the output tokens a request got at the point read,
     # for measured and estimated rows alike (a measured point's own tokens/s can read above its offered rate when
     # its few Poisson arrivals came in a burst, and would price it cheaper than the same load estimated)

@@ -223,7 +223,13 @@ def serve_bench(
                             _write_records(rec_out, mode, value, records)
                             unloaded = min(run.warmup_ttft_ms) if run.warmup_ttft_ms else None
                             point = summarize(
-                                records, mode, value, slo, gpu_hourly_cost=gpu_hourly_cost, unloaded_ttft_ms=unloaded
+                                records,
+                                mode,
+                                value,
+                                slo,
+                                gpu_hourly_cost=gpu_hourly_cost,
+                                unloaded_ttft_ms=unloaded,
+                                interrupted=bool(run.stopped),  # a partial run: never read for capacity
                             )
                             point.unloaded_ttft_ms = unloaded
                             point.unloaded_tpot_ms = min(run.warmup_tpot_ms) if run.warmup_tpot_ms else None

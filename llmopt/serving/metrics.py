@@ -359,10 +359,14 @@ def _grew(low: PointResult, high: PointResult) -> bool:
     both points know them. Either counts, so "no more" needs both flat: each point draws its own trace, and a server
     that stops at EOS answers at its own length, so one measure can move without the other."""
     factor = 1 + CAPACITY_GROWTH
-    if high.requests_per_s >= factor * low.requests_per_s:
+
+    def more(lo: float, hi: float) -> bool:  # 0 -> 0 is flat, not growth
+        return hi > 0 and hi >= factor * lo
+
+    if more(low.requests_per_s, high.requests_per_s):
         return True
     lo, hi = low.output_tokens_per_s, high.output_tokens_per_s
-    return lo is not None and hi is not None and hi >= factor * lo
+    return lo is not None and hi is not None and more(lo, hi)
 
 
 def _loaded(p: PointResult) -> bool:
@@ -391,7 +395,8 @@ def _rate_sweep(points: list[PointResult]) -> list[PointResult]:
     """The points the capacity rule reads, by rate: offered rates (a concurrency is not an offered load: its clients
     wait for their answers, so the server is never offered more than it delivers) of whole runs that completed
     something."""
-    return sorted((p for p in points if p.mode == "rate" and p.ok > 0 and not p.interrupted), key=lambda p: p.value)
+    whole = (p for p in points if p.mode == "rate" and p.value > 0 and p.ok > 0 and not p.interrupted)
+    return sorted(whole, key=lambda p: p.value)
 
 
 def capacity_pairs(points: list[PointResult]) -> list[tuple[PointResult, PointResult]]:
@@ -423,9 +428,16 @@ def mark_capacity(points: list[PointResult]) -> None:
     for b, a in capacity_pairs(points):
         b.at_capacity = True
         b.capacity_since = a.value
+        fell = b.requests_per_s < (1 - CAPACITY_GROWTH) * a.requests_per_s
         b.capacity_note = (
             f"{b.value:g} req/s offered ({b.value / a.value:.3g}x {a.value:g}) delivered {_throughput(b)}, against "
-            f"{_throughput(a)} at {a.value:g} req/s: less than {CAPACITY_GROWTH:.0%} more"
+            f"{_throughput(a)} at {a.value:g} req/s: "
+            + (
+                f"{1 - b.requests_per_s / a.requests_per_s:.0%} fewer requests completed (the server slows down as it "
+                "is offered more)"
+                if fell
+                else f"less than {CAPACITY_GROWTH:.0%} more"
+            )
         )
 
 
@@ -465,6 +477,7 @@ def saturation_point(points: list[PointResult]) -> dict[str, Any]:
         p.value
         for p in rates
         if not p.saturated
+        and not p.interrupted
         and (limit is None or p.value < limit)
         and (cap_requests is None or p.value <= cap_requests * (1 + CAPACITY_GROWTH))
     ]
