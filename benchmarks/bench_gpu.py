@@ -299,12 +299,24 @@ def run_variant(
 def prepare_shape(shape: str, variants: list[str], work: Path, device: str) -> dict[str, Path]:
     from random_models import build_fp16, llama_config, save_fp16, write_random_awq, write_random_gptq
 
-    dirs = {"fp16": work / f"{shape}-fp16", "gptq": work / f"{shape}-gptq", "awq": work / f"{shape}-awq"}
+    dirs = {
+        "fp16": work / f"{shape}-fp16",
+        "gptq": work / f"{shape}-gptq",
+        "gptqhead": work / f"{shape}-gptqhead",  # the lm_head quantized too (--quantize-lm-head)
+        "awq": work / f"{shape}-awq",
+    }
+    methods = {v.split("-")[0] for v in variants}
     need_fp16 = any(v in variants for v in ("fp16", "nf4", "int8"))
-    need_gptq = any(v.startswith("gptq") for v in variants)
-    need_awq = any(v.startswith("awq") for v in variants)
+    need_gptq = "gptq" in methods
+    need_head = "gptqhead" in methods
+    need_awq = "awq" in methods
     missing = lambda key: not (dirs[key] / "config.json").is_file()  # noqa: E731
-    if (need_fp16 and missing("fp16")) or (need_gptq and missing("gptq")) or (need_awq and missing("awq")):
+    if (
+        (need_fp16 and missing("fp16"))
+        or (need_gptq and missing("gptq"))
+        or (need_head and missing("gptqhead"))
+        or (need_awq and missing("awq"))
+    ):
         model = build_fp16(llama_config(shape), device)
         n = sum(p.numel() for p in model.parameters())
         log(f"{shape}: built random fp16 model, {n / 1e9:.2f}B parameters")
@@ -314,6 +326,9 @@ def prepare_shape(shape: str, variants: list[str], work: Path, device: str) -> d
         if need_gptq and missing("gptq"):
             write_random_gptq(model, dirs["gptq"], group_size=128)
             log(f"{shape}: wrote random GPTQ 4-bit g128 checkpoint")
+        if need_head and missing("gptqhead"):
+            write_random_gptq(model, dirs["gptqhead"], group_size=128, lm_head=True)
+            log(f"{shape}: wrote random GPTQ 4-bit g128 checkpoint with a 4-bit g128 lm_head")
         if need_awq and missing("awq"):
             write_random_awq(model, dirs["awq"], group_size=128)
             log(f"{shape}: wrote random AWQ 4-bit g128 checkpoint")

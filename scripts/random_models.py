@@ -147,11 +147,21 @@ def write_random_awq(model: Any, folder: Path, *, group_size: int = 128, seed: i
 
 
 def write_random_gptq(
-    model: Any, folder: Path, *, bits: int = 4, group_size: int = 128, seed: int = 0, scale: float = 2e-3
+    model: Any,
+    folder: Path,
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    seed: int = 0,
+    scale: float = 2e-3,
+    lm_head: bool = False,
 ) -> Path:
     """GPTQ checkpoint with random packed weights, taking the unquantized tensors (embeddings, norms,
     lm_head) from ``model``. Layout as GPTQModel writes it: qweight int32 [in/8, out], qzeros int32
-    [in/g, out/8] (v1 zero point 8 stored as 7), scales fp16 [in/g, out], g_idx int32 [in]."""
+    [in/g, out/8] (v1 zero point 8 stored as 7), scales fp16 [in/g, out], g_idx int32 [in].
+
+    ``lm_head=True``: the output head is packed too (4-bit at ``group_size``), with the config llmopt's
+    ``--quantize-lm-head`` writes (``lm_head: true`` and a ``dynamic`` rule giving the head its bits and group)."""
     import torch
 
     if bits != 4:
@@ -161,7 +171,8 @@ def write_random_gptq(
     pack = 32 // bits
     tensors: dict[str, Any] = {}
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in QUANTIZED and name.startswith("model.layers."):
+        in_block = name.rsplit(".", 1)[-1] in QUANTIZED and name.startswith("model.layers.")
+        if in_block or (lm_head and name == "lm_head"):
             k, n = module.in_features, module.out_features
             if k % group_size or n % pack:
                 raise ValueError(f"{name}: {k}x{n} does not fit group size {group_size}")
@@ -175,12 +186,15 @@ def write_random_gptq(
             tensors[f"{name}.scales"] = _random_scales(k // group_size, n, gen, dev, scale)
             tensors[f"{name}.g_idx"] = (torch.arange(k, device=dev, dtype=torch.int32) // group_size).contiguous()
     _copy_unquantized(model, tensors)
+    if lm_head:
+        tensors.pop("lm_head.weight", None)
     qcfg = {
         "bits": bits,
         "group_size": group_size,
         "desc_act": False,
         "sym": True,
-        "lm_head": False,
+        "lm_head": lm_head,
+        **({"dynamic": {"lm_head": {"bits": bits, "group_size": group_size, "sym": True}}} if lm_head else {}),
         "quant_method": "gptq",
         "checkpoint_format": "gptq",
         "format": "gptq",

@@ -271,11 +271,13 @@ def test_w8a8_int8_makes_a_loadable_artifact(assets: dict[str, Path], tmp_path: 
 
 
 @needs_llmc
-def test_nvfp4_artifact_layout(assets: dict[str, Path], tmp_path: Path) -> None:
-    """NVFP4 is made on a CPU (groups of 16, FP8 scales, a global scale per tensor). Scoring it there is not
-    covered: transformers 5.17 + compressed-tensors 0.19 decompress NVFP4 weights to bfloat16 under a float32
-    model, and the first matmul fails (docs/llmc.md)."""
+def test_nvfp4_artifact_layout_and_cpu_score(assets: dict[str, Path], tmp_path: Path) -> None:
+    """NVFP4 is made on a CPU (groups of 16, FP8 scales, a global scale per tensor) and scores there once its
+    decompressed weights are cast to the model's float32: transformers 5.17 + compressed-tensors 0.19 decompress
+    them to bfloat16, and without the cast the first matmul fails (docs/llmc.md)."""
+    import torch
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     art = _quantize(assets, tmp_path, "llmc-nvfp4", 1)
     q = _qcfg(art)
@@ -285,6 +287,89 @@ def test_nvfp4_artifact_layout(assets: dict[str, Path], tmp_path: Path) -> None:
     with safe_open(str(art / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
     assert {"model.layers.0.mlp.down_proj.weight_packed", "model.layers.0.mlp.down_proj.weight_global_scale"} <= names
+
+    ids = torch.tensor([list(range(1000, 1128))])
+    model = AutoModelForCausalLM.from_pretrained(art, dtype=torch.float32).eval()
+    with pytest.raises(RuntimeError, match="same dtype"), torch.no_grad():  # what the cast is for (ct 0.19)
+        model(ids)
+
+    # llmopt's CPU runner casts them (llmopt/runners/hf.py), and compressed-tensors' forward still rounds the
+    # activations to FP4: turning that rounding off changes the score
+    from llmopt.runners.hf import HFRunner
+
+    runner = HFRunner(art, "cpu")
+    try:
+        row = list(range(1000, 1128))
+        nvfp4 = runner.nll([row], [1])[0]
+        quantized = [m for m in runner.model.modules() if getattr(m, "quantization_scheme", None) is not None]
+        assert quantized and {m.weight.dtype for m in quantized} == {torch.float32}
+        for m in quantized:
+            m.quantization_enabled = False
+        weights_only = runner.nll([row], [1])[0]
+    finally:
+        runner.close()
+    fp16 = _score(tmp_path / "cut")
+    mean = sum(nvfp4) / len(nvfp4)
+    assert math.isfinite(mean) and mean != fp16 and abs(mean - fp16) / fp16 < 0.5
+    assert nvfp4 != weights_only
+
+
+def test_weights_decompressed_in_another_dtype_are_cast_after_decompression() -> None:
+    """What compressed-tensors' first-forward hook does to NVFP4 (bfloat16 weights under a float32 model), faked
+    with torch alone: the cast hook runs after it, once, on the modules it decompressed only, and keeps the
+    values; where that hook was taken off without running (``install_fp8``), nothing is cast."""
+    torch = pytest.importorskip("torch")
+    from llmopt.runners.compressed import cast_after_decompression
+
+    class Tiny(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q = torch.nn.Linear(8, 4)  # quantized, decompressed by the hook below
+            self.dense = torch.nn.Linear(4, 2)  # not quantized
+            self.left = torch.nn.Linear(2, 2, dtype=torch.bfloat16)  # quantized, still compressed (unused here)
+            self.plain = torch.nn.Linear(2, 2, dtype=torch.bfloat16)  # not quantized (unused here)
+            for m in (self.q, self.left):
+                m.quantization_scheme = object()  # what compressed-tensors puts on the modules it quantized
+                m.quantization_status = "compressed"
+
+        def forward(self, x: Any) -> Any:
+            return self.dense(self.q(x))
+
+    def model_with_decompress_hook() -> Any:
+        model = Tiny()
+        dense = model.q.weight.detach().clone()
+
+        def ct_decompress_hook(module: Any, args: Any) -> None:  # compressed-tensors 0.19's, for NVFP4
+            model.q.weight.data = dense.to(torch.bfloat16)
+            model.q.bias.data = model.q.bias.data.to(torch.bfloat16)
+            model.q.quantization_status = "decompressed"
+            model.ct_decompress_hook.remove()
+            del model.ct_decompress_hook
+
+        model.ct_decompress_hook = model.register_forward_pre_hook(ct_decompress_hook)
+        return model
+
+    x = torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="dtype"):
+        model_with_decompress_hook()(x)
+    model = model_with_decompress_hook()
+    assert cast_after_decompression(model, torch.float32) is not None
+    out = model(x)
+    assert out.dtype == torch.float32
+    assert model.q.weight.dtype == torch.float32 and model.q.bias.dtype == torch.float32
+    assert torch.equal(model.q.weight, model.q.weight.to(torch.bfloat16).float())  # the decompressed values
+    assert model.left.weight.dtype == torch.bfloat16 and model.plain.weight.dtype == torch.bfloat16
+    assert not model._forward_pre_hooks  # both hooks ran once and are gone
+    assert torch.equal(model(x), out)
+
+    # the decompression hook taken off without running (the FP8 speed path): the cast hook leaves everything
+    model = model_with_decompress_hook()
+    assert cast_after_decompression(model, torch.float64) is not None
+    model._forward_pre_hooks.pop(model.ct_decompress_hook.id)
+    model(x)
+    assert model.q.weight.dtype == torch.float32 and not model._forward_pre_hooks
+
+    assert cast_after_decompression(torch.nn.Linear(2, 2), torch.float32) is None  # not a compressed-tensors load
 
 
 def test_speed_of_a_decompressed_format_is_refused_not_faked(tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """GPTQ through GPTQModel (AutoGPTQ's maintained successor).
 
 Writes the standard GPTQ checkpoint layout (``quantization_config`` in config.json,
-``quantize_config.json``), which transformers (through optimum + GPTQModel) and vLLM load.
+``quantize_config.json``), which transformers (through optimum + GPTQModel) and vLLM load; with a quantized
+lm_head only GPTQModel and vLLM do (transformers initializes that head at random).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmopt._thirdparty import configure_gptqmodel_env, quiet_gptqmodel
 from llmopt.backends._shapes import check_group_size
 from llmopt.backends.base import Backend, QuantizeInputs, Requirement, save_tokenizer
-from llmopt.backends.format_card import FormatCard, bits_of, transformers_snippet, vllm_snippet
+from llmopt.backends.format_card import FormatCard, LoadSnippet, bits_of, transformers_snippet, vllm_snippet
 from llmopt.errors import ModelError, OptionsError
 from llmopt.source import SourceModel
 from llmopt.units import WholeNumber
@@ -82,7 +83,11 @@ class GPTQBackend(Backend):
             bits=bits,
             bit_width=width,
             load=[
-                transformers_snippet(repo_id, revision, needs="gptqmodel optimum"),
+                # transformers (through optimum) converts only the decoder blocks: a quantized head's packed tensors
+                # are ignored and lm_head.weight is freshly initialized, i.e. random. GPTQModel loads the head.
+                gptqmodel_snippet(repo_id, revision)
+                if head is not None
+                else transformers_snippet(repo_id, revision, needs="gptqmodel optimum"),
                 vllm_snippet(repo_id, revision, "GPTQ is detected from `quantization_config`"),
             ],
         )
@@ -149,6 +154,28 @@ class GPTQBackend(Backend):
                 "decode step reads fewer bytes"
             )
         return resolved
+
+
+def gptqmodel_snippet(repo_id: str, revision: str | None) -> LoadSnippet:
+    """Loading with GPTQModel, which (unlike transformers) builds and loads a quantized lm_head."""
+    rev = f', revision="{revision}"' if revision else ""
+    code = "\n".join(
+        [
+            "from gptqmodel import GPTQModel",
+            "from transformers import AutoTokenizer",
+            "",
+            f'model = GPTQModel.load("{repo_id}"{rev})',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}"{rev})',
+        ]
+    )
+    return LoadSnippet(
+        intro=(
+            "With GPTQModel (needs `pip install gptqmodel`; transformers' AutoModelForCausalLM would load this "
+            "quantized lm_head as random weights):"
+        ),
+        language="python",
+        code=code,
+    )
 
 
 def lm_head_config(opts: GPTQOptions) -> dict[str, Any]:

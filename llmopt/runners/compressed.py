@@ -16,6 +16,9 @@ serving engine runs for them:
 
 Everything else in compressed-tensors (INT8 W8A8, NVFP4, asymmetric or 8-bit weights) is refused with the reason,
 and on a CPU nothing is timed: neither kernel runs there.
+
+Scoring (not timing) goes through transformers' own loading; ``cast_after_decompression`` is the one fix it needs
+there: NVFP4 weights come out of compressed-tensors' decompression in bfloat16 whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -122,6 +125,51 @@ def refusal(path: Path, device: str) -> str | None:
             name = torch.cuda.get_device_name(index)
             return f"{name} has no FP8 units (FP8 GEMMs need compute capability 8.9 or later: Ada, Hopper, Blackwell)"
     return None
+
+
+# --- scoring through transformers' decompression ---------------------------------------------------------------
+
+
+def cast_after_decompression(model: Any, dtype: Any) -> Any | None:
+    """Make the weights compressed-tensors decompresses on the first forward take the model's dtype ``dtype``.
+
+    transformers leaves a compressed-tensors checkpoint compressed on load: compressed-tensors' ``compress_model``
+    registers a forward pre-hook (its handle kept as ``model.ct_decompress_hook``) that decompresses every quantized
+    module on the first forward, then removes itself and that attribute. compressed-tensors 0.19 decompresses NVFP4
+    weights to bfloat16 whatever the model's dtype (its FP4 unpacking's default), so a float32 model (llmopt's CPU
+    runner) or a float16 one fails at the first matmul ("expected m1 and m2 to have the same dtype").
+
+    This registers a pre-hook after that one (pre-hooks run in the order they were registered) that runs once and
+    casts the floating-point ``weight`` and ``bias`` of every module compressed-tensors decompressed to ``dtype``.
+    The values stay the decompressed ones (FP4 code x FP8 group scale / global scale, rounded once to bfloat16 by
+    compressed-tensors), and compressed-tensors' forward still rounds the activations as the scheme says, so a
+    score measures the format's rounding, not its speed. The other schemes already decompress to the model's
+    dtype: nothing differs, nothing is cast. Where the decompression did not run (its hook taken off by
+    ``install_fp8``, which keeps the FP8 weights), the hook casts nothing.
+
+    Returns the hook's handle (None for a model transformers did not leave compressed: nothing to decompress).
+    """
+    import torch
+
+    if getattr(model, "ct_decompress_hook", None) is None:
+        return None
+
+    def cast(module: Any, args: Any) -> None:
+        handle.remove()
+        if getattr(model, "ct_decompress_hook", None) is not None:  # compressed-tensors' hook did not run
+            return
+        for sub in model.modules():
+            if getattr(sub, "quantization_scheme", None) is None:
+                continue
+            if getattr(sub, "quantization_status", None) != "decompressed":  # compressed-tensors' str enum
+                continue
+            for name in ("weight", "bias"):
+                param = getattr(sub, name, None)
+                if isinstance(param, torch.Tensor) and param.is_floating_point() and param.dtype != dtype:
+                    param.data = param.data.to(dtype)
+
+    handle = model.register_forward_pre_hook(cast)
+    return handle
 
 
 # --- FP8 dynamic ---------------------------------------------------------------------------------------------

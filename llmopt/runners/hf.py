@@ -151,6 +151,41 @@ def dequantize_to_float32(model: Any) -> int:
     return replaced
 
 
+def check_quantized_lm_head(model: Any, path: Path, loader: str) -> None:
+    """Refuse a model whose checkpoint quantized the output head but whose loader left it a plain layer.
+
+    A GPTQ checkpoint made with ``lm_head: true`` stores ``lm_head.qweight/qzeros/scales`` and no
+    ``lm_head.weight``. GPTQModel builds the head as a quantized layer and loads those; transformers (through
+    optimum) converts only the decoder blocks' linears, ignores the head's packed tensors and initializes a fresh
+    random ``lm_head.weight`` with no more than a load-report line. Scoring that would measure a random head. Also
+    refused: a head the loader made quantized while the checkpoint holds no packed tensors for it.
+    """
+    qcfg = _quant_config(path)
+    if not qcfg.get("lm_head"):
+        return
+    from llmopt.errors import ModelError
+
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+    if head is None or not hasattr(head, "qweight"):
+        raise ModelError(
+            f"{path} quantizes its output head ({name}; quantization_config lm_head: true), but the {loader} "
+            "loader built it as a plain layer that would score with random weights.",
+            "Load it through GPTQModel (the artifact's gptqmodel runner, or GPTQModel.load), or vLLM.",
+        )
+    from llmopt.source import safetensors_header
+
+    stored: set[str] = set()
+    for file in sorted(path.glob("*.safetensors")):
+        stored.update(safetensors_header(file)[0])
+    if f"{name}.qweight" not in stored:
+        raise ModelError(
+            f"{path} says its output head is quantized (lm_head: true) but no safetensors file holds "
+            f"{name}.qweight: the loaded head would hold no stored weights.",
+            "Re-make the artifact (llmopt quantize ... --quantize-lm-head), or copy its complete files.",
+        )
+
+
 _BNB_QUANTIZED_PARAMS = ("Int8Params", "Params4bit")
 
 
@@ -322,6 +357,7 @@ class HFRunner(BaseRunner):
             )
             self.model: Any = self._wrapper.model
             self.name = "gptqmodel"
+            check_quantized_lm_head(self.model, path, "GPTQModel")
             self.kernel = getattr(backend, "value", str(backend))
             if dense_cpu:
                 replaced = dequantize_to_float32(self.model)
@@ -338,11 +374,18 @@ class HFRunner(BaseRunner):
                 device_map=self.placement.transformers_device_map(),
                 trust_remote_code=trust_remote_code,
             )
-            if quant_method(path) == "bitsandbytes":
+            check_quantized_lm_head(self.model, path, "transformers")
+            method = quant_method(path)
+            if method == "bitsandbytes":
                 if self.device == "cpu":
                     self.compute = bnb_float32_on_cpu(self.model, dense=dense_on_cpu)
                 else:
                     self.compute = _bnb_compute_on_gpu(self.model)
+            elif method == "compressed-tensors":
+                from llmopt.runners.compressed import cast_after_decompression
+
+                # NVFP4 decompresses to bfloat16 at the first forward whatever the model's dtype: cast it back
+                cast_after_decompression(self.model, getattr(torch, self.dtype))
         self.model.eval()
         if self.device.startswith("cuda"):
             for dev in self.placement.devices:
