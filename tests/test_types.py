@@ -29,6 +29,21 @@ OLD_RUN = ROOT / "docs" / "results" / "run-cpu" / "report.json"
 # --- reports and manifests written before --------------------------------------------------------------
 
 
+def bnb_manifest(evaluation: Any, *, version: str = "0.1.0") -> dict[str, Any]:
+    """A bnb-int8 artifact's manifest as a dict (no files), holding ``evaluation``."""
+    return {
+        "llmopt_version": version,
+        "backend": "bnb-int8",
+        "format": "bnb-8bit",
+        "runner": "hf",
+        "options": {},
+        "source": {"model": "m", "resolved_path": "/m"},
+        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
+        "files": {},
+        "evaluation": evaluation,
+    }
+
+
 def test_schema_1_run_report_reads_and_writes_back_the_same() -> None:
     data = json.loads(OLD_RUN.read_text())
     report = RunReport.model_validate(data)
@@ -134,17 +149,7 @@ def test_a_schema_1_report_without_kld_still_reads_typed(tmp_path: Path) -> None
     spec = report.spec()
     assert spec is not None and spec.kld is False
     assert report.to_json() == old
-    manifest = {
-        "llmopt_version": "0.1.0",
-        "backend": "bnb-int8",
-        "format": "bnb-8bit",
-        "runner": "hf",
-        "options": {},
-        "source": {"model": "m", "resolved_path": "/m"},
-        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
-        "files": {},
-        "evaluation": old,
-    }
+    manifest = bnb_manifest(old, version="0.1.0")
     (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
     ev = Artifact.open(tmp_path).manifest.evaluation
     assert ev is not None and ev.schema_ == "llmopt.eval/1" and ev.delta_pct == old["delta_pct"]
@@ -165,17 +170,7 @@ def test_a_newer_evaluation_schema_is_refused_by_name(tmp_path: Path, schema: st
         EvalReport.model_validate(newer)
     with pytest.raises(ValidationError, match="not an evaluation report's"):
         EvalReport.model_validate({**newer, "schema": "llmopt.run/1"})
-    manifest = {
-        "llmopt_version": "9.0.0",
-        "backend": "bnb-int8",
-        "format": "bnb-8bit",
-        "runner": "hf",
-        "options": {},
-        "source": {"model": "m", "resolved_path": "/m"},
-        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
-        "files": {},
-        "evaluation": newer,
-    }
+    manifest = bnb_manifest(newer, version="9.0.0")
     (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
     for replaceable in (False, True):
         with pytest.raises(ArtifactError, match=f"evaluation of schema {schema}") as err:
@@ -197,17 +192,7 @@ def test_a_hand_edited_type_names_where(tmp_path: Path) -> None:
     variant = json.loads(OLD_RUN.read_text())["variants"][0]
     evaluation = {k: v for k, v in variant["evaluation"].items() if k != "gate"}
     evaluation["artifact"]["perplexity"] = "low"
-    manifest = {
-        "llmopt_version": "0.1.0",
-        "backend": "bnb-int8",
-        "format": "bnb-8bit",
-        "runner": "hf",
-        "options": {},
-        "source": {"model": "m", "resolved_path": "/m"},
-        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
-        "files": {},
-        "evaluation": evaluation,
-    }
+    manifest = bnb_manifest(evaluation, version="0.1.0")
     (tmp_path / "llmopt.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match=r"evaluation\.artifact\.perplexity"):
         Artifact.open(tmp_path)
@@ -473,17 +458,7 @@ def test_a_newer_artifact_stops_a_run_instead_of_being_quantized_again(tmp_path:
     ctx = _Context(recipe, None, tmp_path, SilentReporter())
     art = tmp_path / "a"
     art.mkdir()
-    manifest = {
-        "llmopt_version": "9.0.0",
-        "backend": "bnb-int8",
-        "format": "bnb-8bit",
-        "runner": "hf",
-        "options": {},
-        "source": {"model": "m", "resolved_path": "/m"},
-        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
-        "files": {},
-        "evaluation": {**_kld_evaluation(), "schema": "llmopt.eval/3"},
-    }
+    manifest = bnb_manifest({**_kld_evaluation(), "schema": "llmopt.eval/3"}, version="9.0.0")
     (art / "llmopt.json").write_text(json.dumps(manifest))
     with pytest.raises(NewerArtifactError, match=r"evaluation of schema llmopt\.eval/3"):
         reusable_artifact(ctx, recipe.variants[0], art)
