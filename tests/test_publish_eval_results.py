@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import statistics
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,27 +21,16 @@ from llmopt.evaluate.gate import GateSpec, apply_gate
 from llmopt.evaluate.tasks import compare
 from llmopt.results import TaskScore, TasksReport
 from tests.hubserver import HubServer
-from tests.test_publish import make_artifact, run_cli
+from tests.test_publish import hub, make_artifact, run_cli
 
 pytest.importorskip("huggingface_hub")
+
+__all__ = ["hub"]  # the stand-in Hub fixture, shared with test_publish.py
 
 REPO = "test-org/smol-int8"
 ARC = "arc_easy=allenai/ai2_arc:ARC-Easy"
 HARNESS = "lm-eval 0.4.9"
 LOCAL_SHA = "5e" * 32
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
-    import huggingface_hub.constants as hf_constants
-
-    token = "hf_test_" + secrets.token_hex(12)
-    with HubServer(token) as server:
-        monkeypatch.setenv("HF_TOKEN", token)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
-        yield server
 
 
 def _score(task: str, metric: str, examples: list[float], dataset: str, config: str | None) -> TaskScore:
