@@ -408,3 +408,16 @@ def test_random_checkpoint_with_a_packed_head_loads_its_head_quantized(tmp_path:
         assert logits.shape[-1] == 512 and bool(torch.isfinite(logits).all())
     finally:
         runner.close()
+
+
+def test_the_files_decide_not_the_config_flag(tmp_path: Path) -> None:
+    """config.json may say lm_head false (or drop it) while quantize_config.json and the files hold a packed head:
+    transformers then reads config.json only and builds a random head, so the stored tensors decide. A flag that
+    says true over a plain stored head (nothing packed) is a correct model and loads."""
+    from llmopt.runners.hf import check_quantized_lm_head
+
+    model = tiny_llama(tie=False)
+    packed = {"lm_head.qweight": ("F32", [16, 512]), "lm_head.scales": ("F16", [2, 512])}
+    with pytest.raises(ModelError, match=r"stores its output head quantized"):
+        check_quantized_lm_head(model, _folder(tmp_path / "flag-off", False, packed), "transformers")
+    check_quantized_lm_head(model, _folder(tmp_path / "flag-on", True, {"lm_head.weight": ("F16", [512, 128])}), "x")

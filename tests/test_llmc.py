@@ -383,3 +383,18 @@ def test_speed_of_a_decompressed_format_is_refused_not_faked(tmp_path: Path) -> 
     assert r.returncode == 4, r.stderr[-1500:]
     assert "speed not measured" in r.stderr and "vllm serve" in r.stderr and "Traceback" not in r.stderr
     assert model.is_dir()
+
+
+def test_layers_decompressed_at_load_are_cast_at_once() -> None:
+    """A checkpoint decompressed while loading (run_compressed false, dequantize true) has no first-forward hook:
+    its decompressed layers take the model's dtype right away; compressed ones and unquantized ones are left."""
+    torch = pytest.importorskip("torch")
+    from llmopt.runners.compressed import cast_after_decompression
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2), torch.nn.Linear(2, 2))
+    model[0].quantization_scheme, model[0].quantization_status = object(), "decompressed"
+    model[1].quantization_scheme, model[1].quantization_status = object(), "compressed"
+    for layer in model:
+        layer.weight.data = layer.weight.data.to(torch.bfloat16)
+    assert cast_after_decompression(model, torch.float32) is None
+    assert [layer.weight.dtype for layer in model] == [torch.float32, torch.bfloat16, torch.bfloat16]

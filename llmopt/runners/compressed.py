@@ -147,17 +147,14 @@ def cast_after_decompression(model: Any, dtype: Any) -> Any | None:
     dtype: nothing differs, nothing is cast. Where the decompression did not run (its hook taken off by
     ``install_fp8``, which keeps the FP8 weights), the hook casts nothing.
 
-    Returns the hook's handle (None for a model transformers did not leave compressed: nothing to decompress).
+    A checkpoint decompressed at load already (``run_compressed: false`` or ``dequantize: true`` in its
+    quantization_config) has no such hook: its decompressed layers are cast right away.
+
+    Returns the hook's handle (None when the layers were cast at once, or there was nothing to cast).
     """
     import torch
 
-    if getattr(model, "ct_decompress_hook", None) is None:
-        return None
-
-    def cast(module: Any, args: Any) -> None:
-        handle.remove()
-        if getattr(model, "ct_decompress_hook", None) is not None:  # compressed-tensors' hook did not run
-            return
+    def cast_decompressed() -> None:
         for sub in model.modules():
             if getattr(sub, "quantization_scheme", None) is None:
                 continue
@@ -167,6 +164,16 @@ def cast_after_decompression(model: Any, dtype: Any) -> Any | None:
                 param = getattr(sub, name, None)
                 if isinstance(param, torch.Tensor) and param.is_floating_point() and param.dtype != dtype:
                     param.data = param.data.to(dtype)
+
+    if getattr(model, "ct_decompress_hook", None) is None:
+        cast_decompressed()  # decompressed at load (or nothing compressed-tensors quantized: nothing to cast)
+        return None
+
+    def cast(module: Any, args: Any) -> None:
+        handle.remove()
+        if getattr(model, "ct_decompress_hook", None) is not None:  # compressed-tensors' hook did not run
+            return
+        cast_decompressed()
 
     handle = model.register_forward_pre_hook(cast)
     return handle

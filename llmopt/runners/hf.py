@@ -160,25 +160,30 @@ def check_quantized_lm_head(model: Any, path: Path, loader: str) -> None:
     random ``lm_head.weight`` with no more than a load-report line. Scoring that would measure a random head. Also
     refused: a head the loader made quantized while the checkpoint holds no packed tensors for it.
     """
-    qcfg = _quant_config(path)
-    if not qcfg.get("lm_head"):
-        return
     from llmopt.errors import ModelError
-
-    head = model.get_output_embeddings()
-    name = next((n for n, m in model.named_modules() if m is head), "lm_head")
-    if head is None or not hasattr(head, "qweight"):
-        raise ModelError(
-            f"{path} quantizes its output head ({name}; quantization_config lm_head: true), but the {loader} "
-            "loader built it as a plain layer that would score with random weights.",
-            "Load it through GPTQModel (the artifact's gptqmodel runner, or GPTQModel.load), or vLLM.",
-        )
     from llmopt.source import safetensors_header
 
+    head = model.get_output_embeddings()
+    if head is None:  # a model whose head is no output embedding transformers knows: by its usual name
+        head = getattr(model, "lm_head", None)
+    if head is None:
+        return
+    name = next((n for n, m in model.named_modules() if m is head), "lm_head")
+    quantized_layer = hasattr(head, "qweight")
+    if not quantized_layer and not _quant_config(path):
+        return  # a plain model
+    # what the files hold decides, not the config's flag (config.json and quantize_config.json may disagree)
     stored: set[str] = set()
     for file in sorted(path.glob("*.safetensors")):
         stored.update(safetensors_header(file)[0])
-    if f"{name}.qweight" not in stored:
+    packed = f"{name}.qweight" in stored
+    if packed and not quantized_layer:
+        raise ModelError(
+            f"{path} stores its output head quantized ({name}.qweight), but the {loader} loader built it as a plain "
+            "layer that would score with random weights.",
+            "Load it through GPTQModel (the artifact's gptqmodel runner, or GPTQModel.load), or vLLM.",
+        )
+    if quantized_layer and not packed:
         raise ModelError(
             f"{path} says its output head is quantized (lm_head: true) but no safetensors file holds "
             f"{name}.qweight: the loaded head would hold no stored weights.",
