@@ -191,10 +191,11 @@ class PublishSpec(_Strict):
         from llmopt.hub import parse_benchmarks
 
         try:
-            parse_benchmarks(value)
+            parsed = parse_benchmarks(value)
         except LlmoptError as exc:
             raise _error(_one_line(exc)) from None
-        return value
+        # as parsed (spaces around names dropped), so the run compares the task names evaluation.tasks runs
+        return {b.task: f"{b.dataset_id}:{b.task_id}" for b in parsed}
 
     @model_validator(mode="before")
     @classmethod

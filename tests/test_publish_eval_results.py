@@ -337,3 +337,12 @@ def test_a_task_id_with_markup_is_printed_as_given(
     art = make_task_artifact(tmp_path)
     assert run_cli(["publish", str(art), REPO, "--dry-run", "--benchmark", "arc_easy=allenai/ai2_arc:[bold]X[/]"]) == 0
     assert "task [bold]X[/] =" in capsys.readouterr().out
+
+
+def test_recipe_benchmark_names_are_kept_as_parsed(tmp_path: Path) -> None:
+    """Spaces around a recipe's task name or target are dropped when it loads, as on the command line, so the run
+    compares the same names evaluation.tasks runs."""
+    from llmopt.recipe import load_recipe
+
+    recipe = load_recipe(_recipe(tmp_path, {"benchmarks": {" arc_easy ": " allenai/ai2_arc : ARC-Easy "}}))
+    assert recipe.publish is not None and recipe.publish.benchmarks == {"arc_easy": "allenai/ai2_arc:ARC-Easy"}
