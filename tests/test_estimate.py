@@ -220,6 +220,11 @@ def test_cost_from_measured_throughput(tmp_path: Path) -> None:
     assert e.cost is not None and e.cost.source == "bandwidth-ceiling"
     assert "no throughput section" in e.cost.source_detail
 
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({"schema": "llmopt.eval/99", "throughput": {"decode": {"1": {"tokens_per_s": 9.0}}}}))
+    with pytest.raises(InputError, match="written by a newer llmopt"):
+        est.estimate(QWEN, gpu="H100", gpu_hourly_cost=1.0, report=newer)
+
 
 # ---------------------------------------------------------------- GPU catalog
 

@@ -109,13 +109,22 @@ def read_measured_decode(report_path: str | Path, batch: int) -> tuple[MeasuredD
             f"report {p} is not valid JSON ({exc}).",
             "Pass the JSON written by `llmopt eval --throughput --json`.",
         ) from None
+    from llmopt.results import newer_eval_schema
+
+    if isinstance(data, dict) and newer_eval_schema(data.get("schema")):
+        raise InputError(
+            f"report {p} is an evaluation of schema {data.get('schema')}, written by a newer llmopt.",
+            "Upgrade llmopt (pip install -U llmopt) to read it.",
+        )
     found = _decode_block(data)
     if found is None:
         return None, f"{p.name} has no throughput section with decode results"
     block, device, where = found
     tps = _tokens_per_s(block.get(str(batch)))
     if tps is None:
-        measured = sorted(int(b) for b, entry in block.items() if str(b).isdigit() and _tokens_per_s(entry))
+        measured = sorted(
+            int(b) for b, entry in block.items() if str(b).isascii() and str(b).isdigit() and _tokens_per_s(entry)
+        )
         return (
             None,
             f"{p.name} ({where}) has decode throughput at batch {measured or 'none'}, not at batch {batch}",
