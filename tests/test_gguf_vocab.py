@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from llmopt.backends import gguf_toolchain as T
 from llmopt.backends import gguf_vocab as V
 from llmopt.errors import ModelError
+from tests.test_gguf import _require_llamacpp
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -136,15 +136,6 @@ def test_calibration_texts_tolerate_a_few_differing_tokens_only() -> None:
 
 
 # --- e2e on the real SmolLM2 -----------------------------------------------------------------------------
-
-
-def _require_llamacpp() -> T.Toolchain:
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (python scripts/build_llamacpp.py builds and installs it)")
-    chain = T.find_toolchain()
-    if chain is None:
-        pytest.skip("llama.cpp's converter is not set up (run: python scripts/build_llamacpp.py)")
-    return chain
 
 
 def _model_copy(model: Path, dest: Path) -> Path:

@@ -64,16 +64,8 @@ def test_schema_1_manifest_reads_checks_and_saves_unchanged(tmp_path: Path) -> N
     evaluation = {k: v for k, v in variant["evaluation"].items() if k != "gate"}
     manifest = {
         "schema_version": 1,
-        "llmopt_version": "0.1.0",
+        **bnb_manifest(evaluation),
         "created_at": "2026-01-01T00:00:00+00:00",
-        "backend": "bnb-int8",
-        "format": "bnb-8bit",
-        "runner": "hf",
-        "options": {},
-        "source": {"model": "m", "resolved_path": "/m"},
-        "environment": {"python": "3.11", "platform": "linux", "device": "cpu"},
-        "files": {},
-        "evaluation": evaluation,
         "gate": variant["gate"],
     }
     (tmp_path / "llmopt.json").write_text(json.dumps(manifest, indent=2) + "\n")
